@@ -1,0 +1,1 @@
+"""The hospital side of medfed: Flower ClientApp, local data access, site commands."""

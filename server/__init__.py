@@ -1,0 +1,1 @@
+"""The coordinator side of medfed: Flower ServerApp, strategies, workflows, run directory."""

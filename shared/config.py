@@ -1,0 +1,235 @@
+"""One validated run configuration, parsed once from Flower's kebab-case run config.
+
+The keys of ``[tool.flwr.app.config]`` in ``pyproject.toml`` (and ``--run-config`` overrides, and
+the flags of ``medfed simulate``) are kebab-case; :class:`RunConfig` holds them as snake_case
+fields. Unknown keys and bad values raise :class:`ConfigError` naming the key and the valid
+choices, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+__all__ = [
+    "ConfigError",
+    "RunConfig",
+    "TASKS",
+    "PARTITIONS",
+    "STRATEGIES",
+    "NORMS",
+    "OPTIMIZERS",
+]
+
+Task = Literal["classification", "segmentation"]
+Partition = Literal["iid", "dirichlet", "quantity"]
+StrategyName = Literal["fedavg", "fedprox", "fedadam"]
+Norm = Literal["batch", "group", "instance"]
+Optimizer = Literal["sgd", "adam"]
+
+TASKS: tuple[str, ...] = get_args(Task)
+PARTITIONS: tuple[str, ...] = get_args(Partition)
+STRATEGIES: tuple[str, ...] = get_args(StrategyName)
+NORMS: tuple[str, ...] = get_args(Norm)
+OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+
+
+class ConfigError(ValueError):
+    """A configuration key is unknown or its value is invalid."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one federated (or pooled) run needs.
+
+    Parameters
+    ----------
+    dataset
+        ``"synthetic"`` (a clearly labelled generated dataset), a path to a MedMNIST-style
+        ``.npz`` file, or a path to a MONAI-style datalist ``.json``.
+    synthetic_task, synthetic_dims, synthetic_samples, image_size
+        Shape of the synthetic dataset; ``image_size`` is also the side length every image
+        is resized to for datalists (``0`` keeps the npz files' own size).
+    num_sites
+        Number of simulated hospitals (simulation only; deployment uses the real sites).
+    num_server_rounds, local_epochs, batch_size, learning_rate, optimizer, weight_decay
+        Federated schedule and local optimiser. The learning rate follows a cosine schedule
+        over all rounds (the round number is sent to the sites).
+    model, norm
+        Registry name (see ``shared.models.MODELS``) and normalisation layer.
+    strategy, proximal_mu, server_learning_rate, fraction_fit, fraction_evaluate,
+    min_fit_clients
+        Flower strategy and its knobs.
+    partition, dirichlet_alpha
+        How one dataset is split into simulated sites.
+    augment
+        Random flips and small shifts while training.
+    seed
+        The one seed; every random choice derives from it.
+    run_dir
+        Folder under which each run writes its own directory.
+    """
+
+    dataset: str = "synthetic"
+    synthetic_task: Task = "classification"
+    synthetic_dims: int = 2
+    synthetic_samples: int = 240
+    image_size: int = 0
+    num_sites: int = 3
+    num_server_rounds: int = 3
+    local_epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 0.05
+    optimizer: Optimizer = "sgd"
+    weight_decay: float = 0.0
+    model: str = "densenet121"
+    norm: Norm = "batch"
+    strategy: StrategyName = "fedavg"
+    proximal_mu: float = 0.01
+    server_learning_rate: float = 0.01
+    fraction_fit: float = 1.0
+    fraction_evaluate: float = 1.0
+    min_fit_clients: int = 2
+    partition: Partition = "iid"
+    dirichlet_alpha: float = 0.5
+    augment: bool = True
+    seed: int = 0
+    run_dir: str = "runs"
+
+    def __post_init__(self) -> None:
+        _check_choice("synthetic-task", self.synthetic_task, TASKS)
+        _check_choice("partition", self.partition, PARTITIONS)
+        _check_choice("strategy", self.strategy, STRATEGIES)
+        _check_choice("norm", self.norm, NORMS)
+        _check_choice("optimizer", self.optimizer, OPTIMIZERS)
+        _check_choice("synthetic-dims", self.synthetic_dims, (2, 3))
+        for key, value, low in (
+            ("num-sites", self.num_sites, 1),
+            ("num-server-rounds", self.num_server_rounds, 1),
+            ("local-epochs", self.local_epochs, 1),
+            ("batch-size", self.batch_size, 1),
+            ("min-fit-clients", self.min_fit_clients, 1),
+            ("synthetic-samples", self.synthetic_samples, 8),
+            ("image-size", self.image_size, 0),
+        ):
+            if value < low:
+                raise ConfigError(f"{key} = {value!r} is invalid: it must be an integer >= {low}.")
+        for key, value in (
+            ("learning-rate", self.learning_rate),
+            ("dirichlet-alpha", self.dirichlet_alpha),
+            ("server-learning-rate", self.server_learning_rate),
+        ):
+            if not value > 0:
+                raise ConfigError(f"{key} = {value!r} is invalid: it must be > 0.")
+        for key, value in (
+            ("fraction-fit", self.fraction_fit),
+            ("fraction-evaluate", self.fraction_evaluate),
+        ):
+            if not 0.0 <= value <= 1.0:
+                raise ConfigError(f"{key} = {value!r} is invalid: it must lie in [0, 1].")
+        if self.proximal_mu < 0 or self.weight_decay < 0:
+            raise ConfigError("proximal-mu and weight-decay must be >= 0.")
+        if self.min_fit_clients > self.num_sites:
+            object.__setattr__(self, "min_fit_clients", self.num_sites)
+
+    # ------------------------------------------------------------------ parsing
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The accepted kebab-case keys."""
+        return tuple(f.name.replace("_", "-") for f in fields(cls))
+
+    @classmethod
+    def from_mapping(cls, raw: Mapping[str, Any], *, source: str = "run config") -> RunConfig:
+        """Parse kebab-case (or snake_case) keys, coercing types and rejecting unknown keys.
+
+        Parameters
+        ----------
+        raw
+            Mapping such as Flower's ``context.run_config``.
+        source
+            Where the mapping came from, quoted in error messages (a file name, say).
+        """
+        by_name = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in raw.items():
+            name = str(key).replace("-", "_")
+            if name not in by_name:
+                valid = ", ".join(cls.keys())
+                raise ConfigError(f"Unknown key {key!r} in {source}. Valid keys: {valid}.")
+            values[name] = _coerce(key, value, by_name[name].default, source)
+        try:
+            return cls(**values)
+        except ConfigError as err:
+            raise ConfigError(f"{source}: {err}") from None
+
+    @classmethod
+    def from_toml(cls, path: str | Path) -> RunConfig:
+        """Read a TOML file whose top level (or ``[tool.flwr.app.config]``) holds the keys."""
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"Config file {path} does not exist.") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"Config file {path} is not valid TOML: {err}") from None
+        data = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)
+        return cls.from_mapping(data, source=str(path))
+
+    def replace(self, **changes: Any) -> RunConfig:
+        """Return a copy with snake_case fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_run_config(self) -> dict[str, bool | int | float | str]:
+        """Flower-compatible kebab-case mapping (the inverse of :meth:`from_mapping`)."""
+        return {
+            f.name.replace("_", "-"): getattr(self, f.name)
+            for f in fields(self)
+        }
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def is_synthetic(self) -> bool:
+        """Whether the dataset is the generated demo dataset."""
+        return self.dataset == "synthetic"
+
+
+def _check_choice(key: str, value: object, choices: tuple[object, ...]) -> None:
+    if value not in choices:
+        valid = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"{key} = {value!r} is invalid. Valid choices: {valid}.")
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    """Coerce ``value`` to the type of ``default`` with an error naming the key."""
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                lowered = value.strip().lower()
+                if lowered in {"true", "1", "yes", "on"}:
+                    return True
+                if lowered in {"false", "0", "no", "off"}:
+                    return False
+                raise ValueError(value)
+            if isinstance(value, (bool, int)):
+                return bool(value)
+            raise ValueError(value)
+        if isinstance(default, int):
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError(value)
+            return int(value)
+        if isinstance(default, float):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return float(value)
+        if isinstance(default, str):
+            return str(value)
+    except (TypeError, ValueError):
+        kind = type(default).__name__
+        raise ConfigError(
+            f"{key} = {value!r} in {source} is invalid: expected a value of type {kind}."
+        ) from None
+    return value

@@ -1,0 +1,115 @@
+"""In-memory image sets: the one data type the training loops consume."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+__all__ = ["ImageSet", "DataSplits", "DataError"]
+
+Task = Literal["classification", "segmentation"]
+
+
+class DataError(ValueError):
+    """A data file or datalist entry is missing, unreadable or inconsistent.
+
+    Messages name the file (or the datalist and entry index) and say how to fix it; they
+    never contain pixel data.
+    """
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Images with class labels or segmentation masks, held in memory.
+
+    Parameters
+    ----------
+    images
+        ``float32`` array of shape ``(N, C, *spatial)`` with intensities scaled to ``[0, 1]``;
+        ``spatial`` has 2 or 3 entries.
+    targets
+        Classification: ``int64`` array of shape ``(N,)`` with values in
+        ``[0, num_classes)``. Segmentation: ``int64`` array of shape ``(N, 1, *spatial)``
+        with values in ``[0, num_classes)`` (``num_classes`` counts the background).
+    task
+        ``"classification"`` or ``"segmentation"``.
+    num_classes
+        Number of classes (segmentation: including background).
+    """
+
+    images: np.ndarray
+    targets: np.ndarray
+    task: Task
+    num_classes: int
+
+    def __post_init__(self) -> None:
+        if self.images.ndim not in (4, 5):
+            raise DataError(
+                f"images must have shape (N, C, H, W) or (N, C, D, H, W); got {self.images.shape}."
+            )
+        if len(self.images) != len(self.targets):
+            raise DataError(
+                f"{len(self.images)} images but {len(self.targets)} targets: they must match."
+            )
+        if self.task == "classification" and self.targets.ndim != 1:
+            raise DataError(f"classification targets must have shape (N,); got {self.targets.shape}.")
+        if self.task == "segmentation" and self.targets.shape[2:] != self.images.shape[2:]:
+            raise DataError(
+                f"mask shape {self.targets.shape} does not match image shape {self.images.shape}."
+            )
+        if self.num_classes < 2:
+            raise DataError(f"num_classes must be >= 2; got {self.num_classes}.")
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    @property
+    def spatial_dims(self) -> int:
+        """2 or 3."""
+        return self.images.ndim - 2
+
+    @property
+    def in_channels(self) -> int:
+        """Number of image channels ``C``."""
+        return int(self.images.shape[1])
+
+    @property
+    def spatial_shape(self) -> tuple[int, ...]:
+        """``(H, W)`` or ``(D, H, W)``."""
+        return tuple(int(s) for s in self.images.shape[2:])
+
+    def subset(self, indices: np.ndarray) -> ImageSet:
+        """The samples at ``indices`` (a 1-D integer array), in that order."""
+        idx = np.asarray(indices, dtype=np.int64)
+        return ImageSet(self.images[idx], self.targets[idx], self.task, self.num_classes)
+
+    def class_labels(self) -> np.ndarray:
+        """Per-sample labels used for partitioning, shape ``(N,)``.
+
+        Classification: the labels. Segmentation: 1 where the mask has any foreground, else 0.
+        """
+        if self.task == "classification":
+            return self.targets
+        flat = self.targets.reshape(len(self), -1)
+        return (flat.max(axis=1) > 0).astype(np.int64)
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """Train, validation and test sets of one dataset."""
+
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+
+    @property
+    def task(self) -> Task:
+        """The task shared by all three splits."""
+        return self.train.task
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes shared by all three splits."""
+        return self.train.num_classes

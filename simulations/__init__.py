@@ -1,0 +1,1 @@
+"""Multi-site simulations, pooled baselines and benchmarks."""
