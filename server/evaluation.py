@@ -1,0 +1,38 @@
+"""Server-side evaluation of the global model on a held-out split (simulation and pooled runs)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from flwr.common import NDArrays, Scalar
+from torch import nn
+
+from shared.data.base import ImageSet
+from shared.training import evaluate, select_device
+from shared.weights import set_weights
+
+__all__ = ["make_evaluate_fn"]
+
+
+def make_evaluate_fn(
+    model: nn.Module, data: ImageSet, *, device: str = "auto"
+) -> Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]]]:
+    """A Flower ``evaluate_fn`` that scores the global weights on ``data``.
+
+    Returns
+    -------
+    callable
+        ``(server_round, weights, config) -> (loss, metrics)`` with ``accuracy`` / ``auc`` or
+        ``dice`` and ``num_examples``.
+    """
+    torch_device = select_device(device)
+
+    def evaluate_fn(
+        server_round: int, weights: NDArrays, config: dict[str, Scalar]
+    ) -> tuple[float, dict[str, Scalar]]:
+        set_weights(model, weights)
+        metrics = evaluate(model, data, device=torch_device)
+        loss = float(metrics.pop("loss"))
+        return loss, dict(metrics)
+
+    return evaluate_fn

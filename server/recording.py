@@ -1,0 +1,230 @@
+"""A strategy wrapper that records every round into a :class:`~server.run_dir.RunDirectory`.
+
+It delegates every decision to the wrapped Flower strategy (as Flower's own DP wrappers do) and
+only observes: per-site fit and evaluation metrics, the server-side evaluation, failures, round
+times, and the best and final global models.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import Strategy
+from torch import nn
+
+from server.run_dir import RoundRecord, RunDirectory
+from shared.weights import set_weights
+
+__all__ = ["RecordingStrategy"]
+
+logger = logging.getLogger(__name__)
+
+RoundCallback = Callable[[RoundRecord], None]
+
+
+def _site_key(metrics: dict[str, Scalar], fallback: int) -> str:
+    return f"site-{int(metrics.get('site-index', fallback))}"
+
+
+def _scalars(metrics: dict[str, Scalar]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "site-index"}
+
+
+class RecordingStrategy(Strategy):
+    """Wrap ``strategy`` and record each round into ``run_dir``.
+
+    Parameters
+    ----------
+    strategy
+        The Flower strategy that decides everything.
+    run_dir
+        Where rounds, checkpoints and the summary go.
+    model
+        A model of the run's architecture, used to write checkpoints.
+    primary_metric
+        Metric (higher is better) that picks the best checkpoint, e.g. ``"auc"`` or ``"dice"``;
+        the loss (lower is better) when the metric is absent.
+    on_round
+        Called with each finished round's record (e.g. to refresh a progress view).
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        run_dir: RunDirectory,
+        model: nn.Module,
+        primary_metric: str,
+        on_round: RoundCallback | None = None,
+    ) -> None:
+        super().__init__()
+        self.strategy = strategy
+        self.run_dir = run_dir
+        self.model = model
+        self.primary_metric = primary_metric
+        self.on_round = on_round
+        self.records: list[RoundRecord] = []
+        self._pending: RoundRecord | None = None
+        self._round_start = 0.0
+        self._latest: Parameters | None = None
+        self._latest_round = 0
+        self._best_score = -math.inf
+        self._best_round: int | None = None
+
+    def __repr__(self) -> str:
+        return f"RecordingStrategy({self.strategy!r})"
+
+    # ---------------------------------------------------------------- delegation
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        """Delegate; remember the initial model as the latest one."""
+        params = self.strategy.initialize_parameters(client_manager)
+        if params is not None:
+            self._latest = params
+        return params
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """Start the round's record, then delegate."""
+        self._flush()
+        self._pending = RoundRecord(round=server_round)
+        self._round_start = time.perf_counter()
+        return self.strategy.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Order results by site (deterministic sums), record them, then delegate."""
+        results = sorted(results, key=lambda r: int(r[1].metrics.get("site-index", 0)))
+        record = self._record(server_round)
+        record.num_fit_results = len(results)
+        record.num_fit_failures = len(failures)
+        for i, (_, res) in enumerate(results):
+            site = record.sites.setdefault(_site_key(res.metrics, i), {})
+            site["fit"] = {"num_examples": float(res.num_examples), **_scalars(res.metrics)}
+        params, metrics = self.strategy.aggregate_fit(server_round, results, failures)
+        record.fit_metrics = _scalars(metrics)
+        if params is not None:
+            self._latest, self._latest_round = params, server_round
+        if failures:
+            logger.warning("round %d: %d site(s) failed to train", server_round, len(failures))
+        return params, metrics
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """Delegate."""
+        return self.strategy.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Record each site's validation metrics, delegate, and close the round."""
+        record = self._record(server_round)
+        for i, (_, res) in enumerate(results):
+            site = record.sites.setdefault(_site_key(res.metrics, i), {})
+            site["eval"] = {"loss": float(res.loss), "num_examples": float(res.num_examples), **_scalars(res.metrics)}
+        loss, metrics = self.strategy.aggregate_evaluate(server_round, results, failures)
+        record.eval_metrics = _scalars(metrics)
+        if loss is not None:
+            record.eval_metrics["loss"] = float(loss)
+        if not record.global_metrics:
+            self._consider_best(server_round, record.eval_metrics)
+        self._flush()
+        return loss, metrics
+
+    def evaluate(
+        self, server_round: int, parameters: Parameters
+    ) -> tuple[float, dict[str, Scalar]] | None:
+        """Delegate the server-side evaluation, record it and keep the best checkpoint."""
+        result = self.strategy.evaluate(server_round, parameters)
+        if result is None:
+            return None
+        loss, metrics = result
+        record = self._record(server_round)
+        record.global_metrics = {"loss": float(loss), **_scalars(metrics)}
+        if server_round == 0:
+            self._flush()
+        else:
+            self._consider_best(server_round, record.global_metrics, parameters)
+        return result
+
+    # ---------------------------------------------------------------- bookkeeping
+    def _record(self, server_round: int) -> RoundRecord:
+        if self._pending is None or self._pending.round != server_round:
+            self._flush()
+            self._pending = RoundRecord(round=server_round)
+            self._round_start = time.perf_counter()
+        return self._pending
+
+    def _flush(self) -> None:
+        record, self._pending = self._pending, None
+        if record is None:
+            return
+        record.seconds = time.perf_counter() - self._round_start if record.round > 0 else 0.0
+        self.records.append(record)
+        self.run_dir.write_round(record)
+        if self.on_round is not None:
+            self.on_round(record)
+
+    def _score(self, metrics: dict[str, float]) -> float | None:
+        if self.primary_metric in metrics:
+            return metrics[self.primary_metric]
+        if "loss" in metrics:
+            return -metrics["loss"]
+        return None
+
+    def _consider_best(
+        self, server_round: int, metrics: dict[str, float], parameters: Parameters | None = None
+    ) -> None:
+        score = self._score(metrics)
+        if score is None or not score > self._best_score:
+            return
+        params = parameters if parameters is not None else self._latest
+        if params is None:
+            return
+        self._best_score, self._best_round = score, server_round
+        set_weights(self.model, parameters_to_ndarrays(params))
+        self.run_dir.save_checkpoint("best", self.model, server_round=server_round, metrics=metrics)
+
+    def finish(self) -> dict[str, object]:
+        """Write the final checkpoint and the summary; return the summary."""
+        self._flush()
+        final_metrics: dict[str, float] = {}
+        if self.records:
+            last = self.records[-1]
+            final_metrics = last.global_metrics or last.eval_metrics
+        if self._latest is not None:
+            set_weights(self.model, parameters_to_ndarrays(self._latest))
+            self.run_dir.save_checkpoint(
+                "final", self.model, server_round=self._latest_round, metrics=final_metrics
+            )
+        summary: dict[str, object] = {
+            "rounds": self._latest_round,
+            "final_metrics": final_metrics,
+            "best_round": self._best_round,
+            "primary_metric": self.primary_metric,
+            "round_seconds": [r.seconds for r in self.records if r.round > 0],
+        }
+        self.run_dir.write_summary(summary)
+        return summary

@@ -1,0 +1,140 @@
+"""A run directory: config, per-round metrics (JSONL), best and final checkpoints.
+
+Layout (other tools read it)::
+
+    <run_dir>/config.json          run config + versions + mode
+    <run_dir>/metrics.jsonl        one JSON object per round (round 0 = initial model)
+    <run_dir>/summary.json         final and best rounds, wall time
+    <run_dir>/checkpoints/best.pt  {"state_dict", "config", "round", "metrics"}
+    <run_dir>/checkpoints/final.pt same keys
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["RunDirectory", "RoundRecord", "new_run_path", "read_metrics"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RoundRecord:
+    """Everything recorded about one round; written as one JSON line."""
+
+    round: int
+    started: float = field(default_factory=time.time)
+    seconds: float | None = None
+    global_metrics: dict[str, float] = field(default_factory=dict)
+    fit_metrics: dict[str, float] = field(default_factory=dict)
+    eval_metrics: dict[str, float] = field(default_factory=dict)
+    sites: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    num_fit_results: int = 0
+    num_fit_failures: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object written to ``metrics.jsonl``."""
+        return {
+            "round": self.round,
+            "seconds": self.seconds,
+            "global": self.global_metrics,
+            "fit": self.fit_metrics,
+            "eval": self.eval_metrics,
+            "sites": self.sites,
+            "fit_results": self.num_fit_results,
+            "fit_failures": self.num_fit_failures,
+        }
+
+
+def new_run_path(base: str | Path, *, name: str) -> Path:
+    """A fresh ``<base>/<UTC time>-<name>`` folder path (not created)."""
+    stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    path = Path(base) / f"{stamp}-{name}"
+    suffix = 1
+    while path.exists():
+        suffix += 1
+        path = Path(base) / f"{stamp}-{name}-{suffix}"
+    return path
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The round records of a run directory (or of a ``metrics.jsonl`` file)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "metrics.jsonl"
+    with path.open() as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+class RunDirectory:
+    """Writes one run's directory.
+
+    Parameters
+    ----------
+    path
+        The folder; created with its parents.
+    config
+        The kebab-case run config to store in ``config.json``.
+    mode
+        ``"federated"`` or ``"pooled"``.
+    """
+
+    def __init__(self, path: str | Path, *, config: Mapping[str, Any], mode: str) -> None:
+        self.path = Path(path)
+        (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.config = dict(config)
+        self.started = time.time()
+        versions = {}
+        for dist in ("medfed", "flwr", "torch", "monai", "opacus"):
+            try:
+                versions[dist] = metadata.version(dist)
+            except metadata.PackageNotFoundError:
+                versions[dist] = "not installed"
+        meta = {"mode": mode, "config": self.config, "versions": versions, "started": self.started}
+        (self.path / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        self._metrics = (self.path / "metrics.jsonl").open("a", encoding="utf-8")
+
+    def write_round(self, record: RoundRecord) -> None:
+        """Append one round's record (flushed at once so readers see it)."""
+        self._metrics.write(json.dumps(record.to_json(), sort_keys=True) + "\n")
+        self._metrics.flush()
+
+    def save_checkpoint(
+        self,
+        kind: str,
+        model: nn.Module,
+        *,
+        server_round: int,
+        metrics: Mapping[str, float],
+    ) -> Path:
+        """Write ``checkpoints/<kind>.pt`` with the state dict and the run config."""
+        target = self.path / "checkpoints" / f"{kind}.pt"
+        tmp = target.with_suffix(".tmp")
+        torch.save(
+            {
+                "state_dict": model.state_dict(),
+                "config": self.config,
+                "round": server_round,
+                "metrics": dict(metrics),
+            },
+            tmp,
+        )
+        tmp.replace(target)
+        return target
+
+    def write_summary(self, summary: Mapping[str, Any]) -> None:
+        """Write ``summary.json`` and close the metrics file."""
+        data = {"seconds": time.time() - self.started, **summary}
+        (self.path / "summary.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+        self._metrics.close()

@@ -1,0 +1,98 @@
+"""medfed's Flower ServerApp (thin: strategies, recording and workflow are built here).
+
+The workflow is Flower's legacy ``DefaultWorkflow`` over a ``LegacyContext``: the path on which
+Flower 1.42 offers SecAgg+ (``SecAggPlusWorkflow``), so plain and secure aggregation share it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from flwr.app import Context
+from flwr.server import LegacyContext, ServerApp, ServerConfig
+from flwr.server.workflow import DefaultWorkflow
+from flwr.serverapp import Grid
+
+from server.evaluation import make_evaluate_fn
+from server.recording import RecordingStrategy, RoundCallback
+from server.run_dir import RunDirectory, new_run_path
+from server.strategies import build_strategy
+from shared.config import RunConfig
+from shared.data.loading import load_dataset
+from shared.seeding import seed_everything
+from shared.task import model_for
+from shared.weights import get_weights
+
+__all__ = ["app", "make_server_app", "ServerHooks", "primary_metric_for"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerHooks:
+    """Optional observers of a run (set by ``medfed simulate``)."""
+
+    on_start: Callable[[RunDirectory], None] | None = None
+    on_round: RoundCallback | None = None
+    on_finish: Callable[[dict[str, object]], None] | None = None
+
+
+def primary_metric_for(task: str) -> str:
+    """The higher-is-better metric that picks the best checkpoint."""
+    return "dice" if task == "segmentation" else "auc"
+
+
+def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks, run_path: str | None) -> None:
+    """Build the model, strategy and run directory, then run the rounds."""
+    seed_everything(cfg.seed)
+    splits = load_dataset(cfg)
+    model = model_for(cfg, splits.train)
+    run_dir = RunDirectory(
+        run_path or new_run_path(cfg.run_dir, name=f"{cfg.strategy}-s{cfg.seed}"),
+        config=cfg.to_run_config(),
+        mode="federated",
+    )
+    if hooks.on_start:
+        hooks.on_start(run_dir)
+    num_sites = cfg.num_sites
+    strategy = RecordingStrategy(
+        build_strategy(
+            cfg,
+            initial_weights=get_weights(model),
+            evaluate_fn=make_evaluate_fn(model_for(cfg, splits.train), splits.test),
+            min_available_clients=num_sites,
+        ),
+        run_dir=run_dir,
+        model=model,
+        primary_metric=primary_metric_for(splits.task),
+        on_round=hooks.on_round,
+    )
+    legacy = LegacyContext(
+        context=context,
+        config=ServerConfig(num_rounds=cfg.num_server_rounds),
+        strategy=strategy,
+    )
+    DefaultWorkflow()(grid, legacy)
+    summary = strategy.finish()
+    logger.info("run finished; results in %s", run_dir.path)
+    if hooks.on_finish:
+        hooks.on_finish(summary)
+
+
+def make_server_app(
+    cfg: RunConfig | None = None, *, hooks: ServerHooks | None = None, run_path: str | None = None
+) -> ServerApp:
+    """A ServerApp bound to ``cfg`` (simulation), or reading the run config (``flwr run``)."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        run_cfg = cfg or RunConfig.from_mapping(context.run_config, source="run config")
+        run_server(grid, context, run_cfg, hooks or ServerHooks(), run_path)
+
+    return app
+
+
+app = make_server_app()

@@ -1,0 +1,83 @@
+"""Pick the reader for a run's ``dataset`` setting: synthetic, MedMNIST npz or datalist JSON."""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+
+from shared.config import RunConfig
+from shared.data.base import DataError, DataSplits
+
+__all__ = ["load_dataset", "SYNTHETIC_IMAGE_SIZE"]
+
+logger = logging.getLogger(__name__)
+
+SYNTHETIC_IMAGE_SIZE = {2: 32, 3: 32}
+"""Side length of synthetic images when ``image-size`` is 0."""
+
+
+def load_dataset(cfg: RunConfig) -> DataSplits:
+    """Load (and cache, per process) the dataset a run config names.
+
+    Parameters
+    ----------
+    cfg
+        Uses ``dataset``, ``image_size``, ``seed`` and, for synthetic data, the
+        ``synthetic_*`` fields.
+
+    Raises
+    ------
+    DataError
+        If the path does not exist or its suffix is neither ``.npz`` nor ``.json``.
+    """
+    return _load_cached(
+        cfg.dataset,
+        cfg.image_size,
+        cfg.seed,
+        cfg.synthetic_task,
+        cfg.synthetic_dims,
+        cfg.synthetic_samples,
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _load_cached(
+    dataset: str,
+    image_size: int,
+    seed: int,
+    synthetic_task: str,
+    synthetic_dims: int,
+    synthetic_samples: int,
+) -> DataSplits:
+    if dataset == "synthetic":
+        from shared.data.synthetic import make_synthetic
+
+        return make_synthetic(
+            task=synthetic_task,
+            spatial_dims=synthetic_dims,
+            num_samples=synthetic_samples,
+            image_size=image_size or SYNTHETIC_IMAGE_SIZE[synthetic_dims],
+            seed=seed,
+        )
+    path = Path(dataset).expanduser()
+    if not path.exists():
+        raise DataError(
+            f"dataset {dataset!r} does not exist. Give 'synthetic', a MedMNIST .npz file or a "
+            "datalist .json file."
+        )
+    if path.suffix == ".npz":
+        from shared.data.npz import load_npz
+
+        return load_npz(path, image_size=image_size)
+    if path.suffix == ".json":
+        from shared.data.datalist import load_datalist
+
+        if image_size <= 0:
+            raise DataError(
+                f"dataset {path.name}: a datalist needs image-size > 0 (every image is resized to it)."
+            )
+        return load_datalist(path, image_size=image_size, seed=seed)
+    raise DataError(
+        f"dataset {path.name}: unknown file type {path.suffix!r}. Valid: .npz (MedMNIST) or .json (datalist)."
+    )

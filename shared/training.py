@@ -1,0 +1,245 @@
+"""Local training and evaluation loops (pure PyTorch / MONAI; no Flower).
+
+The same loops serve a hospital site, the pooled baseline and the server's own evaluation.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from monai.losses import DiceCELoss
+from torch import nn
+from torch.utils.data import DataLoader
+
+from shared.data.base import ImageSet
+from shared.metrics import classification_metrics, segmentation_metrics
+from shared.transforms import ImageSetDataset, train_transforms
+
+__all__ = [
+    "TrainSettings",
+    "TrainResult",
+    "cosine_lr",
+    "make_loss",
+    "make_optimizer",
+    "make_train_loader",
+    "train_epochs",
+    "evaluate",
+    "select_device",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """How one site trains locally in one round.
+
+    Parameters
+    ----------
+    epochs
+        Local epochs over the site's training data.
+    batch_size
+        Mini-batch size (the expected size, under Poisson sampling with DP).
+    learning_rate
+        Learning rate for this round (the server's schedule is already applied).
+    optimizer
+        ``"sgd"`` (momentum 0.9) or ``"adam"``.
+    weight_decay
+        L2 weight decay.
+    proximal_mu
+        FedProx proximal weight; 0 disables the term.
+    augment
+        Random flips and shifts (see :func:`shared.transforms.train_transforms`).
+    seed
+        Seeds shuffling and augmentation of this round at this site.
+    """
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    optimizer: str = "sgd"
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0
+    augment: bool = True
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What local training reports: scalars only."""
+
+    loss: float
+    num_examples: int
+    steps: int
+    seconds: float
+
+
+def select_device(preference: str = "auto") -> torch.device:
+    """``cuda`` when available (or asked for), else ``cpu``."""
+    if preference == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if preference.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device = {preference!r} was asked for but CUDA is not available; use 'cpu' or 'auto'.")
+    return torch.device(preference)
+
+
+def cosine_lr(base_lr: float, *, step: int, total: int) -> float:
+    """Cosine-decayed learning rate for step ``step`` (1-based) of ``total``."""
+    if total <= 1:
+        return base_lr
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / total))
+
+
+def make_loss(task: str) -> nn.Module:
+    """Cross-entropy for classification; Dice + cross-entropy for segmentation."""
+    if task == "segmentation":
+        return DiceCELoss(to_onehot_y=True, softmax=True)
+    return nn.CrossEntropyLoss()
+
+
+def make_optimizer(
+    params: Sequence[nn.Parameter] | Any, *, name: str, learning_rate: float, weight_decay: float
+) -> torch.optim.Optimizer:
+    """SGD with momentum 0.9, or Adam."""
+    if name == "adam":
+        return torch.optim.Adam(params, lr=learning_rate, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=learning_rate, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"optimizer = {name!r} is invalid. Valid choices: 'sgd', 'adam'.")
+
+
+def make_train_loader(data: ImageSet, settings: TrainSettings) -> DataLoader:
+    """A shuffling, seeded loader over ``data`` with augmentation if asked for."""
+    transform = (
+        train_transforms(task=data.task, spatial_dims=data.spatial_dims) if settings.augment else None
+    )
+    dataset = ImageSetDataset(data, transform=transform, seed=settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    return DataLoader(
+        dataset,
+        batch_size=min(settings.batch_size, len(data)),
+        shuffle=True,
+        generator=generator,
+        drop_last=False,
+    )
+
+
+def train_epochs(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    *,
+    task: str,
+    epochs: int,
+    device: torch.device,
+    proximal_mu: float = 0.0,
+    global_params: Sequence[torch.Tensor] | None = None,
+) -> TrainResult:
+    """Train ``model`` in place for ``epochs`` passes over ``loader``.
+
+    Parameters
+    ----------
+    model
+        Network mapping ``(B, C, *spatial)`` images to logits ``(B, K)`` or ``(B, K, *spatial)``.
+        May be an Opacus ``GradSampleModule``.
+    loader
+        Yields ``(images, targets)`` batches (possibly empty under Poisson sampling).
+    optimizer
+        An optimizer over ``model``'s parameters (possibly an Opacus ``DPOptimizer``).
+    task
+        ``"classification"`` or ``"segmentation"``.
+    proximal_mu, global_params
+        FedProx: adds ``mu / 2 * ||w - w_global||^2`` over the trainable parameters, in the
+        order of ``model.parameters()``.
+
+    Returns
+    -------
+    TrainResult
+        Mean training loss over all batches and the number of examples seen per epoch.
+    """
+    loss_fn = make_loss(task)
+    model.to(device).train()
+    start = time.perf_counter()
+    total_loss, total_items, steps = 0.0, 0, 0
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    anchors = None
+    if proximal_mu > 0:
+        if global_params is None:
+            raise ValueError("proximal_mu > 0 needs global_params (the round's global model).")
+        anchors = [g.detach().to(device) for g in global_params]
+    for _ in range(epochs):
+        for images, targets in loader:
+            if len(images) == 0:  # Poisson sampling can draw an empty batch
+                optimizer.zero_grad(set_to_none=True)
+                optimizer.step()
+                continue
+            images, targets = images.to(device), targets.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            logits = model(images)
+            loss = loss_fn(logits, targets)
+            if anchors is not None:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchors, strict=True))
+                loss = loss + 0.5 * proximal_mu * prox
+            loss.backward()
+            optimizer.step()
+            total_loss += float(loss.detach()) * len(images)
+            total_items += len(images)
+            steps += 1
+    seconds = time.perf_counter() - start
+    mean_loss = total_loss / max(total_items, 1)
+    if not math.isfinite(mean_loss):
+        raise FloatingPointError("training diverged (non-finite loss); lower the learning rate.")
+    return TrainResult(
+        loss=mean_loss,
+        num_examples=len(loader.dataset),  # type: ignore[arg-type]
+        steps=steps,
+        seconds=seconds,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    data: ImageSet,
+    *,
+    device: torch.device,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Evaluate ``model`` on ``data`` without augmentation.
+
+    Returns
+    -------
+    dict
+        Classification: ``loss``, ``accuracy`` and ``auc`` (macro one-vs-rest ROC AUC from
+        MONAI; left out when ``data`` holds a single class). Segmentation: ``loss`` and
+        ``dice`` (mean foreground Dice from MONAI). Plus ``num_examples``.
+    """
+    if len(data) == 0:
+        raise ValueError("cannot evaluate on an empty data set.")
+    loss_fn = make_loss(data.task)
+    model.to(device).eval()
+    loader = DataLoader(ImageSetDataset(data), batch_size=batch_size, shuffle=False)
+    logits_all: list[torch.Tensor] = []
+    targets_all: list[torch.Tensor] = []
+    total_loss = 0.0
+    for images, targets in loader:
+        images, targets = images.to(device), targets.to(device)
+        logits = model(images)
+        total_loss += float(loss_fn(logits, targets)) * len(images)
+        logits_all.append(logits.float().cpu())
+        targets_all.append(targets.cpu())
+    logits_cat = torch.cat(logits_all)
+    targets_cat = torch.cat(targets_all)
+    if data.task == "segmentation":
+        metrics = segmentation_metrics(logits_cat, targets_cat, num_classes=data.num_classes)
+    else:
+        metrics = classification_metrics(logits_cat, targets_cat, num_classes=data.num_classes)
+    metrics["loss"] = total_loss / len(data)
+    metrics["num_examples"] = float(len(data))
+    return metrics

@@ -1,0 +1,88 @@
+"""MONAI dictionary transforms for training-time augmentation, and the torch dataset over them."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from monai.transforms import Compose, RandAffined, RandFlipd, Randomizable
+from monai.utils import convert_to_tensor
+from torch.utils.data import Dataset
+
+from shared.data.base import ImageSet
+
+__all__ = ["train_transforms", "ImageSetDataset"]
+
+
+def train_transforms(*, task: str, spatial_dims: int, shift_pixels: int = 2) -> Compose:
+    """Random flips along every spatial axis and small translations.
+
+    Parameters
+    ----------
+    task
+        ``"segmentation"`` also moves the ``"label"`` mask, with nearest-neighbour sampling.
+    spatial_dims
+        2 or 3.
+    shift_pixels
+        Largest translation, in pixels, along each spatial axis.
+
+    Returns
+    -------
+    Compose
+        Transforms over ``{"image": (C, *spatial), "label": ...}`` dictionaries.
+    """
+    keys = ["image", "label"] if task == "segmentation" else ["image"]
+    modes = ["bilinear", "nearest"] if task == "segmentation" else ["bilinear"]
+    flips = [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)]
+    shift = RandAffined(
+        keys=keys,
+        prob=0.5,
+        translate_range=[shift_pixels] * spatial_dims,
+        mode=modes,
+        padding_mode="zeros",
+    )
+    return Compose([*flips, shift])
+
+
+class ImageSetDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """A torch dataset over an :class:`ImageSet`, optionally augmented.
+
+    Items are ``(image, target)`` tuples: image ``float32 (C, *spatial)``; target ``int64 ()``
+    for classification or ``int64 (1, *spatial)`` for segmentation. Tuples (not dicts) keep
+    Opacus's Poisson data loader able to build empty batches.
+
+    Parameters
+    ----------
+    data
+        The samples.
+    transform
+        MONAI dictionary transforms applied to ``{"image", "label"}``; ``None`` for none.
+    seed
+        Seeds the transforms' random state, so augmentation is reproducible.
+    """
+
+    def __init__(self, data: ImageSet, *, transform: Compose | None = None, seed: int = 0) -> None:
+        self.data = data
+        self.transform = transform
+        if isinstance(transform, Randomizable):
+            transform.set_random_state(seed=seed % (2**32))
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        image = self.data.images[index]
+        target = self.data.targets[index]
+        if self.transform is not None:
+            item = {"image": image}
+            if self.data.task == "segmentation":
+                item["label"] = target.astype(np.float32)
+            item = self.transform(item)
+            image = item["image"]
+            if self.data.task == "segmentation":
+                target = item["label"]
+        image_t = convert_to_tensor(image, dtype=torch.float32, track_meta=False)
+        target_t = convert_to_tensor(target, track_meta=False)
+        if target_t.is_floating_point():
+            target_t = target_t.round()
+        target_t = target_t.to(torch.int64)
+        return image_t, target_t
