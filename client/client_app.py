@@ -7,6 +7,7 @@ from collections.abc import Callable
 from flwr.app import Context
 from flwr.client import Client, ClientApp
 
+from client.egress import egress_guard
 from client.site_client import SiteClient
 from client.site_data import simulated_site_data
 from shared.config import RunConfig
@@ -26,8 +27,12 @@ def _client_fn_for(fixed: RunConfig | None) -> Callable[[Context], Client]:
 
 
 def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
-    """A ClientApp bound to ``cfg`` (simulation), or reading the run config (``flwr run``)."""
-    return ClientApp(client_fn=_client_fn_for(cfg))
+    """A ClientApp bound to ``cfg`` (simulation), or reading the run config (``flwr run``).
+
+    Every reply passes the :func:`client.egress.egress_guard` last, so nothing but numeric
+    arrays and scalar metrics leaves the site.
+    """
+    return ClientApp(client_fn=_client_fn_for(cfg), mods=[egress_guard])
 
 
 app = make_client_app()

@@ -81,7 +81,7 @@ class ImageSetDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             if self.data.task == "segmentation":
                 target = item["label"]
         image_t = convert_to_tensor(image, dtype=torch.float32, track_meta=False)
-        target_t = convert_to_tensor(target, track_meta=False)
+        target_t = convert_to_tensor(np.asarray(target) if np.isscalar(target) or isinstance(target, np.generic) else target, track_meta=False)
         if target_t.is_floating_point():
             target_t = target_t.round()
         target_t = target_t.to(torch.int64)

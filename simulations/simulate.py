@@ -87,6 +87,7 @@ def run_federated(
         "client_resources": {"num_cpus": 1, "num_gpus": _gpu_share()},
         "init_args": {"logging_level": "ERROR", "log_to_driver": verbose},
     }
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     start = time.perf_counter()
     run_simulation(
         server_app=server_app,

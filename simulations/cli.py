@@ -1,0 +1,169 @@
+"""The ``medfed`` command."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from shared.config import ConfigError, RunConfig
+from shared.data.base import DataError
+
+app = typer.Typer(
+    name="medfed",
+    help="Federated learning for medical imaging (Flower + MONAI + Opacus).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_show_locals=False,  # locals can hold pixel data: never print them
+)
+console = Console()
+
+__all__ = ["app", "main", "build_config"]
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+        force=True,
+    )
+    flwr_logger = logging.getLogger("flwr")
+    for flt in [f for f in flwr_logger.filters if isinstance(f, _QuietFilter)]:
+        flwr_logger.removeFilter(flt)
+    if not verbose:
+        # Flower resets its handler levels inside run_simulation; a filter on its logger survives.
+        flwr_logger.addFilter(_QuietFilter())
+
+
+class _QuietFilter(logging.Filter):
+    """Drop Flower's records below WARNING (the progress view says what matters)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "`run_simulation` function is deprecated" in record.getMessage():
+            return False  # medfed drives the simulation engine from Python on purpose
+        return record.levelno >= logging.WARNING
+
+
+def build_config(config_file: Path | None, overrides: dict[str, Any], sets: list[str]) -> RunConfig:
+    """A run config from an optional TOML file, then flags, then ``--set key=value`` pairs."""
+    base = RunConfig.from_toml(config_file).to_run_config() if config_file else {}
+    merged: dict[str, Any] = {**base, **{k: v for k, v in overrides.items() if v is not None}}
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r} is invalid: write --set key=value.")
+        merged[key.strip()] = value.strip()
+    return RunConfig.from_mapping(merged, source=str(config_file) if config_file else "command line")
+
+
+@app.command()
+def simulate(
+    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with run-config keys.")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="'synthetic', a MedMNIST .npz file or a datalist .json.")
+    ] = None,
+    sites: Annotated[int | None, typer.Option(help="Number of simulated hospitals.")] = None,
+    partition: Annotated[str | None, typer.Option(help="iid | dirichlet | quantity.")] = None,
+    alpha: Annotated[float | None, typer.Option(help="Dirichlet concentration (smaller = more skew).")] = None,
+    rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
+    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
+    model: Annotated[str | None, typer.Option(help="Model registry name (see `medfed models`).")] = None,
+    norm: Annotated[str | None, typer.Option(help="batch | group | instance.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="fedavg | fedprox | fedadam.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Local learning rate (cosine-decayed over rounds).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Local batch size.")] = None,
+    image_size: Annotated[int | None, typer.Option(help="Resize images to this side (0 = keep).")] = None,
+    seed: Annotated[int | None, typer.Option(help="The one seed.")] = None,
+    run_dir: Annotated[str | None, typer.Option(help="Folder for run directories.")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Any run-config key: --set key=value (repeatable).")
+    ] = None,
+    centralized: Annotated[
+        bool, typer.Option("--centralized", help="Train the same model on the pooled data instead.")
+    ] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and medfed's logs.")] = False,
+) -> None:
+    """Simulate several hospitals training one model (or the pooled baseline with --centralized)."""
+    _setup_logging(verbose)
+    overrides = {
+        "dataset": dataset,
+        "num-sites": sites,
+        "partition": partition,
+        "dirichlet-alpha": alpha,
+        "num-server-rounds": rounds,
+        "local-epochs": local_epochs,
+        "model": model,
+        "norm": norm,
+        "strategy": strategy,
+        "learning-rate": lr,
+        "batch-size": batch_size,
+        "image-size": image_size,
+        "seed": seed,
+        "run-dir": run_dir,
+    }
+    try:
+        cfg = build_config(config, overrides, set_ or [])
+        _run_and_report(cfg, centralized=centralized, verbose=verbose)
+    except (ConfigError, DataError, ValueError) as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(code=2) from None
+
+
+def _run_and_report(cfg: RunConfig, *, centralized: bool, verbose: bool) -> None:
+    from simulations.pooled import run_pooled
+    from simulations.progress import RunProgress
+    from simulations.simulate import run_federated
+
+    dataset = "synthetic (generated demo data)" if cfg.is_synthetic else Path(cfg.dataset).name
+    if centralized:
+        title = f"pooled baseline: {cfg.model} on {dataset}"
+    else:
+        title = (
+            f"federated: {cfg.strategy}, {cfg.num_sites} sites ({cfg.partition}), "
+            f"{cfg.model} on {dataset}"
+        )
+    view = RunProgress(title=title, rounds=cfg.num_server_rounds, console=console)
+    with view:
+        if centralized:
+            result = run_pooled(cfg, hooks=view.hooks())
+        else:
+            result = run_federated(cfg, hooks=view.hooks(), verbose=verbose)
+    summary = Table(title="summary", show_header=False)
+    for key, value in sorted(result.final_metrics.items()):
+        if key == "num_examples":
+            continue
+        summary.add_row(f"final {key}", f"{value:.4f}")
+    if result.summary.get("best_round") is not None:
+        summary.add_row("best round", str(result.summary["best_round"]))
+    summary.add_row("wall time", f"{result.wall_seconds:.1f} s")
+    summary.add_row("run directory", str(result.run_dir))
+    console.print(summary)
+
+
+@app.command()
+def models() -> None:
+    """List the registered models."""
+    from shared.models import MODELS
+
+    table = Table(title="models")
+    table.add_column("name")
+    table.add_column("task")
+    table.add_column("description")
+    for name, spec in MODELS.items():
+        table.add_row(name, spec.task, spec.description)
+    console.print(table)
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

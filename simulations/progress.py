@@ -1,0 +1,108 @@
+"""A live rich view of a run: one row per round, and a summary table at the end."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from server.run_dir import RoundRecord, RunDirectory
+from server.server_app import ServerHooks
+
+__all__ = ["RunProgress"]
+
+_GLOBAL_COLUMNS = ("auc", "accuracy", "dice", "loss")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+class RunProgress:
+    """Renders rounds as they finish (thread-safe: callbacks arrive on the server thread).
+
+    Parameters
+    ----------
+    title
+        Heading of the table (e.g. "federated: fedavg, 4 sites").
+    rounds
+        Planned number of rounds.
+    console
+        Where to draw (default: a new stdout console).
+    """
+
+    def __init__(self, *, title: str, rounds: int, console: Console | None = None) -> None:
+        self.console = console or Console()
+        self.title = title
+        self.rounds = rounds
+        self.records: list[RoundRecord] = []
+        self.run_dir: Path | None = None
+        self._lock = threading.Lock()
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
+        self._task = self._progress.add_task("rounds", total=rounds)
+        self._live = Live(self._render(), console=self.console, refresh_per_second=4, transient=False)
+
+    def hooks(self) -> ServerHooks:
+        """Server hooks that feed this view."""
+        return ServerHooks(on_start=self._on_start, on_round=self._on_round)
+
+    def __enter__(self) -> RunProgress:
+        self._live.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._live.update(self._render())
+        self._live.__exit__(*exc)
+
+    def _on_start(self, run_dir: RunDirectory) -> None:
+        self.run_dir = run_dir.path
+
+    def _on_round(self, record: RoundRecord) -> None:
+        with self._lock:
+            self.records.append(record)
+            if record.round > 0:
+                self._progress.update(self._task, completed=record.round)
+            self._live.update(self._render())
+
+    def _metric_names(self) -> list[str]:
+        present = {k for r in self.records for k in r.global_metrics} | {
+            k for r in self.records for k in r.eval_metrics
+        }
+        return [m for m in _GLOBAL_COLUMNS if m in present]
+
+    def table(self) -> Table:
+        """The rounds table: global metrics, site min/max of the validation metric, seconds."""
+        table = Table(title=self.title, expand=False)
+        table.add_column("round", justify="right")
+        names = self._metric_names()
+        for name in names:
+            table.add_column(f"global {name}", justify="right")
+        site_metric = next((m for m in ("auc", "dice", "accuracy") if m in names), None)
+        if site_metric:
+            table.add_column(f"site {site_metric} min", justify="right")
+            table.add_column(f"site {site_metric} max", justify="right")
+        table.add_column("sites", justify="right")
+        table.add_column("s", justify="right")
+        for r in self.records:
+            source = r.global_metrics or r.eval_metrics
+            row = [str(r.round), *(_fmt(source.get(n)) for n in names)]
+            if site_metric:
+                row += [
+                    _fmt(r.eval_metrics.get(f"{site_metric}-min")),
+                    _fmt(r.eval_metrics.get(f"{site_metric}-max")),
+                ]
+            row += [str(r.num_fit_results or "-"), f"{r.seconds or 0:.1f}"]
+            table.add_row(*row)
+        return table
+
+    def _render(self) -> Group:
+        return Group(self.table(), self._progress)
