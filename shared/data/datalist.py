@@ -1,0 +1,712 @@
+"""MONAI-style datalist JSON -> :class:`~shared.data.base.DataSplits`.
+
+A datalist looks like::
+
+    {
+      "training":   [{"image": "img/a.nii.gz", "label": 1}, ...],
+      "validation": [...],            # optional
+      "test":       [...],            # optional
+      "num_classes": 2                # optional
+    }
+
+* ``"image"`` is a path relative to the JSON file's folder (absolute paths work too): NIfTI
+  (``.nii``, ``.nii.gz``), DICOM (one ``.dcm`` file, or a folder holding one series), or
+  PNG/JPEG.
+* ``"label"`` is an integer class (classification) or the path of a mask file with integer
+  class indices, 0 = background (segmentation). The task is inferred from the first training
+  entry unless given.
+* A missing (or empty) ``"validation"`` / ``"test"`` section is carved out of ``"training"``
+  with a seeded, class-stratified split.
+
+Images are read with MONAI ``LoadImage(image_only=True, ensure_channel_first=True)`` and go
+through a MONAI dictionary ``Compose``: ``ScaleIntensityd`` (per image, to ``[0, 1]``) and
+``Resized`` to ``image_size`` per side (masks with ``mode="nearest"``). A 3D file holding a
+single slice (``H x W x 1``) counts as 2D, as does a single DICOM slice.
+
+Every entry is checked (:func:`scan_datalist`): missing or unreadable files, labels that are
+not integers or out of range, masks that do not match their image, inconsistent spatial
+dimensions or channel counts. :func:`load_datalist` either raises one :class:`DataError`
+listing every problem (``on_error="raise"``) or leaves the bad entries out with a warning
+(``on_error="skip"``).
+
+Privacy: messages never contain pixel values. Exceptions and :class:`DatalistProblem` name the
+offending files (the site operator needs them to fix the data, and they stay on the site);
+log lines name only sections, entry indices and problem kinds, never patient file names.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache, lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from monai.data import NibabelReader, PILReader, PydicomReader
+from monai.data.image_reader import ImageReader
+from monai.transforms import Compose, LoadImage, Resized, ScaleIntensityd
+from monai.utils import convert_to_numpy
+
+from shared.data.base import DataError, DataSplits, ImageSet, Task
+from shared.partition import split_train_val_test
+
+__all__ = [
+    "SECTIONS",
+    "DatalistProblem",
+    "DatalistReport",
+    "load_datalist",
+    "scan_datalist",
+]
+
+logger = logging.getLogger(__name__)
+
+SECTIONS: tuple[str, ...] = ("training", "validation", "test")
+_SPLIT_NAMES = {"training": "train", "validation": "val", "test": "test"}
+_MAX_LISTED = 20  # problems spelled out in one exception message
+
+ProblemKind = Literal[
+    "bad_entry",
+    "missing_file",
+    "unsupported_file",
+    "unreadable",
+    "bad_label",
+    "label_out_of_range",
+    "bad_mask",
+    "shape_mismatch",
+    "spatial_dims",
+    "channels",
+]
+
+
+@dataclass(frozen=True)
+class DatalistProblem:
+    """One datalist entry that cannot be used.
+
+    Parameters
+    ----------
+    index
+        Position of the entry in its section (0-based).
+    section
+        ``"training"``, ``"validation"`` or ``"test"``.
+    file
+        The offending file as written in the datalist (image or mask; ``""`` when the entry
+        names none).
+    reason
+        What is wrong and how to fix it (names the file; no pixel data).
+    kind
+        Short machine-readable category, safe to log (no file names).
+    """
+
+    index: int
+    section: str
+    file: str
+    reason: str
+    kind: ProblemKind = "bad_entry"
+
+    @property
+    def where(self) -> str:
+        """``"training[3]"``: section and index, without file names."""
+        return f"{self.section}[{self.index}]"
+
+    def __str__(self) -> str:
+        return f"{self.where} ({self.file or 'no file'}): {self.reason}"
+
+
+@dataclass(frozen=True)
+class DatalistReport:
+    """Result of checking every entry of a datalist.
+
+    Parameters
+    ----------
+    entries_ok
+        Entries that load and pass every check.
+    problems
+        One :class:`DatalistProblem` per unusable entry, in datalist order.
+    datalist
+        The datalist file.
+    task, spatial_dims, num_classes
+        What the usable entries amount to (``None`` / ``0`` when nothing loaded).
+    """
+
+    entries_ok: int
+    problems: list[DatalistProblem] = field(default_factory=list)
+    datalist: str = ""
+    task: Task | None = None
+    spatial_dims: int | None = None
+    num_classes: int = 0
+
+    @property
+    def ok(self) -> bool:
+        """Whether every entry is usable."""
+        return not self.problems
+
+    @property
+    def entries_total(self) -> int:
+        """Usable plus unusable entries."""
+        return self.entries_ok + len(self.problems)
+
+    def summary(self) -> str:
+        """One line with counts and problem kinds only (no file names), safe to log."""
+        if not self.problems:
+            return f"{self.entries_ok} entries ok, no problems."
+        kinds: dict[str, int] = {}
+        for p in self.problems:
+            kinds[p.kind] = kinds.get(p.kind, 0) + 1
+        detail = ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))
+        return (
+            f"{self.entries_ok} of {self.entries_total} entries ok, {len(self.problems)} "
+            f"problem(s) ({detail}) at {', '.join(p.where for p in self.problems)}."
+        )
+
+
+def scan_datalist(
+    path: str | Path,
+    *,
+    image_size: int = 0,
+    spatial_dims: int | None = None,
+    task: Task | None = None,
+) -> DatalistReport:
+    """Load and check every entry of a datalist; report the problems instead of raising.
+
+    Parameters
+    ----------
+    path
+        The datalist JSON file.
+    image_size, spatial_dims, task
+        As in :func:`load_datalist` (``image_size = 0``: images keep their size and must all
+        share it).
+
+    Returns
+    -------
+    DatalistReport
+        Counts and one :class:`DatalistProblem` per unusable entry.
+
+    Raises
+    ------
+    DataError
+        The datalist itself is missing, not JSON, or lacks a ``"training"`` list.
+    """
+    report, _ = _scan(Path(path), image_size=image_size, spatial_dims=spatial_dims, task=task)
+    return report
+
+
+def load_datalist(
+    path: str | Path,
+    *,
+    image_size: int,
+    spatial_dims: int | None = None,
+    task: Task | None = None,
+    val_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    seed: int = 0,
+    on_error: Literal["raise", "skip"] = "raise",
+) -> DataSplits:
+    """Read a MONAI-style datalist into train/val/test image sets.
+
+    Parameters
+    ----------
+    path
+        The datalist JSON file; relative image paths are resolved against its folder.
+    image_size
+        Side length every image (and mask) is resized to; ``0`` keeps the files' size, which
+        then must be the same for all.
+    spatial_dims
+        2 or 3; ``None`` takes it from the first image.
+    task
+        ``"classification"`` or ``"segmentation"``; ``None`` infers it from the first
+        training entry's label (integer or mask path).
+    val_fraction, test_fraction
+        Shares of ``"training"`` used for a missing (or empty) ``"validation"`` / ``"test"``
+        section.
+    seed
+        Seed of that split.
+    on_error
+        ``"raise"``: any unusable entry raises a :class:`DataError` listing them all.
+        ``"skip"``: unusable entries are left out and counted in a warning; see
+        :func:`scan_datalist` for the details.
+
+    Returns
+    -------
+    DataSplits
+        Images ``float32`` ``(N, C, *spatial)`` in ``[0, 1]``; targets ``int64`` ``(N,)``
+        (classification) or ``(N, 1, *spatial)`` (segmentation). ``num_classes`` is the
+        datalist's ``"num_classes"`` or ``max(label) + 1`` (at least 2).
+
+    Raises
+    ------
+    DataError
+        Naming the datalist, each bad entry (section and index), its file and the fix.
+    """
+    if on_error not in ("raise", "skip"):
+        raise DataError(f"on_error = {on_error!r} is invalid. Valid choices: 'raise', 'skip'.")
+    path = Path(path)
+    report, loaded = _scan(path, image_size=image_size, spatial_dims=spatial_dims, task=task)
+
+    if report.problems and on_error == "raise":
+        lines = [f"  {p}" for p in report.problems[:_MAX_LISTED]]
+        if len(report.problems) > _MAX_LISTED:
+            lines.append(f"  ... and {len(report.problems) - _MAX_LISTED} more.")
+        raise DataError(
+            f"Datalist {path} has {len(report.problems)} unusable entr"
+            f"{'y' if len(report.problems) == 1 else 'ies'}:\n" + "\n".join(lines) + "\n"
+            "Fix these entries, or pass on_error='skip' to leave them out "
+            "(scan_datalist lists them)."
+        )
+    if report.problems:
+        logger.warning("Datalist %s: skipped unusable entries. %s", path.name, report.summary())
+
+    assert report.task is not None and report.spatial_dims is not None
+    split_task: Task = report.task
+    sections: dict[str, list[_Item]] = {s: loaded.get(s, []) for s in SECTIONS}
+    if not sections["training"]:
+        raise DataError(
+            f"Datalist {path}: no usable training entries. Fix the entries listed by scan_datalist."
+        )
+    sections = _carve_missing(path, sections, loaded, split_task, val_fraction, test_fraction, seed)
+
+    sets: dict[str, ImageSet] = {}
+    for section in SECTIONS:
+        items = sections[section]
+        if not items:
+            raise DataError(
+                f"Datalist {path}: no usable entries left in section {section!r}. Fix its "
+                "entries, or remove the section to split it off the training entries."
+            )
+        images = np.stack([it.image for it in items]).astype(np.float32, copy=False)
+        if split_task == "classification":
+            targets = np.asarray([it.target for it in items], dtype=np.int64)
+        else:
+            targets = np.stack([it.target for it in items]).astype(np.int64, copy=False)
+        sets[section] = ImageSet(images, targets, split_task, report.num_classes)
+
+    logger.info(
+        "Loaded datalist %s: %s, %dD, %d classes, %d/%d/%d train/val/test samples.",
+        path.name,
+        split_task,
+        report.spatial_dims,
+        report.num_classes,
+        len(sets["training"]),
+        len(sets["validation"]),
+        len(sets["test"]),
+    )
+    return DataSplits(sets["training"], sets["validation"], sets["test"])
+
+
+# ---------------------------------------------------------------------------- internals
+@dataclass
+class _Item:
+    """One usable entry: image ``(C, *spatial)`` float32 and label or mask ``(1, *spatial)``."""
+
+    index: int
+    image: np.ndarray
+    target: Any
+
+
+class _EntryProblem(Exception):
+    """Raised inside the per-entry check; becomes a :class:`DatalistProblem`."""
+
+    def __init__(self, kind: ProblemKind, file: str, reason: str) -> None:
+        super().__init__(reason)
+        self.kind, self.file, self.reason = kind, file, reason
+
+
+@lru_cache(maxsize=1)
+def _loader() -> LoadImage:
+    """One shared ``LoadImage``; readers are passed per call so the choice is explicit.
+
+    Building it registers all of MONAI's default readers, one of which (nvImageCodec DICOM)
+    warns when the optional GPU codec is absent; that noise is silenced here.
+    """
+    codec_logger = logging.getLogger("monai.data.nvimgcodec_pydicom_plugin")
+    level = codec_logger.level
+    codec_logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return LoadImage(image_only=True, ensure_channel_first=True)
+    finally:
+        codec_logger.setLevel(level)
+
+
+@cache
+def _reader(kind: str) -> ImageReader:
+    return {"NIfTI": NibabelReader, "DICOM": PydicomReader, "PNG/JPEG": PILReader}[kind]()
+
+
+def _file_kind(path: Path) -> str | None:
+    name = path.name.lower()
+    if path.is_dir() or name.endswith((".dcm", ".dicom")) or "." not in name:
+        return "DICOM"
+    if name.endswith((".nii", ".nii.gz")):
+        return "NIfTI"
+    if name.endswith((".png", ".jpg", ".jpeg")):
+        return "PNG/JPEG"
+    return None
+
+
+def _read(base: Path, written: str, role: str) -> np.ndarray:
+    """Load one file as ``float32`` ``(C, *spatial)`` with 2 or 3 spatial axes."""
+    file = Path(written)
+    full = file if file.is_absolute() else base / file
+    if not full.exists():
+        raise _EntryProblem(
+            "missing_file",
+            written,
+            f"{role} file {written!r} not found (looked for {full}). Fix the path; relative "
+            "paths are resolved against the datalist's folder.",
+        )
+    kind = _file_kind(full)
+    if kind is None:
+        raise _EntryProblem(
+            "unsupported_file",
+            written,
+            f"{role} file {written!r} has an unsupported type. Use NIfTI (.nii, .nii.gz), "
+            "DICOM (.dcm or a series folder) or PNG/JPEG.",
+        )
+    try:
+        img = _loader()(str(full), reader=_reader(kind))
+    except Exception as err:  # readers raise many types; the message names the file
+        detail = str(err).strip().splitlines()
+        raise _EntryProblem(
+            "unreadable",
+            written,
+            f"{role} file {written!r} could not be read as {kind} ({type(err).__name__}"
+            f"{': ' + detail[0][:160] if detail else ''}). It is corrupt, truncated or not "
+            f"{kind}: re-export it.",
+        ) from None
+    arr = convert_to_numpy(img, dtype=np.float32)
+    if arr.ndim == 4 and arr.shape[-1] == 1:  # a single slice stored as a volume
+        arr = arr[..., 0]
+    if arr.ndim not in (3, 4) or 0 in arr.shape:
+        raise _EntryProblem(
+            "spatial_dims",
+            written,
+            f"{role} file {written!r} has shape {tuple(arr.shape)} (channels first); expected "
+            "a 2D image or a 3D volume. Split 4D/time series into separate files.",
+        )
+    return arr
+
+
+class _Scanner:
+    """State shared across the entries of one datalist: references for consistency checks."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        image_size: int,
+        spatial_dims: int | None,
+        task: Task,
+        num_classes: int | None,
+    ) -> None:
+        self.base = path.parent
+        self.image_size = image_size
+        self.spatial_dims = spatial_dims
+        self.task = task
+        self.num_classes = num_classes
+        self.channels: int | None = None
+        self.shape: tuple[int, ...] | None = None  # reference size when image_size == 0
+        self._compose: Compose | None = None
+
+    def transforms(self) -> Compose:
+        """``ScaleIntensityd`` then ``Resized`` (built once the spatial dims are known)."""
+        if self._compose is None:
+            keys = ["image"] if self.task == "classification" else ["image", "label"]
+            steps: list[Any] = [ScaleIntensityd(keys="image")]
+            if self.image_size:
+                assert self.spatial_dims is not None
+                linear = "bilinear" if self.spatial_dims == 2 else "trilinear"
+                modes = [linear] if self.task == "classification" else [linear, "nearest"]
+                steps.append(
+                    Resized(
+                        keys=keys,
+                        spatial_size=(self.image_size,) * self.spatial_dims,
+                        mode=modes,
+                        anti_aliasing=[True, False][: len(keys)],
+                    )
+                )
+            self._compose = Compose(steps)
+        return self._compose
+
+    def entry(self, entry: Any) -> tuple[np.ndarray, Any]:
+        """Check and load one entry: ``(image (C, *spatial), label or mask (1, *spatial))``.
+
+        Raises ``_EntryProblem`` on the first check it fails.
+        """
+        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
+            named = entry.get("image") if isinstance(entry, dict) else None
+            raise _EntryProblem(
+                "bad_entry",
+                named if isinstance(named, str) else "",
+                'entry must be an object with "image" and "label" keys'
+                + (f" (the entry of {named!r} has no label)." if isinstance(named, str) else "."),
+            )
+        image_written = entry["image"]
+        if not isinstance(image_written, str) or not image_written:
+            raise _EntryProblem(
+                "bad_entry",
+                "",
+                f'"image" must be one file path (a string); got {image_written!r:.60}.',
+            )
+        label = entry["label"]
+        target: Any
+        if self.task == "classification":
+            if isinstance(label, bool) or not isinstance(label, int):
+                raise _EntryProblem(
+                    "bad_label",
+                    image_written,
+                    f"label {label!r:.60} of {image_written!r} is not an integer class, but the "
+                    "task is classification (given, or inferred from the first training entry). "
+                    "Use integer labels for every entry, or pass task='segmentation' with mask "
+                    "paths.",
+                )
+            self._check_class(label, image_written, "label")
+            target = label
+        else:
+            if not isinstance(label, str) or not label:
+                raise _EntryProblem(
+                    "bad_label",
+                    image_written,
+                    f"label {label!r:.60} of {image_written!r} is not a mask file path, but the "
+                    "task is segmentation (given, or inferred from the first training entry). "
+                    "Give the mask file of every image, or pass task='classification' with "
+                    "integer labels.",
+                )
+
+        image = _read(self.base, image_written, "image")
+        self._check_geometry(image, image_written)
+
+        if self.task == "segmentation":
+            mask = _read(self.base, label, "mask")
+            if mask.shape[0] != 1:
+                raise _EntryProblem(
+                    "bad_mask",
+                    label,
+                    f"mask {label!r} has {mask.shape[0]} channels; a mask needs one channel of "
+                    "class indices. Save it single-channel.",
+                )
+            if mask.shape[1:] != image.shape[1:]:
+                raise _EntryProblem(
+                    "shape_mismatch",
+                    label,
+                    f"mask {label!r} has spatial shape {mask.shape[1:]} but its image "
+                    f"{image_written!r} has {image.shape[1:]}. Give each image its own mask of "
+                    "the same size.",
+                )
+            if not np.all(np.isfinite(mask)) or np.any(mask != np.round(mask)) or mask.min() < 0:
+                raise _EntryProblem(
+                    "bad_mask",
+                    label,
+                    f"mask {label!r} holds values that are not class indices (non-integer or "
+                    "negative). Store 0 for background and 1..K-1 for the classes.",
+                )
+            top = int(mask.max())
+            if top == 255 and set(np.unique(mask).tolist()) <= {0.0, 255.0}:
+                raise _EntryProblem(
+                    "bad_mask",
+                    label,
+                    f"mask {label!r} uses 0/255; store class indices instead (0 = background, "
+                    "1 = foreground).",
+                )
+            self._check_class(top, label, "mask value")
+            data = self.transforms()({"image": image, "label": mask})
+            target = convert_to_numpy(data["label"], dtype=np.float32).round().astype(np.int64)
+        else:
+            data = self.transforms()({"image": image})
+        out = convert_to_numpy(data["image"], dtype=np.float32)
+        return np.clip(out, 0.0, 1.0), target
+
+    def _check_class(self, value: int, file: str, what: str) -> None:
+        if value < 0:
+            raise _EntryProblem(
+                "label_out_of_range",
+                file,
+                f"{what} {value} of {file!r} is negative; classes are 0..K-1.",
+            )
+        if self.num_classes is not None and value >= self.num_classes:
+            raise _EntryProblem(
+                "label_out_of_range",
+                file,
+                f"{what} {value} of {file!r} is out of range: the datalist declares num_classes = "
+                f"{self.num_classes} (classes 0..{self.num_classes - 1}). Fix the label or the "
+                "datalist's num_classes.",
+            )
+
+    def _check_geometry(self, image: np.ndarray, file: str) -> None:
+        dims = image.ndim - 1
+        if self.spatial_dims is None:
+            self.spatial_dims = dims
+        elif dims != self.spatial_dims:
+            raise _EntryProblem(
+                "spatial_dims",
+                file,
+                f"image {file!r} is {dims}D but the dataset is {self.spatial_dims}D (set by "
+                "spatial_dims or the first image). Use images of one dimensionality.",
+            )
+        channels = int(image.shape[0])
+        if self.channels is None:
+            self.channels = channels
+        elif channels != self.channels:
+            raise _EntryProblem(
+                "channels",
+                file,
+                f"image {file!r} has {channels} channel(s) but earlier images have "
+                f"{self.channels}. Convert all images to the same channels (e.g. greyscale).",
+            )
+        if not self.image_size:
+            shape = tuple(int(s) for s in image.shape[1:])
+            if self.shape is None:
+                self.shape = shape
+            elif shape != self.shape:
+                raise _EntryProblem(
+                    "shape_mismatch",
+                    file,
+                    f"image {file!r} has size {shape} but earlier images have {self.shape}. Pass "
+                    "image_size > 0 to resize them all.",
+                )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise DataError(f"Datalist {path} does not exist. Check the dataset path.")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"Datalist {path} is not valid JSON ({err}). Fix the file.") from None
+    if not isinstance(data, dict) or not isinstance(data.get("training"), list):
+        raise DataError(
+            f'Datalist {path} needs a "training" list of {{"image": ..., "label": ...}} entries '
+            '(and optionally "validation", "test", "num_classes").'
+        )
+    for section in SECTIONS[1:]:
+        if section in data and not isinstance(data[section], list):
+            raise DataError(f'Datalist {path}: "{section}" must be a list of entries.')
+    return data
+
+
+def _infer_task(path: Path, entries: Sequence[Any]) -> Task:
+    for entry in entries:
+        label = entry.get("label") if isinstance(entry, dict) else None
+        if isinstance(label, int) and not isinstance(label, bool):
+            return "classification"
+        if isinstance(label, str) and not label.strip().lstrip("+-").isdigit():
+            return "segmentation"  # a mask path ("1" in quotes says nothing either way)
+    raise DataError(
+        f"Datalist {path}: cannot infer the task: no training entry has an integer label or a "
+        "mask path. Fix the labels or pass task='classification' / 'segmentation'."
+    )
+
+
+def _scan(
+    path: Path, *, image_size: int, spatial_dims: int | None, task: Task | None
+) -> tuple[DatalistReport, dict[str, list[_Item]]]:
+    """Check and load every entry: the report plus the usable items of each section."""
+    if image_size < 0:
+        raise DataError(
+            f"image_size = {image_size} is invalid: use 0 (keep sizes) or a side length."
+        )
+    if spatial_dims not in (None, 2, 3):
+        raise DataError(f"spatial_dims = {spatial_dims!r} is invalid: use 2, 3 or None (infer).")
+    if task not in (None, "classification", "segmentation"):
+        raise DataError(
+            f"task = {task!r} is invalid. Valid choices: 'classification', 'segmentation', None."
+        )
+    data = _read_json(path)
+    declared = data.get("num_classes")
+    if declared is not None and (
+        isinstance(declared, bool) or not isinstance(declared, int) or declared < 2
+    ):
+        raise DataError(f'Datalist {path}: "num_classes" = {declared!r} must be an integer >= 2.')
+    resolved_task: Task = task or _infer_task(path, data["training"])
+
+    scanner = _Scanner(
+        path,
+        image_size=image_size,
+        spatial_dims=spatial_dims,
+        task=resolved_task,
+        num_classes=declared,
+    )
+    problems: list[DatalistProblem] = []
+    loaded: dict[str, list[_Item]] = {}
+    for section in SECTIONS:
+        if not data.get(section):  # absent or empty: split off training later
+            continue
+        items = loaded.setdefault(section, [])
+        for index, entry in enumerate(data[section]):
+            try:
+                image, target = scanner.entry(entry)
+            except _EntryProblem as prob:
+                problems.append(DatalistProblem(index, section, prob.file, prob.reason, prob.kind))
+                continue
+            items.append(_Item(index, image, target))
+
+    all_items = [it for items in loaded.values() for it in items]
+    if declared is not None:
+        num_classes = declared
+    elif not all_items:
+        num_classes = 0
+    elif resolved_task == "classification":
+        num_classes = max(2, max(int(it.target) + 1 for it in all_items))
+    else:
+        num_classes = max(2, max(int(it.target.max()) + 1 for it in all_items))
+    report = DatalistReport(
+        entries_ok=len(all_items),
+        problems=problems,
+        datalist=str(path),
+        task=resolved_task,
+        spatial_dims=scanner.spatial_dims,
+        num_classes=num_classes,
+    )
+    return report, loaded
+
+
+def _carve_missing(
+    path: Path,
+    sections: dict[str, list[_Item]],
+    loaded: dict[str, list[_Item]],
+    task: Task,
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> dict[str, list[_Item]]:
+    """Split absent (or empty) validation/test sections off the training items."""
+    need_val = "validation" not in loaded
+
+    need_test = "test" not in loaded
+    if not (need_val or need_test):
+        return sections
+    train = sections["training"]
+    if task == "classification":
+        labels = np.asarray([it.target for it in train], dtype=np.int64)
+    else:
+        labels = np.asarray([int(it.target.max() > 0) for it in train], dtype=np.int64)
+    try:
+        tr, va, te = split_train_val_test(
+            labels,
+            val_fraction=val_fraction if need_val else 0.0,
+            test_fraction=test_fraction if need_test else 0.0,
+            seed=seed,
+        )
+    except ValueError as err:
+        raise DataError(f"Datalist {path}: {err}") from None
+    logger.info(
+        "Datalist %s has no %s section: split %d training entries into %d/%d/%d (seed %d).",
+        path.name,
+        " or ".join(s for s, need in (("validation", need_val), ("test", need_test)) if need),
+        len(train),
+        len(tr),
+        len(va),
+        len(te),
+        seed,
+    )
+    out = dict(sections)
+    out["training"] = [train[i] for i in tr]
+    if need_val:
+        out["validation"] = [train[i] for i in va]
+    if need_test:
+        out["test"] = [train[i] for i in te]
+    return out

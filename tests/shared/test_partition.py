@@ -1,0 +1,151 @@
+"""Partitioning one dataset into simulated sites, and the train/val/test split helper."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shared.partition import class_counts, partition_indices, split_train_val_test
+
+METHODS = ("iid", "dirichlet", "quantity")
+
+
+def _labels(n: int = 1000, num_classes: int = 10, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, num_classes, size=n)
+
+
+def _max_class_share(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> float:
+    """Mean over sites of the largest class share on the site."""
+    counts = class_counts(labels, parts, num_classes)
+    return float(np.mean(counts.max(axis=1) / counts.sum(axis=1)))
+
+
+@pytest.mark.parametrize(
+    ("method", "n", "num_classes", "num_sites", "alpha"),
+    [
+        ("iid", 1000, 10, 5, 0.5),
+        ("iid", 7, 2, 3, 0.5),
+        ("dirichlet", 1000, 10, 5, 0.1),
+        ("dirichlet", 240, 2, 3, 0.5),
+        ("dirichlet", 500, 4, 10, 1.0),
+        ("quantity", 1000, 10, 5, 0.5),
+        ("quantity", 30, 3, 8, 0.1),
+        ("iid", 10, 2, 1, 0.5),
+    ],
+)
+def test_every_index_exactly_once(
+    method: str, n: int, num_classes: int, num_sites: int, alpha: float
+) -> None:
+    labels = _labels(n, num_classes)
+    parts = partition_indices(labels, num_sites=num_sites, method=method, alpha=alpha, seed=3)
+    assert len(parts) == num_sites
+    joined = np.concatenate(parts)
+    assert joined.dtype == np.int64
+    assert len(joined) == n
+    np.testing.assert_array_equal(np.sort(joined), np.arange(n))
+    assert min(len(p) for p in parts) >= 2  # default min_per_site
+    counts = class_counts(labels, parts, num_classes)
+    assert counts.shape == (num_sites, num_classes)
+    np.testing.assert_array_equal(counts.sum(axis=0), np.bincount(labels, minlength=num_classes))
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_same_seed_same_split_other_seed_other_split(method: str) -> None:
+    labels = _labels(400, 4)
+    a = partition_indices(labels, num_sites=4, method=method, seed=7)
+    b = partition_indices(labels, num_sites=4, method=method, seed=7)
+    c = partition_indices(labels, num_sites=4, method=method, seed=8)
+    assert all(np.array_equal(x, y) for x, y in zip(a, b, strict=True))
+    assert not all(np.array_equal(x, y) for x, y in zip(a, c, strict=True))
+
+
+def test_iid_sizes_equal_and_label_mix_close_to_global() -> None:
+    labels = _labels(1000, 10)
+    parts = partition_indices(labels, num_sites=5, method="iid", seed=0)
+    assert [len(p) for p in parts] == [200] * 5
+    assert _max_class_share(labels, parts, 10) < 0.2
+
+
+def test_dirichlet_small_alpha_is_visibly_skewed() -> None:
+    labels = _labels(1000, 10)
+    iid = _max_class_share(labels, partition_indices(labels, num_sites=5, method="iid", seed=0), 10)
+    skew = partition_indices(labels, num_sites=5, method="dirichlet", alpha=0.1, seed=0)
+    mild = partition_indices(labels, num_sites=5, method="dirichlet", alpha=100.0, seed=0)
+    assert _max_class_share(labels, skew, 10) > iid + 0.2
+    assert _max_class_share(labels, mild, 10) < iid + 0.05
+    # label skew: some site lacks some class entirely
+    assert (class_counts(labels, skew, 10) == 0).any()
+
+
+def test_quantity_skew_unequal_sizes_iid_labels() -> None:
+    labels = _labels(1000, 2)
+    parts = partition_indices(labels, num_sites=5, method="quantity", alpha=0.3, seed=1)
+    sizes = np.array([len(p) for p in parts])
+    assert sizes.max() > 2 * sizes.min()
+    big = parts[int(np.argmax(sizes))]
+    assert abs(labels[big].mean() - labels.mean()) < 0.1
+
+
+@pytest.mark.parametrize("min_per_site", [0, 5, 20])
+def test_min_per_site_is_respected(min_per_site: int) -> None:
+    labels = _labels(200, 5)
+    for method in METHODS:
+        parts = partition_indices(
+            labels, num_sites=6, method=method, alpha=0.2, seed=2, min_per_site=min_per_site
+        )
+        assert min(len(p) for p in parts) >= min_per_site
+
+
+def test_class_counts_exact() -> None:
+    labels = np.array([0, 1, 1, 2, 2, 2])
+    parts = [np.array([0, 3]), np.array([1, 2, 4, 5])]
+    np.testing.assert_array_equal(class_counts(labels, parts, 4), [[1, 0, 1, 0], [0, 2, 2, 0]])
+    with pytest.raises(ValueError, match="num_classes"):
+        class_counts(labels, parts, 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"num_sites": 0}, "num_sites"),
+        ({"num_sites": 11}, "num_sites"),
+        ({"alpha": 0.0}, "alpha"),
+        ({"alpha": -1.0}, "alpha"),
+        ({"method": "random"}, "method"),
+        ({"min_per_site": 5, "num_sites": 3}, "min_per_site"),
+        ({"labels": np.zeros((10, 2), dtype=int)}, "labels"),
+    ],
+)
+def test_bad_arguments_name_the_argument(kwargs: dict, match: str) -> None:
+    args = {"labels": np.arange(10) % 2, "num_sites": 2, "method": "dirichlet", "seed": 0}
+    args.update(kwargs)
+    labels = args.pop("labels")
+    with pytest.raises(ValueError, match=match):
+        partition_indices(labels, **args)
+
+
+def test_dirichlet_impossible_min_raises_clear_error() -> None:
+    # 2 samples of one class each over 10 sites with a near-degenerate Dirichlet cannot give
+    # every site 1 sample in 100 draws.
+    labels = np.repeat(np.arange(2), 6)
+    with pytest.raises(ValueError, match="min_per_site.*Increase alpha"):
+        partition_indices(
+            labels, num_sites=12, method="dirichlet", alpha=0.01, seed=0, min_per_site=1
+        )
+
+
+@pytest.mark.parametrize(("n", "stratify"), [(100, True), (7, True), (3, False), (1000, False)])
+def test_split_train_val_test(n: int, stratify: bool) -> None:
+    labels = np.arange(n) % 2
+    tr, va, te = split_train_val_test(
+        labels, val_fraction=0.15, test_fraction=0.15, seed=0, stratify=stratify
+    )
+    np.testing.assert_array_equal(np.sort(np.concatenate([tr, va, te])), np.arange(n))
+    assert len(va) == len(te) == max(1, round(0.15 * n))
+    if stratify and n >= 100:
+        for part in (tr, va, te):
+            assert abs(labels[part].mean() - 0.5) < 0.1
+    again = split_train_val_test(
+        labels, val_fraction=0.15, test_fraction=0.15, seed=0, stratify=stratify
+    )
+    assert all(np.array_equal(a, b) for a, b in zip((tr, va, te), again, strict=True))
