@@ -30,12 +30,16 @@ Partition = Literal["iid", "dirichlet", "quantity"]
 StrategyName = Literal["fedavg", "fedprox", "fedadam"]
 Norm = Literal["batch", "group", "instance"]
 Optimizer = Literal["sgd", "adam"]
+ClientDP = Literal["off", "fixed", "adaptive"]
+Accountant = Literal["rdp", "prv", "gdp"]
 
 TASKS: tuple[str, ...] = get_args(Task)
 PARTITIONS: tuple[str, ...] = get_args(Partition)
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)
 NORMS: tuple[str, ...] = get_args(Norm)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
+CLIENT_DP_MODES: tuple[str, ...] = get_args(ClientDP)
+ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 
 
 class ConfigError(ValueError):
@@ -72,6 +76,21 @@ class RunConfig:
         The one seed; every random choice derives from it.
     run_dir
         Folder under which each run writes its own directory.
+    dp, dp_noise_multiplier, dp_max_grad_norm, dp_target_epsilon, dp_delta, dp_budget_epsilon,
+    dp_accountant, dp_secure_noise
+        Sample-level DP-SGD at every site (Opacus, Poisson sampling). ``dp_target_epsilon > 0``
+        derives the noise multiplier for the planned rounds instead of ``dp_noise_multiplier``.
+        ``dp_budget_epsilon`` caps what a site spends: it declines a round that would exceed it.
+        ``dp_secure_noise`` draws the noise from a generator seeded by the OS CSPRNG.
+    ledger_dir
+        Where each site keeps its privacy ledger (empty: ``<run directory>/ledgers``).
+    client_dp, client_dp_noise_multiplier, client_dp_clipping_norm
+        Client-level DP with Flower's wrappers: ``"fixed"`` or ``"adaptive"`` clipping at the
+        sites and Gaussian noise added by the server.
+    secagg, secagg_num_shares, secagg_reconstruction_threshold, secagg_clipping_range,
+    secagg_quantization_range, secagg_max_weight, secagg_timeout
+        Flower SecAgg+ secure aggregation (see ``flwr.server.workflow.SecAggPlusWorkflow``).
+        ``secagg_max_weight`` must exceed the largest site's example count.
     """
 
     dataset: str = "synthetic"
@@ -99,6 +118,25 @@ class RunConfig:
     augment: bool = True
     seed: int = 0
     run_dir: str = "runs"
+    dp: bool = False
+    dp_noise_multiplier: float = 1.0
+    dp_max_grad_norm: float = 1.0
+    dp_target_epsilon: float = 0.0
+    dp_delta: float = 1e-5
+    dp_budget_epsilon: float = 10.0
+    dp_accountant: Accountant = "rdp"
+    dp_secure_noise: bool = True
+    ledger_dir: str = ""
+    client_dp: ClientDP = "off"
+    client_dp_noise_multiplier: float = 0.1
+    client_dp_clipping_norm: float = 1.0
+    secagg: bool = False
+    secagg_num_shares: int = 3
+    secagg_reconstruction_threshold: int = 2
+    secagg_clipping_range: float = 8.0
+    secagg_quantization_range: int = 4194304
+    secagg_max_weight: float = 100000.0
+    secagg_timeout: float = 120.0
 
     def __post_init__(self) -> None:
         _check_choice("synthetic-task", self.synthetic_task, TASKS)
@@ -107,6 +145,8 @@ class RunConfig:
         _check_choice("norm", self.norm, NORMS)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("synthetic-dims", self.synthetic_dims, (2, 3))
+        _check_choice("client-dp", self.client_dp, CLIENT_DP_MODES)
+        _check_choice("dp-accountant", self.dp_accountant, ACCOUNTANTS)
         for key, value, low in (
             ("num-sites", self.num_sites, 1),
             ("num-server-rounds", self.num_server_rounds, 1),
@@ -115,6 +155,9 @@ class RunConfig:
             ("min-fit-clients", self.min_fit_clients, 1),
             ("synthetic-samples", self.synthetic_samples, 8),
             ("image-size", self.image_size, 0),
+            ("secagg-num-shares", self.secagg_num_shares, 2),
+            ("secagg-reconstruction-threshold", self.secagg_reconstruction_threshold, 1),
+            ("secagg-quantization-range", self.secagg_quantization_range, 2),
         ):
             if value < low:
                 raise ConfigError(f"{key} = {value!r} is invalid: it must be an integer >= {low}.")
@@ -122,6 +165,12 @@ class RunConfig:
             ("learning-rate", self.learning_rate),
             ("dirichlet-alpha", self.dirichlet_alpha),
             ("server-learning-rate", self.server_learning_rate),
+            ("dp-max-grad-norm", self.dp_max_grad_norm),
+            ("dp-budget-epsilon", self.dp_budget_epsilon),
+            ("client-dp-clipping-norm", self.client_dp_clipping_norm),
+            ("secagg-clipping-range", self.secagg_clipping_range),
+            ("secagg-max-weight", self.secagg_max_weight),
+            ("secagg-timeout", self.secagg_timeout),
         ):
             if not value > 0:
                 raise ConfigError(f"{key} = {value!r} is invalid: it must be > 0.")
@@ -133,6 +182,15 @@ class RunConfig:
                 raise ConfigError(f"{key} = {value!r} is invalid: it must lie in [0, 1].")
         if self.proximal_mu < 0 or self.weight_decay < 0:
             raise ConfigError("proximal-mu and weight-decay must be >= 0.")
+        if self.dp_noise_multiplier < 0 or self.dp_target_epsilon < 0 or self.client_dp_noise_multiplier < 0:
+            raise ConfigError("dp-noise-multiplier, dp-target-epsilon and client-dp-noise-multiplier must be >= 0.")
+        if not 0 < self.dp_delta < 1:
+            raise ConfigError(f"dp-delta = {self.dp_delta!r} is invalid: it must lie in (0, 1).")
+        if self.secagg and self.secagg_reconstruction_threshold > self.secagg_num_shares:
+            raise ConfigError(
+                "secagg-reconstruction-threshold must be <= secagg-num-shares "
+                f"(got {self.secagg_reconstruction_threshold} > {self.secagg_num_shares})."
+            )
         if self.min_fit_clients > self.num_sites:
             object.__setattr__(self, "min_fit_clients", self.num_sites)
 
