@@ -2,6 +2,10 @@
 
 Only model-shaped arrays and scalar metrics leave the site: never an image, a label, a file
 name or a path.
+
+With ``dp = true`` every round trains with sample-level DP-SGD (Opacus, Poisson sampling) and is
+charged to the site's persistent :class:`~shared.privacy.PrivacyLedger`; a round that would take
+the site past ``dp-budget-epsilon`` is declined (see :meth:`SiteClient.fit`).
 """
 
 from __future__ import annotations
@@ -10,16 +14,38 @@ import logging
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.client import NumPyClient
 
 from client.site_data import SiteData
 from shared.config import RunConfig
+from shared.privacy import (
+    PrivacyBudget,
+    PrivacyLedger,
+    make_private_training,
+    noise_for_target,
+    poisson_schedule,
+    secure_generator,
+    site_ledger_path,
+)
 from shared.seeding import seed_everything
 from shared.task import model_for, round_settings
-from shared.training import evaluate, make_optimizer, make_train_loader, select_device, train_epochs
+from shared.training import (
+    TrainSettings,
+    evaluate,
+    make_loss,
+    make_optimizer,
+    make_train_loader,
+    select_device,
+    train_epochs,
+)
 from shared.weights import get_weights, set_weights
 
-__all__ = ["SiteClient"]
+__all__ = ["SiteClient", "DP_DECLINED"]
+
+DP_DECLINED = "dp-declined"
+"""Fit metric: 1 when the site declined the round to stay within its privacy budget, else 0.
+A declined round returns the received weights unchanged with ``num_examples = 0``."""
 
 logger = logging.getLogger(__name__)
 
@@ -38,17 +64,58 @@ class SiteClient(NumPyClient):
         back so the server can order results deterministically.
     device
         ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda[:N]"``.
+    grad_sample_mode
+        Opacus per-sample gradient mode for DP-SGD (see :data:`shared.privacy.GRAD_SAMPLE_MODES`).
+
+    Raises
+    ------
+    ValueError
+        With ``cfg.dp``: a model Opacus cannot train (``norm = "batch"``: use ``"group"``), or
+        neither a noise multiplier nor a target epsilon.
     """
 
     def __init__(
-        self, *, cfg: RunConfig, data: SiteData, site_index: int, device: str = "auto"
+        self,
+        *,
+        cfg: RunConfig,
+        data: SiteData,
+        site_index: int,
+        device: str = "auto",
+        grad_sample_mode: str = "hooks",
     ) -> None:
         self.cfg = cfg
         self.data = data
         self.site_index = site_index
         self.device = select_device(device)
+        self.grad_sample_mode = grad_sample_mode
         seed_everything(cfg.seed)  # identical initial weights at every site and the server
         self.model = model_for(cfg, data.train)
+        self.ledger_path = site_ledger_path(cfg, site_index=site_index) if cfg.dp else None
+        self._noise_multiplier: float | None = None
+        if cfg.dp:
+            from shared.models import validate_for_dp
+
+            validate_for_dp(self.model)  # fail at start-up, not in round 1
+            if cfg.dp_target_epsilon <= 0 and cfg.dp_noise_multiplier <= 0:
+                raise ValueError(
+                    "dp = true but dp-noise-multiplier = 0 and dp-target-epsilon = 0: without "
+                    "noise there is no privacy. Set dp-noise-multiplier > 0 or dp-target-epsilon > 0."
+                )
+            if not cfg.dp_secure_noise:
+                logger.warning(
+                    "site %d: dp-secure-noise = false: DP-SGD noise and Poisson sampling come from "
+                    "a generator seeded from the run's seed. Anyone who knows the seed can remove "
+                    "the noise; use this for experiments only.",
+                    site_index,
+                )
+            if cfg.dp_target_epsilon > cfg.dp_budget_epsilon:
+                logger.warning(
+                    "site %d: dp-target-epsilon = %g exceeds dp-budget-epsilon = %g: the site will "
+                    "decline the rounds that would exceed its budget.",
+                    site_index,
+                    cfg.dp_target_epsilon,
+                    cfg.dp_budget_epsilon,
+                )
 
     def get_parameters(self, config: dict[str, Any]) -> list[np.ndarray]:
         """The current local model state."""
@@ -57,12 +124,23 @@ class SiteClient(NumPyClient):
     def fit(
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[list[np.ndarray], int, dict[str, float | int]]:
-        """Train the global model ``parameters`` locally; return the new state."""
+        """Train the global model ``parameters`` locally; return the new state.
+
+        With ``cfg.dp`` the round is DP-SGD, and the site first asks its ledger whether one more
+        round would exceed ``(dp-budget-epsilon, dp-delta)``. If it would, the site declines:
+        it logs a warning and returns ``parameters`` unchanged with ``num_examples = 0`` and
+        ``dp-declined = 1`` (a weighted average gives it no weight). Otherwise it trains,
+        charges the steps to the ledger, saves it, and reports ``dp-epsilon`` (cumulative),
+        ``dp-delta``, ``dp-budget-epsilon``, ``dp-noise-multiplier``, ``dp-sample-rate``,
+        ``dp-steps`` and ``dp-declined = 0``.
+        """
         set_weights(self.model, parameters)
         server_round = int(config.get("server-round", 1))
         settings = round_settings(self.cfg, server_round=server_round, site_index=self.site_index)
         seed_everything(settings.seed)
         loader = make_train_loader(self.data.train, settings)
+        if self.cfg.dp:
+            return self._fit_private(parameters, loader=loader, settings=settings, server_round=server_round)
         optimizer = make_optimizer(
             self.model.parameters(),
             name=settings.optimizer,
@@ -89,6 +167,144 @@ class SiteClient(NumPyClient):
             "train-seconds": result.seconds,
             "learning-rate": settings.learning_rate,
         }
+        return get_weights(self.model), result.num_examples, metrics
+
+    # ------------------------------------------------------------------ DP-SGD
+    def noise_multiplier(self, *, steps_per_round: int, sample_rate: float) -> float:
+        """The DP-SGD noise multiplier: ``dp-noise-multiplier``, or with ``dp-target-epsilon > 0``
+        the one that spends that epsilon over all ``num-server-rounds`` planned rounds."""
+        if self._noise_multiplier is None:
+            if self.cfg.dp_target_epsilon > 0:
+                self._noise_multiplier = noise_for_target(
+                    target_epsilon=self.cfg.dp_target_epsilon,
+                    delta=self.cfg.dp_delta,
+                    sample_rate=sample_rate,
+                    steps=steps_per_round * self.cfg.num_server_rounds,
+                    accountant=self.cfg.dp_accountant,
+                )
+                logger.info(
+                    "site %d: noise multiplier %.4f spends dp-target-epsilon = %g over %d rounds",
+                    self.site_index,
+                    self._noise_multiplier,
+                    self.cfg.dp_target_epsilon,
+                    self.cfg.num_server_rounds,
+                )
+            else:
+                self._noise_multiplier = self.cfg.dp_noise_multiplier
+        return self._noise_multiplier
+
+    def open_ledger(self) -> PrivacyLedger:
+        """This site's ledger, read from disk (empty if the file does not exist yet)."""
+        if self.ledger_path is None:
+            raise RuntimeError("open_ledger() needs dp = true.")
+        return PrivacyLedger.open(self.ledger_path, accountant=self.cfg.dp_accountant)
+
+    def _fit_private(
+        self,
+        parameters: list[np.ndarray],
+        *,
+        loader: torch.utils.data.DataLoader,
+        settings: TrainSettings,
+        server_round: int,
+    ) -> tuple[list[np.ndarray], int, dict[str, float | int]]:
+        cfg = self.cfg
+        budget = PrivacyBudget(epsilon=cfg.dp_budget_epsilon, delta=cfg.dp_delta)
+        ledger = self.open_ledger()
+        schedule = poisson_schedule(loader)
+        steps = settings.epochs * schedule.steps_per_epoch
+        noise = self.noise_multiplier(steps_per_round=steps, sample_rate=schedule.sample_rate)
+        spent = ledger.epsilon(budget.delta)
+        projected = ledger.projected_epsilon(
+            delta=budget.delta, steps=steps, sample_rate=schedule.sample_rate, noise_multiplier=noise
+        )
+        metrics: dict[str, float | int] = {
+            "site-index": self.site_index,
+            "dp-delta": budget.delta,
+            "dp-budget-epsilon": budget.epsilon,
+            "dp-noise-multiplier": noise,
+            "dp-sample-rate": schedule.sample_rate,
+        }
+        if projected > budget.epsilon:
+            logger.warning(
+                "site %d declines round %d: its privacy budget would be exceeded (epsilon spent "
+                "%.3f, after this round %.3f > dp-budget-epsilon = %g at dp-delta = %g). It sends "
+                "the global model back unchanged with no examples.",
+                self.site_index,
+                server_round,
+                spent,
+                projected,
+                budget.epsilon,
+                budget.delta,
+            )
+            metrics.update({DP_DECLINED: 1, "dp-epsilon": spent, "dp-steps": 0})
+            return parameters, 0, metrics
+
+        optimizer = make_optimizer(
+            self.model.parameters(),
+            name=settings.optimizer,
+            learning_rate=settings.learning_rate,
+            weight_decay=settings.weight_decay,
+        )
+        generator = (
+            secure_generator(device=self.device)
+            if cfg.dp_secure_noise
+            else torch.Generator(device=self.device).manual_seed(settings.seed)
+        )
+        global_params = [p.detach().clone() for p in self.model.parameters()]
+        private = make_private_training(
+            self.model,
+            optimizer,
+            loader,
+            noise_multiplier=noise,
+            max_grad_norm=cfg.dp_max_grad_norm,
+            generator=generator,
+            grad_sample_mode=self.grad_sample_mode,
+            secure_noise=cfg.dp_secure_noise,
+            criterion=make_loss(self.data.train.task),
+        )
+        try:
+            result = train_epochs(
+                private.model,
+                private.loader,
+                private.optimizer,
+                task=self.data.train.task,
+                epochs=settings.epochs,
+                device=self.device,
+                proximal_mu=settings.proximal_mu,
+                global_params=global_params,
+                criterion=private.criterion,
+            )
+        finally:
+            private.close()  # self.model is a plain module again (trained in place)
+            # Every noisy step taken is charged, even if training failed part-way.
+            entry = ledger.record_round(
+                server_round=server_round,
+                steps=private.steps_taken,
+                sample_rate=private.sample_rate,
+                noise_multiplier=private.noise_multiplier,
+                delta=budget.delta,
+            )
+            ledger.save()
+        logger.info(
+            "site %d round %d: DP-SGD %d steps, loss %.4f, epsilon %.3f of %g (delta %g)",
+            self.site_index,
+            server_round,
+            entry.steps,
+            result.loss,
+            entry.epsilon,
+            budget.epsilon,
+            budget.delta,
+        )
+        metrics.update(
+            {
+                DP_DECLINED: 0,
+                "dp-epsilon": entry.epsilon,
+                "dp-steps": entry.steps,
+                "train-loss": result.loss,
+                "train-seconds": result.seconds,
+                "learning-rate": settings.learning_rate,
+            }
+        )
         return get_weights(self.model), result.num_examples, metrics
 
     def evaluate(

@@ -40,6 +40,11 @@ def _site_key(metrics: dict[str, Scalar], fallback: int) -> str:
     return f"site-{int(metrics.get('site-index', fallback))}"
 
 
+def _declined(res: FitRes) -> bool:
+    """A site declined the round (its privacy budget would be exceeded): nothing to aggregate."""
+    return bool(res.metrics.get("dp-declined", 0)) and res.num_examples == 0
+
+
 def _scalars(metrics: dict[str, Scalar]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "site-index"}
 
@@ -84,6 +89,8 @@ class RecordingStrategy(Strategy):
         self._latest_round = 0
         self._best_score = -math.inf
         self._best_round: int | None = None
+        self.stopped_round: int | None = None
+        """The round in which every site declined (privacy budgets spent); later rounds are skipped."""
 
     def __repr__(self) -> str:
         return f"RecordingStrategy({self.strategy!r})"
@@ -99,8 +106,10 @@ class RecordingStrategy(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
-        """Start the round's record, then delegate."""
+        """Start the round's record, then delegate (no sites once every site has declined)."""
         self._flush()
+        if self.stopped_round is not None:
+            return []
         self._pending = RoundRecord(round=server_round)
         self._round_start = time.perf_counter()
         return self.strategy.configure_fit(server_round, parameters, client_manager)
@@ -111,7 +120,12 @@ class RecordingStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Order results by site (deterministic sums), record them, then delegate."""
+        """Order results by site (deterministic sums), record them, then delegate.
+
+        Sites that declined the round (``dp-declined = 1``, no examples: one more round would
+        exceed their privacy budget) are recorded but not passed on. If every result declined,
+        nothing is aggregated and the run stops: later rounds select no sites.
+        """
         results = sorted(results, key=lambda r: int(r[1].metrics.get("site-index", 0)))
         record = self._record(server_round)
         record.num_fit_results = len(results)
@@ -119,7 +133,18 @@ class RecordingStrategy(Strategy):
         for i, (_, res) in enumerate(results):
             site = record.sites.setdefault(_site_key(res.metrics, i), {})
             site["fit"] = {"num_examples": float(res.num_examples), **_scalars(res.metrics)}
-        params, metrics = self.strategy.aggregate_fit(server_round, results, failures)
+        trained = [r for r in results if not _declined(r[1])]
+        if results and not trained:
+            self.stopped_round = server_round
+            logger.error(
+                "round %d: every site declined to train because one more round would exceed its "
+                "privacy budget (dp-budget-epsilon). Stopping: the remaining rounds are skipped "
+                "and the final model is the one from round %d.",
+                server_round,
+                self._latest_round,
+            )
+            return None, {}
+        params, metrics = self.strategy.aggregate_fit(server_round, trained, failures)
         record.fit_metrics = _scalars(metrics)
         if params is not None:
             self._latest, self._latest_round = params, server_round
@@ -130,7 +155,9 @@ class RecordingStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        """Delegate."""
+        """Delegate (no sites after the run stopped)."""
+        if self.stopped_round is not None and server_round > self.stopped_round:
+            return []
         return self.strategy.configure_evaluate(server_round, parameters, client_manager)
 
     def aggregate_evaluate(
@@ -157,6 +184,8 @@ class RecordingStrategy(Strategy):
         self, server_round: int, parameters: Parameters
     ) -> tuple[float, dict[str, Scalar]] | None:
         """Delegate the server-side evaluation, record it and keep the best checkpoint."""
+        if self.stopped_round is not None and server_round > self.stopped_round:
+            return None
         result = self.strategy.evaluate(server_round, parameters)
         if result is None:
             return None
@@ -226,5 +255,10 @@ class RecordingStrategy(Strategy):
             "primary_metric": self.primary_metric,
             "round_seconds": [r.seconds for r in self.records if r.round > 0],
         }
+        if self.stopped_round is not None:
+            summary["stopped_early"] = {
+                "round": self.stopped_round,
+                "reason": "every site declined: one more round would exceed its privacy budget",
+            }
         self.run_dir.write_summary(summary)
         return summary

@@ -8,12 +8,14 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from monai.losses import DiceCELoss
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -140,6 +142,7 @@ def train_epochs(
     device: torch.device,
     proximal_mu: float = 0.0,
     global_params: Sequence[torch.Tensor] | None = None,
+    criterion: Callable[..., Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``loader``.
 
@@ -156,41 +159,40 @@ def train_epochs(
         ``"classification"`` or ``"segmentation"``.
     proximal_mu, global_params
         FedProx: adds ``mu / 2 * ||w - w_global||^2`` over the trainable parameters, in the
-        order of ``model.parameters()``.
+        order of ``model.parameters()``. With a ``DPOptimizer`` the term's gradient
+        ``mu * (w - w_global)`` (data-independent, so it costs no privacy) is added to the
+        noisy gradient instead, since Opacus replaces the gradient with its clipped noisy sum.
+    criterion
+        The loss to call as ``criterion(logits, targets)``; default :func:`make_loss` of
+        ``task``. Opacus ghost clipping passes its wrapped loss here.
 
     Returns
     -------
     TrainResult
         Mean training loss over all batches and the number of examples seen per epoch.
+
+    Notes
+    -----
+    With an Opacus ``DPOptimizer`` an empty Poisson batch still takes a noisy step (noise only,
+    charged to the privacy accounting), as the sampled Gaussian mechanism assumes.
     """
-    loss_fn = make_loss(task)
+    loss_fn = criterion if criterion is not None else make_loss(task)
+    private = isinstance(optimizer, DPOptimizer)
     model.to(device).train()
     start = time.perf_counter()
-    total_loss, total_items, steps = 0.0, 0, 0
     trainable = [p for p in model.parameters() if p.requires_grad]
     anchors = None
     if proximal_mu > 0:
         if global_params is None:
             raise ValueError("proximal_mu > 0 needs global_params (the round's global model).")
         anchors = [g.detach().to(device) for g in global_params]
-    for _ in range(epochs):
-        for images, targets in loader:
-            if len(images) == 0:  # Poisson sampling can draw an empty batch
-                optimizer.zero_grad(set_to_none=True)
-                optimizer.step()
-                continue
-            images, targets = images.to(device), targets.to(device)
-            optimizer.zero_grad(set_to_none=True)
-            logits = model(images)
-            loss = loss_fn(logits, targets)
-            if anchors is not None:
-                prox = sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchors, strict=True))
-                loss = loss + 0.5 * proximal_mu * prox
-            loss.backward()
-            optimizer.step()
-            total_loss += float(loss.detach()) * len(images)
-            total_items += len(images)
-            steps += 1
+    with warnings.catch_warnings():
+        if private:  # Opacus's hooks on the first layer, whose input needs no gradient
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+        total_loss, total_items, steps = _run_epochs(
+            model, loader, optimizer, loss_fn, epochs=epochs, device=device, private=private,
+            trainable=trainable, anchors=anchors, proximal_mu=proximal_mu,
+        )
     seconds = time.perf_counter() - start
     mean_loss = total_loss / max(total_items, 1)
     if not math.isfinite(mean_loss):
@@ -201,6 +203,75 @@ def train_epochs(
         steps=steps,
         seconds=seconds,
     )
+
+
+def _run_epochs(
+    model: nn.Module,
+    loader: DataLoader,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[..., Any],
+    *,
+    epochs: int,
+    device: torch.device,
+    private: bool,
+    trainable: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor] | None,
+    proximal_mu: float,
+) -> tuple[float, int, int]:
+    """The loop of :func:`train_epochs`; returns (summed loss, examples, optimizer steps)."""
+    total_loss, total_items, steps = 0.0, 0, 0
+    for _ in range(epochs):
+        for images, targets in loader:
+            optimizer.zero_grad(set_to_none=True)
+            if len(images) == 0:  # Poisson sampling can draw an empty batch
+                if private:
+                    _empty_batch_gradients(optimizer)  # type: ignore[arg-type]
+                    _private_step(optimizer, trainable, anchors, proximal_mu)  # type: ignore[arg-type]
+                    steps += 1
+                continue
+            images, targets = images.to(device), targets.to(device)
+            logits = model(images)
+            loss = loss_fn(logits, targets)
+            if anchors is not None and not private:
+                prox = sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchors, strict=True))
+                loss = loss + 0.5 * proximal_mu * prox
+            loss.backward()
+            if private:
+                _private_step(optimizer, trainable, anchors, proximal_mu)  # type: ignore[arg-type]
+            else:
+                optimizer.step()
+            total_loss += float(loss.detach()) * len(images)
+            total_items += len(images)
+            steps += 1
+    return total_loss, total_items, steps
+
+
+def _empty_batch_gradients(optimizer: DPOptimizer) -> None:
+    """Give every parameter an empty per-sample gradient (hooks) or a zero sum (ghost clipping),
+    so that the optimizer's next step adds noise to a zero gradient sum."""
+    for p in optimizer.params:
+        if isinstance(optimizer, DPOptimizerFastGradientClipping):
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype, device=p.device)
+
+
+def _private_step(
+    optimizer: DPOptimizer,
+    trainable: Sequence[torch.Tensor],
+    anchors: Sequence[torch.Tensor] | None,
+    proximal_mu: float,
+) -> None:
+    """Clip, noise and step; add FedProx's data-independent gradient after the noise."""
+    if anchors is None:
+        optimizer.step()
+        return
+    if optimizer.pre_step():
+        with torch.no_grad():
+            for p, a in zip(trainable, anchors, strict=True):
+                if p.grad is not None:
+                    p.grad.add_(p.detach() - a, alpha=proximal_mu)
+        optimizer.original_optimizer.step()
 
 
 @torch.no_grad()
