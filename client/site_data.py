@@ -7,11 +7,11 @@ import logging
 from dataclasses import dataclass
 
 from shared.config import RunConfig
-from shared.data.base import ImageSet
+from shared.data.base import DataError, ImageSet
 from shared.data.loading import load_dataset
 from shared.partition import partition_indices
 
-__all__ = ["SiteData", "simulated_site_data"]
+__all__ = ["SiteData", "simulated_site_data", "deployment_site_data"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,3 +50,54 @@ def _partitions(cfg: RunConfig, num_sites: int) -> tuple[list, list]:
         splits.val.class_labels(), seed=cfg.seed + 1, min_per_site=1, **kwargs
     )
     return train_parts, val_parts
+
+
+def deployment_site_data(cfg: RunConfig, *, datalist: str) -> SiteData:
+    """A hospital's own data for a deployed run: its datalist's train and validation splits.
+
+    Images are resized to ``cfg.image_size`` per side with ``cfg.spatial_dims`` axes. The
+    model is built from the run config (the server has no data), so the site's data must
+    match it: same channel count, and labels (mask values) below ``cfg.num_classes``; a
+    site that holds only some of the classes is fine.
+
+    Parameters
+    ----------
+    cfg
+        The run config (``dataset = "deployment"``).
+    datalist
+        The site's datalist JSON, from the SuperNode's node config (never sent anywhere).
+
+    Raises
+    ------
+    DataError
+        Unusable entries, or data that does not match the run's model shape; messages
+        name the setting to change (file names stay in the exception, on the site).
+    """
+    from shared.data.datalist import load_datalist
+
+    splits = load_datalist(
+        datalist, image_size=cfg.image_size, spatial_dims=cfg.spatial_dims, seed=cfg.seed
+    )
+    if splits.train.in_channels != cfg.in_channels:
+        raise DataError(
+            f"this site's images have {splits.train.in_channels} channel(s) but the run's model "
+            f"takes in-channels = {cfg.in_channels}. Convert the images, or ask the coordinator "
+            "to change in-channels."
+        )
+    if splits.num_classes > cfg.num_classes:
+        raise DataError(
+            f"this site's datalist has {splits.num_classes} classes but the run's model has "
+            f"num-classes = {cfg.num_classes}. Fix the labels (or the datalist's num_classes), "
+            "or ask the coordinator to change num-classes."
+        )
+    logger.info(
+        "site data: %d training and %d validation samples", len(splits.train), len(splits.val)
+    )
+    return SiteData(
+        train=_with_classes(splits.train, cfg.num_classes),
+        val=_with_classes(splits.val, cfg.num_classes),
+    )
+
+
+def _with_classes(data: ImageSet, num_classes: int) -> ImageSet:
+    return ImageSet(data.images, data.targets, data.task, num_classes)

@@ -14,6 +14,7 @@ from flwr.app import Context
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid
+from torch import nn
 
 from server.evaluation import make_evaluate_fn
 from server.recording import RecordingStrategy, RoundCallback
@@ -21,6 +22,7 @@ from server.run_dir import RunDirectory, new_run_path
 from server.strategies import build_strategy
 from shared.config import RunConfig
 from shared.data.loading import load_dataset
+from shared.models import build_model, model_task
 from shared.seeding import seed_everything
 from shared.task import model_for
 from shared.weights import get_weights
@@ -47,8 +49,12 @@ def primary_metric_for(task: str) -> str:
 def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks, run_path: str | None) -> None:
     """Build the model, strategy and run directory, then run the rounds."""
     seed_everything(cfg.seed)
-    splits = load_dataset(cfg)
-    model = model_for(cfg, splits.train)
+    if cfg.is_deployment:  # the server holds no data: shape from the config, sites evaluate
+        model, evaluate_fn, task = _deployment_model(cfg), None, model_task(cfg.model)
+    else:
+        splits = load_dataset(cfg)
+        model, task = model_for(cfg, splits.train), splits.task
+        evaluate_fn = make_evaluate_fn(model_for(cfg, splits.train), splits.test)
     run_dir = RunDirectory(
         run_path or new_run_path(cfg.run_dir, name=f"{cfg.strategy}-s{cfg.seed}"),
         config=cfg.to_run_config(),
@@ -61,12 +67,12 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         build_strategy(
             cfg,
             initial_weights=get_weights(model),
-            evaluate_fn=make_evaluate_fn(model_for(cfg, splits.train), splits.test),
+            evaluate_fn=evaluate_fn,
             min_available_clients=num_sites,
         ),
         run_dir=run_dir,
         model=model,
-        primary_metric=primary_metric_for(splits.task),
+        primary_metric=primary_metric_for(task),
         on_round=hooks.on_round,
     )
     legacy = LegacyContext(
@@ -79,6 +85,18 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
     logger.info("run finished; results in %s", run_dir.path)
     if hooks.on_finish:
         hooks.on_finish(summary)
+
+
+def _deployment_model(cfg: RunConfig) -> nn.Module:
+    """``cfg.model`` shaped by ``in-channels``, ``num-classes``, ``spatial-dims``, ``image-size``."""
+    return build_model(
+        cfg.model,
+        spatial_dims=cfg.spatial_dims,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.num_classes,
+        norm=cfg.norm,
+        image_size=cfg.image_size,
+    )
 
 
 def make_server_app(

@@ -54,7 +54,8 @@ class RunConfig:
     ----------
     dataset
         ``"synthetic"`` (a clearly labelled generated dataset), a path to a MedMNIST-style
-        ``.npz`` file, or a path to a MONAI-style datalist ``.json``.
+        ``.npz`` file, a path to a MONAI-style datalist ``.json``, or ``"deployment"`` (each
+        site reads its own datalist, named in its node config; the server has no data).
     synthetic_task, synthetic_dims, synthetic_samples, image_size
         Shape of the synthetic dataset; ``image_size`` is also the side length every image
         is resized to for datalists (``0`` keeps the npz files' own size).
@@ -91,6 +92,15 @@ class RunConfig:
     secagg_quantization_range, secagg_max_weight, secagg_timeout
         Flower SecAgg+ secure aggregation (see ``flwr.server.workflow.SecAggPlusWorkflow``).
         ``secagg_max_weight`` must exceed the largest site's example count.
+    in_channels, num_classes, spatial_dims
+        The model's input channels, classes (segmentation: with background) and 2/3 spatial
+        dims when ``dataset = "deployment"``: the server holds no data, so the model shape
+        comes from here (with ``image_size``, which must then be > 0). Every site checks its
+        own datalist against them.
+    app_signature
+        Set by ``medfed run``: the coordinator's ed25519 signature over the app bundle and this
+        run config (see ``server.signing``); sites refuse runs without a valid one. Not used
+        by the training code.
     """
 
     dataset: str = "synthetic"
@@ -137,6 +147,10 @@ class RunConfig:
     secagg_quantization_range: int = 4194304
     secagg_max_weight: float = 100000.0
     secagg_timeout: float = 120.0
+    in_channels: int = 1
+    num_classes: int = 2
+    spatial_dims: int = 2
+    app_signature: str = ""
 
     def __post_init__(self) -> None:
         _check_choice("synthetic-task", self.synthetic_task, TASKS)
@@ -147,6 +161,7 @@ class RunConfig:
         _check_choice("synthetic-dims", self.synthetic_dims, (2, 3))
         _check_choice("client-dp", self.client_dp, CLIENT_DP_MODES)
         _check_choice("dp-accountant", self.dp_accountant, ACCOUNTANTS)
+        _check_choice("spatial-dims", self.spatial_dims, (2, 3))
         for key, value, low in (
             ("num-sites", self.num_sites, 1),
             ("num-server-rounds", self.num_server_rounds, 1),
@@ -158,6 +173,8 @@ class RunConfig:
             ("secagg-num-shares", self.secagg_num_shares, 2),
             ("secagg-reconstruction-threshold", self.secagg_reconstruction_threshold, 1),
             ("secagg-quantization-range", self.secagg_quantization_range, 2),
+            ("in-channels", self.in_channels, 1),
+            ("num-classes", self.num_classes, 2),
         ):
             if value < low:
                 raise ConfigError(f"{key} = {value!r} is invalid: it must be an integer >= {low}.")
@@ -190,6 +207,11 @@ class RunConfig:
             raise ConfigError(
                 "secagg-reconstruction-threshold must be <= secagg-num-shares "
                 f"(got {self.secagg_reconstruction_threshold} > {self.secagg_num_shares})."
+            )
+        if self.is_deployment and self.image_size <= 0:
+            raise ConfigError(
+                'dataset = "deployment" needs image-size > 0: the server builds the model for '
+                "that input size and every site resizes its images to it."
             )
         if self.min_fit_clients > self.num_sites:
             object.__setattr__(self, "min_fit_clients", self.num_sites)
@@ -253,6 +275,11 @@ class RunConfig:
     def is_synthetic(self) -> bool:
         """Whether the dataset is the generated demo dataset."""
         return self.dataset == "synthetic"
+
+    @property
+    def is_deployment(self) -> bool:
+        """Whether sites bring their own data (``dataset = "deployment"``); the server has none."""
+        return self.dataset == "deployment"
 
 
 def _check_choice(key: str, value: object, choices: tuple[object, ...]) -> None:

@@ -160,6 +160,16 @@ def models() -> None:
     console.print(table)
 
 
+# Deployment: coordinator (server/cli.py) and hospital site (client/cli.py) commands.
+from client.cli import site_app  # noqa: E402
+from server.cli import provision_command, run_command, server_app  # noqa: E402
+
+app.command("provision")(provision_command)
+app.command("run")(run_command)
+app.add_typer(server_app, name="server")
+app.add_typer(site_app, name="site")
+
+
 def main() -> None:
     """Console entry point."""
     app()

@@ -36,6 +36,7 @@ log lines name only sections, entry indices and problem kinds, never patient fil
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import warnings
@@ -58,6 +59,7 @@ __all__ = [
     "SECTIONS",
     "DatalistProblem",
     "DatalistReport",
+    "EntryInfo",
     "load_datalist",
     "scan_datalist",
 ]
@@ -117,6 +119,36 @@ class DatalistProblem:
 
 
 @dataclass(frozen=True)
+class EntryInfo:
+    """What one usable entry holds, as read from disk (before any resizing).
+
+    Parameters
+    ----------
+    index, section, file
+        Where the entry is and its image file as written in the datalist.
+    shape
+        Spatial shape of the image file (``(H, W)`` or ``(D, H, W)``).
+    channels
+        Image channels.
+    spacing
+        Voxel / pixel spacing from the file's header (``None`` when it has none).
+    label
+        Classification: the class. Segmentation: ``None``.
+    mask_classes
+        Segmentation: the class indices present in the mask (0 = background). Else ``()``.
+    """
+
+    index: int
+    section: str
+    file: str
+    shape: tuple[int, ...]
+    channels: int
+    spacing: tuple[float, ...] | None = None
+    label: int | None = None
+    mask_classes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
 class DatalistReport:
     """Result of checking every entry of a datalist.
 
@@ -130,6 +162,8 @@ class DatalistReport:
         The datalist file.
     task, spatial_dims, num_classes
         What the usable entries amount to (``None`` / ``0`` when nothing loaded).
+    entries
+        One :class:`EntryInfo` per usable entry (shapes, spacings, labels), in datalist order.
     """
 
     entries_ok: int
@@ -138,6 +172,7 @@ class DatalistReport:
     task: Task | None = None
     spatial_dims: int | None = None
     num_classes: int = 0
+    entries: list[EntryInfo] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -348,8 +383,11 @@ def _file_kind(path: Path) -> str | None:
     return None
 
 
-def _read(base: Path, written: str, role: str) -> np.ndarray:
-    """Load one file as ``float32`` ``(C, *spatial)`` with 2 or 3 spatial axes."""
+def _read(base: Path, written: str, role: str, info: dict[str, Any] | None = None) -> np.ndarray:
+    """Load one file as ``float32`` ``(C, *spatial)`` with 2 or 3 spatial axes.
+
+    ``info``, when given, receives the file's ``"spacing"`` (from its header, or ``None``).
+    """
     file = Path(written)
     full = file if file.is_absolute() else base / file
     if not full.exists():
@@ -379,8 +417,13 @@ def _read(base: Path, written: str, role: str) -> np.ndarray:
             f"{kind}: re-export it.",
         ) from None
     arr = convert_to_numpy(img, dtype=np.float32)
+    if info is not None:
+        pixdim = getattr(img, "pixdim", None)
+        info["spacing"] = tuple(float(v) for v in np.asarray(pixdim).ravel()) if pixdim is not None else None
     if arr.ndim == 4 and arr.shape[-1] == 1:  # a single slice stored as a volume
         arr = arr[..., 0]
+        if info is not None and info["spacing"] is not None:
+            info["spacing"] = info["spacing"][:2]
     if arr.ndim not in (3, 4) or 0 in arr.shape:
         raise _EntryProblem(
             "spatial_dims",
@@ -411,6 +454,7 @@ class _Scanner:
         self.channels: int | None = None
         self.shape: tuple[int, ...] | None = None  # reference size when image_size == 0
         self._compose: Compose | None = None
+        self.last: EntryInfo | None = None  # the last entry that passed every check
 
     def transforms(self) -> Compose:
         """``ScaleIntensityd`` then ``Resized`` (built once the spatial dims are known)."""
@@ -477,8 +521,10 @@ class _Scanner:
                     "integer labels.",
                 )
 
-        image = _read(self.base, image_written, "image")
+        read_info: dict[str, Any] = {}
+        image = _read(self.base, image_written, "image", read_info)
         self._check_geometry(image, image_written)
+        mask_classes: tuple[int, ...] = ()
 
         if self.task == "segmentation":
             mask = _read(self.base, label, "mask")
@@ -513,11 +559,22 @@ class _Scanner:
                     "1 = foreground).",
                 )
             self._check_class(top, label, "mask value")
+            mask_classes = tuple(int(v) for v in np.unique(mask))
             data = self.transforms()({"image": image, "label": mask})
             target = convert_to_numpy(data["label"], dtype=np.float32).round().astype(np.int64)
         else:
             data = self.transforms()({"image": image})
         out = convert_to_numpy(data["image"], dtype=np.float32)
+        self.last = EntryInfo(
+            index=-1,
+            section="",
+            file=image_written,
+            shape=tuple(int(s) for s in image.shape[1:]),
+            channels=int(image.shape[0]),
+            spacing=read_info.get("spacing"),
+            label=int(label) if self.task == "classification" else None,
+            mask_classes=mask_classes,
+        )
         return np.clip(out, 0.0, 1.0), target
 
     def _check_class(self, value: int, file: str, what: str) -> None:
@@ -631,6 +688,7 @@ def _scan(
         num_classes=declared,
     )
     problems: list[DatalistProblem] = []
+    infos: list[EntryInfo] = []
     loaded: dict[str, list[_Item]] = {}
     for section in SECTIONS:
         if not data.get(section):  # absent or empty: split off training later
@@ -643,6 +701,8 @@ def _scan(
                 problems.append(DatalistProblem(index, section, prob.file, prob.reason, prob.kind))
                 continue
             items.append(_Item(index, image, target))
+            if scanner.last is not None:
+                infos.append(dataclasses.replace(scanner.last, index=index, section=section))
 
     all_items = [it for items in loaded.values() for it in items]
     if declared is not None:
@@ -660,6 +720,7 @@ def _scan(
         task=resolved_task,
         spatial_dims=scanner.spatial_dims,
         num_classes=num_classes,
+        entries=infos,
     )
     return report, loaded
 

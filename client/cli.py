@@ -1,0 +1,77 @@
+"""Hospital site commands: ``medfed site start`` and ``medfed site check``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from client.site_config import SiteConfigError, load_kit, load_site_config
+
+__all__ = ["site_app"]
+
+console = Console(stderr=True)
+
+site_app = typer.Typer(
+    help="A hospital site: check its data, join the federation.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,  # locals can hold pixel data or paths
+)
+
+
+@site_app.command("start")
+def site_start(
+    kit: Annotated[Path, typer.Option("--kit", "-k", help="The startup kit folder from the coordinator.")],
+    config: Annotated[Path, typer.Option("--config", "-c", help="The site's site.toml.")],
+    superlink: Annotated[
+        str | None, typer.Option(help="Override the SuperLink address of the kit (HOST:PORT).")
+    ] = None,
+    max_connect_attempts: Annotated[
+        int, typer.Option(help="Give up after this many failed connection attempts (before the first success).")
+    ] = 5,
+) -> None:
+    """Join the federation: a SuperNode with the kit's CA and key, running only coordinator-signed code."""
+    from client.deploy import SiteStartError, run_site
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s medfed %(levelname)s: %(message)s", force=True)
+    try:
+        site_kit = load_kit(kit)
+        site = load_site_config(config)
+        code = run_site(site_kit, site, superlink=superlink, max_connect_attempts=max_connect_attempts)
+    except (SiteConfigError, SiteStartError) as err:
+        console.print(f"[bold red]error:[/] {err}")
+        logging.getLogger("client.deploy").error("%s", err)
+        raise typer.Exit(code=2) from None
+    raise typer.Exit(code=code)
+
+
+@site_app.command("check")
+def site_check(
+    config: Annotated[Path, typer.Option("--config", "-c", help="The site's site.toml.")],
+    image_size: Annotated[
+        int | None, typer.Option(help="Override the site config's image-size (0 = all images one size).")
+    ] = None,
+    num_classes: Annotated[
+        int | None, typer.Option(help="Override the site config's num-classes (the federation's model).")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Read the site's datalist locally and report counts, shapes, spacings and every problem (contacts nobody)."""
+    from client.site_check import check_site, format_report
+
+    logging.basicConfig(level=logging.WARNING, force=True)
+    try:
+        site = load_site_config(config, require_datalist=False)
+    except SiteConfigError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(code=2) from None
+    report = check_site(
+        site.datalist,
+        image_size=site.image_size if image_size is None else image_size,
+        num_classes=site.num_classes if num_classes is None else num_classes,
+    )
+    typer.echo(report.to_json() if json_output else format_report(report))
+    raise typer.Exit(code=0 if report.ok else 1)

@@ -1,0 +1,241 @@
+"""``medfed site check``: read a site's datalist locally and report what is in it and what is wrong.
+
+Nothing is contacted: the check reads the datalist and every image (and mask) with the same
+reader the training uses (:func:`shared.data.datalist.scan_datalist`) and reports
+
+* counts per split and per class (classification) or mask presence (segmentation),
+* image shapes and spacings (from the file headers) and how many files share each,
+* every unusable entry by name: missing file, corrupt or unreadable file, label out of range,
+  mask that does not match its image, inconsistent shapes, dimensions or channels,
+* label inconsistencies: the same image listed twice with different labels, labels above the
+  federation's ``num-classes``, classes absent from a split.
+
+The report names files: it is for the site's operator and stays on the site.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from shared.data.base import DataError
+from shared.data.datalist import SECTIONS, DatalistReport, EntryInfo, scan_datalist
+
+__all__ = ["Finding", "SiteCheckReport", "check_site", "format_report"]
+
+Severity = Literal["error", "warning"]
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One problem found in the datalist.
+
+    Parameters
+    ----------
+    severity
+        ``"error"``: the entry (or the datalist) cannot be used. ``"warning"``: usable but
+        suspicious.
+    kind
+        Short category (``missing_file``, ``unreadable``, ``label_out_of_range``,
+        ``shape_mismatch``, ``inconsistent_shape``, ``conflicting_labels``, ...).
+    where
+        ``"training[3]"`` or ``"datalist"``.
+    file
+        The file concerned, as written in the datalist (``""`` if none).
+    message
+        What is wrong and how to fix it.
+    """
+
+    severity: Severity
+    kind: str
+    where: str
+    file: str
+    message: str
+
+
+@dataclass
+class SiteCheckReport:
+    """Result of :func:`check_site`."""
+
+    datalist: str
+    task: str | None = None
+    spatial_dims: int | None = None
+    num_classes: int = 0
+    entries_total: int = 0
+    entries_ok: int = 0
+    splits: dict[str, dict[str, int]] = field(default_factory=dict)
+    shapes: dict[str, int] = field(default_factory=dict)
+    spacings: dict[str, int] = field(default_factory=dict)
+    channels: dict[str, int] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def errors(self) -> list[Finding]:
+        """Findings that make entries (or the datalist) unusable."""
+        return [f for f in self.findings if f.severity == "error"]
+
+    @property
+    def ok(self) -> bool:
+        """No errors (warnings allowed)."""
+        return not self.errors
+
+    def to_json(self) -> str:
+        """The report as JSON (for scripts)."""
+        return json.dumps({**asdict(self), "ok": self.ok}, indent=2)
+
+
+def _fmt_shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(s) for s in shape)
+
+
+def _fmt_spacing(spacing: tuple[float, ...] | None) -> str:
+    if spacing is None:
+        return "none"
+    return " x ".join(f"{v:.3g}" for v in spacing)
+
+
+def check_site(datalist: str | Path, *, image_size: int = 0, num_classes: int = 0) -> SiteCheckReport:
+    """Check a site's datalist without contacting anyone.
+
+    Parameters
+    ----------
+    datalist
+        The site's datalist JSON.
+    image_size
+        Side length the run resizes images to; ``0``: images must all have one size (then a
+        different size is an error, otherwise a warning).
+    num_classes
+        The federation's ``num-classes``; labels (mask values) at or above it are errors.
+        ``0``: use the datalist's own ``num_classes`` only.
+
+    Returns
+    -------
+    SiteCheckReport
+        Counts, shapes, spacings and findings.
+    """
+    path = Path(datalist).expanduser()
+    report = SiteCheckReport(datalist=str(path))
+    try:
+        scan = scan_datalist(path, image_size=image_size)
+    except DataError as err:
+        report.findings.append(Finding("error", "datalist", "datalist", str(path), str(err)))
+        return report
+    _fill(report, scan, image_size=image_size, num_classes=num_classes)
+    return report
+
+
+def _fill(report: SiteCheckReport, scan: DatalistReport, *, image_size: int, num_classes: int) -> None:
+    report.task, report.spatial_dims, report.num_classes = scan.task, scan.spatial_dims, scan.num_classes
+    report.entries_total, report.entries_ok = scan.entries_total, scan.entries_ok
+    for problem in scan.problems:
+        report.findings.append(Finding("error", problem.kind, problem.where, problem.file, problem.reason))
+
+    entries = scan.entries
+    report.shapes = dict(Counter(_fmt_shape(e.shape) for e in entries).most_common())
+    report.spacings = dict(Counter(_fmt_spacing(e.spacing) for e in entries).most_common())
+    report.channels = dict(Counter(str(e.channels) for e in entries).most_common())
+    _count_splits(report, entries)
+
+    # Shapes that differ from the most common one (an error already when image_size == 0).
+    if image_size and len(report.shapes) > 1:
+        common = next(iter(report.shapes))
+        for e in entries:
+            if _fmt_shape(e.shape) != common:
+                report.findings.append(Finding(
+                    "warning", "inconsistent_shape", f"{e.section}[{e.index}]", e.file,
+                    f"image {e.file!r} has size {_fmt_shape(e.shape)} while most images have {common}; "
+                    f"it will be resized to {image_size} per side. Check it is the right image.",
+                ))
+    if len(report.spacings) > 1:
+        common_spacing = next(iter(report.spacings))
+        for e in entries:
+            if _fmt_spacing(e.spacing) != common_spacing:
+                report.findings.append(Finding(
+                    "warning", "inconsistent_spacing", f"{e.section}[{e.index}]", e.file,
+                    f"image {e.file!r} has spacing {_fmt_spacing(e.spacing)} while most images have "
+                    f"{common_spacing}. Resample if the images should share a physical scale.",
+                ))
+
+    # Labels: above the federation's classes, conflicting duplicates, classes absent from a split.
+    for e in entries:
+        values = [e.label] if e.label is not None else list(e.mask_classes)
+        if num_classes and any(v >= num_classes for v in values):
+            report.findings.append(Finding(
+                "error", "label_out_of_range", f"{e.section}[{e.index}]", e.file,
+                f"{e.file!r} has label(s) {sorted(v for v in values if v >= num_classes)} but the "
+                f"federation's model has num-classes = {num_classes} (classes 0..{num_classes - 1}).",
+            ))
+    by_file: dict[str, list[EntryInfo]] = defaultdict(list)
+    for e in entries:
+        by_file[e.file].append(e)
+    for file, group in by_file.items():
+        if len(group) < 2:
+            continue
+        where = ", ".join(f"{e.section}[{e.index}]" for e in group)
+        labels = {e.label for e in group} if group[0].label is not None else set()
+        if len(labels) > 1:
+            report.findings.append(Finding(
+                "error", "conflicting_labels", where, file,
+                f"{file!r} is listed {len(group)} times with different labels {sorted(labels)}. Keep one entry with the right label.",
+            ))
+        else:
+            report.findings.append(Finding(
+                "warning", "duplicate_entry", where, file,
+                f"{file!r} is listed {len(group)} times; a duplicate counts twice (and may leak "
+                "between training and validation).",
+            ))
+    if report.task == "classification" and report.num_classes:
+        classes = range(max(report.num_classes, num_classes))
+        for section, counts in report.splits.items():
+            missing = [c for c in classes if counts.get(f"class {c}", 0) == 0]
+            if missing and counts.get("entries", 0):
+                report.findings.append(Finding(
+                    "warning", "missing_class", section, "",
+                    f"{section} has no example of class(es) {missing}: this site cannot learn or "
+                    "validate them (fine if the site truly has none).",
+                ))
+
+
+def _count_splits(report: SiteCheckReport, entries: list[EntryInfo]) -> None:
+    for section in SECTIONS:
+        chosen = [e for e in entries if e.section == section]
+        if not chosen:
+            continue
+        counts: dict[str, int] = {"entries": len(chosen)}
+        for e in chosen:
+            if e.label is not None:
+                key = f"class {e.label}"
+                counts[key] = counts.get(key, 0) + 1
+            else:
+                key = "with foreground" if any(c > 0 for c in e.mask_classes) else "background only"
+                counts[key] = counts.get(key, 0) + 1
+        report.splits[section] = dict(sorted(counts.items(), key=lambda kv: (kv[0] != "entries", kv[0])))
+
+
+def format_report(report: SiteCheckReport) -> str:
+    """Plain-text report for the site's operator (names files; stays on the site)."""
+    lines = [f"datalist: {report.datalist}"]
+    if report.task:
+        lines.append(
+            f"task: {report.task}, {report.spatial_dims}D, {report.num_classes} classes; "
+            f"{report.entries_ok} of {report.entries_total} entries usable"
+        )
+    for section, counts in report.splits.items():
+        detail = ", ".join(f"{k}: {v}" for k, v in counts.items() if k != "entries")
+        lines.append(f"  {section}: {counts['entries']} entries ({detail})")
+    if report.shapes:
+        lines.append("shapes: " + ", ".join(f"{k} ({v})" for k, v in report.shapes.items()))
+    if report.spacings:
+        lines.append("spacings: " + ", ".join(f"{k} ({v})" for k, v in report.spacings.items()))
+    if report.channels:
+        lines.append("channels: " + ", ".join(f"{k} ({v})" for k, v in report.channels.items()))
+    errors = report.errors
+    warnings = [f for f in report.findings if f.severity == "warning"]
+    lines.append(f"{len(errors)} error(s), {len(warnings)} warning(s)")
+    for finding in errors + warnings:
+        lines.append(f"  {finding.severity.upper()} {finding.kind} at {finding.where}: {finding.message}")
+    lines.append("OK: the datalist is usable." if report.ok else "NOT OK: fix the errors above.")
+    return "\n".join(lines)

@@ -1,0 +1,247 @@
+"""A hospital site's configuration (``site.toml``) and its startup kit (``kit.toml``).
+
+``site.toml`` is written by the site's IT team (``medfed provision`` puts a commented template
+in every kit); ``kit.toml`` is written by the coordinator and says which federation, SuperLink
+and keys the kit holds. Both are validated on load: an unknown key, a wrong type or a missing
+file is a :class:`SiteConfigError` naming the file, the key and the fix.
+"""
+
+from __future__ import annotations
+
+import re
+import stat
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+__all__ = ["SiteConfigError", "SiteConfig", "Kit", "load_site_config", "load_kit", "node_config_arg"]
+
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class SiteConfigError(ValueError):
+    """``site.toml`` or a startup kit is invalid; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    """What a site decides for itself.
+
+    Parameters
+    ----------
+    site_name
+        The site's name (local logs only; the federation knows the site by its key).
+    datalist
+        Absolute path of the site's MONAI-style datalist JSON (relative paths in ``site.toml``
+        are resolved against the file's folder).
+    device
+        ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``.
+    dp_budget_epsilon
+        The site's cap on DP-SGD epsilon: a run configured with a larger budget is lowered to
+        this at the site, never raised.
+    runtime_port
+        Port of the SuperNode's local runtime API (bound to 127.0.0.1).
+    state_dir
+        Flower's home at the site (installed app bundles, logs); empty: ``<kit>/state``.
+    image_size
+        Side length used by ``medfed site check`` (``0``: images must share one size).
+    num_classes
+        If > 0, ``medfed site check`` flags labels (mask values) >= this.
+    source
+        The file this was read from.
+    """
+
+    site_name: str
+    datalist: Path
+    device: str = "auto"
+    dp_budget_epsilon: float = 8.0
+    runtime_port: int = 9094
+    state_dir: str = ""
+    image_size: int = 0
+    num_classes: int = 0
+    source: Path | None = None
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The accepted kebab-case keys of ``site.toml``."""
+        return tuple(f.name.replace("_", "-") for f in fields(cls) if f.name != "source")
+
+    def state_path(self, kit: Kit) -> Path:
+        """The Flower home directory for this site."""
+        if self.state_dir:
+            path = Path(self.state_dir).expanduser()
+            base = self.source.parent if self.source else Path.cwd()
+            return path if path.is_absolute() else (base / path).resolve()
+        return kit.root / "state"
+
+
+def _expect(source: Path, key: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
+    if isinstance(value, bool) and kind is not bool:
+        raise SiteConfigError(f"{source}: {key} = {value!r} is invalid: expected {what}.")
+    if not isinstance(value, kind):
+        raise SiteConfigError(f"{source}: {key} = {value!r} is invalid: expected {what}.")
+    return value
+
+
+def load_site_config(path: str | Path, *, require_datalist: bool = True) -> SiteConfig:
+    """Read and validate ``site.toml``.
+
+    Parameters
+    ----------
+    path
+        The TOML file.
+    require_datalist
+        Also check that the datalist file exists.
+
+    Raises
+    ------
+    SiteConfigError
+        Missing file, invalid TOML, unknown key (the message lists the valid ones), wrong
+        type or range, or a datalist that does not exist.
+    """
+    source = Path(path).expanduser().resolve()
+    try:
+        raw = tomllib.loads(source.read_text())
+    except FileNotFoundError:
+        raise SiteConfigError(
+            f"site config {source} does not exist. Copy site.toml from your startup kit and edit it."
+        ) from None
+    except tomllib.TOMLDecodeError as err:
+        raise SiteConfigError(f"site config {source} is not valid TOML: {err}") from None
+    valid = SiteConfig.keys()
+    for key in raw:
+        if key not in valid:
+            raise SiteConfigError(f"{source}: unknown key {key!r}. Valid keys: {', '.join(valid)}.")
+    for key in ("site-name", "datalist"):
+        if key not in raw:
+            raise SiteConfigError(f"{source}: {key!r} is missing; see the template in your startup kit.")
+
+    name = _expect(source, "site-name", raw["site-name"], str, "a string")
+    if not name.strip():
+        raise SiteConfigError(f"{source}: site-name must not be empty.")
+    datalist_text = _expect(source, "datalist", raw["datalist"], str, "the path of a datalist .json")
+    datalist = Path(datalist_text).expanduser()
+    if not datalist.is_absolute():
+        datalist = (source.parent / datalist).resolve()
+    if require_datalist and not datalist.is_file():
+        raise SiteConfigError(
+            f"{source}: datalist = {datalist_text!r} does not exist (looked for {datalist}). Give "
+            "the path of this site's datalist JSON."
+        )
+    device = _expect(source, "device", raw.get("device", "auto"), str, '"auto", "cpu" or "cuda[:N]"')
+    if not _DEVICE.match(device):
+        raise SiteConfigError(f'{source}: device = {device!r} is invalid: use "auto", "cpu" or "cuda[:N]".')
+    budget = float(_expect(source, "dp-budget-epsilon", raw.get("dp-budget-epsilon", 8.0), (int, float), "a number > 0"))
+    if not budget > 0:
+        raise SiteConfigError(f"{source}: dp-budget-epsilon = {budget!r} is invalid: it must be > 0.")
+    port = _expect(source, "runtime-port", raw.get("runtime-port", 9094), int, "an integer port")
+    if not 1024 <= port <= 65535:
+        raise SiteConfigError(f"{source}: runtime-port = {port} is invalid: use 1024-65535.")
+    state_dir = _expect(source, "state-dir", raw.get("state-dir", ""), str, "a folder path (or \"\")")
+    image_size = _expect(source, "image-size", raw.get("image-size", 0), int, "an integer >= 0")
+    num_classes = _expect(source, "num-classes", raw.get("num-classes", 0), int, "an integer >= 0")
+    for key, value in (("image-size", image_size), ("num-classes", num_classes)):
+        if value < 0:
+            raise SiteConfigError(f"{source}: {key} = {value} is invalid: it must be >= 0.")
+    return SiteConfig(
+        site_name=name,
+        datalist=datalist,
+        device=device,
+        dp_budget_epsilon=budget,
+        runtime_port=port,
+        state_dir=state_dir,
+        image_size=image_size,
+        num_classes=num_classes,
+        source=source,
+    )
+
+
+@dataclass(frozen=True)
+class Kit:
+    """A site's startup kit (written by ``medfed provision``)."""
+
+    root: Path
+    federation: str
+    site_name: str
+    site_index: int
+    superlink: str
+    ca_cert: Path
+    auth_private_key: Path
+    auth_public_key: Path
+    signing_public_key: Path
+    signing_fingerprint: str
+
+
+def load_kit(path: str | Path) -> Kit:
+    """Read and check a startup kit folder.
+
+    Raises
+    ------
+    SiteConfigError
+        Missing ``kit.toml`` or kit files, or a private key readable by others.
+    """
+    root = Path(path).expanduser().resolve()
+    manifest = root / "kit.toml"
+    try:
+        raw = tomllib.loads(manifest.read_text())
+    except FileNotFoundError:
+        raise SiteConfigError(
+            f"{root} is not a startup kit ({manifest.name} is missing). Pass the folder the "
+            "coordinator sent (it holds kit.toml, ca.crt, site-auth.key, app-signing.pub)."
+        ) from None
+    except tomllib.TOMLDecodeError as err:
+        raise SiteConfigError(f"{manifest} is not valid TOML ({err}); ask for a fresh kit.") from None
+    try:
+        kit = Kit(
+            root=root,
+            federation=str(raw["federation"]),
+            site_name=str(raw["site-name"]),
+            site_index=int(raw["site-index"]),
+            superlink=str(raw["superlink"]),
+            ca_cert=root / str(raw["ca-certificate"]),
+            auth_private_key=root / str(raw["auth-private-key"]),
+            auth_public_key=root / str(raw["auth-public-key"]),
+            signing_public_key=root / str(raw["app-signing-public-key"]),
+            signing_fingerprint=str(raw.get("app-signing-fingerprint", "")),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise SiteConfigError(f"{manifest} lacks or garbles {err}; ask the coordinator for a fresh kit.") from None
+    for label, file in (
+        ("CA certificate", kit.ca_cert),
+        ("authentication key", kit.auth_private_key),
+        ("authentication public key", kit.auth_public_key),
+        ("app-signing public key", kit.signing_public_key),
+    ):
+        if not file.is_file():
+            raise SiteConfigError(f"startup kit {root}: the {label} {file.name} is missing; ask for a fresh kit.")
+    mode = stat.S_IMODE(kit.auth_private_key.stat().st_mode)
+    if mode & 0o077:
+        raise SiteConfigError(
+            f"startup kit {root}: {kit.auth_private_key.name} is readable by other users (mode "
+            f"{mode:o}). Run: chmod 600 {kit.auth_private_key}"
+        )
+    return kit
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def node_config_arg(kit: Kit, site: SiteConfig) -> str:
+    """The SuperNode's ``--node-config`` value: what the site's ClientApp reads.
+
+    Keys: ``site-name``, ``site-index``, ``datalist``, ``device``, ``dp-budget-epsilon``. The
+    node config stays on the site (the ClientApp reads it from its local Context).
+    """
+    for label, value in (("site-name", site.site_name), ("datalist", str(site.datalist))):
+        if "'" in value or '"' in value:
+            raise SiteConfigError(f"{label} must not contain quotes (Flower's node config cannot hold them).")
+    items = {
+        "site-name": _toml_string(site.site_name),
+        "site-index": str(kit.site_index),
+        "datalist": _toml_string(str(site.datalist)),
+        "device": _toml_string(site.device),
+        "dp-budget-epsilon": repr(float(site.dp_budget_epsilon)),
+    }
+    return " ".join(f"{k}={v}" for k, v in items.items())

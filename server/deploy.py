@@ -1,0 +1,426 @@
+"""The coordinator on Flower's deployment engine: SuperLink, site enrolment and signed runs.
+
+* :func:`superlink_command` / :func:`run_superlink`: ``flower-superlink`` with TLS (the
+  federation's certificate), SuperNode authentication, a SQLite state database (a restart
+  keeps runs and registered sites) and runtime dependency installation disabled. Once it
+  answers, every enrolled site's public key is registered through Flower's Control API
+  (``flwr supernode register`` does the same); keys registered before are kept.
+* :func:`stage_app`, :func:`submit_run`: ``medfed run``. The medfed packages are copied into
+  a fresh Flower app folder whose ``pyproject.toml`` holds the complete run config; the FAB is
+  built from it with Flower's own builder, signed with the coordinator's key (see
+  :mod:`server.signing`), and submitted with ``flwr run`` with the signature as the only
+  run-config override.
+
+Flower's Control API (run submission, SuperNode registration) is served on the same port as
+the Fleet API and has no account authentication in open-source Flower 1.42 (OIDC is a Flower
+Enterprise feature). Anyone who reaches the port can call it; the sites' signature check
+(:mod:`client.deploy`) is what keeps unsigned runs from executing at the hospitals.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from server.provision import Federation, parse_address
+from server.signing import SIGNATURE_KEY, fab_hash, load_private_key, sign_app
+from shared.config import RunConfig
+
+__all__ = [
+    "DeployError",
+    "APP_PACKAGES",
+    "superlink_command",
+    "wait_until_serving",
+    "register_sites",
+    "run_superlink",
+    "stage_app",
+    "build_signed_app",
+    "SignedApp",
+    "submit_run",
+    "run_status",
+    "wait_for_run",
+    "flwr_env",
+]
+
+logger = logging.getLogger(__name__)
+
+APP_PACKAGES: tuple[str, ...] = ("client", "server", "shared")
+"""The medfed packages that go into the app bundle (the ServerApp and ClientApp import only these)."""
+
+
+class DeployError(RuntimeError):
+    """The SuperLink or a run could not be started; the message says why and what to do."""
+
+
+# --------------------------------------------------------------------------- SuperLink
+def superlink_command(
+    fed: Federation, *, database: Path, host: str = "0.0.0.0", port: int | None = None
+) -> list[str]:
+    """The ``flower-superlink`` command line for ``fed``."""
+    _, address_port = parse_address(fed.superlink_address)
+    return [
+        _flower_exe("flower-superlink"),
+        "--ssl-ca-certfile", str(fed.ca_cert),
+        "--ssl-certfile", str(fed.server_cert),
+        "--ssl-keyfile", str(fed.server_key),
+        "--enable-supernode-auth",
+        "--database", str(database),
+        "--disable-runtime-dependency-installation",
+        "--host", host,
+        "--port", str(port or address_port),
+    ]
+
+
+def _flower_exe(name: str) -> str:
+    local = Path(sys.executable).parent / name
+    found = str(local) if local.exists() else shutil.which(name)
+    if not found:
+        raise DeployError(f"{name} is not installed: install medfed with its pinned flwr version.")
+    return found
+
+
+def flwr_env(fed: Federation) -> dict[str, str]:
+    """Environment for the coordinator's ``flwr`` CLI: ``FLWR_HOME`` with the TLS connection."""
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(fed.flwr_home)
+    return env
+
+
+def wait_until_serving(fed: Federation, *, address: str | None = None, timeout: float = 60.0) -> None:
+    """Block until the SuperLink completes a TLS handshake checked against the federation CA.
+
+    Raises
+    ------
+    DeployError
+        If it does not within ``timeout`` seconds.
+    """
+    host, port = parse_address(address or fed.superlink_address)
+    context = ssl.create_default_context(cafile=str(fed.ca_cert))
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection((host, port), timeout=2) as sock:
+                with context.wrap_socket(sock, server_hostname=host):
+                    return
+        except (OSError, ssl.SSLError) as err:
+            last = err
+            time.sleep(0.3)
+    raise DeployError(
+        f"the SuperLink at {host}:{port} did not answer over TLS within {timeout:.0f} s ({last}). "
+        "Check its log."
+    )
+
+
+def _control_client(fed: Federation, address: str | None = None) -> Any:
+    from flwr.cli.typing import SuperLinkConnection
+    from flwr.cli.utils import init_http_client_from_connection
+
+    connection = SuperLinkConnection(
+        name=fed.connection_name,
+        address=address or fed.superlink_address,
+        root_certificates=str(fed.ca_cert),
+    )
+    return init_http_client_from_connection(connection)
+
+
+def register_sites(fed: Federation, *, address: str | None = None) -> dict[str, str]:
+    """Register every enrolled site's public key at the SuperLink (Flower Control API).
+
+    Returns
+    -------
+    dict
+        Site name -> ``"registered"`` or ``"already registered"``.
+
+    Raises
+    ------
+    DeployError
+        Naming the site whose key could not be registered.
+    """
+    from flwr.cli.supernode.register import try_load_public_key
+    from flwr.proto.control_pb2 import RegisterNodeRequest
+
+    client = _control_client(fed, address)
+    outcome: dict[str, str] = {}
+    try:
+        for site in fed.sites:
+            key = try_load_public_key(site.public_key)
+            try:
+                client.RegisterNode(request=RegisterNodeRequest(public_key=key, name=site.name))
+                outcome[site.name] = "registered"
+            except Exception as err:  # the HTTP client raises Flower's API errors
+                if "already in use" in str(err):
+                    outcome[site.name] = "already registered"
+                else:
+                    raise DeployError(f"registering site {site.name!r} failed: {err}") from None
+    finally:
+        client.close()
+    logger.info("site keys at the SuperLink: %s", ", ".join(f"{k}: {v}" for k, v in outcome.items()))
+    return outcome
+
+
+def run_superlink(
+    fed: Federation,
+    *,
+    database: Path | None = None,
+    host: str = "0.0.0.0",
+    port: int | None = None,
+    stop_event: threading.Event | None = None,
+    ready_event: threading.Event | None = None,
+    log_file: Path | None = None,
+) -> int:
+    """Run the SuperLink until it exits, ``stop_event`` is set, or SIGTERM/SIGINT.
+
+    Parameters
+    ----------
+    fed
+        The provisioned federation.
+    database
+        SQLite state file (default ``<federation>/superlink/state.db``); reuse it across
+        restarts to keep runs and registrations.
+    host, port
+        Where to listen (default: every interface, the port of the federation's address).
+    stop_event, ready_event
+        Set ``stop_event`` to stop; ``ready_event`` is set once sites are registered.
+    log_file
+        Where the SuperLink's output goes (default: inherited stdout/stderr).
+
+    Returns
+    -------
+    int
+        0 after a requested stop, else the SuperLink's exit code.
+    """
+    database = database or fed.root / "superlink" / "state.db"
+    database.parent.mkdir(parents=True, exist_ok=True)
+    _, address_port = parse_address(fed.superlink_address)
+    local = f"127.0.0.1:{port or address_port}"
+    command = superlink_command(fed, database=database, host=host, port=port)
+    stop = stop_event or threading.Event()
+    previous = _install_stop_handlers(stop)
+    sink = open(log_file, "a", encoding="utf-8") if log_file else None  # noqa: SIM115
+    proc = subprocess.Popen(
+        command, stdout=sink, stderr=subprocess.STDOUT if sink else None, env=flwr_env(fed)
+    )
+    try:
+        logger.info(
+            "SuperLink of federation %s on %s:%d (TLS, SuperNode authentication, state in %s)",
+            fed.name, host, port or address_port, database.name,
+        )
+        wait_until_serving(fed, address=local)
+        register_sites(fed, address=local)
+        if ready_event:
+            ready_event.set()
+        while not stop.is_set() and proc.poll() is None:
+            stop.wait(0.2)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            return 0
+        return int(proc.returncode)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if sink:
+            sink.close()
+        _restore_handlers(previous)
+
+
+def _install_stop_handlers(stop: threading.Event) -> dict[int, Any]:
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore_handlers(previous: dict[int, Any]) -> None:
+    for sig, handler in previous.items():
+        signal.signal(sig, handler)
+
+
+# --------------------------------------------------------------------------- app bundle
+def _package_dir(name: str) -> Path:
+    module = __import__(name)
+    return Path(module.__file__).resolve().parent  # type: ignore[arg-type]
+
+
+def _medfed_version() -> str:
+    try:
+        return metadata.version("medfed")
+    except metadata.PackageNotFoundError:
+        return "0.0.0"
+
+
+def stage_app(cfg: RunConfig, dest: Path) -> Path:
+    """Write a Flower app folder for ``cfg``: medfed's packages plus a generated ``pyproject.toml``.
+
+    The ``[tool.flwr.app.config]`` table holds every :class:`RunConfig` key with ``cfg``'s value
+    (and an empty :data:`~server.signing.SIGNATURE_KEY`), so the bundle itself records the run's
+    settings.
+    """
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in APP_PACKAGES:
+        shutil.copytree(
+            _package_dir(name), dest / name,
+            ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "tests"), dirs_exist_ok=True,
+        )
+    config = cfg.replace(app_signature="").to_run_config()
+    pyproject = {
+        "build-system": {"requires": ["setuptools>=69"], "build-backend": "setuptools.build_meta"},
+        "project": {
+            "name": "medfed",
+            "version": _medfed_version(),
+            "description": "medfed federated training app (generated by `medfed run`).",
+            "license": "Apache-2.0",
+            "dependencies": [],
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "medfed",
+                    "components": {
+                        "serverapp": "server.server_app:app",
+                        "clientapp": "client.client_app:app",
+                    },
+                    "config": config,
+                }
+            }
+        },
+    }
+    (dest / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
+    return dest
+
+
+@dataclass
+class SignedApp:
+    """A staged app, its FAB hash, and the signed run-config override."""
+
+    app_dir: Path
+    fab_sha256: str
+    signature: str
+    overrides_file: Path
+    run_config: dict[str, Any] = field(default_factory=dict)
+
+
+def build_signed_app(cfg: RunConfig, *, signing_key: Path, workdir: Path) -> SignedApp:
+    """Stage the app, build its FAB with Flower's builder, and sign (FAB hash, run config).
+
+    The run config signed is exactly what Flower will hand the ClientApps: the FAB's config
+    table fused with the overrides (here, only the signature, which the payload excludes).
+    """
+    from flwr.cli.build import build_fab_from_disk
+    from flwr.common.config import flatten_dict, get_fab_config
+
+    key = load_private_key(signing_key)
+    app_dir = stage_app(cfg, workdir / "medfed-app")
+    fab = build_fab_from_disk(app_dir)
+    run_config = flatten_dict(get_fab_config(fab)["tool"]["flwr"]["app"].get("config", {}))
+    signature = sign_app(fab, run_config, key)
+    overrides = workdir / "signature.toml"
+    overrides.write_text(tomli_w.dumps({SIGNATURE_KEY: signature}))
+    return SignedApp(app_dir, fab_hash(fab), signature, overrides, run_config)
+
+
+def submit_run(
+    fed: Federation, cfg: RunConfig, *, workdir: Path | None = None, signing_key: Path | None = None
+) -> tuple[int, SignedApp]:
+    """Sign and submit ``cfg`` as a run of the medfed app (``flwr run`` underneath).
+
+    Returns
+    -------
+    tuple
+        The run ID and the signed app.
+
+    Raises
+    ------
+    DeployError
+        ``flwr run`` failed (its message is included), or Flower built a different bundle
+        than the one signed.
+    """
+    workdir = workdir or Path(tempfile.mkdtemp(prefix="medfed-run-"))
+    signed = build_signed_app(cfg, signing_key=signing_key or fed.signing_key, workdir=workdir)
+    command = [
+        _flower_exe("flwr"), "run", str(signed.app_dir), fed.connection_name,
+        "--run-config", str(signed.overrides_file), "--format", "json",
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, env=flwr_env(fed), timeout=300)
+    payload = _last_json(proc.stdout)
+    if proc.returncode != 0 or not payload or not payload.get("success"):
+        detail = (payload or {}).get("error-message") or proc.stderr.strip() or proc.stdout.strip()
+        raise DeployError(f"`flwr run` did not start the run: {detail}")
+    built = str(payload.get("fab-hash", ""))
+    if built and not signed.fab_sha256.startswith(built):
+        raise DeployError(
+            f"Flower built bundle {built}... but medfed signed {signed.fab_sha256[:8]}...: the app "
+            "folder changed between the two builds. Run again."
+        )
+    run_id = int(payload["run-id"])
+    logger.info("submitted run %d (app bundle %s..., signed)", run_id, signed.fab_sha256[:12])
+    return run_id, signed
+
+
+def _last_json(text: str) -> dict[str, Any] | None:
+    start = text.find("{")
+    while start != -1:
+        try:
+            value = json.loads(text[start:])
+            return value if isinstance(value, dict) else None
+        except json.JSONDecodeError:
+            start = text.find("{", start + 1)
+    return None
+
+
+def run_status(fed: Federation, run_id: int) -> str:
+    """The run's Flower status, e.g. ``"running"`` or ``"finished:completed"`` (``flwr ls``)."""
+    proc = subprocess.run(
+        [_flower_exe("flwr"), "ls", fed.connection_name, "--run-id", str(run_id), "--format", "json"],
+        capture_output=True, text=True, env=flwr_env(fed), timeout=120,
+    )
+    payload = _last_json(proc.stdout) or {}
+    runs = payload.get("runs") or []
+    if not payload.get("success") or not runs:
+        detail = payload.get("error-message") or proc.stderr.strip()
+        raise DeployError(f"`flwr ls --run-id {run_id}` failed: {detail}")
+    return str(runs[0].get("status", ""))
+
+
+def wait_for_run(fed: Federation, run_id: int, *, timeout: float = 600.0, poll: float = 2.0) -> str:
+    """Poll until the run is finished; return its final status.
+
+    Raises
+    ------
+    DeployError
+        The run did not finish within ``timeout`` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    status = ""
+    while time.monotonic() < deadline:
+        status = run_status(fed, run_id)
+        if status.startswith("finished"):
+            return status
+        time.sleep(poll)
+    raise DeployError(f"run {run_id} is still {status!r} after {timeout:.0f} s.")
+
+
+def describe_run_command(fed: Federation, run_id: int) -> Sequence[str]:
+    """The ``flwr log`` command that streams a run's logs (printed by the CLI)."""
+    return ["flwr", "log", str(run_id), fed.connection_name, "--stream"]
