@@ -112,7 +112,9 @@ class RecordingStrategy(Strategy):
             return []
         self._pending = RoundRecord(round=server_round)
         self._round_start = time.perf_counter()
-        return self.strategy.configure_fit(server_round, parameters, client_manager)
+        instructions = self.strategy.configure_fit(server_round, parameters, client_manager)
+        self.run_dir.round_started(server_round, selected=len(instructions))
+        return instructions
 
     def aggregate_fit(
         self,

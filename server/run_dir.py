@@ -19,10 +19,13 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from server.store import RunSink
 
 __all__ = ["RunDirectory", "RoundRecord", "new_run_path", "read_metrics"]
 
@@ -88,9 +91,13 @@ class RunDirectory:
         The kebab-case run config to store in ``config.json``.
     mode
         ``"federated"`` or ``"pooled"``.
+    sink
+        Also records the run there (the run store, :class:`server.store.StoreSink`).
     """
 
-    def __init__(self, path: str | Path, *, config: Mapping[str, Any], mode: str) -> None:
+    def __init__(
+        self, path: str | Path, *, config: Mapping[str, Any], mode: str, sink: RunSink | None = None
+    ) -> None:
         self.path = Path(path)
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         self.config = dict(config)
@@ -104,11 +111,26 @@ class RunDirectory:
         meta = {"mode": mode, "config": self.config, "versions": versions, "started": self.started}
         (self.path / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         self._metrics = (self.path / "metrics.jsonl").open("a", encoding="utf-8")
+        self.sink = sink
+        if sink is not None:
+            sink.run_started(run_dir=self.path, mode=mode, config=self.config, versions=versions)
+
+    def round_started(self, server_round: int, *, selected: int) -> None:
+        """A round began with ``selected`` sites (only the sink records it)."""
+        if self.sink is not None:
+            self.sink.round_started(server_round, selected=selected)
+
+    def fail(self, error: BaseException) -> None:
+        """The run failed (only the sink records it; the files keep what was written)."""
+        if self.sink is not None:
+            self.sink.run_failed(error)
 
     def write_round(self, record: RoundRecord) -> None:
         """Append one round's record (flushed at once so readers see it)."""
         self._metrics.write(json.dumps(record.to_json(), sort_keys=True) + "\n")
         self._metrics.flush()
+        if self.sink is not None:
+            self.sink.round_finished(record.to_json())
 
     def save_checkpoint(
         self,
@@ -131,6 +153,8 @@ class RunDirectory:
             tmp,
         )
         tmp.replace(target)
+        if self.sink is not None:
+            self.sink.checkpoint(kind, server_round=server_round, metrics=metrics)
         return target
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
@@ -138,3 +162,5 @@ class RunDirectory:
         data = {"seconds": time.time() - self.started, **summary}
         (self.path / "summary.json").write_text(json.dumps(data, indent=2, sort_keys=True))
         self._metrics.close()
+        if self.sink is not None:
+            self.sink.run_finished(data)

@@ -19,6 +19,7 @@ from torch import nn
 from server.evaluation import make_evaluate_fn
 from server.recording import RecordingStrategy, RoundCallback
 from server.run_dir import RunDirectory, new_run_path
+from server.store import open_sink
 from server.strategies import build_strategy
 from shared.config import RunConfig
 from shared.data.loading import load_dataset
@@ -59,6 +60,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         run_path or new_run_path(cfg.run_dir, name=f"{cfg.strategy}-s{cfg.seed}"),
         config=cfg.to_run_config(),
         mode="federated",
+        sink=open_sink(cfg),
     )
     if hooks.on_start:
         hooks.on_start(run_dir)
@@ -80,8 +82,12 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         config=ServerConfig(num_rounds=cfg.num_server_rounds),
         strategy=strategy,
     )
-    DefaultWorkflow()(grid, legacy)
-    summary = strategy.finish()
+    try:
+        DefaultWorkflow()(grid, legacy)
+        summary = strategy.finish()
+    except BaseException as err:
+        run_dir.fail(err)  # the run store shows the run as failed
+        raise
     logger.info("run finished; results in %s", run_dir.path)
     if hooks.on_finish:
         hooks.on_finish(summary)

@@ -77,6 +77,11 @@ class RunConfig:
         The one seed; every random choice derives from it.
     run_dir
         Folder under which each run writes its own directory.
+    store
+        The run store (``server.store``) the server records every run into, as an SQLAlchemy
+        URL: empty for ``sqlite:///<run_dir>/medfed.db`` (one database for all runs under the
+        runs folder), ``sqlite:///PATH``, ``postgresql://...``, or ``"off"``. ``medfed
+        dashboard`` reads it.
     dp, dp_noise_multiplier, dp_max_grad_norm, dp_target_epsilon, dp_delta, dp_budget_epsilon,
     dp_accountant, dp_secure_noise
         Sample-level DP-SGD at every site (Opacus, Poisson sampling). ``dp_target_epsilon > 0``
@@ -128,6 +133,7 @@ class RunConfig:
     augment: bool = True
     seed: int = 0
     run_dir: str = "runs"
+    store: str = ""
     dp: bool = False
     dp_noise_multiplier: float = 1.0
     dp_max_grad_norm: float = 1.0
@@ -162,6 +168,7 @@ class RunConfig:
         _check_choice("client-dp", self.client_dp, CLIENT_DP_MODES)
         _check_choice("dp-accountant", self.dp_accountant, ACCOUNTANTS)
         _check_choice("spatial-dims", self.spatial_dims, (2, 3))
+        _check_store(self.store)
         for key, value, low in (
             ("num-sites", self.num_sites, 1),
             ("num-server-rounds", self.num_server_rounds, 1),
@@ -277,9 +284,26 @@ class RunConfig:
         return self.dataset == "synthetic"
 
     @property
+    def store_url(self) -> str | None:
+        """The run store's URL (``None`` when ``store = "off"``)."""
+        if self.store == "off":
+            return None
+        return self.store or f"sqlite:///{Path(self.run_dir) / 'medfed.db'}"
+
+    @property
     def is_deployment(self) -> bool:
         """Whether sites bring their own data (``dataset = "deployment"``); the server has none."""
         return self.dataset == "deployment"
+
+
+def _check_store(value: str) -> None:
+    scheme = value.partition("://")[0].partition("+")[0]
+    if value in ("", "off") or (value.partition("://")[1] and scheme in ("sqlite", "postgresql")):
+        return
+    raise ConfigError(
+        f"store = {value!r} is invalid: give an SQLAlchemy URL such as 'sqlite:///runs/medfed.db' "
+        "or 'postgresql://user@host/db', leave it empty for <run-dir>/medfed.db, or 'off'."
+    )
 
 
 def _check_choice(key: str, value: object, choices: tuple[object, ...]) -> None:

@@ -169,6 +169,11 @@ app.command("run")(run_command)
 app.add_typer(server_app, name="server")
 app.add_typer(site_app, name="site")
 
+# Coordinator dashboard over the run store (server/dashboard_cli.py).
+from server.dashboard_cli import dashboard_command  # noqa: E402
+
+app.command("dashboard")(dashboard_command)
+
 
 def main() -> None:
     """Console entry point."""

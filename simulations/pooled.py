@@ -14,6 +14,7 @@ from pathlib import Path
 
 from server.run_dir import RoundRecord, RunDirectory, new_run_path
 from server.server_app import ServerHooks, primary_metric_for
+from server.store import open_sink
 from shared.config import RunConfig
 from shared.data.loading import load_dataset
 from shared.seeding import seed_everything
@@ -43,7 +44,7 @@ def run_pooled(
     device = select_device()
     model = model_for(cfg, splits.train)
     path = Path(run_path) if run_path else new_run_path(cfg.run_dir, name=f"pooled-s{cfg.seed}")
-    run_dir = RunDirectory(path, config=cfg.to_run_config(), mode="pooled")
+    run_dir = RunDirectory(path, config=cfg.to_run_config(), mode="pooled", sink=open_sink(cfg))
     if hooks.on_start:
         hooks.on_start(run_dir)
     result = SimulationResult(run_dir=path)
@@ -62,6 +63,7 @@ def run_pooled(
     metrics = initial
     for server_round in range(1, cfg.num_server_rounds + 1):
         round_start = time.perf_counter()
+        run_dir.round_started(server_round, selected=1)
         settings = round_settings(cfg, server_round=server_round, site_index=-1)
         seed_everything(settings.seed)
         optimizer = make_optimizer(
