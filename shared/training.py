@@ -17,6 +17,7 @@ import torch
 from monai.losses import DiceCELoss
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
+from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
 from shared.data.base import ImageSet
@@ -193,6 +194,11 @@ def train_epochs(
             model, loader, optimizer, loss_fn, epochs=epochs, device=device, private=private,
             trainable=trainable, anchors=anchors, proximal_mu=proximal_mu,
         )
+    if not private and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        # A few local steps leave BatchNorm running statistics lagging behind the weights; re-
+        # estimate them on the site's data for the final weights (as SWA does), so the averaged
+        # statistics the server keeps match the averaged model.
+        update_bn(loader, model, device=device)
     seconds = time.perf_counter() - start
     mean_loss = total_loss / max(total_items, 1)
     if not math.isfinite(mean_loss):
