@@ -215,7 +215,7 @@ def run_site(
     out = out or sys.stdout
     state = site.state_path(kit)
     state.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
+    env = {**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
     env["FLWR_HOME"] = str(state)
     env[SIGNING_KEY_ENV] = str(kit.signing_public_key)
     env["PYTHONUNBUFFERED"] = "1"

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
 
 from shared.config import RunConfig
 from shared.data.base import DataError, ImageSet
@@ -90,13 +94,28 @@ def deployment_site_data(cfg: RunConfig, *, datalist: str) -> SiteData:
             f"num-classes = {cfg.num_classes}. Fix the labels (or the datalist's num_classes), "
             "or ask the coordinator to change num-classes."
         )
-    logger.info(
-        "site data: %d training and %d validation samples", len(splits.train), len(splits.val)
-    )
+    train = splits.train
+    if not _has_section(datalist, "test"):
+        # load_datalist carved a test split the site never uses: train on it instead.
+        train = ImageSet(
+            np.concatenate([train.images, splits.test.images]),
+            np.concatenate([train.targets, splits.test.targets]),
+            train.task,
+            train.num_classes,
+        )
+    logger.info("site data: %d training and %d validation samples", len(train), len(splits.val))
     return SiteData(
-        train=_with_classes(splits.train, cfg.num_classes),
+        train=_with_classes(train, cfg.num_classes),
         val=_with_classes(splits.val, cfg.num_classes),
     )
+
+
+def _has_section(datalist: str, section: str) -> bool:
+    try:
+        data = json.loads(Path(datalist).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and bool(data.get(section))
 
 
 def _with_classes(data: ImageSet, num_classes: int) -> ImageSet:

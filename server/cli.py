@@ -63,15 +63,26 @@ def server_start(
     database: Annotated[
         Path | None, typer.Option(help="State database (default <federation>/superlink/state.db).")
     ] = None,
+    control_allow: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--control-allow",
+            help="Network (CIDR) allowed to submit runs and manage the federation, besides this host (repeatable).",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = True,
 ) -> None:
-    """Start the SuperLink (TLS, SuperNode authentication, persistent state) and enroll the sites' keys."""
+    """Start the SuperLink (TLS, SuperNode authentication, persistent state) and enroll the sites' keys.
+
+    The Control and Runtime APIs answer only this host (and --control-allow networks); the sites
+    reach only the Fleet API, authenticated with their keys.
+    """
     from server.deploy import DeployError, run_superlink
 
     _logging(verbose)
     try:
         fed = load_federation(federation)
-        code = run_superlink(fed, database=database, host=host, port=port)
+        code = run_superlink(fed, database=database, host=host, port=port, control_allow=control_allow or [])
     except (ProvisionError, DeployError) as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(code=2) from None

@@ -11,14 +11,20 @@
   :mod:`server.signing`), and submitted with ``flwr run`` with the signature as the only
   run-config override.
 
-Flower's Control API (run submission, SuperNode registration) is served on the same port as
-the Fleet API and has no account authentication in open-source Flower 1.42 (OIDC is a Flower
-Enterprise feature). Anyone who reaches the port can call it; the sites' signature check
-(:mod:`client.deploy`) is what keeps unsigned runs from executing at the hospitals.
+Flower 1.42 serves its Fleet API (the sites), Control API (run submission, SuperNode
+registration) and Runtime API (the ServerApp process) on one HTTPS port, and open-source Flower
+has no account authentication on the Control API (OIDC is a Flower Enterprise feature). medfed
+therefore runs the SuperLink through :func:`superlink_main`: Flower's own SuperLink app with one
+extra ASGI middleware (:class:`LocalAPIGuard`) that answers ``403`` to Control and Runtime API
+requests from anywhere but the coordinator's host (loopback, the SuperLink's own bind address,
+and networks given with ``--control-allow``). The sites need only the Fleet API, which Flower
+authenticates with their registered keys.
 """
 
 from __future__ import annotations
 
+import importlib
+import ipaddress
 import json
 import logging
 import os
@@ -45,6 +51,9 @@ from shared.config import RunConfig
 
 __all__ = [
     "DeployError",
+    "LocalAPIGuard",
+    "allowed_networks",
+    "superlink_main",
     "APP_PACKAGES",
     "superlink_command",
     "wait_until_serving",
@@ -70,13 +79,123 @@ class DeployError(RuntimeError):
 
 
 # --------------------------------------------------------------------------- SuperLink
+LOCAL_API_PREFIXES: tuple[str, ...] = ("/v1/control/", "/v1/runtime/")
+"""Paths served only to the coordinator's host (Control API, Runtime API)."""
+
+
+class LocalAPIGuard:
+    """ASGI middleware: Control and Runtime API requests only from allowed addresses.
+
+    Parameters
+    ----------
+    app
+        The SuperLink's FastAPI app.
+    allowed
+        Networks whose clients may call the Control and Runtime APIs.
+    """
+
+    def __init__(self, app: Any, allowed: Sequence[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> None:
+        self.app = app
+        self.allowed = tuple(allowed)
+
+    def permits(self, host: str | None) -> bool:
+        """Whether a client at ``host`` may call the Control and Runtime APIs."""
+        if not host:
+            return False
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            return False
+        mapped = getattr(address, "ipv4_mapped", None)
+        address = mapped or address
+        return any(address in net for net in self.allowed if net.version == address.version)
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope.get("type") == "http" and str(scope.get("path", "")).startswith(LOCAL_API_PREFIXES):
+            client = scope.get("client") or (None, None)
+            if not self.permits(client[0]):
+                logger.warning(
+                    "refused %s from %s: the Control and Runtime APIs answer only the coordinator's "
+                    "host (medfed server start --control-allow CIDR to allow more)",
+                    scope.get("path"), client[0],
+                )
+                body = json.dumps({"detail": "forbidden: coordinator-only API"}).encode()
+                await send({"type": "http.response.start", "status": 403,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def allowed_networks(host: str, extra: Sequence[str] = ()) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Loopback, the SuperLink's own bind address (unless it binds all), and ``extra`` CIDRs.
+
+    Raises
+    ------
+    DeployError
+        An entry of ``extra`` is not a network (the message names it).
+    """
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = [
+        ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1/128")
+    ]
+    try:
+        bound = ipaddress.ip_address(host)
+        if not bound.is_unspecified:
+            networks.append(ipaddress.ip_network(bound))
+    except ValueError:
+        pass
+    for item in extra:
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            raise DeployError(f"--control-allow {item!r} is not an IP network (e.g. 10.0.0.0/24).") from None
+    return networks
+
+
+CONTROL_ALLOW_ENV = "MEDFED_CONTROL_ALLOW"
+
+
+def superlink_main(argv: Sequence[str] | None = None) -> None:
+    """``flower-superlink`` with :class:`LocalAPIGuard` in front of Flower's app.
+
+    Takes ``flower-superlink``'s arguments; the allowed extra networks come from
+    :data:`CONTROL_ALLOW_ENV` (comma-separated CIDRs). Otherwise identical to Flower's
+    ``flower_superlink()``: same configuration parsing, same app, same uvicorn settings.
+    """
+    import uvicorn
+    from flwr.supercore.http_logging import get_uvicorn_log_config
+    from flwr.supercore.logger import console_handler
+    from flwr.superlink.main import create_app
+
+    flower = importlib.import_module("flwr.superlink.cli.flower_superlink")
+
+    sys.argv = ["flower-superlink", *(argv if argv is not None else sys.argv[1:])]
+    config = flower._parse_superlink_lifespan_config()
+    extra = [c for c in os.environ.get(CONTROL_ALLOW_ENV, "").split(",") if c.strip()]
+    app = create_app(config, flower.SuperLinkLifespan)
+    guarded = LocalAPIGuard(app, allowed_networks(config.host, extra))
+    uvicorn.run(
+        app=guarded,
+        host=config.host,
+        port=config.port,
+        reload=False,
+        access_log=True,
+        log_config=get_uvicorn_log_config(console_handler.level),
+        ssl_keyfile=config.ssl_keyfile,
+        ssl_certfile=config.ssl_certfile,
+        workers=1,
+        lifespan="on",
+    )
+
+
 def superlink_command(
     fed: Federation, *, database: Path, host: str = "0.0.0.0", port: int | None = None
 ) -> list[str]:
-    """The ``flower-superlink`` command line for ``fed``."""
+    """The SuperLink command line for ``fed`` (Flower's SuperLink behind :class:`LocalAPIGuard`)."""
     _, address_port = parse_address(fed.superlink_address)
     return [
-        _flower_exe("flower-superlink"),
+        sys.executable, "-m", "server.deploy", "superlink",
         "--ssl-ca-certfile", str(fed.ca_cert),
         "--ssl-certfile", str(fed.server_cert),
         "--ssl-keyfile", str(fed.server_key),
@@ -96,26 +215,39 @@ def _flower_exe(name: str) -> str:
     return found
 
 
+OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+"""Flower's anonymous telemetry and update check off: no connection but the federation's."""
+
+
 def flwr_env(fed: Federation) -> dict[str, str]:
-    """Environment for the coordinator's ``flwr`` CLI: ``FLWR_HOME`` with the TLS connection."""
-    env = dict(os.environ)
+    """Environment for the coordinator's Flower processes: ``FLWR_HOME`` (the TLS connection),
+    telemetry and update checks off (:data:`OFFLINE_ENV`)."""
+    env = {**os.environ, **OFFLINE_ENV}
     env["FLWR_HOME"] = str(fed.flwr_home)
     return env
 
 
-def wait_until_serving(fed: Federation, *, address: str | None = None, timeout: float = 60.0) -> None:
+def wait_until_serving(
+    fed: Federation,
+    *,
+    address: str | None = None,
+    timeout: float = 60.0,
+    proc: subprocess.Popen[Any] | None = None,
+) -> None:
     """Block until the SuperLink completes a TLS handshake checked against the federation CA.
 
     Raises
     ------
     DeployError
-        If it does not within ``timeout`` seconds.
+        If it does not within ``timeout`` seconds, or ``proc`` (the SuperLink) exits first.
     """
     host, port = parse_address(address or fed.superlink_address)
     context = ssl.create_default_context(cafile=str(fed.ca_cert))
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise DeployError(f"the SuperLink exited with code {proc.returncode} before serving; see its log.")
         try:
             with socket.create_connection((host, port), timeout=2) as sock:
                 with context.wrap_socket(sock, server_hostname=host):
@@ -156,6 +288,7 @@ def register_sites(fed: Federation, *, address: str | None = None) -> dict[str, 
     """
     from flwr.cli.supernode.register import try_load_public_key
     from flwr.proto.control_pb2 import RegisterNodeRequest
+    from flwr.supercore.error.base import ApiErrorCode
 
     client = _control_client(fed, address)
     outcome: dict[str, str] = {}
@@ -165,8 +298,8 @@ def register_sites(fed: Federation, *, address: str | None = None) -> dict[str, 
             try:
                 client.RegisterNode(request=RegisterNodeRequest(public_key=key, name=site.name))
                 outcome[site.name] = "registered"
-            except Exception as err:  # the HTTP client raises Flower's API errors
-                if "already in use" in str(err):
+            except Exception as err:  # the HTTP client raises httpx errors carrying Flower's payload
+                if _flower_error_code(err) == ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE or "already in use" in str(err):
                     outcome[site.name] = "already registered"
                 else:
                     raise DeployError(f"registering site {site.name!r} failed: {err}") from None
@@ -174,6 +307,15 @@ def register_sites(fed: Federation, *, address: str | None = None) -> dict[str, 
         client.close()
     logger.info("site keys at the SuperLink: %s", ", ".join(f"{k}: {v}" for k, v in outcome.items()))
     return outcome
+
+
+def _flower_error_code(err: Exception) -> int | None:
+    """The Flower API error code in an HTTP error's response body, if any."""
+    from flwr.supercore.error.base import FlowerError
+
+    response = getattr(err, "response", None)
+    flower_error = FlowerError.from_json(getattr(response, "text", None)) if response is not None else None
+    return int(flower_error.code) if flower_error is not None else None
 
 
 def run_superlink(
@@ -185,6 +327,7 @@ def run_superlink(
     stop_event: threading.Event | None = None,
     ready_event: threading.Event | None = None,
     log_file: Path | None = None,
+    control_allow: Sequence[str] = (),
 ) -> int:
     """Run the SuperLink until it exits, ``stop_event`` is set, or SIGTERM/SIGINT.
 
@@ -201,6 +344,9 @@ def run_superlink(
         Set ``stop_event`` to stop; ``ready_event`` is set once sites are registered.
     log_file
         Where the SuperLink's output goes (default: inherited stdout/stderr).
+    control_allow
+        Extra networks (CIDR) allowed to use the Control and Runtime APIs besides the
+        coordinator's host (see :class:`LocalAPIGuard`).
 
     Returns
     -------
@@ -214,16 +360,17 @@ def run_superlink(
     command = superlink_command(fed, database=database, host=host, port=port)
     stop = stop_event or threading.Event()
     previous = _install_stop_handlers(stop)
+    allowed_networks(host, control_allow)  # validate before starting anything
+    env = flwr_env(fed)
+    env[CONTROL_ALLOW_ENV] = ",".join(control_allow)
     sink = open(log_file, "a", encoding="utf-8") if log_file else None  # noqa: SIM115
-    proc = subprocess.Popen(
-        command, stdout=sink, stderr=subprocess.STDOUT if sink else None, env=flwr_env(fed)
-    )
+    proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT if sink else None, env=env)
     try:
         logger.info(
             "SuperLink of federation %s on %s:%d (TLS, SuperNode authentication, state in %s)",
             fed.name, host, port or address_port, database.name,
         )
-        wait_until_serving(fed, address=local)
+        wait_until_serving(fed, address=local, proc=proc)
         register_sites(fed, address=local)
         if ready_event:
             ready_event.set()
@@ -424,3 +571,15 @@ def wait_for_run(fed: Federation, run_id: int, *, timeout: float = 600.0, poll: 
 def describe_run_command(fed: Federation, run_id: int) -> Sequence[str]:
     """The ``flwr log`` command that streams a run's logs (printed by the CLI)."""
     return ["flwr", "log", str(run_id), fed.connection_name, "--stream"]
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "superlink":
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s medfed %(levelname)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        superlink_main(sys.argv[2:])
+    else:
+        raise SystemExit("usage: python -m server.deploy superlink [flower-superlink options]")

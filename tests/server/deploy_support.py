@@ -13,10 +13,16 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from server.provision import Federation
+
+RUN = {"model": "simplecnn", "image-size": 16, "norm": "group", "batch-size": 4, "learning-rate": 0.05}
+"""A small deployed run: SimpleCNN on 16x16 NIfTI images."""
 
 MEDFED = str(Path(sys.executable).parent / "medfed")
 FLWR = str(Path(sys.executable).parent / "flwr")
@@ -108,3 +114,49 @@ class Proc:
             except subprocess.TimeoutExpired:
                 pass
             self._fh.close()
+
+
+@dataclass
+class LiveFederation:
+    """A running SuperLink and its sites (see the module fixture)."""
+
+    root: Path
+    fed: Federation
+    server: Proc | None = None
+    sites: dict[str, Proc] = field(default_factory=dict)
+    extra: list[Proc] = field(default_factory=list)
+    server_starts: int = 0
+
+    @property
+    def address(self) -> str:
+        return self.fed.superlink_address
+
+    def start_server(self) -> Proc:
+        self.server_starts += 1
+        self.server = Proc(
+            [MEDFED, "server", "start", "-f", str(self.fed.root), "--host", "127.0.0.1"],
+            self.root / f"server-{self.server_starts}.log",
+        )
+        assert self.server.wait_for("site keys at the SuperLink", 90), self.server.text()
+        return self.server
+
+    def start_site(self, name: str, index: int) -> Proc:
+        folder = self.root / name
+        datalist = write_nifti_datalist(folder / "data", seed=index)
+        toml = write_site_toml(
+            folder / "site.toml", name=name, datalist=datalist, runtime_port=free_port(), state_dir=folder / "state"
+        )
+        proc = Proc([MEDFED, "site", "start", "--kit", str(self.fed.site(name).kit), "--config", str(toml)],
+                    self.root / f"{name}.log")
+        self.sites[name] = proc
+        return proc
+
+    def run_config(self, tag: str, **overrides: object) -> Path:
+        values = {**RUN, "run-dir": str(self.root / "runs" / tag), **overrides}
+        path = self.root / f"{tag}.toml"
+        path.write_text("".join(f"{k} = {json.dumps(v)}\n" for k, v in values.items()))
+        return path
+
+    def stop(self) -> None:
+        for proc in [*self.extra, *self.sites.values(), *([self.server] if self.server else [])]:
+            proc.stop()

@@ -194,3 +194,48 @@ def test_signature_is_base64_of_64_bytes() -> None:
     fab = _fab({"a": b"b"})
     config, _ = _signed(fab, CONFIG)
     assert len(base64.b64decode(config[SIGNATURE_KEY])) == 64
+
+
+# ------------------------------------------------------------------ the SuperLink's API guard
+@pytest.mark.parametrize(
+    ("path", "client", "host", "allowed"),
+    [
+        ("/v1/control/start-run", "127.0.0.1", "0.0.0.0", True),
+        ("/v1/control/start-run", "::1", "0.0.0.0", True),
+        ("/v1/control/register-node", "10.1.2.3", "0.0.0.0", False),
+        ("/v1/runtime/acquire-task", "10.1.2.3", "0.0.0.0", False),
+        ("/v1/runtime/acquire-task", "10.0.0.5", "10.0.0.5", True),  # the SuperLink's own address
+        ("/v1/control/list-runs", "192.168.7.9", "0.0.0.0", True),  # --control-allow 192.168.7.0/24
+        ("/v1/fleet/activate-node", "10.1.2.3", "0.0.0.0", True),  # sites: Fleet API only
+    ],
+)
+def test_control_and_runtime_apis_answer_only_the_coordinator(path, client, host, allowed, caplog) -> None:
+    import asyncio
+
+    from server.deploy import LocalAPIGuard, allowed_networks
+
+    reached: list[str] = []
+    sent: list[dict] = []
+
+    async def app(scope, receive, send):
+        reached.append(scope["path"])
+
+    async def send(message):
+        sent.append(message)
+
+    guard = LocalAPIGuard(app, allowed_networks(host, ["192.168.7.0/24"]))
+    scope = {"type": "http", "path": path, "client": (client, 50000)}
+    with caplog.at_level(logging.WARNING, logger="server.deploy"):
+        asyncio.run(guard(scope, None, send))
+    if allowed:
+        assert reached == [path] and not sent
+    else:
+        assert reached == [] and sent[0]["status"] == 403
+        assert f"refused {path} from {client}" in caplog.text
+
+
+def test_control_allow_must_be_a_network() -> None:
+    from server.deploy import DeployError, allowed_networks
+
+    with pytest.raises(DeployError, match="not an IP network"):
+        allowed_networks("0.0.0.0", ["hospital-vpn"])

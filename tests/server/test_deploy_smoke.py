@@ -1,0 +1,49 @@
+"""Default-suite variant of the deployment test: SuperLink + 2 SuperNodes, one signed round.
+
+Same machinery as ``test_deploy_federation.py`` (TLS, SuperNode authentication, process
+isolation with the signature check, NIfTI datalists), smaller so it fits the default suite.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from server.provision import provision
+from server.run_dir import read_metrics
+from tests.server.deploy_support import MEDFED, LiveFederation, free_port
+
+
+@pytest.fixture
+def two_sites(tmp_path: Path):
+    fed = provision(tmp_path / "fed", sites=["north", "south"], superlink_address=f"127.0.0.1:{free_port()}").federation
+    live = LiveFederation(root=tmp_path, fed=fed)
+    try:
+        live.start_server()
+        for index, site in enumerate(fed.sites):
+            live.start_site(site.name, index)
+        for name, proc in live.sites.items():
+            assert proc.wait_for("connected to the SuperLink", 90), f"{name}:\n{proc.text()}"
+        yield live
+    finally:
+        live.stop()
+
+
+def test_two_sites_one_signed_round(two_sites: LiveFederation) -> None:
+    config = two_sites.run_config("smoke", **{"num-server-rounds": 1})
+    start = time.perf_counter()
+    proc = subprocess.run([MEDFED, "run", "-f", str(two_sites.fed.root), "--config", str(config), "--timeout", "600"],
+                          capture_output=True, text=True, timeout=700)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    print(f"\n2 sites x 1 round on the deployment engine: {time.perf_counter() - start:.1f} s")
+    (run_dir,) = (two_sites.root / "runs" / "smoke").iterdir()
+    (record,) = read_metrics(run_dir)
+    assert record["round"] == 1 and record["fit_results"] == 2 and record["fit_failures"] == 0
+    assert set(record["sites"]) == {"site-0", "site-1"}
+    for site in record["sites"].values():
+        assert site["fit"]["num_examples"] == 12 and site["eval"]["num_examples"] == 4
+    for name, site in two_sites.sites.items():
+        assert "verified app bundle" in site.text(), name
