@@ -71,6 +71,6 @@ def dashboard_command(
     console.print(f"open: [bold]http://{shown}:{port}/?token={token}[/]", soft_wrap=True)
     console.print("Ctrl+C stops it.")
     try:
-        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off")
+        uvicorn.run(app, host=host, port=port, log_level="warning", access_log=False, lifespan="off", ws="none")
     finally:
         run_store.close()

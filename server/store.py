@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, make_url
@@ -37,10 +37,10 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from shared.config import RunConfig
 
 __all__ = [
-    "SCHEMA_VERSION",
     "MIGRATIONS",
-    "RunStore",
+    "SCHEMA_VERSION",
     "RunSink",
+    "RunStore",
     "StoreError",
     "StoreSink",
     "open_sink",
@@ -294,7 +294,7 @@ class RunStore:
         """Release the store's connections."""
         self.engine.dispose()
 
-    def __enter__(self) -> RunStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -310,9 +310,8 @@ class RunStore:
 
     @contextmanager
     def _read(self) -> Iterator[Connection]:
-        with self.engine.connect() as conn:
-            with conn.begin():
-                yield conn
+        with self.engine.connect() as conn, conn.begin():
+            yield conn
 
     def _migrate(self) -> None:
         with self._write() as conn:
@@ -414,17 +413,17 @@ class RunStore:
 
     @staticmethod
     def _empty_round(run_id: str, server_round: int, now: float) -> dict[str, Any]:
-        return dict(
-            run_id=run_id,
-            round=server_round,
-            status="running",
-            started=now,
-            responded=0,
-            failures=0,
-            global_metrics={},
-            fit_metrics={},
-            eval_metrics={},
-        )
+        return {
+            "run_id": run_id,
+            "round": server_round,
+            "status": "running",
+            "started": now,
+            "responded": 0,
+            "failures": 0,
+            "global_metrics": {},
+            "fit_metrics": {},
+            "eval_metrics": {},
+        }
 
     def round_finished(self, run_id: str, record: Mapping[str, Any]) -> None:
         """Record a finished round: ``record`` is :meth:`server.run_dir.RoundRecord.to_json`."""
@@ -432,17 +431,17 @@ class RunStore:
         server_round = int(record["round"])
         sites: Mapping[str, Mapping[str, Any]] = record.get("sites") or {}
         secagg = record.get("secagg")
-        values = dict(
-            status="finished",
-            finished=now,
-            seconds=_finite(record.get("seconds")),
-            responded=int(record.get("fit_results", 0) or 0),
-            failures=int(record.get("fit_failures", 0) or 0),
-            global_metrics=_clean(record.get("global")),
-            fit_metrics=_clean(record.get("fit")),
-            eval_metrics=_clean(record.get("eval")),
-            secagg=_clean_secagg(secagg) if secagg else None,
-        )
+        values = {
+            "status": "finished",
+            "finished": now,
+            "seconds": _finite(record.get("seconds")),
+            "responded": int(record.get("fit_results", 0) or 0),
+            "failures": int(record.get("fit_failures", 0) or 0),
+            "global_metrics": _clean(record.get("global")),
+            "fit_metrics": _clean(record.get("fit")),
+            "eval_metrics": _clean(record.get("eval")),
+            "secagg": _clean_secagg(secagg) if secagg else None,
+        }
         with self._write() as conn:
             existing = conn.execute(
                 sa.select(rounds.c.selected, rounds.c.started).where(
@@ -479,7 +478,7 @@ class RunStore:
                         declined=is_declined,
                     )
                 )
-            done = server_round if server_round > 0 else 0
+            done = max(0, server_round)
             conn.execute(
                 runs.update()
                 .where(runs.c.id == run_id)
@@ -527,7 +526,7 @@ class RunStore:
     def checkpoint(self, run_id: str, kind: str, *, server_round: int, metrics: Mapping[str, float]) -> None:
         """Record that checkpoint ``kind`` (``best``, ``final``) now holds round ``server_round``."""
         now = time.time()
-        values = dict(round=int(server_round), metrics=_clean(metrics), saved=now)
+        values = {"round": int(server_round), "metrics": _clean(metrics), "saved": now}
         with self._write() as conn:
             where = (checkpoints.c.run_id == run_id, checkpoints.c.kind == kind)
             if conn.execute(sa.select(checkpoints.c.kind).where(*where)).first():

@@ -23,11 +23,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Self
 from urllib.parse import urlencode
 
 import uvicorn
-from fastapi import Depends, FastAPI, HTTPException, Path as PathParam, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
@@ -267,9 +268,7 @@ def create_app(*, store: RunStore, token: str) -> FastAPI:
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         from_query = request.query_params.get("token")
-        if scheme.lower() == "bearer" and _valid(value.strip()):
-            response = await call_next(request)
-        elif _valid(request.cookies.get(COOKIE)):
+        if scheme.lower() == "bearer" and _valid(value.strip()) or _valid(request.cookies.get(COOKIE)):
             response = await call_next(request)
         elif from_query is not None and _valid(from_query) and request.method == "GET":
             # A browser opening the printed URL: keep the token in an HttpOnly cookie and drop
@@ -388,7 +387,7 @@ class BackgroundServer:
         sock.bind((host, port))
         self.socket = sock
         self.port: int = sock.getsockname()[1]
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off")
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="off", ws="none")
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
 
@@ -416,7 +415,7 @@ class BackgroundServer:
             self._thread.join(timeout=10)
         self.socket.close()
 
-    def __enter__(self) -> "BackgroundServer":
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
