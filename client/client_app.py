@@ -5,15 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from flwr.app import Context
+from flwr.app import Context, Message
 from flwr.client import Client, ClientApp
+from flwr.client.mod import adaptiveclipping_mod, fixedclipping_mod, make_ffn, secaggplus_mod
+from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from client.egress import egress_guard
 from client.site_client import SiteClient
 from client.site_data import deployment_site_data, simulated_site_data
+from client.update_mods import freeze_counters_mod, make_update_mod
 from shared.config import RunConfig
 
-__all__ = ["app", "make_client_app"]
+__all__ = ["app", "make_client_app", "privacy_mods", "run_config_privacy_mod"]
 
 
 def _client_fn_for(fixed: RunConfig | None) -> Callable[[Context], Client]:
@@ -49,13 +52,51 @@ def _deployment_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> Client
     return SiteClient(cfg=cfg, data=data, site_index=site_index, device=device).to_client()
 
 
-def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
+def privacy_mods(cfg: RunConfig) -> list[Mod]:
+    """The mods ``cfg`` asks for, outermost first (the egress guard goes before them).
+
+    ``secaggplus_mod`` (``secagg``), medfed's update mod (``secagg`` or ``client-dp``: updates
+    instead of weights under SecAgg+, integer entries clippable under DP; see
+    :mod:`client.update_mods`), then Flower's ``fixedclipping_mod`` / ``adaptiveclipping_mod``
+    with :func:`~client.update_mods.freeze_counters_mod` inside it (``client-dp``).
+    """
+    mods: list[Mod] = []
+    if cfg.secagg:
+        mods.append(secaggplus_mod)
+    if cfg.secagg or cfg.client_dp != "off":
+        mods.append(make_update_mod(cfg))
+    if cfg.client_dp == "fixed":
+        mods += [fixedclipping_mod, freeze_counters_mod]
+    elif cfg.client_dp == "adaptive":
+        mods += [adaptiveclipping_mod, freeze_counters_mod]
+    return mods
+
+
+def run_config_privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """:func:`privacy_mods` chosen per message from ``context.run_config`` (``flwr run``)."""
+    cfg = RunConfig.from_mapping(context.run_config, source="run config")
+    return make_ffn(call_next, privacy_mods(cfg))(msg, context)
+
+
+def make_client_app(
+    cfg: RunConfig | None = None, *, client_fn: Callable[[Context], Client] | None = None
+) -> ClientApp:
     """A ClientApp bound to ``cfg`` (simulation), or reading the run config (``flwr run``).
 
     Every reply passes the :func:`client.egress.egress_guard` last, so nothing but numeric
-    arrays and scalar metrics leaves the site.
+    arrays, scalar metrics and SecAgg+ protocol values leaves the site. With a fixed ``cfg``
+    the privacy mods are known now; without one they are chosen from each run's config.
+
+    Parameters
+    ----------
+    cfg
+        The run configuration (simulation), or ``None`` to read ``context.run_config``.
+    client_fn
+        The site's client (default: :class:`~client.site_client.SiteClient` on the site's
+        data); benchmarks and tests pass their own.
     """
-    return ClientApp(client_fn=_client_fn_for(cfg), mods=[egress_guard])
+    mods: list[Mod] = [egress_guard, *(privacy_mods(cfg) if cfg else [run_config_privacy_mod])]
+    return ClientApp(client_fn=client_fn or _client_fn_for(cfg), mods=mods)
 
 
 app = make_client_app()

@@ -21,6 +21,9 @@ from typing import Any
 import numpy as np
 from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import bytes_to_ndarray
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 __all__ = ["EgressViolation", "EgressReport", "inspect_message", "egress_guard", "AUDIT_ENV"]
 
@@ -33,8 +36,18 @@ EGRESS_BLOCKED = 4100
 # Flower's legacy status records hold a code and a short text ("Success", or an error).
 _STATUS_SUFFIX = ".status"
 _STATUS_TEXT_KEYS = {"message"}
-# Protocol records whose bytes are key material or masked shares, never data (SecAgg+).
-_PROTOCOL_RECORDS = {"secaggplus"}
+# Protocol records whose bytes are key material or masked shares, never data (SecAgg+). Only the
+# keys Flower's secaggplus_mod replies with pass, each with its type and size checked
+# (:func:`_inspect_secaggplus`); a string, an unknown key or an oversized blob is a violation.
+_PROTOCOL_RECORDS = {RECORD_KEY_CONFIGS}  # "secaggplus_configs"
+_SECAGG_PUBLIC_KEYS = (Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2)  # PEM EC public keys (setup stage)
+_SECAGG_ID_LISTS = (Key.DESTINATION_LIST, Key.NODE_ID_LIST)  # node ids (share-keys, unmask)
+_SECAGG_BLOB_LISTS = (Key.CIPHERTEXT_LIST, Key.SHARE_LIST)  # encrypted / Shamir key shares
+_SECAGG_MASKED = Key.MASKED_PARAMETERS  # masked integer vectors (collect-masked-vectors)
+_MAX_KEY_BYTES = 1024
+"""Upper bound on one PEM public key (a P-384 key is about 215 bytes)."""
+_MAX_SHARE_BYTES = 4096
+"""Upper bound on one encrypted share pair or Shamir share (a few hundred bytes each)."""
 _SCALARS = (int, float, bool, np.integer, np.floating, np.bool_)
 
 
@@ -51,6 +64,8 @@ class EgressReport:
     scalars: dict[str, str] = field(default_factory=dict)
     protocol_records: list[str] = field(default_factory=list)
     array_bytes: int = 0
+    protocol_bytes: int = 0
+    """Bytes of SecAgg+ protocol values (keys, encrypted shares, masked vectors)."""
 
 
 def _is_scalar_list(value: Any) -> bool:
@@ -86,6 +101,7 @@ def inspect_message(message: Message) -> EgressReport:
     for record_name, record in content.config_records.items():
         if record_name in _PROTOCOL_RECORDS:
             report.protocol_records.append(record_name)
+            report.protocol_bytes += _inspect_secaggplus(record_name, dict(record.items()))
             continue
         for key, value in record.items():
             allowed_text = record_name.endswith(_STATUS_SUFFIX) and key in _STATUS_TEXT_KEYS
@@ -98,6 +114,55 @@ def inspect_message(message: Message) -> EgressReport:
                 )
             report.scalars[f"{record_name}/{key}"] = type(value).__name__
     return report
+
+
+def _bytes_list(record_name: str, key: str, value: Any, *, limit: int) -> list[bytes]:
+    if not (isinstance(value, list) and all(isinstance(v, bytes) for v in value)):
+        raise EgressViolation(f"protocol value {record_name}/{key} must be a list of bytes.")
+    if any(len(v) > limit for v in value):
+        raise EgressViolation(f"protocol value {record_name}/{key} holds an item over {limit} bytes.")
+    return value
+
+
+def _inspect_secaggplus(record_name: str, record: dict[str, Any]) -> int:
+    """Check a SecAgg+ reply record key by key; return its byte count.
+
+    Raises
+    ------
+    EgressViolation
+        On a key Flower's ``secaggplus_mod`` never sends, a value of the wrong type, an
+        oversized key or share, or a masked vector that is not an integer array.
+    """
+    total = 0
+    for key, value in record.items():
+        if key in _SECAGG_PUBLIC_KEYS:
+            if not isinstance(value, bytes) or len(value) > _MAX_KEY_BYTES:
+                raise EgressViolation(f"protocol value {record_name}/{key} is not a public key.")
+            try:
+                bytes_to_public_key(value)
+            except (ValueError, TypeError):
+                raise EgressViolation(f"protocol value {record_name}/{key} is not a public key.") from None
+            total += len(value)
+        elif key in _SECAGG_ID_LISTS:
+            if not (isinstance(value, list) and all(type(v) is int for v in value)):
+                raise EgressViolation(f"protocol value {record_name}/{key} must be a list of node ids.")
+            total += 8 * len(value)
+        elif key in _SECAGG_BLOB_LISTS:
+            total += sum(len(v) for v in _bytes_list(record_name, key, value, limit=_MAX_SHARE_BYTES))
+        elif key == _SECAGG_MASKED:
+            for blob in _bytes_list(record_name, key, value, limit=2**40):
+                try:
+                    array = bytes_to_ndarray(blob)
+                except (ValueError, TypeError, OSError):
+                    raise EgressViolation(f"protocol value {record_name}/{key} is not a numpy array.") from None
+                if array.dtype.kind not in "iu":
+                    raise EgressViolation(
+                        f"protocol value {record_name}/{key} has dtype {array.dtype}; masked vectors are integers."
+                    )
+                total += len(blob)
+        else:
+            raise EgressViolation(f"protocol record {record_name} carries an unexpected key {key!r}.")
+    return total
 
 
 def egress_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -201,6 +201,12 @@ class RecordingStrategy(Strategy):
         return result
 
     # ---------------------------------------------------------------- bookkeeping
+    def annotate_round(self, server_round: int, **fields: object) -> None:
+        """Set extra :class:`RoundRecord` fields (e.g. ``secagg``) of the round in progress."""
+        record = self._record(server_round)
+        for name, value in fields.items():
+            setattr(record, name, value)
+
     def _record(self, server_round: int) -> RoundRecord:
         if self._pending is None or self._pending.round != server_round:
             self._flush()

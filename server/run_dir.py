@@ -45,6 +45,11 @@ class RoundRecord:
     sites: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     num_fit_results: int = 0
     num_fit_failures: int = 0
+    secagg: dict[str, Any] | None = None
+    """SecAgg+ rounds: sampled, survivors, dropped, completed, failed_stage (``None`` when off).
+
+    Under SecAgg+ the server never sees a site's update: ``sites`` then holds only what each
+    site reports in the clear (example count and scalar metrics)."""
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to ``metrics.jsonl``."""
@@ -57,6 +62,7 @@ class RoundRecord:
             "sites": self.sites,
             "fit_results": self.num_fit_results,
             "fit_failures": self.num_fit_failures,
+            "secagg": self.secagg,
         }
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from flwr.app import Context
 from flwr.server import LegacyContext, ServerApp, ServerConfig
+from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import Grid
 from torch import nn
@@ -19,6 +20,7 @@ from torch import nn
 from server.evaluation import make_evaluate_fn
 from server.recording import RecordingStrategy, RoundCallback
 from server.run_dir import RunDirectory, new_run_path
+from server.secure import MedfedSecAggPlusWorkflow, SecAggOutcome, SecAggUpdateStrategy, secagg_settings
 from server.store import open_sink
 from server.strategies import build_strategy
 from shared.config import RunConfig
@@ -28,7 +30,7 @@ from shared.seeding import seed_everything
 from shared.task import model_for
 from shared.weights import get_weights
 
-__all__ = ["app", "make_server_app", "ServerHooks", "primary_metric_for"]
+__all__ = ["app", "make_server_app", "ServerHooks", "primary_metric_for", "build_workflow", "run_server"]
 
 logger = logging.getLogger(__name__)
 
@@ -77,13 +79,14 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         primary_metric=primary_metric_for(task),
         on_round=hooks.on_round,
     )
+    workflow, outer = build_workflow(cfg, strategy, num_sites=num_sites)
     legacy = LegacyContext(
         context=context,
         config=ServerConfig(num_rounds=cfg.num_server_rounds),
-        strategy=strategy,
+        strategy=outer,
     )
     try:
-        DefaultWorkflow()(grid, legacy)
+        workflow(grid, legacy)
         summary = strategy.finish()
     except BaseException as err:
         run_dir.fail(err)  # the run store shows the run as failed
@@ -103,6 +106,36 @@ def _deployment_model(cfg: RunConfig) -> nn.Module:
         norm=cfg.norm,
         image_size=cfg.image_size,
     )
+
+
+def build_workflow(
+    cfg: RunConfig, strategy: RecordingStrategy, *, num_sites: int
+) -> tuple[DefaultWorkflow, Strategy]:
+    """The legacy workflow and the strategy it drives.
+
+    Plain: ``DefaultWorkflow()`` over ``strategy``. SecAgg+ (``cfg.secagg``):
+    ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow)`` (medfed's subclass, which records each
+    round's survivors and dropouts into the run directory) over
+    :class:`~server.secure.SecAggUpdateStrategy` wrapping ``strategy`` (sites send updates; it
+    adds the securely aggregated update back to the global model).
+
+    Raises
+    ------
+    ConfigError
+        If the ``secagg-*`` keys do not fit the federation (see :func:`server.secure.secagg_settings`).
+    """
+    if not cfg.secagg:
+        return DefaultWorkflow(), strategy
+    settings = secagg_settings(cfg, num_sites=num_sites)
+    logger.info("%s", settings.describe())
+    outer = SecAggUpdateStrategy(strategy, on_failure=settings.on_failure)
+
+    def on_outcome(outcome: SecAggOutcome) -> None:
+        strategy.annotate_round(outcome.round, secagg=outcome.to_json())
+        outer.record_outcome(outcome)
+
+    fit_workflow = MedfedSecAggPlusWorkflow(settings, on_outcome=on_outcome)
+    return DefaultWorkflow(fit_workflow=fit_workflow), outer
 
 
 def make_server_app(

@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
-from flwr.common import Metrics, NDArrays, Scalar, ndarrays_to_parameters
-from flwr.server.strategy import FedAdam, FedAvg, FedProx, Strategy
+from flwr.common import FitRes, Metrics, NDArrays, Parameters, Scalar, ndarrays_to_parameters
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import (
+    DifferentialPrivacyClientSideAdaptiveClipping,
+    DifferentialPrivacyClientSideFixedClipping,
+    FedAdam,
+    FedAvg,
+    FedProx,
+    Strategy,
+)
+from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
+from flwr.supercore.differential_privacy import add_gaussian_noise_to_params
 
 from shared.config import STRATEGIES, RunConfig
 from shared.training import cosine_lr
 
-__all__ = ["build_strategy", "weighted_average", "STRATEGIES"]
+__all__ = [
+    "build_strategy",
+    "weighted_average",
+    "with_client_dp",
+    "ClientLevelLedger",
+    "AccountedFixedClipping",
+    "AccountedAdaptiveClipping",
+    "STRATEGIES",
+]
+
+logger = logging.getLogger(__name__)
 
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
 
@@ -42,6 +63,9 @@ def build_strategy(
     min_available_clients: int,
 ) -> Strategy:
     """The strategy ``cfg.strategy`` with medfed's round configs and metric aggregation.
+
+    With ``client-dp`` on, it comes wrapped in Flower's client-side-clipping DP wrapper (see
+    :func:`with_client_dp`).
 
     Parameters
     ----------
@@ -81,12 +105,237 @@ def build_strategy(
         "fit_metrics_aggregation_fn": weighted_average,
         "evaluate_metrics_aggregation_fn": weighted_average,
     }
+    base: Strategy
     if cfg.strategy == "fedavg":
-        return FedAvg(**common)
-    if cfg.strategy == "fedprox":
-        return FedProx(proximal_mu=cfg.proximal_mu, **common)
-    if cfg.strategy == "fedadam":
-        return FedAdam(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, tau=1e-3, **common)
-    valid = ", ".join(STRATEGIES)
-    raise ValueError(f"strategy = {cfg.strategy!r} is invalid. Valid choices: {valid}.")
+        base = FedAvg(**common)
+    elif cfg.strategy == "fedprox":
+        base = FedProx(proximal_mu=cfg.proximal_mu, **common)
+    elif cfg.strategy == "fedadam":
+        base = FedAdam(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, tau=1e-3, **common)
+    else:
+        valid = ", ".join(STRATEGIES)
+        raise ValueError(f"strategy = {cfg.strategy!r} is invalid. Valid choices: {valid}.")
+    return with_client_dp(cfg, base, num_sites=min_available_clients)
+
+
+# --------------------------------------------------------------------------- client-level DP
+def with_client_dp(cfg: RunConfig, strategy: Strategy, *, num_sites: int) -> Strategy:
+    """Wrap ``strategy`` in Flower's client-side-clipping DP wrapper ``cfg.client_dp`` asks for.
+
+    ``"fixed"``: :class:`AccountedFixedClipping` (Flower's
+    ``DifferentialPrivacyClientSideFixedClipping``); ``"adaptive"``:
+    :class:`AccountedAdaptiveClipping` (``DifferentialPrivacyClientSideAdaptiveClipping``). The
+    sites clip their update with ``fixedclipping_mod`` / ``adaptiveclipping_mod`` (see
+    :func:`client.client_app.privacy_mods`); the server adds Gaussian noise of standard
+    deviation ``noise_multiplier * clipping_norm / sites_per_round`` to the aggregate and a
+    Flower ``RdpAccountant`` reports the cumulative client-level epsilon at ``dp-delta`` after
+    every round (fit metrics ``client-dp-*`` in ``metrics.jsonl``).
+
+    Parameters
+    ----------
+    cfg
+        Uses ``client-dp``, ``client-dp-noise-multiplier``, ``client-dp-clipping-norm`` (the
+        initial norm when adaptive), ``dp-delta`` and the site sampling keys.
+    strategy
+        The aggregation strategy (FedAvg, FedProx, FedAdam).
+    num_sites
+        Sites in the federation (the accountant's population).
+    """
+    if cfg.client_dp == "off":
+        return strategy
+    sampled = max(int(num_sites * cfg.fraction_fit), min(cfg.min_fit_clients, num_sites))
+    z = cfg.client_dp_noise_multiplier
+    ledger = ClientLevelLedger(delta=cfg.dp_delta, population=num_sites) if z > 0 else None
+    if ledger is None:
+        logger.warning("client-dp-noise-multiplier = 0: updates are clipped but no noise is added (no DP guarantee).")
+    if cfg.client_dp == "fixed":
+        return AccountedFixedClipping(
+            strategy, noise_multiplier=z, clipping_norm=cfg.client_dp_clipping_norm,
+            num_sampled_clients=sampled, ledger=ledger,
+        )
+    # Flower's default count noise (sites/20, Andrew et al.'s choice for thousands of clients)
+    # needs noise_multiplier < sites/10: with a few hospitals that is almost never true. Then
+    # the count noise is set to the noise multiplier (the update noise grows by 2/sqrt(3)).
+    count_stddev = None if z < sampled / 10 else z
+    return AccountedAdaptiveClipping(
+        strategy, noise_multiplier=z, num_sampled_clients=sampled,
+        initial_clipping_norm=cfg.client_dp_clipping_norm, clipped_count_stddev=count_stddev, ledger=ledger,
+    )
+
+
+class ClientLevelLedger:
+    """Cumulative client-level privacy of the released global models (Flower's ``RdpAccountant``).
+
+    Each round that releases a noised aggregate composes one Gaussian event. Flower's own
+    accounted DP wrappers require equal client weights; medfed keeps FedAvg's example
+    weighting and accounts for it: with weights ``w_i = n_i / sum n`` the sensitivity of the
+    weighted mean to one site's clipped update is ``C max_i w_i`` instead of ``C / m``, so the
+    effective noise multiplier is ``z / (m max_i w_i)`` (``z`` when the sites are equal; the
+    weights are treated as public, as the server sees every site's example count). Sampling is
+    accounted without amplification (``SamplingMethod.NO_AMPLIFICATION``, as Flower's wrappers
+    require), under add-or-remove-one-site neighbouring.
+
+    Parameters
+    ----------
+    delta
+        The delta epsilon is reported at (``dp-delta``).
+    population
+        Number of sites in the federation.
+    """
+
+    def __init__(self, *, delta: float, population: int) -> None:
+        from flwr.serverapp import RdpAccountant  # lazy: needs the optional dp-accounting package
+
+        self.population = population
+        self.accountant = RdpAccountant(
+            PrivacyConfig(
+                target_delta=delta,
+                population_size=population,
+                neighboring_relation=NeighboringRelation.ADD_OR_REMOVE_ONE,
+                sampling_method=SamplingMethod.NO_AMPLIFICATION,
+            )
+        )
+
+    def release(
+        self,
+        *,
+        results: list[tuple[ClientProxy, FitRes]],
+        update_noise_multiplier: float,
+        num_sampled: int,
+        count_stddev: float | None = None,
+    ) -> dict[str, Scalar]:
+        """Compose one round's release; return the ``client-dp-*`` metrics to record.
+
+        Parameters
+        ----------
+        results
+            The aggregated sites (their ``num_examples`` are the FedAvg weights).
+        update_noise_multiplier
+            Noise standard deviation over ``clipping_norm / num_sampled`` added to the aggregate.
+        num_sampled
+            The ``num_sampled_clients`` the noise was calibrated with.
+        count_stddev
+            Adaptive clipping: standard deviation of the noise on the count of unclipped updates.
+        """
+        weights = [float(res.num_examples) for _, res in results]
+        max_share = max(weights) / sum(weights) if sum(weights) > 0 else 1.0
+        z = update_noise_multiplier / (num_sampled * max_share)
+        if count_stddev:
+            z = (z**-2 + (2.0 * count_stddev) ** -2) ** -0.5
+        self.accountant.compose(
+            GaussianPrivacyEvent(
+                noise_multiplier=z, sample_size=min(len(results), self.population), population_size=self.population
+            )
+        )
+        spent = self.accountant.get_privacy_spent()
+        logger.info("client-level privacy: epsilon %.4g at delta %g after %d releases", spent.epsilon, spent.delta, spent.num_releases)
+        return {
+            "client-dp-epsilon": spent.epsilon,
+            "client-dp-delta": spent.delta,
+            "client-dp-noise-multiplier": z,
+            "client-dp-releases": spent.num_releases,
+        }
+
+
+class AccountedFixedClipping(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side fixed-clipping DP wrapper that records the client-level epsilon.
+
+    Parameters
+    ----------
+    ledger
+        Where each noised release is composed (``None``: no accounting, e.g. zero noise).
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        noise_multiplier: float,
+        clipping_norm: float,
+        num_sampled_clients: int,
+        ledger: ClientLevelLedger | None,
+    ) -> None:
+        super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
+        self.ledger = ledger
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Flower's aggregation and noise; then account for the release."""
+        params, metrics = super().aggregate_fit(server_round, results, failures)
+        if params is None:
+            return params, metrics
+        metrics = {**metrics, "client-dp-clipping-norm": self.clipping_norm}
+        if self.ledger is not None:
+            metrics.update(
+                self.ledger.release(
+                    results=results, update_noise_multiplier=self.noise_multiplier, num_sampled=self.num_sampled_clients
+                )
+            )
+        return params, metrics
+
+
+class AccountedAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
+    """Flower's client-side adaptive-clipping DP wrapper, noise fixed, epsilon recorded.
+
+    Flower 1.42's ``aggregate_fit`` updates the clipping norm from this round's norm bits
+    *before* adding the noise, so the noise is calibrated to the next round's norm; when the
+    norm shrinks, the round gets less noise than its sites' updates were clipped for. This
+    subclass adds the noise with the norm the sites clipped with, then updates the norm.
+    """
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        *,
+        noise_multiplier: float,
+        num_sampled_clients: int,
+        initial_clipping_norm: float,
+        clipped_count_stddev: float | None,
+        ledger: ClientLevelLedger | None,
+    ) -> None:
+        super().__init__(
+            strategy,
+            noise_multiplier,
+            num_sampled_clients,
+            initial_clipping_norm=initial_clipping_norm,
+            clipped_count_stddev=clipped_count_stddev,
+        )
+        self.ledger = ledger
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Aggregate, add noise for this round's norm, update the norm, account."""
+        if failures:
+            logger.warning("round %d: %d site(s) failed; no DP release this round.", server_round, len(failures))
+            return None, {}
+        if len(results) != self.num_sampled_clients:
+            logger.warning(
+                "round %d: %d sites returned updates but the noise is calibrated for %d.",
+                server_round, len(results), self.num_sampled_clients,
+            )
+        round_norm = self.clipping_norm
+        params, metrics = self.strategy.aggregate_fit(server_round, results, failures)
+        self._update_clip_norm(results)
+        if not params:
+            return params, metrics
+        params = add_gaussian_noise_to_params(params, self.noise_multiplier, round_norm, self.num_sampled_clients)
+        metrics = {**metrics, "client-dp-clipping-norm": round_norm, "client-dp-next-clipping-norm": self.clipping_norm}
+        if self.ledger is not None:
+            metrics.update(
+                self.ledger.release(
+                    results=results,
+                    update_noise_multiplier=self.noise_multiplier,
+                    num_sampled=self.num_sampled_clients,
+                    count_stddev=self.clipped_count_stddev,
+                )
+            )
+        return params, metrics
 

@@ -32,6 +32,7 @@ Norm = Literal["batch", "group", "instance"]
 Optimizer = Literal["sgd", "adam"]
 ClientDP = Literal["off", "fixed", "adaptive"]
 Accountant = Literal["rdp", "prv", "gdp"]
+SecAggOnFailure = Literal["continue", "stop"]
 
 TASKS: tuple[str, ...] = get_args(Task)
 PARTITIONS: tuple[str, ...] = get_args(Partition)
@@ -40,6 +41,7 @@ NORMS: tuple[str, ...] = get_args(Norm)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 CLIENT_DP_MODES: tuple[str, ...] = get_args(ClientDP)
 ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
+SECAGG_ON_FAILURE: tuple[str, ...] = get_args(SecAggOnFailure)
 
 
 class ConfigError(ValueError):
@@ -96,7 +98,14 @@ class RunConfig:
     secagg, secagg_num_shares, secagg_reconstruction_threshold, secagg_clipping_range,
     secagg_quantization_range, secagg_max_weight, secagg_timeout
         Flower SecAgg+ secure aggregation (see ``flwr.server.workflow.SecAggPlusWorkflow``).
-        ``secagg_max_weight`` must exceed the largest site's example count.
+        ``secagg_max_weight`` must exceed the largest site's example count; the aggregate's
+        precision scales with ``secagg_max_weight / secagg_quantization_range`` and the sum of
+        the sites' quantised vectors must stay below 2^32 (``sites * quantization_range <
+        2^32``: the default 2^26 allows up to 63 sites). See ``server/secure.py``.
+    secagg_on_failure
+        ``"continue"`` (a round whose secure aggregation fails, e.g. too few sites left for
+        the reconstruction threshold, leaves the model unchanged and the next round runs) or
+        ``"stop"`` (the run ends after that round).
     in_channels, num_classes, spatial_dims
         The model's input channels, classes (segmentation: with background) and 2/3 spatial
         dims when ``dataset = "deployment"``: the server holds no data, so the model shape
@@ -150,9 +159,10 @@ class RunConfig:
     secagg_num_shares: int = 3
     secagg_reconstruction_threshold: int = 2
     secagg_clipping_range: float = 8.0
-    secagg_quantization_range: int = 4194304
+    secagg_quantization_range: int = 67108864
     secagg_max_weight: float = 100000.0
     secagg_timeout: float = 120.0
+    secagg_on_failure: SecAggOnFailure = "continue"
     in_channels: int = 1
     num_classes: int = 2
     spatial_dims: int = 2
@@ -167,6 +177,7 @@ class RunConfig:
         _check_choice("synthetic-dims", self.synthetic_dims, (2, 3))
         _check_choice("client-dp", self.client_dp, CLIENT_DP_MODES)
         _check_choice("dp-accountant", self.dp_accountant, ACCOUNTANTS)
+        _check_choice("secagg-on-failure", self.secagg_on_failure, SECAGG_ON_FAILURE)
         _check_choice("spatial-dims", self.spatial_dims, (2, 3))
         _check_store(self.store)
         for key, value, low in (

@@ -1,0 +1,502 @@
+"""SecAgg+ secure aggregation for medfed: settings, the fit workflow, and the update adapter.
+
+medfed uses Flower's own SecAgg+ (``flwr.server.workflow.SecAggPlusWorkflow`` at the server,
+``flwr.client.mod.secaggplus_mod`` at the sites). This module adds what medfed needs around it:
+
+* :func:`secagg_settings` turns the ``secagg-*`` run-config keys into checked protocol
+  parameters, with errors that name the key and the fix (Flower accepts some values that break
+  the protocol, e.g. an even ``num_shares`` smaller than the number of sites).
+* :class:`MedfedSecAggPlusWorkflow` is Flower's workflow with a record of each round's outcome
+  (sampled sites, survivors, dropouts, the stage that failed) for the run directory.
+* :class:`SecAggUpdateStrategy` restores full weights from the securely aggregated *update*.
+
+Why sites send updates, not weights
+-----------------------------------
+SecAgg+ works on integers: each site multiplies its vector by ``q_i / Q`` (``q_i = round(n_i Q /
+W)``, ``n_i`` its example count, ``W = max_weight``, ``Q = quantization_range``), clips to
+``[-c, c]`` (``c = clipping_range``) and stochastically rounds onto ``Q`` levels. medfed's
+weights include BatchNorm statistics (``running_var`` can be far above ``c`` for a site close to
+``W`` examples) and int64 step counters, and full weights waste the quantisation range on the
+part every site shares (the global model). So under SecAgg+ each site sends ``local - global``
+(:mod:`client.update_mods`) and the server adds the aggregate back
+(:class:`SecAggUpdateStrategy`). The strategy below it (FedAvg, FedProx, FedAdam, the DP
+wrappers) still sees full weights, so its semantics do not change.
+
+Quantisation error
+------------------
+Per entry, the SecAgg+ aggregate differs from the exact example-weighted mean of the same
+updates by at most (see :func:`quantization_error_bound`)::
+
+    m * (2 c + max_i |x_i|) / sum_i q_i,     q_i = round(n_i Q / W)
+
+for ``m`` aggregated sites, as long as no entry is clipped, i.e. ``|x_i| <= c W / n_i`` (the
+effective clipping range of site ``i``). ``2 c m / sum q_i`` comes from stochastic rounding
+(less than one level of ``2c / Q`` per site, then divided by ``sum q_i / Q``); ``m max|x| /
+sum q_i`` from rounding the weights ``n_i / W`` to ``q_i / Q``. With equal sites this is about
+``(2 c + |x|) W / (Q n)``: precision is set by ``W / Q``, so keep ``max_weight`` close above the
+largest site and ``quantization_range`` as large as the number of sites allows (the sum of ``m``
+vectors must stay below ``modulus_range``: ``m Q < 2^32``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    NDArrays,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.strategy import Strategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid
+
+from shared.config import ConfigError, RunConfig
+
+__all__ = [
+    "MODULUS_RANGE",
+    "SecAggSettings",
+    "SecAggOutcome",
+    "MedfedSecAggPlusWorkflow",
+    "SecAggUpdateStrategy",
+    "secagg_settings",
+    "sites_per_round",
+    "quantization_error_bound",
+    "restore_weights",
+]
+
+logger = logging.getLogger(__name__)
+
+MODULUS_RANGE = 2**32
+"""Flower's default (and largest) ``modulus_range``: masks and sums live modulo 2^32."""
+
+_INT32_LIMIT = 2**31
+"""Flower's stochastic rounding casts quantised values to int32."""
+
+OutcomeCallback = Callable[["SecAggOutcome"], None]
+
+
+def sites_per_round(cfg: RunConfig, *, num_sites: int) -> int:
+    """How many sites Flower's FedAvg samples per round (``FedAvg.num_fit_clients``).
+
+    ``max(int(num_sites * fraction_fit), min(min_fit_clients, num_sites))``.
+    """
+    return max(int(num_sites * cfg.fraction_fit), min(cfg.min_fit_clients, num_sites))
+
+
+def quantization_error_bound(
+    *,
+    num_examples: Sequence[int],
+    clipping_range: float,
+    quantization_range: int,
+    max_weight: float,
+    max_abs_update: float,
+) -> float:
+    """Worst-case per-entry error of a SecAgg+ aggregate against the exact weighted mean.
+
+    Parameters
+    ----------
+    num_examples
+        ``n_i`` of every site whose masked vector is in the aggregate (``m`` entries).
+    clipping_range, quantization_range, max_weight
+        ``c``, ``Q`` and ``W`` of the protocol.
+    max_abs_update
+        ``max_i |x_i|`` over the entries compared (no entry may exceed ``c W / n_i``, the site's
+        effective clipping range, or it is clipped and the bound does not apply).
+
+    Returns
+    -------
+    float
+        ``m (2 c + max|x|) / sum_i q_i`` with ``q_i = round(n_i Q / W)``; see the module
+        docstring for the derivation.
+    """
+    q = [round(n / max_weight * quantization_range) for n in num_examples]
+    total = sum(q)
+    if total <= 0:
+        raise ValueError("every site has a zero weight: the aggregate is undefined.")
+    return len(q) * (2.0 * clipping_range + float(max_abs_update)) / total
+
+
+@dataclass(frozen=True)
+class SecAggSettings:
+    """Checked SecAgg+ parameters of one run (see :func:`secagg_settings`)."""
+
+    num_shares: int | float
+    """Passed to Flower: an odd int below the number of sites, or ``1.0`` (every site)."""
+    reconstruction_threshold: int
+    clipping_range: float
+    quantization_range: int
+    max_weight: float
+    timeout: float
+    sites_per_round: int
+    on_failure: str
+    modulus_range: int = MODULUS_RANGE
+
+    @property
+    def neighbourhood(self) -> int:
+        """Shares per secret: every site when ``num_shares`` is ``1.0``."""
+        return self.sites_per_round if isinstance(self.num_shares, float) else int(self.num_shares)
+
+    def error_bound(self, num_examples: Sequence[int], max_abs_update: float) -> float:
+        """:func:`quantization_error_bound` with this run's ``c``, ``Q`` and ``W``."""
+        return quantization_error_bound(
+            num_examples=num_examples,
+            clipping_range=self.clipping_range,
+            quantization_range=self.quantization_range,
+            max_weight=self.max_weight,
+            max_abs_update=max_abs_update,
+        )
+
+    def describe(self) -> str:
+        """One log line: shares, threshold, range, precision for a site of ``W`` examples."""
+        step = 2 * self.clipping_range / self.quantization_range
+        return (
+            f"SecAgg+: {self.sites_per_round} sites per round, {self.neighbourhood} shares per secret, "
+            f"threshold {self.reconstruction_threshold}, clipping range {self.clipping_range:g}, "
+            f"quantization range {self.quantization_range}, max weight {self.max_weight:g}, "
+            f"timeout {self.timeout:g} s; a site with n examples is quantised in steps of "
+            f"{step:.3g} * {self.max_weight:g} / n"
+        )
+
+
+def secagg_settings(cfg: RunConfig, *, num_sites: int) -> SecAggSettings:
+    """Check the ``secagg-*`` keys against Flower's SecAgg+ and the federation size.
+
+    Parameters
+    ----------
+    cfg
+        The run configuration.
+    num_sites
+        Sites in the federation (the server waits for this many).
+
+    Raises
+    ------
+    ConfigError
+        Naming the key, the value and the fix, when the protocol could not run or would
+        silently compute a wrong aggregate.
+    """
+    m = sites_per_round(cfg, num_sites=num_sites)
+    if m < 2:
+        raise ConfigError(
+            f"SecAgg+ needs at least 2 sites per round, but num-sites = {num_sites}, fraction-fit = "
+            f"{cfg.fraction_fit} and min-fit-clients = {cfg.min_fit_clients} select {m}: "
+            "add sites or turn secagg off."
+        )
+    shares, threshold = cfg.secagg_num_shares, cfg.secagg_reconstruction_threshold
+    num_shares: int | float
+    if shares >= m:
+        num_shares, neighbourhood = 1.0, m  # every site holds a share of every other site's secret
+    elif shares < 3 or shares % 2 == 0:
+        raise ConfigError(
+            f"secagg-num-shares = {shares} is invalid for {m} sites per round: a SecAgg+ neighbourhood "
+            "is a site and the same number of neighbours on each side, so use an odd number >= 3 "
+            f"(or >= {m} to share with every site)."
+        )
+    else:
+        num_shares, neighbourhood = shares, shares
+    if not 2 <= threshold < neighbourhood:
+        raise ConfigError(
+            f"secagg-reconstruction-threshold = {threshold} is invalid with {neighbourhood} shares per "
+            f"secret: it must lie in [2, {neighbourhood - 1}] (Flower reads 1 as 'all shares' and needs "
+            "fewer shares than exist to tolerate a dropout)."
+        )
+    if threshold * 2 <= neighbourhood:
+        logger.warning(
+            "secagg-reconstruction-threshold = %d is at most half of the %d shares: a server that lies "
+            "about which sites dropped could collect both secrets of one site and unmask its update. "
+            "Use a threshold above half the shares (see docs/threat-model-secagg.md).",
+            threshold,
+            neighbourhood,
+        )
+    q = cfg.secagg_quantization_range
+    if q >= _INT32_LIMIT:
+        raise ConfigError(
+            f"secagg-quantization-range = {q} is too large: Flower quantises to int32, so it must be "
+            f"< {_INT32_LIMIT}."
+        )
+    if m * q >= MODULUS_RANGE:
+        raise ConfigError(
+            f"secagg-quantization-range = {q} is too large for {m} sites per round: the sum of {m} "
+            f"quantised vectors would wrap around the modulus 2^32 and the aggregate would be garbage. "
+            f"Use at most {(MODULUS_RANGE - 1) // m} (e.g. {2 ** int(math.log2((MODULUS_RANGE - 1) // m))})."
+        )
+    return SecAggSettings(
+        num_shares=num_shares,
+        reconstruction_threshold=threshold,
+        clipping_range=float(cfg.secagg_clipping_range),
+        quantization_range=int(q),
+        max_weight=float(cfg.secagg_max_weight),
+        timeout=float(cfg.secagg_timeout),
+        sites_per_round=m,
+        on_failure=cfg.secagg_on_failure,
+    )
+
+
+# --------------------------------------------------------------------------- round outcome
+@dataclass
+class SecAggOutcome:
+    """What the server knows about one SecAgg+ round (written to ``metrics.jsonl``)."""
+
+    round: int
+    sampled: int
+    survivors: int = 0
+    """Sites whose masked vector is in the aggregate."""
+    completed: bool = False
+    failed_stage: str | None = None
+    seconds: float = 0.0
+    active_after_stage: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def dropped(self) -> int:
+        """Sampled sites that are not in the aggregate."""
+        return self.sampled - self.survivors
+
+    def to_json(self) -> dict[str, Any]:
+        """The ``secagg`` field of a round record."""
+        return {
+            "sampled": self.sampled,
+            "survivors": self.survivors,
+            "dropped": self.dropped,
+            "completed": self.completed,
+            "failed_stage": self.failed_stage,
+            "seconds": round(self.seconds, 3),
+            "active_after_stage": dict(self.active_after_stage),
+        }
+
+
+def _unique_failures(failures: list[Exception]) -> list[Exception]:
+    """Flower 1.42's collect stage records each failed reply twice; keep one per reply error."""
+    seen: set[int] = set()
+    unique = []
+    for failure in failures:
+        key = id(failure.args[0]) if failure.args else id(failure)
+        if key not in seen:
+            seen.add(key)
+            unique.append(failure)
+    return unique
+
+
+class MedfedSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's ``SecAggPlusWorkflow`` that reports each round's :class:`SecAggOutcome`.
+
+    The protocol itself is Flower's, unchanged; only the loop over the four stages is
+    repeated here so the outcome (survivors, the stage that failed) is known, and a failed
+    site is passed to ``aggregate_fit`` once (Flower's collect stage lists it twice).
+
+    Parameters
+    ----------
+    settings
+        From :func:`secagg_settings`.
+    on_outcome
+        Called once per round in which sites were sampled, after the last stage ran.
+    """
+
+    STAGES = ("setup", "share-keys", "collect-masked-vectors", "unmask")
+
+    def __init__(self, settings: SecAggSettings, *, on_outcome: OutcomeCallback | None = None) -> None:
+        super().__init__(
+            num_shares=settings.num_shares,
+            reconstruction_threshold=settings.reconstruction_threshold,
+            max_weight=settings.max_weight,
+            clipping_range=settings.clipping_range,
+            quantization_range=settings.quantization_range,
+            modulus_range=settings.modulus_range,
+            timeout=settings.timeout,
+        )
+        self.settings = settings
+        self.on_outcome = on_outcome
+        self.outcomes: list[SecAggOutcome] = []
+
+    def __call__(self, grid: Grid, context: Any) -> None:
+        """Run the four SecAgg+ stages of one round and report the outcome."""
+        if not isinstance(context, LegacyContext):
+            raise TypeError(f"Expect a LegacyContext, but get {type(context).__name__}.")
+        cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
+        outcome = SecAggOutcome(round=int(cfg[WorkflowKey.CURRENT_ROUND]), sampled=0)
+        state = WorkflowState()
+        steps = (self.setup_stage, self.share_keys_stage, self.collect_masked_vectors_stage, self.unmask_stage)
+        start = time.perf_counter()
+        for name, step in zip(self.STAGES, steps, strict=True):
+            ok = step(grid, context, state)
+            state.failures = _unique_failures(state.failures)
+            outcome.sampled = len(state.sampled_node_ids)
+            outcome.active_after_stage[name] = len(state.active_node_ids)
+            if name == "collect-masked-vectors":
+                outcome.survivors = len(state.legacy_results)
+            if not ok:
+                outcome.failed_stage = name
+                break
+        else:
+            outcome.completed = True
+        outcome.seconds = time.perf_counter() - start
+        if outcome.sampled == 0:
+            return  # no site selected (nothing to protect, nothing to report)
+        if not outcome.completed:
+            logger.error(
+                "round %d: secure aggregation failed at the %s stage (%d of %d sites still active, "
+                "threshold %d): no update this round.",
+                outcome.round,
+                outcome.failed_stage,
+                outcome.active_after_stage.get(outcome.failed_stage or "", 0),
+                outcome.sampled,
+                self.settings.reconstruction_threshold,
+            )
+        elif outcome.dropped:
+            logger.warning(
+                "round %d: %d of %d sites dropped out; the aggregate covers the %d survivors.",
+                outcome.round,
+                outcome.dropped,
+                outcome.sampled,
+                outcome.survivors,
+            )
+        self.outcomes.append(outcome)
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
+
+
+# --------------------------------------------------------------------------- update adapter
+def restore_weights(global_weights: NDArrays, update: NDArrays) -> NDArrays:
+    """``global + update`` entry by entry, in each global entry's dtype.
+
+    Integer entries (BatchNorm's ``num_batches_tracked``) get the update rounded to an integer.
+
+    Raises
+    ------
+    ValueError
+        If the number of entries or a shape differs.
+    """
+    if len(global_weights) != len(update):
+        raise ValueError(
+            f"the SecAgg+ aggregate has {len(update)} arrays but the global model has {len(global_weights)}: "
+            "every site must run medfed's update mod (client.update_mods) when secagg is on."
+        )
+    out: NDArrays = []
+    for i, (g, d) in enumerate(zip(global_weights, update, strict=True)):
+        d = np.asarray(d, dtype=np.float64)
+        if d.size == g.size:
+            d = d.reshape(g.shape)  # 0-d entries travel as shape (1,) (see client.update_mods)
+        if d.shape != g.shape:
+            raise ValueError(f"SecAgg+ aggregate entry {i} has shape {d.shape}, the global model {g.shape}.")
+        if g.dtype.kind in "iub":
+            out.append((g.astype(np.int64) + np.rint(d).astype(np.int64)).astype(g.dtype))
+        else:
+            out.append((g.astype(np.float64) + d).astype(g.dtype))
+    return out
+
+
+class SecAggUpdateStrategy(Strategy):
+    """Outermost wrapper under SecAgg+: turns the aggregated update back into weights.
+
+    Under SecAgg+ every site sends ``local - global`` and Flower's workflow hands the strategy
+    one :class:`FitRes` per surviving site, each carrying the same securely aggregated vector
+    (the example-weighted mean update) and the site's own ``num_examples`` and metrics. This
+    wrapper replaces that vector by ``global + update`` before delegating, so ``strategy`` sees
+    what it would see without SecAgg+: full weights. It also stops the run after a failed
+    round when ``on_failure == "stop"``.
+
+    Parameters
+    ----------
+    strategy
+        The wrapped strategy (medfed: ``RecordingStrategy(DP wrapper(FedAvg))``).
+    on_failure
+        ``"continue"``: a failed round leaves the model unchanged and the next round runs;
+        ``"stop"``: no later round selects sites or evaluates.
+    """
+
+    def __init__(self, strategy: Strategy, *, on_failure: str = "continue") -> None:
+        super().__init__()
+        self.strategy = strategy
+        self.on_failure = on_failure
+        self.stopped_round: int | None = None
+        self._global: dict[int, NDArrays] = {}
+
+    def __repr__(self) -> str:
+        return f"SecAggUpdateStrategy({self.strategy!r})"
+
+    def record_outcome(self, outcome: SecAggOutcome) -> None:
+        """Called by :class:`MedfedSecAggPlusWorkflow` after each round."""
+        self._global.pop(outcome.round, None)
+        if not outcome.completed and self.on_failure == "stop" and self.stopped_round is None:
+            self.stopped_round = outcome.round
+            logger.error(
+                "secagg-on-failure = 'stop': the run stops after round %d; the final model is the last "
+                "one securely aggregated.",
+                outcome.round,
+            )
+
+    def _stopped(self, server_round: int) -> bool:
+        return self.stopped_round is not None and server_round > self.stopped_round
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        """Delegate."""
+        return self.strategy.initialize_parameters(client_manager)
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """Remember the round's global model, then delegate (no sites once stopped)."""
+        if self._stopped(server_round):
+            return []
+        self._global[server_round] = parameters_to_ndarrays(parameters)
+        return self.strategy.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Replace the aggregated update by ``global + update`` in every result, then delegate."""
+        if results:
+            shared = results[0][1].parameters
+            if any(res.parameters is not shared for _, res in results[1:]):
+                raise ValueError(
+                    "SecAggUpdateStrategy expects the results of Flower's SecAgg+ workflow (one shared "
+                    "aggregate); it must only wrap the strategy of a SecAgg+ run."
+                )
+            global_weights = self._global.pop(server_round)
+            restored = ndarrays_to_parameters(restore_weights(global_weights, parameters_to_ndarrays(shared)))
+            for _, res in results:
+                res.parameters = restored
+        return self.strategy.aggregate_fit(server_round, results, failures)
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        """Delegate (no sites once stopped)."""
+        if self._stopped(server_round):
+            return []
+        return self.strategy.configure_evaluate(server_round, parameters, client_manager)
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        """Delegate."""
+        return self.strategy.aggregate_evaluate(server_round, results, failures)
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        """Delegate (nothing once stopped)."""
+        if self._stopped(server_round):
+            return None
+        return self.strategy.evaluate(server_round, parameters)

@@ -1,0 +1,292 @@
+"""SecAgg+ protocol cost: round time and upload size, SecAgg+ against plain FedAvg.
+
+Run ``python -m simulations.bench_secagg`` (about 10 minutes on 2 CPU cores; ``--help`` for
+options). Every configuration runs twice in Flower's simulation engine (Ray), once with the
+plain legacy workflow and once with medfed's SecAgg+ path (``server.secure`` workflow and
+update adapter, ``client.client_app.privacy_mods`` at the sites, the egress guard included).
+The sites are :class:`NoiseClient`\\ s, which return the global weights plus Gaussian noise at
+once, so the figures measure the protocol and the framework, not training.
+
+Reported per configuration (sites x model size), both sides measured in one process on one
+machine:
+
+* round time: median over rounds 2..R of the server's time from ``configure_fit`` to the end
+  of ``aggregate_fit`` (round 1 includes starting the Ray workers);
+* upload per site per round: bytes of everything a site's replies to training messages carry
+  (arrays, masked vectors, keys, encrypted shares, metrics), as received by the server, over
+  the model's float32 size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Context, Message
+from flwr.client import Client, NumPyClient
+from flwr.common import FitRes, NDArrays, Parameters, Scalar, ndarrays_to_parameters
+from flwr.server import LegacyContext, ServerApp, ServerConfig
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAvg, Strategy
+from flwr.server.workflow import DefaultWorkflow
+from flwr.serverapp import Grid
+from flwr.simulation import run_simulation
+
+from client.client_app import make_client_app
+from server.secure import MedfedSecAggPlusWorkflow, SecAggUpdateStrategy, secagg_settings
+from shared.config import RunConfig
+
+__all__ = ["NoiseClient", "noise_client_fn", "model_arrays", "payload_bytes", "BenchResult", "run_bench", "main"]
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- sites
+class NoiseClient(NumPyClient):
+    """A site that returns the global weights plus seeded Gaussian noise, without training.
+
+    Integer entries (step counters) grow by ``site_index + 1`` per round.
+
+    Parameters
+    ----------
+    site_index
+        Reported as the ``site-index`` metric; part of the noise seed.
+    num_examples
+        The FedAvg weight it reports.
+    scale
+        Standard deviation of the noise added to every floating-point entry.
+    seed
+        Base seed; the noise of round ``r`` is drawn from ``(seed, site_index, r)``.
+    """
+
+    def __init__(self, *, site_index: int, num_examples: int, scale: float = 0.01, seed: int = 0) -> None:
+        self.site_index = site_index
+        self.num_examples = num_examples
+        self.scale = scale
+        self.seed = seed
+
+    def update(self, parameters: NDArrays, server_round: int) -> NDArrays:
+        """What this site adds in ``server_round``: noise, and ``site_index + 1`` to integer entries.
+
+        Integer entries stand for step counters such as BatchNorm's ``num_batches_tracked``.
+        """
+        rng = np.random.default_rng([self.seed, self.site_index, server_round])
+        return [
+            rng.normal(0.0, self.scale, p.shape).astype(p.dtype)
+            if p.dtype.kind == "f"
+            else np.full_like(p, self.site_index + 1)
+            for p in parameters
+        ]
+
+    def fit(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[NDArrays, int, dict[str, Scalar]]:
+        """``parameters + noise`` at once."""
+        server_round = int(config.get("server-round", 0))
+        noise = self.update(parameters, server_round)
+        return [p + u for p, u in zip(parameters, noise, strict=True)], self.num_examples, {"site-index": self.site_index}
+
+    def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
+        """Nothing to evaluate: a zero loss."""
+        return 0.0, self.num_examples, {"site-index": self.site_index}
+
+
+def noise_client_fn(num_examples: Sequence[int], *, scale: float = 0.01) -> Callable[[Context], Client]:
+    """A ``client_fn``: partition ``i`` becomes ``NoiseClient(num_examples=num_examples[i])``."""
+    sizes = list(num_examples)
+
+    def client_fn(context: Context) -> Client:
+        index = int(context.node_config["partition-id"])
+        return NoiseClient(site_index=index, num_examples=sizes[index], scale=scale).to_client()
+
+    return client_fn
+
+
+def model_arrays(num_params: int, *, num_layers: int = 10, seed: int = 0) -> NDArrays:
+    """``num_params`` float32 values in ``num_layers`` arrays, like a model's state (weights ~ N(0, 0.05))."""
+    rng = np.random.default_rng(seed)
+    sizes = [num_params // num_layers] * num_layers
+    sizes[-1] += num_params - sum(sizes)
+    return [rng.normal(0.0, 0.05, size).astype(np.float32) for size in sizes]
+
+
+# --------------------------------------------------------------------------- measuring
+def payload_bytes(message: Message) -> int:
+    """Bytes a message's content carries: arrays, bytes and numbers (no protocol framing)."""
+    if not message.has_content():
+        return 0
+    total = 0
+    for record in message.content.array_records.values():
+        total += sum(int(array.numpy().nbytes) for array in record.values())
+    for records in (message.content.config_records, message.content.metric_records):
+        for record in records.values():
+            for value in record.values():
+                items = value if isinstance(value, list) else [value]
+                total += sum(len(v) if isinstance(v, (bytes, str)) else 8 for v in items)
+    return total
+
+
+class UploadCountingGrid:
+    """Wraps a Grid; adds up the payload of every reply to a training message, per round."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.uploads: dict[str, int] = defaultdict(int)
+        self.replies: dict[str, set[int]] = defaultdict(set)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        for reply in replies:
+            if reply.metadata.message_type == "train":
+                self.uploads[reply.metadata.group_id] += payload_bytes(reply)
+                self.replies[reply.metadata.group_id].add(reply.metadata.src_node_id)
+        return replies
+
+
+class RoundTimer(Strategy):
+    """Delegates to ``strategy``; records each round's ``configure_fit`` .. ``aggregate_fit`` time."""
+
+    def __init__(self, strategy: Strategy) -> None:
+        super().__init__()
+        self.strategy = strategy
+        self.seconds: dict[int, float] = {}
+        self._start: dict[int, float] = {}
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return self.strategy.initialize_parameters(client_manager)
+
+    def configure_fit(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list:
+        self._start[server_round] = time.perf_counter()
+        return self.strategy.configure_fit(server_round, parameters, client_manager)
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]], failures: list) -> tuple:
+        out = self.strategy.aggregate_fit(server_round, results, failures)
+        self.seconds[server_round] = time.perf_counter() - self._start[server_round]
+        return out
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters, client_manager: ClientManager) -> list:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results: list, failures: list) -> tuple:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> None:
+        return None
+
+
+@dataclass
+class BenchResult:
+    """One configuration, one side (plain or SecAgg+)."""
+
+    sites: int
+    num_params: int
+    secagg: bool
+    round_seconds: list[float] = field(default_factory=list)
+    upload_per_site: float = 0.0
+
+    @property
+    def median_round(self) -> float:
+        """Median over rounds 2.. (round 1 starts the workers)."""
+        later = self.round_seconds[1:] or self.round_seconds
+        return statistics.median(later)
+
+
+def run_bench(*, sites: int, num_params: int, secagg: bool, rounds: int = 3, num_cpus: int = 1) -> BenchResult:
+    """Simulate ``rounds`` rounds of ``sites`` :class:`NoiseClient` sites; time the rounds.
+
+    The server is medfed's: ``build_workflow``'s choice of plain ``DefaultWorkflow`` or
+    SecAgg+ (:class:`~server.secure.MedfedSecAggPlusWorkflow` over
+    :class:`~server.secure.SecAggUpdateStrategy`), FedAvg weighting, no evaluation.
+    """
+    cfg = RunConfig(num_sites=sites, min_fit_clients=sites, num_server_rounds=rounds, secagg=secagg, model="simplecnn")
+    num_examples = [100 + 10 * i for i in range(sites)]
+    initial = model_arrays(num_params)
+    timer = RoundTimer(
+        FedAvg(
+            fraction_fit=1.0,
+            fraction_evaluate=0.0,
+            min_fit_clients=sites,
+            min_evaluate_clients=0,
+            min_available_clients=sites,
+            initial_parameters=ndarrays_to_parameters(initial),
+            on_fit_config_fn=lambda r: {"server-round": r},
+        )
+    )
+    result = BenchResult(sites=sites, num_params=num_params, secagg=secagg)
+    counting: list[UploadCountingGrid] = []
+    server = ServerApp()
+
+    @server.main()
+    def main(grid: Grid, context: Context) -> None:
+        wrapped = UploadCountingGrid(grid)
+        counting.append(wrapped)
+        if secagg:
+            settings = secagg_settings(cfg, num_sites=sites)
+            outer: Strategy = SecAggUpdateStrategy(timer)
+            workflow = DefaultWorkflow(fit_workflow=MedfedSecAggPlusWorkflow(settings, on_outcome=outer.record_outcome))
+        else:
+            outer, workflow = timer, DefaultWorkflow()
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=outer)
+        workflow(wrapped, legacy)  # type: ignore[arg-type]
+
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    run_simulation(
+        server_app=server,
+        client_app=make_client_app(cfg, client_fn=noise_client_fn(num_examples)),
+        num_supernodes=sites,
+        backend_config={
+            "client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0},
+            "init_args": {"logging_level": "ERROR", "log_to_driver": False},
+        },
+    )
+    result.round_seconds = [timer.seconds[r] for r in sorted(timer.seconds)]
+    if len(result.round_seconds) != rounds:
+        raise RuntimeError(f"only {len(result.round_seconds)} of {rounds} rounds finished; see the log above.")
+    grid = counting[0]
+    per_round = [grid.uploads[g] / max(len(grid.replies[g]), 1) for g in sorted(grid.uploads)]
+    result.upload_per_site = statistics.mean(per_round)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Print the table: SecAgg+ / plain round time and upload per site over the fp32 model size."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--sites", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--params", type=float, nargs="+", default=[1e6, 7e6], help="model sizes (parameters)")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    rows = []
+    for num_params in (int(p) for p in args.params):
+        for sites in args.sites:
+            plain = run_bench(sites=sites, num_params=num_params, secagg=False, rounds=args.rounds)
+            secure = run_bench(sites=sites, num_params=num_params, secagg=True, rounds=args.rounds)
+            fp32 = 4 * num_params
+            row = (
+                f"{num_params / 1e6:4.1f}M  {sites:5d}  {plain.median_round:8.2f}  {secure.median_round:8.2f}  "
+                f"{secure.median_round / plain.median_round:6.2f}  {plain.upload_per_site / fp32:7.2f}  "
+                f"{secure.upload_per_site / fp32:7.2f}"
+            )
+            rows.append(row)
+            print(row, flush=True)
+    print()
+    print(f"SecAgg+ benchmark ({args.rounds} rounds; median round time over rounds 2..{args.rounds}; "
+          f"{os.cpu_count()} CPUs; NoiseClient sites, FedAvg, no evaluation)")
+    print("model  sites  plain_s  secagg_s  ratio  plain_up/fp32  secagg_up/fp32")
+    for row in rows:
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
