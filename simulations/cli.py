@@ -143,6 +143,9 @@ def _run_and_report(cfg: RunConfig, *, centralized: bool, verbose: bool) -> None
         summary.add_row("best round", str(result.summary["best_round"]))
     summary.add_row("wall time", f"{result.wall_seconds:.1f} s")
     summary.add_row("run directory", str(result.run_dir))
+    if cfg.store_url:  # the run store: `medfed dashboard` shows it
+        default = cfg.store_url == RunConfig().store_url
+        summary.add_row("dashboard", "medfed dashboard" + ("" if default else f" --store {cfg.store_url}"))
     console.print(summary)
 
 

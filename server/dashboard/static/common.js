@@ -33,7 +33,6 @@ const medfed = (() => {
 
   function num(value, digits = 3) {
     if (value === null || value === undefined || Number.isNaN(value)) return "–";
-    if (Number.isInteger(value) && Math.abs(value) < 1e6) return String(value);
     return Number(value).toFixed(digits);
   }
 

@@ -254,7 +254,8 @@
     renderEvents(events);
     if (!lastRun) renderConfig(run);
     lastRun = run;
-    lastKey = key;
+    // Long logs arrive 500 events a poll: keep fetching until the page has caught up.
+    lastKey = lastEventId >= run.last_event_id ? key : null;
     document.body.dataset.rendered = String(run.rounds_done);
   }, 1500);
 })();
