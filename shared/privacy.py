@@ -18,6 +18,7 @@ See ``docs/privacy-dp.md`` for what the secure noise does and does not guarantee
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -33,12 +34,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from opacus import PrivacyEngine
-from opacus.accountants import IAccountant, create_accountant
+from opacus.accountants import IAccountant, RDPAccountant, create_accountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.data_loader import DPDataLoader
-from opacus.grad_sample import GradSampleModule
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
@@ -339,6 +341,7 @@ def make_private_training(
     return private
 
 
+@functools.lru_cache(maxsize=64)
 def noise_for_target(
     *,
     target_epsilon: float,
@@ -350,7 +353,8 @@ def noise_for_target(
     """The smallest noise multiplier that spends at most ``target_epsilon`` in ``steps`` steps.
 
     Wraps ``opacus.accountants.utils.get_noise_multiplier`` (binary search, tolerance 0.01), so
-    the epsilon after ``steps`` steps is at most ``target_epsilon``.
+    the epsilon after ``steps`` steps is at most ``target_epsilon``. Results are cached per
+    process: a simulated site is rebuilt every round, and the search can take seconds.
 
     Raises
     ------
@@ -365,6 +369,7 @@ def noise_for_target(
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="GDP accounting is experimental")
+            warnings.filterwarnings("ignore", message="Optimal order is the")
             return float(
                 get_noise_multiplier(
                     target_epsilon=target_epsilon,
@@ -688,10 +693,28 @@ def _compose(accountant: IAccountant, *, noise_multiplier: float, sample_rate: f
         history.append((*entry, int(steps)))
 
 
+@functools.lru_cache(maxsize=256)
+def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
+    """Opacus's RDP of one sampled-Gaussian step at its default orders (cached: slow for large q)."""
+    rdp = rdp_analysis.compute_rdp(
+        q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
+    )
+    rdp.setflags(write=False)
+    return rdp
+
+
 def _epsilon(accountant: IAccountant, delta: float) -> float:
+    """``accountant.get_epsilon(delta)``; for RDP the same arithmetic with cached per-step RDP."""
     if not accountant.history:
         return 0.0
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the")  # RDP order at the edge
-        eps = float(accountant.get_epsilon(delta=delta))
+        if accountant.mechanism() == "rdp":
+            # RDPAccountant.get_privacy_spent: sum(compute_rdp(q, sigma, steps, orders)), where
+            # compute_rdp(..., steps) is compute_rdp(..., 1) * steps.
+            rdp = sum(_rdp_per_step(float(q), float(sigma)) * int(steps) for sigma, q, steps in accountant.history)
+            eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
+            eps = float(eps)
+        else:
+            eps = float(accountant.get_epsilon(delta=delta))
     return eps if not math.isnan(eps) else math.inf

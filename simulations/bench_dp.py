@@ -1,0 +1,248 @@
+"""Benchmark of sample-level DP-SGD: cost per local epoch, and accuracy and leakage at several epsilons.
+
+Run ``python -m simulations.bench_dp`` (both parts) or ``--part speed`` / ``--part auc``.
+
+Part 1 (speed): one local epoch with Opacus DP-SGD (secure generator and hardened noise, as a site
+runs it) over the same epoch without DP, for each model and each Opacus per-sample-gradient mode,
+measured interleaved in one process on the same data (``--samples`` 28x28 BreastMNIST-shaped
+images, ``--batch-size``). Medians over ``--repeats`` epochs after one warm-up epoch.
+
+Part 2 (auc): federated BreastMNIST runs (``simulations.simulate.run_federated``, Flower on Ray)
+with the same sites, rounds and seed, without DP and with ``dp-target-epsilon`` = each of
+``--epsilons``. Reports the final global model's test AUC and accuracy, the epsilon each site
+spent, and a loss-threshold membership-inference attack on the final model (members: the training
+split, which the sites partition; non-members: the test split, matched in class proportions).
+
+Figures are printed; they are indicative (shared CPUs are noisy) and state their conditions.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from server.run_dir import read_metrics
+from shared.config import RunConfig
+from shared.data.npz import load_npz
+from shared.models import build_model, count_parameters
+from shared.privacy import GRAD_SAMPLE_MODES, make_private_training, secure_generator
+from shared.task import model_for
+from shared.training import make_loss, make_optimizer, train_epochs
+from simulations.membership import loss_threshold_attack, matched_non_members
+
+__all__ = ["SpeedResult", "epoch_speed", "main"]
+
+logger = logging.getLogger(__name__)
+
+BREASTMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist" / "breastmnist.npz"
+SPEED_MODELS: tuple[str, ...] = ("simplecnn", "resnet18", "densenet121")
+
+
+@dataclass(frozen=True)
+class SpeedResult:
+    """Median seconds per local epoch for one model."""
+
+    model: str
+    parameters: int
+    plain: float
+    private: dict[str, float]  # grad_sample_mode -> seconds (nan if the mode failed)
+
+    def ratio(self, mode: str) -> float:
+        """DP epoch time over non-DP epoch time."""
+        return self.private[mode] / self.plain
+
+
+def _images(samples: int, *, seed: int) -> TensorDataset:
+    """``samples`` BreastMNIST training images (28x28) if the file is there, else random ones."""
+    if BREASTMNIST.exists():
+        train = load_npz(BREASTMNIST).train
+        x = torch.as_tensor(train.images[:samples])
+        y = torch.as_tensor(train.targets[:samples])
+    else:
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.rand(samples, 1, 28, 28, generator=g), torch.randint(0, 2, (samples,), generator=g)
+    return TensorDataset(x, y)
+
+
+def epoch_speed(
+    name: str, *, samples: int, batch_size: int, repeats: int, modes: tuple[str, ...], seed: int = 0
+) -> SpeedResult:
+    """Time one local epoch of ``name`` without DP and with DP-SGD in each of ``modes``.
+
+    Epochs of the variants are interleaved (plain, mode 1, mode 2, ..., plain, ...) so that load
+    changes on a shared machine affect them alike; the first round of epochs is a warm-up.
+    """
+    data = _images(samples, seed=seed)
+    device = torch.device("cpu")
+
+    def fresh() -> nn.Module:
+        torch.manual_seed(seed)
+        return build_model(name, spatial_dims=2, in_channels=1, out_channels=2, norm="group", image_size=28)
+
+    def plain_epoch() -> float:
+        model = fresh()
+        loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        opt = make_optimizer(model.parameters(), name="sgd", learning_rate=0.01, weight_decay=0.0)
+        return train_epochs(model, loader, opt, task="classification", epochs=1, device=device).seconds
+
+    def private_epoch(mode: str) -> float:
+        model = fresh()
+        loader = DataLoader(data, batch_size=batch_size, shuffle=True)
+        opt = make_optimizer(model.parameters(), name="sgd", learning_rate=0.01, weight_decay=0.0)
+        private = make_private_training(
+            model, opt, loader, noise_multiplier=1.0, max_grad_norm=1.0, generator=secure_generator(),
+            grad_sample_mode=mode, secure_noise=True, criterion=make_loss("classification"),
+        )
+        try:
+            return train_epochs(private.model, private.loader, private.optimizer, task="classification",
+                                epochs=1, device=device, criterion=private.criterion).seconds
+        finally:
+            private.close()
+
+    plain: list[float] = []
+    private: dict[str, list[float]] = {m: [] for m in modes}
+    failed: set[str] = set()
+    for rep in range(repeats + 1):
+        t = plain_epoch()
+        if rep:
+            plain.append(t)
+        for mode in modes:
+            if mode in failed:
+                continue
+            try:
+                t = private_epoch(mode)
+            except Exception as err:  # report the mode as failed, keep benchmarking the others
+                logger.warning("%s: grad_sample_mode=%r failed: %s", name, mode, str(err).splitlines()[0])
+                failed.add(mode)
+                continue
+            if rep:
+                private[mode].append(t)
+    return SpeedResult(
+        model=name,
+        parameters=count_parameters(fresh()),
+        plain=statistics.median(plain),
+        private={m: statistics.median(v) if v else float("nan") for m, v in private.items()},
+    )
+
+
+def _federated(cfg: RunConfig, work: Path) -> dict[str, float]:
+    from simulations.simulate import run_federated
+
+    start = time.perf_counter()
+    result = run_federated(cfg, run_path=work / "run")
+    seconds = time.perf_counter() - start
+    splits = load_npz(cfg.dataset, image_size=cfg.image_size)
+    model = model_for(cfg, splits.train)
+    state = torch.load(result.run_dir / "checkpoints" / "final.pt", weights_only=False)["state_dict"]
+    model.load_state_dict(state)
+    attack = loss_threshold_attack(
+        model, members=splits.train, non_members=matched_non_members(splits.train, splits.test, seed=cfg.seed)
+    )
+    records = read_metrics(result.run_dir)
+    site_eps = [
+        s["fit"]["dp-epsilon"] for r in records[-1:] for s in r["sites"].values() if "dp-epsilon" in s.get("fit", {})
+    ]
+    declined = sum(
+        int(s.get("fit", {}).get("dp-declined", 0)) for r in records for s in r["sites"].values()
+    )
+    final = result.final_metrics
+    return {
+        "auc": float(final.get("auc", float("nan"))),
+        "accuracy": float(final.get("accuracy", float("nan"))),
+        "max_site_epsilon": max(site_eps) if site_eps else float("nan"),
+        "declined": float(declined),
+        "mia_auc": attack.auc,
+        "seconds": seconds,
+    }
+
+
+def run_auc_part(args: argparse.Namespace) -> None:
+    """Federated BreastMNIST without DP and at each target epsilon (see the module docstring)."""
+    if not BREASTMNIST.exists():
+        print(f"auc part skipped: {BREASTMNIST.name} is not in ../shared/data/medmnist.")
+        return
+    base = RunConfig(
+        dataset=str(BREASTMNIST), model=args.model, norm="group", num_sites=args.sites,
+        num_server_rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.fed_batch_size,
+        learning_rate=args.lr, optimizer=args.optimizer, augment=False, seed=args.seed,
+        dp_max_grad_norm=args.max_grad_norm, dp_delta=1e-5, dp_secure_noise=True,
+    )
+    print(
+        f"\nFederated BreastMNIST: {args.model} (norm group), {args.sites} sites IID, {args.rounds} rounds x "
+        f"{args.local_epochs} local epoch(s), batch {args.fed_batch_size}, {args.optimizer} lr {args.lr}, "
+        f"seed {args.seed}; DP: max grad norm {args.max_grad_norm}, delta 1e-5, RDP accountant, "
+        "noise from secure_generator(). Test AUC of the final global model."
+    )
+    print(f"{'setting':>10} {'test AUC':>9} {'test acc':>9} {'max site eps':>13} {'declined':>9} {'MIA AUC':>8} {'wall s':>7}")
+    settings: list[tuple[str, float]] = [("no DP", 0.0)] + [(f"eps {e:g}", e) for e in args.epsilons]
+    for label, eps in settings:
+        with tempfile.TemporaryDirectory(prefix="bench-dp-") as tmp:
+            cfg = base.replace(
+                run_dir=tmp, dp=eps > 0, dp_target_epsilon=eps, dp_budget_epsilon=max(eps, 1.0),
+                ledger_dir=os.path.join(tmp, "ledgers"),
+            )
+            row = _federated(cfg, Path(tmp))
+        print(
+            f"{label:>10} {row['auc']:>9.3f} {row['accuracy']:>9.3f} {row['max_site_epsilon']:>13.3f} "
+            f"{int(row['declined']):>9d} {row['mia_auc']:>8.3f} {row['seconds']:>7.1f}"
+        )
+
+
+def run_speed_part(args: argparse.Namespace) -> None:
+    """Local-epoch time with and without DP-SGD per model and mode (see the module docstring)."""
+    print(
+        f"\nLocal epoch time, DP-SGD / no DP: {args.samples} images 28x28x1, batch {args.batch_size}, "
+        f"SGD, norm group, CPU x{torch.get_num_threads()} threads, torch {torch.__version__}; median of "
+        f"{args.repeats} epochs after a warm-up, variants interleaved. DP: secure generator + hardened noise."
+    )
+    modes = tuple(args.modes)
+    header = f"{'model':>12} {'params':>10} {'no DP s':>8}" + "".join(f" {m + ' s':>11} {'ratio':>6}" for m in modes)
+    print(header)
+    for name in args.models:
+        r = epoch_speed(name, samples=args.samples, batch_size=args.batch_size, repeats=args.repeats, modes=modes)
+        cells = "".join(f" {r.private[m]:>11.3f} {r.ratio(m):>6.2f}" for m in modes)
+        print(f"{name:>12} {r.parameters:>10,d} {r.plain:>8.3f}{cells}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and run the chosen parts."""
+    parser = argparse.ArgumentParser(prog="python -m simulations.bench_dp", description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=("speed", "auc", "all"), default="all")
+    parser.add_argument("--models", nargs="+", default=list(SPEED_MODELS))
+    parser.add_argument("--modes", nargs="+", default=["hooks", "ghost"], choices=GRAD_SAMPLE_MODES)
+    parser.add_argument("--samples", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--model", default="simplecnn", help="model of the federated runs")
+    parser.add_argument("--sites", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--fed-batch-size", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0])
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    warnings.filterwarnings("ignore", category=UserWarning)
+    if args.part in ("speed", "all"):
+        run_speed_part(args)
+    if args.part in ("auc", "all"):
+        run_auc_part(args)
+
+
+if __name__ == "__main__":
+    main()

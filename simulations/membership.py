@@ -1,0 +1,170 @@
+"""Empirical privacy: a loss-threshold membership-inference attack on a trained model.
+
+The attack (Yeom et al., CSF 2018) scores each example by its negative loss under the model:
+examples the model was trained on ("members") tend to have lower loss than examples it never
+saw ("non-members"). Its ROC AUC over members vs non-members is 0.5 when the model leaks
+nothing about membership and approaches 1 for a model that memorised its training set.
+DP-SGD bounds any attack's advantage, so the AUC should stay near 0.5 at small epsilon.
+
+:func:`train_fedavg_in_process` runs real :class:`~client.site_client.SiteClient` objects
+through FedAvg rounds in this process (no Ray), so the attack sees the same DP-SGD path, ledger
+and budget checks as a federated run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from monai.metrics import compute_roc_auc
+from torch import nn
+from torch.utils.data import DataLoader
+
+from client.site_client import SiteClient
+from shared.data.base import ImageSet
+from shared.training import make_loss
+from shared.transforms import ImageSetDataset
+from shared.weights import get_weights
+
+__all__ = [
+    "MembershipResult",
+    "per_example_losses",
+    "attack_auc",
+    "loss_threshold_attack",
+    "matched_non_members",
+    "train_fedavg_in_process",
+]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MembershipResult:
+    """Outcome of a loss-threshold membership-inference attack.
+
+    Attributes
+    ----------
+    auc
+        ROC AUC of the score ``-loss`` for members (positives) vs non-members; 0.5 = chance.
+    member_loss, non_member_loss
+        Mean per-example loss of each group.
+    num_members, num_non_members
+        Group sizes.
+    """
+
+    auc: float
+    member_loss: float
+    non_member_loss: float
+    num_members: int
+    num_non_members: int
+
+
+@torch.no_grad()
+def per_example_losses(
+    model: nn.Module, data: ImageSet, *, device: torch.device | str = "cpu", batch_size: int = 256
+) -> np.ndarray:
+    """The training loss of every example of ``data`` under ``model`` (eval mode, no augmentation).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``float64`` array of shape ``(N,)``. Segmentation losses are averaged over voxels.
+    """
+    if data.task != "classification":
+        raise ValueError(
+            f"the loss-threshold attack here supports classification data; got task = {data.task!r}."
+        )
+    loss_fn = make_loss(data.task)
+    loss_fn.reduction = "none"
+    device = torch.device(device)
+    model.to(device).eval()
+    losses = []
+    for images, targets in DataLoader(ImageSetDataset(data), batch_size=batch_size, shuffle=False):
+        losses.append(loss_fn(model(images.to(device)), targets.to(device)).double().cpu())
+    return torch.cat(losses).numpy()
+
+
+def attack_auc(member_losses: np.ndarray, non_member_losses: np.ndarray) -> float:
+    """ROC AUC (MONAI) of ``-loss`` as a membership score; members are the positives."""
+    if len(member_losses) == 0 or len(non_member_losses) == 0:
+        raise ValueError("the attack needs at least one member and one non-member example.")
+    scores = torch.as_tensor(-np.concatenate([member_losses, non_member_losses]))
+    labels = torch.cat([torch.ones(len(member_losses)), torch.zeros(len(non_member_losses))])
+    return float(compute_roc_auc(scores, labels))
+
+
+def loss_threshold_attack(
+    model: nn.Module,
+    *,
+    members: ImageSet,
+    non_members: ImageSet,
+    device: torch.device | str = "cpu",
+) -> MembershipResult:
+    """Attack ``model``: can its per-example loss tell ``members`` from ``non_members``?
+
+    Parameters
+    ----------
+    model
+        The (final global) model, mapping ``(B, C, *spatial)`` to logits ``(B, K)``.
+    members
+        Examples the model was trained on (the sites' training images).
+    non_members
+        Held-out examples from the same distribution, never trained on.
+    """
+    m = per_example_losses(model, members, device=device)
+    n = per_example_losses(model, non_members, device=device)
+    return MembershipResult(
+        auc=attack_auc(m, n),
+        member_loss=float(m.mean()),
+        non_member_loss=float(n.mean()),
+        num_members=len(m),
+        num_non_members=len(n),
+    )
+
+
+def matched_non_members(members: ImageSet, pool: ImageSet, *, seed: int) -> ImageSet:
+    """The largest subset of ``pool`` whose class proportions match those of ``members``.
+
+    A loss-threshold attack on a model whose loss depends on the class would otherwise measure
+    a difference in class mix between members and non-members, not membership.
+    """
+    fractions = np.bincount(members.targets, minlength=members.num_classes) / len(members)
+    counts = np.bincount(pool.targets, minlength=members.num_classes)
+    total = int(min(counts[c] / f for c, f in enumerate(fractions) if f > 0))
+    rng = np.random.default_rng(seed)
+    chosen = [
+        rng.permutation(np.flatnonzero(pool.targets == c))[: int(round(total * f))]
+        for c, f in enumerate(fractions)
+    ]
+    return pool.subset(np.sort(np.concatenate(chosen)))
+
+
+def train_fedavg_in_process(
+    clients: Sequence[SiteClient], *, rounds: int, initial: list[np.ndarray] | None = None
+) -> list[np.ndarray]:
+    """FedAvg over ``clients`` for ``rounds`` rounds, in this process; return the global weights.
+
+    Each round every client's :meth:`SiteClient.fit` trains the current global model (with
+    DP-SGD and its ledger when its config says ``dp``); the new global model is the
+    example-weighted mean of the results, as Flower's FedAvg computes it. Sites that decline
+    (``num_examples = 0``) get no weight; when all decline the global model stays as it is.
+    """
+    if not clients:
+        raise ValueError("train_fedavg_in_process needs at least one client.")
+    weights = initial if initial is not None else get_weights(clients[0].model)
+    for server_round in range(1, rounds + 1):
+        results = [c.fit(weights, {"server-round": server_round}) for c in clients]
+        total = sum(n for _, n, _ in results)
+        if total == 0:
+            logger.warning("round %d: every site declined; the global model is unchanged.", server_round)
+            continue
+        weights = [
+            np.sum([w[i].astype(np.float64) * (n / total) for w, n, _ in results if n > 0], axis=0).astype(
+                weights[i].dtype
+            )
+            for i in range(len(weights))
+        ]
+    return weights
