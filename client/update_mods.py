@@ -10,14 +10,16 @@ Flower's mods do the protocol work (``secaggplus_mod``, ``fixedclipping_mod``,
       send when the site's example count exceeds ``secagg-max-weight`` (the weight would
       overflow the quantisation range and corrupt the aggregate) and counts entries that
       SecAgg+ will clip (reported as the ``secagg-clipped`` fit metric: a count, no values).
-    * Under client-level DP, hands the clipping mod integer entries (BatchNorm's
-      ``num_batches_tracked``) as float64: Flower's clipping scales every array in place,
-      which numpy refuses for int64 arrays. Without SecAgg+ they go back to their dtype.
+    * Under client-level DP, hands the clipping mod integer entries as float64: Flower's
+      clipping scales every array in place, which numpy refuses for int64 arrays. Without
+      SecAgg+ they go back to their dtype.
 
 :func:`freeze_counters_mod` (inside the clipping mod, client-level DP only)
     Returns integer entries unchanged from the global model. They are step counters, not
-    learned values: a delta of "5 steps" would dominate a clipping norm meant for weight
-    updates of about 1e-2 per entry, and it reveals the site's number of batches.
+    learned values, and Flower 1.42's clipping cannot bound them: a 0-d entry (BatchNorm's
+    ``num_batches_tracked``) becomes a numpy scalar in ``compute_clip_model_update``, so its
+    in-place scaling is lost and "5 steps" per layer would leave the site unclipped (and
+    reveal its number of batches).
 
 Message flow of a training round (outermost first)::
 

@@ -92,10 +92,11 @@ def server_start(
 def deployment_config(fed_sites: int, run_dir: Path, config_file: Path | None, sets: list[str]) -> RunConfig:
     """The run config of a deployed run: defaults, then the TOML file, then ``--set`` pairs.
 
-    ``dataset`` is always ``"deployment"``; ``num-sites`` defaults to the enrolled sites and
-    ``run-dir`` to ``<federation>/runs``.
+    ``dataset`` is always ``"deployment"``; ``num-sites`` defaults to the enrolled sites,
+    ``run-dir`` to ``<federation>/runs`` and ``secagg`` to true (SecAgg+).
     """
-    merged: dict[str, Any] = {"dataset": "deployment", "num-sites": fed_sites, "run-dir": str(run_dir)}
+    # SecAgg+ is on by default in deployment (the coordinator sees only the aggregate); "secagg = false" turns it off.
+    merged: dict[str, Any] = {"dataset": "deployment", "num-sites": fed_sites, "run-dir": str(run_dir), "secagg": True}
     if config_file is not None:
         merged.update(_toml_keys(config_file))
     for item in sets:

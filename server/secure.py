@@ -212,11 +212,24 @@ def secagg_settings(cfg: RunConfig, *, num_sites: int) -> SecAggSettings:
         )
     else:
         num_shares, neighbourhood = shares, shares
-    if not 2 <= threshold < neighbourhood:
+    # With shares at every site Flower accepts threshold == sites (no dropout tolerated); with
+    # fewer shares than sites it requires threshold < shares. Flower reads 1 as "all shares".
+    highest = neighbourhood if isinstance(num_shares, float) else neighbourhood - 1
+    if not 2 <= threshold <= highest:
         raise ConfigError(
             f"secagg-reconstruction-threshold = {threshold} is invalid with {neighbourhood} shares per "
-            f"secret: it must lie in [2, {neighbourhood - 1}] (Flower reads 1 as 'all shares' and needs "
-            "fewer shares than exist to tolerate a dropout)."
+            f"secret: it must lie in [2, {highest}]."
+        )
+    if threshold == neighbourhood:
+        logger.warning(
+            "secagg-reconstruction-threshold = %d equals the number of shares: a round fails if any site "
+            "drops out.",
+            threshold,
+        )
+    if m == 2:
+        logger.warning(
+            "SecAgg+ with 2 sites per round: each site can compute the other's update from the aggregate "
+            "and its own; the protection is against the coordinator and the network only."
         )
     if threshold * 2 <= neighbourhood:
         logger.warning(

@@ -85,6 +85,8 @@ def test_settings_share_with_every_site_when_shares_cover_the_federation() -> No
     assert settings.num_shares == 1.0 and settings.neighbourhood == 5
     cfg7 = RunConfig(secagg=True, num_sites=7, secagg_num_shares=5, secagg_reconstruction_threshold=3)
     assert secagg_settings(cfg7, num_sites=7).num_shares == 5
+    two = secagg_settings(RunConfig(secagg=True, num_sites=2), num_sites=2)  # the defaults work for 2 sites
+    assert two.num_shares == 1.0 and two.reconstruction_threshold == 2
     # the defaults fit every federation up to 63 sites: 63 * 2^26 < 2^32
     assert 63 * RunConfig().secagg_quantization_range < MODULUS_RANGE
 
