@@ -24,7 +24,8 @@ import pytest
 
 from server.dashboard.app import COOKIE, DEFAULT_HOST, BackgroundServer, create_app
 from server.dashboard_cli import dashboard_command
-from server.run_dir import read_metrics
+from server.run_dir import RoundRecord, read_metrics
+from server.server_app import ServerHooks
 from server.store import RunStore
 from shared.config import RunConfig
 from simulations.simulate import run_federated
@@ -52,6 +53,7 @@ def live(tmp_path_factory: pytest.TempPathFactory):
     server = BackgroundServer(create_app(store=store, token=TOKEN)).start()
     seen: list[tuple[str, int]] = []
     stop = threading.Event()
+    shown = {n: threading.Event() for n in range(1, ROUNDS + 1)}
 
     def poll() -> None:
         with httpx.Client(base_url=server.url, headers=AUTH, timeout=10) as client:
@@ -59,13 +61,21 @@ def live(tmp_path_factory: pytest.TempPathFactory):
                 runs = client.get("/api/runs").json()
                 if runs:
                     seen.append((runs[0]["status"], runs[0]["rounds_done"]))
+                    if runs[0]["rounds_done"] in shown:
+                        shown[runs[0]["rounds_done"]].set()
                 stop.wait(0.05)
+
+    def wait_until_polled(record: RoundRecord) -> None:
+        # A round of this tiny federation can be shorter than one poll under load: the server
+        # waits (after the round is in the store) until the poller has read it.
+        if record.round in shown:
+            shown[record.round].wait(timeout=120)
 
     poller = threading.Thread(target=poll, daemon=True)
     poller.start()
     try:
         try:
-            result = run_federated(cfg)
+            result = run_federated(cfg, hooks=ServerHooks(on_round=wait_until_polled))
         finally:
             stop.set()
             poller.join(timeout=15)
@@ -86,6 +96,7 @@ def test_the_round_counter_advanced_while_the_simulation_ran(live: LiveRun) -> N
     done = [n for _, n in live.seen]
     assert done == sorted(done), "the counter never goes back"
     assert ("running", 1) in live.seen, f"the poller never saw round 1 of {ROUNDS} done mid-run: {set(live.seen)}"
+    assert live.seen[0] == ("running", 0)  # it saw the run from its start
     assert live.seen[-1] == ("finished", ROUNDS) or live.seen[-1] == ("running", ROUNDS)
 
 
