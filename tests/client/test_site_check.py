@@ -142,8 +142,8 @@ def test_cli_prints_the_report_and_fails_on_errors(planted: Path, tmp_path: Path
     assert proc.returncode == 1, proc.stderr
     for name in ("missing.nii.gz", "corrupt.nii.gz", "other-size.nii.gz", "label_out_of_range"):
         assert name in proc.stdout
-    as_json = subprocess.run(
-        [MEDFED, "site", "check", "--config", str(site_toml), "--json"], capture_output=True, text=True, timeout=300
-    )
-    payload = json.loads(as_json.stdout)
+    payload = json.loads(check_site(planted).to_json())  # what --json prints
     assert payload["ok"] is False and payload["entries_ok"] == 9
+    assert {f["file"] for f in payload["findings"] if f["severity"] == "error"} == {
+        "missing.nii.gz", "corrupt.nii.gz", "good0.nii.gz", "other-size.nii.gz"
+    }

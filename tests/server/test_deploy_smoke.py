@@ -33,17 +33,20 @@ def two_sites(tmp_path: Path):
 
 
 def test_two_sites_one_signed_round(two_sites: LiveFederation) -> None:
-    config = two_sites.run_config("smoke", **{"num-server-rounds": 1})
+    # One plain training round and no evaluation round: Flower starts one ClientApp process per
+    # message and SecAgg+ (the deployment default, covered by test_deploy_federation.py) sends
+    # four messages per round, so this keeps the default suite to one process per site.
+    config = two_sites.run_config("smoke", **{"num-server-rounds": 1, "fraction-evaluate": 0.0, "secagg": False})
     start = time.perf_counter()
     proc = subprocess.run([MEDFED, "run", "-f", str(two_sites.fed.root), "--config", str(config), "--timeout", "600"],
                           capture_output=True, text=True, timeout=700)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     print(f"\n2 sites x 1 round on the deployment engine: {time.perf_counter() - start:.1f} s")
-    (run_dir,) = (two_sites.root / "runs" / "smoke").iterdir()
+    (run_dir,) = [p for p in (two_sites.root / "runs" / "smoke").iterdir() if p.is_dir()]
     (record,) = read_metrics(run_dir)
     assert record["round"] == 1 and record["fit_results"] == 2 and record["fit_failures"] == 0
     assert set(record["sites"]) == {"site-0", "site-1"}
     for site in record["sites"].values():
-        assert site["fit"]["num_examples"] == 12 and site["eval"]["num_examples"] == 4
+        assert site["fit"]["num_examples"] == 12 and "train-loss" in site["fit"]
     for name, site in two_sites.sites.items():
         assert "verified app bundle" in site.text(), name
