@@ -268,7 +268,7 @@ def create_app(*, store: RunStore, token: str) -> FastAPI:
         header = request.headers.get("authorization", "")
         scheme, _, value = header.partition(" ")
         from_query = request.query_params.get("token")
-        if scheme.lower() == "bearer" and _valid(value.strip()) or _valid(request.cookies.get(COOKIE)):
+        if (scheme.lower() == "bearer" and _valid(value.strip())) or _valid(request.cookies.get(COOKIE)):
             response = await call_next(request)
         elif from_query is not None and _valid(from_query) and request.method == "GET":
             # A browser opening the printed URL: keep the token in an HttpOnly cookie and drop
