@@ -65,7 +65,7 @@ class SiteClient(NumPyClient):
     device
         ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda[:N]"``.
     grad_sample_mode
-        Opacus per-sample gradient mode for DP-SGD (see :data:`shared.privacy.GRAD_SAMPLE_MODES`).
+        Opacus per-sample gradient mode for DP-SGD; ``None``: ``cfg.dp_grad_sample_mode``.
 
     Raises
     ------
@@ -81,13 +81,13 @@ class SiteClient(NumPyClient):
         data: SiteData,
         site_index: int,
         device: str = "auto",
-        grad_sample_mode: str = "hooks",
+        grad_sample_mode: str | None = None,
     ) -> None:
         self.cfg = cfg
         self.data = data
         self.site_index = site_index
         self.device = select_device(device)
-        self.grad_sample_mode = grad_sample_mode
+        self.grad_sample_mode = grad_sample_mode or cfg.dp_grad_sample_mode
         seed_everything(cfg.seed)  # identical initial weights at every site and the server
         self.model = model_for(cfg, data.train)
         self.ledger_path = site_ledger_path(cfg, site_index=site_index) if cfg.dp else None
@@ -96,6 +96,11 @@ class SiteClient(NumPyClient):
             from shared.models import validate_for_dp
 
             validate_for_dp(self.model)  # fail at start-up, not in round 1
+            if self.grad_sample_mode == "ghost" and data.train.task != "classification":
+                raise ValueError(
+                    "dp-grad-sample-mode = 'ghost' needs a per-example loss (classification); "
+                    f"this is a {data.train.task} task: use 'hooks'."
+                )
             if cfg.dp_target_epsilon <= 0 and cfg.dp_noise_multiplier <= 0:
                 raise ValueError(
                     "dp = true but dp-noise-multiplier = 0 and dp-target-epsilon = 0: without "

@@ -32,6 +32,7 @@ Norm = Literal["batch", "group", "instance"]
 Optimizer = Literal["sgd", "adam"]
 ClientDP = Literal["off", "fixed", "adaptive"]
 Accountant = Literal["rdp", "prv", "gdp"]
+GradSampleMode = Literal["hooks", "ghost", "functorch"]
 SecAggOnFailure = Literal["continue", "stop"]
 
 TASKS: tuple[str, ...] = get_args(Task)
@@ -41,6 +42,7 @@ NORMS: tuple[str, ...] = get_args(Norm)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 CLIENT_DP_MODES: tuple[str, ...] = get_args(ClientDP)
 ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
+DP_GRAD_SAMPLE_MODES: tuple[str, ...] = get_args(GradSampleMode)
 SECAGG_ON_FAILURE: tuple[str, ...] = get_args(SecAggOnFailure)
 
 
@@ -90,6 +92,10 @@ class RunConfig:
         derives the noise multiplier for the planned rounds instead of ``dp_noise_multiplier``.
         ``dp_budget_epsilon`` caps what a site spends: it declines a round that would exceed it.
         ``dp_secure_noise`` draws the noise from a generator seeded by the OS CSPRNG.
+    dp_grad_sample_mode
+        How Opacus computes per-sample gradients: ``"hooks"`` (default), ``"ghost"`` (ghost /
+        fast gradient clipping; classification only) or ``"functorch"``. Same privacy, different
+        speed and memory (see ``python -m simulations.bench_dp``).
     ledger_dir
         Where each site keeps its privacy ledger (empty: ``<run directory>/ledgers``).
     client_dp, client_dp_noise_multiplier, client_dp_clipping_norm
@@ -151,6 +157,7 @@ class RunConfig:
     dp_budget_epsilon: float = 10.0
     dp_accountant: Accountant = "rdp"
     dp_secure_noise: bool = True
+    dp_grad_sample_mode: GradSampleMode = "hooks"
     ledger_dir: str = ""
     client_dp: ClientDP = "off"
     client_dp_noise_multiplier: float = 0.1
@@ -177,6 +184,7 @@ class RunConfig:
         _check_choice("synthetic-dims", self.synthetic_dims, (2, 3))
         _check_choice("client-dp", self.client_dp, CLIENT_DP_MODES)
         _check_choice("dp-accountant", self.dp_accountant, ACCOUNTANTS)
+        _check_choice("dp-grad-sample-mode", self.dp_grad_sample_mode, DP_GRAD_SAMPLE_MODES)
         _check_choice("secagg-on-failure", self.secagg_on_failure, SECAGG_ON_FAILURE)
         _check_choice("spatial-dims", self.spatial_dims, (2, 3))
         _check_store(self.store)

@@ -46,7 +46,7 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader
 
-from shared.config import ACCOUNTANTS, RunConfig
+from shared.config import ACCOUNTANTS, DP_GRAD_SAMPLE_MODES, RunConfig
 from shared.models import validate_for_dp
 
 __all__ = [
@@ -70,7 +70,7 @@ logger = logging.getLogger(__name__)
 LEDGER_FORMAT = "medfed-privacy-ledger"
 """The ``format`` field of a ledger file."""
 LEDGER_VERSION = 1
-GRAD_SAMPLE_MODES: tuple[str, ...] = ("hooks", "functorch", "ghost")
+GRAD_SAMPLE_MODES: tuple[str, ...] = DP_GRAD_SAMPLE_MODES
 """Opacus per-sample gradient modes :func:`make_private_training` accepts (``ghost``:
 classification only, the loss must be computed through :attr:`PrivateTraining.criterion`)."""
 

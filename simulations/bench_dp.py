@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--modes", nargs="+", default=["hooks", "ghost"], choices=GRAD_SAMPLE_MODES)
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--model", default="simplecnn", help="model of the federated runs")
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=10)
@@ -238,6 +239,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     warnings.filterwarnings("ignore", category=UserWarning)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.part in ("speed", "all"):
         run_speed_part(args)
     if args.part in ("auc", "all"):

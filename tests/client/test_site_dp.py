@@ -136,3 +136,18 @@ def test_dp_with_batchnorm_or_without_noise_fails_at_start_up(tmp_path: Path) ->
         _client(_cfg(tmp_path, norm="batch"))
     with pytest.raises(ValueError, match="no privacy"):
         _client(_cfg(tmp_path, dp_noise_multiplier=0.0))
+
+
+def test_ghost_clipping_sites_account_the_same_as_hooks(tmp_path: Path) -> None:
+    from shared.config import ConfigError
+
+    cfg = _cfg(tmp_path, dp_grad_sample_mode="ghost")
+    client = _client(cfg)
+    assert client.grad_sample_mode == "ghost"
+    weights, n, metrics = client.fit(get_weights(client.model), {"server-round": 1})
+    assert n > 0 and metrics["dp-epsilon"] == pytest.approx(_reference_epsilons(cfg, 1)[0], rel=1e-6)
+    with pytest.raises(ConfigError, match="dp-grad-sample-mode"):
+        _cfg(tmp_path, dp_grad_sample_mode="vmap")
+    seg = _cfg(tmp_path, synthetic_task="segmentation", model="unet", image_size=16, dp_grad_sample_mode="ghost")
+    with pytest.raises(ValueError, match="per-example loss"):
+        _client(seg)

@@ -26,7 +26,7 @@ def _epsilons(cfg: RunConfig, site: int, rounds: int) -> list[float]:
     schedule = poisson_schedule(make_train_loader(data.train, round_settings(cfg, server_round=1, site_index=site)))
     accountant, out = RDPAccountant(), []
     for _ in range(rounds):
-        for _ in range(schedule.steps_per_epoch):
+        for _ in range(schedule.steps_per_epoch * cfg.local_epochs):
             accountant.step(noise_multiplier=SIGMA, sample_rate=schedule.sample_rate)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
