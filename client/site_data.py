@@ -74,14 +74,24 @@ def deployment_site_data(cfg: RunConfig, *, datalist: str) -> SiteData:
     Raises
     ------
     DataError
-        Unusable entries, or data that does not match the run's model shape; messages
-        name the setting to change (file names stay in the exception, on the site).
+        Unusable entries (the message is generic: the entries and files are logged at the
+        site only, since Flower returns exception texts to the server), or data that does not
+        match the run's model shape (the message names the setting to change).
     """
     from shared.data.datalist import load_datalist
 
-    splits = load_datalist(
-        datalist, image_size=cfg.image_size, spatial_dims=cfg.spatial_dims, seed=cfg.seed
-    )
+    try:
+        splits = load_datalist(
+            datalist, image_size=cfg.image_size, spatial_dims=cfg.spatial_dims, seed=cfg.seed
+        )
+    except DataError as err:
+        # The details name the site's files: they go to the site's own log only. Flower sends an
+        # exception's text back to the server as the error reply, so that text stays generic.
+        logger.error("this site's datalist cannot be used: %s", err)
+        raise DataError(
+            "this site's datalist cannot be used for this run; the site's log names the entries "
+            "(run `medfed site check` at the site). No details are sent."
+        ) from None
     if splits.train.in_channels != cfg.in_channels:
         raise DataError(
             f"this site's images have {splits.train.in_channels} channel(s) but the run's model "

@@ -74,3 +74,18 @@ def test_deployment_config_needs_an_image_size_and_valid_shape_keys() -> None:
         CFG.replace(num_classes=1)
     with pytest.raises(ConfigError, match="spatial-dims"):
         CFG.replace(spatial_dims=4)
+
+
+def test_unusable_entries_are_logged_at_the_site_but_not_put_in_the_error(tmp_path: Path, caplog) -> None:
+    """Flower sends an exception's text to the server: it must not name the site's files."""
+    import logging
+
+    datalist = write_nifti_datalist(tmp_path, seed=0)
+    raw = json.loads(datalist.read_text())
+    raw["training"].append({"image": "img/patient-4711.nii.gz", "label": 0})
+    datalist.write_text(json.dumps(raw))
+    with caplog.at_level(logging.ERROR, logger="client.site_data"), pytest.raises(DataError) as err:
+        deployment_site_data(CFG, datalist=str(datalist))
+    assert "patient-4711" not in str(err.value) and str(tmp_path) not in str(err.value)
+    assert "medfed site check" in str(err.value)
+    assert "patient-4711" in caplog.text  # the site's operator sees which entry
