@@ -31,13 +31,14 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Context, Message
-from flwr.client import Client, NumPyClient
+from flwr.client import Client, ClientApp, NumPyClient
+from flwr.client.mod import secaggplus_mod
 from flwr.common import FitRes, NDArrays, Parameters, Scalar, ndarrays_to_parameters
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg, Strategy
-from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from flwr.simulation import run_simulation
 
@@ -201,12 +202,16 @@ class BenchResult:
         return statistics.median(later)
 
 
-def run_bench(*, sites: int, num_params: int, secagg: bool, rounds: int = 3, num_cpus: int = 1) -> BenchResult:
+def run_bench(
+    *, sites: int, num_params: int, secagg: bool, rounds: int = 3, num_cpus: int = 1, flower_only: bool = False
+) -> BenchResult:
     """Simulate ``rounds`` rounds of ``sites`` :class:`NoiseClient` sites; time the rounds.
 
     The server is medfed's: ``build_workflow``'s choice of plain ``DefaultWorkflow`` or
     SecAgg+ (:class:`~server.secure.MedfedSecAggPlusWorkflow` over
     :class:`~server.secure.SecAggUpdateStrategy`), FedAvg weighting, no evaluation.
+    ``flower_only`` (with ``secagg``) runs Flower's bare SecAgg+ instead (``SecAggPlusWorkflow``,
+    ``secaggplus_mod`` alone: no update mod, no egress guard), to separate medfed's own cost.
     """
     cfg = RunConfig(num_sites=sites, min_fit_clients=sites, num_server_rounds=rounds, secagg=secagg, model="simplecnn")
     num_examples = [100 + 10 * i for i in range(sites)]
@@ -230,19 +235,31 @@ def run_bench(*, sites: int, num_params: int, secagg: bool, rounds: int = 3, num
     def main(grid: Grid, context: Context) -> None:
         wrapped = UploadCountingGrid(grid)
         counting.append(wrapped)
-        if secagg:
+        if secagg and flower_only:
             settings = secagg_settings(cfg, num_sites=sites)
-            outer: Strategy = SecAggUpdateStrategy(timer)
+            outer, workflow = timer, DefaultWorkflow(
+                fit_workflow=SecAggPlusWorkflow(
+                    num_shares=settings.num_shares, reconstruction_threshold=settings.reconstruction_threshold,
+                    max_weight=settings.max_weight, quantization_range=settings.quantization_range,
+                )
+            )
+        elif secagg:
+            settings = secagg_settings(cfg, num_sites=sites)
+            outer = SecAggUpdateStrategy(timer)
             workflow = DefaultWorkflow(fit_workflow=MedfedSecAggPlusWorkflow(settings, on_outcome=outer.record_outcome))
         else:
             outer, workflow = timer, DefaultWorkflow()
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=outer)
         workflow(wrapped, legacy)  # type: ignore[arg-type]
 
+    if flower_only:
+        client_app = ClientApp(client_fn=noise_client_fn(num_examples), mods=[secaggplus_mod])
+    else:
+        client_app = make_client_app(cfg, client_fn=noise_client_fn(num_examples))
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(
         server_app=server,
-        client_app=make_client_app(cfg, client_fn=noise_client_fn(num_examples)),
+        client_app=client_app,
         num_supernodes=sites,
         backend_config={
             "client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0},
@@ -264,6 +281,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--sites", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--params", type=float, nargs="+", default=[1e6, 7e6], help="model sizes (parameters)")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--flower-only", action="store_true", help="also time Flower's bare SecAgg+ (no medfed mods)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -278,12 +296,16 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{secure.median_round / plain.median_round:6.2f}  {plain.upload_per_site / fp32:7.2f}  "
                 f"{secure.upload_per_site / fp32:7.2f}"
             )
+            if args.flower_only:
+                bare = run_bench(sites=sites, num_params=num_params, secagg=True, rounds=args.rounds, flower_only=True)
+                row += f"  {bare.median_round:8.2f}  {bare.median_round / plain.median_round:6.2f}"
             rows.append(row)
             print(row, flush=True)
     print()
     print(f"SecAgg+ benchmark ({args.rounds} rounds; median round time over rounds 2..{args.rounds}; "
           f"{os.cpu_count()} CPUs; NoiseClient sites, FedAvg, no evaluation)")
-    print("model  sites  plain_s  secagg_s  ratio  plain_up/fp32  secagg_up/fp32")
+    header = "model  sites  plain_s  secagg_s  ratio  plain_up/fp32  secagg_up/fp32"
+    print(header + ("  flower_secagg_s  flower_ratio" if args.flower_only else ""))
     for row in rows:
         print(row)
 

@@ -131,6 +131,22 @@ def test_quantization_bound_holds_and_is_tight(c: float, q: int, w: float, sizes
     assert error >= bound / 20  # the bound is not vacuous: the error reaches a sizeable part of it
 
 
+def test_large_buffers_survive_as_updates_but_not_as_weights() -> None:
+    """Why sites send updates: BatchNorm variances of 50 are clipped at c = 8 when W is tight."""
+    rng = np.random.default_rng(1)
+    global_var = rng.uniform(40, 60, 5_000)
+    local = [global_var + rng.normal(0, 0.1, global_var.size) for _ in range(3)]
+    sizes, c, q, w = [50, 50, 50], 8.0, 2**26, 50.0  # max-weight right at the largest site: best precision
+    exact = aggregate([([x], n) for x, n in zip(local, sizes, strict=True)])[0]
+    as_weights = _flower_secagg_sum(local, sizes, c, q, w)
+    assert float(np.abs(as_weights - exact).max()) > 30  # clipped to 8: garbage
+    updates = [x - global_var for x in local]
+    as_updates = global_var + _flower_secagg_sum(updates, sizes, c, q, w)
+    bound = quantization_error_bound(num_examples=sizes, clipping_range=c, quantization_range=q, max_weight=w,
+                                     max_abs_update=max(float(np.abs(u).max()) for u in updates))
+    assert float(np.abs(as_updates - exact).max()) <= bound + 1e-12
+
+
 def test_restore_weights_keeps_dtypes_and_rounds_counters() -> None:
     glob = [np.array([1.0, -2.0], np.float32), np.array(7, np.int64)]
     out = restore_weights(glob, [np.array([0.25, 0.5]), np.array(2.0004)])
