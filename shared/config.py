@@ -130,7 +130,7 @@ class RunConfig:
     image_size: int = 0
     num_sites: int = 3
     num_server_rounds: int = 3
-    local_epochs: int = 1
+    local_epochs: int = 2
     batch_size: int = 32
     learning_rate: float = 0.05
     optimizer: Optimizer = "sgd"
