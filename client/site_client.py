@@ -19,6 +19,7 @@ from flwr.client import NumPyClient
 
 from client.site_data import SiteData
 from shared.config import RunConfig
+from shared.models import validate_for_dp
 from shared.privacy import (
     PrivacyBudget,
     PrivacyLedger,
@@ -48,6 +49,18 @@ DP_DECLINED = "dp-declined"
 A declined round returns the received weights unchanged with ``num_examples = 0``."""
 
 logger = logging.getLogger(__name__)
+
+
+_WARNED: set[tuple[str, int]] = set()
+
+
+def _first_time(topic: str, site_index: int) -> bool:
+    """Whether this process has not yet warned about ``topic`` for this site (a simulated site
+    is rebuilt every round; its start-up warnings need saying once)."""
+    if (topic, site_index) in _WARNED:
+        return False
+    _WARNED.add((topic, site_index))
+    return True
 
 
 class SiteClient(NumPyClient):
@@ -93,8 +106,6 @@ class SiteClient(NumPyClient):
         self.ledger_path = site_ledger_path(cfg, site_index=site_index) if cfg.dp else None
         self._noise_multiplier: float | None = None
         if cfg.dp:
-            from shared.models import validate_for_dp
-
             validate_for_dp(self.model)  # fail at start-up, not in round 1
             if self.grad_sample_mode == "ghost" and data.train.task != "classification":
                 raise ValueError(
@@ -106,14 +117,14 @@ class SiteClient(NumPyClient):
                     "dp = true but dp-noise-multiplier = 0 and dp-target-epsilon = 0: without "
                     "noise there is no privacy. Set dp-noise-multiplier > 0 or dp-target-epsilon > 0."
                 )
-            if not cfg.dp_secure_noise:
+            if not cfg.dp_secure_noise and _first_time("insecure-noise", site_index):
                 logger.warning(
                     "site %d: dp-secure-noise = false: DP-SGD noise and Poisson sampling come from "
                     "a generator seeded from the run's seed. Anyone who knows the seed can remove "
                     "the noise; use this for experiments only.",
                     site_index,
                 )
-            if cfg.dp_target_epsilon > cfg.dp_budget_epsilon:
+            if cfg.dp_target_epsilon > cfg.dp_budget_epsilon and _first_time("target-over-budget", site_index):
                 logger.warning(
                     "site %d: dp-target-epsilon = %g exceeds dp-budget-epsilon = %g: the site will "
                     "decline the rounds that would exceed its budget.",
@@ -251,11 +262,12 @@ class SiteClient(NumPyClient):
             learning_rate=settings.learning_rate,
             weight_decay=settings.weight_decay,
         )
-        generator = (
-            secure_generator(device=self.device)
-            if cfg.dp_secure_noise
-            else torch.Generator(device=self.device).manual_seed(settings.seed)
-        )
+        if cfg.dp_secure_noise:
+            generator = secure_generator(device=self.device)
+            sampling = generator if self.device.type == "cpu" else secure_generator(device="cpu")
+        else:
+            generator = torch.Generator(device=self.device).manual_seed(settings.seed)
+            sampling = generator if self.device.type == "cpu" else torch.Generator().manual_seed(settings.seed)
         global_params = [p.detach().clone() for p in self.model.parameters()]
         private = make_private_training(
             self.model,
@@ -267,6 +279,7 @@ class SiteClient(NumPyClient):
             grad_sample_mode=self.grad_sample_mode,
             secure_noise=cfg.dp_secure_noise,
             criterion=make_loss(self.data.train.task),
+            sampling_generator=sampling,
         )
         try:
             result = train_epochs(

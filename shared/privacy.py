@@ -224,6 +224,7 @@ def make_private_training(
     grad_sample_mode: str = "hooks",
     secure_noise: bool = False,
     criterion: nn.Module | None = None,
+    sampling_generator: torch.Generator | None = None,
 ) -> PrivateTraining:
     """Wrap ``model``, ``optimizer`` and ``loader`` for DP-SGD with Poisson sampling.
 
@@ -250,17 +251,22 @@ def make_private_training(
     max_grad_norm
         Per-example L2 clipping bound (``> 0``).
     generator
-        Draws the noise and the Poisson batches: :func:`secure_generator` for real sites, a
-        seeded ``torch.Generator`` for reproducible experiments.
+        Draws the noise (and, on the CPU, the Poisson batches): :func:`secure_generator` for
+        real sites, a seeded ``torch.Generator`` for reproducible experiments. It must live on
+        the device of the model's parameters.
     grad_sample_mode
         One of :data:`GRAD_SAMPLE_MODES`. ``"ghost"`` (ghost / fast gradient clipping, two
         backward passes) needs ``criterion`` and a per-example loss (classification).
     secure_noise
-        Sample the noise with Opacus's floating-point-attack-resistant method (4x more normal
-        draws, negligible next to per-sample gradients).
+        Sample the noise with Opacus's floating-point-attack-resistant method: five normal
+        draws per parameter per step instead of one (measured: about 0.2 s per step for the
+        11M-parameter ResNet-18 on 2 CPU cores, some 20% of a DP epoch at batch 16).
     criterion
         The training loss module (``reduction="mean"``); only used (and then required) for ghost
         clipping.
+    sampling_generator
+        A CPU generator for the Poisson batches (the data loader runs on the CPU); default
+        ``generator``, which must then be a CPU generator.
 
     Returns
     -------
@@ -286,9 +292,15 @@ def make_private_training(
         raise ValueError(f"max_grad_norm={max_grad_norm!r} is invalid: set dp-max-grad-norm > 0.")
     if grad_sample_mode == "ghost" and criterion is None:
         raise ValueError("grad_sample_mode='ghost' needs the training loss: pass criterion=<loss module>.")
+    sampler_rng = sampling_generator if sampling_generator is not None else generator
+    if sampler_rng.device.type != "cpu":
+        raise ValueError(
+            f"the noise generator is on {sampler_rng.device}: pass a CPU sampling_generator for "
+            "the Poisson batches (for example secure_generator(device='cpu'))."
+        )
     model.train()
     validate_for_dp(model)
-    dp_loader = DPDataLoader.from_data_loader(loader, generator=generator)
+    dp_loader = DPDataLoader.from_data_loader(loader, generator=sampler_rng)
     schedule = poisson_schedule(loader)
     with warnings.catch_warnings():
         # "Secure RNG turned off": medfed passes its own generator and logs its own warning.

@@ -232,6 +232,13 @@ def test_make_private_training_uses_poisson_sampling_from_the_given_generator() 
     assert sizes(3) == sizes(3) and sizes(3) != sizes(4)  # drawn from the given generator
     assert private.close() is model and not hasattr(next(model.parameters()), "grad_sample")
 
+    sampling = torch.Generator().manual_seed(9)
+    second = _toy_model()
+    other = make_private_training(second, torch.optim.SGD(second.parameters(), lr=0.1), loader,
+                                  noise_multiplier=1.0, max_grad_norm=1.0, generator=torch.Generator(),
+                                  sampling_generator=sampling)
+    assert other.loader.batch_sampler.generator is sampling and other.optimizer.generator is not sampling
+
 
 @pytest.mark.parametrize("mode", ["hooks", "ghost"])
 def test_dp_training_is_reproducible_with_a_seeded_generator_and_noisy(mode: str) -> None:

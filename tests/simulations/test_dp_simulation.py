@@ -34,7 +34,6 @@ def _epsilons(cfg: RunConfig, site: int, rounds: int) -> list[float]:
     return out
 
 
-@pytest.mark.slow  # about 25 s idle, 75 s on 2 busy cores (Ray start-up dominates)
 def test_sites_that_spent_their_budget_stop_the_run_cleanly(tmp_path: Path) -> None:
     cfg = RunConfig(
         dataset="synthetic", synthetic_samples=64, image_size=12, model="simplecnn", norm="group",
