@@ -115,9 +115,6 @@ def build_strategy(
     else:
         valid = ", ".join(STRATEGIES)
         raise ValueError(f"strategy = {cfg.strategy!r} is invalid. Valid choices: {valid}.")
-    # Flower's in-place aggregation (FedAvg's default) turns integer entries such as BatchNorm's
-    # step counters to 0; FedProx and FedAdam do not take the argument, so set the attribute.
-    base.inplace = False  # type: ignore[attr-defined]
     return with_client_dp(cfg, base, num_sites=min_available_clients)
 
 
