@@ -31,7 +31,8 @@ def site_start(
         str | None, typer.Option(help="Override the SuperLink address of the kit (HOST:PORT).")
     ] = None,
     max_connect_attempts: Annotated[
-        int, typer.Option(help="Give up after this many failed connection attempts (before the first success).")
+        int,
+        typer.Option(min=1, help="Give up after this many failed connection attempts (before the first success)."),
     ] = 5,
 ) -> None:
     """Join the federation: a SuperNode with the kit's CA and key, running only coordinator-signed code."""

@@ -356,8 +356,13 @@ def _check_store(value: str) -> None:
 
 
 def close_matches(word: str, choices: tuple[str, ...] | list[str]) -> str:
-    """``" Did you mean 'x'?"`` for the nearest of ``choices`` (``difflib``), or ``""``."""
-    near = difflib.get_close_matches(word, list(choices), n=2, cutoff=0.6)
+    """``" Did you mean 'x'?"`` for the nearest of ``choices``, or ``""``.
+
+    Choices that start with ``word`` come first (``dp-budget`` -> ``dp-budget-epsilon``), then
+    ``difflib``'s closest; two at most.
+    """
+    prefixed = [c for c in choices if word and c.startswith(word)]
+    near = list(dict.fromkeys([*prefixed, *difflib.get_close_matches(word, list(choices), n=2, cutoff=0.6)]))[:2]
     if not near:
         return ""
     return " Did you mean " + " or ".join(repr(n) for n in near) + "?"
@@ -393,7 +398,9 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
                 raise ValueError(value)
             return float(value)
         if isinstance(default, str):
-            return str(value)
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
     except (TypeError, ValueError):
         kind = type(default).__name__
         raise ConfigError(
