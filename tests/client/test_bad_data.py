@@ -151,6 +151,7 @@ def test_site_check_reports_the_same_entries_and_count(planted: Path, tmp_path: 
     assert wrong.exit_code == 2 and "--bad-data" in wrong.output and "'skip'" in wrong.output
 
 
+@pytest.mark.slow  # a Ray simulation: about 23 s on an idle 2-core machine
 def test_simulation_skips_with_the_count_in_every_sites_fit_metrics(planted: Path, tmp_path: Path) -> None:
     from simulations.simulate import run_federated
 
