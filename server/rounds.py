@@ -51,7 +51,7 @@ TIMEOUT = "TIMEOUT"
 """The :attr:`SiteFailure.code` of a site that did not answer within ``round-timeout``."""
 
 _CODE_NAMES = {value: name for name, value in vars(ErrorCode).items() if name.isupper()}
-_FLOWER_CLASS = re.compile(r"<class '([A-Za-z_][\w.]*)'>")
+_FLOWER_CLASS = re.compile(r"<class '([A-Za-z_][\w.]*)(?:\(([A-Za-z_][\w.]*)\))?'>")
 _LEADING_NAME = re.compile(r"([A-Za-z_]\w*)(?::|$)")
 
 
@@ -86,13 +86,14 @@ FailureCallback = Callable[[int, str, list[SiteFailure]], None]
 def error_class(reason: str) -> str:
     """The exception class named in a Flower error reason, without the message.
 
-    Flower writes ``"<class 'pkg.ClassName'>:<'message'>"`` (the simulation engine reports
-    its ``ClientAppException`` wrapper; a SuperNode the site's own exception class); other
-    runtimes write ``"ClassName: message"``. Returns ``"unknown"`` when neither form matches.
+    Flower writes ``"<class 'pkg.ClassName'>:<'message'>"`` (a SuperNode: the site's own
+    exception class; the simulation engine: Ray's ``RayTaskError(ClientAppException)``, of which
+    the wrapped class is kept); other runtimes write ``"ClassName: message"``. Returns
+    ``"unknown"`` when neither form matches.
     """
     match = _FLOWER_CLASS.search(reason)
     if match:
-        return match.group(1).rsplit(".", 1)[-1]
+        return (match.group(2) or match.group(1)).rsplit(".", 1)[-1]
     match = _LEADING_NAME.match(reason.strip())
     return match.group(1) if match else "unknown"
 

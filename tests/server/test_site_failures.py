@@ -96,6 +96,7 @@ def test_a_site_that_does_not_answer_times_out_and_is_recorded(tmp_path: Path) -
 @pytest.mark.parametrize(("reason", "expected"), [
     ("<class 'flwr.clientapp.client_app.ClientAppException'>:<'\nException ClientAppException occurred.'>", "ClientAppException"),
     ("<class 'ZeroDivisionError'>:<'division by zero'>", "ZeroDivisionError"),
+    ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() /home/x'>", "ClientAppException"),
     ("DataError: /data/patient-17/scan.nii.gz is unreadable", "DataError"),
     ("An exception was raised when attempting to load `ClientApp`", "unknown"),
 ])
