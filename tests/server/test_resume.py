@@ -197,3 +197,16 @@ def test_a_round_recorded_after_the_saved_state_is_recorded_once(tmp_path: Path)
     assert [r["round"] for r in read_metrics(cut)] == [0, 1, 2]
     with RunStore(cfg.store_url) as store:
         assert [(r["round"], r["status"]) for r in store.rounds("cut")] == [(0, "finished"), (1, "finished"), (2, "finished")]
+
+
+def test_medfed_simulate_resume_takes_the_runs_own_config_only(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from simulations.cli import app
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["simulate", "--resume", str(tmp_path / "nowhere")])
+    assert result.exit_code == 2 and "no such run directory" in " ".join(result.output.split())
+    result = runner.invoke(app, ["simulate", "--resume", str(tmp_path), "--rounds", "5", "--set", "seed=1"])
+    assert result.exit_code == 2
+    assert "leave out the other options (given: num-server-rounds, --set)" in " ".join(result.output.split())
