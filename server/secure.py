@@ -64,11 +64,10 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
-from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
+from server.rounds import apply_round_offset
 from shared.config import ConfigError, RunConfig
 
 __all__ = [
@@ -320,11 +319,16 @@ class MedfedSecAggPlusWorkflow(SecAggPlusWorkflow):
         From :func:`secagg_settings`.
     on_outcome
         Called once per round in which sites were sampled, after the last stage ran.
+    round_offset
+        Rounds completed before this process started (a resumed run): added to the round
+        number ``DefaultWorkflow`` counts from 1 (see :func:`server.rounds.apply_round_offset`).
     """
 
     STAGES = ("setup", "share-keys", "collect-masked-vectors", "unmask")
 
-    def __init__(self, settings: SecAggSettings, *, on_outcome: OutcomeCallback | None = None) -> None:
+    def __init__(
+        self, settings: SecAggSettings, *, on_outcome: OutcomeCallback | None = None, round_offset: int = 0
+    ) -> None:
         super().__init__(
             num_shares=settings.num_shares,
             reconstruction_threshold=settings.reconstruction_threshold,
@@ -336,14 +340,14 @@ class MedfedSecAggPlusWorkflow(SecAggPlusWorkflow):
         )
         self.settings = settings
         self.on_outcome = on_outcome
+        self.round_offset = round_offset
         self.outcomes: list[SecAggOutcome] = []
 
     def __call__(self, grid: Grid, context: Any) -> None:
         """Run the four SecAgg+ stages of one round and report the outcome."""
         if not isinstance(context, LegacyContext):
             raise TypeError(f"Expect a LegacyContext, but get {type(context).__name__}.")
-        cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
-        outcome = SecAggOutcome(round=int(cfg[WorkflowKey.CURRENT_ROUND]), sampled=0)
+        outcome = SecAggOutcome(round=apply_round_offset(context, self.round_offset), sampled=0)
         state = WorkflowState()
         steps = (self.setup_stage, self.share_keys_stage, self.collect_masked_vectors_stage, self.unmask_stage)
         start = time.perf_counter()
@@ -457,6 +461,14 @@ class SecAggUpdateStrategy(Strategy):
 
     def _stopped(self, server_round: int) -> bool:
         return self.stopped_round is not None and server_round > self.stopped_round
+
+    def resume_state(self) -> dict[str, object]:
+        """What a resumed run needs from this wrapper (see ``server.resume``)."""
+        return {"stopped_round": self.stopped_round}
+
+    def load_resume_state(self, state: dict[str, object]) -> None:
+        """Continue from :meth:`resume_state`."""
+        self.stopped_round = state["stopped_round"]  # type: ignore[assignment]
 
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """Delegate."""

@@ -196,6 +196,14 @@ class ClientLevelLedger:
             )
         )
 
+    def state_dict(self) -> dict[str, object]:
+        """The accountant's JSON-serialisable state (Flower's ``RdpAccountant.state_dict``)."""
+        return self.accountant.state_dict()
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Continue from :meth:`state_dict` (same delta and population, or Flower raises)."""
+        self.accountant.load_state_dict(state)
+
     def release(
         self,
         *,
@@ -258,6 +266,15 @@ class AccountedFixedClipping(DifferentialPrivacyClientSideFixedClipping):
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
         self.ledger = ledger
 
+    def resume_state(self) -> dict[str, object]:
+        """The client-level accountant's state (see ``server.resume``)."""
+        return {"ledger": self.ledger.state_dict() if self.ledger is not None else None}
+
+    def load_resume_state(self, state: dict[str, object]) -> None:
+        """Continue from :meth:`resume_state`."""
+        if self.ledger is not None and state["ledger"] is not None:
+            self.ledger.load_state_dict(state["ledger"])  # type: ignore[arg-type]
+
     def aggregate_fit(
         self,
         server_round: int,
@@ -305,6 +322,19 @@ class AccountedAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
             clipped_count_stddev=clipped_count_stddev,
         )
         self.ledger = ledger
+
+    def resume_state(self) -> dict[str, object]:
+        """The adapted clipping norm and the client-level accountant's state (see ``server.resume``)."""
+        return {
+            "clipping_norm": float(self.clipping_norm),
+            "ledger": self.ledger.state_dict() if self.ledger is not None else None,
+        }
+
+    def load_resume_state(self, state: dict[str, object]) -> None:
+        """Continue from :meth:`resume_state`."""
+        self.clipping_norm = float(state["clipping_norm"])  # type: ignore[arg-type]
+        if self.ledger is not None and state["ledger"] is not None:
+            self.ledger.load_state_dict(state["ledger"])  # type: ignore[arg-type]
 
     def aggregate_fit(
         self,

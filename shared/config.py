@@ -87,7 +87,20 @@ class RunConfig:
         Registry name (see ``shared.models.MODELS``) and normalisation layer.
     strategy, proximal_mu, server_learning_rate, fraction_fit, fraction_evaluate,
     min_fit_clients
-        Flower strategy and its knobs.
+        Flower strategy and its knobs. ``min_fit_clients`` is also the fewest sites whose
+        training results a round needs (without SecAgg+): a round in which fewer sites answer
+        leaves the global model unchanged (recorded, and the next round runs).
+    round_timeout
+        Seconds the server waits for the sites' replies in each round's training and
+        evaluation step; sites that have not answered by then count as failed for that round
+        (recorded with the round) and are asked again in the next. ``0``: wait without limit.
+        Under SecAgg+ the training step uses ``secagg_timeout`` per protocol stage instead.
+    resume
+        A run directory to continue: the server reloads the state it saved after the last
+        completed round there (global weights, strategy state, random state, run-store run id)
+        and runs the remaining rounds into the same directory and run-store run. Every other
+        key must equal the run's own ``config.json`` (``medfed simulate --resume DIR`` reads
+        it). See ``docs/faults.md``.
     partition, dirichlet_alpha
         How one dataset is split into simulated sites.
     augment
@@ -159,6 +172,8 @@ class RunConfig:
     fraction_fit: float = 1.0
     fraction_evaluate: float = 1.0
     min_fit_clients: int = 2
+    round_timeout: float = 0.0
+    resume: str = ""
     partition: Partition = "iid"
     dirichlet_alpha: float = 0.5
     augment: bool = True
@@ -247,6 +262,11 @@ class RunConfig:
         ):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key} = {value!r} is invalid: it must lie in [0, 1].")
+        if not (self.round_timeout >= 0 and math.isfinite(self.round_timeout)):
+            raise ConfigError(
+                f"round-timeout = {self.round_timeout!r} is invalid: give the seconds to wait for "
+                "the sites in each round (> 0), or 0 to wait without limit."
+            )
         for key, value in (
             ("proximal-mu", self.proximal_mu),
             ("weight-decay", self.weight_decay),
