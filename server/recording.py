@@ -27,6 +27,7 @@ from flwr.server.strategy import Strategy
 from torch import nn
 
 from server.run_dir import RoundRecord, RunDirectory
+from server.validation import RoundValidation, site_key
 from shared.weights import set_weights
 
 __all__ = ["RecordingStrategy"]
@@ -36,13 +37,17 @@ logger = logging.getLogger(__name__)
 RoundCallback = Callable[[RoundRecord], None]
 
 
-def _site_key(metrics: dict[str, Scalar], fallback: int) -> str:
-    return f"site-{int(metrics.get('site-index', fallback))}"
-
-
 def _declined(res: FitRes) -> bool:
     """A site declined the round (its privacy budget would be exceeded): nothing to aggregate."""
     return bool(res.metrics.get("dp-declined", 0)) and res.num_examples == 0
+
+
+def _site_order(result: tuple[ClientProxy, FitRes]) -> tuple[int, float]:
+    """Sort key: by ``site-index``; results with an unusable index last (a hostile site may send anything)."""
+    value = result[1].metrics.get("site-index", 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return (1, 0.0)
+    return (0, float(value))
 
 
 def _scalars(metrics: dict[str, Scalar]) -> dict[str, float]:
@@ -128,13 +133,7 @@ class RecordingStrategy(Strategy):
         exceed their privacy budget) are recorded but not passed on. If every result declined,
         nothing is aggregated and the run stops: later rounds select no sites.
         """
-        results = sorted(results, key=lambda r: int(r[1].metrics.get("site-index", 0)))
-        record = self._record(server_round)
-        record.num_fit_results = len(results)
-        record.num_fit_failures = len(failures)
-        for i, (_, res) in enumerate(results):
-            site = record.sites.setdefault(_site_key(res.metrics, i), {})
-            site["fit"] = {"num_examples": float(res.num_examples), **_scalars(res.metrics)}
+        results = self._record_fit(server_round, results, failures)
         trained = [r for r in results if not _declined(r[1])]
         if results and not trained:
             self.stopped_round = server_round
@@ -147,12 +146,50 @@ class RecordingStrategy(Strategy):
             )
             return None, {}
         params, metrics = self.strategy.aggregate_fit(server_round, trained, failures)
-        record.fit_metrics = _scalars(metrics)
+        self._record(server_round).fit_metrics = _scalars(metrics)
         if params is not None:
             self._latest, self._latest_round = params, server_round
         if failures:
             logger.warning("round %d: %d site(s) failed to train", server_round, len(failures))
         return params, metrics
+
+    def _record_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> list[tuple[ClientProxy, FitRes]]:
+        """Record the sites' fit metrics and counts; return the results ordered by site."""
+        results = sorted(results, key=_site_order)
+        record = self._record(server_round)
+        record.num_fit_results = len(results)
+        record.num_fit_failures = len(failures)
+        for i, (_, res) in enumerate(results):
+            site = record.sites.setdefault(site_key(res.metrics, i), {})
+            site["fit"] = {"num_examples": float(res.num_examples), **_scalars(res.metrics)}
+        return results
+
+    def record_validation(self, report: RoundValidation) -> None:
+        """Record what update validation decided (``server.validation``): rejections, norms, a skip."""
+        record = self._record(report.round)
+        record.rejected.extend(report.rejected)
+        if report.skipped:
+            record.skipped = report.skipped
+        for site, norm in report.norms.items():
+            record.sites.setdefault(site, {}).setdefault("fit", {})["update-norm"] = float(norm)
+
+    def drop_round(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+        *,
+        report: RoundValidation,
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Record the round's sites and ``report`` without aggregating: the global model stays."""
+        self._record_fit(server_round, results, failures)
+        self.record_validation(report)
+        return None, {}
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -171,7 +208,7 @@ class RecordingStrategy(Strategy):
         """Record each site's validation metrics, delegate, and close the round."""
         record = self._record(server_round)
         for i, (_, res) in enumerate(results):
-            site = record.sites.setdefault(_site_key(res.metrics, i), {})
+            site = record.sites.setdefault(site_key(res.metrics, i), {})
             site["eval"] = {"loss": float(res.loss), "num_examples": float(res.num_examples), **_scalars(res.metrics)}
         loss, metrics = self.strategy.aggregate_evaluate(server_round, results, failures)
         record.eval_metrics = _scalars(metrics)

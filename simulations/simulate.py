@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flwr.client import ClientApp
 from flwr.simulation import run_simulation
 
 from client.client_app import make_client_app
@@ -41,6 +42,7 @@ def run_federated(
     hooks: ServerHooks | None = None,
     run_path: str | Path | None = None,
     verbose: bool = False,
+    client_app: ClientApp | None = None,
 ) -> SimulationResult:
     """Simulate ``cfg.num_sites`` hospitals training ``cfg.model`` for ``cfg.num_server_rounds``.
 
@@ -54,6 +56,9 @@ def run_federated(
         The run directory (default: a fresh folder under ``cfg.run_dir``).
     verbose
         Flower's DEBUG logging.
+    client_app
+        The sites' ClientApp (default: :func:`client.client_app.make_client_app` of ``cfg``);
+        tests and benchmarks pass one with faulty sites (:mod:`client.attacks`).
 
     Raises
     ------
@@ -81,7 +86,7 @@ def run_federated(
     server_app = make_server_app(
         cfg, hooks=ServerHooks(on_start=on_start, on_round=on_round, on_finish=on_finish), run_path=str(path)
     )
-    client_app = make_client_app(cfg)
+    client_app = client_app or make_client_app(cfg)
     # One CPU per site: Ray runs as many sites at once as there are cores, each torch single-threaded.
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": _gpu_share()},
