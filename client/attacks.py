@@ -72,7 +72,7 @@ class Attack:
         """Whether the site misbehaves in ``server_round``."""
         return not self.rounds or server_round in self.rounds
 
-    def apply(self, local: NDArrays, global_weights: NDArrays) -> NDArrays:
+    def apply(self, local: NDArrays, *, global_weights: NDArrays) -> NDArrays:
         """The weights the attacking site sends instead of ``local``.
 
         Parameters
@@ -115,7 +115,7 @@ class AttackingClient(NumPyClient):
         What it does to its weights, and in which rounds.
     """
 
-    def __init__(self, client: NumPyClient, attack: Attack) -> None:
+    def __init__(self, client: NumPyClient, *, attack: Attack) -> None:
         self.client = client
         self.attack = attack
 
@@ -130,7 +130,7 @@ class AttackingClient(NumPyClient):
         server_round = int(config.get("server-round", 1))
         if self.attack.active(server_round):
             logger.info("test attack %r in round %d", self.attack.kind, server_round)
-            local = self.attack.apply(local, received)
+            local = self.attack.apply(local, global_weights=received)
         return local, num_examples, metrics
 
     def evaluate(self, parameters: NDArrays, config: dict[str, Scalar]) -> tuple[float, int, dict[str, Scalar]]:
@@ -169,6 +169,6 @@ def attack_client_fn(cfg: RunConfig, attacks: Mapping[int, Attack]) -> Callable[
         data = simulated_site_data(cfg, site_index=site_index, num_sites=num_sites)
         site = SiteClient(cfg=cfg, data=data, site_index=site_index)
         attack = plan.get(site_index)
-        return (AttackingClient(site, attack) if attack is not None else site).to_client()
+        return (AttackingClient(site, attack=attack) if attack is not None else site).to_client()
 
     return client_fn

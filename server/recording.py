@@ -165,7 +165,7 @@ class RecordingStrategy(Strategy):
         record.num_fit_results = len(results)
         record.num_fit_failures = len(failures)
         for i, (_, res) in enumerate(results):
-            site = record.sites.setdefault(site_key(res.metrics, i), {})
+            site = record.sites.setdefault(site_key(res.metrics, fallback=i), {})
             site["fit"] = {"num_examples": float(res.num_examples), **_scalars(res.metrics)}
         return results
 
@@ -208,7 +208,7 @@ class RecordingStrategy(Strategy):
         """Record each site's validation metrics, delegate, and close the round."""
         record = self._record(server_round)
         for i, (_, res) in enumerate(results):
-            site = record.sites.setdefault(site_key(res.metrics, i), {})
+            site = record.sites.setdefault(site_key(res.metrics, fallback=i), {})
             site["eval"] = {"loss": float(res.loss), "num_examples": float(res.num_examples), **_scalars(res.metrics)}
         loss, metrics = self.strategy.aggregate_evaluate(server_round, results, failures)
         record.eval_metrics = _scalars(metrics)

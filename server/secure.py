@@ -505,7 +505,7 @@ class SecAggUpdateStrategy(Strategy):
                 )
             global_weights = self._global.pop(server_round)
             update = parameters_to_ndarrays(shared)
-            finding = check_aggregate(update, global_weights)
+            finding = check_aggregate(update, global_weights=global_weights)
             if finding is not None:
                 skipped = f"the SecAgg+ aggregate is invalid ({finding.reason}: {finding.detail}): the global model is unchanged"
                 logger.error("round %d: %s.", server_round, skipped)

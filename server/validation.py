@@ -102,7 +102,7 @@ class RoundValidation:
     """Why nothing was aggregated this round (``None``: the round aggregated)."""
 
 
-def site_key(metrics: dict[str, Scalar], fallback: int) -> str:
+def site_key(metrics: dict[str, Scalar], *, fallback: int) -> str:
     """``site-<site-index>`` from a site's metrics; ``site-?<position>`` if it is not an integer.
 
     A hostile or broken site may send any scalar; a missing, fractional or non-finite index
@@ -120,7 +120,7 @@ def _is_float(array: np.ndarray) -> bool:
     return array.dtype.kind == "f"
 
 
-def update_norm(weights: NDArrays, global_weights: NDArrays) -> float:
+def update_norm(weights: NDArrays, *, global_weights: NDArrays) -> float:
     """L2 norm of ``weights - global_weights`` over the floating-point entries, in float64.
 
     Entries whose global counterpart is an integer (BatchNorm's ``num_batches_tracked``) are
@@ -184,13 +184,13 @@ def check_update(
     finding = _finite_finding(weights)
     if finding is not None:
         return finding, None
-    norm = update_norm(weights, global_weights)
+    norm = update_norm(weights, global_weights=global_weights)
     if max_update_norm > 0 and not norm <= max_update_norm:
         return Finding("norm", f"update norm {norm:.4g} > max-update-norm = {max_update_norm:g}"), norm
     return None, norm
 
 
-def check_aggregate(update: NDArrays, global_weights: NDArrays) -> Finding | None:
+def check_aggregate(update: NDArrays, *, global_weights: NDArrays) -> Finding | None:
     """Check a SecAgg+ aggregate (the mean update) before it is added to the global model.
 
     The count and the shapes must match the model (0-d entries may travel as shape ``(1,)``,
@@ -207,7 +207,7 @@ def check_aggregate(update: NDArrays, global_weights: NDArrays) -> Finding | Non
     return _finite_finding(update)
 
 
-def cast_like(weights: NDArrays, reference: NDArrays) -> NDArrays:
+def cast_like(weights: NDArrays, *, reference: NDArrays) -> NDArrays:
     """``weights`` in the dtypes of ``reference`` (integer entries rounded).
 
     Flower's median and trimmed mean return float64 for int64 step counters; the global model
@@ -292,7 +292,7 @@ class ValidatingStrategy(Strategy):
         report = RoundValidation(round=server_round)
         valid: list[tuple[ClientProxy, FitRes]] = []
         for i, (proxy, res) in enumerate(results):
-            site = site_key(res.metrics, i)
+            site = site_key(res.metrics, fallback=i)
             finding, norm = self._check(res, global_weights)
             if norm is not None and math.isfinite(norm):
                 report.norms[site] = norm
@@ -318,7 +318,7 @@ class ValidatingStrategy(Strategy):
             return None, {}
         params, metrics = self.strategy.aggregate_fit(server_round, valid, failures)
         if params is not None:
-            params = ndarrays_to_parameters(cast_like(parameters_to_ndarrays(params), global_weights))
+            params = ndarrays_to_parameters(cast_like(parameters_to_ndarrays(params), reference=global_weights))
         self._report(report)
         return params, metrics
 

@@ -69,8 +69,12 @@ class RobustRow:
 
 
 def _final(cfg: RunConfig, attacks: dict[int, Attack], run_dir: Path) -> dict[str, float]:
+    """Final global metrics of one run; every site must have answered every round."""
     app = make_client_app(cfg, client_fn=attack_client_fn(cfg, attacks))
     result = run_federated(cfg, run_path=run_dir, client_app=app)
+    failed = [r.round for r in result.rounds if r.num_fit_failures or r.skipped]
+    if failed:
+        raise RuntimeError(f"{cfg.strategy}: sites failed or rounds were skipped in rounds {failed}; see {run_dir}.")
     return {k: float(v) for k, v in result.final_metrics.items()}
 
 

@@ -55,7 +55,7 @@ def _res(weights: list[np.ndarray], site: int, n: int = 10) -> tuple[None, FitRe
 @pytest.mark.parametrize("kind", ["nan", "inf", "shape", "count", "dtype"])
 def test_every_broken_update_is_caught_with_its_reason(kind: str) -> None:
     glob = _model()
-    sent = Attack(kind).apply(_local(glob, 1), glob)
+    sent = Attack(kind).apply(_local(glob, 1), global_weights=glob)
     finding, norm = check_update(sent, global_weights=glob)
     expected = {"nan": "nan", "inf": "inf", "shape": "shape", "count": "count", "dtype": "dtype"}[kind]
     assert finding is not None and finding.reason == expected and norm is None
@@ -68,14 +68,14 @@ def test_a_valid_update_passes_and_its_norm_leaves_out_step_counters() -> None:
     finding, norm = check_update(local, global_weights=glob, max_update_norm=1.0)
     assert finding is None
     expected = math.sqrt(sum(float(((l.astype(np.float64) - g) ** 2).sum()) for l, g in zip(local[:3], glob[:3])))
-    assert norm == pytest.approx(expected, rel=1e-9) and norm == update_norm(local, glob)
+    assert norm == pytest.approx(expected, rel=1e-9) and norm == update_norm(local, global_weights=glob)
     assert 0 < norm < 1.0  # the counter moved by 3, which alone would exceed the bound
 
 
 def test_norm_bound_rejects_a_scaled_update_and_zero_turns_it_off() -> None:
     glob = _model()
     honest = _local(glob, 1)
-    scaled = Attack("scale", factor=1e6).apply(honest, glob)
+    scaled = Attack("scale", factor=1e6).apply(honest, global_weights=glob)
     finding, norm = check_update(scaled, global_weights=glob, max_update_norm=100.0)
     assert finding is not None and finding.reason == "norm" and norm > 1e4
     assert "max-update-norm = 100" in finding.detail
@@ -85,7 +85,7 @@ def test_norm_bound_rejects_a_scaled_update_and_zero_turns_it_off() -> None:
 def test_sign_flip_points_the_update_the_other_way() -> None:
     glob = _model()
     honest = _local(glob, 2)
-    flipped = Attack("sign-flip", factor=10.0).apply(honest, glob)
+    flipped = Attack("sign-flip", factor=10.0).apply(honest, global_weights=glob)
     for h, f, g in zip(honest[:3], flipped[:3], glob[:3]):
         assert np.allclose(f.astype(np.float64) - g, -10.0 * (h.astype(np.float64) - g), atol=1e-5)
     assert int(flipped[3]) == int(honest[3])  # counters as trained
@@ -103,11 +103,11 @@ def test_attacks_refuse_deployment() -> None:
 
 
 def test_site_key_survives_hostile_site_indices() -> None:
-    assert site_key({"site-index": 3}, 0) == "site-3"
-    assert site_key({"site-index": 2.0}, 0) == "site-2"
+    assert site_key({"site-index": 3}, fallback=0) == "site-3"
+    assert site_key({"site-index": 2.0}, fallback=0) == "site-2"
     for bad in (float("nan"), float("inf"), 1.5, True):
-        assert site_key({"site-index": bad}, 4) == "site-?4"
-    assert site_key({}, 1) == "site-1"
+        assert site_key({"site-index": bad}, fallback=4) == "site-?4"
+    assert site_key({}, fallback=1) == "site-1"
 
 
 # --------------------------------------------------------------------------- the strategy wrapper
@@ -124,9 +124,9 @@ def test_wrapper_aggregates_only_the_valid_updates_and_reports_the_rest() -> Non
     honest = [_local(glob, s) for s in (0, 4)]
     results = [
         _res(honest[0], 0),
-        _res(Attack("nan").apply(_local(glob, 1), glob), 1),
-        _res(Attack("shape").apply(_local(glob, 2), glob), 2),
-        _res(Attack("scale", factor=1e6).apply(_local(glob, 3), glob), 3),
+        _res(Attack("nan").apply(_local(glob, 1), global_weights=glob), 1),
+        _res(Attack("shape").apply(_local(glob, 2), global_weights=glob), 2),
+        _res(Attack("scale", factor=1e6).apply(_local(glob, 3), global_weights=glob), 3),
         _res(honest[1], 4),
         (None, FitRes(OK, Parameters(tensors=[b"not an array"], tensor_type="numpy.ndarray"), 10, {"site-index": 5})),
         _res(_local(glob, 6), 6, n=0),
@@ -147,14 +147,14 @@ def test_wrapper_aggregates_only_the_valid_updates_and_reports_the_rest() -> Non
 
 def test_nothing_valid_leaves_the_model_unchanged_and_says_so() -> None:
     wrapper, reports, glob = _validating(FedAvg())
-    results = [_res(Attack("nan").apply(_local(glob, s), glob), s) for s in range(3)]
+    results = [_res(Attack("nan").apply(_local(glob, s), global_weights=glob), s) for s in range(3)]
     assert wrapper.aggregate_fit(1, results, []) == (None, {})
     assert len(reports[0].rejected) == 3 and "all 3 updates were rejected" in reports[0].skipped
 
 
 def test_robust_rule_skips_a_round_with_too_few_valid_updates() -> None:
     wrapper, reports, glob = _validating(Krum(num_malicious_clients=1), min_updates=5, rule="krum")
-    results = [_res(_local(glob, s), s) for s in range(4)] + [_res(Attack("inf").apply(_local(glob, 4), glob), 4)]
+    results = [_res(_local(glob, s), s) for s in range(4)] + [_res(Attack("inf").apply(_local(glob, 4), global_weights=glob), 4)]
     assert wrapper.aggregate_fit(1, results, []) == (None, {})
     assert "krum needs at least 5" in reports[0].skipped
 
@@ -172,7 +172,7 @@ def test_secagg_aggregate_check_drops_the_round() -> None:
     glob = _model()
     dropped: list[RoundValidation] = []
 
-    def on_invalid(server_round, results, failures, *, report):
+    def on_invalid(server_round: int, results: list, failures: list, *, report: RoundValidation) -> tuple[None, dict]:
         dropped.append(report)
         return None, {}
 
@@ -186,7 +186,7 @@ def test_secagg_aggregate_check_drops_the_round() -> None:
         assert "unchanged" in dropped[-1].skipped
     good = [np.zeros(a.shape) for a in glob]
     good[3] = np.zeros(1)  # 0-d entries travel as shape (1,)
-    assert check_aggregate(good, glob) is None
+    assert check_aggregate(good, global_weights=glob) is None
 
 
 def test_site_clips_its_update_to_the_bound_but_not_its_counters() -> None:
@@ -218,14 +218,14 @@ def test_robust_strategies_are_flowers_and_aggregate(name: str, cls: type, extra
     strategy = build_strategy(cfg, initial_weights=glob, evaluate_fn=None, min_available_clients=cfg.num_sites)
     assert isinstance(strategy, cls)
     honest = [_local(glob, s) for s in range(cfg.num_sites - 1)]
-    poisoned = Attack("sign-flip", factor=1e3).apply(_local(glob, 99), glob)
+    poisoned = Attack("sign-flip", factor=1e3).apply(_local(glob, 99), global_weights=glob)
     results = [_res(h, i) for i, h in enumerate(honest)] + [_res(poisoned, cfg.num_sites - 1)]
     params, _ = strategy.aggregate_fit(1, results, [])
     out = parameters_to_ndarrays(params)
     # The poisoned update is 1000x away; the robust aggregate stays among the honest ones.
-    assert update_norm(out, glob) <= max(update_norm(h, glob) for h in honest) + 1e-6
+    assert update_norm(out, global_weights=glob) <= max(update_norm(h, global_weights=glob) for h in honest) + 1e-6
     mean = FedAvg().aggregate_fit(1, results, [])[0]
-    assert update_norm(parameters_to_ndarrays(mean), glob) > 10 * update_norm(out, glob)
+    assert update_norm(parameters_to_ndarrays(mean), global_weights=glob) > 10 * update_norm(out, global_weights=glob)
 
 
 def test_multikrum_keeps_all_but_the_malicious_of_each_round() -> None:
@@ -308,6 +308,8 @@ def test_under_secagg_sites_refuse_nan_and_clip_to_the_bound(tmp_path: Path) -> 
     from flwr.app import Context as AppContext
     from flwr.app import RecordDict
 
+    from flwr.client import Client
+
     from client.attacks import AttackingClient
     from client.client_app import make_client_app
     from server.run_dir import read_metrics
@@ -324,10 +326,10 @@ def test_under_secagg_sites_refuse_nan_and_clip_to_the_bound(tmp_path: Path) -> 
     )
     attacks = {0: Attack("nan"), 1: Attack("scale", factor=1e6)}
 
-    def client_fn(context):
+    def client_fn(context: AppContext) -> Client:
         index = int(context.node_config["partition-id"])
         site = NoiseClient(site_index=index, num_examples=10 * (index + 1))
-        return (AttackingClient(site, attacks[index]) if index in attacks else site).to_client()
+        return (AttackingClient(site, attack=attacks[index]) if index in attacks else site).to_client()
 
     grid = ServerRecorder(LocalGrid(make_client_app(cfg, client_fn=client_fn), num_nodes=5))
     with server_identity():
@@ -340,5 +342,20 @@ def test_under_secagg_sites_refuse_nan_and_clip_to_the_bound(tmp_path: Path) -> 
     assert clipped == {"site-1": 1, "site-2": 0, "site-3": 0, "site-4": 0}
     before = grid.globals_[1]
     after = [t.numpy() for t in torch.load(tmp_path / "run" / "checkpoints" / "final.pt", weights_only=False)["state_dict"].values()]
-    moved = update_norm(after, before)
+    moved = update_norm(after, global_weights=before)
     assert 0.1 < moved <= bound + 1e-3  # a mean of updates of norm <= bound (quantisation error ~1e-5)
+
+
+def test_progress_table_shows_rejections() -> None:
+    from rich.console import Console
+
+    from simulations.progress import RunProgress
+
+    console = Console(record=True, width=200)
+    progress = RunProgress(title="t", rounds=2, console=console)
+    rejected = [{"site": "site-1", "node": "", "reason": "nan", "detail": ""}] * 2
+    progress.records = [RoundRecord(round=1, num_fit_results=5, rejected=rejected),
+                        RoundRecord(round=2, num_fit_results=2, rejected=rejected, skipped="all 2 updates were rejected")]
+    console.print(progress.table())
+    text = console.export_text()
+    assert "5 (2 rejected)" in text and "2 (2 rejected) (not aggregated)" in text

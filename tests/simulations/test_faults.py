@@ -17,6 +17,7 @@ FedMedian 0.833, FedTrimmedAvg 0.844, MultiKrum 0.856, Krum 0.833.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,7 @@ model is pushed away from the optimum every round and ends near chance (0.5)."""
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
+def _one_torch_thread() -> Iterator[None]:
     """The in-process sites train one after another; one thread each is fastest on a shared 2-core CPU."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
