@@ -347,11 +347,13 @@ def test_under_secagg_sites_refuse_nan_and_clip_to_the_bound(tmp_path: Path) -> 
 
 
 def test_progress_table_shows_rejections() -> None:
+    import io
+
     from rich.console import Console
 
     from simulations.progress import RunProgress
 
-    console = Console(record=True, width=200)
+    console = Console(record=True, width=200, file=io.StringIO())
     progress = RunProgress(title="t", rounds=2, console=console)
     rejected = [{"site": "site-1", "node": "", "reason": "nan", "detail": ""}] * 2
     progress.records = [RoundRecord(round=1, num_fit_results=5, rejected=rejected),
