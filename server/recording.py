@@ -33,6 +33,7 @@ from torch import nn
 from server.resume import ResumeState, capture_rng, chain_state, write_resume_state
 from server.rounds import SiteFailure
 from server.run_dir import RoundRecord, RunDirectory
+from server.validation import RoundValidation, site_key
 from shared.weights import set_weights
 
 __all__ = ["RecordingStrategy"]
@@ -42,13 +43,17 @@ logger = logging.getLogger(__name__)
 RoundCallback = Callable[[RoundRecord], None]
 
 
-def _site_key(metrics: dict[str, Scalar], fallback: int) -> str:
-    return f"site-{int(metrics.get('site-index', fallback))}"
-
-
 def _declined(res: FitRes) -> bool:
     """A site declined the round (its privacy budget would be exceeded): nothing to aggregate."""
     return bool(res.metrics.get("dp-declined", 0)) and res.num_examples == 0
+
+
+def _site_order(result: tuple[ClientProxy, FitRes]) -> tuple[int, float]:
+    """Sort key: by ``site-index``; results with an unusable index last (a hostile site may send anything)."""
+    value = result[1].metrics.get("site-index", 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return (1, 0.0)
+    return (0, float(value))
 
 
 def _scalars(metrics: dict[str, Scalar]) -> dict[str, float]:
@@ -169,16 +174,8 @@ class RecordingStrategy(Strategy):
         exceed their privacy budget) are recorded but not passed on. If every result declined,
         nothing is aggregated and the run stops: later rounds select no sites.
         """
-        results = sorted(results, key=lambda r: int(r[1].metrics.get("site-index", 0)))
+        results = self._record_fit(server_round, results, failures)
         record = self._record(server_round)
-        timeouts = sum(1 for f in self._fit_failures.get(server_round, []) if f.code == "TIMEOUT")
-        record.num_fit_results = len(results)
-        record.num_fit_failures = len(failures) + timeouts
-        for i, (proxy, res) in enumerate(results):
-            key = _site_key(res.metrics, i)
-            self._learn_site(proxy, key)
-            site = record.sites.setdefault(key, {})
-            site["fit"] = {"num_examples": float(res.num_examples), **_scalars(res.metrics)}
         if record.num_fit_failures:
             logger.warning("round %d: %d site(s) failed to train", server_round, record.num_fit_failures)
         if len(results) < self.min_results:
@@ -203,7 +200,7 @@ class RecordingStrategy(Strategy):
             )
             return None, {}
         params, metrics = self.strategy.aggregate_fit(server_round, trained, failures)
-        record.fit_metrics = _scalars(metrics)
+        self._record(server_round).fit_metrics = _scalars(metrics)
         if params is not None:
             self._latest, self._latest_round = params, server_round
         return params, metrics
@@ -219,6 +216,47 @@ class RecordingStrategy(Strategy):
         node = getattr(proxy, "node_id", None)
         if node is not None:
             self._site_of_node[int(node)] = key
+
+    def _record_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> list[tuple[ClientProxy, FitRes]]:
+        """Record the sites' fit metrics and counts; return the results ordered by site."""
+        results = sorted(results, key=_site_order)
+        record = self._record(server_round)
+        timeouts = sum(1 for f in self._fit_failures.get(server_round, []) if f.code == "TIMEOUT")
+        record.num_fit_results = len(results)
+        record.num_fit_failures = len(failures) + timeouts
+        for i, (proxy, res) in enumerate(results):
+            key = site_key(res.metrics, fallback=i)
+            self._learn_site(proxy, key)
+            site = record.sites.setdefault(key, {})
+            site["fit"] = {"num_examples": float(res.num_examples), **_scalars(res.metrics)}
+        return results
+
+    def record_validation(self, report: RoundValidation) -> None:
+        """Record what update validation decided (``server.validation``): rejections, norms, a skip."""
+        record = self._record(report.round)
+        record.rejected.extend(report.rejected)
+        if report.skipped:
+            record.skipped = report.skipped
+        for site, norm in report.norms.items():
+            record.sites.setdefault(site, {}).setdefault("fit", {})["update-norm"] = float(norm)
+
+    def drop_round(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+        *,
+        report: RoundValidation,
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Record the round's sites and ``report`` without aggregating: the global model stays."""
+        self._record_fit(server_round, results, failures)
+        self.record_validation(report)
+        return None, {}
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -240,7 +278,7 @@ class RecordingStrategy(Strategy):
         if failures:
             logger.warning("round %d: %d site(s) failed to evaluate", server_round, len(failures))
         for i, (proxy, res) in enumerate(results):
-            key = _site_key(res.metrics, i)
+            key = site_key(res.metrics, fallback=i)
             self._learn_site(proxy, key)
             site = record.sites.setdefault(key, {})
             site["eval"] = {"loss": float(res.loss), "num_examples": float(res.num_examples), **_scalars(res.metrics)}

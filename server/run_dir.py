@@ -56,6 +56,11 @@ class RoundRecord:
 
     Under SecAgg+ the server never sees a site's update: ``sites`` then holds only what each
     site reports in the clear (example count and scalar metrics)."""
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    """Updates the server rejected this round (``server.validation``): ``{"site", "node",
+    "reason", "detail"}`` each; under SecAgg+ ``site`` is ``"aggregate"``."""
+    skipped: str | None = None
+    """Why nothing was aggregated this round (the global model is unchanged); ``None`` otherwise."""
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to ``metrics.jsonl``."""
@@ -71,6 +76,8 @@ class RoundRecord:
             "failed_sites": self.failed_sites,
             "eval_failures": self.num_eval_failures,
             "secagg": self.secagg,
+            "rejected": self.rejected,
+            "skipped": self.skipped,
         }
 
 

@@ -68,6 +68,7 @@ from flwr.server.workflow.secure_aggregation.secaggplus_workflow import Workflow
 from flwr.serverapp import Grid
 
 from server.rounds import apply_round_offset
+from server.validation import RoundValidation, check_aggregate
 from shared.config import ConfigError, RunConfig
 
 __all__ = [
@@ -91,6 +92,8 @@ _INT32_LIMIT = 2**31
 """Flower's stochastic rounding casts quantised values to int32."""
 
 OutcomeCallback = Callable[["SecAggOutcome"], None]
+InvalidCallback = Callable[..., tuple[Parameters | None, dict[str, Scalar]]]
+"""``(server_round, results, failures, *, report)``: records a round whose aggregate was invalid."""
 
 
 def sites_per_round(cfg: RunConfig, *, num_sites: int) -> int:
@@ -429,6 +432,11 @@ class SecAggUpdateStrategy(Strategy):
     what it would see without SecAgg+: full weights. It also stops the run after a failed
     round when ``on_failure == "stop"``.
 
+    Before that it checks the aggregate (:func:`server.validation.check_aggregate`: as many
+    arrays as the model, the model's shapes, finite): the server cannot check single updates
+    under SecAgg+, but a broken aggregate must not become the global model. An invalid
+    aggregate drops the round (the model is unchanged) and is reported to ``on_invalid``.
+
     Parameters
     ----------
     strategy
@@ -436,12 +444,18 @@ class SecAggUpdateStrategy(Strategy):
     on_failure
         ``"continue"``: a failed round leaves the model unchanged and the next round runs;
         ``"stop"``: no later round selects sites or evaluates.
+    on_invalid
+        Called as ``on_invalid(server_round, results, failures, report=RoundValidation)`` for a
+        round whose aggregate is invalid (medfed: :meth:`RecordingStrategy.drop_round`).
     """
 
-    def __init__(self, strategy: Strategy, *, on_failure: str = "continue") -> None:
+    def __init__(
+        self, strategy: Strategy, *, on_failure: str = "continue", on_invalid: InvalidCallback | None = None
+    ) -> None:
         super().__init__()
         self.strategy = strategy
         self.on_failure = on_failure
+        self.on_invalid = on_invalid
         self.stopped_round: int | None = None
         self._global: dict[int, NDArrays] = {}
 
@@ -489,7 +503,11 @@ class SecAggUpdateStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Replace the aggregated update by ``global + update`` in every result, then delegate."""
+        """Check the aggregated update, replace it by ``global + update`` in every result, delegate.
+
+        An aggregate that is not finite or not model-shaped drops the round (``None``: the
+        global model stays) and goes to ``on_invalid``.
+        """
         if results:
             shared = results[0][1].parameters
             if any(res.parameters is not shared for _, res in results[1:]):
@@ -498,7 +516,20 @@ class SecAggUpdateStrategy(Strategy):
                     "aggregate); it must only wrap the strategy of a SecAgg+ run."
                 )
             global_weights = self._global.pop(server_round)
-            restored = ndarrays_to_parameters(restore_weights(global_weights, parameters_to_ndarrays(shared)))
+            update = parameters_to_ndarrays(shared)
+            finding = check_aggregate(update, global_weights=global_weights)
+            if finding is not None:
+                skipped = f"the SecAgg+ aggregate is invalid ({finding.reason}: {finding.detail}): the global model is unchanged"
+                logger.error("round %d: %s.", server_round, skipped)
+                report = RoundValidation(
+                    round=server_round,
+                    rejected=[{"site": "aggregate", "node": "", "reason": finding.reason, "detail": finding.detail}],
+                    skipped=skipped,
+                )
+                if self.on_invalid is not None:
+                    return self.on_invalid(server_round, results, failures, report=report)
+                return None, {}
+            restored = ndarrays_to_parameters(restore_weights(global_weights, update))
             for _, res in results:
                 res.parameters = restored
         return self.strategy.aggregate_fit(server_round, results, failures)

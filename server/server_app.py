@@ -29,7 +29,8 @@ from server.run_dir import RunDirectory, new_run_path
 from server.secure import MedfedSecAggPlusWorkflow, SecAggOutcome, SecAggUpdateStrategy, secagg_settings
 from server.store import open_sink
 from server.strategies import build_strategy
-from shared.config import RunConfig
+from server.validation import ValidatingStrategy
+from shared.config import RunConfig, robust_min_sites
 from shared.data.loading import load_dataset
 from shared.models import build_model, model_task
 from shared.seeding import seed_everything
@@ -90,13 +91,19 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
     if hooks.on_start:
         hooks.on_start(run_dir)
     num_sites = cfg.num_sites
+    aggregator = build_strategy(
+        cfg,
+        initial_weights=get_weights(model),
+        evaluate_fn=evaluate_fn,
+        min_available_clients=num_sites,
+    )
+    validator: ValidatingStrategy | None = None
+    if not cfg.secagg:  # under SecAgg+ the sites validate; the server checks the aggregate
+        aggregator = validator = ValidatingStrategy(
+            aggregator, max_update_norm=cfg.max_update_norm, min_updates=robust_min_sites(cfg), rule=cfg.strategy
+        )
     strategy = RecordingStrategy(
-        build_strategy(
-            cfg,
-            initial_weights=get_weights(model),
-            evaluate_fn=evaluate_fn,
-            min_available_clients=num_sites,
-        ),
+        aggregator,
         run_dir=run_dir,
         model=model,
         primary_metric=primary_metric_for(task),
@@ -111,6 +118,9 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         restore_chain_state(outer, point.state.strategies, source=str(point.path / "checkpoints" / "resume.pt"))
         restore_rng(point.state.rng)  # the server's random state as it was after round `done`
         logger.warning("run %s resumed after round %d of %d", run_dir.path.name, done, cfg.num_server_rounds)
+    if validator is not None:
+        validator.on_report = strategy.record_validation
+    workflow, outer = build_workflow(cfg, strategy, num_sites=num_sites)
     legacy = LegacyContext(
         context=context,
         config=ServerConfig(num_rounds=cfg.num_server_rounds - done, round_timeout=cfg.round_timeout or None),
@@ -148,6 +158,8 @@ def build_workflow(
     (``cfg.secagg``): the fit step is ``SecAggPlusWorkflow`` (medfed's subclass, which records
     each round's survivors and dropouts into the run directory) over
     :class:`~server.secure.SecAggUpdateStrategy` wrapping ``strategy`` (sites send updates; it
+    if validator is not None:
+        validator.on_report = strategy.record_validation
     adds the securely aggregated update back to the global model). The plain fit step and the
     evaluate step are wrapped in :class:`~server.rounds.RoundStep` (``round-timeout``, failed
     sites reported to ``strategy``; SecAgg+ has its own per-stage timeout and records its own
@@ -175,7 +187,7 @@ def build_workflow(
         return DefaultWorkflow(fit_workflow=fit_step, evaluate_workflow=evaluate_step), strategy
     settings = secagg_settings(cfg, num_sites=num_sites)
     logger.info("%s", settings.describe())
-    outer = SecAggUpdateStrategy(strategy, on_failure=settings.on_failure)
+    outer = SecAggUpdateStrategy(strategy, on_failure=settings.on_failure, on_invalid=strategy.drop_round)
 
     def on_outcome(outcome: SecAggOutcome) -> None:
         strategy.annotate_round(outcome.round, secagg=outcome.to_json())

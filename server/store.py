@@ -559,6 +559,17 @@ class RunStore:
                     f"round {server_round}: {', '.join(declined)} declined to train "
                     "(one more round would exceed the site's privacy budget)", now,
                 )
+            for rejection in record.get("rejected") or []:
+                self._event(
+                    conn, run_id, "warning", "update-rejected", server_round,
+                    f"round {server_round}: {rejection.get('site', '?')}'s update rejected "
+                    f"({rejection.get('reason', '?')}: {rejection.get('detail', '')})", now,
+                )
+            if record.get("skipped"):
+                self._event(
+                    conn, run_id, "error", "round-skipped", server_round,
+                    f"round {server_round}: nothing aggregated, {record['skipped']}", now,
+                )
             if values["secagg"]:
                 sec = values["secagg"]
                 if not sec.get("completed", False):

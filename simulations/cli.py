@@ -88,7 +88,7 @@ def simulate(
     local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
     model: Annotated[str | None, typer.Option(help="Model registry name (see `medfed models`).")] = None,
     norm: Annotated[str | None, typer.Option(help="batch | group | instance.")] = None,
-    strategy: Annotated[str | None, typer.Option(help="fedavg | fedprox | fedadam.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum | multikrum | bulyan.")] = None,
     lr: Annotated[float | None, typer.Option(help="Local learning rate (cosine-decayed over rounds).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Local batch size.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Resize images to this side (0 = keep).")] = None,
