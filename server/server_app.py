@@ -111,6 +111,8 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         min_results=1 if cfg.secagg else min(cfg.min_fit_clients, num_sites),
         resume=point.state if point else None,
     )
+    if validator is not None:
+        validator.on_report = strategy.record_validation
     done = point.state.round if point else 0
     workflow, outer = build_workflow(cfg, strategy, num_sites=num_sites, first_round=done + 1)
     strategy.outer = outer
@@ -118,9 +120,6 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         restore_chain_state(outer, point.state.strategies, source=str(point.path / "checkpoints" / "resume.pt"))
         restore_rng(point.state.rng)  # the server's random state as it was after round `done`
         logger.warning("run %s resumed after round %d of %d", run_dir.path.name, done, cfg.num_server_rounds)
-    if validator is not None:
-        validator.on_report = strategy.record_validation
-    workflow, outer = build_workflow(cfg, strategy, num_sites=num_sites)
     legacy = LegacyContext(
         context=context,
         config=ServerConfig(num_rounds=cfg.num_server_rounds - done, round_timeout=cfg.round_timeout or None),
@@ -158,9 +157,9 @@ def build_workflow(
     (``cfg.secagg``): the fit step is ``SecAggPlusWorkflow`` (medfed's subclass, which records
     each round's survivors and dropouts into the run directory) over
     :class:`~server.secure.SecAggUpdateStrategy` wrapping ``strategy`` (sites send updates; it
-    if validator is not None:
-        validator.on_report = strategy.record_validation
-    adds the securely aggregated update back to the global model). The plain fit step and the
+    checks the securely aggregated update, drops the round if it is not finite or not
+    model-shaped, and adds it back to the global model). Without SecAgg+, ``strategy`` already
+    validates every update (``server.validation``). The plain fit step and the
     evaluate step are wrapped in :class:`~server.rounds.RoundStep` (``round-timeout``, failed
     sites reported to ``strategy``; SecAgg+ has its own per-stage timeout and records its own
     dropouts). Rounds are numbered from ``first_round`` (a resumed run: ``DefaultWorkflow``

@@ -71,6 +71,10 @@ RUN_CONFIG_TABLE: dict[str, tuple[Any, list[str]]] = {
     "app-signature": (5, ["type str"]),
     "round-timeout": (-1, ["or 0 to wait without limit"]),
     "resume": (5, ["type str"]),
+    "max-update-norm": (-1, ["finite number >= 0", "0 turns the norm check off"]),
+    "trim-beta": (0.6, ["[0, 0.5)"]),
+    "num-malicious-sites": (-1, [">= 0"]),
+    "num-sites-to-keep": (-1, [">= 0"]),
 }
 
 
