@@ -219,6 +219,9 @@ def run_site(
     env["FLWR_HOME"] = str(state)
     env[SIGNING_KEY_ENV] = str(kit.signing_public_key)
     env["PYTHONUNBUFFERED"] = "1"
+    # The SuperNode starts Flower's ClientApp process by name: find it beside this Python even
+    # when the virtual environment is not activated (a service unit running .venv/bin/medfed).
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     command = supernode_command(kit, site, superlink=superlink, extra_args=extra_supernode_args)
     logger.info(
         "site %s (index %d) joining federation %s at %s; runtime API on 127.0.0.1:%d",

@@ -221,9 +221,12 @@ OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
 
 def flwr_env(fed: Federation) -> dict[str, str]:
     """Environment for the coordinator's Flower processes: ``FLWR_HOME`` (the TLS connection),
-    telemetry and update checks off (:data:`OFFLINE_ENV`)."""
+    telemetry and update checks off (:data:`OFFLINE_ENV`), and this Python's scripts folder first
+    on ``PATH`` (the SuperLink starts ``flower-superexec`` by name: without it a medfed run as
+    ``/opt/medfed/.venv/bin/medfed`` from a service unit, venv not activated, fails to start)."""
     env = {**os.environ, **OFFLINE_ENV}
     env["FLWR_HOME"] = str(fed.flwr_home)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     return env
 
 

@@ -50,6 +50,8 @@ def run_pooled(
     result = SimulationResult(run_dir=path)
     primary = primary_metric_for(splits.task)
     best = float("-inf")
+    best_round: int | None = None
+    best_metrics: dict[str, float] = {}
     start = time.perf_counter()
 
     def record_round(record: RoundRecord) -> None:
@@ -81,22 +83,30 @@ def run_pooled(
             device=device,
         )
         metrics = evaluate(model, splits.test, device=device)
+        val_metrics = evaluate(model, splits.val, device=device) if len(splits.val) else {}
         record = RoundRecord(
             round=server_round,
             seconds=time.perf_counter() - round_start,
             global_metrics=metrics,
             fit_metrics={"train-loss": train.loss},
+            eval_metrics=val_metrics,
             num_fit_results=1,
         )
         record_round(record)
-        score = metrics.get(primary, -metrics["loss"])
+        # The validation split picks the best checkpoint (the test split only when there is none).
+        chooser = val_metrics or metrics
+        score = chooser.get(primary, -chooser["loss"])
         if score > best:
-            best = score
-            run_dir.save_checkpoint("best", model, server_round=server_round, metrics=metrics)
+            best, best_round = score, server_round
+            best_metrics = {**metrics, **{f"val-{k}": v for k, v in val_metrics.items()}}
+            run_dir.save_checkpoint("best", model, server_round=server_round, metrics=best_metrics)
     run_dir.save_checkpoint("final", model, server_round=cfg.num_server_rounds, metrics=metrics)
     result.summary = {
         "rounds": cfg.num_server_rounds,
         "final_metrics": metrics,
+        "best_round": best_round,
+        "best_metrics": best_metrics,
+        "best_selected_by": f"{'validation' if len(splits.val) else 'test'} {primary}",
         "primary_metric": primary,
         "round_seconds": [r.seconds for r in result.rounds if r.round > 0],
     }
