@@ -71,6 +71,7 @@ __all__ = [
     "SectionResult",
     "SectionSpec",
     "Table",
+    "Target",
     "incomplete_cells",
     "register_section",
     "render_section",
@@ -103,8 +104,9 @@ class Profile:
         Recipe names of :data:`simulations.bench_quality.RECIPES` (BreastMNIST, AdrenalMNIST3D).
     quality_sites, quality_splits, quality_strategies
         The grid: number of sites, ``"iid"`` / ``"dirichlet"`` (alpha 0.5), Flower strategies.
-    quality_rounds, quality_local_epochs
-        Federated schedule; pooled and local-only runs train the same number of epochs.
+    quality_rounds, quality_rounds_3d, quality_local_epochs
+        Federated schedule (2D, 3D recipes); pooled and local-only runs train the same number of
+        epochs.
     slice_train, slice_val, slice_test
         ``> 0``: a seeded, class-stratified slice of that many images per split (quick profile);
         ``0``: the whole file.
@@ -131,6 +133,7 @@ class Profile:
     quality_splits: tuple[str, ...]
     quality_strategies: tuple[str, ...]
     quality_rounds: int
+    quality_rounds_3d: int
     quality_local_epochs: int
     slice_train: int
     slice_val: int
@@ -162,6 +165,7 @@ PROFILES: dict[str, Profile] = {
         quality_splits=("iid", "dirichlet"),
         quality_strategies=("fedavg", "fedprox", "fedadam"),
         quality_rounds=2,
+        quality_rounds_3d=2,
         quality_local_epochs=1,
         slice_train=96,
         slice_val=32,
@@ -191,6 +195,7 @@ PROFILES: dict[str, Profile] = {
         quality_splits=("iid", "dirichlet"),
         quality_strategies=("fedavg", "fedprox", "fedadam"),
         quality_rounds=10,
+        quality_rounds_3d=5,
         quality_local_epochs=1,
         slice_train=0,
         slice_val=0,
@@ -248,6 +253,51 @@ class Table:
             )
         self.rows.append([str(c) for c in cells])
 
+    def add_unavailable(self, reason: str, *leading: object) -> None:
+        """Append a row of ``leading`` cells, ``reason`` in the next and "n/a: see left" in the rest."""
+        rest = len(self.columns) - len(leading) - 1
+        if rest < 0:
+            raise ValueError(f"table {self.title!r}: {len(leading)} leading cells leave no room for the reason.")
+        self.add(*leading, reason, *(["n/a: see left"] * rest))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A target set by another issue, checked against a figure of this run.
+
+    Parameters
+    ----------
+    name
+        What is measured (``"overhead ratio"``).
+    source
+        Where the target comes from (``"issue 2"``).
+    goal
+        The target as text (``"<= 1.3"``).
+    measured
+        The figure of this run as text (or the reason there is none).
+    met
+        ``True`` / ``False``; ``None`` when nothing was measured.
+    limits
+        What limits the figure when the target is not met (said plainly in BENCHMARKS.md).
+    """
+
+    name: str
+    source: str
+    goal: str
+    measured: str
+    met: bool | None
+    limits: str = ""
+
+    @classmethod
+    def check(cls, name: str, source: str, *, value: float | None, at_most: float | None = None,
+              at_least: float | None = None, digits: int = 2, limits: str = "") -> Target:
+        """A target ``value <= at_most`` or ``value >= at_least``; ``met`` is ``None`` for a missing value."""
+        goal = f"<= {at_most:g}" if at_most is not None else f">= {at_least:g}"
+        if value is None or value != value:
+            return cls(name, source, goal, "n/a: not measured in this run", None, limits)
+        met = value <= at_most if at_most is not None else value >= at_least  # type: ignore[operator]
+        return cls(name, source, goal, f"{value:.{digits}f}", bool(met), "" if met else limits)
+
 
 @dataclass
 class SectionResult:
@@ -263,6 +313,9 @@ class SectionResult:
         Shell commands that reproduce the section's figures.
     notes
         Sentences printed after the tables.
+    targets
+        Targets of other issues this section's figures are checked against (gathered into
+        one table, region ``targets``).
     seconds
         Wall time of the section (set by the orchestrator).
     """
@@ -271,6 +324,7 @@ class SectionResult:
     plots: list[Path] = field(default_factory=list)
     commands: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    targets: list[Target] = field(default_factory=list)
     seconds: float = 0.0
 
 
@@ -420,7 +474,7 @@ def _load_section(spec: SectionSpec) -> tuple[SectionFn | None, str]:
 
 def _placeholder(spec: SectionSpec, reason: str) -> SectionResult:
     table = Table(title=spec.title, columns=list(spec.columns))
-    table.add(*([reason] * len(spec.columns)))
+    table.add_unavailable(reason)
     return SectionResult(tables=[table])
 
 
@@ -576,6 +630,24 @@ def render_conditions(ctx: BenchContext, *, started: datetime, wall: float, load
     )
 
 
+def render_targets(results: dict[str, SectionResult]) -> str:
+    """One table of every section's :class:`Target`: met, not met (with what limits it), or not measured."""
+    lines = [
+        "### Targets from the other issues",
+        "",
+        "| figure | target | source | measured | met? | what limits it |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    targets = [t for r in results.values() for t in r.targets]
+    for t in targets:
+        met = {True: "yes", False: "**no**", None: "not measured"}[t.met]
+        lines.append(f"| {_md_cell(t.name)} | {_md_cell(t.goal)} | {_md_cell(t.source)} | {_md_cell(t.measured)} | "
+                     f"{met} | {_md_cell(t.limits) or '-'} |")
+    if not targets:
+        lines.append("| n/a: no section with a target ran | | | | | |")
+    return "\n".join(lines) + "\n"
+
+
 _REGION = re.compile(r"<!-- bench:(?P<name>[a-z0-9-]+) -->\n?(?P<body>.*?)<!-- /bench -->", re.DOTALL)
 
 
@@ -672,6 +744,7 @@ def run_bench(
     wall = time.perf_counter() - t0
     out_dir = out.resolve().parent
     regions = {"conditions": render_conditions(ctx, started=started, wall=wall, load_start=load_start, results=results)}
+    regions["targets"] = render_targets(results)
     regions.update({name: render_section(name, result, out_dir=out_dir) for name, result in results.items()})
     gaps = incomplete_cells(results)
     if gaps:
@@ -701,11 +774,22 @@ def default_data_dir() -> Path:
     return Path(os.environ.get("MEDFED_DATA_DIR", str(Path("..") / "shared" / "data" / "medmnist")))
 
 
+class _BelowWarning(logging.Filter):
+    """Drops records below WARNING (Flower resets its handlers' levels inside ``run_simulation``;
+    a filter on its logger survives that)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING and "`run_simulation` function is deprecated" not in record.getMessage()
+
+
 def quiet_logs() -> None:
     """Keep the console to medfed's progress lines: Flower and Ray below WARNING are dropped."""
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("flwr", "ray", "nvflare"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    flwr_logger = logging.getLogger("flwr")
+    if not any(isinstance(f, _BelowWarning) for f in flwr_logger.filters):
+        flwr_logger.addFilter(_BelowWarning())
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
 

@@ -172,7 +172,7 @@ def peers_section(ctx: BenchContext) -> SectionResult:
     try:
         cfg = peer_config(ctx)
     except FileNotFoundError as err:
-        table.add("all", *[f"not available: {err}"] * 5)
+        table.add_unavailable(f"not available: {err}", "all")
         return result
     medfed = medfed_peer_run(ctx)
     medfed_round = _later_rounds(list(medfed.summary.get("round_seconds", [])))  # type: ignore[arg-type]
@@ -190,7 +190,7 @@ def peers_section(ctx: BenchContext) -> SectionResult:
 
     if not p.nvflare:
         reason = "not run: the quick profile skips NVIDIA FLARE (its install takes minutes); the full profile runs it"
-        table.add(f"NVIDIA FLARE {NVFLARE_VERSION} simulator", *[reason] * 5)
+        table.add_unavailable(reason, f"NVIDIA FLARE {NVFLARE_VERSION} simulator")
     else:
         cache = Path(os.environ.get("MEDFED_BENCH_CACHE", REPO_ROOT / "runs" / "bench-cache")) / f"nvflare-{NVFLARE_VERSION}"
         python, why = nvflare_python(cache)
@@ -203,7 +203,7 @@ def peers_section(ctx: BenchContext) -> SectionResult:
         else:
             why = f"not available: {why}"
         if figures is None:
-            table.add(f"NVIDIA FLARE {NVFLARE_VERSION} simulator", *[why.replace("|", "/")] * 5)
+            table.add_unavailable(why, f"NVIDIA FLARE {NVFLARE_VERSION} simulator")
         else:
             nv_round = _later_rounds(figures.get("round_seconds", []))
             table.add(f"NVIDIA FLARE {NVFLARE_VERSION} simulator (FedAvgRecipe, SimEnv)",

@@ -288,7 +288,7 @@ def secagg_section(ctx: BenchContext) -> SectionResult:
     For each model size and number of sites of the profile, :func:`run_bench` plain and with
     medfed's SecAgg+ path, in one process; plot: round time vs number of sites.
     """
-    from simulations.bench import SectionResult, Table
+    from simulations.bench import SectionResult, Table, Target
 
     p = ctx.profile
     table = Table(
@@ -305,6 +305,13 @@ def secagg_section(ctx: BenchContext) -> SectionResult:
             plain = run_bench(sites=sites, num_params=num_params, secagg=False, rounds=p.secagg_rounds)
             secure = run_bench(sites=sites, num_params=num_params, secagg=True, rounds=p.secagg_rounds)
             fp32 = 4 * num_params
+            if sites == (8 if 8 in p.secagg_sites else max(p.secagg_sites)) and num_params == p.secagg_params[0]:
+                result.targets.append(Target.check(
+                    f"SecAgg+ / plain round time ({sites} sites, {num_params / 1e6:g}M parameters)", "issue 3",
+                    value=secure.median_round / plain.median_round, at_most=1.5,
+                    limits="Flower's own SecAgg+ protocol (key agreement, secret sharing, int64 masked vectors); "
+                    "medfed's additions cost 1-3 % of it (bench_secagg --flower-only)",
+                ))
             plain_s.append(plain.median_round)
             secure_s.append(secure.median_round)
             table.add(

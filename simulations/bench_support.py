@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import math
 import statistics
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -129,6 +130,7 @@ def line_plot(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(5.0, 3.3), dpi=100)
     try:
@@ -141,7 +143,9 @@ def line_plot(
                 ax.axhline(y, linestyle="--", linewidth=1.0, color="grey", label=label)
         if logx:
             ax.set_xscale("log", base=2)
-        ax.set_title(title, fontsize=9)
+        elif all(float(x).is_integer() for xs, _ in series.values() for x in xs):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(textwrap.fill(title, 72), fontsize=8)
         ax.set_xlabel(xlabel, fontsize=8)
         ax.set_ylabel(ylabel, fontsize=8)
         ax.tick_params(labelsize=7)
