@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from client.site_config import SiteConfigError, load_kit, load_site_config
+from shared.config import BAD_DATA_MODES, close_matches
 
 __all__ = ["site_app"]
 
@@ -30,7 +31,8 @@ def site_start(
         str | None, typer.Option(help="Override the SuperLink address of the kit (HOST:PORT).")
     ] = None,
     max_connect_attempts: Annotated[
-        int, typer.Option(help="Give up after this many failed connection attempts (before the first success).")
+        int,
+        typer.Option(min=1, help="Give up after this many failed connection attempts (before the first success)."),
     ] = 5,
 ) -> None:
     """Join the federation: a SuperNode with the kit's CA and key, running only coordinator-signed code."""
@@ -57,6 +59,9 @@ def site_check(
     num_classes: Annotated[
         int | None, typer.Option(help="Override the site config's num-classes (the federation's model).")
     ] = None,
+    bad_data: Annotated[
+        str | None, typer.Option(help='Override the site config\'s bad-data: "strict" or "skip".')
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Read the site's datalist locally and report counts, shapes, spacings and every problem (contacts nobody)."""
@@ -65,6 +70,14 @@ def site_check(
     logging.basicConfig(level=logging.WARNING, force=True)
     try:
         site = load_site_config(config, require_datalist=False)
+        for flag, value in (("--image-size", image_size), ("--num-classes", num_classes)):
+            if value is not None and value < 0:
+                raise SiteConfigError(f"{flag} = {value} is invalid: it must be an integer >= 0.")
+        if bad_data is not None and bad_data not in BAD_DATA_MODES:
+            raise SiteConfigError(
+                f"--bad-data = {bad_data!r} is invalid.{close_matches(bad_data, BAD_DATA_MODES)} "
+                f"Valid choices: {', '.join(repr(m) for m in BAD_DATA_MODES)}."
+            )
     except SiteConfigError as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(code=2) from None
@@ -72,6 +85,7 @@ def site_check(
         site.datalist,
         image_size=site.image_size if image_size is None else image_size,
         num_classes=site.num_classes if num_classes is None else num_classes,
+        bad_data=site.bad_data if bad_data is None else bad_data,
     )
     typer.echo(report.to_json() if json_output else format_report(report))
     raise typer.Exit(code=0 if report.ok else 1)

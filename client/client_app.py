@@ -14,7 +14,7 @@ from client.egress import egress_guard
 from client.site_client import SiteClient
 from client.site_data import deployment_site_data, simulated_site_data
 from client.update_mods import freeze_counters_mod, make_update_mod
-from shared.config import RunConfig
+from shared.config import BAD_DATA_MODES, ConfigError, RunConfig
 
 __all__ = ["app", "make_client_app", "privacy_mods", "run_config_privacy_mod"]
 
@@ -40,13 +40,29 @@ def _client_fn_for(fixed: RunConfig | None) -> Callable[[Context], Client]:
 def _deployment_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> Client:
     """A site of a deployed federation (node config written by ``medfed site start``).
 
-    Node-config keys: ``datalist`` (path), ``site-index`` (int), ``device`` and
-    ``dp-budget-epsilon`` (the site's own cap: the run's budget is lowered to it, never raised).
+    Node-config keys: ``datalist`` (path), ``site-index`` (int), ``device``,
+    ``dp-budget-epsilon`` (the site's own cap: the run's budget is lowered to it, never raised)
+    and ``bad-data`` (optional, ``"strict"`` or ``"skip"``: the site's choice for its own
+    unusable datalist entries, which wins over the run's ``bad-data``).
+
+    Raises
+    ------
+    ConfigError
+        ``bad-data`` in the node config is neither ``"strict"`` nor ``"skip"``.
     """
     site_index = int(node_config.get("site-index", 0))
     site_budget = float(node_config.get("dp-budget-epsilon", cfg.dp_budget_epsilon))
     if site_budget < cfg.dp_budget_epsilon:
         cfg = cfg.replace(dp_budget_epsilon=site_budget)
+    bad_data = node_config.get("bad-data")
+    if bad_data is not None:
+        if bad_data not in BAD_DATA_MODES:
+            raise ConfigError(
+                f"node config bad-data = {bad_data!r} is invalid. Valid choices: "
+                + ", ".join(repr(m) for m in BAD_DATA_MODES)
+                + " (set it in site.toml)."
+            )
+        cfg = cfg.replace(bad_data=str(bad_data))
     data = deployment_site_data(cfg, datalist=str(node_config["datalist"]))
     device = str(node_config.get("device", "auto"))
     return SiteClient(cfg=cfg, data=data, site_index=site_index, device=device).to_client()

@@ -8,7 +8,10 @@ reader the training uses (:func:`shared.data.datalist.scan_datalist`) and report
 * every unusable entry by name: missing file, corrupt or unreadable file, label out of range,
   mask that does not match its image, inconsistent shapes, dimensions or channels,
 * label inconsistencies: the same image listed twice with different labels, labels above the
-  federation's ``num-classes``, classes absent from a split.
+  federation's ``num-classes``, classes absent from a split,
+* what training will do about the unusable entries: with ``bad-data = "strict"`` the site
+  refuses to train; with ``"skip"`` it leaves exactly these entries out and reports their count
+  as ``skipped-files`` (the same count, from the same reader).
 
 The report names files: it is for the site's operator and stays on the site.
 """
@@ -47,6 +50,9 @@ class Finding:
         The file concerned, as written in the datalist (``""`` if none).
     message
         What is wrong and how to fix it.
+    training
+        Whether training finds it too: the entry is left out under ``bad-data = "skip"`` (and
+        counted in ``skipped-files``) and makes the site refuse under ``"strict"``.
     """
 
     severity: Severity
@@ -54,6 +60,7 @@ class Finding:
     where: str
     file: str
     message: str
+    training: bool = False
 
 
 @dataclass
@@ -71,6 +78,8 @@ class SiteCheckReport:
     spacings: dict[str, int] = field(default_factory=dict)
     channels: dict[str, int] = field(default_factory=dict)
     findings: list[Finding] = field(default_factory=list)
+    bad_data: str = ""
+    skipped_files: int = 0
 
     @property
     def errors(self) -> list[Finding]:
@@ -97,7 +106,9 @@ def _fmt_spacing(spacing: tuple[float, ...] | None) -> str:
     return " x ".join(f"{v:.3g}" for v in spacing)
 
 
-def check_site(datalist: str | Path, *, image_size: int = 0, num_classes: int = 0) -> SiteCheckReport:
+def check_site(
+    datalist: str | Path, *, image_size: int = 0, num_classes: int = 0, bad_data: str = ""
+) -> SiteCheckReport:
     """Check a site's datalist without contacting anyone.
 
     Parameters
@@ -110,20 +121,25 @@ def check_site(datalist: str | Path, *, image_size: int = 0, num_classes: int = 
     num_classes
         The federation's ``num-classes``; labels (mask values) at or above it are errors.
         ``0``: use the datalist's own ``num_classes`` only.
+    bad_data
+        The site's ``bad-data`` (``"strict"``, ``"skip"`` or ``""`` for the run's); the report
+        says what training will do with the unusable entries.
 
     Returns
     -------
     SiteCheckReport
-        Counts, shapes, spacings and findings.
+        Counts, shapes, spacings and findings; ``skipped_files`` is the number of entries
+        training leaves out under ``bad-data = "skip"``.
     """
     path = Path(datalist).expanduser()
-    report = SiteCheckReport(datalist=str(path))
+    report = SiteCheckReport(datalist=str(path), bad_data=bad_data)
     try:
         scan = scan_datalist(path, image_size=image_size)
     except DataError as err:
         report.findings.append(Finding("error", "datalist", "datalist", str(path), str(err)))
         return report
     _fill(report, scan, image_size=image_size, num_classes=num_classes)
+    report.skipped_files = len({f.where for f in report.findings if f.training})
     return report
 
 
@@ -131,7 +147,9 @@ def _fill(report: SiteCheckReport, scan: DatalistReport, *, image_size: int, num
     report.task, report.spatial_dims, report.num_classes = scan.task, scan.spatial_dims, scan.num_classes
     report.entries_total, report.entries_ok = scan.entries_total, scan.entries_ok
     for problem in scan.problems:
-        report.findings.append(Finding("error", problem.kind, problem.where, problem.file, problem.reason))
+        report.findings.append(
+            Finding("error", problem.kind, problem.where, problem.file, problem.reason, training=True)
+        )
 
     entries = scan.entries
     report.shapes = dict(Counter(_fmt_shape(e.shape) for e in entries).most_common())
@@ -167,6 +185,7 @@ def _fill(report: SiteCheckReport, scan: DatalistReport, *, image_size: int, num
                 "error", "label_out_of_range", f"{e.section}[{e.index}]", e.file,
                 f"{e.file!r} has label(s) {sorted(v for v in values if v >= num_classes)} but the "
                 f"federation's model has num-classes = {num_classes} (classes 0..{num_classes - 1}).",
+                training=True,  # deployment reads the datalist with the run's num-classes
             ))
     by_file: dict[str, list[EntryInfo]] = defaultdict(list)
     for e in entries:
@@ -237,5 +256,19 @@ def format_report(report: SiteCheckReport) -> str:
     lines.append(f"{len(errors)} error(s), {len(warnings)} warning(s)")
     for finding in errors + warnings:
         lines.append(f"  {finding.severity.upper()} {finding.kind} at {finding.where}: {finding.message}")
+    if report.skipped_files:
+        n = report.skipped_files
+        entries = f"{n} unusable entr{'y' if n == 1 else 'ies'}"
+        if report.bad_data == "skip":
+            lines.append(
+                f"bad-data = skip: training leaves out the {entries} above and trains on the "
+                f"{report.entries_ok} others; the site reports skipped-files = {n}."
+            )
+        else:
+            mode = "strict" if report.bad_data == "strict" else "not set in site.toml (the run's, strict by default)"
+            lines.append(
+                f"bad-data = {mode}: training refuses while the {entries} above remain; fix them, "
+                f'or set bad-data = "skip" in site.toml to leave them out (skipped-files = {n}).'
+            )
     lines.append("OK: the datalist is usable." if report.ok else "NOT OK: fix the errors above.")
     return "\n".join(lines)

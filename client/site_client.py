@@ -42,7 +42,11 @@ from shared.training import (
 )
 from shared.weights import get_weights, set_weights
 
-__all__ = ["SiteClient", "DP_DECLINED"]
+__all__ = ["SiteClient", "DP_DECLINED", "SKIPPED_FILES"]
+
+SKIPPED_FILES = "skipped-files"
+"""Fit metric: unusable datalist entries the site left out (``bad-data = "skip"``); a count,
+never names."""
 
 DP_DECLINED = "dp-declined"
 """Fit metric: 1 when the site declined the round to stay within its privacy budget, else 0.
@@ -142,6 +146,9 @@ class SiteClient(NumPyClient):
     ) -> tuple[list[np.ndarray], int, dict[str, float | int]]:
         """Train the global model ``parameters`` locally; return the new state.
 
+        The metrics always carry ``site-index`` and ``skipped-files`` (unusable datalist
+        entries left out under ``bad-data = "skip"``, else 0).
+
         With ``cfg.dp`` the round is DP-SGD, and the site first asks its ledger whether one more
         round would exceed ``(dp-budget-epsilon, dp-delta)``. If it would, the site declines:
         it logs a warning and returns ``parameters`` unchanged with ``num_examples = 0`` and
@@ -180,6 +187,7 @@ class SiteClient(NumPyClient):
         )
         metrics: dict[str, float | int] = {
             "site-index": self.site_index,
+            SKIPPED_FILES: self.data.skipped_files,
             "train-loss": result.loss,
             "train-seconds": result.seconds,
             "learning-rate": settings.learning_rate,
@@ -236,6 +244,7 @@ class SiteClient(NumPyClient):
         )
         metrics: dict[str, float | int] = {
             "site-index": self.site_index,
+            SKIPPED_FILES: self.data.skipped_files,
             "dp-delta": budget.delta,
             "dp-budget-epsilon": budget.epsilon,
             "dp-noise-multiplier": noise,

@@ -15,6 +15,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from shared.config import BAD_DATA_MODES, close_matches
+
 __all__ = ["SiteConfigError", "SiteConfig", "Kit", "load_site_config", "load_kit", "node_config_arg"]
 
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
@@ -48,6 +50,11 @@ class SiteConfig:
         Side length used by ``medfed site check`` (``0``: images must share one size).
     num_classes
         If > 0, ``medfed site check`` flags labels (mask values) >= this.
+    bad_data
+        What this site does with unusable datalist entries: ``"strict"`` (refuse to train,
+        naming them in the site's log), ``"skip"`` (train on the usable ones, report their
+        count as ``skipped-files``), or ``""`` (follow the run's ``bad-data``). The site's
+        choice wins over the run's: the data is the site's.
     source
         The file this was read from.
     """
@@ -60,6 +67,7 @@ class SiteConfig:
     state_dir: str = ""
     image_size: int = 0
     num_classes: int = 0
+    bad_data: str = ""
     source: Path | None = None
 
     @classmethod
@@ -112,7 +120,8 @@ def load_site_config(path: str | Path, *, require_datalist: bool = True) -> Site
     valid = SiteConfig.keys()
     for key in raw:
         if key not in valid:
-            raise SiteConfigError(f"{source}: unknown key {key!r}. Valid keys: {', '.join(valid)}.")
+            hint = close_matches(str(key), valid)
+            raise SiteConfigError(f"{source}: unknown key {key!r}.{hint} Valid keys: {', '.join(valid)}.")
     for key in ("site-name", "datalist"):
         if key not in raw:
             raise SiteConfigError(f"{source}: {key!r} is missing; see the template in your startup kit.")
@@ -144,6 +153,15 @@ def load_site_config(path: str | Path, *, require_datalist: bool = True) -> Site
     for key, value in (("image-size", image_size), ("num-classes", num_classes)):
         if value < 0:
             raise SiteConfigError(f"{source}: {key} = {value} is invalid: it must be >= 0.")
+    choices = ("", *BAD_DATA_MODES)
+    bad_data = _expect(source, "bad-data", raw.get("bad-data", ""), str, " or ".join(f'"{c}"' for c in choices))
+    if bad_data not in choices:
+        hint = close_matches(bad_data, BAD_DATA_MODES)
+        raise SiteConfigError(
+            f"{source}: bad-data = {bad_data!r} is invalid.{hint} Valid choices: "
+            + ", ".join(f'"{c}"' for c in choices)
+            + ' ("" follows the run).'
+        )
     return SiteConfig(
         site_name=name,
         datalist=datalist,
@@ -153,6 +171,7 @@ def load_site_config(path: str | Path, *, require_datalist: bool = True) -> Site
         state_dir=state_dir,
         image_size=image_size,
         num_classes=num_classes,
+        bad_data=bad_data,
         source=source,
     )
 
@@ -231,8 +250,9 @@ def _toml_string(value: str) -> str:
 def node_config_arg(kit: Kit, site: SiteConfig) -> str:
     """The SuperNode's ``--node-config`` value: what the site's ClientApp reads.
 
-    Keys: ``site-name``, ``site-index``, ``datalist``, ``device``, ``dp-budget-epsilon``. The
-    node config stays on the site (the ClientApp reads it from its local Context).
+    Keys: ``site-name``, ``site-index``, ``datalist``, ``device``, ``dp-budget-epsilon``, and
+    ``bad-data`` when the site sets it. The node config stays on the site (the ClientApp reads
+    it from its local Context).
     """
     for label, value in (("site-name", site.site_name), ("datalist", str(site.datalist))):
         if "'" in value or '"' in value:
@@ -244,4 +264,6 @@ def node_config_arg(kit: Kit, site: SiteConfig) -> str:
         "device": _toml_string(site.device),
         "dp-budget-epsilon": repr(float(site.dp_budget_epsilon)),
     }
+    if site.bad_data:
+        items["bad-data"] = _toml_string(site.bad_data)
     return " ".join(f"{k}={v}" for k, v in items.items())

@@ -12,6 +12,7 @@ import numpy as np
 
 from shared.config import RunConfig
 from shared.data.base import DataError, ImageSet
+from shared.data.datalist import UnusableEntriesError
 from shared.data.loading import load_dataset
 from shared.partition import partition_indices
 
@@ -22,10 +23,21 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SiteData:
-    """The training and validation sets one site trains and evaluates on."""
+    """The training and validation sets one site trains and evaluates on.
+
+    Parameters
+    ----------
+    train, val
+        Images ``(N, C, *spatial)`` and targets, as :class:`~shared.data.base.ImageSet`.
+    skipped_files
+        Unusable datalist entries left out (``bad-data = "skip"``): in deployment the site's
+        own datalist; in simulation the shared datalist every simulated site is cut from. The
+        site reports it in its fit metrics as ``skipped-files``.
+    """
 
     train: ImageSet
     val: ImageSet
+    skipped_files: int = 0
 
 
 def simulated_site_data(cfg: RunConfig, *, site_index: int, num_sites: int) -> SiteData:
@@ -42,6 +54,7 @@ def simulated_site_data(cfg: RunConfig, *, site_index: int, num_sites: int) -> S
     return SiteData(
         train=splits.train.subset(train_parts[site_index]),
         val=splits.val.subset(val_parts[site_index]),
+        skipped_files=splits.skipped_files,
     )
 
 
@@ -62,7 +75,10 @@ def deployment_site_data(cfg: RunConfig, *, datalist: str) -> SiteData:
     Images are resized to ``cfg.image_size`` per side with ``cfg.spatial_dims`` axes. The
     model is built from the run config (the server has no data), so the site's data must
     match it: same channel count, and labels (mask values) below ``cfg.num_classes``; a
-    site that holds only some of the classes is fine.
+    site that holds only some of the classes is fine. Entries that break these rules, or
+    that cannot be read, are unusable: ``cfg.bad_data = "strict"`` refuses to train (the
+    site's log names each entry), ``"skip"`` leaves them out and counts them
+    (``SiteData.skipped_files``).
 
     Parameters
     ----------
@@ -74,23 +90,37 @@ def deployment_site_data(cfg: RunConfig, *, datalist: str) -> SiteData:
     Raises
     ------
     DataError
-        Unusable entries (the message is generic: the entries and files are logged at the
-        site only, since Flower returns exception texts to the server), or data that does not
-        match the run's model shape (the message names the setting to change).
+        Unusable entries with ``bad-data = "strict"``, or none usable left with ``"skip"``
+        (the message is generic: the entries and files are logged at the site only, since
+        Flower returns exception texts to the server), or data that does not match the run's
+        model shape (the message names the setting to change).
     """
     from shared.data.datalist import load_datalist
 
     try:
         splits = load_datalist(
-            datalist, image_size=cfg.image_size, spatial_dims=cfg.spatial_dims, seed=cfg.seed
+            datalist,
+            image_size=cfg.image_size,
+            spatial_dims=cfg.spatial_dims,
+            seed=cfg.seed,
+            on_error="skip" if cfg.bad_data == "skip" else "raise",
+            num_classes=cfg.num_classes,
+            in_channels=cfg.in_channels,
         )
     except DataError as err:
         # The details name the site's files: they go to the site's own log only. Flower sends an
-        # exception's text back to the server as the error reply, so that text stays generic.
+        # exception's text back to the server as the error reply, so that text stays generic:
+        # counts per problem kind at most.
         logger.error("this site's datalist cannot be used: %s", err)
+        counts = ""
+        if isinstance(err, UnusableEntriesError):
+            counts = " (" + ", ".join(
+                f"{kind}: {n}{_kind_hint(kind, cfg)}" for kind, n in err.report.kind_counts().items()
+            ) + ")"
         raise DataError(
-            "this site's datalist cannot be used for this run; the site's log names the entries "
-            "(run `medfed site check` at the site). No details are sent."
+            f"this site's datalist cannot be used for this run{counts}; the site's log names the "
+            "entries (run `medfed site check` at the site; bad-data = \"skip\" in site.toml "
+            "trains on the usable ones). No details are sent."
         ) from None
     if splits.train.in_channels != cfg.in_channels:
         raise DataError(
@@ -114,10 +144,27 @@ def deployment_site_data(cfg: RunConfig, *, datalist: str) -> SiteData:
             train.num_classes,
         )
     logger.info("site data: %d training and %d validation samples", len(train), len(splits.val))
+    if splits.skipped_files:
+        logger.warning(
+            "site data: %d unusable datalist entr%s left out (bad-data = skip); the site reports "
+            "the count as skipped-files, `medfed site check` names them.",
+            splits.skipped_files,
+            "y" if splits.skipped_files == 1 else "ies",
+        )
     return SiteData(
         train=_with_classes(train, cfg.num_classes),
         val=_with_classes(splits.val, cfg.num_classes),
+        skipped_files=splits.skipped_files,
     )
+
+
+def _kind_hint(kind: str, cfg: RunConfig) -> str:
+    """What the run expects, for problem kinds that compare an entry with the run's model."""
+    return {
+        "channels": f", the run's model takes in-channels = {cfg.in_channels}",
+        "label_out_of_range": f", the run's model has num-classes = {cfg.num_classes}",
+        "spatial_dims": f", the run is spatial-dims = {cfg.spatial_dims}",
+    }.get(kind, "")
 
 
 def _has_section(datalist: str, section: str) -> bool:

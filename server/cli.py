@@ -59,7 +59,9 @@ def provision_command(
 def server_start(
     federation: Annotated[Path, typer.Option("--federation", "-f", help="The federation folder.")],
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",
-    port: Annotated[int | None, typer.Option(help="Port (default: the federation address's).")] = None,
+    port: Annotated[
+        int | None, typer.Option(min=1, max=65535, help="Port (default: the federation address's).")
+    ] = None,
     database: Annotated[
         Path | None, typer.Option(help="State database (default <federation>/superlink/state.db).")
     ] = None,
@@ -112,6 +114,9 @@ def deployment_config(fed_sites: int, run_dir: Path, config_file: Path | None, s
     cfg = RunConfig.from_mapping(merged, source=str(config_file) if config_file else "command line")
     if cfg.num_sites > fed_sites:
         raise ConfigError(f"num-sites = {cfg.num_sites} but only {fed_sites} site(s) are enrolled.")
+    from shared.models import check_model_name
+
+    check_model_name(cfg.model)
     return cfg
 
 
@@ -132,7 +137,7 @@ def run_command(
     config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with run-config keys.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Any run-config key: --set key=value.")] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the run finishes.")] = True,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the run.")] = 3600.0,
+    timeout: Annotated[float, typer.Option(min=1.0, help="Seconds to wait for the run (>= 1).")] = 3600.0,
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Sign the medfed app for this run config and submit it to the federation (`flwr run`)."""

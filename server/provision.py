@@ -541,6 +541,11 @@ state-dir = ""
 
 # Side length images are resized to when checking ("0" = they must all share one size).
 image-size = 0
+
+# Unusable datalist entries (unreadable files, labels out of range, wrong channels or dims):
+# "strict" refuses to train and names them in this site's log; "skip" trains on the usable
+# ones and reports only their count. "" follows the run's bad-data (strict by default).
+bad-data = ""
 """
 
 _KIT_README = """\

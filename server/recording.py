@@ -62,7 +62,10 @@ class RecordingStrategy(Strategy):
         A model of the run's architecture, used to write checkpoints.
     primary_metric
         Metric (higher is better) that picks the best checkpoint, e.g. ``"auc"`` or ``"dice"``;
-        the loss (lower is better) when the metric is absent.
+        the loss (lower is better) when the metric is absent. It is read from the sites'
+        aggregated *validation* metrics, so the held-out test split never chooses the model
+        (as MedMNIST v2 selects its checkpoints); only where no site validates (e.g.
+        ``fraction-evaluate = 0``) does the server-side evaluation choose.
     on_round
         Called with each finished round's record (e.g. to refresh a progress view).
     """
@@ -89,6 +92,8 @@ class RecordingStrategy(Strategy):
         self._latest_round = 0
         self._best_score = -math.inf
         self._best_round: int | None = None
+        self._best_source = ""
+        self._best_metrics: dict[str, float] = {}
         self.stopped_round: int | None = None
         """The round in which every site declined (privacy budgets spent); later rounds are skipped."""
 
@@ -177,8 +182,6 @@ class RecordingStrategy(Strategy):
         record.eval_metrics = _scalars(metrics)
         if loss is not None:
             record.eval_metrics["loss"] = float(loss)
-        if not record.global_metrics:
-            self._consider_best(server_round, record.eval_metrics)
         self._flush()
         return loss, metrics
 
@@ -196,8 +199,6 @@ class RecordingStrategy(Strategy):
         record.global_metrics = {"loss": float(loss), **_scalars(metrics)}
         if server_round == 0:
             self._flush()
-        else:
-            self._consider_best(server_round, record.global_metrics, parameters)
         return result
 
     # ---------------------------------------------------------------- bookkeeping
@@ -219,6 +220,8 @@ class RecordingStrategy(Strategy):
         if record is None:
             return
         record.seconds = time.perf_counter() - self._round_start if record.round > 0 else 0.0
+        if record.round > 0 and record.round == self._latest_round:
+            self._consider_best(record)
         self.records.append(record)
         self.run_dir.write_round(record)
         if self.on_round is not None:
@@ -231,18 +234,26 @@ class RecordingStrategy(Strategy):
             return -metrics["loss"]
         return None
 
-    def _consider_best(
-        self, server_round: int, metrics: dict[str, float], parameters: Parameters | None = None
-    ) -> None:
-        score = self._score(metrics)
-        if score is None or not score > self._best_score:
+    def _consider_best(self, record: RoundRecord) -> None:
+        """Keep the round's global model as the best checkpoint if its score is the best yet.
+
+        The score is the sites' aggregated validation metric (``record.eval_metrics``); the
+        server's test metrics are only stored beside it. Without site validation the server's
+        own evaluation scores the round.
+        """
+        score = self._score(record.eval_metrics)
+        source = "validation"
+        if score is None:
+            score, source = self._score(record.global_metrics), "server evaluation"
+        if score is None or not score > self._best_score or self._latest is None:
             return
-        params = parameters if parameters is not None else self._latest
-        if params is None:
-            return
-        self._best_score, self._best_round = score, server_round
-        set_weights(self.model, parameters_to_ndarrays(params))
-        self.run_dir.save_checkpoint("best", self.model, server_round=server_round, metrics=metrics)
+        self._best_score, self._best_round, self._best_source = score, record.round, source
+        metrics = dict(record.global_metrics or record.eval_metrics)
+        if record.global_metrics:
+            metrics.update({f"val-{k}": v for k, v in record.eval_metrics.items()})
+        self._best_metrics = metrics
+        set_weights(self.model, parameters_to_ndarrays(self._latest))
+        self.run_dir.save_checkpoint("best", self.model, server_round=record.round, metrics=metrics)
 
     def finish(self) -> dict[str, object]:
         """Write the final checkpoint and the summary; return the summary."""
@@ -260,6 +271,8 @@ class RecordingStrategy(Strategy):
             "rounds": self._latest_round,
             "final_metrics": final_metrics,
             "best_round": self._best_round,
+            "best_metrics": self._best_metrics,
+            "best_selected_by": f"{self._best_source} {self.primary_metric}" if self._best_round else None,
             "primary_metric": self.primary_metric,
             "round_seconds": [r.seconds for r in self.records if r.round > 0],
         }

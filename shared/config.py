@@ -9,6 +9,8 @@ choices, so a typo never silently falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -23,6 +25,8 @@ __all__ = [
     "STRATEGIES",
     "NORMS",
     "OPTIMIZERS",
+    "BAD_DATA_MODES",
+    "close_matches",
 ]
 
 Task = Literal["classification", "segmentation"]
@@ -34,6 +38,7 @@ ClientDP = Literal["off", "fixed", "adaptive"]
 Accountant = Literal["rdp", "prv", "gdp"]
 GradSampleMode = Literal["hooks", "ghost", "functorch"]
 SecAggOnFailure = Literal["continue", "stop"]
+BadData = Literal["strict", "skip"]
 
 TASKS: tuple[str, ...] = get_args(Task)
 PARTITIONS: tuple[str, ...] = get_args(Partition)
@@ -44,6 +49,7 @@ CLIENT_DP_MODES: tuple[str, ...] = get_args(ClientDP)
 ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 DP_GRAD_SAMPLE_MODES: tuple[str, ...] = get_args(GradSampleMode)
 SECAGG_ON_FAILURE: tuple[str, ...] = get_args(SecAggOnFailure)
+BAD_DATA_MODES: tuple[str, ...] = get_args(BadData)
 
 
 class ConfigError(ValueError):
@@ -63,6 +69,15 @@ class RunConfig:
     synthetic_task, synthetic_dims, synthetic_samples, image_size
         Shape of the synthetic dataset; ``image_size`` is also the side length every image
         is resized to for datalists (``0`` keeps the npz files' own size).
+    bad_data
+        What a site does with unusable datalist entries (unreadable or truncated files, labels
+        out of range, wrong dimensions or channels): ``"strict"`` (default) refuses to train
+        and names every bad entry (the site's log and ``medfed site check``); ``"skip"`` leaves
+        them out, logs their sections, indices and problem kinds, and reports how many in its
+        fit metrics (``skipped-files``; a count only, never names). A site's own ``site.toml``
+        ``bad-data`` overrides the run's. Strict is the default because a silently smaller
+        dataset can drop a class or a scanner's cases and bias the federated model unnoticed;
+        skipping is a decision the site makes on purpose.
     num_sites
         Number of simulated hospitals (simulation only; deployment uses the real sites).
     num_server_rounds, local_epochs, batch_size, learning_rate, optimizer, weight_decay
@@ -128,6 +143,7 @@ class RunConfig:
     synthetic_dims: int = 2
     synthetic_samples: int = 240
     image_size: int = 0
+    bad_data: BadData = "strict"
     num_sites: int = 3
     num_server_rounds: int = 3
     local_epochs: int = 2
@@ -187,6 +203,13 @@ class RunConfig:
         _check_choice("dp-grad-sample-mode", self.dp_grad_sample_mode, DP_GRAD_SAMPLE_MODES)
         _check_choice("secagg-on-failure", self.secagg_on_failure, SECAGG_ON_FAILURE)
         _check_choice("spatial-dims", self.spatial_dims, (2, 3))
+        _check_choice("bad-data", self.bad_data, BAD_DATA_MODES)
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(
+                    f"{f.name.replace('_', '-')} = {value!r} is invalid: it must be a finite number."
+                )
         _check_store(self.store)
         for key, value, low in (
             ("num-sites", self.num_sites, 1),
@@ -201,6 +224,7 @@ class RunConfig:
             ("secagg-quantization-range", self.secagg_quantization_range, 2),
             ("in-channels", self.in_channels, 1),
             ("num-classes", self.num_classes, 2),
+            ("seed", self.seed, 0),
         ):
             if value < low:
                 raise ConfigError(f"{key} = {value!r} is invalid: it must be an integer >= {low}.")
@@ -223,10 +247,15 @@ class RunConfig:
         ):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key} = {value!r} is invalid: it must lie in [0, 1].")
-        if self.proximal_mu < 0 or self.weight_decay < 0:
-            raise ConfigError("proximal-mu and weight-decay must be >= 0.")
-        if self.dp_noise_multiplier < 0 or self.dp_target_epsilon < 0 or self.client_dp_noise_multiplier < 0:
-            raise ConfigError("dp-noise-multiplier, dp-target-epsilon and client-dp-noise-multiplier must be >= 0.")
+        for key, value in (
+            ("proximal-mu", self.proximal_mu),
+            ("weight-decay", self.weight_decay),
+            ("dp-noise-multiplier", self.dp_noise_multiplier),
+            ("dp-target-epsilon", self.dp_target_epsilon),
+            ("client-dp-noise-multiplier", self.client_dp_noise_multiplier),
+        ):
+            if value < 0:
+                raise ConfigError(f"{key} = {value!r} is invalid: it must be >= 0.")
         if not 0 < self.dp_delta < 1:
             raise ConfigError(f"dp-delta = {self.dp_delta!r} is invalid: it must lie in (0, 1).")
         if self.secagg and self.secagg_reconstruction_threshold > self.secagg_num_shares:
@@ -265,7 +294,8 @@ class RunConfig:
             name = str(key).replace("-", "_")
             if name not in by_name:
                 valid = ", ".join(cls.keys())
-                raise ConfigError(f"Unknown key {key!r} in {source}. Valid keys: {valid}.")
+                hint = close_matches(str(key).replace("_", "-"), cls.keys())
+                raise ConfigError(f"Unknown key {key!r} in {source}.{hint} Valid keys: {valid}.")
             values[name] = _coerce(key, value, by_name[name].default, source)
         try:
             return cls(**values)
@@ -325,10 +355,24 @@ def _check_store(value: str) -> None:
     )
 
 
+def close_matches(word: str, choices: tuple[str, ...] | list[str]) -> str:
+    """``" Did you mean 'x'?"`` for the nearest of ``choices``, or ``""``.
+
+    Choices that start with ``word`` come first (``dp-budget`` -> ``dp-budget-epsilon``), then
+    ``difflib``'s closest; two at most.
+    """
+    prefixed = [c for c in choices if word and c.startswith(word)]
+    near = list(dict.fromkeys([*prefixed, *difflib.get_close_matches(word, list(choices), n=2, cutoff=0.6)]))[:2]
+    if not near:
+        return ""
+    return " Did you mean " + " or ".join(repr(n) for n in near) + "?"
+
+
 def _check_choice(key: str, value: object, choices: tuple[object, ...]) -> None:
     if value not in choices:
         valid = ", ".join(repr(c) for c in choices)
-        raise ConfigError(f"{key} = {value!r} is invalid. Valid choices: {valid}.")
+        hint = close_matches(value, [str(c) for c in choices]) if isinstance(value, str) else ""
+        raise ConfigError(f"{key} = {value!r} is invalid.{hint} Valid choices: {valid}.")
 
 
 def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
@@ -354,7 +398,9 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
                 raise ValueError(value)
             return float(value)
         if isinstance(default, str):
-            return str(value)
+            if not isinstance(value, str):
+                raise ValueError(value)
+            return value
     except (TypeError, ValueError):
         kind = type(default).__name__
         raise ConfigError(

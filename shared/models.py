@@ -47,6 +47,7 @@ from torch import nn
 __all__ = [
     "MODELS",
     "NORMS",
+    "check_model_name",
     "DP_NORM",
     "ModelSpec",
     "build_model",
@@ -454,6 +455,24 @@ MODELS: dict[str, ModelSpec] = {
     )
 }
 """Registered models by name."""
+
+
+def check_model_name(name: str) -> None:
+    """Fail fast on a ``model`` run-config value that is not registered.
+
+    Raises
+    ------
+    shared.config.ConfigError
+        Naming the key ``model``, the closest registered names and all of them.
+    """
+    from shared.config import ConfigError, close_matches
+
+    if name not in MODELS:
+        valid = ", ".join(repr(n) for n in MODELS)
+        raise ConfigError(
+            f"model = {name!r} is invalid.{close_matches(name, list(MODELS))} Valid choices: {valid} "
+            "(`medfed models` describes them)."
+        )
 
 
 def _spec(name: str) -> ModelSpec:

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
 
 from shared.config import ConfigError, RunConfig
@@ -51,7 +52,13 @@ class _QuietFilter(logging.Filter):
 
 
 def build_config(config_file: Path | None, overrides: dict[str, Any], sets: list[str]) -> RunConfig:
-    """A run config from an optional TOML file, then flags, then ``--set key=value`` pairs."""
+    """A run config from an optional TOML file, then flags, then ``--set key=value`` pairs.
+
+    Raises
+    ------
+    ConfigError
+        A malformed ``--set``, an unknown key, a bad value, or an unregistered ``model``.
+    """
     base = RunConfig.from_toml(config_file).to_run_config() if config_file else {}
     merged: dict[str, Any] = {**base, **{k: v for k, v in overrides.items() if v is not None}}
     for item in sets:
@@ -59,7 +66,13 @@ def build_config(config_file: Path | None, overrides: dict[str, Any], sets: list
         if not sep:
             raise ConfigError(f"--set {item!r} is invalid: write --set key=value.")
         merged[key.strip()] = value.strip()
-    return RunConfig.from_mapping(merged, source=str(config_file) if config_file else "command line")
+    cfg = RunConfig.from_mapping(merged, source=str(config_file) if config_file else "command line")
+    from shared.models import check_model_name
+
+    check_model_name(cfg.model)
+    if Path(cfg.run_dir).expanduser().is_file():
+        raise ConfigError(f"run-dir = {cfg.run_dir!r} is a file: give a folder (created if missing).")
+    return cfg
 
 
 @app.command()
@@ -111,8 +124,23 @@ def simulate(
         cfg = build_config(config, overrides, set_ or [])
         _run_and_report(cfg, centralized=centralized, verbose=verbose)
     except (ConfigError, DataError, ValueError) as err:
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"[bold red]error:[/] {escape(_name_flag(str(err), overrides))}")
         raise typer.Exit(code=2) from None
+
+
+_FLAGS = {
+    "num-sites": "--sites", "dirichlet-alpha": "--alpha", "num-server-rounds": "--rounds",
+    "learning-rate": "--lr",
+}  # fmt: skip
+"""Run-config keys whose ``medfed simulate`` flag has another name (the others: ``--<key>``)."""
+
+
+def _name_flag(message: str, overrides: dict[str, Any]) -> str:
+    """Add the flag to an error about a key that came from one: ``num-sites (--sites) = 0 ...``."""
+    for key, value in overrides.items():
+        if value is not None and f"{key} = " in message:
+            return message.replace(f"{key} = ", f"{key} ({_FLAGS.get(key, '--' + key)}) = ", 1)
+    return message
 
 
 def _run_and_report(cfg: RunConfig, *, centralized: bool, verbose: bool) -> None:

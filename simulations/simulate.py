@@ -14,6 +14,7 @@ from client.client_app import make_client_app
 from server.run_dir import RoundRecord, RunDirectory, new_run_path
 from server.server_app import ServerHooks, make_server_app
 from shared.config import RunConfig
+from shared.data.loading import load_dataset
 
 __all__ = ["SimulationResult", "run_federated"]
 
@@ -57,9 +58,22 @@ def run_federated(
 
     Raises
     ------
+    DataError
+        The dataset cannot be read, or (``bad-data = "strict"``) a datalist has unusable
+        entries: raised before Ray starts, listing them.
     RuntimeError
         If the simulation ended without finishing its rounds (the cause is logged by Flower).
     """
+    if not cfg.is_deployment:
+        # Fail fast, before Ray starts: the server thread reads the same (cached) splits.
+        splits = load_dataset(cfg)
+        if splits.skipped_files:
+            logger.warning(
+                "bad-data = skip: %d unusable datalist entries left out; every simulated site "
+                "reports skipped-files = %d.",
+                splits.skipped_files,
+                splits.skipped_files,
+            )
     path = Path(run_path) if run_path else new_run_path(cfg.run_dir, name=f"{cfg.strategy}-s{cfg.seed}")
     result = SimulationResult(run_dir=path)
     user_hooks = hooks or ServerHooks()

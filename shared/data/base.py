@@ -98,11 +98,21 @@ class ImageSet:
 
 @dataclass(frozen=True)
 class DataSplits:
-    """Train, validation and test sets of one dataset."""
+    """Train, validation and test sets of one dataset.
+
+    Parameters
+    ----------
+    train, val, test
+        The three splits.
+    skipped_files
+        Entries of the source left out as unusable (a datalist read with ``bad-data = "skip"``;
+        ``0`` for every other reader). A count only: no names.
+    """
 
     train: ImageSet
     val: ImageSet
     test: ImageSet
+    skipped_files: int = 0
 
     @property
     def task(self) -> Task:

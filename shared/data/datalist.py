@@ -60,6 +60,7 @@ __all__ = [
     "DatalistProblem",
     "DatalistReport",
     "EntryInfo",
+    "UnusableEntriesError",
     "load_datalist",
     "scan_datalist",
 ]
@@ -184,18 +185,34 @@ class DatalistReport:
         """Usable plus unusable entries."""
         return self.entries_ok + len(self.problems)
 
+    def kind_counts(self) -> dict[str, int]:
+        """Unusable entries per problem kind (sorted by kind); no file names."""
+        kinds: dict[str, int] = {}
+        for p in self.problems:
+            kinds[p.kind] = kinds.get(p.kind, 0) + 1
+        return dict(sorted(kinds.items()))
+
     def summary(self) -> str:
         """One line with counts and problem kinds only (no file names), safe to log."""
         if not self.problems:
             return f"{self.entries_ok} entries ok, no problems."
-        kinds: dict[str, int] = {}
-        for p in self.problems:
-            kinds[p.kind] = kinds.get(p.kind, 0) + 1
-        detail = ", ".join(f"{k}: {v}" for k, v in sorted(kinds.items()))
+        detail = ", ".join(f"{k}: {v}" for k, v in self.kind_counts().items())
         return (
             f"{self.entries_ok} of {self.entries_total} entries ok, {len(self.problems)} "
             f"problem(s) ({detail}) at {', '.join(p.where for p in self.problems)}."
         )
+
+
+class UnusableEntriesError(DataError):
+    """:func:`load_datalist` found unusable entries (``on_error="raise"``).
+
+    The message names the datalist and each entry's section, index, file and problem;
+    :attr:`report` holds the full :class:`DatalistReport` (counts by kind are safe to log).
+    """
+
+    def __init__(self, message: str, report: DatalistReport) -> None:
+        super().__init__(message)
+        self.report = report
 
 
 def scan_datalist(
@@ -204,6 +221,8 @@ def scan_datalist(
     image_size: int = 0,
     spatial_dims: int | None = None,
     task: Task | None = None,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
 ) -> DatalistReport:
     """Load and check every entry of a datalist; report the problems instead of raising.
 
@@ -211,7 +230,7 @@ def scan_datalist(
     ----------
     path
         The datalist JSON file.
-    image_size, spatial_dims, task
+    image_size, spatial_dims, task, num_classes, in_channels
         As in :func:`load_datalist` (``image_size = 0``: images keep their size and must all
         share it).
 
@@ -225,7 +244,14 @@ def scan_datalist(
     DataError
         The datalist itself is missing, not JSON, or lacks a ``"training"`` list.
     """
-    report, _ = _scan(Path(path), image_size=image_size, spatial_dims=spatial_dims, task=task)
+    report, _ = _scan(
+        Path(path),
+        image_size=image_size,
+        spatial_dims=spatial_dims,
+        task=task,
+        num_classes=num_classes,
+        in_channels=in_channels,
+    )
     return report
 
 
@@ -239,6 +265,8 @@ def load_datalist(
     test_fraction: float = 0.15,
     seed: int = 0,
     on_error: Literal["raise", "skip"] = "raise",
+    num_classes: int | None = None,
+    in_channels: int | None = None,
 ) -> DataSplits:
     """Read a MONAI-style datalist into train/val/test image sets.
 
@@ -261,15 +289,24 @@ def load_datalist(
         Seed of that split.
     on_error
         ``"raise"``: any unusable entry raises a :class:`DataError` listing them all.
-        ``"skip"``: unusable entries are left out and counted in a warning; see
+        ``"skip"``: unusable entries are left out and counted in a warning (sections, indices
+        and problem kinds, no file names) and in ``DataSplits.skipped_files``; see
         :func:`scan_datalist` for the details.
+    num_classes
+        The model's class count (a federation's ``num-classes``), used when the datalist
+        declares no ``"num_classes"``: labels (mask values) at or above it make their entry
+        unusable instead of widening the dataset. ``None``: ``max(label) + 1``.
+    in_channels
+        The channel count every image must have (a federation's ``in-channels``). ``None``:
+        the first readable image's.
 
     Returns
     -------
     DataSplits
         Images ``float32`` ``(N, C, *spatial)`` in ``[0, 1]``; targets ``int64`` ``(N,)``
         (classification) or ``(N, 1, *spatial)`` (segmentation). ``num_classes`` is the
-        datalist's ``"num_classes"`` or ``max(label) + 1`` (at least 2).
+        datalist's ``"num_classes"``, else the ``num_classes`` argument, else
+        ``max(label) + 1`` (at least 2). ``skipped_files`` counts the entries left out.
 
     Raises
     ------
@@ -279,20 +316,34 @@ def load_datalist(
     if on_error not in ("raise", "skip"):
         raise DataError(f"on_error = {on_error!r} is invalid. Valid choices: 'raise', 'skip'.")
     path = Path(path)
-    report, loaded = _scan(path, image_size=image_size, spatial_dims=spatial_dims, task=task)
+    report, loaded = _scan(
+        path,
+        image_size=image_size,
+        spatial_dims=spatial_dims,
+        task=task,
+        num_classes=num_classes,
+        in_channels=in_channels,
+    )
 
     if report.problems and on_error == "raise":
         lines = [f"  {p}" for p in report.problems[:_MAX_LISTED]]
         if len(report.problems) > _MAX_LISTED:
             lines.append(f"  ... and {len(report.problems) - _MAX_LISTED} more.")
-        raise DataError(
+        raise UnusableEntriesError(
             f"Datalist {path} has {len(report.problems)} unusable entr"
             f"{'y' if len(report.problems) == 1 else 'ies'}:\n" + "\n".join(lines) + "\n"
             "Fix these entries, or pass on_error='skip' to leave them out "
-            "(scan_datalist lists them)."
+            "(run config or site.toml: bad-data = \"skip\"; `medfed site check` lists them).",
+            report,
         )
     if report.problems:
-        logger.warning("Datalist %s: skipped unusable entries. %s", path.name, report.summary())
+        logger.warning(
+            "Datalist %s: skipped %d unusable entr%s. %s",
+            path.name,
+            len(report.problems),
+            "y" if len(report.problems) == 1 else "ies",
+            report.summary(),
+        )
 
     assert report.task is not None and report.spatial_dims is not None
     split_task: Task = report.task
@@ -328,7 +379,9 @@ def load_datalist(
         len(sets["validation"]),
         len(sets["test"]),
     )
-    return DataSplits(sets["training"], sets["validation"], sets["test"])
+    return DataSplits(
+        sets["training"], sets["validation"], sets["test"], skipped_files=len(report.problems)
+    )
 
 
 # ---------------------------------------------------------------------------- internals
@@ -445,13 +498,17 @@ class _Scanner:
         spatial_dims: int | None,
         task: Task,
         num_classes: int | None,
+        declared: bool = True,
+        in_channels: int | None = None,
     ) -> None:
         self.base = path.parent
         self.image_size = image_size
         self.spatial_dims = spatial_dims
         self.task = task
         self.num_classes = num_classes
-        self.channels: int | None = None
+        self.declared = declared  # num_classes from the datalist (else from the caller's model)
+        self.channels: int | None = in_channels
+        self.channels_given = in_channels is not None
         self.shape: tuple[int, ...] | None = None  # reference size when image_size == 0
         self._compose: Compose | None = None
         self.last: EntryInfo | None = None  # the last entry that passed every check
@@ -585,12 +642,15 @@ class _Scanner:
                 f"{what} {value} of {file!r} is negative; classes are 0..K-1.",
             )
         if self.num_classes is not None and value >= self.num_classes:
+            source = (
+                "the datalist declares num_classes" if self.declared else "the model has num-classes"
+            )
+            fix = "the datalist's num_classes" if self.declared else "the run's num-classes"
             raise _EntryProblem(
                 "label_out_of_range",
                 file,
-                f"{what} {value} of {file!r} is out of range: the datalist declares num_classes = "
-                f"{self.num_classes} (classes 0..{self.num_classes - 1}). Fix the label or the "
-                "datalist's num_classes.",
+                f"{what} {value} of {file!r} is out of range: {source} = {self.num_classes} "
+                f"(classes 0..{self.num_classes - 1}). Fix the label or {fix}.",
             )
 
     def _check_geometry(self, image: np.ndarray, file: str) -> None:
@@ -608,11 +668,12 @@ class _Scanner:
         if self.channels is None:
             self.channels = channels
         elif channels != self.channels:
+            others = "the model takes" if self.channels_given else "earlier images have"
             raise _EntryProblem(
                 "channels",
                 file,
-                f"image {file!r} has {channels} channel(s) but earlier images have "
-                f"{self.channels}. Convert all images to the same channels (e.g. greyscale).",
+                f"image {file!r} has {channels} channel(s) but {others} {self.channels}. "
+                "Convert all images to the same channels (e.g. greyscale).",
             )
         if not self.image_size:
             shape = tuple(int(s) for s in image.shape[1:])
@@ -659,7 +720,13 @@ def _infer_task(path: Path, entries: Sequence[Any]) -> Task:
 
 
 def _scan(
-    path: Path, *, image_size: int, spatial_dims: int | None, task: Task | None
+    path: Path,
+    *,
+    image_size: int,
+    spatial_dims: int | None,
+    task: Task | None,
+    num_classes: int | None = None,
+    in_channels: int | None = None,
 ) -> tuple[DatalistReport, dict[str, list[_Item]]]:
     """Check and load every entry: the report plus the usable items of each section."""
     if image_size < 0:
@@ -672,6 +739,9 @@ def _scan(
         raise DataError(
             f"task = {task!r} is invalid. Valid choices: 'classification', 'segmentation', None."
         )
+    for name, value, low in (("num_classes", num_classes, 2), ("in_channels", in_channels, 1)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise DataError(f"{name} = {value!r} is invalid: use an integer >= {low} or None.")
     data = _read_json(path)
     declared = data.get("num_classes")
     if declared is not None and (
@@ -685,7 +755,9 @@ def _scan(
         image_size=image_size,
         spatial_dims=spatial_dims,
         task=resolved_task,
-        num_classes=declared,
+        num_classes=declared if declared is not None else num_classes,
+        declared=declared is not None,
+        in_channels=in_channels,
     )
     problems: list[DatalistProblem] = []
     infos: list[EntryInfo] = []
@@ -705,21 +777,24 @@ def _scan(
                 infos.append(dataclasses.replace(scanner.last, index=index, section=section))
 
     all_items = [it for items in loaded.values() for it in items]
+    found: int
     if declared is not None:
-        num_classes = declared
+        found = declared
+    elif num_classes is not None:
+        found = num_classes
     elif not all_items:
-        num_classes = 0
+        found = 0
     elif resolved_task == "classification":
-        num_classes = max(2, max(int(it.target) + 1 for it in all_items))
+        found = max(2, max(int(it.target) + 1 for it in all_items))
     else:
-        num_classes = max(2, max(int(it.target.max()) + 1 for it in all_items))
+        found = max(2, max(int(it.target.max()) + 1 for it in all_items))
     report = DatalistReport(
         entries_ok=len(all_items),
         problems=problems,
         datalist=str(path),
         task=resolved_task,
         spatial_dims=scanner.spatial_dims,
-        num_classes=num_classes,
+        num_classes=found,
         entries=infos,
     )
     return report, loaded

@@ -23,13 +23,15 @@ def load_dataset(cfg: RunConfig) -> DataSplits:
     Parameters
     ----------
     cfg
-        Uses ``dataset``, ``image_size``, ``seed`` and, for synthetic data, the
-        ``synthetic_*`` fields.
+        Uses ``dataset``, ``image_size``, ``seed``, ``bad_data`` (datalists: ``"skip"`` leaves
+        unusable entries out and counts them in ``DataSplits.skipped_files``) and, for
+        synthetic data, the ``synthetic_*`` fields.
 
     Raises
     ------
     DataError
-        If the path does not exist or its suffix is neither ``.npz`` nor ``.json``.
+        If the path does not exist or its suffix is neither ``.npz`` nor ``.json``, or (with
+        ``bad_data = "strict"``) a datalist has unusable entries: the message lists them.
     """
     return _load_cached(
         cfg.dataset,
@@ -38,6 +40,7 @@ def load_dataset(cfg: RunConfig) -> DataSplits:
         cfg.synthetic_task,
         cfg.synthetic_dims,
         cfg.synthetic_samples,
+        cfg.bad_data,
     )
 
 
@@ -49,6 +52,7 @@ def _load_cached(
     synthetic_task: str,
     synthetic_dims: int,
     synthetic_samples: int,
+    bad_data: str = "strict",
 ) -> DataSplits:
     if dataset == "synthetic":
         from shared.data.synthetic import make_synthetic
@@ -77,7 +81,9 @@ def _load_cached(
             raise DataError(
                 f"dataset {path.name}: a datalist needs image-size > 0 (every image is resized to it)."
             )
-        return load_datalist(path, image_size=image_size, seed=seed)
+        return load_datalist(
+            path, image_size=image_size, seed=seed, on_error="skip" if bad_data == "skip" else "raise"
+        )
     raise DataError(
         f"dataset {path.name}: unknown file type {path.suffix!r}. Valid: .npz (MedMNIST) or .json (datalist)."
     )

@@ -1,0 +1,302 @@
+"""Load benchmark: many simulated sites with a small model; peak memory and seconds per round.
+
+Usage::
+
+    python -m simulations.bench_scale --sites 4 16 64 --rounds 3
+
+Each site count runs as its own ``medfed`` simulation (Flower's simulation engine on Ray, the
+same path as ``medfed simulate``) in a fresh child process, so one size's memory never carries
+into the next. While it runs, this process samples the child's whole process tree (the driver,
+which also hosts the ServerApp, plus Ray's GCS, raylet, helpers and ClientApp workers) from
+``/proc`` four times a second and keeps the peaks:
+
+* ``peak_rss_mib``: the largest sum of resident set sizes over the tree. Pages shared between
+  processes (Ray's object store in ``/dev/shm``, shared libraries) count once per process, so
+  this is an upper bound;
+* ``peak_pss_mib``: the largest sum of proportional set sizes (shared pages split between the
+  processes sharing them): the memory the run really holds;
+* ``peak_driver_rss_mib``: the driver process alone.
+
+Seconds per round are the server's (``summary.json``: fit on every site, aggregation, the
+server's evaluation on the test split and every site's validation); round 1 also starts the Ray
+workers, so ``later_round_mean_s`` (rounds 2..R) is the steady state. ``startup_s`` is the wall
+time not spent in rounds (interpreter and Ray start, shutdown).
+
+The dataset is the synthetic demo (2D 32x32 blobs, labelled synthetic) with
+``--samples-per-site`` samples per site in total (70/15/15 train/val/test), the model
+``simplecnn``, one local epoch. Ray gets one CPU per site (as in ``simulations.simulate``), so
+on a 2-core machine two sites train at a time whatever the site count.
+
+Prints one JSON object per size as it finishes, then the table as JSON and as Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+__all__ = ["TreeMemory", "tree_memory", "ScaleResult", "measure_scale", "markdown_table", "main"]
+
+logger = logging.getLogger(__name__)
+
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+_MIB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class TreeMemory:
+    """Memory of one process and all its descendants at one instant (bytes)."""
+
+    rss: int
+    pss: int
+    root_rss: int
+    processes: int
+
+
+def _children_map() -> dict[int, list[int]]:
+    """``ppid -> [pid, ...]`` for every process visible in ``/proc``."""
+    children: dict[int, list[int]] = {}
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:  # exited meanwhile
+            continue
+        # Fields after the command name (which may hold spaces and parentheses): state ppid ...
+        ppid = int(stat[stat.rindex(b")") + 2 :].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    return children
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm", "rb") as fh:
+        return int(fh.read().split()[1]) * _PAGE
+
+
+def _pss(pid: int) -> int:
+    """Proportional set size from ``smaps_rollup`` (0 where the kernel or permissions hide it)."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def tree_memory(root: int) -> TreeMemory:
+    """RSS and PSS summed over ``root`` and its descendants, read from ``/proc``.
+
+    Parameters
+    ----------
+    root
+        Process id at the top of the tree.
+
+    Returns
+    -------
+    TreeMemory
+        Zero everywhere once ``root`` has exited.
+    """
+    children = _children_map()
+    pending, seen = [root], []
+    while pending:
+        pid = pending.pop()
+        seen.append(pid)
+        pending.extend(children.get(pid, []))
+    rss = pss = root_rss = count = 0
+    for pid in seen:
+        try:
+            value = _rss(pid)
+        except OSError:
+            continue
+        rss += value
+        pss += _pss(pid)
+        count += 1
+        if pid == root:
+            root_rss = value
+    return TreeMemory(rss=rss, pss=pss, root_rss=root_rss, processes=count)
+
+
+class _PeakSampler(threading.Thread):
+    """Samples :func:`tree_memory` of one process tree until stopped; keeps the maxima."""
+
+    def __init__(self, root: int, *, interval: float = 0.25) -> None:
+        super().__init__(daemon=True)
+        self.root, self.interval = root, interval
+        self.peak_rss = self.peak_pss = self.peak_root = self.peak_processes = 0
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            mem = tree_memory(self.root)
+            self.peak_rss = max(self.peak_rss, mem.rss)
+            self.peak_pss = max(self.peak_pss, mem.pss)
+            self.peak_root = max(self.peak_root, mem.root_rss)
+            self.peak_processes = max(self.peak_processes, mem.processes)
+            self._halt.wait(self.interval)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join()
+
+
+@dataclass(frozen=True)
+class ScaleResult:
+    """One site count's figures (see the module docstring)."""
+
+    sites: int
+    rounds: int
+    samples_per_site: int
+    wall_s: float
+    startup_s: float
+    round_s: list[float]
+    mean_round_s: float
+    later_round_mean_s: float
+    peak_rss_mib: float
+    peak_pss_mib: float
+    peak_driver_rss_mib: float
+    peak_processes: int
+    fit_results_last_round: int
+    final_accuracy: float | None
+
+
+def _one_run(*, sites: int, rounds: int, samples_per_site: int, run_dir: str) -> dict[str, object]:
+    """Run one simulation in this process; return its raw figures (child-process side)."""
+    from shared.config import RunConfig
+    from simulations.simulate import run_federated
+
+    cfg = RunConfig(
+        dataset="synthetic",
+        synthetic_samples=sites * samples_per_site,
+        model="simplecnn",
+        num_sites=sites,
+        num_server_rounds=rounds,
+        local_epochs=1,
+        batch_size=16,
+        run_dir=run_dir,
+        store="off",
+    )
+    result = run_federated(cfg)
+    last = result.rounds[-1] if result.rounds else None
+    return {
+        "wall_s": result.wall_seconds,
+        "round_s": [float(s) for s in result.summary.get("round_seconds", []) if s is not None],  # type: ignore[union-attr]
+        "fit_results_last_round": int(last.num_fit_results if last else 0),
+        "final_accuracy": result.final_metrics.get("accuracy"),
+    }
+
+
+def measure_scale(*, sites: int, rounds: int, samples_per_site: int, run_dir: str) -> ScaleResult:
+    """Run one site count in a child process and sample its process tree's memory.
+
+    Raises
+    ------
+    RuntimeError
+        The child failed (its stderr tail is in the message).
+    """
+    command = [
+        sys.executable, "-m", "simulations.bench_scale", "--child",
+        "--sites", str(sites), "--rounds", str(rounds),
+        "--samples-per-site", str(samples_per_site), "--run-dir", run_dir,
+    ]  # fmt: skip
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    sampler = _PeakSampler(proc.pid)
+    sampler.start()
+    try:
+        out, err = proc.communicate()
+    finally:
+        sampler.stop()
+    wall = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"{sites} sites: the simulation failed (exit {proc.returncode}):\n{err[-3000:]}")
+    raw = json.loads(out.strip().splitlines()[-1])
+    round_s = list(raw["round_s"])
+    return ScaleResult(
+        sites=sites,
+        rounds=rounds,
+        samples_per_site=samples_per_site,
+        wall_s=round(wall, 1),
+        startup_s=round(wall - sum(round_s), 1),
+        round_s=[round(s, 2) for s in round_s],
+        mean_round_s=round(statistics.fmean(round_s), 2) if round_s else float("nan"),
+        later_round_mean_s=round(statistics.fmean(round_s[1:]), 2) if len(round_s) > 1 else float("nan"),
+        peak_rss_mib=round(sampler.peak_rss / _MIB, 1),
+        peak_pss_mib=round(sampler.peak_pss / _MIB, 1),
+        peak_driver_rss_mib=round(sampler.peak_root / _MIB, 1),
+        peak_processes=sampler.peak_processes,
+        fit_results_last_round=int(raw["fit_results_last_round"]),
+        final_accuracy=raw["final_accuracy"],
+    )
+
+
+def markdown_table(results: Sequence[ScaleResult]) -> str:
+    """The figures as a Markdown table for BENCHMARKS.md."""
+    lines = [
+        "| sites | rounds | wall s | start-up s | s / round (mean) | s / round (rounds 2..R) | rounds s "
+        "| peak RSS sum MiB | peak PSS sum MiB | peak driver RSS MiB | processes | sites answering (last round) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.sites} | {r.rounds} | {r.wall_s:.1f} | {r.startup_s:.1f} | {r.mean_round_s:.2f} | "
+            f"{r.later_round_mean_s:.2f} | {', '.join(f'{s:.1f}' for s in r.round_s)} | {r.peak_rss_mib:.0f} | {r.peak_pss_mib:.0f} | "
+            f"{r.peak_driver_rss_mib:.0f} | {r.peak_processes} | {r.fit_results_last_round} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command-line entry point."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    parser.add_argument("--sites", type=int, nargs="+", default=[4, 16, 64], help="site counts to run")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--samples-per-site", type=int, default=10, help="synthetic samples per site (all splits)")
+    parser.add_argument("--run-dir", default="runs/bench-scale")
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    for flag, value, low in (("--rounds", args.rounds, 1), ("--samples-per-site", args.samples_per_site, 8)):
+        if value < low:
+            parser.error(f"{flag} = {value} is invalid: it must be >= {low}.")
+    if any(s < 1 for s in args.sites):
+        parser.error(f"--sites {args.sites} is invalid: every site count must be >= 1.")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    if args.child:
+        if len(args.sites) != 1:
+            parser.error("--child runs exactly one site count.")
+        print(json.dumps(_one_run(
+            sites=args.sites[0], rounds=args.rounds, samples_per_site=args.samples_per_site, run_dir=args.run_dir
+        )), flush=True)  # fmt: skip
+        return
+    results = []
+    for sites in args.sites:
+        result = measure_scale(
+            sites=sites, rounds=args.rounds, samples_per_site=args.samples_per_site, run_dir=args.run_dir
+        )
+        results.append(result)
+        print(json.dumps(asdict(result)), flush=True)
+    print()
+    print(json.dumps([asdict(r) for r in results], indent=2))
+    print()
+    print(
+        f"Scale benchmark: simplecnn, synthetic 2D 32x32, {args.samples_per_site} samples per site, "
+        f"1 local epoch, {args.rounds} rounds, {os.cpu_count()} CPUs, Ray num_cpus = 1 per site"
+    )
+    print(markdown_table(results))
+
+
+if __name__ == "__main__":
+    main()
