@@ -130,7 +130,7 @@ def line_plot(
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, NullFormatter, ScalarFormatter
 
     fig, ax = plt.subplots(figsize=(5.0, 3.3), dpi=100)
     try:
@@ -143,6 +143,9 @@ def line_plot(
                 ax.axhline(y, linestyle="--", linewidth=1.0, color="grey", label=label)
         if logx:
             ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({float(x) for xs, _ in series.values() for x in xs}))
+            ax.xaxis.set_major_formatter(ScalarFormatter())
+            ax.xaxis.set_minor_formatter(NullFormatter())
         elif all(float(x).is_integer() for xs, _ in series.values() for x in xs):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(textwrap.fill(title, 72), fontsize=8)
