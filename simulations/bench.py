@@ -195,7 +195,7 @@ PROFILES: dict[str, Profile] = {
         quality_splits=("iid", "dirichlet"),
         quality_strategies=("fedavg", "fedprox", "fedadam"),
         quality_rounds=10,
-        quality_rounds_3d=5,
+        quality_rounds_3d=4,
         quality_local_epochs=1,
         slice_train=0,
         slice_val=0,
@@ -345,6 +345,8 @@ class BenchContext:
         The MedMNIST folder (``../shared/data/medmnist`` by default).
     command
         The command line of this benchmark run (for "reproduce with").
+    out
+        The Markdown file this run writes (quoted in the per-section commands).
     cache
         Results shared between sections of one run (see :meth:`memo`).
     """
@@ -354,6 +356,7 @@ class BenchContext:
     plots_dir: Path
     data_dir: Path
     command: str
+    out: Path = Path("BENCHMARKS.md")
     cache: dict[str, Any] = field(default_factory=dict)
 
     def memo(self, key: str, compute: Callable[[], Any]) -> Any:
@@ -365,6 +368,11 @@ class BenchContext:
         if key not in self.cache:
             self.cache[key] = compute()
         return self.cache[key]
+
+    def reproduce(self, section: str) -> str:
+        """The command that re-measures ``section`` alone into the same file and plot folder."""
+        return (f"medfed bench --profile {self.profile.name} --section {section} --out {self.out} "
+                f"--plots {self.plots_dir}")
 
     def plot_path(self, name: str) -> Path:
         """``plots_dir / name`` (the folder is created)."""
@@ -736,6 +744,7 @@ def run_bench(
         plots_dir=plots_dir,
         data_dir=data_dir,
         command=command or f"medfed bench --profile {profile.name} --out {out} --plots {plots_dir}",
+        out=out,
     )
     results: dict[str, SectionResult] = {}
     try:

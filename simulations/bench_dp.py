@@ -42,7 +42,7 @@ from shared.privacy import GRAD_SAMPLE_MODES, PrivacyLedger, make_private_traini
 from shared.task import model_for
 from shared.training import make_loss, make_optimizer, train_epochs
 from shared.weights import set_weights
-from simulations.bench_support import fmt, line_plot, medmnist_file, ratio, reproduce_command
+from simulations.bench_support import fmt, line_plot, medmnist_file, ratio
 from simulations.membership import loss_threshold_attack, matched_non_members
 
 if TYPE_CHECKING:
@@ -321,7 +321,7 @@ def dp_section(ctx: BenchContext) -> SectionResult:
         f"torch x{torch.get_num_threads()} threads; median of {p.dp_speed_repeats} epoch(s) after a warm-up, "
         "variants interleaved; DP: secure generator and hardened noise, as a site runs it."
     )
-    result.commands.append(reproduce_command(p.name, "privacy-dp"))
+    result.commands.append(ctx.reproduce("privacy-dp"))
     return result
 
 

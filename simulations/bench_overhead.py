@@ -29,7 +29,7 @@ from shared.data.loading import load_dataset
 from shared.seeding import seed_everything
 from shared.task import model_for
 from shared.weights import get_weights
-from simulations.bench_support import fmt, ratio, reproduce_command
+from simulations.bench_support import fmt, ratio
 from simulations.simulate import SimulationResult, run_federated
 
 if TYPE_CHECKING:
@@ -130,7 +130,7 @@ def overhead_section(ctx: BenchContext) -> SectionResult:
         "are its wall time over the rounds, set-up included). Ray gives each site one CPU and runs it niced; the "
         f"plain loop runs the sites one after another with torch's {int(figures['plain_loop_threads'])} threads."
     )
-    result.commands.append(reproduce_command(ctx.profile.name, "overhead"))
+    result.commands.append(ctx.reproduce("overhead"))
     return result
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from shared.config import RunConfig
-from simulations.bench_support import fmt, line_plot, medmnist_file, ratio, reproduce_command
+from simulations.bench_support import fmt, line_plot, medmnist_file, ratio
 from simulations.simulate import SimulationResult, run_federated
 
 if TYPE_CHECKING:
@@ -230,7 +230,7 @@ def peers_section(ctx: BenchContext) -> SectionResult:
                   title=f"medfed, common task: AUC per round, global and per site ({cfg.num_sites} sites)",
                   xlabel="round", ylabel="AUC")
     )
-    result.commands.append(reproduce_command(p.name, "peers"))
+    result.commands.append(ctx.reproduce("peers"))
     result.commands.append(
         "python -m simulations.peers.flower_quickstart.run --data ../shared/data/medmnist/breastmnist.npz "
         f"--sites {cfg.num_sites} "

@@ -37,7 +37,7 @@ from shared.data.loading import load_dataset
 from shared.seeding import seed_everything
 from shared.task import model_for
 from shared.weights import get_weights
-from simulations.bench_support import line_plot, mean_spread, medmnist_file, ratio, reproduce_command
+from simulations.bench_support import line_plot, mean_spread, medmnist_file, ratio
 from simulations.pooled import run_pooled
 from simulations.simulate import SimulationResult, run_federated
 
@@ -316,7 +316,7 @@ def quality_section(ctx: BenchContext) -> SectionResult:
         "strategies in one process (`federate_in_process`): the same training and aggregation as a simulation, "
         "without Ray. The published figures are for ResNet-18 at full resolution: an anchor, not the same model."
     )
-    result.commands.append(reproduce_command(ctx.profile.name, "quality"))
+    result.commands.append(ctx.reproduce("quality"))
     return result
 
 

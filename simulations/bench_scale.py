@@ -270,7 +270,7 @@ def bench_section(ctx: BenchContext) -> SectionResult:
     per round (rounds 2..R) against the number of sites.
     """
     from simulations.bench import SectionResult, Table
-    from simulations.bench_support import fmt, line_plot, reproduce_command
+    from simulations.bench_support import fmt, line_plot
 
     p = ctx.profile
     rounds = 2 if p.name == "quick" else 3
@@ -299,7 +299,7 @@ def bench_section(ctx: BenchContext) -> SectionResult:
         title="Round time vs number of simulated sites (simplecnn, synthetic)", xlabel="sites",
         ylabel="seconds per round", logx=True,
     ))
-    result.commands.append(reproduce_command(p.name, "scale"))
+    result.commands.append(ctx.reproduce("scale"))
     result.commands.append(
         f"python -m simulations.bench_scale --sites {' '.join(str(s) for s in p.scale_sites)} --rounds {rounds}"
     )

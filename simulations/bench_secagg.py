@@ -45,7 +45,7 @@ from flwr.simulation import run_simulation
 from client.client_app import make_client_app
 from server.secure import MedfedSecAggPlusWorkflow, SecAggUpdateStrategy, secagg_settings
 from shared.config import RunConfig
-from simulations.bench_support import fmt, line_plot, ratio, reproduce_command
+from simulations.bench_support import fmt, line_plot, ratio
 
 if TYPE_CHECKING:
     from simulations.bench import BenchContext, SectionResult
@@ -333,7 +333,7 @@ def secagg_section(ctx: BenchContext) -> SectionResult:
         "byte of a site's replies to training messages (arrays, masked vectors, keys, shares, metrics) over the "
         "fp32 model size. Flower's simulation engine on this machine, one CPU per site."
     )
-    result.commands.append(reproduce_command(p.name, "secagg"))
+    result.commands.append(ctx.reproduce("secagg"))
     result.commands.append(
         "python -m simulations.bench_secagg --sites " + " ".join(str(s) for s in p.secagg_sites)
         + " --params " + " ".join(f"{n:g}" for n in p.secagg_params) + f" --rounds {p.secagg_rounds}"

@@ -14,16 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["reproduce_command", "fmt", "mean_spread", "ratio", "slice_npz", "medmnist_file", "line_plot", "NOT_MEASURED"]
+__all__ = ["fmt", "mean_spread", "ratio", "slice_npz", "medmnist_file", "line_plot", "NOT_MEASURED"]
 
 logger = logging.getLogger(__name__)
 
 NOT_MEASURED = "n/a: not measured in this profile"
-
-
-def reproduce_command(profile: str, section: str) -> str:
-    """The command that re-measures one section of a profile (and rewrites only its region)."""
-    return f"medfed bench --profile {profile} --section {section} --out BENCHMARKS.md --plots docs/bench/"
 
 
 def fmt(value: float | None, digits: int = 3, *, reason: str = "n/a: no value was produced") -> str:
