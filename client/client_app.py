@@ -16,10 +16,16 @@ from client.site_data import deployment_site_data, simulated_site_data
 from client.update_mods import freeze_counters_mod, make_update_mod
 from shared.config import BAD_DATA_MODES, ConfigError, RunConfig
 
-__all__ = ["app", "make_client_app", "privacy_mods", "run_config_privacy_mod"]
+__all__ = ["app", "make_client_app", "privacy_mods", "run_config_privacy_mod", "site_client_fn"]
 
 
-def _client_fn_for(fixed: RunConfig | None) -> Callable[[Context], Client]:
+def site_client_fn(fixed: RunConfig | None) -> Callable[[Context], Client]:
+    """The ``client_fn`` of medfed's ClientApp: a :class:`SiteClient` on the node's data.
+
+    Simulation: the node's share (``partition-id`` / ``num-partitions`` in its node config) of
+    ``fixed`` (or the run config's) dataset; deployment: the site's datalist (``datalist``).
+    """
+
     def client_fn(context: Context) -> Client:
         cfg = fixed or RunConfig.from_mapping(context.run_config, source="run config")
         if "datalist" in context.node_config:  # deployment: the site's own files
@@ -35,6 +41,9 @@ def _client_fn_for(fixed: RunConfig | None) -> Callable[[Context], Client]:
         return SiteClient(cfg=cfg, data=data, site_index=site_index).to_client()
 
     return client_fn
+
+
+_client_fn_for = site_client_fn  # the earlier private name
 
 
 def _deployment_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> Client:
@@ -112,7 +121,7 @@ def make_client_app(
         data); benchmarks and tests pass their own.
     """
     mods: list[Mod] = [egress_guard, *(privacy_mods(cfg) if cfg else [run_config_privacy_mod])]
-    return ClientApp(client_fn=client_fn or _client_fn_for(cfg), mods=mods)
+    return ClientApp(client_fn=client_fn or site_client_fn(cfg), mods=mods)
 
 
 app = make_client_app()

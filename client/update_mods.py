@@ -10,6 +10,11 @@ Flower's mods do the protocol work (``secaggplus_mod``, ``fixedclipping_mod``,
       send when the site's example count exceeds ``secagg-max-weight`` (the weight would
       overflow the quantisation range and corrupt the aggregate) and counts entries that
       SecAgg+ will clip (reported as the ``secagg-clipped`` fit metric: a count, no values).
+    * Under SecAgg+ it also validates the update, since the server cannot (see
+      ``server/validation.py``): an update with NaN or Inf is never sent (the site raises
+      :class:`UpdateValidationError`, which the round counts as a dropout), and with
+      ``max-update-norm > 0`` the update's floating-point entries are scaled down to that L2
+      norm before masking (fit metric ``update-clipped``: 1 when scaled, else 0).
     * Under client-level DP, hands the clipping mod integer entries as float64: Flower's
       clipping scales every array in place, which numpy refuses for int64 arrays. Without
       SecAgg+ they go back to their dtype.
@@ -40,12 +45,23 @@ from flwr.compat.common import recorddict_compat as compat
 
 from shared.config import RunConfig
 
-__all__ = ["make_update_mod", "freeze_counters_mod", "CLIPPED_METRIC", "SecAggWeightError"]
+__all__ = [
+    "make_update_mod",
+    "freeze_counters_mod",
+    "clip_update",
+    "CLIPPED_METRIC",
+    "UPDATE_CLIPPED_METRIC",
+    "SecAggWeightError",
+    "UpdateValidationError",
+]
 
 logger = logging.getLogger(__name__)
 
 CLIPPED_METRIC = "secagg-clipped"
 """Fit metric: how many update entries SecAgg+ clips at this site (0 when none)."""
+
+UPDATE_CLIPPED_METRIC = "update-clipped"
+"""Fit metric under SecAgg+ with ``max-update-norm > 0``: 1 when the site scaled its update down."""
 
 _INS = "fitins.parameters"
 _RES = "fitres.parameters"
@@ -53,6 +69,10 @@ _RES = "fitres.parameters"
 
 class SecAggWeightError(ValueError):
     """A site's example count exceeds ``secagg-max-weight``."""
+
+
+class UpdateValidationError(ValueError):
+    """The site's own update is invalid (NaN or Inf): it is not sent."""
 
 
 def _is_int(array: np.ndarray) -> bool:
@@ -117,9 +137,15 @@ def make_update_mod(cfg: RunConfig) -> Mod:
                 np.atleast_1d(np.asarray(x, np.float64) - np.asarray(g, np.float64))
                 for x, g in zip(local, global_weights, strict=True)
             ]
+            _check_finite(update)
+            metrics = reply.content.config_records["fitres.metrics"]
+            if cfg.max_update_norm > 0:
+                is_float = [np.asarray(g).dtype.kind == "f" for g in global_weights]
+                update, scaled = clip_update(update, is_float=is_float, max_norm=cfg.max_update_norm)
+                metrics[UPDATE_CLIPPED_METRIC] = int(scaled)
             clipped = _count_clipped(update, num_examples=num_examples, cfg=cfg)
             reply.content.array_records[_RES] = _write(update)  # type: ignore[assignment]
-            reply.content.config_records["fitres.metrics"][CLIPPED_METRIC] = clipped
+            metrics[CLIPPED_METRIC] = clipped
         elif int_entries:
             restored = [
                 np.rint(x).astype(global_weights[i].dtype) if i in int_entries else x for i, x in enumerate(local)
@@ -128,6 +154,56 @@ def make_update_mod(cfg: RunConfig) -> Mod:
         return reply
 
     return update_mod
+
+
+def _check_finite(update: NDArrays) -> None:
+    """Refuse to send an update with NaN or Inf (under SecAgg+ the server could not tell).
+
+    Raises
+    ------
+    UpdateValidationError
+        Naming how many entries are not finite (never their positions' values).
+    """
+    bad = sum(int(np.count_nonzero(~np.isfinite(u))) for u in update)
+    if bad:
+        logger.error(
+            "this site's update has %d non-finite entries (NaN or Inf) after local training: it is not sent "
+            "and the site drops out of this round. Check the learning rate and the data.",
+            bad,
+        )
+        raise UpdateValidationError(
+            f"the site's update has {bad} non-finite entries; it was not sent (see the site's log)."
+        )
+
+
+def clip_update(update: NDArrays, *, is_float: list[bool], max_norm: float) -> tuple[NDArrays, bool]:
+    """Scale the floating-point entries of ``update`` so that their L2 norm is at most ``max_norm``.
+
+    Parameters
+    ----------
+    update
+        ``local - global`` per state entry (float64, any shapes).
+    is_float
+        Per entry: whether the model's entry is floating-point (integer step counters are
+        neither part of the norm nor scaled, as on the server: ``server.validation.update_norm``).
+    max_norm
+        ``max-update-norm`` (> 0).
+
+    Returns
+    -------
+    tuple
+        The (possibly scaled) update and whether it was scaled.
+    """
+    norm = float(np.sqrt(sum(float(np.dot(u.ravel(), u.ravel())) for u, f in zip(update, is_float, strict=True) if f)))
+    if norm <= max_norm:
+        return update, False
+    factor = max_norm / norm
+    logger.warning(
+        "this site's update norm %.4g exceeds max-update-norm = %g: scaled down to it before secure aggregation.",
+        norm,
+        max_norm,
+    )
+    return [u * factor if f else u for u, f in zip(update, is_float, strict=True)], True
 
 
 def _count_clipped(update: NDArrays, *, num_examples: int, cfg: RunConfig) -> int:

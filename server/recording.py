@@ -1,8 +1,11 @@
 """A strategy wrapper that records every round into a :class:`~server.run_dir.RunDirectory`.
 
 It delegates every decision to the wrapped Flower strategy (as Flower's own DP wrappers do) and
-only observes: per-site fit and evaluation metrics, the server-side evaluation, failures, round
-times, and the best and final global models.
+only observes: per-site fit and evaluation metrics, the server-side evaluation, failures (which
+site, the error class Flower reports), round times, and the best and final global models. After
+every completed round it saves the server's resume state (``server.resume``). Two decisions are
+its own: a round with fewer training results than ``min_results`` is not aggregated, and a run
+whose sites all declined (privacy budgets spent) stops.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from flwr.common import (
     FitRes,
     Parameters,
     Scalar,
+    ndarrays_to_parameters,
     parameters_to_ndarrays,
 )
 from flwr.server.client_manager import ClientManager
@@ -26,7 +30,10 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 from torch import nn
 
+from server.resume import ResumeState, capture_rng, chain_state, write_resume_state
+from server.rounds import SiteFailure
 from server.run_dir import RoundRecord, RunDirectory
+from server.validation import RoundValidation, site_key
 from shared.weights import set_weights
 
 __all__ = ["RecordingStrategy"]
@@ -36,13 +43,17 @@ logger = logging.getLogger(__name__)
 RoundCallback = Callable[[RoundRecord], None]
 
 
-def _site_key(metrics: dict[str, Scalar], fallback: int) -> str:
-    return f"site-{int(metrics.get('site-index', fallback))}"
-
-
 def _declined(res: FitRes) -> bool:
     """A site declined the round (its privacy budget would be exceeded): nothing to aggregate."""
     return bool(res.metrics.get("dp-declined", 0)) and res.num_examples == 0
+
+
+def _site_order(result: tuple[ClientProxy, FitRes]) -> tuple[int, float]:
+    """Sort key: by ``site-index``; results with an unusable index last (a hostile site may send anything)."""
+    value = result[1].metrics.get("site-index", 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return (1, 0.0)
+    return (0, float(value))
 
 
 def _scalars(metrics: dict[str, Scalar]) -> dict[str, float]:
@@ -68,6 +79,19 @@ class RecordingStrategy(Strategy):
         ``fraction-evaluate = 0``) does the server-side evaluation choose.
     on_round
         Called with each finished round's record (e.g. to refresh a progress view).
+    min_results
+        The fewest training results a round needs (``min-fit-clients``): with fewer, the round
+        is recorded but not aggregated and the global model stays as it was.
+    resume
+        The state saved after the last completed round of this run (``server.resume``): the
+        strategy starts from its weights and records, and skips the initial evaluation.
+
+    Attributes
+    ----------
+    outer
+        The outermost strategy of the chain the workflow drives (set by the server when it
+        wraps this one, e.g. in SecAgg+'s update strategy); its whole chain's state goes into
+        the resume state.
     """
 
     def __init__(
@@ -78,6 +102,8 @@ class RecordingStrategy(Strategy):
         model: nn.Module,
         primary_metric: str,
         on_round: RoundCallback | None = None,
+        min_results: int = 1,
+        resume: ResumeState | None = None,
     ) -> None:
         super().__init__()
         self.strategy = strategy
@@ -96,14 +122,29 @@ class RecordingStrategy(Strategy):
         self._best_metrics: dict[str, float] = {}
         self.stopped_round: int | None = None
         """The round in which every site declined (privacy budgets spent); later rounds are skipped."""
+        self.min_results = min_results
+        self.outer: Strategy = self
+        self._resume = resume
+        self._site_of_node: dict[int, str] = {}
+        self._fit_failures: dict[int, list[SiteFailure]] = {}
+        self._best_pending: tuple[int, dict[str, float], Parameters] | None = None
+        self._earlier_seconds: list[float] = []
+        self._resumes: list[dict[str, float]] = []
+        self._final_metrics: dict[str, float] = {}
 
     def __repr__(self) -> str:
         return f"RecordingStrategy({self.strategy!r})"
 
     # ---------------------------------------------------------------- delegation
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        """Delegate; remember the initial model as the latest one."""
+        """Delegate; remember the initial model as the latest one.
+
+        When resuming, the wrapped strategy is still asked (it may drop its copy of the initial
+        model, as FedAvg does), but the global model is the saved one.
+        """
         params = self.strategy.initialize_parameters(client_manager)
+        if self._resume is not None:
+            params = self._latest
         if params is not None:
             self._latest = params
         return params
@@ -133,13 +174,20 @@ class RecordingStrategy(Strategy):
         exceed their privacy budget) are recorded but not passed on. If every result declined,
         nothing is aggregated and the run stops: later rounds select no sites.
         """
-        results = sorted(results, key=lambda r: int(r[1].metrics.get("site-index", 0)))
+        results = self._record_fit(server_round, results, failures)
         record = self._record(server_round)
-        record.num_fit_results = len(results)
-        record.num_fit_failures = len(failures)
-        for i, (_, res) in enumerate(results):
-            site = record.sites.setdefault(_site_key(res.metrics, i), {})
-            site["fit"] = {"num_examples": float(res.num_examples), **_scalars(res.metrics)}
+        if record.num_fit_failures:
+            logger.warning("round %d: %d site(s) failed to train", server_round, record.num_fit_failures)
+        if len(results) < self.min_results:
+            logger.error(
+                "round %d: %d site(s) answered, fewer than min-fit-clients = %d: the round is not "
+                "aggregated and the global model stays as after round %d.",
+                server_round,
+                len(results),
+                self.min_results,
+                self._latest_round,
+            )
+            return None, {}
         trained = [r for r in results if not _declined(r[1])]
         if results and not trained:
             self.stopped_round = server_round
@@ -152,12 +200,63 @@ class RecordingStrategy(Strategy):
             )
             return None, {}
         params, metrics = self.strategy.aggregate_fit(server_round, trained, failures)
-        record.fit_metrics = _scalars(metrics)
+        self._record(server_round).fit_metrics = _scalars(metrics)
         if params is not None:
             self._latest, self._latest_round = params, server_round
-        if failures:
-            logger.warning("round %d: %d site(s) failed to train", server_round, len(failures))
         return params, metrics
+
+    def note_failures(self, server_round: int, step: str, failures: list[SiteFailure]) -> None:
+        """Sites that failed ``step`` (``"fit"`` or ``"evaluate"``) of ``server_round`` (from
+        :class:`server.rounds.RoundStep`): training failures are recorded site by site."""
+        if step == "fit":
+            self._fit_failures.setdefault(server_round, []).extend(failures)
+            self._record(server_round)
+
+    def _learn_site(self, proxy: ClientProxy | None, key: str) -> None:
+        node = getattr(proxy, "node_id", None)
+        if node is not None:
+            self._site_of_node[int(node)] = key
+
+    def _record_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> list[tuple[ClientProxy, FitRes]]:
+        """Record the sites' fit metrics and counts; return the results ordered by site."""
+        results = sorted(results, key=_site_order)
+        record = self._record(server_round)
+        timeouts = sum(1 for f in self._fit_failures.get(server_round, []) if f.code == "TIMEOUT")
+        record.num_fit_results = len(results)
+        record.num_fit_failures = len(failures) + timeouts
+        for i, (proxy, res) in enumerate(results):
+            key = site_key(res.metrics, fallback=i)
+            self._learn_site(proxy, key)
+            site = record.sites.setdefault(key, {})
+            site["fit"] = {"num_examples": float(res.num_examples), **_scalars(res.metrics)}
+        return results
+
+    def record_validation(self, report: RoundValidation) -> None:
+        """Record what update validation decided (``server.validation``): rejections, norms, a skip."""
+        record = self._record(report.round)
+        record.rejected.extend(report.rejected)
+        if report.skipped:
+            record.skipped = report.skipped
+        for site, norm in report.norms.items():
+            record.sites.setdefault(site, {}).setdefault("fit", {})["update-norm"] = float(norm)
+
+    def drop_round(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+        *,
+        report: RoundValidation,
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Record the round's sites and ``report`` without aggregating: the global model stays."""
+        self._record_fit(server_round, results, failures)
+        self.record_validation(report)
+        return None, {}
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -175,8 +274,13 @@ class RecordingStrategy(Strategy):
     ) -> tuple[float | None, dict[str, Scalar]]:
         """Record each site's validation metrics, delegate, and close the round."""
         record = self._record(server_round)
-        for i, (_, res) in enumerate(results):
-            site = record.sites.setdefault(_site_key(res.metrics, i), {})
+        record.num_eval_failures = len(failures)
+        if failures:
+            logger.warning("round %d: %d site(s) failed to evaluate", server_round, len(failures))
+        for i, (proxy, res) in enumerate(results):
+            key = site_key(res.metrics, fallback=i)
+            self._learn_site(proxy, key)
+            site = record.sites.setdefault(key, {})
             site["eval"] = {"loss": float(res.loss), "num_examples": float(res.num_examples), **_scalars(res.metrics)}
         loss, metrics = self.strategy.aggregate_evaluate(server_round, results, failures)
         record.eval_metrics = _scalars(metrics)
@@ -191,6 +295,8 @@ class RecordingStrategy(Strategy):
         """Delegate the server-side evaluation, record it and keep the best checkpoint."""
         if self.stopped_round is not None and server_round > self.stopped_round:
             return None
+        if server_round == 0 and self._resume is not None:
+            return None  # round 0 is recorded already
         result = self.strategy.evaluate(server_round, parameters)
         if result is None:
             return None
@@ -216,16 +322,74 @@ class RecordingStrategy(Strategy):
         return self._pending
 
     def _flush(self) -> None:
+        """Close the pending round: its record, then the resume state, then a new best checkpoint.
+
+        In this order a crash at any point leaves a resume state no newer than the records, and
+        a best checkpoint no newer than the resume state.
+        """
         record, self._pending = self._pending, None
         if record is None:
             return
         record.seconds = time.perf_counter() - self._round_start if record.round > 0 else 0.0
+        record.failed_sites = [
+            f.to_json(site=self._site_of_node.get(f.node_id)) for f in self._fit_failures.pop(record.round, [])
+        ]
+        self._final_metrics = dict(record.global_metrics or record.eval_metrics)
         if record.round > 0 and record.round == self._latest_round:
             self._consider_best(record)
         self.records.append(record)
         self.run_dir.write_round(record)
+        self._save_resume_state(record.round)
+        if self._best_pending is not None:
+            best_round, metrics, params = self._best_pending
+            self._best_pending = None
+            set_weights(self.model, parameters_to_ndarrays(params))
+            self.run_dir.save_checkpoint("best", self.model, server_round=best_round, metrics=metrics)
         if self.on_round is not None:
             self.on_round(record)
+
+    def _save_resume_state(self, server_round: int) -> None:
+        if self._latest is None:
+            return
+        state = ResumeState(
+            round=server_round,
+            weights=parameters_to_ndarrays(self._latest),
+            strategies=chain_state(self.outer),
+            rng=capture_rng(),
+            run_id=self.run_dir.run_id,
+        )
+        write_resume_state(self.run_dir.path, state)
+
+    # ---------------------------------------------------------------- resume
+    def resume_state(self) -> dict[str, object]:
+        """This wrapper's part of the resume state (see :func:`server.resume.chain_state`)."""
+        return {
+            "latest_round": self._latest_round,
+            "best_score": self._best_score if math.isfinite(self._best_score) else None,
+            "best_round": self._best_round,
+            "best_source": self._best_source,
+            "best_metrics": dict(self._best_metrics),
+            "stopped_round": self.stopped_round,
+            "round_seconds": self._earlier_seconds + [r.seconds or 0.0 for r in self.records if r.round > 0],
+            "final_metrics": dict(self._final_metrics),
+            "resumes": list(self._resumes),
+        }
+
+    def load_resume_state(self, state: dict[str, object]) -> None:
+        """Continue from :meth:`resume_state` (and the saved global weights given at construction)."""
+        if self._resume is None:
+            raise RuntimeError("load_resume_state() needs the ResumeState passed as resume= at construction.")
+        self._latest = ndarrays_to_parameters(self._resume.weights)
+        self._latest_round = int(state["latest_round"])  # type: ignore[arg-type]
+        best = state["best_score"]
+        self._best_score = float(best) if best is not None else -math.inf  # type: ignore[arg-type]
+        self._best_round = state["best_round"]  # type: ignore[assignment]
+        self._best_source = str(state.get("best_source", ""))
+        self._best_metrics = dict(state.get("best_metrics", {}))  # type: ignore[call-overload]
+        self.stopped_round = state["stopped_round"]  # type: ignore[assignment]
+        self._earlier_seconds = [float(s) for s in state["round_seconds"]]  # type: ignore[union-attr]
+        self._final_metrics = dict(state["final_metrics"])  # type: ignore[call-overload]
+        self._resumes = [*state["resumes"], {"after_round": self._resume.round, "time": time.time()}]  # type: ignore[misc]
 
     def _score(self, metrics: dict[str, float]) -> float | None:
         if self.primary_metric in metrics:
@@ -235,33 +399,28 @@ class RecordingStrategy(Strategy):
         return None
 
     def _consider_best(self, record: RoundRecord) -> None:
-        """Keep the round's global model as the best checkpoint if its score is the best yet.
+        """Make the round's global model the pending best checkpoint if its score is the best yet.
 
         The score is the sites' aggregated validation metric (``record.eval_metrics``); the
-        server's test metrics are only stored beside it. Without site validation the server's
-        own evaluation scores the round.
+        server's test metrics are only stored beside it (``val-*`` keys hold the validation
+        ones). Without site validation the server's own evaluation scores the round.
         """
-        score = self._score(record.eval_metrics)
-        source = "validation"
+        score, source = self._score(record.eval_metrics), "validation"
         if score is None:
             score, source = self._score(record.global_metrics), "server evaluation"
         if score is None or not score > self._best_score or self._latest is None:
             return
-        self._best_score, self._best_round, self._best_source = score, record.round, source
         metrics = dict(record.global_metrics or record.eval_metrics)
         if record.global_metrics:
             metrics.update({f"val-{k}": v for k, v in record.eval_metrics.items()})
-        self._best_metrics = metrics
-        set_weights(self.model, parameters_to_ndarrays(self._latest))
-        self.run_dir.save_checkpoint("best", self.model, server_round=record.round, metrics=metrics)
+        self._best_score, self._best_round = score, record.round
+        self._best_source, self._best_metrics = source, metrics
+        self._best_pending = (record.round, dict(metrics), self._latest)  # written when the round closes
 
     def finish(self) -> dict[str, object]:
         """Write the final checkpoint and the summary; return the summary."""
         self._flush()
-        final_metrics: dict[str, float] = {}
-        if self.records:
-            last = self.records[-1]
-            final_metrics = last.global_metrics or last.eval_metrics
+        final_metrics = dict(self._final_metrics)
         if self._latest is not None:
             set_weights(self.model, parameters_to_ndarrays(self._latest))
             self.run_dir.save_checkpoint(
@@ -271,11 +430,13 @@ class RecordingStrategy(Strategy):
             "rounds": self._latest_round,
             "final_metrics": final_metrics,
             "best_round": self._best_round,
-            "best_metrics": self._best_metrics,
+            "best_metrics": dict(self._best_metrics),
             "best_selected_by": f"{self._best_source} {self.primary_metric}" if self._best_round else None,
             "primary_metric": self.primary_metric,
-            "round_seconds": [r.seconds for r in self.records if r.round > 0],
+            "round_seconds": self._earlier_seconds + [r.seconds for r in self.records if r.round > 0],
         }
+        if self._resumes:
+            summary["resumed"] = list(self._resumes)
         if self.stopped_round is not None:
             summary["stopped_early"] = {
                 "round": self.stopped_round,

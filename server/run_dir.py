@@ -7,6 +7,7 @@ Layout (other tools read it)::
     <run_dir>/summary.json         final and best rounds, wall time
     <run_dir>/checkpoints/best.pt  {"state_dict", "config", "round", "metrics"}
     <run_dir>/checkpoints/final.pt same keys
+    <run_dir>/checkpoints/resume.pt the server's state after the last completed round (server.resume)
 """
 
 from __future__ import annotations
@@ -45,11 +46,21 @@ class RoundRecord:
     sites: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     num_fit_results: int = 0
     num_fit_failures: int = 0
+    failed_sites: list[dict[str, Any]] = field(default_factory=list)
+    """Each site that failed to train this round: ``{"site", "node", "code", "error"}`` (see
+    :class:`server.rounds.SiteFailure`; ``site`` is ``None`` if the site never answered in this
+    process, ``code`` is ``"TIMEOUT"`` for no answer within ``round-timeout``)."""
+    num_eval_failures: int = 0
     secagg: dict[str, Any] | None = None
     """SecAgg+ rounds: sampled, survivors, dropped, completed, failed_stage (``None`` when off).
 
     Under SecAgg+ the server never sees a site's update: ``sites`` then holds only what each
     site reports in the clear (example count and scalar metrics)."""
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+    """Updates the server rejected this round (``server.validation``): ``{"site", "node",
+    "reason", "detail"}`` each; under SecAgg+ ``site`` is ``"aggregate"``."""
+    skipped: str | None = None
+    """Why nothing was aggregated this round (the global model is unchanged); ``None`` otherwise."""
 
     def to_json(self) -> dict[str, Any]:
         """The JSON object written to ``metrics.jsonl``."""
@@ -62,7 +73,11 @@ class RoundRecord:
             "sites": self.sites,
             "fit_results": self.num_fit_results,
             "fit_failures": self.num_fit_failures,
+            "failed_sites": self.failed_sites,
+            "eval_failures": self.num_eval_failures,
             "secagg": self.secagg,
+            "rejected": self.rejected,
+            "skipped": self.skipped,
         }
 
 
@@ -102,9 +117,20 @@ class RunDirectory:
     """
 
     def __init__(
-        self, path: str | Path, *, config: Mapping[str, Any], mode: str, sink: RunSink | None = None
+        self,
+        path: str | Path,
+        *,
+        config: Mapping[str, Any],
+        mode: str,
+        sink: RunSink | None = None,
+        resume_after: int | None = None,
+        run_id: str | None = None,
     ) -> None:
         self.path = Path(path)
+        self.sink = sink
+        if resume_after is not None:
+            self._reopen(resume_after, run_id=run_id)
+            return
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         self.config = dict(config)
         self.started = time.time()
@@ -117,9 +143,61 @@ class RunDirectory:
         meta = {"mode": mode, "config": self.config, "versions": versions, "started": self.started}
         (self.path / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         self._metrics = (self.path / "metrics.jsonl").open("a", encoding="utf-8")
-        self.sink = sink
         if sink is not None:
             sink.run_started(run_dir=self.path, mode=mode, config=self.config, versions=versions)
+
+    def _reopen(self, after_round: int, *, run_id: str | None) -> None:
+        """Continue an existing run directory after round ``after_round`` (see ``server.resume``).
+
+        ``config.json`` and the start time stay as they were; ``metrics.jsonl`` keeps rounds
+        ``0..after_round`` (a round recorded after the saved state, or a line cut short by the
+        crash, is dropped: the resumed run records that round again); the sink continues the
+        run-store run ``run_id``.
+
+        Raises
+        ------
+        ValueError
+            If ``metrics.jsonl`` lacks one of the rounds ``0..after_round`` (naming the file).
+        """
+        meta = json.loads((self.path / "config.json").read_text())
+        self.config = dict(meta["config"])
+        self.started = float(meta["started"])
+        metrics = self.path / "metrics.jsonl"
+        kept: list[str] = []
+        dropped = 0
+        for line in metrics.read_text(encoding="utf-8").splitlines() if metrics.exists() else []:
+            try:
+                round_number = int(json.loads(line)["round"])
+            except (ValueError, KeyError, TypeError):
+                dropped += 1  # the line the crash cut short
+                continue
+            if round_number <= after_round:
+                kept.append(line)
+            else:
+                dropped += 1
+        rounds = [int(json.loads(line)["round"]) for line in kept]
+        if rounds != list(range(after_round + 1)):
+            raise ValueError(
+                f"{metrics} holds rounds {rounds} but the resume state is at round {after_round}: "
+                "the run directory is inconsistent and cannot be resumed; start a new run."
+            )
+        tmp = metrics.with_suffix(".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        tmp.replace(metrics)
+        if dropped:
+            logger.warning(
+                "resume: %d line(s) of metrics.jsonl after round %d were dropped; those rounds run again.",
+                dropped,
+                after_round,
+            )
+        self._metrics = metrics.open("a", encoding="utf-8")
+        if self.sink is not None:
+            self.sink.run_resumed(run_id=run_id or self.path.name, run_dir=self.path, config=self.config, after_round=after_round)
+
+    @property
+    def run_id(self) -> str | None:
+        """The run-store run id (``None`` without a store)."""
+        return getattr(self.sink, "run_id", None) if self.sink is not None else None
 
     def round_started(self, server_round: int, *, selected: int) -> None:
         """A round began with ``selected`` sites (only the sink records it)."""

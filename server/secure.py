@@ -64,11 +64,11 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.legacy_context import LegacyContext
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import SecAggPlusWorkflow
-from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
-from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
+from server.rounds import apply_round_offset
+from server.validation import RoundValidation, check_aggregate
 from shared.config import ConfigError, RunConfig
 
 __all__ = [
@@ -92,6 +92,8 @@ _INT32_LIMIT = 2**31
 """Flower's stochastic rounding casts quantised values to int32."""
 
 OutcomeCallback = Callable[["SecAggOutcome"], None]
+InvalidCallback = Callable[..., tuple[Parameters | None, dict[str, Scalar]]]
+"""``(server_round, results, failures, *, report)``: records a round whose aggregate was invalid."""
 
 
 def sites_per_round(cfg: RunConfig, *, num_sites: int) -> int:
@@ -320,11 +322,16 @@ class MedfedSecAggPlusWorkflow(SecAggPlusWorkflow):
         From :func:`secagg_settings`.
     on_outcome
         Called once per round in which sites were sampled, after the last stage ran.
+    round_offset
+        Rounds completed before this process started (a resumed run): added to the round
+        number ``DefaultWorkflow`` counts from 1 (see :func:`server.rounds.apply_round_offset`).
     """
 
     STAGES = ("setup", "share-keys", "collect-masked-vectors", "unmask")
 
-    def __init__(self, settings: SecAggSettings, *, on_outcome: OutcomeCallback | None = None) -> None:
+    def __init__(
+        self, settings: SecAggSettings, *, on_outcome: OutcomeCallback | None = None, round_offset: int = 0
+    ) -> None:
         super().__init__(
             num_shares=settings.num_shares,
             reconstruction_threshold=settings.reconstruction_threshold,
@@ -336,14 +343,14 @@ class MedfedSecAggPlusWorkflow(SecAggPlusWorkflow):
         )
         self.settings = settings
         self.on_outcome = on_outcome
+        self.round_offset = round_offset
         self.outcomes: list[SecAggOutcome] = []
 
     def __call__(self, grid: Grid, context: Any) -> None:
         """Run the four SecAgg+ stages of one round and report the outcome."""
         if not isinstance(context, LegacyContext):
             raise TypeError(f"Expect a LegacyContext, but get {type(context).__name__}.")
-        cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
-        outcome = SecAggOutcome(round=int(cfg[WorkflowKey.CURRENT_ROUND]), sampled=0)
+        outcome = SecAggOutcome(round=apply_round_offset(context, self.round_offset), sampled=0)
         state = WorkflowState()
         steps = (self.setup_stage, self.share_keys_stage, self.collect_masked_vectors_stage, self.unmask_stage)
         start = time.perf_counter()
@@ -425,6 +432,11 @@ class SecAggUpdateStrategy(Strategy):
     what it would see without SecAgg+: full weights. It also stops the run after a failed
     round when ``on_failure == "stop"``.
 
+    Before that it checks the aggregate (:func:`server.validation.check_aggregate`: as many
+    arrays as the model, the model's shapes, finite): the server cannot check single updates
+    under SecAgg+, but a broken aggregate must not become the global model. An invalid
+    aggregate drops the round (the model is unchanged) and is reported to ``on_invalid``.
+
     Parameters
     ----------
     strategy
@@ -432,12 +444,18 @@ class SecAggUpdateStrategy(Strategy):
     on_failure
         ``"continue"``: a failed round leaves the model unchanged and the next round runs;
         ``"stop"``: no later round selects sites or evaluates.
+    on_invalid
+        Called as ``on_invalid(server_round, results, failures, report=RoundValidation)`` for a
+        round whose aggregate is invalid (medfed: :meth:`RecordingStrategy.drop_round`).
     """
 
-    def __init__(self, strategy: Strategy, *, on_failure: str = "continue") -> None:
+    def __init__(
+        self, strategy: Strategy, *, on_failure: str = "continue", on_invalid: InvalidCallback | None = None
+    ) -> None:
         super().__init__()
         self.strategy = strategy
         self.on_failure = on_failure
+        self.on_invalid = on_invalid
         self.stopped_round: int | None = None
         self._global: dict[int, NDArrays] = {}
 
@@ -458,6 +476,14 @@ class SecAggUpdateStrategy(Strategy):
     def _stopped(self, server_round: int) -> bool:
         return self.stopped_round is not None and server_round > self.stopped_round
 
+    def resume_state(self) -> dict[str, object]:
+        """What a resumed run needs from this wrapper (see ``server.resume``)."""
+        return {"stopped_round": self.stopped_round}
+
+    def load_resume_state(self, state: dict[str, object]) -> None:
+        """Continue from :meth:`resume_state`."""
+        self.stopped_round = state["stopped_round"]  # type: ignore[assignment]
+
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         """Delegate."""
         return self.strategy.initialize_parameters(client_manager)
@@ -477,7 +503,11 @@ class SecAggUpdateStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
-        """Replace the aggregated update by ``global + update`` in every result, then delegate."""
+        """Check the aggregated update, replace it by ``global + update`` in every result, delegate.
+
+        An aggregate that is not finite or not model-shaped drops the round (``None``: the
+        global model stays) and goes to ``on_invalid``.
+        """
         if results:
             shared = results[0][1].parameters
             if any(res.parameters is not shared for _, res in results[1:]):
@@ -486,7 +516,20 @@ class SecAggUpdateStrategy(Strategy):
                     "aggregate); it must only wrap the strategy of a SecAgg+ run."
                 )
             global_weights = self._global.pop(server_round)
-            restored = ndarrays_to_parameters(restore_weights(global_weights, parameters_to_ndarrays(shared)))
+            update = parameters_to_ndarrays(shared)
+            finding = check_aggregate(update, global_weights=global_weights)
+            if finding is not None:
+                skipped = f"the SecAgg+ aggregate is invalid ({finding.reason}: {finding.detail}): the global model is unchanged"
+                logger.error("round %d: %s.", server_round, skipped)
+                report = RoundValidation(
+                    round=server_round,
+                    rejected=[{"site": "aggregate", "node": "", "reason": finding.reason, "detail": finding.detail}],
+                    skipped=skipped,
+                )
+                if self.on_invalid is not None:
+                    return self.on_invalid(server_round, results, failures, report=report)
+                return None, {}
+            restored = ndarrays_to_parameters(restore_weights(global_weights, update))
             for _, res in results:
                 res.parameters = restored
         return self.strategy.aggregate_fit(server_round, results, failures)

@@ -2,6 +2,8 @@
 
 The workflow is Flower's legacy ``DefaultWorkflow`` over a ``LegacyContext``: the path on which
 Flower 1.42 offers SecAgg+ (``SecAggPlusWorkflow``), so plain and secure aggregation share it.
+Its per-round steps are wrapped by :class:`server.rounds.RoundStep` (round timeout, failed
+sites, true round numbers in a resumed run; see ``docs/faults.md``).
 """
 
 from __future__ import annotations
@@ -9,21 +11,26 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from flwr.app import Context
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow
+from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
 from flwr.serverapp import Grid
 from torch import nn
 
 from server.evaluation import make_evaluate_fn
 from server.recording import RecordingStrategy, RoundCallback
+from server.resume import ResumePoint, restore_chain_state, restore_rng, resume_point
+from server.rounds import RoundStep
 from server.run_dir import RunDirectory, new_run_path
 from server.secure import MedfedSecAggPlusWorkflow, SecAggOutcome, SecAggUpdateStrategy, secagg_settings
 from server.store import open_sink
 from server.strategies import build_strategy
-from shared.config import RunConfig
+from server.validation import ValidatingStrategy
+from shared.config import RunConfig, robust_min_sites
 from shared.data.loading import load_dataset
 from shared.models import build_model, model_task
 from shared.seeding import seed_everything
@@ -50,8 +57,23 @@ def primary_metric_for(task: str) -> str:
 
 
 def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks, run_path: str | None) -> None:
-    """Build the model, strategy and run directory, then run the rounds."""
+    """Build the model, strategy and run directory, then run the rounds.
+
+    With ``cfg.resume`` the run continues in that directory (and run-store run) after its last
+    completed round; ``run_path``, if given, must be that directory.
+
+    Raises
+    ------
+    server.resume.ResumeError
+        ``cfg.resume`` cannot be continued (see :func:`server.resume.resume_point`).
+    """
     seed_everything(cfg.seed)
+    point: ResumePoint | None = None
+    if cfg.resume:
+        if run_path is not None and Path(run_path).resolve() != Path(cfg.resume).resolve():
+            raise ValueError(f"resume = {cfg.resume!r} but the run directory was given as {run_path!r}: they must agree.")
+        point = resume_point(cfg)
+        run_path = str(point.path)
     if cfg.is_deployment:  # the server holds no data: shape from the config, sites evaluate
         model, evaluate_fn, task = _deployment_model(cfg), None, model_task(cfg.model)
     else:
@@ -63,26 +85,45 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         config=cfg.to_run_config(),
         mode="federated",
         sink=open_sink(cfg),
+        resume_after=point.state.round if point else None,
+        run_id=point.state.run_id if point else None,
     )
     if hooks.on_start:
         hooks.on_start(run_dir)
     num_sites = cfg.num_sites
+    aggregator = build_strategy(
+        cfg,
+        initial_weights=get_weights(model),
+        evaluate_fn=evaluate_fn,
+        min_available_clients=num_sites,
+    )
+    validator: ValidatingStrategy | None = None
+    if not cfg.secagg:  # under SecAgg+ the sites validate; the server checks the aggregate
+        aggregator = validator = ValidatingStrategy(
+            aggregator, max_update_norm=cfg.max_update_norm, min_updates=robust_min_sites(cfg), rule=cfg.strategy
+        )
     strategy = RecordingStrategy(
-        build_strategy(
-            cfg,
-            initial_weights=get_weights(model),
-            evaluate_fn=evaluate_fn,
-            min_available_clients=num_sites,
-        ),
+        aggregator,
         run_dir=run_dir,
         model=model,
         primary_metric=primary_metric_for(task),
         on_round=hooks.on_round,
+        min_results=1 if cfg.secagg else min(cfg.min_fit_clients, num_sites),
+        resume=point.state if point else None,
     )
+    done = point.state.round if point else 0
+    workflow, outer = build_workflow(cfg, strategy, num_sites=num_sites, first_round=done + 1)
+    strategy.outer = outer
+    if point is not None:
+        restore_chain_state(outer, point.state.strategies, source=str(point.path / "checkpoints" / "resume.pt"))
+        restore_rng(point.state.rng)  # the server's random state as it was after round `done`
+        logger.warning("run %s resumed after round %d of %d", run_dir.path.name, done, cfg.num_server_rounds)
+    if validator is not None:
+        validator.on_report = strategy.record_validation
     workflow, outer = build_workflow(cfg, strategy, num_sites=num_sites)
     legacy = LegacyContext(
         context=context,
-        config=ServerConfig(num_rounds=cfg.num_server_rounds),
+        config=ServerConfig(num_rounds=cfg.num_server_rounds - done, round_timeout=cfg.round_timeout or None),
         strategy=outer,
     )
     try:
@@ -109,33 +150,51 @@ def _deployment_model(cfg: RunConfig) -> nn.Module:
 
 
 def build_workflow(
-    cfg: RunConfig, strategy: RecordingStrategy, *, num_sites: int
+    cfg: RunConfig, strategy: RecordingStrategy, *, num_sites: int, first_round: int = 1
 ) -> tuple[DefaultWorkflow, Strategy]:
     """The legacy workflow and the strategy it drives.
 
-    Plain: ``DefaultWorkflow()`` over ``strategy``. SecAgg+ (``cfg.secagg``):
-    ``DefaultWorkflow(fit_workflow=SecAggPlusWorkflow)`` (medfed's subclass, which records each
-    round's survivors and dropouts into the run directory) over
+    Plain: ``DefaultWorkflow`` with Flower's fit and evaluate steps over ``strategy``. SecAgg+
+    (``cfg.secagg``): the fit step is ``SecAggPlusWorkflow`` (medfed's subclass, which records
+    each round's survivors and dropouts into the run directory) over
     :class:`~server.secure.SecAggUpdateStrategy` wrapping ``strategy`` (sites send updates; it
-    adds the securely aggregated update back to the global model).
+    if validator is not None:
+        validator.on_report = strategy.record_validation
+    adds the securely aggregated update back to the global model). The plain fit step and the
+    evaluate step are wrapped in :class:`~server.rounds.RoundStep` (``round-timeout``, failed
+    sites reported to ``strategy``; SecAgg+ has its own per-stage timeout and records its own
+    dropouts). Rounds are numbered from ``first_round`` (a resumed run: ``DefaultWorkflow``
+    itself counts from 1, so it is given ``num_server_rounds - first_round + 1`` rounds and the
+    fit step adds the offset).
 
     Raises
     ------
     ConfigError
         If the ``secagg-*`` keys do not fit the federation (see :func:`server.secure.secagg_settings`).
     """
+    timeout = cfg.round_timeout or None
+    evaluate_step = RoundStep(
+        default_evaluate_workflow, step="evaluate", timeout=timeout, on_failures=strategy.note_failures
+    )
     if not cfg.secagg:
-        return DefaultWorkflow(), strategy
+        fit_step = RoundStep(
+            default_fit_workflow,
+            step="fit",
+            round_offset=first_round - 1,
+            timeout=timeout,
+            on_failures=strategy.note_failures,
+        )
+        return DefaultWorkflow(fit_workflow=fit_step, evaluate_workflow=evaluate_step), strategy
     settings = secagg_settings(cfg, num_sites=num_sites)
     logger.info("%s", settings.describe())
-    outer = SecAggUpdateStrategy(strategy, on_failure=settings.on_failure)
+    outer = SecAggUpdateStrategy(strategy, on_failure=settings.on_failure, on_invalid=strategy.drop_round)
 
     def on_outcome(outcome: SecAggOutcome) -> None:
         strategy.annotate_round(outcome.round, secagg=outcome.to_json())
         outer.record_outcome(outcome)
 
-    fit_workflow = MedfedSecAggPlusWorkflow(settings, on_outcome=on_outcome)
-    return DefaultWorkflow(fit_workflow=fit_workflow), outer
+    fit_workflow = MedfedSecAggPlusWorkflow(settings, on_outcome=on_outcome, round_offset=first_round - 1)
+    return DefaultWorkflow(fit_workflow=fit_workflow, evaluate_workflow=evaluate_step), outer
 
 
 def make_server_app(

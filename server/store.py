@@ -67,6 +67,8 @@ class RunSink(Protocol):
         self, *, run_dir: Path, mode: str, config: Mapping[str, Any], versions: Mapping[str, str]
     ) -> None: ...
 
+    def run_resumed(self, *, run_id: str, run_dir: Path, config: Mapping[str, Any], after_round: int) -> None: ...
+
     def round_started(self, server_round: int, *, selected: int) -> None: ...
 
     def round_finished(self, record: Mapping[str, Any]) -> None: ...
@@ -201,7 +203,7 @@ def redact_config(config: Mapping[str, Any]) -> dict[str, Any]:
     dataset = str(out.get("dataset", ""))
     if dataset and dataset not in ("synthetic", "deployment"):
         out["dataset"] = Path(dataset).name
-    for key in ("ledger-dir",):
+    for key in ("ledger-dir", "resume"):
         if out.get(key):
             out[key] = Path(str(out[key])).name
     store = str(out.get("store", ""))
@@ -390,6 +392,49 @@ class RunStore:
             self._event(conn, final_id, "info", "run-started", None, f"{mode} run started", now)
         return final_id
 
+    def resume_run(self, run_id: str, *, config: Mapping[str, Any], after_round: int) -> str:
+        """Continue run ``run_id`` after round ``after_round`` (its server process died).
+
+        Rounds after ``after_round`` (a round that was running, or one finished after the saved
+        resume state) are deleted with their per-site rows, since the resumed run records them
+        again; the run is marked running again and a ``run-resumed`` event is added. Earlier
+        events stay: they are the run's history. A run the store does not know (the store was
+        replaced) is created under the same id, with a warning event.
+
+        Returns
+        -------
+        str
+            The run id (``run_id``).
+        """
+        now = time.time()
+        with self._write() as conn:
+            known = conn.execute(sa.select(runs.c.id).where(runs.c.id == run_id)).first() is not None
+        if not known:
+            final_id = self.start_run(run_id, mode="federated", config=config)
+            self.add_event(
+                final_id, level="warning", kind="run-resumed", server_round=after_round,
+                message=f"run resumed after round {after_round}, but the run store had no record of "
+                "rounds up to it (the store was replaced); the run directory has them",
+            )
+            return final_id
+        with self._write() as conn:
+            conn.execute(site_rounds.delete().where(site_rounds.c.run_id == run_id, site_rounds.c.round > after_round))
+            conn.execute(rounds.delete().where(rounds.c.run_id == run_id, rounds.c.round > after_round))
+            conn.execute(
+                runs.update()
+                .where(runs.c.id == run_id)
+                .values(
+                    status="running", finished=None, error=None, summary=None,
+                    current_round=after_round, rounds_done=after_round, last_update=now,
+                )
+            )
+            self._event(
+                conn, run_id, "warning", "run-resumed", after_round,
+                f"run resumed after round {after_round}: the server process had stopped; "
+                f"rounds from {after_round + 1} on run now", now,
+            )
+        return run_id
+
     def round_started(self, run_id: str, server_round: int, *, selected: int | None) -> None:
         """Round ``server_round`` began with ``selected`` sites."""
         now = time.time()
@@ -503,11 +548,27 @@ class RunStore:
                     conn, run_id, "warning", "site-failures", server_round,
                     f"round {server_round}: {values['failures']} site(s) failed to train", now,
                 )
+            for failure in record.get("failed_sites") or []:
+                self._event(
+                    conn, run_id, "warning", "site-failed", server_round,
+                    f"round {server_round}: {_failure_text(failure)}", now,
+                )
             if declined:
                 self._event(
                     conn, run_id, "warning", "dp-declined", server_round,
                     f"round {server_round}: {', '.join(declined)} declined to train "
                     "(one more round would exceed the site's privacy budget)", now,
+                )
+            for rejection in record.get("rejected") or []:
+                self._event(
+                    conn, run_id, "warning", "update-rejected", server_round,
+                    f"round {server_round}: {rejection.get('site', '?')}'s update rejected "
+                    f"({rejection.get('reason', '?')}: {rejection.get('detail', '')})", now,
+                )
+            if record.get("skipped"):
+                self._event(
+                    conn, run_id, "error", "round-skipped", server_round,
+                    f"round {server_round}: nothing aggregated, {record['skipped']}", now,
                 )
             if values["secagg"]:
                 sec = values["secagg"]
@@ -721,6 +782,14 @@ def _sqlite_on_begin(conn: Connection) -> None:
     conn.exec_driver_sql("BEGIN IMMEDIATE" if conn.get_execution_options().get("medfed_write") else "BEGIN")
 
 
+def _failure_text(failure: Mapping[str, Any]) -> str:
+    """One failed site, e.g. ``site-3 failed to train: ClientAppException (CLIENT_APP_RAISED_EXCEPTION)``."""
+    site = failure.get("site") or f"an unidentified site (node {failure.get('node')})"
+    if failure.get("code") == "TIMEOUT":
+        return f"{site} did not answer within round-timeout"
+    return f"{site} failed to train: {failure.get('error') or 'unknown error'} ({failure.get('code')})"
+
+
 def _site_sort_key(site: str) -> tuple[str, int]:
     head, _, tail = site.rpartition("-")
     return (head, int(tail)) if tail.isdigit() else (site, -1)
@@ -826,6 +895,12 @@ class StoreSink:
     ) -> None:
         """Create the run (its id is the run directory's name) and start capturing warnings."""
         self.run_id = self.store.start_run(Path(run_dir).name, mode=mode, config=config, versions=versions)
+        self._handler = _EventLogHandler(self, threading.get_ident())
+        logging.getLogger().addHandler(self._handler)
+
+    def run_resumed(self, *, run_id: str, run_dir: Path, config: Mapping[str, Any], after_round: int) -> None:
+        """Continue the run ``run_id`` after round ``after_round`` and start capturing warnings."""
+        self.run_id = self.store.resume_run(run_id, config=config, after_round=after_round)
         self._handler = _EventLogHandler(self, threading.get_ident())
         logging.getLogger().addHandler(self._handler)
 

@@ -9,21 +9,28 @@ from typing import Any
 from flwr.common import FitRes, Metrics, NDArrays, Parameters, Scalar, ndarrays_to_parameters
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import (
+    Bulyan,
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
     FedAdam,
     FedAvg,
+    FedMedian,
     FedProx,
+    FedTrimmedAvg,
+    Krum,
     Strategy,
 )
+from flwr.server.strategy.aggregate import aggregate_krum
 from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.differential_privacy import add_gaussian_noise_to_params
 
+from server.secure import sites_per_round
 from shared.config import STRATEGIES, RunConfig
 from shared.training import cosine_lr
 
 __all__ = [
     "build_strategy",
+    "MultiKrum",
     "weighted_average",
     "with_client_dp",
     "ClientLevelLedger",
@@ -67,11 +74,20 @@ def build_strategy(
     With ``client-dp`` on, it comes wrapped in Flower's client-side-clipping DP wrapper (see
     :func:`with_client_dp`).
 
+    All are Flower's own: ``fedavg`` (``FedAvg``), ``fedprox``, ``fedadam``, and the robust
+    rules ``fedmedian`` (``FedMedian``: coordinate-wise median), ``fedtrimmedavg``
+    (``FedTrimmedAvg(beta=trim-beta)``), ``krum`` (``Krum(num_malicious_clients=f)``: the one
+    update closest to its ``n - f - 2`` nearest), ``multikrum`` (:class:`MultiKrum`: Flower's
+    ``Krum`` with ``num_clients_to_keep``) and ``bulyan`` (``Bulyan`` over Krum). The robust
+    rules ignore example counts (a weighted rule would let a site win by claiming many
+    examples).
+
     Parameters
     ----------
     cfg
         Uses ``strategy``, ``fraction_*``, ``min_fit_clients``, ``proximal_mu``,
-        ``server_learning_rate`` and the learning-rate schedule.
+        ``server_learning_rate``, ``trim_beta``, ``num_malicious_sites``,
+        ``num_sites_to_keep`` and the learning-rate schedule.
     initial_weights
         The global model at round 0 (built by the server from the run's seed).
     evaluate_fn
@@ -112,10 +128,61 @@ def build_strategy(
         base = FedProx(proximal_mu=cfg.proximal_mu, **common)
     elif cfg.strategy == "fedadam":
         base = FedAdam(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, tau=1e-3, **common)
+    elif cfg.strategy == "fedmedian":
+        base = FedMedian(**common)
+    elif cfg.strategy == "fedtrimmedavg":
+        base = FedTrimmedAvg(beta=cfg.trim_beta, **common)
+    elif cfg.strategy == "krum":
+        base = Krum(num_malicious_clients=cfg.num_malicious_sites, num_clients_to_keep=0, **common)
+    elif cfg.strategy == "multikrum":
+        base = MultiKrum(num_malicious_clients=cfg.num_malicious_sites, keep=cfg.num_sites_to_keep, **common)
+    elif cfg.strategy == "bulyan":
+        # Flower's Bulyan passes its extra keyword arguments to the first rule (aggregate_krum).
+        base = Bulyan(
+            num_malicious_clients=cfg.num_malicious_sites, first_aggregation_rule=aggregate_krum, to_keep=0, **common
+        )
     else:
         valid = ", ".join(STRATEGIES)
         raise ValueError(f"strategy = {cfg.strategy!r} is invalid. Valid choices: {valid}.")
     return with_client_dp(cfg, base, num_sites=min_available_clients)
+
+
+class MultiKrum(Krum):
+    """Flower's ``Krum`` with ``num_clients_to_keep``: average the ``keep`` best-scored updates.
+
+    Parameters
+    ----------
+    num_malicious_clients
+        ``f``: each update is scored by its distance to its ``n - f - 2`` nearest.
+    keep
+        Updates averaged; ``0`` keeps all but ``f`` of each round's (validated) updates, so a
+        round with fewer updates than planned still averages ``n - f``.
+    **kwargs
+        Flower's ``Krum`` arguments.
+    """
+
+    def __init__(self, *, num_malicious_clients: int, keep: int, **kwargs: Any) -> None:
+        super().__init__(num_malicious_clients=num_malicious_clients, num_clients_to_keep=max(keep, 1), **kwargs)
+        self.keep = keep
+
+    def __repr__(self) -> str:
+        return f"MultiKrum(f={self.num_malicious_clients}, keep={self.keep or 'n - f'})"
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Flower's Krum aggregation with this round's number of updates to keep."""
+        keep = self.keep or len(results) - self.num_malicious_clients
+        if not 1 <= keep <= len(results):
+            raise ValueError(
+                f"round {server_round}: multikrum cannot keep {keep} of {len(results)} updates "
+                "(num-sites-to-keep, num-malicious-sites)."
+            )
+        self.num_clients_to_keep = keep
+        return super().aggregate_fit(server_round, results, failures)
 
 
 # --------------------------------------------------------------------------- client-level DP
@@ -196,6 +263,14 @@ class ClientLevelLedger:
             )
         )
 
+    def state_dict(self) -> dict[str, object]:
+        """The accountant's JSON-serialisable state (Flower's ``RdpAccountant.state_dict``)."""
+        return self.accountant.state_dict()
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Continue from :meth:`state_dict` (same delta and population, or Flower raises)."""
+        self.accountant.load_state_dict(state)
+
     def release(
         self,
         *,
@@ -258,6 +333,15 @@ class AccountedFixedClipping(DifferentialPrivacyClientSideFixedClipping):
         super().__init__(strategy, noise_multiplier, clipping_norm, num_sampled_clients)
         self.ledger = ledger
 
+    def resume_state(self) -> dict[str, object]:
+        """The client-level accountant's state (see ``server.resume``)."""
+        return {"ledger": self.ledger.state_dict() if self.ledger is not None else None}
+
+    def load_resume_state(self, state: dict[str, object]) -> None:
+        """Continue from :meth:`resume_state`."""
+        if self.ledger is not None and state["ledger"] is not None:
+            self.ledger.load_state_dict(state["ledger"])  # type: ignore[arg-type]
+
     def aggregate_fit(
         self,
         server_round: int,
@@ -305,6 +389,19 @@ class AccountedAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
             clipped_count_stddev=clipped_count_stddev,
         )
         self.ledger = ledger
+
+    def resume_state(self) -> dict[str, object]:
+        """The adapted clipping norm and the client-level accountant's state (see ``server.resume``)."""
+        return {
+            "clipping_norm": float(self.clipping_norm),
+            "ledger": self.ledger.state_dict() if self.ledger is not None else None,
+        }
+
+    def load_resume_state(self, state: dict[str, object]) -> None:
+        """Continue from :meth:`resume_state`."""
+        self.clipping_norm = float(state["clipping_norm"])  # type: ignore[arg-type]
+        if self.ledger is not None and state["ledger"] is not None:
+            self.ledger.load_state_dict(state["ledger"])  # type: ignore[arg-type]
 
     def aggregate_fit(
         self,

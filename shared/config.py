@@ -23,6 +23,8 @@ __all__ = [
     "TASKS",
     "PARTITIONS",
     "STRATEGIES",
+    "ROBUST_STRATEGIES",
+    "robust_min_sites",
     "NORMS",
     "OPTIMIZERS",
     "BAD_DATA_MODES",
@@ -31,7 +33,7 @@ __all__ = [
 
 Task = Literal["classification", "segmentation"]
 Partition = Literal["iid", "dirichlet", "quantity"]
-StrategyName = Literal["fedavg", "fedprox", "fedadam"]
+StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"]
 Norm = Literal["batch", "group", "instance"]
 Optimizer = Literal["sgd", "adam"]
 ClientDP = Literal["off", "fixed", "adaptive"]
@@ -43,6 +45,8 @@ BadData = Literal["strict", "skip"]
 TASKS: tuple[str, ...] = get_args(Task)
 PARTITIONS: tuple[str, ...] = get_args(Partition)
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)
+ROBUST_STRATEGIES: tuple[str, ...] = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+"""Byzantine-robust aggregation rules (Flower's own): they need every site's update in the clear."""
 NORMS: tuple[str, ...] = get_args(Norm)
 OPTIMIZERS: tuple[str, ...] = get_args(Optimizer)
 CLIENT_DP_MODES: tuple[str, ...] = get_args(ClientDP)
@@ -87,7 +91,43 @@ class RunConfig:
         Registry name (see ``shared.models.MODELS``) and normalisation layer.
     strategy, proximal_mu, server_learning_rate, fraction_fit, fraction_evaluate,
     min_fit_clients
-        Flower strategy and its knobs.
+        Flower strategy and its knobs. Besides ``fedavg``, ``fedprox`` and ``fedadam``, the
+        Byzantine-robust rules of :data:`ROBUST_STRATEGIES` (Flower's ``FedMedian``,
+        ``FedTrimmedAvg``, ``Krum`` without and with ``num_clients_to_keep`` (``multikrum``),
+        ``Bulyan``); they ignore example counts, and they need each site's update in the clear,
+        so ``secagg`` must be off (and ``client-dp`` too: its noise is calibrated for a mean).
+        ``min_fit_clients`` is also the fewest sites whose training results a round needs
+        (without SecAgg+): a round in which fewer sites answer leaves the global model
+        unchanged (recorded, and the next round runs).
+    round_timeout
+        Seconds the server waits for the sites' replies in each round's training and
+        evaluation step; sites that have not answered by then count as failed for that round
+        (recorded with the round) and are asked again in the next. ``0``: wait without limit.
+        Under SecAgg+ the training step uses ``secagg_timeout`` per protocol stage instead.
+    resume
+        A run directory to continue: the server reloads the state it saved after the last
+        completed round there (global weights, strategy state, random state, run-store run id)
+        and runs the remaining rounds into the same directory and run-store run. Every other
+        key must equal the run's own ``config.json`` (``medfed simulate --resume DIR`` reads
+        it). See ``docs/faults.md``.
+    trim_beta
+        ``fedtrimmedavg``: the fraction of updates cut at each end, per coordinate, in ``[0,
+        0.5)``; it must cut at least ``num_malicious_sites`` of the sites per round.
+    num_malicious_sites
+        How many malicious sites per round the robust rules must tolerate (``f``): ``krum`` and
+        ``multikrum`` need ``2f + 3`` sites per round, ``bulyan`` ``4f + 3``, ``fedmedian``
+        ``2f + 1``. Ignored by the non-robust strategies.
+    num_sites_to_keep
+        ``multikrum``: how many of the best-scored updates are averaged (``0``: all but
+        ``num_malicious_sites``).
+    max_update_norm
+        Update validation (``server/validation.py``): the server rejects a site whose update
+        (site weights - global weights, L2 norm over all floating-point state entries) is longer
+        than this; ``0`` turns the norm check off. Updates with NaN or Inf, the wrong number,
+        shapes or dtypes of arrays are always rejected. Under SecAgg+ the server cannot see
+        single updates: each site then refuses to send a non-finite update and clips its update
+        to this norm before masking (``client/update_mods.py``), and the server checks the
+        aggregate. See ``docs/faults.md``.
     partition, dirichlet_alpha
         How one dataset is split into simulated sites.
     augment
@@ -154,11 +194,17 @@ class RunConfig:
     model: str = "densenet121"
     norm: Norm = "batch"
     strategy: StrategyName = "fedavg"
+    trim_beta: float = 0.2
+    num_malicious_sites: int = 1
+    num_sites_to_keep: int = 0
+    max_update_norm: float = 0.0
     proximal_mu: float = 0.01
     server_learning_rate: float = 0.01
     fraction_fit: float = 1.0
     fraction_evaluate: float = 1.0
     min_fit_clients: int = 2
+    round_timeout: float = 0.0
+    resume: str = ""
     partition: Partition = "iid"
     dirichlet_alpha: float = 0.5
     augment: bool = True
@@ -225,6 +271,8 @@ class RunConfig:
             ("in-channels", self.in_channels, 1),
             ("num-classes", self.num_classes, 2),
             ("seed", self.seed, 0),
+            ("num-malicious-sites", self.num_malicious_sites, 0),
+            ("num-sites-to-keep", self.num_sites_to_keep, 0),
         ):
             if value < low:
                 raise ConfigError(f"{key} = {value!r} is invalid: it must be an integer >= {low}.")
@@ -247,6 +295,19 @@ class RunConfig:
         ):
             if not 0.0 <= value <= 1.0:
                 raise ConfigError(f"{key} = {value!r} is invalid: it must lie in [0, 1].")
+        if not 0.0 <= self.max_update_norm < math.inf:
+            raise ConfigError(
+                f"max-update-norm = {self.max_update_norm!r} is invalid: it must be a finite number >= 0 "
+                "(0 turns the norm check off)."
+            )
+        if not 0.0 <= self.trim_beta < 0.5:
+            raise ConfigError(f"trim-beta = {self.trim_beta!r} is invalid: it must lie in [0, 0.5).")
+        _check_robust(self)
+        if not (self.round_timeout >= 0 and math.isfinite(self.round_timeout)):
+            raise ConfigError(
+                f"round-timeout = {self.round_timeout!r} is invalid: give the seconds to wait for "
+                "the sites in each round (> 0), or 0 to wait without limit."
+            )
         for key, value in (
             ("proximal-mu", self.proximal_mu),
             ("weight-decay", self.weight_decay),
@@ -343,6 +404,77 @@ class RunConfig:
     def is_deployment(self) -> bool:
         """Whether sites bring their own data (``dataset = "deployment"``); the server has none."""
         return self.dataset == "deployment"
+
+
+def _sites_per_round(cfg: RunConfig) -> int:
+    """Sites Flower samples per round (as :func:`server.secure.sites_per_round`)."""
+    return max(int(cfg.num_sites * cfg.fraction_fit), min(cfg.min_fit_clients, cfg.num_sites))
+
+
+def robust_min_sites(cfg: RunConfig) -> int:
+    """Fewest updates per round with which ``cfg.strategy`` keeps its robustness guarantee.
+
+    ``fedmedian``: ``2f + 1`` (an honest majority per coordinate); ``krum``, ``multikrum``:
+    ``2f + 3`` (Blanchard et al. 2017), and ``multikrum`` at least the updates it keeps;
+    ``bulyan``: ``4f + 3`` (El Mhamdi et al. 2018; Flower refuses fewer);
+    ``fedtrimmedavg``: the smallest ``n`` with ``int(trim_beta * n) >= f``. ``1`` for the
+    non-robust strategies. ``f`` is ``num_malicious_sites``; ``cfg`` must be valid.
+    """
+    f = cfg.num_malicious_sites
+    if cfg.strategy == "fedmedian":
+        return 2 * f + 1
+    if cfg.strategy == "krum":
+        return 2 * f + 3
+    if cfg.strategy == "multikrum":
+        return max(2 * f + 3, cfg.num_sites_to_keep)
+    if cfg.strategy == "bulyan":
+        return 4 * f + 3
+    if cfg.strategy == "fedtrimmedavg" and f > 0:  # a valid config has trim_beta > 0 here
+        n = max(1, math.ceil(f / cfg.trim_beta) - 1)
+        while int(cfg.trim_beta * n) < f:  # float rounding: find the first n that cuts f
+            n += 1
+        return n
+    return 1
+
+
+def _check_robust(cfg: RunConfig) -> None:
+    """A robust ``strategy`` needs updates in the clear and enough sites per round."""
+    if cfg.strategy not in ROBUST_STRATEGIES:
+        return
+    if cfg.secagg:
+        raise ConfigError(
+            f"strategy = {cfg.strategy!r} cannot run with secagg = true: a robust aggregation rule "
+            "compares the sites' single updates, which SecAgg+ hides from the server. Set "
+            "secagg = false, or use strategy = 'fedavg' with max-update-norm (the sites then clip "
+            "their updates before masking; see docs/faults.md)."
+        )
+    if cfg.client_dp != "off":
+        raise ConfigError(
+            f"strategy = {cfg.strategy!r} cannot run with client-dp = {cfg.client_dp!r}: the server's DP "
+            "noise and its epsilon are calibrated for a mean of clipped updates, not for "
+            f"{cfg.strategy}. Set client-dp = 'off' or strategy = 'fedavg'."
+        )
+    m, f = _sites_per_round(cfg), cfg.num_malicious_sites
+    if cfg.strategy == "fedtrimmedavg":
+        if int(cfg.trim_beta * m) < f:
+            raise ConfigError(
+                f"trim-beta = {cfg.trim_beta} cuts int({cfg.trim_beta} * {m}) = {int(cfg.trim_beta * m)} of "
+                f"the {m} updates per round at each end, fewer than num-malicious-sites = {f}: raise "
+                f"trim-beta to at least {f}/{m} (below 0.5), add sites, or lower num-malicious-sites."
+            )
+        return
+    if cfg.strategy == "multikrum" and cfg.num_sites_to_keep > m:
+        raise ConfigError(
+            f"num-sites-to-keep = {cfg.num_sites_to_keep} exceeds the {m} sites per round: "
+            f"use at most {m} (0 keeps all but num-malicious-sites)."
+        )
+    need = robust_min_sites(cfg)
+    if m < need:
+        raise ConfigError(
+            f"strategy = {cfg.strategy!r} with num-malicious-sites = {f} needs at least {need} sites per "
+            f"round, but num-sites = {cfg.num_sites}, fraction-fit = {cfg.fraction_fit} and "
+            f"min-fit-clients = {cfg.min_fit_clients} select {m}: add sites or lower num-malicious-sites."
+        )
 
 
 def _check_store(value: str) -> None:

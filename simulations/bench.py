@@ -118,12 +118,16 @@ class Profile:
         DP-SGD epoch-time ratio (:func:`simulations.bench_dp.epoch_speed`, ``hooks`` mode).
     secagg_sites, secagg_params, secagg_rounds
         SecAgg+ protocol benchmark (:func:`simulations.bench_secagg.run_bench`).
+    secagg_train_model
+        Also time SecAgg+ with real sites training this model one local epoch (``""``: skip).
     peer_sites, peer_rounds, peer_local_epochs
         The common task of the overhead and peer comparison (BreastMNIST, simplecnn, IID).
     nvflare
         Install NVIDIA FLARE into a separate virtual environment and run its simulator.
     scale_sites
         Site counts for the ``scale`` section (its module reads them).
+    robust_strategies, robust_sites, robust_rounds, robust_samples
+        The poisoning benchmark (:func:`simulations.bench_robust.run_bench`).
     """
 
     name: str
@@ -149,11 +153,16 @@ class Profile:
     secagg_sites: tuple[int, ...]
     secagg_params: tuple[int, ...]
     secagg_rounds: int
+    secagg_train_model: str
     peer_sites: int
     peer_rounds: int
     peer_local_epochs: int
     nvflare: bool
     scale_sites: tuple[int, ...] = (4, 16, 64)
+    robust_strategies: tuple[str, ...] = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
+    robust_sites: int = 7
+    robust_rounds: int = 3
+    robust_samples: int = 840
 
 
 PROFILES: dict[str, Profile] = {
@@ -181,11 +190,16 @@ PROFILES: dict[str, Profile] = {
         secagg_sites=(3,),
         secagg_params=(100_000,),
         secagg_rounds=2,
+        secagg_train_model="",
         peer_sites=2,
         peer_rounds=2,
         peer_local_epochs=1,
         nvflare=False,
         scale_sites=(2, 4),
+        robust_strategies=("fedmedian",),
+        robust_sites=3,
+        robust_rounds=1,
+        robust_samples=120,
     ),
     "full": Profile(
         name="full",
@@ -211,6 +225,7 @@ PROFILES: dict[str, Profile] = {
         secagg_sites=(4, 8, 16),
         secagg_params=(1_000_000,),
         secagg_rounds=3,
+        secagg_train_model="simplecnn",
         peer_sites=4,
         peer_rounds=5,
         peer_local_epochs=1,
@@ -444,7 +459,7 @@ SECTIONS: dict[str, SectionSpec] = {
         module="simulations.bench_robust",
         function="bench_section",
         columns=("attack", "defence", "test AUC"),
-        owner="issue: robustness benchmark (poisoning), branch wt-valid: add bench_section(ctx) there",
+        owner="issue: robustness benchmark (poisoning)",
     ),
 }
 """Section name -> where it is implemented, in the order they are run and written."""

@@ -5,7 +5,10 @@ options). Every configuration runs twice in Flower's simulation engine (Ray), on
 plain legacy workflow and once with medfed's SecAgg+ path (``server.secure`` workflow and
 update adapter, ``client.client_app.privacy_mods`` at the sites, the egress guard included).
 The sites are :class:`NoiseClient`\\ s, which return the global weights plus Gaussian noise at
-once, so the figures measure the protocol and the framework, not training.
+once, so the figures measure the protocol and the framework, not training (the worst case
+for the ratio). With ``--train-model NAME`` the sites are medfed's real ones instead: each
+trains ``NAME`` for one local epoch on its share of a synthetic dataset
+(``--samples-per-site`` training images), as in a real round.
 
 Reported per configuration (sites x model size), both sides measured in one process on one
 machine:
@@ -45,6 +48,11 @@ from flwr.simulation import run_simulation
 from client.client_app import make_client_app
 from server.secure import MedfedSecAggPlusWorkflow, SecAggUpdateStrategy, secagg_settings
 from shared.config import RunConfig
+from shared.data.loading import load_dataset
+from shared.models import model_task
+from shared.seeding import seed_everything
+from shared.task import model_for
+from shared.weights import get_weights
 from simulations.bench_support import fmt, line_plot, ratio
 
 if TYPE_CHECKING:
@@ -209,8 +217,38 @@ class BenchResult:
         return statistics.median(later)
 
 
+def training_config(*, model: str, sites: int, samples_per_site: int, rounds: int, secagg: bool) -> RunConfig:
+    """The run config of a real-training round: ``model`` on a synthetic set, 1 local epoch.
+
+    The synthetic set is split 70/15/15, so each site trains on about ``samples_per_site``
+    images; segmentation models get 32x32 masks (UNet sides must divide by 16).
+    """
+    task = model_task(model)
+    return RunConfig(
+        num_sites=sites,
+        min_fit_clients=sites,
+        num_server_rounds=rounds,
+        secagg=secagg,
+        model=model,
+        norm="instance" if task == "segmentation" else "batch",
+        synthetic_task=task,  # type: ignore[arg-type]
+        synthetic_samples=max(int(samples_per_site * sites / 0.7), 30),
+        image_size=32 if task == "segmentation" else 0,
+        local_epochs=1,
+        store="off",
+    )
+
+
 def run_bench(
-    *, sites: int, num_params: int, secagg: bool, rounds: int = 3, num_cpus: int = 1, flower_only: bool = False
+    *,
+    sites: int,
+    num_params: int,
+    secagg: bool,
+    rounds: int = 3,
+    num_cpus: int = 1,
+    flower_only: bool = False,
+    train_model: str | None = None,
+    samples_per_site: int = 64,
 ) -> BenchResult:
     """Simulate ``rounds`` rounds of ``sites`` :class:`NoiseClient` sites; time the rounds.
 
@@ -219,10 +257,22 @@ def run_bench(
     :class:`~server.secure.SecAggUpdateStrategy`), FedAvg weighting, no evaluation.
     ``flower_only`` (with ``secagg``) runs Flower's bare SecAgg+ instead (``SecAggPlusWorkflow``,
     ``secaggplus_mod`` alone: no update mod, no egress guard), to separate medfed's own cost.
+    ``train_model`` replaces the noise sites by medfed's real ones training that model (see
+    :func:`training_config`); ``num_params`` is then the model's own size.
     """
-    cfg = RunConfig(num_sites=sites, min_fit_clients=sites, num_server_rounds=rounds, secagg=secagg, model="simplecnn")
+    if train_model:
+        cfg = training_config(
+            model=train_model, sites=sites, samples_per_site=samples_per_site, rounds=rounds, secagg=secagg
+        )
+        seed_everything(cfg.seed)
+        initial = get_weights(model_for(cfg, load_dataset(cfg).train))
+        num_params = sum(int(a.size) for a in initial)
+    else:
+        cfg = RunConfig(
+            num_sites=sites, min_fit_clients=sites, num_server_rounds=rounds, secagg=secagg, model="simplecnn"
+        )
+        initial = model_arrays(num_params)
     num_examples = [100 + 10 * i for i in range(sites)]
-    initial = model_arrays(num_params)
     timer = RoundTimer(
         FedAvg(
             fraction_fit=1.0,
@@ -259,7 +309,9 @@ def run_bench(
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=outer)
         workflow(wrapped, legacy)  # type: ignore[arg-type]
 
-    if flower_only:
+    if train_model:
+        client_app = make_client_app(cfg)
+    elif flower_only:
         client_app = ClientApp(client_fn=noise_client_fn(num_examples), mods=[secaggplus_mod])
     else:
         client_app = make_client_app(cfg, client_fn=noise_client_fn(num_examples))
@@ -327,6 +379,25 @@ def secagg_section(ctx: BenchContext) -> SectionResult:
                 xlabel="sites", ylabel="seconds per round (median of rounds 2..R)",
             )
         )
+    train_table = Table(
+        title="SecAgg+ vs plain FedAvg with real sites (medfed's SiteClient training one local epoch)",
+        columns=["model", "parameters", "sites", "plain round s", "SecAgg+ round s", "SecAgg+ / plain time"],
+    )
+    result.tables.append(train_table)
+    if not p.secagg_train_model:
+        train_table.add_unavailable("not run: the quick profile times the protocol only; --profile full adds this",
+                                    "all configurations")
+    for sites in p.secagg_sites if p.secagg_train_model else ():
+        plain = run_bench(sites=sites, num_params=0, secagg=False, rounds=p.secagg_rounds,
+                          train_model=p.secagg_train_model)
+        secure = run_bench(sites=sites, num_params=0, secagg=True, rounds=p.secagg_rounds,
+                           train_model=p.secagg_train_model)
+        train_table.add(p.secagg_train_model, f"{plain.num_params:,d}", sites, fmt(plain.median_round, 2),
+                        fmt(secure.median_round, 2), ratio(secure.median_round, plain.median_round))
+    train_table.notes.append(
+        "Synthetic 32x32 data, about 64 training images per site, one local epoch per round: the cost SecAgg+ adds "
+        "to a round that trains, beside the protocol-only figures above."
+    )
     table.notes.append(
         f"Conditions: {p.secagg_rounds} rounds per configuration, median round time over rounds 2..{p.secagg_rounds} "
         "(round 1 starts Ray's workers), server time from configure_fit to the end of aggregate_fit; upload: every "
@@ -348,17 +419,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--params", type=float, nargs="+", default=[1e6, 7e6], help="model sizes (parameters)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--flower-only", action="store_true", help="also time Flower's bare SecAgg+ (no medfed mods)")
+    parser.add_argument(
+        "--train-model", nargs="+", default=None,
+        help="real sites training these registry models 1 local epoch (replaces --params), e.g. unet densenet121",
+    )
+    parser.add_argument("--samples-per-site", type=int, default=64, help="training images per site (--train-model)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("flwr").setLevel(logging.WARNING)
     rows = []
-    for num_params in (int(p) for p in args.params):
+    workloads: list[tuple[int, str | None]] = (
+        [(0, name) for name in args.train_model] if args.train_model else [(int(p), None) for p in args.params]
+    )
+    for num_params, train_model in workloads:
         for sites in args.sites:
-            plain = run_bench(sites=sites, num_params=num_params, secagg=False, rounds=args.rounds)
-            secure = run_bench(sites=sites, num_params=num_params, secagg=True, rounds=args.rounds)
+            common = {"sites": sites, "num_params": num_params, "rounds": args.rounds, "train_model": train_model,
+                      "samples_per_site": args.samples_per_site}
+            plain = run_bench(secagg=False, **common)  # type: ignore[arg-type]
+            secure = run_bench(secagg=True, **common)  # type: ignore[arg-type]
+            num_params = plain.num_params
             fp32 = 4 * num_params
             row = (
-                f"{num_params / 1e6:4.1f}M  {sites:5d}  {plain.median_round:8.2f}  {secure.median_round:8.2f}  "
+                f"{train_model or 'noise'}  {num_params / 1e6:4.1f}M  {sites:5d}  {plain.median_round:8.2f}  {secure.median_round:8.2f}  "
                 f"{secure.median_round / plain.median_round:6.2f}  {plain.upload_per_site / fp32:7.2f}  "
                 f"{secure.upload_per_site / fp32:7.2f}"
             )
@@ -368,9 +450,13 @@ def main(argv: Sequence[str] | None = None) -> None:
             rows.append(row)
             print(row, flush=True)
     print()
+    sites_kind = (
+        f"real sites training 1 local epoch on {args.samples_per_site} synthetic images each"
+        if args.train_model else "NoiseClient sites"
+    )
     print(f"SecAgg+ benchmark ({args.rounds} rounds; median round time over rounds 2..{args.rounds}; "
-          f"{os.cpu_count()} CPUs; NoiseClient sites, FedAvg, no evaluation)")
-    header = "model  sites  plain_s  secagg_s  ratio  plain_up/fp32  secagg_up/fp32"
+          f"{os.cpu_count()} CPUs; {sites_kind}, FedAvg, no evaluation)")
+    header = "sites_do  model  sites  plain_s  secagg_s  ratio  plain_up/fp32  secagg_up/fp32"
     print(header + ("  flower_secagg_s  flower_ratio" if args.flower_only else ""))
     for row in rows:
         print(row)

@@ -88,7 +88,7 @@ def simulate(
     local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
     model: Annotated[str | None, typer.Option(help="Model registry name (see `medfed models`).")] = None,
     norm: Annotated[str | None, typer.Option(help="batch | group | instance.")] = None,
-    strategy: Annotated[str | None, typer.Option(help="fedavg | fedprox | fedadam.")] = None,
+    strategy: Annotated[str | None, typer.Option(help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum | multikrum | bulyan.")] = None,
     lr: Annotated[float | None, typer.Option(help="Local learning rate (cosine-decayed over rounds).")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Local batch size.")] = None,
     image_size: Annotated[int | None, typer.Option(help="Resize images to this side (0 = keep).")] = None,
@@ -100,6 +100,14 @@ def simulate(
     centralized: Annotated[
         bool, typer.Option("--centralized", help="Train the same model on the pooled data instead.")
     ] = False,
+    resume: Annotated[
+        Path | None,
+        typer.Option(
+            "--resume",
+            help="Continue this run directory after its last completed round, with its own config "
+            "(same directory, same run-store run). Takes no other config option.",
+        ),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and medfed's logs.")] = False,
 ) -> None:
     """Simulate several hospitals training one model (or the pooled baseline with --centralized)."""
@@ -121,7 +129,19 @@ def simulate(
         "run-dir": run_dir,
     }
     try:
-        cfg = build_config(config, overrides, set_ or [])
+        if resume is not None:
+            given = [k for k, v in overrides.items() if v is not None]
+            given += ["--config"] * (config is not None) + ["--set"] * bool(set_) + ["--centralized"] * centralized
+            if given:
+                raise ConfigError(
+                    f"--resume continues the run with its own config ({resume / 'config.json'}); "
+                    f"leave out the other options (given: {', '.join(given)})."
+                )
+            from server.resume import config_of_run
+
+            cfg = config_of_run(resume)
+        else:
+            cfg = build_config(config, overrides, set_ or [])
         _run_and_report(cfg, centralized=centralized, verbose=verbose)
     except (ConfigError, DataError, ValueError) as err:
         console.print(f"[bold red]error:[/] {escape(_name_flag(str(err), overrides))}")
@@ -156,6 +176,8 @@ def _run_and_report(cfg: RunConfig, *, centralized: bool, verbose: bool) -> None
             f"federated: {cfg.strategy}, {cfg.num_sites} sites ({cfg.partition}), "
             f"{cfg.model} on {dataset}"
         )
+        if cfg.resume:
+            title += f", resuming {Path(cfg.resume).name}"
     view = RunProgress(title=title, rounds=cfg.num_server_rounds, console=console)
     with view:
         if centralized:

@@ -80,7 +80,8 @@ class RunProgress:
         return [m for m in _GLOBAL_COLUMNS if m in present]
 
     def table(self) -> Table:
-        """The rounds table: global metrics, site min/max of the validation metric, seconds."""
+        """The rounds table: global metrics, site min/max of the validation metric, sites (with
+        rejected updates), seconds."""
         table = Table(title=self.title, expand=False)
         table.add_column("round", justify="right")
         names = self._metric_names()
@@ -100,7 +101,12 @@ class RunProgress:
                     _fmt(r.eval_metrics.get(f"{site_metric}-min")),
                     _fmt(r.eval_metrics.get(f"{site_metric}-max")),
                 ]
-            row += [str(r.num_fit_results or "-"), f"{r.seconds or 0:.1f}"]
+            sites = str(r.num_fit_results or "-")
+            if r.rejected:
+                sites += f" ({len(r.rejected)} rejected)"
+            if r.skipped:
+                sites += " (not aggregated)"
+            row += [sites, f"{r.seconds or 0:.1f}"]
             table.add_row(*row)
         return table
 

@@ -8,6 +8,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from flwr.client import ClientApp
 from flwr.simulation import run_simulation
 
 from client.client_app import make_client_app
@@ -42,8 +43,12 @@ def run_federated(
     hooks: ServerHooks | None = None,
     run_path: str | Path | None = None,
     verbose: bool = False,
+    client_app: ClientApp | None = None,
 ) -> SimulationResult:
     """Simulate ``cfg.num_sites`` hospitals training ``cfg.model`` for ``cfg.num_server_rounds``.
+
+    With ``cfg.resume`` the run continues in that run directory after its last completed round
+    (see ``server.resume``); :attr:`SimulationResult.rounds` then holds the rounds run now.
 
     Parameters
     ----------
@@ -52,9 +57,13 @@ def run_federated(
     hooks
         Observers (progress view); their callbacks run on the server thread.
     run_path
-        The run directory (default: a fresh folder under ``cfg.run_dir``).
+        The run directory (default: a fresh folder under ``cfg.run_dir``; ``cfg.resume`` when
+        resuming, and then ``run_path`` must be that folder if given).
     verbose
         Flower's DEBUG logging.
+    client_app
+        The sites' ClientApp (default: :func:`client.client_app.make_client_app` of ``cfg``);
+        tests and benchmarks pass one with faulty sites (:mod:`client.attacks`).
 
     Raises
     ------
@@ -64,6 +73,10 @@ def run_federated(
     RuntimeError
         If the simulation ended without finishing its rounds (the cause is logged by Flower).
     """
+    if cfg.resume:
+        if run_path and Path(run_path).resolve() != Path(cfg.resume).resolve():
+            raise ValueError(f"resume = {cfg.resume!r} but run_path = {str(run_path)!r}: they must agree.")
+        run_path = cfg.resume
     if not cfg.is_deployment:
         # Fail fast, before Ray starts: the server thread reads the same (cached) splits.
         splits = load_dataset(cfg)
@@ -95,7 +108,7 @@ def run_federated(
     server_app = make_server_app(
         cfg, hooks=ServerHooks(on_start=on_start, on_round=on_round, on_finish=on_finish), run_path=str(path)
     )
-    client_app = make_client_app(cfg)
+    client_app = client_app or make_client_app(cfg)
     # One CPU per site: Ray runs as many sites at once as there are cores, each torch single-threaded.
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": _gpu_share()},

@@ -69,6 +69,8 @@ RUN_CONFIG_TABLE: dict[str, tuple[Any, list[str]]] = {
     "num-classes": (1, [">= 2"]),
     "spatial-dims": (1, ["2, 3"]),
     "app-signature": (5, ["type str"]),
+    "round-timeout": (-1, ["or 0 to wait without limit"]),
+    "resume": (5, ["type str"]),
 }
 
 
@@ -159,6 +161,7 @@ def test_unknown_site_key_suggests_the_closest(tmp_path: Path) -> None:
 # ------------------------------------------------------------------ command-line flags
 SIMULATE_TABLE: dict[str, tuple[list[str], list[str]]] = {
     "config": (["--config", "missing.toml"], ["missing.toml", "does not exist"]),
+    "resume": (["--resume", "nowhere"], ["resume = 'nowhere'", "no such run directory"]),
     "dataset": (["--dataset", "nope.json"], ["dataset 'nope.json' does not exist"]),
     "sites": (["--sites", "0"], ["num-sites (--sites) = 0", ">= 1"]),
     "partition": (["--partition", "random"], ["partition (--partition) = 'random'", "'dirichlet'"]),
