@@ -27,6 +27,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,12 +38,17 @@ from server.run_dir import read_metrics
 from shared.config import RunConfig
 from shared.data.npz import load_npz
 from shared.models import build_model, count_parameters
-from shared.privacy import GRAD_SAMPLE_MODES, make_private_training, secure_generator
+from shared.privacy import GRAD_SAMPLE_MODES, PrivacyLedger, make_private_training, secure_generator, site_ledger_path
 from shared.task import model_for
 from shared.training import make_loss, make_optimizer, train_epochs
+from shared.weights import set_weights
+from simulations.bench_support import fmt, line_plot, medmnist_file, ratio
 from simulations.membership import loss_threshold_attack, matched_non_members
 
-__all__ = ["SpeedResult", "epoch_speed", "main"]
+if TYPE_CHECKING:
+    from simulations.bench import BenchContext, SectionResult
+
+__all__ = ["SpeedResult", "epoch_speed", "dp_section", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -214,6 +220,109 @@ def run_speed_part(args: argparse.Namespace) -> None:
         r = epoch_speed(name, samples=args.samples, batch_size=args.batch_size, repeats=args.repeats, modes=modes)
         cells = "".join(f" {r.private[m]:>11.3f} {r.ratio(m):>6.2f}" for m in modes)
         print(f"{name:>12} {r.parameters:>10,d} {r.plain:>8.3f}{cells}")
+
+
+# --------------------------------------------------------------------------- benchmark section
+def dp_section(ctx: BenchContext) -> SectionResult:
+    """Section ``privacy-dp`` of ``medfed bench``: test AUC vs epsilon, and the DP-SGD epoch-time ratio.
+
+    AUC part: federated BreastMNIST (simplecnn, GroupNorm, IID sites, Adam 0.003, batch 16, no
+    augmentation) without DP and with ``dp-target-epsilon`` = each of the profile's epsilons
+    (``dp-budget-epsilon`` the same, delta 1e-5, RDP, secure noise), run in process
+    (:func:`simulations.bench_quality.federate_in_process`: the sites' real DP-SGD path, ledgers
+    and budgets); final test AUC and accuracy, the largest epsilon a site's ledger records, and a
+    loss-threshold membership attack on the final model. Speed part: :func:`epoch_speed` (hooks).
+    """
+    from simulations.bench import SectionResult, Table, Target
+    from simulations.bench_quality import federate_in_process
+
+    p = ctx.profile
+    seed = p.seeds[0]
+    auc_table = Table(
+        title="Federated test AUC under sample-level DP-SGD (BreastMNIST)",
+        columns=["setting", "test AUC", "test accuracy", "AUC / no-DP AUC", "max site epsilon (ledger)",
+                 "membership attack AUC", "wall s"],
+    )
+    speed_table = Table(
+        title="Local epoch time, DP-SGD / non-private (hooks mode)",
+        columns=["model", "parameters", "non-private epoch s", "DP-SGD epoch s", "DP time ratio"],
+    )
+    result = SectionResult(tables=[auc_table, speed_table])
+    try:
+        path = medmnist_file(ctx.data_dir, "breastmnist.npz", workdir=ctx.workdir, train=p.slice_train,
+                             val=p.slice_val, test=p.slice_test)
+    except FileNotFoundError as err:
+        auc_table.add_unavailable(f"not available: {err}")
+        path = None
+    if path is not None:
+        base = RunConfig(
+            dataset=str(path), model="simplecnn", norm="group", num_sites=p.dp_sites, num_server_rounds=p.dp_rounds,
+            local_epochs=p.dp_local_epochs, batch_size=16, learning_rate=0.003, optimizer="adam", augment=False,
+            seed=seed, dp_max_grad_norm=1.0, dp_delta=1e-5, dp_secure_noise=True, store="off",
+        )
+        splits = load_npz(path)
+        rows: list[tuple[str, float, dict[str, float]]] = []
+        for eps in (0.0, *p.dp_epsilons):
+            work = ctx.workdir / "runs" / f"dp-eps{eps:g}"
+            cfg = base.replace(
+                run_dir=str(work), dp=eps > 0, dp_target_epsilon=eps, dp_budget_epsilon=max(eps, 1.0),
+                ledger_dir=str(work / "ledgers"),
+            )
+            curve = federate_in_process(cfg)
+            model = model_for(cfg, splits.train)
+            set_weights(model, curve.final_weights)
+            attack = loss_threshold_attack(
+                model, members=splits.train, non_members=matched_non_members(splits.train, splits.test, seed=seed)
+            )
+            spent = [
+                PrivacyLedger.open(site_ledger_path(cfg, site_index=i)).epsilon(cfg.dp_delta) for i in range(cfg.num_sites)
+            ] if cfg.dp else []
+            figures = {"auc": curve.final("auc"), "accuracy": curve.final("accuracy"), "mia": attack.auc,
+                       "eps": max(spent) if spent else float("nan"), "seconds": curve.seconds}
+            rows.append(("no DP" if eps == 0 else f"epsilon {eps:g}", eps, figures))
+        plain_auc = rows[0][2]["auc"]
+        for label, eps, f in rows:
+            auc_table.add(
+                label, fmt(f["auc"]), fmt(f["accuracy"]), ratio(f["auc"], plain_auc),
+                fmt(f["eps"], 2, reason="n/a: no DP, nothing spent") if eps else "n/a: no DP, nothing spent",
+                fmt(f["mia"]), fmt(f["seconds"], 1),
+            )
+        auc_table.notes.append(
+            f"Conditions: {p.dp_sites} IID sites, {p.dp_rounds} rounds x {p.dp_local_epochs} local epoch(s), "
+            f"{len(splits.train)} training images, simplecnn with GroupNorm, Adam 0.003, batch 16 (Poisson "
+            "sampling under DP), max grad norm 1.0, delta 1e-5, RDP accountant, noise from the OS CSPRNG; seed "
+            f"{seed}. The noise multiplier is the one that spends the target epsilon over all planned rounds."
+        )
+        eps_rows = [(eps, f) for _, eps, f in rows if eps > 0]
+        result.plots.append(
+            line_plot(
+                ctx.plot_path("dp-epsilon.png"),
+                series={
+                    "test AUC": ([e for e, _ in eps_rows], [f["auc"] for _, f in eps_rows]),
+                    "test accuracy": ([e for e, _ in eps_rows], [f["accuracy"] for _, f in eps_rows]),
+                },
+                hlines={"AUC without DP": plain_auc, "accuracy without DP": rows[0][2]["accuracy"]},
+                title="BreastMNIST, federated DP-SGD: test metrics vs epsilon",
+                xlabel="target epsilon (delta 1e-5)", ylabel="test metric", logx=True,
+            )
+        )
+    for name in p.dp_speed_models:
+        r = epoch_speed(name, samples=p.dp_speed_samples, batch_size=16, repeats=p.dp_speed_repeats, modes=("hooks",))
+        speed_table.add(name, f"{r.parameters:,d}", fmt(r.plain), fmt(r.private["hooks"],
+                        reason="failed: Opacus hooks mode failed for this model (see the log)"),
+                        ratio(r.private["hooks"], r.plain))
+        result.targets.append(Target.check(
+            f"DP-SGD epoch time / non-private ({name}, hooks)", "issue 3", value=r.ratio("hooks"), at_most=2.0,
+            limits="Opacus computes and clips a gradient per sample; on a CPU that costs more than the 2x target "
+            "(ghost clipping was slower still here, see bench_dp --modes)",
+        ))
+    speed_table.notes.append(
+        f"Conditions: {p.dp_speed_samples} BreastMNIST images (28x28), batch 16, SGD, GroupNorm, "
+        f"torch x{torch.get_num_threads()} threads; median of {p.dp_speed_repeats} epoch(s) after a warm-up, "
+        "variants interleaved; DP: secure generator and hardened noise, as a site runs it."
+    )
+    result.commands.append(ctx.reproduce("privacy-dp"))
+    return result
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,6 +16,7 @@ import argparse
 import json
 import logging
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -28,9 +29,13 @@ from shared.data.loading import load_dataset
 from shared.seeding import seed_everything
 from shared.task import model_for
 from shared.weights import get_weights
-from simulations.simulate import run_federated
+from simulations.bench_support import fmt, ratio
+from simulations.simulate import SimulationResult, run_federated
 
-__all__ = ["plain_loop", "measure_overhead"]
+if TYPE_CHECKING:
+    from simulations.bench import BenchContext, SectionResult
+
+__all__ = ["plain_loop", "measure_overhead", "overhead_section"]
 
 logger = logging.getLogger(__name__)
 
@@ -64,9 +69,12 @@ def plain_loop(cfg: RunConfig) -> float:
     return time.perf_counter() - start
 
 
-def measure_overhead(cfg: RunConfig) -> dict[str, float]:
-    """Simulation and plain-loop wall times for ``cfg``, and their ratio."""
-    sim = run_federated(cfg)
+def measure_overhead(cfg: RunConfig, *, sim: SimulationResult | None = None) -> dict[str, float]:
+    """Simulation and plain-loop wall times for ``cfg``, and their ratio.
+
+    ``sim``: a finished simulation of ``cfg`` to time against (default: run one now).
+    """
+    sim = sim if sim is not None else run_federated(cfg)
     threads = torch.get_num_threads()
     plain = plain_loop(cfg)
     rounds = [s for s in sim.summary.get("round_seconds", []) if s is not None]  # type: ignore[union-attr]
@@ -80,6 +88,50 @@ def measure_overhead(cfg: RunConfig) -> dict[str, float]:
         "later_round_mean_s": float(np.mean(rounds[1:])) if len(rounds) > 1 else float("nan"),
         "plain_loop_threads": threads,
     }
+
+
+def overhead_section(ctx: BenchContext) -> SectionResult:
+    """Section ``overhead`` of ``medfed bench``: the peers' common task, simulated and in a plain loop.
+
+    The simulation is the one the ``peers`` section reports (run once, shared through
+    ``ctx.memo``); the plain loop runs the same sites, rounds and evaluations in this process.
+    """
+    from simulations.bench import SectionResult, Table, Target
+    from simulations.bench_peers import medfed_peer_run, peer_config
+
+    table = Table(
+        title="Flower simulation wall time / the same work in a plain loop",
+        columns=["task", "sites", "rounds", "simulation wall s", "plain loop wall s", "overhead ratio (wall)",
+                 "simulation s per round (rounds 2..R)", "plain loop s per round", "overhead ratio (later rounds)"],
+    )
+    result = SectionResult(tables=[table])
+    try:
+        cfg = peer_config(ctx)
+    except FileNotFoundError as err:
+        table.add_unavailable(f"not available: {err}")
+        return result
+    figures = measure_overhead(cfg, sim=medfed_peer_run(ctx))
+    plain_round = figures["plain_loop_s"] / cfg.num_server_rounds
+    table.add(
+        f"BreastMNIST, {cfg.model}", cfg.num_sites, f"{cfg.num_server_rounds} x {cfg.local_epochs} local epoch(s)",
+        fmt(figures["simulation_s"], 1), fmt(figures["plain_loop_s"], 1), ratio(figures["simulation_s"], figures["plain_loop_s"]),
+        fmt(figures["later_round_mean_s"], 2, reason="n/a: a single round has no later rounds"), fmt(plain_round, 2),
+        ratio(figures["later_round_mean_s"], plain_round),
+    )
+    result.targets.append(Target.check(
+        f"federation overhead ratio (wall; {cfg.num_sites} sites, {cfg.num_server_rounds} rounds, {cfg.model})",
+        "issue 2", value=figures["overhead_ratio"], at_most=1.3,
+        limits="starting Ray and its workers (seconds) against a short run of a small model; the later-rounds "
+        f"ratio, without the start, is {ratio(figures['later_round_mean_s'], plain_round)}",
+    ))
+    table.notes.append(
+        "The simulation's wall time includes starting Ray and its workers (a fixed cost of several seconds that "
+        "dominates small models and few rounds); the later-rounds ratio leaves it out (the plain loop's rounds "
+        "are its wall time over the rounds, set-up included). Ray gives each site one CPU and runs it niced; the "
+        f"plain loop runs the sites one after another with torch's {int(figures['plain_loop_threads'])} threads."
+    )
+    result.commands.append(ctx.reproduce("overhead"))
+    return result
 
 
 def main() -> None:

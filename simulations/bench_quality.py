@@ -19,14 +19,33 @@ import argparse
 import json
 import logging
 import os
+import statistics
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
+import numpy as np
+from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.server.client_proxy import ClientProxy
+
+from client.site_client import SiteClient
+from client.site_data import simulated_site_data
+from server.evaluation import make_evaluate_fn
+from server.strategies import build_strategy
 from shared.config import RunConfig
+from shared.data.loading import load_dataset
+from shared.seeding import seed_everything
+from shared.task import model_for
+from shared.weights import get_weights
+from simulations.bench_support import line_plot, mean_spread, medmnist_file, ratio
 from simulations.pooled import run_pooled
 from simulations.simulate import SimulationResult, run_federated
 
-__all__ = ["RECIPES", "compare"]
+if TYPE_CHECKING:
+    from simulations.bench import BenchContext, SectionResult
+
+__all__ = ["RECIPES", "PUBLISHED", "compare", "Curve", "federate_in_process", "local_only", "quality_section"]
 
 RECIPES: dict[str, dict[str, Any]] = {
     "breastmnist": {
@@ -54,6 +73,22 @@ RECIPES: dict[str, dict[str, Any]] = {
 }
 """Named recipes; ``dataset`` is a file name inside the data folder."""
 
+PUBLISHED: dict[str, str] = {
+    "breastmnist": "0.901 (ResNet-18, 28 px, pooled; MedMNIST v2 Table 3)",
+    "adrenalmnist3d": "about 0.83 (3D ResNet-18, 28^3, pooled; not verified)",
+}
+"""Published centralized test AUC (``../shared/BENCHMARKS.md``), quoted beside the measured figures."""
+
+TARGETS: dict[str, float] = {"breastmnist": 0.88, "adrenalmnist3d": 0.80}
+"""Issue 2's federated test AUC targets (4 sites)."""
+
+SUITE_RECIPES: dict[str, dict[str, Any]] = {
+    "breastmnist": {"dataset": "breastmnist.npz", "model": "simplecnn", "learning-rate": 0.05, "batch-size": 32},
+    "adrenalmnist3d": {"dataset": "adrenalmnist3d.npz", "model": "simplecnn", "learning-rate": 0.05, "batch-size": 32},
+}
+"""What the benchmark suite (``medfed bench``, section ``quality``) trains: the small model, so that
+the whole grid of splits, sites, strategies and seeds fits in the full profile's hour."""
+
 
 def _figures(result: SimulationResult, metric: str) -> dict[str, float]:
     best = dict(result.summary.get("best_metrics") or {})  # type: ignore[call-overload]
@@ -75,6 +110,222 @@ def compare(cfg: RunConfig, *, metric: str = "auc") -> dict[str, Any]:
         "federated": {**_figures(federated, metric), "run_dir": str(federated.run_dir)},
         "pooled": {**_figures(pooled, metric), "run_dir": str(pooled.run_dir)},
     }
+
+
+# --------------------------------------------------------------------------- in-process federation
+@dataclass
+class Curve:
+    """What one in-process run produced.
+
+    Attributes
+    ----------
+    global_metrics
+        Test-split metrics of the global model per round; index 0 is the initial model.
+    final_weights
+        The global model's state after the last round (arrays in ``get_weights`` order).
+    seconds
+        Wall time of the run.
+    """
+
+    global_metrics: list[dict[str, float]] = field(default_factory=list)
+    final_weights: list[np.ndarray] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def final(self, metric: str) -> float:
+        """``metric`` after the last round (``nan`` when absent)."""
+        return float(self.global_metrics[-1].get(metric, float("nan"))) if self.global_metrics else float("nan")
+
+    def series(self, metric: str) -> list[float]:
+        """``metric`` per round, round 0 first (``nan`` where absent)."""
+        return [float(m.get(metric, float("nan"))) for m in self.global_metrics]
+
+
+def federate_in_process(cfg: RunConfig) -> Curve:
+    """Federated training of ``cfg`` with medfed's sites and Flower's strategy, in this process.
+
+    The same pieces as a simulation, without the transport: every site is a
+    :class:`~client.site_client.SiteClient` (local training, FedProx term, BatchNorm
+    re-estimation, DP-SGD with its ledger and budget when ``cfg.dp``), the strategy is
+    :func:`server.strategies.build_strategy`'s Flower ``FedAvg`` / ``FedProx`` / ``FedAdam``, whose
+    own ``aggregate_fit`` combines the sites' results and whose ``evaluate`` scores the global
+    model on the test split after each round. Sites run one after the other; no Ray, no
+    messages, so hundreds of runs fit in a benchmark (the transport's cost is measured by the
+    ``overhead`` and ``peers`` sections).
+
+    Returns
+    -------
+    Curve
+        Global test metrics per round and the final weights.
+    """
+    start = time.perf_counter()
+    seed_everything(cfg.seed)
+    splits = load_dataset(cfg)
+    initial = get_weights(model_for(cfg, splits.train))
+    strategy = build_strategy(
+        cfg,
+        initial_weights=initial,
+        evaluate_fn=make_evaluate_fn(model_for(cfg, splits.train), splits.test),
+        min_available_clients=cfg.num_sites,
+    )
+    sites = [
+        SiteClient(cfg=cfg, data=simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites), site_index=i)
+        for i in range(cfg.num_sites)
+    ]
+    parameters: Parameters = ndarrays_to_parameters(initial)
+    curve = Curve()
+    curve.global_metrics.append(_server_evaluate(strategy, 0, parameters))
+    no_proxy = cast(ClientProxy, None)  # Flower's aggregation reads only the FitRes
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        weights = parameters_to_ndarrays(parameters)
+        results = []
+        for site in sites:
+            new, num_examples, metrics = site.fit(weights, {"server-round": server_round})
+            res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(new), num_examples, metrics)
+            results.append((no_proxy, res))
+        aggregated, _ = strategy.aggregate_fit(server_round, results, [])
+        if aggregated is not None:  # None: every site declined (DP budget); the model stays
+            parameters = aggregated
+        curve.global_metrics.append(_server_evaluate(strategy, server_round, parameters))
+    curve.final_weights = parameters_to_ndarrays(parameters)
+    curve.seconds = time.perf_counter() - start
+    return curve
+
+
+def _server_evaluate(strategy: Any, server_round: int, parameters: Parameters) -> dict[str, float]:
+    evaluated = strategy.evaluate(server_round, parameters)
+    if evaluated is None:
+        return {}
+    loss, metrics = evaluated
+    return {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
+
+
+def local_only(cfg: RunConfig) -> list[dict[str, float]]:
+    """Each site trains alone on its own data (the same rounds, epochs and schedule, no averaging).
+
+    Returns
+    -------
+    list of dict
+        Per site (in site order), the test-split metrics of its own model after the last round.
+    """
+    seed_everything(cfg.seed)
+    splits = load_dataset(cfg)
+    evaluate_fn = make_evaluate_fn(model_for(cfg, splits.train), splits.test)
+    out: list[dict[str, float]] = []
+    for i in range(cfg.num_sites):
+        site = SiteClient(cfg=cfg, data=simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites), site_index=i)
+        weights = get_weights(site.model)
+        for server_round in range(1, cfg.num_server_rounds + 1):
+            weights, _, _ = site.fit(weights, {"server-round": server_round})
+        loss, metrics = evaluate_fn(cfg.num_server_rounds, weights, {})
+        out.append({"loss": loss, **{k: float(v) for k, v in metrics.items()}})
+    return out
+
+
+# --------------------------------------------------------------------------- benchmark section
+_STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam"}
+
+
+def quality_section(ctx: BenchContext) -> SectionResult:
+    """Section ``quality`` of ``medfed bench``: pooled, local-only and federated test AUC.
+
+    For every recipe of ``ctx.profile.quality_recipes`` (BreastMNIST, AdrenalMNIST3D with the
+    small model of :data:`SUITE_RECIPES`), every number of sites and every split: the pooled
+    baseline (:func:`~simulations.pooled.run_pooled`, the same epochs on all the data), each
+    site alone (:func:`local_only`; best and worst site) and each strategy
+    (:func:`federate_in_process`); test AUC after the last round, mean ± standard deviation over
+    the profile's seeds. Plots: global test AUC per round (mean over seeds), one per recipe.
+    """
+    from simulations.bench import SectionResult, Table, Target
+
+    p = ctx.profile
+    strategies = [_STRATEGY_NAMES[s] for s in p.quality_strategies]
+    columns = ["dataset", "sites", "split", "pooled AUC", "local-only best", "local-only worst", *strategies]
+    columns += [f"{s} / pooled" for s in strategies] + ["published (centralized)"]
+    table = Table(title="Test AUC after the last round (mean ± sd over seeds)", columns=columns)
+    result = SectionResult(tables=[table])
+    for recipe in p.quality_recipes:
+        spec = SUITE_RECIPES[recipe]
+        is_3d = recipe.endswith("3d")
+        try:
+            path = medmnist_file(ctx.data_dir, spec["dataset"], workdir=ctx.workdir, train=p.slice_train,
+                                 val=p.slice_val, test=p.slice_test)
+        except FileNotFoundError as err:
+            table.add_unavailable(f"not available: {err}", recipe)
+            result.targets.append(Target(f"{recipe}: federated test AUC", "issue 2", f">= {TARGETS[recipe]:g}",
+                                         "n/a: data not available", None))
+            continue
+        rounds = p.quality_rounds_3d if is_3d else p.quality_rounds
+        base = RunConfig(
+            dataset=str(path), model=spec["model"], learning_rate=spec["learning-rate"], batch_size=spec["batch-size"],
+            num_server_rounds=rounds, local_epochs=p.quality_local_epochs, store="off",
+            run_dir=str(ctx.workdir / "runs" / "quality"), image_size=p.image_size_3d if is_3d else 0,
+        )
+        pooled = {seed: run_pooled(base.replace(seed=seed)) for seed in p.seeds}
+        pooled_auc = [pooled[s].final_metrics.get("auc", float("nan")) for s in p.seeds]
+        curves: dict[str, list[list[float]]] = {
+            "pooled": [[r.global_metrics.get("auc", float("nan")) for r in pooled[s].rounds] for s in p.seeds]
+        }
+        for sites in p.quality_sites:
+            for split in p.quality_splits:
+                cfg = base.replace(num_sites=sites, partition=split, dirichlet_alpha=0.5)
+                best, worst = [], []
+                fed: dict[str, list[float]] = {s: [] for s in p.quality_strategies}
+                for seed in p.seeds:
+                    alone = [m.get("auc", float("nan")) for m in local_only(cfg.replace(seed=seed))]
+                    best.append(max(alone))
+                    worst.append(min(alone))
+                    for strategy in p.quality_strategies:
+                        curve = federate_in_process(cfg.replace(seed=seed, strategy=strategy))
+                        fed[strategy].append(curve.final("auc"))
+                        if sites == max(p.quality_sites) and split == p.quality_splits[-1]:
+                            curves.setdefault(_STRATEGY_NAMES[strategy], []).append(curve.series("auc"))
+                pooled_mean = _mean(pooled_auc)
+                if sites == p.quality_sites[0] and split == p.quality_splits[-1]:
+                    best_fl = max(p.quality_strategies, key=lambda s: _mean(fed[s]) if fed[s] else float("-inf"))
+                    result.targets.append(Target.check(
+                        f"{recipe}: federated test AUC ({_STRATEGY_NAMES[best_fl]}, {sites} sites, "
+                        f"{'IID' if split == 'iid' else 'Dirichlet 0.5'}, mean over seeds)", "issue 2",
+                        value=_mean(fed[best_fl]), at_least=TARGETS[recipe], digits=3,
+                        limits=f"the suite's small model (simplecnn) and schedule ({rounds} rounds x "
+                        f"{p.quality_local_epochs} epoch(s)), chosen so the grid fits the hour; pooled AUC of the same "
+                        f"model {pooled_mean:.3f}, so the model and schedule, not federation alone, limit it",
+                    ))
+                table.add(
+                    recipe, sites, "IID" if split == "iid" else "Dirichlet 0.5", mean_spread(pooled_auc),
+                    mean_spread(best), mean_spread(worst), *[mean_spread(fed[s]) for s in p.quality_strategies],
+                    *[ratio(_mean(fed[s]), pooled_mean) for s in p.quality_strategies], PUBLISHED[recipe],
+                )
+        split_label = "IID" if p.quality_splits[-1] == "iid" else "Dirichlet 0.5"
+        series = {label: (list(range(rounds + 1)), [_mean(list(col)) for col in zip(*runs, strict=True)]) for label, runs in curves.items()}
+        result.plots.append(
+            line_plot(
+                ctx.plot_path(f"quality-{recipe}.png"), series=series,
+                title=f"{recipe}: global test AUC per round ({max(p.quality_sites)} sites, {split_label}; mean of "
+                f"{len(p.seeds)} seed(s))",
+                xlabel="round (pooled: epochs / local epochs)", ylabel="test AUC",
+            )
+        )
+    size_3d = f"{p.image_size_3d}^3" if p.image_size_3d else "28^3"
+    slices = (
+        f"class-stratified slices of {p.slice_train}/{p.slice_val}/{p.slice_test} train/val/test images"
+        if p.slice_train else "the whole files (official train/val/test splits)"
+    )
+    table.notes.append(
+        f"Conditions: simplecnn (MONAI-style 3-block CNN, BatchNorm), SGD 0.05 with a cosine schedule, batch 32, "
+        f"flips and shifts; {p.quality_rounds} rounds (AdrenalMNIST3D: {p.quality_rounds_3d}) x {p.quality_local_epochs} "
+        "local epoch(s); pooled: the same number of epochs on all training data; local-only: each site alone for "
+        f"the same epochs, best and worst site's test AUC; AdrenalMNIST3D resized to {size_3d}; data: {slices}; "
+        f"seeds {', '.join(str(s) for s in p.seeds)}. Federated runs drive medfed's SiteClient and Flower's "
+        "strategies in one process (`federate_in_process`): the same training and aggregation as a simulation, "
+        "without Ray. The published figures are for ResNet-18 at full resolution: an anchor, not the same model."
+    )
+    result.commands.append(ctx.reproduce("quality"))
+    return result
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if v == v]
+    return statistics.mean(finite) if finite else float("nan")
 
 
 def main() -> None:

@@ -22,12 +22,15 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from client.attacks import Attack, attack_client_fn
 from client.client_app import make_client_app
 from shared.config import ConfigError, RunConfig
 from simulations.simulate import run_federated
+
+if TYPE_CHECKING:
+    from simulations.bench import BenchContext, SectionResult
 
 __all__ = ["task_config", "poisoning_attacks", "RobustRow", "run_bench", "format_table", "main"]
 
@@ -133,6 +136,47 @@ def format_table(rows: Sequence[RobustRow], *, reference: str = "fedavg") -> str
             f"{r.poisoned.get('accuracy', float('nan')):.3f} | {r.poisoned.get('auc', float('nan')):.3f} | {delta} |"
         )
     return "\n".join(lines)
+
+
+def bench_section(ctx: BenchContext) -> SectionResult:
+    """Section ``robustness`` of ``medfed bench``: :func:`run_bench` with the profile's strategies and sites.
+
+    One row per strategy (a strategy the number of sites cannot run is left out by
+    :func:`run_bench` and listed with the reason); the change is against clean FedAvg when the
+    profile runs it.
+    """
+    from simulations.bench import SectionResult, Table
+    from simulations.bench_support import fmt
+
+    p = ctx.profile
+    table = Table(
+        title=f"One poisoning site of {p.robust_sites}: final test metrics, clean and poisoned",
+        columns=["strategy", "clean accuracy", "clean AUC", "poisoned accuracy", "poisoned AUC",
+                 "poisoned - clean FedAvg (accuracy)"],
+    )
+    result = SectionResult(tables=[table])
+    rows = run_bench(strategies=p.robust_strategies, sites=p.robust_sites, rounds=p.robust_rounds,
+                     samples=p.robust_samples, seed=p.seeds[0], out_dir=ctx.workdir / "runs" / "robust")
+    reference = next((r.clean.get("accuracy") for r in rows if r.strategy == "fedavg"), None)
+    for r in rows:
+        delta = (f"{r.poisoned['accuracy'] - reference:+.3f}" if reference is not None and "accuracy" in r.poisoned
+                 else "n/a: clean FedAvg is not run in this profile")
+        table.add(r.strategy, fmt(r.clean.get("accuracy")), fmt(r.clean.get("auc")), fmt(r.poisoned.get("accuracy")),
+                  fmt(r.poisoned.get("auc")), delta)
+    for name in [s for s in p.robust_strategies if s not in {r.strategy for r in rows}]:
+        table.add_unavailable(f"not run: {p.robust_sites} sites are too few for {name} with one malicious site "
+                              "(see the log)", name)
+    table.notes.append(
+        f"Site 0 sends global - 10 x (local - global) every round; synthetic 2-class blobs 16x16 ({p.robust_samples} "
+        f"samples, not medical images), simplecnn, {p.robust_rounds} rounds x 2 local epochs, num-malicious-sites 1, "
+        f"seed {p.seeds[0]}; Flower's simulation engine."
+    )
+    result.commands.append(ctx.reproduce("robustness"))
+    result.commands.append(
+        f"python -m simulations.bench_robust --strategies {' '.join(p.robust_strategies)} --sites {p.robust_sites} "
+        f"--rounds {p.robust_rounds} --samples {p.robust_samples}"
+    )
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -44,8 +44,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["TreeMemory", "tree_memory", "ScaleResult", "measure_scale", "markdown_table", "main"]
+if TYPE_CHECKING:
+    from simulations.bench import BenchContext, SectionResult
+
+__all__ = ["TreeMemory", "tree_memory", "ScaleResult", "measure_scale", "markdown_table", "bench_section", "main"]
 
 logger = logging.getLogger(__name__)
 
@@ -257,6 +261,49 @@ def markdown_table(results: Sequence[ScaleResult]) -> str:
             f"{r.peak_driver_rss_mib:.0f} | {r.peak_processes} | {r.fit_results_last_round} |"
         )
     return "\n".join(lines)
+
+
+def bench_section(ctx: BenchContext) -> SectionResult:
+    """Section ``scale`` of ``medfed bench``: :func:`measure_scale` for each of ``ctx.profile.scale_sites``.
+
+    Three rounds each (two in the quick profile), 10 synthetic samples per site; plot: seconds
+    per round (rounds 2..R) against the number of sites.
+    """
+    from simulations.bench import SectionResult, Table
+    from simulations.bench_support import fmt, line_plot
+
+    p = ctx.profile
+    rounds = 2 if p.name == "quick" else 3
+    table = Table(
+        title="Seconds per round and peak memory vs simulated sites (simplecnn, synthetic 32x32, 10 samples per site)",
+        columns=["sites", "rounds", "s per round (mean)", "s per round (rounds 2..R)", "start-up s",
+                 "peak PSS sum MiB", "peak RSS sum MiB", "sites answering (last round)"],
+    )
+    result = SectionResult(tables=[table])
+    measured: list[ScaleResult] = []
+    for sites in p.scale_sites:
+        r = measure_scale(sites=sites, rounds=rounds, samples_per_site=10, run_dir=str(ctx.workdir / "runs" / "scale"))
+        measured.append(r)
+        table.add(r.sites, r.rounds, fmt(r.mean_round_s, 2), fmt(r.later_round_mean_s, 2), fmt(r.startup_s, 1),
+                  fmt(r.peak_pss_mib, 0), fmt(r.peak_rss_mib, 0), r.fit_results_last_round)
+    table.notes.append(
+        "Each size runs as its own simulation in a child process whose whole process tree (driver, Ray's GCS, "
+        "raylet, workers) is sampled from /proc four times a second; PSS splits shared pages, RSS counts them once "
+        "per process (an upper bound). Ray gives each site one CPU, so on 2 cores two sites train at a time."
+    )
+    xs = [r.sites for r in measured]
+    result.plots.append(line_plot(
+        ctx.plot_path("scale-sites.png"),
+        series={"s per round (rounds 2..R)": (xs, [r.later_round_mean_s for r in measured]),
+                "s per round (mean, round 1 starts workers)": (xs, [r.mean_round_s for r in measured])},
+        title="Round time vs number of simulated sites (simplecnn, synthetic)", xlabel="sites",
+        ylabel="seconds per round", logx=True,
+    ))
+    result.commands.append(ctx.reproduce("scale"))
+    result.commands.append(
+        f"python -m simulations.bench_scale --sites {' '.join(str(s) for s in p.scale_sites)} --rounds {rounds}"
+    )
+    return result
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -30,7 +30,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import Context, Message
@@ -53,8 +53,15 @@ from shared.models import model_task
 from shared.seeding import seed_everything
 from shared.task import model_for
 from shared.weights import get_weights
+from simulations.bench_support import fmt, line_plot, ratio
 
-__all__ = ["NoiseClient", "noise_client_fn", "model_arrays", "payload_bytes", "BenchResult", "run_bench", "main"]
+if TYPE_CHECKING:
+    from simulations.bench import BenchContext, SectionResult
+
+__all__ = [
+    "NoiseClient", "noise_client_fn", "model_arrays", "payload_bytes", "BenchResult", "run_bench", "secagg_section",
+    "main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -324,6 +331,84 @@ def run_bench(
     grid = counting[0]
     per_round = [grid.uploads[g] / max(len(grid.replies[g]), 1) for g in sorted(grid.uploads)]
     result.upload_per_site = statistics.mean(per_round)
+    return result
+
+
+def secagg_section(ctx: BenchContext) -> SectionResult:
+    """Section ``secagg`` of ``medfed bench``: SecAgg+ / plain round time and upload per site.
+
+    For each model size and number of sites of the profile, :func:`run_bench` plain and with
+    medfed's SecAgg+ path, in one process; plot: round time vs number of sites.
+    """
+    from simulations.bench import SectionResult, Table, Target
+
+    p = ctx.profile
+    table = Table(
+        title="SecAgg+ vs plain FedAvg (NoiseClient sites: the protocol, not training, is timed)",
+        columns=["model parameters", "sites", "plain round s", "SecAgg+ round s", "SecAgg+ / plain time",
+                 "upload per site, plain / fp32 model", "upload per site, SecAgg+ / fp32 model",
+                 "SecAgg+ upload per site (MB)"],
+    )
+    result = SectionResult(tables=[table])
+    for num_params in p.secagg_params:
+        plain_s: list[float] = []
+        secure_s: list[float] = []
+        for sites in p.secagg_sites:
+            plain = run_bench(sites=sites, num_params=num_params, secagg=False, rounds=p.secagg_rounds)
+            secure = run_bench(sites=sites, num_params=num_params, secagg=True, rounds=p.secagg_rounds)
+            fp32 = 4 * num_params
+            if sites == (8 if 8 in p.secagg_sites else max(p.secagg_sites)) and num_params == p.secagg_params[0]:
+                result.targets.append(Target.check(
+                    f"SecAgg+ / plain round time ({sites} sites, {num_params / 1e6:g}M parameters)", "issue 3",
+                    value=secure.median_round / plain.median_round, at_most=1.5,
+                    limits="Flower's own SecAgg+ protocol (key agreement, secret sharing, int64 masked vectors); "
+                    "medfed's additions cost 1-3 % of it (bench_secagg --flower-only)",
+                ))
+            plain_s.append(plain.median_round)
+            secure_s.append(secure.median_round)
+            table.add(
+                f"{num_params:,d}", sites, fmt(plain.median_round, 2), fmt(secure.median_round, 2),
+                ratio(secure.median_round, plain.median_round), ratio(plain.upload_per_site, fp32),
+                ratio(secure.upload_per_site, fp32), fmt(secure.upload_per_site / 1e6, 2),
+            )
+        result.plots.append(
+            line_plot(
+                ctx.plot_path(f"secagg-sites-{num_params // 1000}k.png"),
+                series={"plain FedAvg": (list(p.secagg_sites), plain_s), "SecAgg+": (list(p.secagg_sites), secure_s)},
+                title=f"Round time vs sites ({num_params / 1e6:g}M-parameter model, no training)",
+                xlabel="sites", ylabel="seconds per round (median of rounds 2..R)",
+            )
+        )
+    train_table = Table(
+        title="SecAgg+ vs plain FedAvg with real sites (medfed's SiteClient training one local epoch)",
+        columns=["model", "parameters", "sites", "plain round s", "SecAgg+ round s", "SecAgg+ / plain time"],
+    )
+    result.tables.append(train_table)
+    if not p.secagg_train_model:
+        train_table.add_unavailable("not run: the quick profile times the protocol only; --profile full adds this",
+                                    "all configurations")
+    for sites in p.secagg_sites if p.secagg_train_model else ():
+        plain = run_bench(sites=sites, num_params=0, secagg=False, rounds=p.secagg_rounds,
+                          train_model=p.secagg_train_model)
+        secure = run_bench(sites=sites, num_params=0, secagg=True, rounds=p.secagg_rounds,
+                           train_model=p.secagg_train_model)
+        train_table.add(p.secagg_train_model, f"{plain.num_params:,d}", sites, fmt(plain.median_round, 2),
+                        fmt(secure.median_round, 2), ratio(secure.median_round, plain.median_round))
+    train_table.notes.append(
+        "Synthetic 32x32 data, about 64 training images per site, one local epoch per round: the cost SecAgg+ adds "
+        "to a round that trains, beside the protocol-only figures above."
+    )
+    table.notes.append(
+        f"Conditions: {p.secagg_rounds} rounds per configuration, median round time over rounds 2..{p.secagg_rounds} "
+        "(round 1 starts Ray's workers), server time from configure_fit to the end of aggregate_fit; upload: every "
+        "byte of a site's replies to training messages (arrays, masked vectors, keys, shares, metrics) over the "
+        "fp32 model size. Flower's simulation engine on this machine, one CPU per site."
+    )
+    result.commands.append(ctx.reproduce("secagg"))
+    result.commands.append(
+        "python -m simulations.bench_secagg --sites " + " ".join(str(s) for s in p.secagg_sites)
+        + " --params " + " ".join(f"{n:g}" for n in p.secagg_params) + f" --rounds {p.secagg_rounds}"
+    )
     return result
 
 

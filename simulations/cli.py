@@ -213,6 +213,39 @@ def models() -> None:
     console.print(table)
 
 
+@app.command()
+def bench(
+    profile: Annotated[str, typer.Option(help="quick (CI smoke, minutes) | full (the BENCHMARKS.md figures, about an hour).")] = "quick",
+    out: Annotated[Path, typer.Option(help="Markdown file whose bench regions are (re)written.")] = Path("BENCHMARKS.md"),
+    plots: Annotated[Path, typer.Option(help="Folder for the PNG plots.")] = Path("docs/bench"),
+    data_dir: Annotated[
+        Path | None, typer.Option(help="MedMNIST folder (default $MEDFED_DATA_DIR or ../shared/data/medmnist).")
+    ] = None,
+    section: Annotated[
+        list[str] | None, typer.Option("--section", help="Run only this section (repeatable); default all.")
+    ] = None,
+    workdir: Annotated[Path | None, typer.Option(help="Keep run directories here (default: a temporary folder).")] = None,
+) -> None:
+    """Benchmark suite: quality, privacy cost, overhead and peers, measured side by side into BENCHMARKS.md."""
+    import sys
+
+    from simulations.bench import PROFILES, SECTIONS, bench_command, default_data_dir
+
+    if profile not in PROFILES:
+        console.print(f"[bold red]error:[/] --profile {profile!r} is invalid. Valid profiles: {', '.join(PROFILES)}.")
+        raise typer.Exit(code=2)
+    unknown = [s for s in section or [] if s not in SECTIONS]
+    if unknown:
+        console.print(f"[bold red]error:[/] unknown --section {', '.join(unknown)}. Valid: {', '.join(SECTIONS)}.")
+        raise typer.Exit(code=2)
+    code = bench_command(
+        profile=profile, out=out, plots=plots, data_dir=data_dir or default_data_dir(), sections=section,
+        workdir=workdir, argv=["medfed", *sys.argv[1:]],
+    )
+    console.print(f"wrote {out} and the plots in {plots}" + ("" if code == 0 else " (with incomplete cells, see above)"))
+    raise typer.Exit(code=code)
+
+
 # Deployment: coordinator (server/cli.py) and hospital site (client/cli.py) commands.
 from client.cli import site_app  # noqa: E402
 from server.cli import provision_command, run_command, server_app  # noqa: E402
