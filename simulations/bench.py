@@ -223,9 +223,9 @@ PROFILES: dict[str, Profile] = {
         dp_speed_samples=64,
         dp_speed_repeats=3,
         secagg_sites=(4, 8, 16),
-        secagg_params=(1_000_000,),
+        secagg_params=(1_000_000, 7_000_000),
         secagg_rounds=3,
-        secagg_train_model="simplecnn",
+        secagg_train_model="unet",  # 1.6M parameters: the "about 1M" model, really training
         peer_sites=4,
         peer_rounds=5,
         peer_local_epochs=1,
@@ -762,23 +762,31 @@ def run_bench(
         out=out,
     )
     results: dict[str, SectionResult] = {}
+    out_dir = out.resolve().parent
+
+    def write() -> None:
+        """Write what has run so far (after every section: a long run that is cut short keeps
+        the sections it finished)."""
+        wall = time.perf_counter() - t0
+        regions = {
+            "conditions": render_conditions(ctx, started=started, wall=wall, load_start=load_start, results=results)
+        }
+        regions["targets"] = render_targets(results, profile=profile.name)
+        regions.update({name: render_section(name, result, out_dir=out_dir) for name, result in results.items()})
+        gaps = incomplete_cells(results)
+        if gaps:
+            regions["conditions"] += "\n**Incomplete cells** (no value, no reason): " + "; ".join(gaps) + "\n"
+        write_regions(out, regions)
+
     try:
         for name in names:
             results[name] = run_section(name, ctx)
+            write()
     finally:
         if owned:
             import shutil
 
             shutil.rmtree(scratch, ignore_errors=True)
-    wall = time.perf_counter() - t0
-    out_dir = out.resolve().parent
-    regions = {"conditions": render_conditions(ctx, started=started, wall=wall, load_start=load_start, results=results)}
-    regions["targets"] = render_targets(results, profile=profile.name)
-    regions.update({name: render_section(name, result, out_dir=out_dir) for name, result in results.items()})
-    gaps = incomplete_cells(results)
-    if gaps:
-        regions["conditions"] += "\n**Incomplete cells** (no value, no reason): " + "; ".join(gaps) + "\n"
-    write_regions(out, regions)
     return results
 
 
