@@ -82,14 +82,23 @@ class RoundRecord:
 
 
 def new_run_path(base: str | Path, *, name: str) -> Path:
-    """A fresh ``<base>/<UTC time>-<name>`` folder path (not created)."""
+    """A fresh, empty ``<base>/<UTC time>-<name>`` folder, created here.
+
+    Creating it (rather than only testing that the name is free) claims it: two runs started in
+    the same second, e.g. two benchmarks side by side, get ``...-<name>`` and ``...-<name>-2``
+    instead of writing into one folder.
+    """
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
+    Path(base).mkdir(parents=True, exist_ok=True)
     path = Path(base) / f"{stamp}-{name}"
     suffix = 1
-    while path.exists():
-        suffix += 1
-        path = Path(base) / f"{stamp}-{name}-{suffix}"
-    return path
+    while True:
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            suffix += 1
+            path = Path(base) / f"{stamp}-{name}-{suffix}"
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
