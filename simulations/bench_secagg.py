@@ -53,6 +53,7 @@ from shared.models import model_task
 from shared.seeding import seed_everything
 from shared.task import model_for
 from shared.weights import get_weights
+from simulations.simulate import ray_environment
 from simulations.bench_support import fmt, line_plot, ratio
 
 if TYPE_CHECKING:
@@ -315,7 +316,7 @@ def run_bench(
         client_app = ClientApp(client_fn=noise_client_fn(num_examples), mods=[secaggplus_mod])
     else:
         client_app = make_client_app(cfg, client_fn=noise_client_fn(num_examples))
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    ray_environment()
     run_simulation(
         server_app=server,
         client_app=client_app,

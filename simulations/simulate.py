@@ -17,7 +17,7 @@ from server.server_app import ServerHooks, make_server_app
 from shared.config import RunConfig
 from shared.data.loading import load_dataset
 
-__all__ = ["SimulationResult", "run_federated"]
+__all__ = ["SimulationResult", "run_federated", "ray_environment"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ def run_federated(
         "client_resources": {"num_cpus": 1, "num_gpus": _gpu_share()},
         "init_args": {"logging_level": "ERROR", "log_to_driver": verbose},
     }
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    ray_environment()
     start = time.perf_counter()
     run_simulation(
         server_app=server_app,
@@ -129,6 +129,20 @@ def run_federated(
             "the simulation stopped before finishing its rounds; see the log above for the cause."
         )
     return result
+
+
+def ray_environment() -> None:
+    """Environment for Flower's Ray backend, set before it starts (a value already set wins).
+
+    * ``RAY_worker_niceness = 0``: Ray starts its workers at nice 15 by default, as if they were
+      background work; here they are the simulated sites, the run's main work, so they run at the
+      priority of the process that started them (else any other job on the machine starves the
+      simulation, and its timings say more about that job than about the federation).
+    * ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO = 0``: a site given no GPU keeps the process's
+      ``CUDA_VISIBLE_DEVICES`` rather than Ray blanking it (Ray's future default).
+    """
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
 def _gpu_share() -> float:
