@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 
 NVFLARE_VERSION = "2.9.0"
 """The NVIDIA FLARE release the benchmark installs (into its own virtual environment)."""
+NVFLARE_PSUTIL = "7.2.2"
+"""psutil for that environment: FLARE's simulator imports it, but nvflare 2.9.0 does not declare it
+(without it the job exits with ``ModuleNotFoundError: No module named 'psutil'``)."""
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "MEDFED-PEER-RESULT "
@@ -98,12 +101,13 @@ def nvflare_python(cache: Path, *, timeout: float = 1200.0) -> tuple[Path | None
         The interpreter, or ``None`` and the reason it could not be made (pip's last line).
     """
     python = cache / "bin" / "python"
-    check = [str(python), "-c", "import nvflare, sys; sys.exit(nvflare.__version__ != %r)" % NVFLARE_VERSION]
+    check = [str(python), "-c", "import nvflare, psutil, sys; sys.exit(nvflare.__version__ != %r)" % NVFLARE_VERSION]
     if not (python.exists() and subprocess.run(check, capture_output=True).returncode == 0):
         logger.warning("peers: installing nvflare==%s into %s (a few minutes) ...", NVFLARE_VERSION, cache)
         steps = [
             [sys.executable, "-m", "venv", "--clear", str(cache)],
-            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"nvflare=={NVFLARE_VERSION}"],
+            [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", f"nvflare=={NVFLARE_VERSION}",
+             f"psutil=={NVFLARE_PSUTIL}"],
         ]
         for step in steps:
             try:
@@ -131,7 +135,9 @@ def run_nvflare_peer(cfg: RunConfig, *, python: Path, workspace: Path, timeout: 
         If the job fails or prints no result line; the message holds its last output line.
     """
     command = [
-        str(python), "-m", "simulations.peers.nvflare_job.job", "--data", cfg.dataset, "--sites", str(cfg.num_sites),
+        # absolute: FLARE runs each client in its own workspace folder
+        str(python), "-m", "simulations.peers.nvflare_job.job", "--data", str(Path(cfg.dataset).resolve()),
+        "--sites", str(cfg.num_sites),
         "--rounds", str(cfg.num_server_rounds), "--local-epochs", str(cfg.local_epochs), "--seed", str(cfg.seed),
         "--workspace", str(workspace),
     ]
