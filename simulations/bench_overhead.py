@@ -111,24 +111,35 @@ def overhead_section(ctx: BenchContext) -> SectionResult:
         table.add_unavailable(f"not available: {err}")
         return result
     figures = measure_overhead(cfg, sim=medfed_peer_run(ctx))
-    plain_round = figures["plain_loop_s"] / cfg.num_server_rounds
-    table.add(
-        f"BreastMNIST, {cfg.model}", cfg.num_sites, f"{cfg.num_server_rounds} x {cfg.local_epochs} local epoch(s)",
-        fmt(figures["simulation_s"], 1), fmt(figures["plain_loop_s"], 1), ratio(figures["simulation_s"], figures["plain_loop_s"]),
-        fmt(figures["later_round_mean_s"], 2, reason="n/a: a single round has no later rounds"), fmt(plain_round, 2),
-        ratio(figures["later_round_mean_s"], plain_round),
-    )
+    rows = [(cfg, figures)]
+    if ctx.profile.name == "full":  # the issue's figure: a real model, whose rounds take seconds
+        real = cfg.replace(model="resnet18", num_server_rounds=3, local_epochs=1)
+        rows.append((real, measure_overhead(real)))
+    for row_cfg, row in rows:
+        plain_round = row["plain_loop_s"] / row_cfg.num_server_rounds
+        table.add(
+            f"BreastMNIST, {row_cfg.model}", row_cfg.num_sites,
+            f"{row_cfg.num_server_rounds} x {row_cfg.local_epochs} local epoch(s)",
+            fmt(row["simulation_s"], 1), fmt(row["plain_loop_s"], 1), ratio(row["simulation_s"], row["plain_loop_s"]),
+            fmt(row["later_round_mean_s"], 2, reason="n/a: a single round has no later rounds"), fmt(plain_round, 2),
+            ratio(row["later_round_mean_s"], plain_round),
+        )
+    target_cfg, target = rows[-1]
+    target_round = target["plain_loop_s"] / target_cfg.num_server_rounds
     result.targets.append(Target.check(
-        f"federation overhead ratio (wall; {cfg.num_sites} sites, {cfg.num_server_rounds} rounds, {cfg.model})",
-        "issue 2", value=figures["overhead_ratio"], at_most=1.3,
-        limits="starting Ray and its workers (seconds) against a short run of a small model; the later-rounds "
-        f"ratio, without the start, is {ratio(figures['later_round_mean_s'], plain_round)}",
+        f"federation overhead ratio (wall; {target_cfg.num_sites} sites, {target_cfg.num_server_rounds} rounds, "
+        f"{target_cfg.model})",
+        "issue 2", value=target["overhead_ratio"], at_most=1.3,
+        limits="starting Ray and its workers (seconds) against a short run; the later-rounds "
+        f"ratio, without the start, is {ratio(target['later_round_mean_s'], target_round)}",
     ))
     table.notes.append(
         "The simulation's wall time includes starting Ray and its workers (a fixed cost of several seconds that "
         "dominates small models and few rounds); the later-rounds ratio leaves it out (the plain loop's rounds "
-        "are its wall time over the rounds, set-up included). Ray gives each site one CPU and runs it niced; the "
-        f"plain loop runs the sites one after another with torch's {int(figures['plain_loop_threads'])} threads."
+        "are its wall time over the rounds, set-up included). Ray gives each site one CPU, at the priority of the "
+        f"process that started it; the plain loop runs the sites one after another with torch's "
+        f"{int(figures['plain_loop_threads'])} threads. The target is checked on the last row (the full profile's "
+        "ResNet-18, 11.2M parameters; the quick profile has only the small model)."
     )
     result.commands.append(ctx.reproduce("overhead"))
     return result
