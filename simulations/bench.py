@@ -763,18 +763,28 @@ def run_bench(
     )
     results: dict[str, SectionResult] = {}
     out_dir = out.resolve().parent
+    # A run of some sections only must not replace the conditions and targets of a complete run.
+    partial = set(names) != set(SECTIONS) and out.exists() and "<!-- bench:targets -->" in out.read_text()
 
     def write() -> None:
         """Write what has run so far (after every section: a long run that is cut short keeps
         the sections it finished)."""
         wall = time.perf_counter() - t0
-        regions = {
-            "conditions": render_conditions(ctx, started=started, wall=wall, load_start=load_start, results=results)
-        }
-        regions["targets"] = render_targets(results, profile=profile.name)
-        regions.update({name: render_section(name, result, out_dir=out_dir) for name, result in results.items()})
+        regions = {name: render_section(name, result, out_dir=out_dir) for name, result in results.items()}
+        if partial:  # keep the last complete run's conditions and targets; say when this section ran
+            stamp = started.strftime("%Y-%m-%d %H:%M")
+            for name in results:
+                regions[name] += (
+                    f"\n_Re-run alone ({stamp} UTC, `--section {name}`, profile `{profile.name}`): the conditions "
+                    "and targets tables above are from the last run of every section._\n"
+                )
+        else:
+            regions["conditions"] = render_conditions(
+                ctx, started=started, wall=wall, load_start=load_start, results=results
+            )
+            regions["targets"] = render_targets(results, profile=profile.name)
         gaps = incomplete_cells(results)
-        if gaps:
+        if gaps and "conditions" in regions:
             regions["conditions"] += "\n**Incomplete cells** (no value, no reason): " + "; ".join(gaps) + "\n"
         write_regions(out, regions)
 

@@ -175,3 +175,25 @@ def test_target_check_says_met_not_met_or_not_measured() -> None:
     assert (missed.met, missed.measured, missed.limits) == (False, "1.70", "Ray start-up")
     assert Target.check("auc", "issue 2", value=0.9, at_least=0.88, limits="x").limits == ""
     assert Target.check("auc", "issue 2", value=float("nan"), at_least=0.88).met is None
+
+
+def test_a_run_of_some_sections_keeps_the_complete_runs_conditions_and_targets(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(bench, "SECTIONS", dict(SECTIONS))
+    module = types.ModuleType("simulations.bench_tiny_for_test")
+
+    def tiny(ctx: BenchContext) -> SectionResult:
+        table = Table(title="Tiny", columns=["a"])
+        table.add("1")
+        return SectionResult(tables=[table], targets=[Target.check("tiny figure", "issue 2", value=9.0, at_most=1.0)])
+
+    module.bench_section = tiny  # type: ignore[attr-defined]
+    monkeypatch.setitem(__import__("sys").modules, module.__name__, module)
+    register_section("tiny", SectionSpec(title="Tiny section", module=module.__name__))
+    out = tmp_path / "BENCHMARKS.md"
+    complete = "<!-- bench:conditions -->\nFULL RUN\n<!-- /bench -->\n<!-- bench:targets -->\nALL TARGETS\n<!-- /bench -->\n"
+    out.write_text(PREAMBLE + complete)
+    run_bench(profile=PROFILES["quick"], out=out, plots_dir=tmp_path / "plots", data_dir=tmp_path,
+              sections=["tiny"], workdir=tmp_path / "work")
+    text = out.read_text()
+    assert "FULL RUN" in text and "ALL TARGETS" in text and "tiny figure" not in text
+    assert "### Tiny section" in text and "Re-run alone" in text and "`--section tiny`" in text
