@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import tempfile
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -40,6 +38,7 @@ from flwr.common import NDArrays
 from flwr.server.strategy import DifferentialPrivacyClientSideAdaptiveClipping, FedOpt, Strategy
 
 from shared.config import ConfigError, RunConfig
+from shared.files import write_atomically
 
 __all__ = [
     "RESUME_FILE",
@@ -207,7 +206,6 @@ def _arrays(tensors: list[torch.Tensor]) -> NDArrays:
 def write_resume_state(run_dir: str | Path, state: ResumeState) -> Path:
     """Write ``<run_dir>/checkpoints/resume.pt`` atomically (temporary file, fsync, replace)."""
     target = Path(run_dir) / RESUME_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": RESUME_FORMAT,
         "version": RESUME_VERSION,
@@ -218,17 +216,7 @@ def write_resume_state(run_dir: str | Path, state: ResumeState) -> Path:
         "run_id": state.run_id,
         "saved": float(state.saved),
     }
-    fd, tmp = tempfile.mkstemp(prefix=".resume.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            torch.save(payload, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_atomically(target, lambda fh: torch.save(payload, fh))
 
 
 def read_resume_state(run_dir: str | Path) -> ResumeState:

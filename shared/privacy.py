@@ -23,10 +23,8 @@ import hashlib
 import json
 import logging
 import math
-import os
 import secrets
 import struct
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Mapping
@@ -47,6 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from shared.config import ACCOUNTANTS, DP_GRAD_SAMPLE_MODES, RunConfig
+from shared.files import write_atomically
 from shared.models import validate_for_dp
 
 __all__ = [
@@ -597,18 +596,8 @@ class PrivacyLedger:
         target = Path(path) if path is not None else self.path
         if target is None:
             raise ValueError("PrivacyLedger.save() needs a path (none was given at construction).")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        payload = json.dumps(self.state_dict(), indent=2, sort_keys=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                fh.write(payload)
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        payload = json.dumps(self.state_dict(), indent=2, sort_keys=True).encode("utf-8")
+        write_atomically(target, lambda fh: fh.write(payload))
         self.path = target
         return target
 
