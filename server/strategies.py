@@ -32,6 +32,7 @@ __all__ = [
     "build_strategy",
     "MultiKrum",
     "weighted_average",
+    "SUMMED_METRICS",
     "with_client_dp",
     "ClientLevelLedger",
     "AccountedFixedClipping",
@@ -44,9 +45,14 @@ logger = logging.getLogger(__name__)
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
 
 
+SUMMED_METRICS: frozenset[str] = frozenset({"skipped-files"})
+"""Site metrics that are counts: the federation's figure is their sum, not a mean."""
+
+
 def weighted_average(results: list[tuple[int, Metrics]]) -> Metrics:
     """Example-weighted mean of every numeric metric the sites report.
 
+    Counts (:data:`SUMMED_METRICS`, e.g. ``skipped-files``) are summed over the sites instead.
     Also adds ``<name>-min`` and ``<name>-max`` across sites, so a spread between the best and
     the worst site is visible; ``site-index`` is dropped.
     """
@@ -55,7 +61,9 @@ def weighted_average(results: list[tuple[int, Metrics]]) -> Metrics:
     for name in names:
         pairs = [(n, float(m[name])) for n, m in results if name in m]
         total = sum(n for n, _ in pairs)
-        if total > 0:
+        if name in SUMMED_METRICS:
+            out[name] = sum(v for _, v in pairs)
+        elif total > 0:
             out[name] = sum(n * v for n, v in pairs) / total
         out[f"{name}-min"] = min(v for _, v in pairs)
         out[f"{name}-max"] = max(v for _, v in pairs)
