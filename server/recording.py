@@ -30,6 +30,7 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 from torch import nn
 
+from server.delegating import DelegatingStrategy
 from server.resume import ResumeState, capture_rng, chain_state, write_resume_state
 from server.rounds import SiteFailure
 from server.run_dir import RoundRecord, RunDirectory
@@ -60,7 +61,7 @@ def _scalars(metrics: dict[str, Scalar]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and k != "site-index"}
 
 
-class RecordingStrategy(Strategy):
+class RecordingStrategy(DelegatingStrategy):
     """Wrap ``strategy`` and record each round into ``run_dir``.
 
     Parameters
@@ -105,8 +106,7 @@ class RecordingStrategy(Strategy):
         min_results: int = 1,
         resume: ResumeState | None = None,
     ) -> None:
-        super().__init__()
-        self.strategy = strategy
+        super().__init__(strategy)
         self.run_dir = run_dir
         self.model = model
         self.primary_metric = primary_metric
@@ -131,9 +131,6 @@ class RecordingStrategy(Strategy):
         self._earlier_seconds: list[float] = []
         self._resumes: list[dict[str, float]] = []
         self._final_metrics: dict[str, float] = {}
-
-    def __repr__(self) -> str:
-        return f"RecordingStrategy({self.strategy!r})"
 
     # ---------------------------------------------------------------- delegation
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:

@@ -50,7 +50,6 @@ from typing import Any
 import numpy as np
 from flwr.common import (
     EvaluateIns,
-    EvaluateRes,
     FitIns,
     FitRes,
     NDArrays,
@@ -67,6 +66,7 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
+from server.delegating import DelegatingStrategy
 from server.rounds import apply_round_offset
 from server.validation import RoundValidation, check_aggregate
 from shared.config import ConfigError, RunConfig
@@ -422,7 +422,7 @@ def restore_weights(global_weights: NDArrays, update: NDArrays) -> NDArrays:
     return out
 
 
-class SecAggUpdateStrategy(Strategy):
+class SecAggUpdateStrategy(DelegatingStrategy):
     """Outermost wrapper under SecAgg+: turns the aggregated update back into weights.
 
     Under SecAgg+ every site sends ``local - global`` and Flower's workflow hands the strategy
@@ -452,15 +452,11 @@ class SecAggUpdateStrategy(Strategy):
     def __init__(
         self, strategy: Strategy, *, on_failure: str = "continue", on_invalid: InvalidCallback | None = None
     ) -> None:
-        super().__init__()
-        self.strategy = strategy
+        super().__init__(strategy)
         self.on_failure = on_failure
         self.on_invalid = on_invalid
         self.stopped_round: int | None = None
         self._global: dict[int, NDArrays] = {}
-
-    def __repr__(self) -> str:
-        return f"SecAggUpdateStrategy({self.strategy!r})"
 
     def record_outcome(self, outcome: SecAggOutcome) -> None:
         """Called by :class:`MedfedSecAggPlusWorkflow` after each round."""
@@ -483,10 +479,6 @@ class SecAggUpdateStrategy(Strategy):
     def load_resume_state(self, state: dict[str, object]) -> None:
         """Continue from :meth:`resume_state`."""
         self.stopped_round = state["stopped_round"]  # type: ignore[assignment]
-
-    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        """Delegate."""
-        return self.strategy.initialize_parameters(client_manager)
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -541,15 +533,6 @@ class SecAggUpdateStrategy(Strategy):
         if self._stopped(server_round):
             return []
         return self.strategy.configure_evaluate(server_round, parameters, client_manager)
-
-    def aggregate_evaluate(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, EvaluateRes]],
-        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
-    ) -> tuple[float | None, dict[str, Scalar]]:
-        """Delegate."""
-        return self.strategy.aggregate_evaluate(server_round, results, failures)
 
     def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
         """Delegate (nothing once stopped)."""

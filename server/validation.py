@@ -44,8 +44,6 @@ from typing import Any
 
 import numpy as np
 from flwr.common import (
-    EvaluateIns,
-    EvaluateRes,
     FitIns,
     FitRes,
     NDArrays,
@@ -57,6 +55,8 @@ from flwr.common import (
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
+
+from server.delegating import DelegatingStrategy
 
 __all__ = [
     "REASONS",
@@ -225,7 +225,7 @@ def cast_like(weights: NDArrays, *, reference: NDArrays) -> NDArrays:
     return out
 
 
-class ValidatingStrategy(Strategy):
+class ValidatingStrategy(DelegatingStrategy):
     """Reject invalid site updates, then let ``strategy`` aggregate the rest.
 
     Parameters
@@ -252,8 +252,7 @@ class ValidatingStrategy(Strategy):
         rule: str = "",
         on_report: ReportCallback | None = None,
     ) -> None:
-        super().__init__()
-        self.strategy = strategy
+        super().__init__(strategy)
         self.max_update_norm = float(max_update_norm)
         self.min_updates = max(1, int(min_updates))
         self.rule = rule or type(strategy).__name__
@@ -263,11 +262,6 @@ class ValidatingStrategy(Strategy):
 
     def __repr__(self) -> str:
         return f"ValidatingStrategy({self.strategy!r}, max_update_norm={self.max_update_norm:g})"
-
-    # ---------------------------------------------------------------- delegation
-    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
-        """Delegate."""
-        return self.strategy.initialize_parameters(client_manager)
 
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
@@ -338,22 +332,3 @@ class ValidatingStrategy(Strategy):
         self.reports.append(report)
         if self.on_report is not None:
             self.on_report(report)
-
-    def configure_evaluate(
-        self, server_round: int, parameters: Parameters, client_manager: ClientManager
-    ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        """Delegate."""
-        return self.strategy.configure_evaluate(server_round, parameters, client_manager)
-
-    def aggregate_evaluate(
-        self,
-        server_round: int,
-        results: list[tuple[ClientProxy, EvaluateRes]],
-        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
-    ) -> tuple[float | None, dict[str, Scalar]]:
-        """Delegate."""
-        return self.strategy.aggregate_evaluate(server_round, results, failures)
-
-    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
-        """Delegate."""
-        return self.strategy.evaluate(server_round, parameters)

@@ -23,7 +23,13 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Context, Message, RecordDict
-from flwr.common import FitRes, Status, Code, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import (
+    Code,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
 from flwr.common.secure_aggregation.ndarrays_arithmetic import (
     factor_combine,
     factor_extract,
@@ -32,7 +38,11 @@ from flwr.common.secure_aggregation.ndarrays_arithmetic import (
     parameters_multiply,
 )
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    Key,
+    Stage,
+)
 from flwr.server import ServerApp
 from flwr.server.strategy import FedAvg
 from flwr.server.strategy.aggregate import aggregate
@@ -53,6 +63,7 @@ from server.secure import (
 )
 from server.server_app import ServerHooks, run_server
 from shared.config import ConfigError, RunConfig
+from simulations.simulate import ray_environment
 from tests.server.local_grid import LocalGrid, server_identity
 from tests.server.secagg_sites import ServerRecorder, read_true_updates, secagg_test_app
 
@@ -179,6 +190,7 @@ NOISE_PLAN = {2: (DIE_AFTER_KEYS, {3, 4}), 3: (DIE_AFTER_KEYS, {0, 1, 2})}
 
 
 def _simulate(server: ServerApp, client, num_sites: int) -> None:
+    ray_environment()  # as medfed simulate: sites at normal priority, not Ray's nice 15
     run_simulation(
         server_app=server,
         client_app=client,
