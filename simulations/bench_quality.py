@@ -9,6 +9,12 @@ Usage (BreastMNIST, the recipe recorded in BENCHMARKS.md)::
     python -m simulations.bench_quality --recipe breastmnist
     python -m simulations.bench_quality --recipe adrenalmnist3d
 
+Over several seeds (each seed is another Dirichlet split and another initialisation), federated
+in one process (:func:`federate_in_process`, no Ray) with the pooled baseline of the same seed,
+printing each site's training class counts beside the test AUC::
+
+    python -m simulations.bench_quality --recipe breastmnist --seeds 0 1 2 3 4
+
 ``--data-dir`` points at the MedMNIST folder (default ``../shared/data/medmnist`` from the
 repository root, or ``$MEDFED_DATA_DIR``).
 """
@@ -45,7 +51,11 @@ from simulations.simulate import SimulationResult, run_federated
 if TYPE_CHECKING:
     from simulations.bench import BenchContext, SectionResult
 
-__all__ = ["RECIPES", "PUBLISHED", "compare", "Curve", "federate_in_process", "local_only", "quality_section"]
+__all__ = [
+    "RECIPES", "PUBLISHED", "compare", "Curve", "federate_in_process", "local_only", "quality_section", "seed_study",
+]
+
+logger = logging.getLogger(__name__)
 
 RECIPES: dict[str, dict[str, Any]] = {
     "breastmnist": {
@@ -221,6 +231,44 @@ def local_only(cfg: RunConfig) -> list[dict[str, float]]:
     return out
 
 
+def seed_study(cfg: RunConfig, *, seeds: list[int], metric: str = "auc") -> dict[str, Any]:
+    """Federated (in process) and pooled ``metric`` for ``cfg`` under each of ``seeds``.
+
+    Returns
+    -------
+    dict
+        ``runs``: per seed, the sites' training class counts, the federated and pooled final
+        ``metric``; ``federated`` and ``pooled``: mean ± sd over the seeds.
+    """
+    runs: list[dict[str, Any]] = []
+    for seed in seeds:
+        seeded = cfg.replace(seed=seed)
+        sites = [simulated_site_data(seeded, site_index=i, num_sites=seeded.num_sites) for i in range(seeded.num_sites)]
+        counts = [
+            np.bincount(site.train.targets, minlength=site.train.num_classes).tolist()
+            if site.train.task == "classification"
+            else []
+            for site in sites
+        ]
+        federated = federate_in_process(seeded)
+        pooled = run_pooled(seeded)
+        runs.append(
+            {
+                "seed": seed,
+                "site_class_counts": counts,
+                f"federated_{metric}": round(federated.final(metric), 4),
+                f"pooled_{metric}": round(pooled.final_metrics.get(metric, float("nan")), 4),
+                "federated_s": round(federated.seconds, 1),
+            }
+        )
+        logger.warning("seed %d: %s", seed, json.dumps(runs[-1]))
+    return {
+        "runs": runs,
+        "federated": mean_spread([r[f"federated_{metric}"] for r in runs]),
+        "pooled": mean_spread([r[f"pooled_{metric}"] for r in runs]),
+    }
+
+
 # --------------------------------------------------------------------------- benchmark section
 _STRATEGY_NAMES = {"fedavg": "FedAvg", "fedprox": "FedProx", "fedadam": "FedAdam"}
 
@@ -335,6 +383,10 @@ def main() -> None:
     parser.add_argument("--recipe", choices=sorted(RECIPES), required=True)
     parser.add_argument("--data-dir", default=default_dir)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=None,
+        help="run these seeds federated in one process (no Ray) with the pooled baseline of each",
+    )
     parser.add_argument("--run-dir", default="runs/bench-quality")
     parser.add_argument("--set", action="append", default=[], help="extra key=value overrides")
     args = parser.parse_args()
@@ -346,7 +398,8 @@ def main() -> None:
         key, _, value = item.partition("=")
         raw[key] = value
     cfg = RunConfig.from_mapping(raw, source=f"recipe {args.recipe}")
-    print(json.dumps({"recipe": args.recipe, "config": cfg.to_run_config(), **compare(cfg)}, indent=2))
+    figures = seed_study(cfg, seeds=args.seeds) if args.seeds else compare(cfg)
+    print(json.dumps({"recipe": args.recipe, "config": cfg.to_run_config(), **figures}, indent=2))
 
 
 if __name__ == "__main__":
