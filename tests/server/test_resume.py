@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -43,13 +43,7 @@ SMALL = dict(dataset="synthetic", synthetic_samples=48, model="simplecnn", image
              num_sites=2, local_epochs=1, augment=True)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """The sites run in this process: one torch thread each avoids oversubscribing a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # sites train in this process
 
 
 class ServerDied(Exception):

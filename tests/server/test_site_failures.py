@@ -5,11 +5,9 @@ site that never answers times out after ``round-timeout``."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.client import ClientApp
 
@@ -25,12 +23,7 @@ SMALL = dict(dataset="synthetic", synthetic_samples=64, model="simplecnn", image
              num_sites=4, local_epochs=1, num_server_rounds=3)
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # sites train in this process
 
 
 def _run(cfg: RunConfig, app: ClientApp, path: Path, silent=None) -> LocalGrid:

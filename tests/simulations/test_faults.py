@@ -18,7 +18,6 @@ round): FedAvg 0.500 (chance), FedMedian 0.856, FedTrimmedAvg 0.856, MultiKrum 0
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -53,13 +52,7 @@ update outweighs the four honest ones (mean update about -1.2x the honest direct
 model is pushed away from the optimum every round and ends near chance (0.5)."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """The in-process sites train one after another; one thread each is fastest on a shared 2-core CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # sites train in this process
 
 
 def run_local(cfg: RunConfig, attacks: dict[int, Attack], path: Path) -> list[dict]:
