@@ -24,7 +24,6 @@ from flwr.server.strategy.aggregate import aggregate_krum
 from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.differential_privacy import add_gaussian_noise_to_params
 
-from server.secure import sites_per_round
 from shared.config import STRATEGIES, RunConfig
 from shared.training import cosine_lr
 

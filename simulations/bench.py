@@ -452,14 +452,12 @@ SECTIONS: dict[str, SectionSpec] = {
         module="simulations.bench_scale",
         function="bench_section",
         columns=("sites", "model", "seconds per round", "peak memory (MiB)"),
-        owner="issue: scale benchmark",
     ),
     "robustness": SectionSpec(
         title="Robustness: poisoned sites",
         module="simulations.bench_robust",
         function="bench_section",
         columns=("attack", "defence", "test AUC"),
-        owner="issue: robustness benchmark (poisoning)",
     ),
 }
 """Section name -> where it is implemented, in the order they are run and written."""

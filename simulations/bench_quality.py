@@ -14,6 +14,7 @@ in one process (:func:`federate_in_process`, no Ray) with the pooled baseline of
 printing each site's training class counts beside the test AUC::
 
     python -m simulations.bench_quality --recipe breastmnist --seeds 0 1 2 3 4
+    python -m simulations.bench_quality --recipe breastmnist --seeds 2 3 --federated-only
 
 ``--data-dir`` points at the MedMNIST folder (default ``../shared/data/medmnist`` from the
 repository root, or ``$MEDFED_DATA_DIR``).
@@ -231,14 +232,20 @@ def local_only(cfg: RunConfig) -> list[dict[str, float]]:
     return out
 
 
-def seed_study(cfg: RunConfig, *, seeds: list[int], metric: str = "auc") -> dict[str, Any]:
+def seed_study(cfg: RunConfig, *, seeds: list[int], metric: str = "auc", pooled: bool = True) -> dict[str, Any]:
     """Federated (in process) and pooled ``metric`` for ``cfg`` under each of ``seeds``.
+
+    Parameters
+    ----------
+    pooled
+        Also train the pooled baseline of each seed (as long again as the federated run on a
+        CPU); without it the pooled figures are absent.
 
     Returns
     -------
     dict
-        ``runs``: per seed, the sites' training class counts, the federated and pooled final
-        ``metric``; ``federated`` and ``pooled``: mean ± sd over the seeds.
+        ``runs``: per seed, the sites' training class counts, the federated and (with ``pooled``)
+        pooled final ``metric``; ``federated`` and ``pooled``: mean ± sd over the seeds.
     """
     runs: list[dict[str, Any]] = []
     for seed in seeds:
@@ -251,22 +258,20 @@ def seed_study(cfg: RunConfig, *, seeds: list[int], metric: str = "auc") -> dict
             for site in sites
         ]
         federated = federate_in_process(seeded)
-        pooled = run_pooled(seeded)
-        runs.append(
-            {
-                "seed": seed,
-                "site_class_counts": counts,
-                f"federated_{metric}": round(federated.final(metric), 4),
-                f"pooled_{metric}": round(pooled.final_metrics.get(metric, float("nan")), 4),
-                "federated_s": round(federated.seconds, 1),
-            }
-        )
-        logger.warning("seed %d: %s", seed, json.dumps(runs[-1]))
-    return {
-        "runs": runs,
-        "federated": mean_spread([r[f"federated_{metric}"] for r in runs]),
-        "pooled": mean_spread([r[f"pooled_{metric}"] for r in runs]),
-    }
+        run: dict[str, Any] = {
+            "seed": seed,
+            "site_class_counts": counts,
+            f"federated_{metric}": round(federated.final(metric), 4),
+            "federated_s": round(federated.seconds, 1),
+        }
+        if pooled:
+            run[f"pooled_{metric}"] = round(run_pooled(seeded).final_metrics.get(metric, float("nan")), 4)
+        runs.append(run)
+        logger.warning("seed %d: %s", seed, json.dumps(run))
+    study: dict[str, Any] = {"runs": runs, "federated": mean_spread([r[f"federated_{metric}"] for r in runs])}
+    if pooled:
+        study["pooled"] = mean_spread([r[f"pooled_{metric}"] for r in runs])
+    return study
 
 
 # --------------------------------------------------------------------------- benchmark section
@@ -387,6 +392,10 @@ def main() -> None:
         "--seeds", type=int, nargs="+", default=None,
         help="run these seeds federated in one process (no Ray) with the pooled baseline of each",
     )
+    parser.add_argument(
+        "--federated-only", action="store_true",
+        help="with --seeds: skip the pooled baselines (they take as long again as the federated runs)",
+    )
     parser.add_argument("--run-dir", default="runs/bench-quality")
     parser.add_argument("--set", action="append", default=[], help="extra key=value overrides")
     args = parser.parse_args()
@@ -398,7 +407,9 @@ def main() -> None:
         key, _, value = item.partition("=")
         raw[key] = value
     cfg = RunConfig.from_mapping(raw, source=f"recipe {args.recipe}")
-    figures = seed_study(cfg, seeds=args.seeds) if args.seeds else compare(cfg)
+    if args.federated_only and not args.seeds:
+        parser.error("--federated-only goes with --seeds (the single-seed run always compares with pooled)")
+    figures = seed_study(cfg, seeds=args.seeds, pooled=not args.federated_only) if args.seeds else compare(cfg)
     print(json.dumps({"recipe": args.recipe, "config": cfg.to_run_config(), **figures}, indent=2))
 
 

@@ -53,8 +53,8 @@ from shared.models import model_task
 from shared.seeding import seed_everything
 from shared.task import model_for
 from shared.weights import get_weights
-from simulations.simulate import ray_environment
 from simulations.bench_support import fmt, line_plot, ratio
+from simulations.simulate import ray_environment
 
 if TYPE_CHECKING:
     from simulations.bench import BenchContext, SectionResult

@@ -11,10 +11,9 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.client import Client, ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common import NDArrays, Scalar, bytes_to_ndarray
+from flwr.common import NDArrays, Scalar, bytes_to_ndarray, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
-from flwr.common import parameters_to_ndarrays
 
 from client.client_app import privacy_mods
 from client.egress import egress_guard

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import base64
 import logging
+import tomllib
 import zipfile
 from io import BytesIO
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import tomllib
 from flwr.common.config import get_fused_config_from_fab
 from flwr.supercore.run import Run
 

@@ -307,7 +307,6 @@ def test_under_secagg_sites_refuse_nan_and_clip_to_the_bound(tmp_path: Path) -> 
     import torch
     from flwr.app import Context as AppContext
     from flwr.app import RecordDict
-
     from flwr.client import Client
 
     from client.attacks import AttackingClient

@@ -43,6 +43,9 @@ def run(settings: Settings) -> PeerResult:
         stamps[server_round] = now
         metrics[server_round] = test_metrics
 
+    # the same Ray conditions as medfed's simulation (simulations.simulate.ray_environment): sites at
+    # the caller's priority, not Ray's default nice 15, so the two are timed alike on a busy machine
+    os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     start = time.perf_counter()
     run_simulation(
