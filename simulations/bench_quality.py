@@ -65,11 +65,12 @@ RECIPES: dict[str, dict[str, Any]] = {
         "num-sites": 4,
         "partition": "dirichlet",
         "dirichlet-alpha": 0.5,
-        "num-server-rounds": 30,
+        "num-server-rounds": 50,
         "local-epochs": 1,
         "optimizer": "adam",
         "learning-rate": 0.001,
         "batch-size": 32,
+        "augment": False,
     },
     "adrenalmnist3d": {
         "dataset": "adrenalmnist3d.npz",
