@@ -24,9 +24,9 @@ from flwr.app import Context
 from flwr.client import Client, NumPyClient
 from flwr.common import NDArrays, Scalar
 
-from client.site_client import SiteClient
-from client.site_data import simulated_site_data
-from shared.config import RunConfig
+from medfed.client.site_client import SiteClient
+from medfed.client.site_data import simulated_site_data
+from medfed.shared.config import RunConfig
 
 __all__ = ["ATTACKS", "Attack", "AttackingClient", "attack_client_fn"]
 

@@ -9,8 +9,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
-from client.site_config import SiteConfigError, load_kit, load_site_config
-from shared.config import BAD_DATA_MODES, close_matches
+from medfed.client.site_config import SiteConfigError, load_kit, load_site_config
+from medfed.shared.config import BAD_DATA_MODES, close_matches
 
 __all__ = ["site_app"]
 
@@ -36,7 +36,7 @@ def site_start(
     ] = 5,
 ) -> None:
     """Join the federation: a SuperNode with the kit's CA and key, running only coordinator-signed code."""
-    from client.deploy import SiteStartError, run_site
+    from medfed.client.deploy import SiteStartError, run_site
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s medfed %(levelname)s: %(message)s", force=True)
     try:
@@ -45,7 +45,7 @@ def site_start(
         code = run_site(site_kit, site, superlink=superlink, max_connect_attempts=max_connect_attempts)
     except (SiteConfigError, SiteStartError) as err:
         console.print(f"[bold red]error:[/] {err}")
-        logging.getLogger("client.deploy").error("%s", err)
+        logging.getLogger("medfed.client.deploy").error("%s", err)
         raise typer.Exit(code=2) from None
     raise typer.Exit(code=code)
 
@@ -65,7 +65,7 @@ def site_check(
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Read the site's datalist locally and report counts, shapes, spacings and every problem (contacts nobody)."""
-    from client.site_check import check_site, format_report
+    from medfed.client.site_check import check_site, format_report
 
     logging.basicConfig(level=logging.WARNING, force=True)
     try:

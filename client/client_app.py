@@ -10,11 +10,11 @@ from flwr.client import Client, ClientApp
 from flwr.client.mod import adaptiveclipping_mod, fixedclipping_mod, make_ffn, secaggplus_mod
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
-from client.egress import egress_guard
-from client.site_client import SiteClient
-from client.site_data import deployment_site_data, simulated_site_data
-from client.update_mods import freeze_counters_mod, make_update_mod
-from shared.config import BAD_DATA_MODES, ConfigError, RunConfig
+from medfed.client.egress import egress_guard
+from medfed.client.site_client import SiteClient
+from medfed.client.site_data import deployment_site_data, simulated_site_data
+from medfed.client.update_mods import freeze_counters_mod, make_update_mod
+from medfed.shared.config import BAD_DATA_MODES, ConfigError, RunConfig
 
 __all__ = ["app", "make_client_app", "privacy_mods", "run_config_privacy_mod", "site_client_fn"]
 

@@ -47,7 +47,7 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any, TextIO
 
-from client.site_config import Kit, SiteConfig, node_config_arg
+from medfed.client.site_config import Kit, SiteConfig, node_config_arg
 
 __all__ = [
     "SIGNING_KEY_ENV",
@@ -99,7 +99,7 @@ def supernode_command(
 def superexec_command(runtime_port: int, *, parent_pid: int) -> list[str]:
     """The SuperExec that launches ``medfed-clientapp`` for the SuperNode on ``runtime_port``."""
     return [
-        sys.executable, "-m", "client.deploy", "superexec",
+        sys.executable, "-m", "medfed.client.deploy", "superexec",
         "--runtime-api-address", f"127.0.0.1:{runtime_port}",
         "--insecure",  # the runtime API is the SuperNode's own loopback port
         "--parent-pid", str(parent_pid),
@@ -380,7 +380,7 @@ def install_fab_verifier(public_key_path: str | Path) -> None:
     """
     from flwr.supernode.runtime import run_clientapp as runtime
 
-    from server.signing import AppSignatureError, load_public_key, verify_app
+    from medfed.server.signing import AppSignatureError, load_public_key, verify_app
 
     key = load_public_key(public_key_path)
     original_pull = runtime.pull_task_input

@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from shared.data.base import DataError
-from shared.data.datalist import SECTIONS, DatalistReport, EntryInfo, scan_datalist
+from medfed.shared.data.base import DataError
+from medfed.shared.data.datalist import SECTIONS, DatalistReport, EntryInfo, scan_datalist
 
 __all__ = ["Finding", "SiteCheckReport", "check_site", "format_report"]
 

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 from flwr.client import NumPyClient
 
-from client.site_data import SiteData
-from shared.config import RunConfig
-from shared.models import validate_for_dp
-from shared.privacy import (
+from medfed.client.site_data import SiteData
+from medfed.shared.config import RunConfig
+from medfed.shared.models import validate_for_dp
+from medfed.shared.privacy import (
     PrivacyBudget,
     PrivacyLedger,
     make_private_training,
@@ -29,9 +29,9 @@ from shared.privacy import (
     secure_generator,
     site_ledger_path,
 )
-from shared.seeding import seed_everything
-from shared.task import model_for, round_settings
-from shared.training import (
+from medfed.shared.seeding import seed_everything
+from medfed.shared.task import model_for, round_settings
+from medfed.shared.training import (
     TrainSettings,
     evaluate,
     make_loss,
@@ -40,7 +40,7 @@ from shared.training import (
     select_device,
     train_epochs,
 )
-from shared.weights import get_weights, set_weights
+from medfed.shared.weights import get_weights, set_weights
 
 __all__ = ["SiteClient", "DP_DECLINED", "SKIPPED_FILES"]
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from shared.config import BAD_DATA_MODES, close_matches
+from medfed.shared.config import BAD_DATA_MODES, close_matches
 
 __all__ = ["SiteConfigError", "SiteConfig", "Kit", "load_site_config", "load_kit", "node_config_arg"]
 

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 
-from shared.config import RunConfig
-from shared.data.base import DataError, ImageSet
-from shared.data.datalist import UnusableEntriesError
-from shared.data.loading import load_dataset
-from shared.partition import partition_indices
+from medfed.shared.config import RunConfig
+from medfed.shared.data.base import DataError, ImageSet
+from medfed.shared.data.datalist import UnusableEntriesError
+from medfed.shared.data.loading import load_dataset
+from medfed.shared.partition import partition_indices
 
 __all__ = ["SiteData", "simulated_site_data", "deployment_site_data"]
 
@@ -95,7 +95,7 @@ def deployment_site_data(cfg: RunConfig, *, datalist: str) -> SiteData:
         Flower returns exception texts to the server), or data that does not match the run's
         model shape (the message names the setting to change).
     """
-    from shared.data.datalist import load_datalist
+    from medfed.shared.data.datalist import load_datalist
 
     try:
         splits = load_datalist(

@@ -43,7 +43,7 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.common import NDArrays, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from shared.config import RunConfig
+from medfed.shared.config import RunConfig
 
 __all__ = [
     "make_update_mod",

@@ -9,8 +9,8 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from server.provision import ProvisionError, load_federation, main_describe, provision
-from shared.config import ConfigError, RunConfig
+from medfed.server.provision import ProvisionError, load_federation, main_describe, provision
+from medfed.shared.config import ConfigError, RunConfig
 
 __all__ = ["provision_command", "server_app", "run_command", "deployment_config"]
 
@@ -79,7 +79,7 @@ def server_start(
     The Control and Runtime APIs answer only this host (and --control-allow networks); the sites
     reach only the Fleet API, authenticated with their keys.
     """
-    from server.deploy import DeployError, run_superlink
+    from medfed.server.deploy import DeployError, run_superlink
 
     _logging(verbose)
     try:
@@ -114,7 +114,7 @@ def deployment_config(fed_sites: int, run_dir: Path, config_file: Path | None, s
     cfg = RunConfig.from_mapping(merged, source=str(config_file) if config_file else "command line")
     if cfg.num_sites > fed_sites:
         raise ConfigError(f"num-sites = {cfg.num_sites} but only {fed_sites} site(s) are enrolled.")
-    from shared.models import check_model_name
+    from medfed.shared.models import check_model_name
 
     check_model_name(cfg.model)
     return cfg
@@ -141,8 +141,8 @@ def run_command(
     verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
 ) -> None:
     """Sign the medfed app for this run config and submit it to the federation (`flwr run`)."""
-    from server.deploy import DeployError, describe_run_command, submit_run, wait_for_run
-    from server.signing import AppSignatureError
+    from medfed.server.deploy import DeployError, describe_run_command, submit_run, wait_for_run
+    from medfed.server.signing import AppSignatureError
 
     _logging(verbose)
     try:

@@ -44,9 +44,9 @@ def dashboard_command(
     """Serve the live coordinator dashboard (runs, rounds, sites, privacy, SecAgg+, events)."""
     import uvicorn
 
-    from server.dashboard.app import create_app, default_token_path, load_or_create_token
-    from server.store import RunStore, StoreError
-    from shared.config import ConfigError, RunConfig
+    from medfed.server.dashboard.app import create_app, default_token_path, load_or_create_token
+    from medfed.server.store import RunStore, StoreError
+    from medfed.shared.config import ConfigError, RunConfig
 
     try:
         url = RunConfig(run_dir=run_dir, store=store or "").store_url

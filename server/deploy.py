@@ -45,9 +45,9 @@ from typing import Any
 
 import tomli_w
 
-from server.provision import Federation, parse_address
-from server.signing import SIGNATURE_KEY, fab_hash, load_private_key, sign_app
-from shared.config import RunConfig
+from medfed.server.provision import Federation, parse_address
+from medfed.server.signing import SIGNATURE_KEY, fab_hash, load_private_key, sign_app
+from medfed.shared.config import RunConfig
 
 __all__ = [
     "DeployError",
@@ -71,7 +71,8 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 APP_PACKAGES: tuple[str, ...] = ("client", "server", "shared")
-"""The medfed packages that go into the app bundle (the ServerApp and ClientApp import only these)."""
+"""The medfed subpackages an app bundle carries, as ``medfed/<name>/`` (the ServerApp and ClientApp
+import only these; the sites run this signed copy, not their installed one: ``docs/deploy.md``)."""
 
 
 class DeployError(RuntimeError):
@@ -195,7 +196,7 @@ def superlink_command(
     """The SuperLink command line for ``fed`` (Flower's SuperLink behind :class:`LocalAPIGuard`)."""
     _, address_port = parse_address(fed.superlink_address)
     return [
-        sys.executable, "-m", "server.deploy", "superlink",
+        sys.executable, "-m", "medfed.server.deploy", "superlink",
         "--ssl-ca-certfile", str(fed.ca_cert),
         "--ssl-certfile", str(fed.server_cert),
         "--ssl-keyfile", str(fed.server_key),
@@ -409,7 +410,8 @@ def _restore_handlers(previous: dict[int, Any]) -> None:
 
 # --------------------------------------------------------------------------- app bundle
 def _package_dir(name: str) -> Path:
-    module = __import__(name)
+    """The folder of the imported package ``name`` (``medfed`` or ``medfed.<sub>``)."""
+    module = importlib.import_module(name)
     return Path(module.__file__).resolve().parent  # type: ignore[arg-type]
 
 
@@ -427,10 +429,12 @@ def stage_app(cfg: RunConfig, dest: Path) -> Path:
     (and an empty :data:`~server.signing.SIGNATURE_KEY`), so the bundle itself records the run's
     settings.
     """
-    dest.mkdir(parents=True, exist_ok=True)
+    package = dest / "medfed"
+    package.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(_package_dir("medfed") / "__init__.py", package / "__init__.py")
     for name in APP_PACKAGES:
         shutil.copytree(
-            _package_dir(name), dest / name,
+            _package_dir(f"medfed.{name}"), package / name,
             ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "tests"), dirs_exist_ok=True,
         )
     config = cfg.replace(app_signature="").to_run_config()
@@ -448,8 +452,8 @@ def stage_app(cfg: RunConfig, dest: Path) -> Path:
                 "app": {
                     "publisher": "medfed",
                     "components": {
-                        "serverapp": "server.server_app:app",
-                        "clientapp": "client.client_app:app",
+                        "serverapp": "medfed.server.server_app:app",
+                        "clientapp": "medfed.client.client_app:app",
                     },
                     "config": config,
                 }

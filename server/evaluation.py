@@ -7,9 +7,9 @@ from collections.abc import Callable
 from flwr.common import NDArrays, Scalar
 from torch import nn
 
-from shared.data.base import ImageSet
-from shared.training import evaluate, select_device
-from shared.weights import set_weights
+from medfed.shared.data.base import ImageSet
+from medfed.shared.training import evaluate, select_device
+from medfed.shared.weights import set_weights
 
 __all__ = ["make_evaluate_fn"]
 

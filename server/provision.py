@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from server.signing import generate_signing_key, key_fingerprint, load_public_key, write_signing_key
+from medfed.server.signing import generate_signing_key, key_fingerprint, load_public_key, write_signing_key
 
 __all__ = [
     "ProvisionError",

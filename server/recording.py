@@ -30,12 +30,12 @@ from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 from torch import nn
 
-from server.delegating import DelegatingStrategy
-from server.resume import ResumeState, capture_rng, chain_state, write_resume_state
-from server.rounds import SiteFailure
-from server.run_dir import RoundRecord, RunDirectory
-from server.validation import RoundValidation, site_key
-from shared.weights import set_weights
+from medfed.server.delegating import DelegatingStrategy
+from medfed.server.resume import ResumeState, capture_rng, chain_state, write_resume_state
+from medfed.server.rounds import SiteFailure
+from medfed.server.run_dir import RoundRecord, RunDirectory
+from medfed.server.validation import RoundValidation, site_key
+from medfed.shared.weights import set_weights
 
 __all__ = ["RecordingStrategy"]
 

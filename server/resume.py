@@ -37,8 +37,8 @@ import torch
 from flwr.common import NDArrays
 from flwr.server.strategy import DifferentialPrivacyClientSideAdaptiveClipping, FedOpt, Strategy
 
-from shared.config import ConfigError, RunConfig
-from shared.files import write_atomically
+from medfed.shared.config import ConfigError, RunConfig
+from medfed.shared.files import write_atomically
 
 __all__ = [
     "RESUME_FILE",

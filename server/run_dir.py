@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 if TYPE_CHECKING:
-    from server.store import RunSink
+    from medfed.server.store import RunSink
 
 __all__ = ["RunDirectory", "RoundRecord", "new_run_path", "read_metrics"]
 

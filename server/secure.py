@@ -66,10 +66,10 @@ from flwr.server.workflow import SecAggPlusWorkflow
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid
 
-from server.delegating import DelegatingStrategy
-from server.rounds import apply_round_offset
-from server.validation import RoundValidation, check_aggregate
-from shared.config import ConfigError, RunConfig
+from medfed.server.delegating import DelegatingStrategy
+from medfed.server.rounds import apply_round_offset
+from medfed.server.validation import RoundValidation, check_aggregate
+from medfed.shared.config import ConfigError, RunConfig
 
 __all__ = [
     "MODULUS_RANGE",

@@ -21,21 +21,21 @@ from flwr.server.workflow.default_workflows import default_evaluate_workflow, de
 from flwr.serverapp import Grid
 from torch import nn
 
-from server.evaluation import make_evaluate_fn
-from server.recording import RecordingStrategy, RoundCallback
-from server.resume import ResumePoint, restore_chain_state, restore_rng, resume_point
-from server.rounds import RoundStep
-from server.run_dir import RunDirectory, new_run_path
-from server.secure import MedfedSecAggPlusWorkflow, SecAggOutcome, SecAggUpdateStrategy, secagg_settings
-from server.store import open_sink
-from server.strategies import build_strategy
-from server.validation import ValidatingStrategy
-from shared.config import RunConfig, robust_min_sites
-from shared.data.loading import load_dataset
-from shared.models import build_model, model_task
-from shared.seeding import seed_everything
-from shared.task import model_for
-from shared.weights import get_weights
+from medfed.server.evaluation import make_evaluate_fn
+from medfed.server.recording import RecordingStrategy, RoundCallback
+from medfed.server.resume import ResumePoint, restore_chain_state, restore_rng, resume_point
+from medfed.server.rounds import RoundStep
+from medfed.server.run_dir import RunDirectory, new_run_path
+from medfed.server.secure import MedfedSecAggPlusWorkflow, SecAggOutcome, SecAggUpdateStrategy, secagg_settings
+from medfed.server.store import open_sink
+from medfed.server.strategies import build_strategy
+from medfed.server.validation import ValidatingStrategy
+from medfed.shared.config import RunConfig, robust_min_sites
+from medfed.shared.data.loading import load_dataset
+from medfed.shared.models import build_model, model_task
+from medfed.shared.seeding import seed_everything
+from medfed.shared.task import model_for
+from medfed.shared.weights import get_weights
 
 __all__ = ["app", "make_server_app", "ServerHooks", "primary_metric_for", "build_workflow", "run_server"]
 

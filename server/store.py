@@ -34,7 +34,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
-from shared.config import RunConfig
+from medfed.shared.config import RunConfig
 
 __all__ = [
     "MIGRATIONS",

@@ -24,8 +24,8 @@ from flwr.server.strategy.aggregate import aggregate_krum
 from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.differential_privacy import add_gaussian_noise_to_params
 
-from shared.config import STRATEGIES, RunConfig
-from shared.training import cosine_lr
+from medfed.shared.config import STRATEGIES, RunConfig
+from medfed.shared.training import cosine_lr
 
 __all__ = [
     "build_strategy",

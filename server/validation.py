@@ -56,7 +56,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
-from server.delegating import DelegatingStrategy
+from medfed.server.delegating import DelegatingStrategy
 
 __all__ = [
     "REASONS",

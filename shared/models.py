@@ -465,7 +465,7 @@ def check_model_name(name: str) -> None:
     shared.config.ConfigError
         Naming the key ``model``, the closest registered names and all of them.
     """
-    from shared.config import ConfigError, close_matches
+    from medfed.shared.config import ConfigError, close_matches
 
     if name not in MODELS:
         valid = ", ".join(repr(n) for n in MODELS)

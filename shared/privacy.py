@@ -44,9 +44,9 @@ from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader
 
-from shared.config import ACCOUNTANTS, DP_GRAD_SAMPLE_MODES, RunConfig
-from shared.files import write_atomically
-from shared.models import validate_for_dp
+from medfed.shared.config import ACCOUNTANTS, DP_GRAD_SAMPLE_MODES, RunConfig
+from medfed.shared.files import write_atomically
+from medfed.shared.models import validate_for_dp
 
 __all__ = [
     "GRAD_SAMPLE_MODES",

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
-from shared.config import RunConfig
-from shared.data.base import ImageSet
-from shared.models import build_model, model_task
-from shared.training import TrainSettings, cosine_lr
+from medfed.shared.config import RunConfig
+from medfed.shared.data.base import ImageSet
+from medfed.shared.models import build_model, model_task
+from medfed.shared.training import TrainSettings, cosine_lr
 
 __all__ = ["model_for", "round_settings", "site_seed"]
 

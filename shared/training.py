@@ -20,9 +20,9 @@ from torch import nn
 from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
-from shared.data.base import ImageSet
-from shared.metrics import classification_metrics, segmentation_metrics
-from shared.transforms import ImageSetDataset, train_transforms
+from medfed.shared.data.base import ImageSet
+from medfed.shared.metrics import classification_metrics, segmentation_metrics
+from medfed.shared.transforms import ImageSetDataset, train_transforms
 
 __all__ = [
     "TrainSettings",

@@ -8,7 +8,7 @@ from monai.transforms import Compose, RandAffined, RandFlipd, Randomizable
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
-from shared.data.base import ImageSet
+from medfed.shared.data.base import ImageSet
 
 __all__ = ["train_transforms", "ImageSetDataset"]
 

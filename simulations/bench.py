@@ -21,7 +21,7 @@ implement it, imported only when the section runs. To plug in a new section (the
     def bench_section(ctx: BenchContext) -> SectionResult: ...
 
     # in this file, SECTIONS (already present for "scale" and "robustness"):
-    "scale": SectionSpec(title=..., module="simulations.bench_scale", function="bench_section")
+    "scale": SectionSpec(title=..., module="medfed.simulations.bench_scale", function="bench_section")
 
 or, from other code, :func:`register_section`. A section whose module (or function) is missing
 still gets a table: one row whose cells say ``not available: <reason>``; a section that raises
@@ -424,38 +424,38 @@ class SectionSpec:
 SECTIONS: dict[str, SectionSpec] = {
     "quality": SectionSpec(
         title="Quality: federated vs pooled vs local-only",
-        module="simulations.bench_quality",
+        module="medfed.simulations.bench_quality",
         function="quality_section",
     ),
     "privacy-dp": SectionSpec(
         title="Privacy cost: DP-SGD accuracy and time",
-        module="simulations.bench_dp",
+        module="medfed.simulations.bench_dp",
         function="dp_section",
     ),
     "secagg": SectionSpec(
         title="Privacy cost: SecAgg+ round time and upload",
-        module="simulations.bench_secagg",
+        module="medfed.simulations.bench_secagg",
         function="secagg_section",
     ),
     "overhead": SectionSpec(
         title="Federation overhead: simulation vs plain loop",
-        module="simulations.bench_overhead",
+        module="medfed.simulations.bench_overhead",
         function="overhead_section",
     ),
     "peers": SectionSpec(
         title="Peers: medfed, a minimal Flower app, NVIDIA FLARE",
-        module="simulations.bench_peers",
+        module="medfed.simulations.bench_peers",
         function="peers_section",
     ),
     "scale": SectionSpec(
         title="Scale: seconds per round and peak memory vs sites",
-        module="simulations.bench_scale",
+        module="medfed.simulations.bench_scale",
         function="bench_section",
         columns=("sites", "model", "seconds per round", "peak memory (MiB)"),
     ),
     "robustness": SectionSpec(
         title="Robustness: poisoned sites",
-        module="simulations.bench_robust",
+        module="medfed.simulations.bench_robust",
         function="bench_section",
         columns=("attack", "defence", "test AUC"),
     ),
@@ -810,7 +810,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     return bench_command(
         profile=args.profile, out=args.out, plots=args.plots, data_dir=args.data_dir,
-        sections=args.section, workdir=args.workdir, argv=["python", "-m", "simulations.bench", *(argv or sys.argv[1:])],
+        sections=args.section, workdir=args.workdir, argv=["python", "-m", "medfed.simulations.bench", *(argv or sys.argv[1:])],
     )
 
 

@@ -33,19 +33,19 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from server.run_dir import read_metrics
-from shared.config import RunConfig
-from shared.data.npz import load_npz
-from shared.models import build_model, count_parameters
-from shared.privacy import GRAD_SAMPLE_MODES, PrivacyLedger, make_private_training, secure_generator, site_ledger_path
-from shared.task import model_for
-from shared.training import make_loss, make_optimizer, train_epochs
-from shared.weights import set_weights
-from simulations.bench_support import fmt, line_plot, medmnist_file, ratio
-from simulations.membership import loss_threshold_attack, matched_non_members
+from medfed.server.run_dir import read_metrics
+from medfed.shared.config import RunConfig
+from medfed.shared.data.npz import load_npz
+from medfed.shared.models import build_model, count_parameters
+from medfed.shared.privacy import GRAD_SAMPLE_MODES, PrivacyLedger, make_private_training, secure_generator, site_ledger_path
+from medfed.shared.task import model_for
+from medfed.shared.training import make_loss, make_optimizer, train_epochs
+from medfed.shared.weights import set_weights
+from medfed.simulations.bench_support import fmt, line_plot, medmnist_file, ratio
+from medfed.simulations.membership import loss_threshold_attack, matched_non_members
 
 if TYPE_CHECKING:
-    from simulations.bench import BenchContext, SectionResult
+    from medfed.simulations.bench import BenchContext, SectionResult
 
 __all__ = ["SpeedResult", "epoch_speed", "dp_section", "main"]
 
@@ -143,7 +143,7 @@ def epoch_speed(
 
 
 def _federated(cfg: RunConfig, work: Path) -> dict[str, float]:
-    from simulations.simulate import run_federated
+    from medfed.simulations.simulate import run_federated
 
     start = time.perf_counter()
     result = run_federated(cfg, run_path=work / "run")
@@ -232,8 +232,8 @@ def dp_section(ctx: BenchContext) -> SectionResult:
     and budgets); final test AUC and accuracy, the largest epsilon a site's ledger records, and a
     loss-threshold membership attack on the final model. Speed part: :func:`epoch_speed` (hooks).
     """
-    from simulations.bench import SectionResult, Table, Target
-    from simulations.bench_quality import federate_in_process
+    from medfed.simulations.bench import SectionResult, Table, Target
+    from medfed.simulations.bench_quality import federate_in_process
 
     p = ctx.profile
     seed = p.seeds[0]

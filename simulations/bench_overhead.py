@@ -21,19 +21,19 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from client.site_client import SiteClient
-from client.site_data import simulated_site_data
-from server.evaluation import make_evaluate_fn
-from shared.config import RunConfig
-from shared.data.loading import load_dataset
-from shared.seeding import seed_everything
-from shared.task import model_for
-from shared.weights import get_weights
-from simulations.bench_support import fmt, ratio
-from simulations.simulate import SimulationResult, run_federated
+from medfed.client.site_client import SiteClient
+from medfed.client.site_data import simulated_site_data
+from medfed.server.evaluation import make_evaluate_fn
+from medfed.shared.config import RunConfig
+from medfed.shared.data.loading import load_dataset
+from medfed.shared.seeding import seed_everything
+from medfed.shared.task import model_for
+from medfed.shared.weights import get_weights
+from medfed.simulations.bench_support import fmt, ratio
+from medfed.simulations.simulate import SimulationResult, run_federated
 
 if TYPE_CHECKING:
-    from simulations.bench import BenchContext, SectionResult
+    from medfed.simulations.bench import BenchContext, SectionResult
 
 __all__ = ["plain_loop", "measure_overhead", "overhead_section"]
 
@@ -96,8 +96,8 @@ def overhead_section(ctx: BenchContext) -> SectionResult:
     The simulation is the one the ``peers`` section reports (run once, shared through
     ``ctx.memo``); the plain loop runs the same sites, rounds and evaluations in this process.
     """
-    from simulations.bench import SectionResult, Table, Target
-    from simulations.bench_peers import medfed_peer_run, peer_config
+    from medfed.simulations.bench import SectionResult, Table, Target
+    from medfed.simulations.bench_peers import medfed_peer_run, peer_config
 
     table = Table(
         title="Flower simulation wall time / the same work in a plain loop",

@@ -30,12 +30,12 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from shared.config import RunConfig
-from simulations.bench_support import fmt, line_plot, medmnist_file, ratio
-from simulations.simulate import SimulationResult, run_federated
+from medfed.shared.config import RunConfig
+from medfed.simulations.bench_support import fmt, line_plot, medmnist_file, ratio
+from medfed.simulations.simulate import SimulationResult, run_federated
 
 if TYPE_CHECKING:
-    from simulations.bench import BenchContext, SectionResult
+    from medfed.simulations.bench import BenchContext, SectionResult
 
 __all__ = [
     "NVFLARE_VERSION",
@@ -136,7 +136,7 @@ def run_nvflare_peer(cfg: RunConfig, *, python: Path, workspace: Path, timeout: 
     """
     command = [
         # absolute: FLARE runs each client in its own workspace folder
-        str(python), "-m", "simulations.peers.nvflare_job.job", "--data", str(Path(cfg.dataset).resolve()),
+        str(python), "-m", "medfed.simulations.peers.nvflare_job.job", "--data", str(Path(cfg.dataset).resolve()),
         "--sites", str(cfg.num_sites),
         "--rounds", str(cfg.num_server_rounds), "--local-epochs", str(cfg.local_epochs), "--seed", str(cfg.seed),
         "--workspace", str(workspace),
@@ -164,9 +164,9 @@ def run_nvflare_peer(cfg: RunConfig, *, python: Path, workspace: Path, timeout: 
 # --------------------------------------------------------------------------- section
 def peers_section(ctx: BenchContext) -> SectionResult:
     """Section ``peers`` of ``medfed bench`` (see the module docstring); plot: medfed's rounds."""
-    from simulations.bench import SectionResult, Table
-    from simulations.peers.flower_quickstart.run import run as run_quickstart
-    from simulations.peers.flower_quickstart.task import Settings
+    from medfed.simulations.bench import SectionResult, Table
+    from medfed.simulations.peers.flower_quickstart.run import run as run_quickstart
+    from medfed.simulations.peers.flower_quickstart.task import Settings
 
     p = ctx.profile
     table = Table(

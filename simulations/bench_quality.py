@@ -36,21 +36,21 @@ import numpy as np
 from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 
-from client.site_client import SiteClient
-from client.site_data import simulated_site_data
-from server.evaluation import make_evaluate_fn
-from server.strategies import build_strategy
-from shared.config import RunConfig
-from shared.data.loading import load_dataset
-from shared.seeding import seed_everything
-from shared.task import model_for
-from shared.weights import get_weights
-from simulations.bench_support import line_plot, mean_spread, medmnist_file, ratio
-from simulations.pooled import run_pooled
-from simulations.simulate import SimulationResult, run_federated
+from medfed.client.site_client import SiteClient
+from medfed.client.site_data import simulated_site_data
+from medfed.server.evaluation import make_evaluate_fn
+from medfed.server.strategies import build_strategy
+from medfed.shared.config import RunConfig
+from medfed.shared.data.loading import load_dataset
+from medfed.shared.seeding import seed_everything
+from medfed.shared.task import model_for
+from medfed.shared.weights import get_weights
+from medfed.simulations.bench_support import line_plot, mean_spread, medmnist_file, ratio
+from medfed.simulations.pooled import run_pooled
+from medfed.simulations.simulate import SimulationResult, run_federated
 
 if TYPE_CHECKING:
-    from simulations.bench import BenchContext, SectionResult
+    from medfed.simulations.bench import BenchContext, SectionResult
 
 __all__ = [
     "RECIPES", "PUBLISHED", "compare", "Curve", "federate_in_process", "local_only", "quality_section", "seed_study",
@@ -289,7 +289,7 @@ def quality_section(ctx: BenchContext) -> SectionResult:
     (:func:`federate_in_process`); test AUC after the last round, mean ± standard deviation over
     the profile's seeds. Plots: global test AUC per round (mean over seeds), one per recipe.
     """
-    from simulations.bench import SectionResult, Table, Target
+    from medfed.simulations.bench import SectionResult, Table, Target
 
     p = ctx.profile
     strategies = [_STRATEGY_NAMES[s] for s in p.quality_strategies]

@@ -24,13 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from client.attacks import Attack, attack_client_fn
-from client.client_app import make_client_app
-from shared.config import ConfigError, RunConfig
-from simulations.simulate import run_federated
+from medfed.client.attacks import Attack, attack_client_fn
+from medfed.client.client_app import make_client_app
+from medfed.shared.config import ConfigError, RunConfig
+from medfed.simulations.simulate import run_federated
 
 if TYPE_CHECKING:
-    from simulations.bench import BenchContext, SectionResult
+    from medfed.simulations.bench import BenchContext, SectionResult
 
 __all__ = ["task_config", "poisoning_attacks", "RobustRow", "run_bench", "format_table", "main"]
 
@@ -145,8 +145,8 @@ def bench_section(ctx: BenchContext) -> SectionResult:
     :func:`run_bench` and listed with the reason); the change is against clean FedAvg when the
     profile runs it.
     """
-    from simulations.bench import SectionResult, Table
-    from simulations.bench_support import fmt
+    from medfed.simulations.bench import SectionResult, Table
+    from medfed.simulations.bench_support import fmt
 
     p = ctx.profile
     table = Table(

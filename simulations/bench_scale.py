@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from simulations.bench import BenchContext, SectionResult
+    from medfed.simulations.bench import BenchContext, SectionResult
 
 __all__ = ["TreeMemory", "tree_memory", "ScaleResult", "measure_scale", "markdown_table", "bench_section", "main"]
 
@@ -178,8 +178,8 @@ class ScaleResult:
 
 def _one_run(*, sites: int, rounds: int, samples_per_site: int, run_dir: str) -> dict[str, object]:
     """Run one simulation in this process; return its raw figures (child-process side)."""
-    from shared.config import RunConfig
-    from simulations.simulate import run_federated
+    from medfed.shared.config import RunConfig
+    from medfed.simulations.simulate import run_federated
 
     cfg = RunConfig(
         dataset="synthetic",
@@ -211,7 +211,7 @@ def measure_scale(*, sites: int, rounds: int, samples_per_site: int, run_dir: st
         The child failed (its stderr tail is in the message).
     """
     command = [
-        sys.executable, "-m", "simulations.bench_scale", "--child",
+        sys.executable, "-m", "medfed.simulations.bench_scale", "--child",
         "--sites", str(sites), "--rounds", str(rounds),
         "--samples-per-site", str(samples_per_site), "--run-dir", run_dir,
     ]  # fmt: skip
@@ -268,8 +268,8 @@ def bench_section(ctx: BenchContext) -> SectionResult:
     Three rounds each (two in the quick profile), 10 synthetic samples per site; plot: seconds
     per round (rounds 2..R) against the number of sites.
     """
-    from simulations.bench import SectionResult, Table
-    from simulations.bench_support import fmt, line_plot
+    from medfed.simulations.bench import SectionResult, Table
+    from medfed.simulations.bench_support import fmt, line_plot
 
     p = ctx.profile
     rounds = 2 if p.name == "quick" else 3

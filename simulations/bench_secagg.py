@@ -45,19 +45,19 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from flwr.simulation import run_simulation
 
-from client.client_app import make_client_app
-from server.secure import MedfedSecAggPlusWorkflow, SecAggUpdateStrategy, secagg_settings
-from shared.config import RunConfig
-from shared.data.loading import load_dataset
-from shared.models import model_task
-from shared.seeding import seed_everything
-from shared.task import model_for
-from shared.weights import get_weights
-from simulations.bench_support import fmt, line_plot, ratio
-from simulations.simulate import ray_environment
+from medfed.client.client_app import make_client_app
+from medfed.server.secure import MedfedSecAggPlusWorkflow, SecAggUpdateStrategy, secagg_settings
+from medfed.shared.config import RunConfig
+from medfed.shared.data.loading import load_dataset
+from medfed.shared.models import model_task
+from medfed.shared.seeding import seed_everything
+from medfed.shared.task import model_for
+from medfed.shared.weights import get_weights
+from medfed.simulations.bench_support import fmt, line_plot, ratio
+from medfed.simulations.simulate import ray_environment
 
 if TYPE_CHECKING:
-    from simulations.bench import BenchContext, SectionResult
+    from medfed.simulations.bench import BenchContext, SectionResult
 
 __all__ = [
     "NoiseClient", "noise_client_fn", "model_arrays", "payload_bytes", "BenchResult", "run_bench", "secagg_section",
@@ -341,7 +341,7 @@ def secagg_section(ctx: BenchContext) -> SectionResult:
     For each model size and number of sites of the profile, :func:`run_bench` plain and with
     medfed's SecAgg+ path, in one process; plot: round time vs number of sites.
     """
-    from simulations.bench import SectionResult, Table, Target
+    from medfed.simulations.bench import SectionResult, Table, Target
 
     p = ctx.profile
     table = Table(

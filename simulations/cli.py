@@ -1,4 +1,7 @@
-"""The ``medfed`` command."""
+"""``medfed simulate``, ``medfed models`` and ``medfed bench``: the researcher's commands.
+
+The ``medfed`` command itself is composed in :mod:`medfed.cli`.
+"""
 
 from __future__ import annotations
 
@@ -12,19 +15,19 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from shared.config import ConfigError, RunConfig
-from shared.data.base import DataError
+from medfed.shared.config import ConfigError, RunConfig
+from medfed.shared.data.base import DataError
 
 app = typer.Typer(
-    name="medfed",
-    help="Federated learning for medical imaging (Flower + MONAI + Opacus).",
+    name="medfed-simulations",
+    help="The researcher's commands (composed into `medfed` by medfed.cli).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,  # locals can hold pixel data: never print them
 )
 console = Console()
 
-__all__ = ["app", "main", "build_config"]
+__all__ = ["app", "build_config", "simulate", "models", "bench"]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -67,7 +70,7 @@ def build_config(config_file: Path | None, overrides: dict[str, Any], sets: list
             raise ConfigError(f"--set {item!r} is invalid: write --set key=value.")
         merged[key.strip()] = value.strip()
     cfg = RunConfig.from_mapping(merged, source=str(config_file) if config_file else "command line")
-    from shared.models import check_model_name
+    from medfed.shared.models import check_model_name
 
     check_model_name(cfg.model)
     if Path(cfg.run_dir).expanduser().is_file():
@@ -137,7 +140,7 @@ def simulate(
                     f"--resume continues the run with its own config ({resume / 'config.json'}); "
                     f"leave out the other options (given: {', '.join(given)})."
                 )
-            from server.resume import config_of_run
+            from medfed.server.resume import config_of_run
 
             cfg = config_of_run(resume)
         else:
@@ -164,9 +167,9 @@ def _name_flag(message: str, overrides: dict[str, Any]) -> str:
 
 
 def _run_and_report(cfg: RunConfig, *, centralized: bool, verbose: bool) -> None:
-    from simulations.pooled import run_pooled
-    from simulations.progress import RunProgress
-    from simulations.simulate import run_federated
+    from medfed.simulations.pooled import run_pooled
+    from medfed.simulations.progress import RunProgress
+    from medfed.simulations.simulate import run_federated
 
     dataset = "synthetic (generated demo data)" if cfg.is_synthetic else Path(cfg.dataset).name
     if centralized:
@@ -202,7 +205,7 @@ def _run_and_report(cfg: RunConfig, *, centralized: bool, verbose: bool) -> None
 @app.command()
 def models() -> None:
     """List the registered models."""
-    from shared.models import MODELS
+    from medfed.shared.models import MODELS
 
     table = Table(title="models")
     table.add_column("name")
@@ -229,7 +232,7 @@ def bench(
     """Benchmark suite: quality, privacy cost, overhead and peers, measured side by side into BENCHMARKS.md."""
     import sys
 
-    from simulations.bench import PROFILES, SECTIONS, bench_command, default_data_dir
+    from medfed.simulations.bench import PROFILES, SECTIONS, bench_command, default_data_dir
 
     if profile not in PROFILES:
         console.print(f"[bold red]error:[/] --profile {profile!r} is invalid. Valid profiles: {', '.join(PROFILES)}.")
@@ -244,27 +247,3 @@ def bench(
     )
     console.print(f"wrote {out} and the plots in {plots}" + ("" if code == 0 else " (with incomplete cells, see above)"))
     raise typer.Exit(code=code)
-
-
-# Deployment: coordinator (server/cli.py) and hospital site (client/cli.py) commands.
-from client.cli import site_app  # noqa: E402
-from server.cli import provision_command, run_command, server_app  # noqa: E402
-
-app.command("provision")(provision_command)
-app.command("run")(run_command)
-app.add_typer(server_app, name="server")
-app.add_typer(site_app, name="site")
-
-# Coordinator dashboard over the run store (server/dashboard_cli.py).
-from server.dashboard_cli import dashboard_command  # noqa: E402
-
-app.command("dashboard")(dashboard_command)
-
-
-def main() -> None:
-    """Console entry point."""
-    app()
-
-
-if __name__ == "__main__":
-    main()

@@ -23,11 +23,11 @@ from monai.metrics import compute_roc_auc
 from torch import nn
 from torch.utils.data import DataLoader
 
-from client.site_client import SiteClient
-from shared.data.base import ImageSet
-from shared.training import make_loss
-from shared.transforms import ImageSetDataset
-from shared.weights import get_weights
+from medfed.client.site_client import SiteClient
+from medfed.shared.data.base import ImageSet
+from medfed.shared.training import make_loss
+from medfed.shared.transforms import ImageSetDataset
+from medfed.shared.weights import get_weights
 
 __all__ = [
     "MembershipResult",

@@ -12,15 +12,15 @@ import logging
 import time
 from pathlib import Path
 
-from server.run_dir import RoundRecord, RunDirectory, new_run_path
-from server.server_app import ServerHooks, primary_metric_for
-from server.store import open_sink
-from shared.config import RunConfig
-from shared.data.loading import load_dataset
-from shared.seeding import seed_everything
-from shared.task import model_for, round_settings
-from shared.training import evaluate, make_optimizer, make_train_loader, select_device, train_epochs
-from simulations.simulate import SimulationResult
+from medfed.server.run_dir import RoundRecord, RunDirectory, new_run_path
+from medfed.server.server_app import ServerHooks, primary_metric_for
+from medfed.server.store import open_sink
+from medfed.shared.config import RunConfig
+from medfed.shared.data.loading import load_dataset
+from medfed.shared.seeding import seed_everything
+from medfed.shared.task import model_for, round_settings
+from medfed.shared.training import evaluate, make_optimizer, make_train_loader, select_device, train_epochs
+from medfed.simulations.simulate import SimulationResult
 
 __all__ = ["run_pooled"]
 

@@ -10,8 +10,8 @@ from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from server.run_dir import RoundRecord, RunDirectory
-from server.server_app import ServerHooks
+from medfed.server.run_dir import RoundRecord, RunDirectory
+from medfed.server.server_app import ServerHooks
 
 __all__ = ["RunProgress"]
 

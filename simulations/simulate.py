@@ -11,11 +11,11 @@ from pathlib import Path
 from flwr.client import ClientApp
 from flwr.simulation import run_simulation
 
-from client.client_app import make_client_app
-from server.run_dir import RoundRecord, RunDirectory, new_run_path
-from server.server_app import ServerHooks, make_server_app
-from shared.config import RunConfig
-from shared.data.loading import load_dataset
+from medfed.client.client_app import make_client_app
+from medfed.server.run_dir import RoundRecord, RunDirectory, new_run_path
+from medfed.server.server_app import ServerHooks, make_server_app
+from medfed.shared.config import RunConfig
+from medfed.shared.data.loading import load_dataset
 
 __all__ = ["SimulationResult", "run_federated", "ray_environment"]
 

@@ -34,7 +34,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from sqlalchemy.engine import make_url
 
-from server.store import RunStore
+from medfed.server.store import RunStore
 
 __all__ = [
     "COOKIE",

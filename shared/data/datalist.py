@@ -52,8 +52,8 @@ from monai.data.image_reader import ImageReader
 from monai.transforms import Compose, LoadImage, Resized, ScaleIntensityd
 from monai.utils import convert_to_numpy
 
-from shared.data.base import DataError, DataSplits, ImageSet, Task
-from shared.partition import split_train_val_test
+from medfed.shared.data.base import DataError, DataSplits, ImageSet, Task
+from medfed.shared.partition import split_train_val_test
 
 __all__ = [
     "SECTIONS",

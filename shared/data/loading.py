@@ -6,8 +6,8 @@ import functools
 import logging
 from pathlib import Path
 
-from shared.config import RunConfig
-from shared.data.base import DataError, DataSplits
+from medfed.shared.config import RunConfig
+from medfed.shared.data.base import DataError, DataSplits
 
 __all__ = ["load_dataset", "SYNTHETIC_IMAGE_SIZE"]
 
@@ -55,7 +55,7 @@ def _load_cached(
     bad_data: str = "strict",
 ) -> DataSplits:
     if dataset == "synthetic":
-        from shared.data.synthetic import make_synthetic
+        from medfed.shared.data.synthetic import make_synthetic
 
         return make_synthetic(
             task=synthetic_task,
@@ -71,11 +71,11 @@ def _load_cached(
             "datalist .json file."
         )
     if path.suffix == ".npz":
-        from shared.data.npz import load_npz
+        from medfed.shared.data.npz import load_npz
 
         return load_npz(path, image_size=image_size)
     if path.suffix == ".json":
-        from shared.data.datalist import load_datalist
+        from medfed.shared.data.datalist import load_datalist
 
         if image_size <= 0:
             raise DataError(

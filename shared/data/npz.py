@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from shared.data.base import DataError, DataSplits, ImageSet
+from medfed.shared.data.base import DataError, DataSplits, ImageSet
 
 __all__ = ["NPZ_KEYS", "load_npz"]
 

@@ -16,15 +16,15 @@ from flwr.app import Context, RecordDict
 from PIL import Image
 from typer.testing import CliRunner
 
-from client.cli import site_app
-from client.client_app import _client_fn_for
-from client.site_check import check_site, format_report
-from client.site_client import SKIPPED_FILES
-from client.site_data import deployment_site_data
-from server.run_dir import read_metrics
-from shared.config import ConfigError, RunConfig
-from shared.data.base import DataError
-from shared.data.datalist import UnusableEntriesError, load_datalist
+from medfed.client.cli import site_app
+from medfed.client.client_app import _client_fn_for
+from medfed.client.site_check import check_site, format_report
+from medfed.client.site_client import SKIPPED_FILES
+from medfed.client.site_data import deployment_site_data
+from medfed.server.run_dir import read_metrics
+from medfed.shared.config import ConfigError, RunConfig
+from medfed.shared.data.base import DataError
+from medfed.shared.data.datalist import UnusableEntriesError, load_datalist
 from tests.server.deploy_support import write_nifti_datalist
 
 CFG = RunConfig(dataset="deployment", image_size=16, model="simplecnn", num_sites=2, norm="group")
@@ -106,7 +106,7 @@ def test_skip_trains_on_the_valid_entries_and_reports_the_exact_count(
 def test_strict_site_refuses_sends_counts_only_and_logs_each_entry(
     planted: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with caplog.at_level(logging.ERROR, logger="client.site_data"), pytest.raises(DataError) as err:
+    with caplog.at_level(logging.ERROR, logger="medfed.client.site_data"), pytest.raises(DataError) as err:
         deployment_site_data(CFG, datalist=str(planted))
     sent = str(err.value)  # Flower returns this text to the server
     assert "unreadable: 3" in sent and "channels: 1, the run's model takes in-channels = 1" in sent
@@ -153,7 +153,7 @@ def test_site_check_reports_the_same_entries_and_count(planted: Path, tmp_path: 
 
 @pytest.mark.slow  # a Ray simulation: about 23 s on an idle 2-core machine
 def test_simulation_skips_with_the_count_in_every_sites_fit_metrics(planted: Path, tmp_path: Path) -> None:
-    from simulations.simulate import run_federated
+    from medfed.simulations.simulate import run_federated
 
     cfg = RunConfig(
         dataset=str(planted), image_size=16, model="simplecnn", num_sites=2, num_server_rounds=1,

@@ -11,12 +11,12 @@ from flwr.client.mod import adaptiveclipping_mod, fixedclipping_mod, secaggplus_
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
-from client.client_app import make_client_app, privacy_mods, run_config_privacy_mod
-from client.egress import egress_guard
-from client.update_mods import CLIPPED_METRIC, SecAggWeightError, freeze_counters_mod, make_update_mod
-from shared.config import RunConfig
-from shared.models import build_model
-from shared.weights import get_weights
+from medfed.client.client_app import make_client_app, privacy_mods, run_config_privacy_mod
+from medfed.client.egress import egress_guard
+from medfed.client.update_mods import CLIPPED_METRIC, SecAggWeightError, freeze_counters_mod, make_update_mod
+from medfed.shared.config import RunConfig
+from medfed.shared.models import build_model
+from medfed.shared.weights import get_weights
 
 CLIP = "clipping_norm"  # the key Flower's DP wrappers send the norm under
 

@@ -9,7 +9,7 @@ import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 from flwr.common import Array
 
-from client.egress import EgressViolation, egress_guard, inspect_message
+from medfed.client.egress import EgressViolation, egress_guard, inspect_message
 
 
 def _incoming() -> Message:

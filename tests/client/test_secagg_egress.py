@@ -10,11 +10,11 @@ import pytest
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 
-from client.client_app import make_client_app
-from client.egress import EgressViolation, inspect_message
-from server.server_app import ServerHooks, run_server
-from shared.config import RunConfig
-from simulations.bench_secagg import noise_client_fn
+from medfed.client.client_app import make_client_app
+from medfed.client.egress import EgressViolation, inspect_message
+from medfed.server.server_app import ServerHooks, run_server
+from medfed.shared.config import RunConfig
+from medfed.simulations.bench_secagg import noise_client_fn
 from tests.server.local_grid import LocalGrid, server_identity
 
 

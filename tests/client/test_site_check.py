@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from client.site_check import check_site, format_report
+from medfed.client.site_check import check_site, format_report
 from tests.server.deploy_support import MEDFED
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from flwr.common.config import parse_config_args
 
-from client.deploy import diagnose_supernode_line, supernode_command
-from client.site_config import SiteConfigError, load_kit, load_site_config, node_config_arg
-from server.provision import provision
+from medfed.client.deploy import diagnose_supernode_line, supernode_command
+from medfed.client.site_config import SiteConfigError, load_kit, load_site_config, node_config_arg
+from medfed.server.provision import provision
 
 
 @pytest.fixture

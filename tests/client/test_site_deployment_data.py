@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 
-from client.client_app import _client_fn_for
-from client.site_data import deployment_site_data
-from shared.config import ConfigError, RunConfig
-from shared.data.base import DataError
+from medfed.client.client_app import _client_fn_for
+from medfed.client.site_data import deployment_site_data
+from medfed.shared.config import ConfigError, RunConfig
+from medfed.shared.data.base import DataError
 from tests.server.deploy_support import write_nifti_datalist
 
 CFG = RunConfig(dataset="deployment", image_size=16, model="simplecnn", num_sites=2, norm="group")
@@ -84,7 +84,7 @@ def test_unusable_entries_are_logged_at_the_site_but_not_put_in_the_error(tmp_pa
     raw = json.loads(datalist.read_text())
     raw["training"].append({"image": "img/patient-4711.nii.gz", "label": 0})
     datalist.write_text(json.dumps(raw))
-    with caplog.at_level(logging.ERROR, logger="client.site_data"), pytest.raises(DataError) as err:
+    with caplog.at_level(logging.ERROR, logger="medfed.client.site_data"), pytest.raises(DataError) as err:
         deployment_site_data(CFG, datalist=str(datalist))
     assert "patient-4711" not in str(err.value) and str(tmp_path) not in str(err.value)
     assert "medfed site check" in str(err.value)

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 from opacus.accountants import RDPAccountant
 
-from client.site_client import DP_DECLINED, SiteClient
-from client.site_data import simulated_site_data
-from shared.config import RunConfig
-from shared.privacy import PrivacyLedger, poisson_schedule, site_ledger_path
-from shared.task import round_settings
-from shared.training import make_train_loader
-from shared.weights import get_weights
+from medfed.client.site_client import DP_DECLINED, SiteClient
+from medfed.client.site_data import simulated_site_data
+from medfed.shared.config import RunConfig
+from medfed.shared.privacy import PrivacyLedger, poisson_schedule, site_ledger_path
+from medfed.shared.task import round_settings
+from medfed.shared.training import make_train_loader
+from medfed.shared.weights import get_weights
 
 SIGMA = 1.3
 
@@ -94,7 +94,7 @@ def test_a_site_declines_the_round_that_would_exceed_its_budget(tmp_path: Path, 
     for r in (1, 2):
         weights, n, metrics = client.fit(weights, {"server-round": r})
         assert n > 0 and metrics[DP_DECLINED] == 0
-    with caplog.at_level(logging.WARNING, logger="client.site_client"):
+    with caplog.at_level(logging.WARNING, logger="medfed.client.site_client"):
         returned, n, metrics = client.fit(weights, {"server-round": 3})
     assert n == 0 and metrics[DP_DECLINED] == 1
     assert all(np.array_equal(a, b) for a, b in zip(returned, weights, strict=True))
@@ -118,7 +118,7 @@ def test_target_epsilon_is_spent_over_the_planned_rounds(tmp_path: Path) -> None
 
 
 def test_secure_noise_is_not_reproducible_and_seeded_noise_is(tmp_path: Path, caplog, monkeypatch) -> None:
-    import client.site_client as site_client
+    import medfed.client.site_client as site_client
 
     monkeypatch.setattr(site_client, "_WARNED", set())  # the warning is said once per process
     def one_round(folder: str, secure: bool) -> list[np.ndarray]:
@@ -126,7 +126,7 @@ def test_secure_noise_is_not_reproducible_and_seeded_noise_is(tmp_path: Path, ca
         client = _client(cfg)
         return client.fit(get_weights(client.model), {"server-round": 1})[0]
 
-    with caplog.at_level(logging.WARNING, logger="client.site_client"):
+    with caplog.at_level(logging.WARNING, logger="medfed.client.site_client"):
         seeded = [one_round("a", False), one_round("b", False)]
     assert caplog.text.count("dp-secure-noise = false") == 1  # once, not once per client
     assert all(np.array_equal(x, y) for x, y in zip(*seeded, strict=True))
@@ -142,7 +142,7 @@ def test_dp_with_batchnorm_or_without_noise_fails_at_start_up(tmp_path: Path) ->
 
 
 def test_ghost_clipping_sites_account_the_same_as_hooks(tmp_path: Path) -> None:
-    from shared.config import ConfigError
+    from medfed.shared.config import ConfigError
 
     cfg = _cfg(tmp_path, dp_grad_sample_mode="ghost")
     client = _client(cfg)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from client.site_client import SiteClient
-from client.site_data import simulated_site_data
-from shared.config import RunConfig
+from medfed.client.site_client import SiteClient
+from medfed.client.site_data import simulated_site_data
+from medfed.shared.config import RunConfig
 
 
 @pytest.mark.parametrize("dp", [False, True])

@@ -7,7 +7,7 @@ import socket
 import sys
 from pathlib import Path
 
-from shared.config import RunConfig
+from medfed.shared.config import RunConfig
 
 TOKEN = "test-token-" + "0123456789abcdef" * 2
 
@@ -43,7 +43,7 @@ def simulate_command(run_dir: Path, *, rounds: int) -> list[str]:
     """``medfed simulate`` for :func:`small_config`, as a subprocess command line."""
     cfg = small_config(run_dir, rounds=rounds).to_run_config()
     sets = [f"--set={key.replace('_', '-')}={cfg[key.replace('_', '-')]}" for key in SMALL if key != "dataset"]
-    return [sys.executable, "-m", "simulations.cli", "simulate", "--dataset", "synthetic",
+    return [sys.executable, "-m", "medfed.cli", "simulate", "--dataset", "synthetic",
             "--rounds", str(rounds), "--run-dir", str(run_dir), *sets]
 
 

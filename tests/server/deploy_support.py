@@ -19,7 +19,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from server.provision import Federation
+from medfed.server.provision import Federation
 
 RUN = {"model": "simplecnn", "image-size": 16, "norm": "group", "batch-size": 4, "learning-rate": 0.05}
 """A small deployed run: SimpleCNN on 16x16 NIfTI images."""

@@ -12,9 +12,9 @@ from flwr.client import ClientApp
 from flwr.clientapp.typing import ClientAppCallable, Mod
 from flwr.compat.common import recorddict_compat as compat
 
-from client.client_app import privacy_mods, site_client_fn
-from client.egress import egress_guard
-from shared.config import RunConfig
+from medfed.client.client_app import privacy_mods, site_client_fn
+from medfed.client.egress import egress_guard
+from medfed.shared.config import RunConfig
 
 __all__ = ["crashing_client_app", "crash_mod", "fit_round"]
 

@@ -15,10 +15,10 @@ from flwr.common import NDArrays, Scalar, bytes_to_ndarray, parameters_to_ndarra
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.compat.common import recorddict_compat as compat
 
-from client.client_app import privacy_mods
-from client.egress import egress_guard
-from shared.config import RunConfig
-from simulations.bench_secagg import NoiseClient
+from medfed.client.client_app import privacy_mods
+from medfed.client.egress import egress_guard
+from medfed.shared.config import RunConfig
+from medfed.simulations.bench_secagg import NoiseClient
 
 __all__ = ["RecordingNoiseClient", "dying_mod", "secagg_test_app", "ServerRecorder", "read_true_updates"]
 

@@ -14,19 +14,19 @@ from flwr.server.workflow import DefaultWorkflow
 from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
 from torch import nn
 
-from client.client_app import make_client_app
-from server.recording import RecordingStrategy
-from server.run_dir import RunDirectory, read_metrics
-from server.secure import MedfedSecAggPlusWorkflow, SecAggUpdateStrategy
-from server.server_app import ServerHooks, build_workflow, run_server
-from server.strategies import (
+from medfed.client.client_app import make_client_app
+from medfed.server.recording import RecordingStrategy
+from medfed.server.run_dir import RunDirectory, read_metrics
+from medfed.server.secure import MedfedSecAggPlusWorkflow, SecAggUpdateStrategy
+from medfed.server.server_app import ServerHooks, build_workflow, run_server
+from medfed.server.strategies import (
     AccountedAdaptiveClipping,
     AccountedFixedClipping,
     ClientLevelLedger,
     build_strategy,
 )
-from shared.config import RunConfig
-from simulations.bench_secagg import NoiseClient, noise_client_fn
+from medfed.shared.config import RunConfig
+from medfed.simulations.bench_secagg import NoiseClient, noise_client_fn
 from tests.server.local_grid import LocalGrid, server_identity
 
 OK = Status(code=Code.OK, message="Success")

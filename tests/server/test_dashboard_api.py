@@ -22,13 +22,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from server.dashboard.app import COOKIE, DEFAULT_HOST, BackgroundServer, create_app
-from server.dashboard_cli import dashboard_command
-from server.run_dir import RoundRecord, read_metrics
-from server.server_app import ServerHooks
-from server.store import RunStore
-from shared.config import RunConfig
-from simulations.simulate import run_federated
+from medfed.server.dashboard.app import COOKIE, DEFAULT_HOST, BackgroundServer, create_app
+from medfed.server.dashboard_cli import dashboard_command
+from medfed.server.run_dir import RoundRecord, read_metrics
+from medfed.server.server_app import ServerHooks
+from medfed.server.store import RunStore
+from medfed.shared.config import RunConfig
+from medfed.simulations.simulate import run_federated
 from tests.server.dashboard_support import ROOT, TOKEN, free_port, listening_addresses, small_config
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
@@ -248,7 +248,7 @@ def test_medfed_dashboard_serves_the_simulated_run_on_loopback_with_a_generated_
     env = {**os.environ, "COLUMNS": "200", "TERM": "dumb"}
     with out.open("w") as fh:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "simulations.cli", "dashboard", "--run-dir", str(live.runs_dir), "--port", str(port)],
+            [sys.executable, "-m", "medfed.cli", "dashboard", "--run-dir", str(live.runs_dir), "--port", str(port)],
             stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
         )
     try:
@@ -288,7 +288,7 @@ def test_medfed_dashboard_serves_the_simulated_run_on_loopback_with_a_generated_
 
 def test_simulate_and_dashboard_default_to_the_same_store() -> None:
     """README: `medfed simulate` then `medfed dashboard`, with no flags, meet in runs/medfed.db."""
-    from simulations.cli import build_config
+    from medfed.simulations.cli import build_config
 
     simulate_default = build_config(None, {}, []).store_url
     dashboard_default = inspect.signature(dashboard_command).parameters["run_dir"].default
@@ -297,7 +297,7 @@ def test_simulate_and_dashboard_default_to_the_same_store() -> None:
 
 
 def test_a_pooled_baseline_is_recorded_too(tmp_path: Path) -> None:
-    from simulations.pooled import run_pooled
+    from medfed.simulations.pooled import run_pooled
 
     cfg = small_config(tmp_path / "runs", rounds=1)
     result = run_pooled(cfg)

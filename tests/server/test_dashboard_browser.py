@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from server.dashboard.app import create_app, serve_in_background
-from server.run_dir import RoundRecord
-from server.server_app import ServerHooks
-from server.store import RunStore
-from simulations.simulate import run_federated
+from medfed.server.dashboard.app import create_app, serve_in_background
+from medfed.server.run_dir import RoundRecord
+from medfed.server.server_app import ServerHooks
+from medfed.server.store import RunStore
+from medfed.simulations.simulate import run_federated
 from tests.server.dashboard_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, TOKEN, chromium_missing, small_config
 
 _MISSING = chromium_missing()

@@ -25,11 +25,11 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from client.deploy import watch_supernode
-from server.deploy import build_signed_app, flwr_env, run_status, wait_for_run
-from server.provision import provision
-from server.run_dir import read_metrics
-from shared.config import RunConfig
+from medfed.client.deploy import watch_supernode
+from medfed.server.deploy import build_signed_app, flwr_env, run_status, wait_for_run
+from medfed.server.provision import provision
+from medfed.server.run_dir import read_metrics
+from medfed.shared.config import RunConfig
 from tests.server.deploy_support import (
     FLWR,
     MEDFED,

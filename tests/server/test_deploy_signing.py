@@ -14,10 +14,10 @@ import pytest
 from flwr.common.config import get_fused_config_from_fab
 from flwr.supercore.run import Run
 
-import client.deploy as site_deploy
-from server.deploy import build_signed_app
-from server.provision import provision
-from server.signing import (
+import medfed.client.deploy as site_deploy
+from medfed.server.deploy import build_signed_app
+from medfed.server.provision import provision
+from medfed.server.signing import (
     SIGNATURE_KEY,
     AppSignatureError,
     fab_hash,
@@ -25,7 +25,7 @@ from server.signing import (
     sign_app,
     verify_app,
 )
-from shared.config import RunConfig
+from medfed.shared.config import RunConfig
 
 CONFIG = {"num-server-rounds": 2, "dp": True, "learning-rate": 0.05, "model": "simplecnn"}
 
@@ -120,7 +120,7 @@ def _build(app_dir: Path) -> bytes:
 
 
 def site_deploy_public_key(fed):
-    from server.signing import load_public_key
+    from medfed.server.signing import load_public_key
 
     return load_public_key(fed.sites[0].kit / "app-signing.pub")
 
@@ -159,7 +159,7 @@ def test_clientapp_hook_installs_only_signed_bundles(tmp_path: Path, fake_runtim
 
     state.task = _task(fab, config)
     runtime.pull_task_input(None)
-    with caplog.at_level(logging.INFO, logger="client.deploy"):
+    with caplog.at_level(logging.INFO, logger="medfed.client.deploy"):
         runtime.install_from_fab(fab, skip_prompt=True)
     assert state.installed == [fab]
     assert state.forgotten == [{"client", "shared"}]  # the bundle's packages, loaded fresh from it
@@ -182,7 +182,7 @@ def test_clientapp_hook_refuses_with_a_clear_log_line(tmp_path: Path, fake_runti
     site_deploy.install_fab_verifier(_write_public(tmp_path, key))
     state.task = _task(fab, config, run_id=42)
     runtime.pull_task_input(None)
-    with caplog.at_level(logging.INFO, logger="client.deploy"), pytest.raises(site_deploy.AppRejected):
+    with caplog.at_level(logging.INFO, logger="medfed.client.deploy"), pytest.raises(site_deploy.AppRejected):
         runtime.install_from_fab(fab, skip_prompt=True)
     assert state.installed == [] and state.forgotten == []
     refused = [r for r in caplog.records if "REFUSED app bundle" in r.getMessage()]
@@ -212,7 +212,7 @@ def test_signature_is_base64_of_64_bytes() -> None:
 def test_control_and_runtime_apis_answer_only_the_coordinator(path, client, host, allowed, caplog) -> None:
     import asyncio
 
-    from server.deploy import LocalAPIGuard, allowed_networks
+    from medfed.server.deploy import LocalAPIGuard, allowed_networks
 
     reached: list[str] = []
     sent: list[dict] = []
@@ -225,7 +225,7 @@ def test_control_and_runtime_apis_answer_only_the_coordinator(path, client, host
 
     guard = LocalAPIGuard(app, allowed_networks(host, ["192.168.7.0/24"]))
     scope = {"type": "http", "path": path, "client": (client, 50000)}
-    with caplog.at_level(logging.WARNING, logger="server.deploy"):
+    with caplog.at_level(logging.WARNING, logger="medfed.server.deploy"):
         asyncio.run(guard(scope, None, send))
     if allowed:
         assert reached == [path] and not sent
@@ -235,7 +235,7 @@ def test_control_and_runtime_apis_answer_only_the_coordinator(path, client, host
 
 
 def test_control_allow_must_be_a_network() -> None:
-    from server.deploy import DeployError, allowed_networks
+    from medfed.server.deploy import DeployError, allowed_networks
 
     with pytest.raises(DeployError, match="not an IP network"):
         allowed_networks("0.0.0.0", ["hospital-vpn"])

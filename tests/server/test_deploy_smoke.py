@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from server.provision import provision
-from server.run_dir import read_metrics
+from medfed.server.provision import provision
+from medfed.server.run_dir import read_metrics
 from tests.server.deploy_support import MEDFED, LiveFederation, free_port
 
 

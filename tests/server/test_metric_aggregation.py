@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from client.site_client import SKIPPED_FILES
-from server.strategies import SUMMED_METRICS, weighted_average
+from medfed.client.site_client import SKIPPED_FILES
+from medfed.server.strategies import SUMMED_METRICS, weighted_average
 
 CASES = [
     # (sites as (num_examples, metrics), expected aggregate entries)

@@ -13,9 +13,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key, load_ssh_public_key
 
-from client.site_config import load_kit
-from server.provision import ProvisionError, load_federation, provision
-from server.signing import load_private_key, load_public_key
+from medfed.client.site_config import load_kit
+from medfed.server.provision import ProvisionError, load_federation, provision
+from medfed.server.signing import load_private_key, load_public_key
 from tests.server.deploy_support import MEDFED
 
 PRIVATE_FILES = ("ca/ca.key", "superlink/server.key", "coordinator/app-signing.key")

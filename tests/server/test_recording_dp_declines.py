@@ -11,8 +11,8 @@ from flwr.server.client_manager import SimpleClientManager
 from flwr.server.strategy import FedAvg
 from torch import nn
 
-from server.recording import RecordingStrategy
-from server.run_dir import RunDirectory, read_metrics
+from medfed.server.recording import RecordingStrategy
+from medfed.server.run_dir import RunDirectory, read_metrics
 
 
 class _Model(nn.Module):

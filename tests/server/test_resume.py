@@ -19,8 +19,8 @@ import torch
 from flwr.app import Context, RecordDict
 from flwr.server.strategy import FedAdam
 
-from client.client_app import make_client_app
-from server.resume import (
+from medfed.client.client_app import make_client_app
+from medfed.server.resume import (
     RESUME_FILE,
     ResumeError,
     capture_rng,
@@ -30,12 +30,12 @@ from server.resume import (
     restore_rng,
     resume_point,
 )
-from server.run_dir import RoundRecord, read_metrics
-from server.server_app import ServerHooks, run_server
-from server.store import RunStore
-from server.strategies import build_strategy
-from shared.config import RunConfig
-from shared.privacy import PrivacyLedger, site_ledger_path
+from medfed.server.run_dir import RoundRecord, read_metrics
+from medfed.server.server_app import ServerHooks, run_server
+from medfed.server.store import RunStore
+from medfed.server.strategies import build_strategy
+from medfed.shared.config import RunConfig
+from medfed.shared.privacy import PrivacyLedger, site_ledger_path
 from tests.server.fault_sites import fit_round
 from tests.server.local_grid import LocalGrid, server_identity
 
@@ -196,7 +196,7 @@ def test_a_round_recorded_after_the_saved_state_is_recorded_once(tmp_path: Path)
 def test_medfed_simulate_resume_takes_the_runs_own_config_only(tmp_path: Path) -> None:
     from typer.testing import CliRunner
 
-    from simulations.cli import app
+    from medfed.cli import app
 
     runner = CliRunner()
     result = runner.invoke(app, ["simulate", "--resume", str(tmp_path / "nowhere")])

@@ -5,7 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from server.run_dir import new_run_path
+from medfed.server.run_dir import new_run_path
 
 
 def test_runs_started_together_get_their_own_folders(tmp_path: Path) -> None:

@@ -48,12 +48,12 @@ from flwr.server.strategy import FedAvg
 from flwr.server.strategy.aggregate import aggregate
 from flwr.simulation import run_simulation
 
-from client.client_app import make_client_app
-from client.egress import AUDIT_ENV
-from client.site_client import SiteClient
-from client.site_data import simulated_site_data
-from server.run_dir import read_metrics
-from server.secure import (
+from medfed.client.client_app import make_client_app
+from medfed.client.egress import AUDIT_ENV
+from medfed.client.site_client import SiteClient
+from medfed.client.site_data import simulated_site_data
+from medfed.server.run_dir import read_metrics
+from medfed.server.secure import (
     MODULUS_RANGE,
     SecAggOutcome,
     SecAggUpdateStrategy,
@@ -61,9 +61,9 @@ from server.secure import (
     restore_weights,
     secagg_settings,
 )
-from server.server_app import ServerHooks, run_server
-from shared.config import ConfigError, RunConfig
-from simulations.simulate import ray_environment
+from medfed.server.server_app import ServerHooks, run_server
+from medfed.shared.config import ConfigError, RunConfig
+from medfed.simulations.simulate import ray_environment
 from tests.server.local_grid import LocalGrid, server_identity
 from tests.server.secagg_sites import ServerRecorder, read_true_updates, secagg_test_app
 

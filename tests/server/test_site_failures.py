@@ -11,11 +11,11 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.client import ClientApp
 
-from server.rounds import error_class
-from server.run_dir import read_metrics
-from server.server_app import ServerHooks, run_server
-from server.store import RunStore
-from shared.config import RunConfig
+from medfed.server.rounds import error_class
+from medfed.server.run_dir import read_metrics
+from medfed.server.server_app import ServerHooks, run_server
+from medfed.server.store import RunStore
+from medfed.shared.config import RunConfig
 from tests.server.fault_sites import crashing_client_app, fit_round
 from tests.server.local_grid import LocalGrid, server_identity
 

@@ -11,8 +11,8 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
 
-from server.run_dir import RoundRecord, RunDirectory
-from server.store import (
+from medfed.server.run_dir import RoundRecord, RunDirectory
+from medfed.server.store import (
     MIGRATIONS,
     SCHEMA_VERSION,
     STALE_AFTER_S,
@@ -23,7 +23,7 @@ from server.store import (
     redact_config,
     scrub,
 )
-from shared.config import ConfigError, RunConfig
+from medfed.shared.config import ConfigError, RunConfig
 
 
 def _url(tmp_path: Path) -> str:
@@ -214,7 +214,7 @@ def test_a_failed_run_and_its_warnings_are_recorded_without_paths(tmp_path: Path
     url = _url(tmp_path)
     sink = StoreSink(RunStore(url))
     run_dir = RunDirectory(tmp_path / "runs" / "run-f", config={"num-server-rounds": 3}, mode="federated", sink=sink)
-    log = logging.getLogger("server.test_store")
+    log = logging.getLogger("medfed.server.test_store")
     log.warning("site data at /srv/hospital/patient-0042/scan.nii.gz looks odd")
     other = threading.Thread(target=lambda: log.warning("from another run's thread"))
     other.start()
@@ -241,7 +241,7 @@ def test_a_store_write_that_fails_does_not_stop_the_run(tmp_path: Path, caplog: 
         raise OperationalError("UPDATE", {}, Exception("disk I/O error"))
 
     store.round_finished = broken  # type: ignore[method-assign]
-    with caplog.at_level(logging.WARNING, logger="server.store"):
+    with caplog.at_level(logging.WARNING, logger="medfed.server.store"):
         sink.round_finished(_record(1, eps=1.0).to_json())
         sink.round_finished(_record(2, eps=1.0).to_json())
     warnings = [r for r in caplog.records if "could not record" in r.getMessage()]

@@ -10,13 +10,13 @@ import pytest
 from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum
 
-from client.attacks import ATTACKS, Attack, attack_client_fn
-from client.update_mods import clip_update
-from server.run_dir import RoundRecord
-from server.secure import SecAggUpdateStrategy
-from server.store import RunStore
-from server.strategies import MultiKrum, build_strategy
-from server.validation import (
+from medfed.client.attacks import ATTACKS, Attack, attack_client_fn
+from medfed.client.update_mods import clip_update
+from medfed.server.run_dir import RoundRecord
+from medfed.server.secure import SecAggUpdateStrategy
+from medfed.server.store import RunStore
+from medfed.server.strategies import MultiKrum, build_strategy
+from medfed.server.validation import (
     REASONS,
     RoundValidation,
     ValidatingStrategy,
@@ -25,7 +25,7 @@ from server.validation import (
     site_key,
     update_norm,
 )
-from shared.config import ConfigError, RunConfig, robust_min_sites
+from medfed.shared.config import ConfigError, RunConfig, robust_min_sites
 
 OK = Status(code=Code.OK, message="")
 
@@ -309,11 +309,11 @@ def test_under_secagg_sites_refuse_nan_and_clip_to_the_bound(tmp_path: Path) -> 
     from flwr.app import RecordDict
     from flwr.client import Client
 
-    from client.attacks import AttackingClient
-    from client.client_app import make_client_app
-    from server.run_dir import read_metrics
-    from server.server_app import ServerHooks, run_server
-    from simulations.bench_secagg import NoiseClient
+    from medfed.client.attacks import AttackingClient
+    from medfed.client.client_app import make_client_app
+    from medfed.server.run_dir import read_metrics
+    from medfed.server.server_app import ServerHooks, run_server
+    from medfed.simulations.bench_secagg import NoiseClient
     from tests.server.local_grid import LocalGrid, server_identity
     from tests.server.secagg_sites import ServerRecorder
 
@@ -350,7 +350,7 @@ def test_progress_table_shows_rejections() -> None:
 
     from rich.console import Console
 
-    from simulations.progress import RunProgress
+    from medfed.simulations.progress import RunProgress
 
     console = Console(record=True, width=200, file=io.StringIO())
     progress = RunProgress(title="t", rounds=2, console=console)

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import ConfigError, RunConfig
+from medfed.shared.config import ConfigError, RunConfig
 
 
 def test_defaults_round_trip_through_kebab_case() -> None:

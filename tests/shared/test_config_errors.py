@@ -11,9 +11,10 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from client.site_config import SiteConfig, SiteConfigError, load_site_config
-from shared.config import ConfigError, RunConfig
-from simulations.cli import app, build_config
+from medfed.client.site_config import SiteConfig, SiteConfigError, load_site_config
+from medfed.shared.config import ConfigError, RunConfig
+from medfed.cli import app
+from medfed.simulations.cli import build_config
 
 # key -> (bad value, fragments the error must contain besides the key)
 RUN_CONFIG_TABLE: dict[str, tuple[Any, list[str]]] = {
@@ -109,8 +110,8 @@ def test_unknown_key_suggests_the_closest_and_lists_all(key: str, suggestion: st
 
 
 def test_a_nonexistent_dataset_names_the_key_before_ray_starts(tmp_path: Path) -> None:
-    from shared.data.base import DataError
-    from simulations.simulate import run_federated
+    from medfed.shared.data.base import DataError
+    from medfed.simulations.simulate import run_federated
 
     with pytest.raises(DataError, match=r"dataset '.*nope\.json' does not exist.*'synthetic'"):
         run_federated(RunConfig(dataset=str(tmp_path / "nope.json"), image_size=8, run_dir=str(tmp_path)))

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.data.base import DataError
-from shared.data.datalist import DatalistProblem, load_datalist, scan_datalist
+from medfed.shared.data.base import DataError
+from medfed.shared.data.datalist import DatalistProblem, load_datalist, scan_datalist
 
 pydicom = pytest.importorskip("pydicom")
 from pydicom.data import get_testdata_file  # noqa: E402
@@ -295,7 +295,7 @@ def test_skip_mode_skips_exactly_the_bad_entries(
     broken: tuple[Path, set], caplog: pytest.LogCaptureFixture
 ) -> None:
     path, expected = broken
-    with caplog.at_level(logging.WARNING, logger="shared.data.datalist"):
+    with caplog.at_level(logging.WARNING, logger="medfed.shared.data.datalist"):
         splits = load_datalist(path, image_size=16, on_error="skip")
     assert (len(splits.train), len(splits.val), len(splits.test)) == (6, 1, 1)
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

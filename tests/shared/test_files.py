@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.files import write_atomically
+from medfed.shared.files import write_atomically
 
 
 def test_a_write_replaces_the_file_and_creates_the_folder(tmp_path: Path) -> None:

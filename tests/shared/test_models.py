@@ -12,7 +12,7 @@ from opacus import PrivacyEngine
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared.models import (
+from medfed.shared.models import (
     DP_NORM,
     MODELS,
     NORMS,

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shared.data.base import DataError
-from shared.data.npz import load_npz
+from medfed.shared.data.base import DataError
+from medfed.shared.data.npz import load_npz
 
 SIZES = {"train": 10, "val": 4, "test": 6}
 

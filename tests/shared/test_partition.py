@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from shared.partition import class_counts, partition_indices, split_train_val_test
+from medfed.shared.partition import class_counts, partition_indices, split_train_val_test
 
 METHODS = ("iid", "dirichlet", "quantity")
 

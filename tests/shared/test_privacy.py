@@ -12,8 +12,8 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared.models import build_model
-from shared.privacy import (
+from medfed.shared.models import build_model
+from medfed.shared.privacy import (
     LedgerError,
     PrivacyBudget,
     PrivacyLedger,
@@ -22,7 +22,7 @@ from shared.privacy import (
     poisson_schedule,
     secure_generator,
 )
-from shared.training import train_epochs
+from medfed.shared.training import train_epochs
 
 DELTA = 1e-5
 

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from shared.data.synthetic import make_synthetic
+from medfed.shared.data.synthetic import make_synthetic
 
 COMBOS = [
     ("classification", 2, 40, 32),
@@ -102,14 +102,14 @@ def test_classes_differ_in_blob_count_and_are_learnable() -> None:
 
 
 def test_fast_and_clearly_labelled(caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.INFO, logger="shared.data.synthetic"):
+    with caplog.at_level(logging.INFO, logger="medfed.shared.data.synthetic"):
         start = time.perf_counter()
         make_synthetic(
             task="classification", spatial_dims=2, num_samples=240, image_size=32, seed=0
         )
         assert time.perf_counter() - start < 2.0
     assert "SYNTHETIC" in caplog.text and "not medical" in caplog.text
-    import shared.data.synthetic as module
+    import medfed.shared.data.synthetic as module
 
     assert "SYNTHETIC" in (module.__doc__ or "")
 

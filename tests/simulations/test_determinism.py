@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from server.run_dir import read_metrics
-from shared.config import RunConfig
-from simulations.simulate import run_federated
+from medfed.server.run_dir import read_metrics
+from medfed.shared.config import RunConfig
+from medfed.simulations.simulate import run_federated
 
 
 def test_default_simulation_is_reproducible(tmp_path: Path) -> None:

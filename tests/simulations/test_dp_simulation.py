@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from opacus.accountants import RDPAccountant
 
-from client.site_data import simulated_site_data
-from server.run_dir import read_metrics
-from shared.config import RunConfig
-from shared.privacy import poisson_schedule, site_ledger_path
-from shared.task import round_settings
-from shared.training import make_train_loader
-from simulations.simulate import run_federated
+from medfed.client.site_data import simulated_site_data
+from medfed.server.run_dir import read_metrics
+from medfed.shared.config import RunConfig
+from medfed.shared.privacy import poisson_schedule, site_ledger_path
+from medfed.shared.task import round_settings
+from medfed.shared.training import make_train_loader
+from medfed.simulations.simulate import run_federated
 
 SIGMA = 1.3
 

@@ -25,13 +25,13 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from client.attacks import Attack, attack_client_fn
-from client.client_app import make_client_app
-from server.run_dir import read_metrics
-from server.server_app import ServerHooks, run_server
-from server.store import RunStore
-from shared.config import RunConfig
-from simulations.bench_robust import poisoning_attacks, task_config
+from medfed.client.attacks import Attack, attack_client_fn
+from medfed.client.client_app import make_client_app
+from medfed.server.run_dir import read_metrics
+from medfed.server.server_app import ServerHooks, run_server
+from medfed.server.store import RunStore
+from medfed.shared.config import RunConfig
+from medfed.simulations.bench_robust import poisoning_attacks, task_config
 from tests.server.local_grid import LocalGrid, server_identity
 
 FAULT_MARGIN = 0.10

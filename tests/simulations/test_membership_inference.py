@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from client.site_client import SiteClient
-from client.site_data import SiteData
-from shared.config import RunConfig
-from shared.data.base import ImageSet
-from shared.data.npz import load_npz
-from shared.task import model_for
-from shared.weights import set_weights
-from simulations.membership import MembershipResult, loss_threshold_attack, matched_non_members, train_fedavg_in_process
+from medfed.client.site_client import SiteClient
+from medfed.client.site_data import SiteData
+from medfed.shared.config import RunConfig
+from medfed.shared.data.base import ImageSet
+from medfed.shared.data.npz import load_npz
+from medfed.shared.task import model_for
+from medfed.shared.weights import set_weights
+from medfed.simulations.membership import MembershipResult, loss_threshold_attack, matched_non_members, train_fedavg_in_process
 
 BREASTMNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "medmnist" / "breastmnist.npz"
 PER_SITE, SEED, TARGET_EPSILON = 32, 0, 2.0

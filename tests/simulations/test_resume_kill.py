@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from server.run_dir import read_metrics
-from server.store import RunStore
-from shared.config import RunConfig
-from shared.privacy import PrivacyLedger, site_ledger_path
+from medfed.server.run_dir import read_metrics
+from medfed.server.store import RunStore
+from medfed.shared.config import RunConfig
+from medfed.shared.privacy import PrivacyLedger, site_ledger_path
 
 pytestmark = pytest.mark.slow
 
@@ -33,7 +33,7 @@ OPTIONS = ["--sites", "3", "--model", "simplecnn", "--norm", "group", "--rounds"
 def _medfed(*args: str) -> subprocess.Popen[bytes]:
     env = {**os.environ, "PYTHONPATH": str(REPO), "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
     return subprocess.Popen(
-        [sys.executable, "-m", "simulations.cli", "simulate", *args],
+        [sys.executable, "-m", "medfed.cli", "simulate", *args],
         cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )
 

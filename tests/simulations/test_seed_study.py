@@ -5,8 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from shared.config import RunConfig
-from simulations.bench_quality import seed_study
+from medfed.shared.config import RunConfig
+from medfed.simulations.bench_quality import seed_study
 
 
 def test_each_seed_is_another_split_with_both_figures(tmp_path: Path) -> None:

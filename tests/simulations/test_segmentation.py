@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from shared.config import RunConfig
-from simulations.simulate import run_federated
+from medfed.shared.config import RunConfig
+from medfed.simulations.simulate import run_federated
 
 CASES = [
     # spatial dims, image side, samples, rounds, local epochs

@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.egress import AUDIT_ENV
-from server.run_dir import read_metrics
-from shared.config import RunConfig
-from shared.data.loading import load_dataset
-from shared.task import model_for
-from simulations.simulate import run_federated
+from medfed.client.egress import AUDIT_ENV
+from medfed.server.run_dir import read_metrics
+from medfed.shared.config import RunConfig
+from medfed.shared.data.loading import load_dataset
+from medfed.shared.task import model_for
+from medfed.simulations.simulate import run_federated
 
 SMALL = dict(dataset="synthetic", synthetic_samples=96, model="simplecnn", num_sites=2,
              num_server_rounds=1, local_epochs=1, batch_size=16, image_size=16)

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from server.run_dir import read_metrics
-from server.store import RunStore
-from shared.config import RunConfig
-from simulations.simulate import run_federated
+from medfed.server.run_dir import read_metrics
+from medfed.server.store import RunStore
+from medfed.shared.config import RunConfig
+from medfed.simulations.simulate import run_federated
 from tests.server.fault_sites import crashing_client_app
 
 pytestmark = pytest.mark.slow

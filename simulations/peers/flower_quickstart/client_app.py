@@ -6,7 +6,7 @@ from flwr.app import Context
 from flwr.client import Client, ClientApp, NumPyClient
 from flwr.common import NDArrays, Scalar
 
-from simulations.peers.flower_quickstart.task import (
+from medfed.simulations.peers.flower_quickstart.task import (
     Settings,
     get_weights,
     load_model,

@@ -14,9 +14,9 @@ from dataclasses import asdict, dataclass, field
 
 from flwr.simulation import run_simulation
 
-from simulations.peers.flower_quickstart.client_app import make_client_app
-from simulations.peers.flower_quickstart.server_app import make_server_app
-from simulations.peers.flower_quickstart.task import Settings
+from medfed.simulations.peers.flower_quickstart.client_app import make_client_app
+from medfed.simulations.peers.flower_quickstart.server_app import make_server_app
+from medfed.simulations.peers.flower_quickstart.task import Settings
 
 __all__ = ["PeerResult", "run"]
 

@@ -15,7 +15,7 @@ from monai.metrics import compute_roc_auc
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from shared.models import build_model
+from medfed.shared.models import build_model
 
 __all__ = ["Settings", "load_model", "load_partition", "load_test", "train", "test", "get_weights", "set_weights"]
 

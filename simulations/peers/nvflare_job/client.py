@@ -14,8 +14,8 @@ import time
 import nvflare.client as flare
 import torch
 
-from simulations.peers.flower_quickstart.task import Settings, load_partition, train
-from simulations.peers.nvflare_job.net import PeerNet
+from medfed.simulations.peers.flower_quickstart.task import Settings, load_partition, train
+from medfed.simulations.peers.nvflare_job.net import PeerNet
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ import torch
 from nvflare.app_opt.pt.recipes.fedavg import FedAvgRecipe
 from nvflare.recipe.sim_env import SimEnv
 
-from simulations.peers.flower_quickstart.task import Settings, load_test, test
-from simulations.peers.nvflare_job.net import PeerNet
+from medfed.simulations.peers.flower_quickstart.task import Settings, load_test, test
+from medfed.simulations.peers.nvflare_job.net import PeerNet
 
 RESULT_PREFIX = "MEDFED-PEER-RESULT "
 

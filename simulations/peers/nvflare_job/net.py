@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from shared.models import build_model
+from medfed.shared.models import build_model
 
 __all__ = ["PeerNet"]
 
