@@ -95,8 +95,8 @@ def test_signed_app_verifies_against_the_run_config_flower_gives_the_sites(tmp_p
     fab = _build(signed.app_dir)
     assert fab_hash(fab) == signed.fab_sha256  # Flower's build is reproducible: `flwr run` sends these bytes
     names = zipfile.ZipFile(BytesIO(fab)).namelist()
-    assert "client/client_app.py" in names and "server/server_app.py" in names
-    assert not [n for n in names if n.startswith(("tests/", "simulations/"))]
+    assert "medfed/client/client_app.py" in names and "medfed/server/server_app.py" in names
+    assert not [n for n in names if n.startswith(("tests/", "simulations/", "medfed/simulations/"))]
 
     overrides = tomllib.loads(signed.overrides_file.read_text())
     assert list(overrides) == [SIGNATURE_KEY]
@@ -153,7 +153,7 @@ def _write_public(tmp_path: Path, key) -> Path:
 
 def test_clientapp_hook_installs_only_signed_bundles(tmp_path: Path, fake_runtime, caplog) -> None:
     runtime, state = fake_runtime
-    fab = _fab({"pyproject.toml": b"x", "client/__init__.py": b"", "shared/__init__.py": b""})
+    fab = _fab({"pyproject.toml": b"x", "medfed/__init__.py": b"", "medfed/client/__init__.py": b""})
     config, key = _signed(fab, CONFIG)
     site_deploy.install_fab_verifier(_write_public(tmp_path, key))
 
@@ -162,7 +162,7 @@ def test_clientapp_hook_installs_only_signed_bundles(tmp_path: Path, fake_runtim
     with caplog.at_level(logging.INFO, logger="medfed.client.deploy"):
         runtime.install_from_fab(fab, skip_prompt=True)
     assert state.installed == [fab]
-    assert state.forgotten == [{"client", "shared"}]  # the bundle's packages, loaded fresh from it
+    assert state.forgotten == [{"medfed"}]  # the bundle's package, loaded fresh from it
     assert "verified app bundle" in caplog.text
 
 
