@@ -37,7 +37,13 @@ from medfed.server.run_dir import read_metrics
 from medfed.shared.config import RunConfig
 from medfed.shared.data.npz import load_npz
 from medfed.shared.models import build_model, count_parameters
-from medfed.shared.privacy import GRAD_SAMPLE_MODES, PrivacyLedger, make_private_training, secure_generator, site_ledger_path
+from medfed.shared.privacy import (
+    GRAD_SAMPLE_MODES,
+    PrivacyLedger,
+    make_private_training,
+    secure_generator,
+    site_ledger_path,
+)
 from medfed.shared.task import model_for
 from medfed.shared.training import make_loss, make_optimizer, train_epochs
 from medfed.shared.weights import set_weights

@@ -11,9 +11,9 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
+from medfed.cli import app
 from medfed.client.site_config import SiteConfig, SiteConfigError, load_site_config
 from medfed.shared.config import ConfigError, RunConfig
-from medfed.cli import app
 from medfed.simulations.cli import build_config
 
 # key -> (bad value, fragments the error must contain besides the key)

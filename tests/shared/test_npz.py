@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -12,13 +11,6 @@ from medfed.shared.data.base import DataError
 from medfed.shared.data.npz import load_npz
 
 SIZES = {"train": 10, "val": 4, "test": 6}
-
-
-def _medmnist_dir() -> Path:
-    env = os.environ.get("MEDFED_DATA_DIR")
-    if env:
-        return Path(env)
-    return Path(__file__).resolve().parents[2].parent / "shared" / "data" / "medmnist"
 
 
 def _write(
@@ -170,18 +162,15 @@ def test_wrong_dtype_and_mismatched_lengths(tmp_path: Path) -> None:
         load_npz(path)
 
 
-@pytest.mark.data
 @pytest.mark.parametrize(
     ("name", "sizes", "sample"),
     [
-        ("breastmnist.npz", (546, 78, 156), (1, 28, 28)),
-        ("adrenalmnist3d.npz", (1188, 98, 298), (1, 28, 28, 28)),
+        pytest.param("breastmnist.npz", (546, 78, 156), (1, 28, 28), marks=pytest.mark.data("breastmnist.npz")),
+        pytest.param("adrenalmnist3d.npz", (1188, 98, 298), (1, 28, 28, 28), marks=pytest.mark.data("adrenalmnist3d.npz")),
     ],
 )
-def test_real_medmnist(name: str, sizes: tuple[int, int, int], sample: tuple[int, ...]) -> None:
-    path = _medmnist_dir() / name
-    if not path.exists():
-        pytest.skip(f"{path} not found (set MEDFED_DATA_DIR to the MedMNIST folder to run this)")
+def test_real_medmnist(name: str, sizes: tuple[int, int, int], sample: tuple[int, ...], medmnist: Path) -> None:
+    path = medmnist / name
     splits = load_npz(path)
     assert (len(splits.train), len(splits.val), len(splits.test)) == sizes
     assert splits.train.images.shape[1:] == sample

@@ -1,7 +1,8 @@
 """``medfed bench``: the quick profile end to end (CI smoke), and the orchestrator's checks.
 
-The quick profile trains on tiny slices of the MedMNIST files (``../shared/data/medmnist``; a
-section whose file is missing says so in its cells, which counts as a reason) and starts Flower's
+The quick profile trains on tiny slices of the MedMNIST files (``$MEDFED_DATA_DIR``, else
+``../shared/data/medmnist``; a section whose file is missing says so in its cells, which counts as a
+reason; the checks of real figures are marked ``data`` and skip, saying why, without the files) and starts Flower's
 simulation engine a few times: about 2-3 minutes on 2 idle cores, one run shared by the tests
 of this module.
 """
@@ -28,9 +29,9 @@ from medfed.simulations.bench import (
     run_section,
     write_regions,
 )
+from tests.support.medmnist import medmnist_dir
 
-REPO = Path(__file__).resolve().parents[2]
-DATA_DIR = REPO.parent / "shared" / "data" / "medmnist"
+DATA_DIR = medmnist_dir()
 PREAMBLE = "# medfed benchmarks\n\nHand-written notes that the generator must keep.\n"
 TRAILER = "\n## Notes after the generated part\n\nAlso kept.\n"
 
@@ -54,6 +55,7 @@ def test_quick_profile_fills_every_cell_or_says_why(quick_run) -> None:
         assert all(table.rows for table in result.tables), name
 
 
+@pytest.mark.data("breastmnist.npz", "adrenalmnist3d.npz")
 def test_quick_profile_reports_every_ratio_of_the_issue(quick_run) -> None:
     out, _, results = quick_run
     text = out.read_text()
@@ -74,11 +76,10 @@ def test_quick_profile_reports_every_ratio_of_the_issue(quick_run) -> None:
     assert any("quickstart" in n for n in names) and any("NVIDIA FLARE" in n for n in names)
     flare = next(row for row in peers.rows if "NVIDIA FLARE" in row[0])
     assert flare[1].startswith(("not run:", "not available:", "failed:")) or float(flare[1]) > 0
-    if DATA_DIR.joinpath("breastmnist.npz").exists():  # real figures, not reasons, where the data is there
-        quality = results["quality"].tables[0]
-        assert {row[0] for row in quality.rows} >= {"breastmnist"}
-        assert 0.0 <= float(quality.rows[0][3].split()[0]) <= 1.0  # pooled AUC
-        assert float(peers.rows[0][4]) > 0.0  # medfed's final AUC
+    quality = results["quality"].tables[0]  # real figures, not reasons: the data is there
+    assert {row[0] for row in quality.rows} >= {"breastmnist"}
+    assert 0.0 <= float(quality.rows[0][3].split()[0]) <= 1.0  # pooled AUC
+    assert float(peers.rows[0][4]) > 0.0  # medfed's final AUC
 
 
 def test_quick_profile_keeps_hand_written_text_and_writes_regions(quick_run) -> None:

@@ -23,18 +23,18 @@ from medfed.shared.data.base import ImageSet
 from medfed.shared.data.npz import load_npz
 from medfed.shared.task import model_for
 from medfed.shared.weights import set_weights
-from medfed.simulations.membership import MembershipResult, loss_threshold_attack, matched_non_members, train_fedavg_in_process
+from medfed.simulations.membership import (
+    MembershipResult,
+    loss_threshold_attack,
+    matched_non_members,
+    train_fedavg_in_process,
+)
+from tests.support.medmnist import medmnist_dir
 
-BREASTMNIST = Path(__file__).resolve().parents[3] / "shared" / "data" / "medmnist" / "breastmnist.npz"
+BREASTMNIST = medmnist_dir() / "breastmnist.npz"
 PER_SITE, SEED, TARGET_EPSILON = 32, 0, 2.0
 
-pytestmark = [
-    pytest.mark.data,
-    pytest.mark.skipif(
-        not BREASTMNIST.exists(),
-        reason=f"needs the real BreastMNIST file {BREASTMNIST} (MedMNIST; not shipped in the repository)",
-    ),
-]
+pytestmark = [pytest.mark.data("breastmnist.npz")]
 
 
 def _setting() -> tuple[list[ImageSet], ImageSet, ImageSet]:

@@ -10,7 +10,14 @@ from flwr.common import Metrics, NDArrays, Scalar, ndarrays_to_parameters
 from flwr.server import ServerApp, ServerAppComponents, ServerConfig
 from flwr.server.strategy import FedAvg
 
-from medfed.simulations.peers.flower_quickstart.task import Settings, get_weights, load_model, load_test, set_weights, test
+from medfed.simulations.peers.flower_quickstart.task import (
+    Settings,
+    get_weights,
+    load_model,
+    load_test,
+    set_weights,
+    test,
+)
 
 __all__ = ["make_server_app"]
 
