@@ -192,7 +192,7 @@ def test_image_size_zero_keeps_size_if_uniform(tmp_path: Path) -> None:
     splits = load_datalist(path, image_size=0)
     assert splits.train.images.shape == (3, 1, 10, 12, 14)
     varying = _datalist(tmp_path, {"training": _cls_2d(tmp_path, 4)}, "varying.json")
-    with pytest.raises(DataError, match=r"c1\.nii\.gz.*has size.*image_size > 0"):
+    with pytest.raises(DataError, match=r"c1\.nii\.gz.*has size.*image-size > 0.*--image-size"):
         load_datalist(varying, image_size=0)
 
 

@@ -1,0 +1,117 @@
+"""Command-line options shared by the ``medfed`` commands (Typer / click; no Flower).
+
+* :func:`config_option`: a flag that sets a run-config key; its help names the key and shows
+  the key's :class:`~shared.config.RunConfig` default (the one source of defaults), and its
+  value is ``None`` when not given, so the config pipeline (``shared.config_sources``) knows
+  which keys the user set.
+* :class:`HintedChoice`: click's ``Choice`` whose choices may be computed on first use (the
+  model registry imports torch) and whose error suggests the closest choice.
+* :func:`verbose_option`: ``-v/--verbose`` and ``-q/--quiet``, with help.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import fields
+from typing import Any
+
+import click
+import typer
+
+from medfed.shared.config import RunConfig, close_matches
+
+__all__ = ["HintedChoice", "config_default", "config_option", "verbose_option"]
+
+
+class HintedChoice(click.Choice):
+    """``click.Choice`` with lazily computed choices and a "Did you mean" hint.
+
+    Parameters
+    ----------
+    choices
+        The valid values, or a function returning them (called when first needed).
+    """
+
+    def __init__(self, choices: Sequence[str] | Callable[[], Sequence[str]]) -> None:
+        self._source = choices
+        self._loaded: tuple[str, ...] | None = None
+        super().__init__((), case_sensitive=True)
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        """The valid values (computed on first use)."""
+        if self._loaded is None:
+            source = self._source
+            self._loaded = tuple(source() if callable(source) else source)
+        return self._loaded
+
+    @choices.setter
+    def choices(self, value: Sequence[str]) -> None:  # click.Choice.__init__ assigns it
+        if value:
+            self._loaded = tuple(value)
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        """The value if it is one of the choices, else a usage error with the closest one."""
+        if value in self.choices:
+            return value
+        hint = close_matches(str(value), list(self.choices))
+        self.fail(
+            f"{value!r} is not one of {', '.join(repr(c) for c in self.choices)}.{hint}", param, ctx
+        )
+
+
+def config_default(key: str) -> Any:
+    """The :class:`RunConfig` default of the kebab-case ``key``."""
+    name = key.replace("-", "_")
+    for f in fields(RunConfig):
+        if f.name == name:
+            return f.default
+    raise KeyError(f"{key!r} is not a run-config key.")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value == "":
+        return '""'
+    return str(value)
+
+
+def config_option(
+    key: str,
+    help: str,
+    *param_decls: str,
+    choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
+    default_text: str | None = None,
+) -> Any:
+    """A Typer option that sets run-config ``key`` (``None`` when not given).
+
+    Parameters
+    ----------
+    key
+        The kebab-case run-config key (``num-server-rounds``).
+    help
+        What the option does; ``[key: <key>]`` is appended.
+    *param_decls
+        The flag names (default: ``--<key>``).
+    choices
+        Valid values as click choices (a function: computed when first needed).
+    default_text
+        The default as shown (default: the key's :class:`RunConfig` default).
+    """
+    return typer.Option(
+        *param_decls,
+        help=f"{help} [key: {key}]",
+        show_default=default_text if default_text is not None else _shown(config_default(key)),
+        click_type=HintedChoice(choices) if choices is not None else None,
+    )
+
+
+def verbose_option(*, what: str) -> Any:
+    """``--verbose/-v`` and ``--quiet/-q``: whether ``what`` is shown (INFO logs) or only warnings."""
+    return typer.Option(
+        "--verbose/--quiet",
+        "-v/-q",
+        help=f"--verbose shows {what}; --quiet only warnings and errors.",
+        show_default=True,
+    )
