@@ -1,9 +1,9 @@
 """Command-line options shared by the ``medfed`` commands (Typer / click; no Flower).
 
 * :func:`config_option`: a flag that sets a run-config key; its help names the key and shows
-  the key's :class:`~shared.config.RunConfig` default (the one source of defaults), and its
-  value is ``None`` when not given, so the config pipeline (``shared.config_sources``) knows
-  which keys the user set.
+  its default, which the command takes from :class:`~shared.config.RunConfig` (the one source
+  of defaults); :func:`given_values` keeps only the flags the user typed (click's parameter
+  source), so the config pipeline (``shared.config_sources``) knows which keys the user set.
 * :class:`HintedChoice`: click's ``Choice`` whose choices may be computed on first use (the
   model registry imports torch) and whose error suggests the closest choice.
 * :func:`verbose_option`: ``-v/--verbose`` and ``-q/--quiet``, with help.
@@ -17,10 +17,11 @@ from typing import Any
 
 import click
 import typer
+from rich.markup import escape
 
 from medfed.shared.config import RunConfig, close_matches
 
-__all__ = ["HintedChoice", "config_default", "config_option", "verbose_option"]
+__all__ = ["HintedChoice", "config_default", "config_option", "given_values", "verbose_option"]
 
 
 class HintedChoice(click.Choice):
@@ -69,22 +70,13 @@ def config_default(key: str) -> Any:
     raise KeyError(f"{key!r} is not a run-config key.")
 
 
-def _shown(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value == "":
-        return '""'
-    return str(value)
-
-
 def config_option(
     key: str,
     help: str,
     *param_decls: str,
     choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
-    default_text: str | None = None,
 ) -> Any:
-    """A Typer option that sets run-config ``key`` (``None`` when not given).
+    """A Typer option that sets run-config ``key``; give it the default ``RunConfig.<field>``.
 
     Parameters
     ----------
@@ -96,15 +88,28 @@ def config_option(
         The flag names (default: ``--<key>``).
     choices
         Valid values as click choices (a function: computed when first needed).
-    default_text
-        The default as shown (default: the key's :class:`RunConfig` default).
     """
+    config_default(key)  # a typo in a declaration fails at import
     return typer.Option(
         *param_decls,
-        help=f"{help} [key: {key}]",
-        show_default=default_text if default_text is not None else _shown(config_default(key)),
+        help=escape(f"{help} [key: {key}]"),  # escaped: rich would read [key: ...] as markup
+        show_default=True,
         click_type=HintedChoice(choices) if choices is not None else None,
     )
+
+
+def given_values(ctx: click.Context, values: dict[str, tuple[str, Any]]) -> dict[str, Any]:
+    """``{key: value or None}``: the value of each option the user gave, ``None`` for the others.
+
+    Parameters
+    ----------
+    ctx
+        The command's click context.
+    values
+        Run-config key -> (the option's parameter name, its value).
+    """
+    untyped = (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP, None)
+    return {key: (None if ctx.get_parameter_source(name) in untyped else value) for key, (name, value) in values.items()}
 
 
 def verbose_option(*, what: str) -> Any:

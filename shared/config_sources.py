@@ -132,7 +132,7 @@ def _kebab(key: object) -> str:
 
 def mapping_layer(values: Mapping[str, Any], *, source: str) -> Layer:
     """A layer of a raw mapping (Flower's ``context.run_config``, a recipe, ``config.json``)."""
-    return Layer(values={_kebab(k): v for k, v in values.items()}, source=source)
+    return Layer(values=dict(values), source=source)
 
 
 def file_layer(path: str | Path) -> Layer:

@@ -15,7 +15,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from medfed.shared.cli_options import config_option, verbose_option
+from medfed.shared.cli_options import config_option, given_values, verbose_option
 from medfed.shared.config import NORMS, PARTITIONS, STRATEGIES, ConfigError, RunConfig
 from medfed.shared.config_sources import ResolvedConfig, file_layer, flag_layer, resolve_config, set_layer
 from medfed.shared.data.base import DataError
@@ -105,29 +105,36 @@ def _flag(key: str, help: str, *, choices: Any = None) -> Any:
 
 @app.command()
 def simulate(
+    ctx: typer.Context,
     config: Annotated[
         Path | None, typer.Option("--config", "-c", help="TOML file with run-config keys (flags and --set override it).")
     ] = None,
-    dataset: Annotated[str | None, _flag("dataset", "'synthetic', a MedMNIST .npz file or a datalist .json.")] = None,
-    sites: Annotated[int | None, _flag("num-sites", "Number of simulated hospitals.")] = None,
+    dataset: Annotated[
+        str, _flag("dataset", "'synthetic', a MedMNIST .npz file or a datalist .json.")
+    ] = RunConfig.dataset,
+    sites: Annotated[int, _flag("num-sites", "Number of simulated hospitals.")] = RunConfig.num_sites,
     partition: Annotated[
-        str | None, _flag("partition", "How the dataset is split into sites.", choices=PARTITIONS)
-    ] = None,
-    alpha: Annotated[float | None, _flag("dirichlet-alpha", "Dirichlet concentration (smaller = more skew).")] = None,
-    rounds: Annotated[int | None, _flag("num-server-rounds", "Federated rounds.")] = None,
-    local_epochs: Annotated[int | None, _flag("local-epochs", "Local epochs per round.")] = None,
+        str, _flag("partition", "How the dataset is split into sites.", choices=PARTITIONS)
+    ] = RunConfig.partition,
+    alpha: Annotated[
+        float, _flag("dirichlet-alpha", "Dirichlet concentration (smaller = more skew).")
+    ] = RunConfig.dirichlet_alpha,
+    rounds: Annotated[int, _flag("num-server-rounds", "Federated rounds.")] = RunConfig.num_server_rounds,
+    local_epochs: Annotated[int, _flag("local-epochs", "Local epochs per round.")] = RunConfig.local_epochs,
     model: Annotated[
-        str | None, _flag("model", "Model registry name (`medfed models` describes them).", choices=_model_names)
-    ] = None,
+        str, _flag("model", "Model registry name (`medfed models` describes them).", choices=_model_names)
+    ] = RunConfig.model,
     norm: Annotated[
-        str | None, _flag("norm", "Normalisation layers (group or instance for --set dp=true).", choices=NORMS)
-    ] = None,
-    strategy: Annotated[str | None, _flag("strategy", "Aggregation strategy.", choices=STRATEGIES)] = None,
-    lr: Annotated[float | None, _flag("learning-rate", "Local learning rate (cosine-decayed over rounds).")] = None,
-    batch_size: Annotated[int | None, _flag("batch-size", "Local batch size.")] = None,
-    image_size: Annotated[int | None, _flag("image-size", "Resize images to this side (0 = keep).")] = None,
-    seed: Annotated[int | None, _flag("seed", "The one seed; every random choice derives from it.")] = None,
-    run_dir: Annotated[str | None, _flag("run-dir", "Folder for run directories.")] = None,
+        str, _flag("norm", "Normalisation layers (group or instance for --set dp=true).", choices=NORMS)
+    ] = RunConfig.norm,
+    strategy: Annotated[str, _flag("strategy", "Aggregation strategy.", choices=STRATEGIES)] = RunConfig.strategy,
+    lr: Annotated[
+        float, _flag("learning-rate", "Local learning rate (cosine-decayed over rounds).")
+    ] = RunConfig.learning_rate,
+    batch_size: Annotated[int, _flag("batch-size", "Local batch size.")] = RunConfig.batch_size,
+    image_size: Annotated[int, _flag("image-size", "Resize images to this side (0 = keep).")] = RunConfig.image_size,
+    seed: Annotated[int, _flag("seed", "The one seed; every random choice derives from it.")] = RunConfig.seed,
+    run_dir: Annotated[str, _flag("run-dir", "Folder for run directories.")] = RunConfig.run_dir,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Any run-config key: --set key=value (repeatable; wins over flags and --config)."),
@@ -139,8 +146,10 @@ def simulate(
         Path | None,
         typer.Option(
             "--resume",
-            help="Continue this run directory after its last completed round, with its own config "
-            "(same directory, same run-store run). Takes no other config option. [key: resume]",
+            help=escape(
+                "Continue this run directory after its last completed round, with its own config "
+                "(same directory, same run-store run). Takes no other config option. [key: resume]"
+            ),
         ),
     ] = None,
     dry_run: Annotated[
@@ -158,22 +167,25 @@ def simulate(
     wins); --dry-run prints it with each key's source.
     """
     _setup_logging(verbose)
-    overrides = {
-        "dataset": dataset,
-        "num-sites": sites,
-        "partition": partition,
-        "dirichlet-alpha": alpha,
-        "num-server-rounds": rounds,
-        "local-epochs": local_epochs,
-        "model": model,
-        "norm": norm,
-        "strategy": strategy,
-        "learning-rate": lr,
-        "batch-size": batch_size,
-        "image-size": image_size,
-        "seed": seed,
-        "run-dir": run_dir,
-    }
+    overrides = given_values(
+        ctx,
+        {
+            "dataset": ("dataset", dataset),
+            "num-sites": ("sites", sites),
+            "partition": ("partition", partition),
+            "dirichlet-alpha": ("alpha", alpha),
+            "num-server-rounds": ("rounds", rounds),
+            "local-epochs": ("local_epochs", local_epochs),
+            "model": ("model", model),
+            "norm": ("norm", norm),
+            "strategy": ("strategy", strategy),
+            "learning-rate": ("lr", lr),
+            "batch-size": ("batch_size", batch_size),
+            "image-size": ("image_size", image_size),
+            "seed": ("seed", seed),
+            "run-dir": ("run_dir", run_dir),
+        },
+    )
     try:
         if resume is not None:
             given = [SIMULATE_FLAGS[k] for k, v in overrides.items() if v is not None]
