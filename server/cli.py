@@ -70,7 +70,7 @@ def server_start(
         list[str] | None,
         typer.Option(
             "--control-allow",
-            help="Network (CIDR) allowed to submit runs and manage the federation, besides this host (repeatable).",
+            help="Network (CIDR) allowed to submit runs and manage the federation, besides this host (repeatable; default: this host only).",
         ),
     ] = None,
     verbose: Annotated[bool, verbose_option(what="the SuperLink's and medfed's logs")] = True,
@@ -129,7 +129,9 @@ def deployment_config(fed_sites: int, run_dir: Path, config_file: Path | None, s
 
 def run_command(
     federation: Annotated[Path, typer.Option("--federation", "-f", help="The federation folder.")],
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with run-config keys.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML file with run-config keys (--set overrides it).")
+    ] = None,
     set_: Annotated[
         list[str] | None,
         typer.Option("--set", help="Any run-config key: --set key=value (repeatable; wins over --config)."),

@@ -15,7 +15,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from medfed.shared.cli_options import config_option, given_values, verbose_option
+from medfed.shared.cli_options import HintedChoice, config_option, given_values, verbose_option
 from medfed.shared.config import NORMS, PARTITIONS, STRATEGIES, ConfigError, RunConfig
 from medfed.shared.config_sources import ResolvedConfig, file_layer, flag_layer, resolve_config, set_layer
 from medfed.shared.data.base import DataError
@@ -272,31 +272,44 @@ def models() -> None:
     console.print(table)
 
 
+def _bench_profiles() -> list[str]:
+    from medfed.simulations.bench import PROFILES
+
+    return list(PROFILES)
+
+
+def _bench_sections() -> list[str]:
+    from medfed.simulations.bench import SECTIONS
+
+    return list(SECTIONS)
+
+
 @app.command()
 def bench(
-    profile: Annotated[str, typer.Option(help="quick (CI smoke, minutes) | full (the BENCHMARKS.md figures, about an hour).")] = "quick",
+    profile: Annotated[
+        str,
+        typer.Option(
+            help="quick (CI smoke, minutes) or full (the BENCHMARKS.md figures, about an hour).",
+            click_type=HintedChoice(_bench_profiles),
+        ),
+    ] = "quick",
     out: Annotated[Path, typer.Option(help="Markdown file whose bench regions are (re)written.")] = Path("BENCHMARKS.md"),
     plots: Annotated[Path, typer.Option(help="Folder for the PNG plots.")] = Path("docs/bench"),
     data_dir: Annotated[
         Path | None, typer.Option(help="MedMNIST folder (default $MEDFED_DATA_DIR or ../shared/data/medmnist).")
     ] = None,
     section: Annotated[
-        list[str] | None, typer.Option("--section", help="Run only this section (repeatable); default all.")
+        list[str] | None,
+        typer.Option(
+            "--section", help="Run only this section (repeatable); default all.", click_type=HintedChoice(_bench_sections)
+        ),
     ] = None,
     workdir: Annotated[Path | None, typer.Option(help="Keep run directories here (default: a temporary folder).")] = None,
 ) -> None:
     """Benchmark suite: quality, privacy cost, overhead and peers, measured side by side into BENCHMARKS.md."""
     import sys
 
-    from medfed.simulations.bench import PROFILES, SECTIONS, bench_command, default_data_dir
-
-    if profile not in PROFILES:
-        console.print(f"[bold red]error:[/] --profile {profile!r} is invalid. Valid profiles: {', '.join(PROFILES)}.")
-        raise typer.Exit(code=2)
-    unknown = [s for s in section or [] if s not in SECTIONS]
-    if unknown:
-        console.print(f"[bold red]error:[/] unknown --section {', '.join(unknown)}. Valid: {', '.join(SECTIONS)}.")
-        raise typer.Exit(code=2)
+    from medfed.simulations.bench import bench_command, default_data_dir
     code = bench_command(
         profile=profile, out=out, plots=plots, data_dir=data_dir or default_data_dir(), sections=section,
         workdir=workdir, argv=["medfed", *sys.argv[1:]],

@@ -216,7 +216,7 @@ def test_bad_simulate_flag_fails_fast_naming_it(tmp_path: Path, monkeypatch: pyt
     [
         (["site", "check", "--config", "SITE", "--image-size", "-1"], ["--image-size = -1", ">= 0"]),
         (["site", "check", "--config", "SITE", "--num-classes", "-1"], ["--num-classes = -1", ">= 0"]),
-        (["site", "check", "--config", "SITE", "--bad-data", "lenient"], ["--bad-data = 'lenient'", "'strict', 'skip'"]),
+        (["site", "check", "--config", "SITE", "--bad-data", "lenient"], ["'--bad-data'", "'lenient' is not one of 'strict', 'skip'"]),
         (["site", "check", "--config", "missing.toml"], ["missing.toml", "does not exist"]),
         (["site", "start", "--kit", "KIT", "--config", "SITE", "--max-connect-attempts", "0"],
          ["--max-connect-attempts", "x>=1"]),
