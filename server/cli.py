@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 
 from medfed.server.provision import ProvisionError, load_federation, main_describe, provision
-from medfed.shared.cli_options import verbose_option
+from medfed.shared.cli_options import dry_run_option, verbose_option
 from medfed.shared.config import ConfigError, RunConfig
 from medfed.shared.config_sources import Layer, ResolvedConfig, file_layer, resolve_config, set_layer
 
@@ -138,13 +138,7 @@ def run_command(
     ] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the run finishes.")] = True,
     timeout: Annotated[float, typer.Option(min=1.0, help="Seconds to wait for the run (>= 1).")] = 3600.0,
-    dry_run: Annotated[
-        bool,
-        typer.Option(
-            "--dry-run",
-            help="Print the resolved config (every key, its value and where it came from) and exit; submits nothing.",
-        ),
-    ] = False,
+    dry_run: Annotated[bool, dry_run_option(instead="without submitting anything")] = False,
     verbose: Annotated[bool, verbose_option(what="medfed's progress logs")] = False,
 ) -> None:
     """Sign the medfed app for this run config and submit it to the federation (`flwr run`).

@@ -21,7 +21,7 @@ from rich.markup import escape
 
 from medfed.shared.config import RunConfig, close_matches
 
-__all__ = ["HintedChoice", "config_default", "config_option", "given_values", "verbose_option"]
+__all__ = ["HintedChoice", "config_default", "config_option", "dry_run_option", "given_values", "verbose_option"]
 
 
 class HintedChoice(click.Choice):
@@ -110,6 +110,14 @@ def given_values(ctx: click.Context, values: dict[str, tuple[str, Any]]) -> dict
     """
     untyped = (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP, None)
     return {key: (None if ctx.get_parameter_source(name) in untyped else value) for key, (name, value) in values.items()}
+
+
+def dry_run_option(*, instead: str) -> Any:
+    """``--dry-run``: print the resolved run config (each key's value and source) and exit 0 ``instead``."""
+    return typer.Option(
+        "--dry-run",
+        help=f"Print the resolved config (every key, its value and where it came from) and exit {instead}.",
+    )
 
 
 def verbose_option(*, what: str) -> Any:

@@ -15,7 +15,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from medfed.shared.cli_options import HintedChoice, config_option, given_values, verbose_option
+from medfed.shared.cli_options import HintedChoice, config_option, dry_run_option, given_values, verbose_option
 from medfed.shared.config import NORMS, PARTITIONS, STRATEGIES, ConfigError, RunConfig
 from medfed.shared.config_sources import ResolvedConfig, file_layer, flag_layer, resolve_config, set_layer
 from medfed.shared.data.base import DataError
@@ -152,13 +152,7 @@ def simulate(
             ),
         ),
     ] = None,
-    dry_run: Annotated[
-        bool,
-        typer.Option(
-            "--dry-run",
-            help="Print the resolved config (every key, its value and where it came from) and exit without training.",
-        ),
-    ] = False,
+    dry_run: Annotated[bool, dry_run_option(instead="without training")] = False,
     verbose: Annotated[bool, verbose_option(what="Flower's and medfed's logs")] = False,
 ) -> None:
     """Simulate several hospitals training one model (or the pooled baseline with --centralized).
