@@ -1,5 +1,8 @@
 """One validated run configuration, parsed once from Flower's kebab-case run config.
 
+Every entry point builds it through :func:`shared.config_sources.resolve_config` (defaults <
+file < flags < ``--set``, merged raw, then validated here once).
+
 The keys of ``[tool.flwr.app.config]`` in ``pyproject.toml`` (and ``--run-config`` overrides, and
 the flags of ``medfed simulate``) are kebab-case; :class:`RunConfig` holds them as snake_case
 fields. Unknown keys and bad values raise :class:`ConfigError` naming the key and the valid
@@ -104,7 +107,9 @@ class RunConfig:
         so ``secagg`` must be off (and ``client-dp`` too: its noise is calibrated for a mean).
         ``min_fit_clients`` is also the fewest sites whose training results a round needs
         (without SecAgg+): a round in which fewer sites answer leaves the global model
-        unchanged (recorded, and the next round runs).
+        unchanged (recorded, and the next round runs). It must not exceed ``num_sites``; only the
+        default (:data:`DEFAULT_MIN_FIT_CLIENTS`) is capped to it, for a one-site run (a value a
+        user gave is never lowered: ``shared.config_sources.resolve_config`` names both keys).
     round_timeout
         Seconds the server waits for the sites' replies in each round's training and
         evaluation step; sites that have not answered by then count as failed for that round

@@ -213,7 +213,8 @@ def resolve_config(
     ------
     ConfigError
         An unknown key or a value of the wrong type (naming its layer), an invalid value
-        (naming the key and its source), ``min-fit-clients`` above ``num-sites``, an
+        (naming the key and its source: ``num-sites (--sites) = 0``, or with one source in
+        front, ``file f.toml: num-sites = 0``), ``min-fit-clients`` above ``num-sites``, an
         unregistered model, a ``run-dir`` that is a file.
     """
     defaults = {f.name.replace("_", "-"): f.default for f in fields(RunConfig)}
@@ -248,17 +249,17 @@ def resolve_config(
             )
     if enrolled_sites is not None:
         _check_deployment(merged, sources, enrolled_sites=enrolled_sites)
+    given = [layer for layer in layers if layer.values]
     try:
         cfg = RunConfig(**{k.replace("-", "_"): v for k, v in merged.items()})
-    except ConfigError as err:
-        raise ConfigError(_name_sources(str(err), sources)) from None
-    if check_model:
-        from medfed.shared.models import check_model_name
+        if check_model:
+            from medfed.shared.models import check_model_name
 
-        try:
             check_model_name(cfg.model)
-        except ConfigError as err:
-            raise ConfigError(_name_sources(str(err), sources)) from None
+    except ConfigError as err:
+        if len(given) == 1 and not given[0].labels:  # one source: say it once
+            raise ConfigError(f"{given[0].source}: {err}") from None
+        raise ConfigError(_name_sources(str(err), sources)) from None
     if Path(cfg.run_dir).expanduser().is_file():
         raise ConfigError(
             f"run-dir = {cfg.run_dir!r} ({sources['run-dir']}) is a file: give a folder (created if missing)."
@@ -283,6 +284,9 @@ def _check_deployment(merged: Mapping[str, Any], sources: Mapping[str, str], *, 
 
 def _name_sources(message: str, sources: Mapping[str, str]) -> str:
     """``num-sites = 0 ...`` -> ``num-sites (--sites) = 0 ...`` for every key not from the defaults.
+
+    (With a single source without per-key labels, :func:`resolve_config` names it once in front
+    of the message instead: ``run config: num-sites = 0 ...``.)
 
     A flag is shown as the user typed it (``--sites``), a file by its path, ``--set`` as is.
     """

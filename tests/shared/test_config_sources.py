@@ -108,8 +108,10 @@ def test_only_the_default_min_fit_clients_is_capped_and_the_note_says_so() -> No
 
 def test_errors_name_the_layer_a_value_came_from(tmp_path: Path) -> None:
     path = _toml(tmp_path, "num-sites = 0\n")
-    with pytest.raises(ConfigError, match=r"num-sites \(.*f\.toml\) = 0 .*>= 1"):
+    with pytest.raises(ConfigError, match=r"^file .*f\.toml: num-sites = 0 .*>= 1"):
         resolve_config(file_layer(path))
+    with pytest.raises(ConfigError, match=r"num-sites \(.*f\.toml\) = 0 .*>= 1"):
+        resolve_config(file_layer(path), set_layer(["seed=1"]))
     with pytest.raises(ConfigError, match=r"num-sites \(--sites\) = 0"):
         resolve_config(flag_layer({"num-sites": 0}, flags={"num-sites": "--sites"}))
     with pytest.raises(ConfigError, match=r"Unknown key 'num-site' in --set\. Did you mean 'num-sites'"):
