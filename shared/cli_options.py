@@ -98,18 +98,22 @@ def config_option(
     )
 
 
-def given_values(ctx: click.Context, values: dict[str, tuple[str, Any]]) -> dict[str, Any]:
-    """``{key: value or None}``: the value of each option the user gave, ``None`` for the others.
+def given_values(ctx: click.Context, *, flags: dict[str, str]) -> dict[str, Any]:
+    """``{key: value or None}``: the value of each flag the user gave, ``None`` for the others.
 
     Parameters
     ----------
     ctx
-        The command's click context.
-    values
-        Run-config key -> (the option's parameter name, its value).
+        The command's click context (its ``params`` hold every option's value).
+    flags
+        Run-config key -> the flag that sets it (``--sites``: parameter ``sites``).
     """
     untyped = (click.core.ParameterSource.DEFAULT, click.core.ParameterSource.DEFAULT_MAP, None)
-    return {key: (None if ctx.get_parameter_source(name) in untyped else value) for key, (name, value) in values.items()}
+    out: dict[str, Any] = {}
+    for key, flag in flags.items():
+        name = flag.removeprefix("--").replace("-", "_")
+        out[key] = None if ctx.get_parameter_source(name) in untyped else ctx.params[name]
+    return out
 
 
 def dry_run_option(*, instead: str) -> Any:

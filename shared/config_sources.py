@@ -299,14 +299,23 @@ def _name_sources(message: str, sources: Mapping[str, str]) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _cached(items: tuple[tuple[str, Any], ...], source: str) -> ResolvedConfig:
-    return resolve_config(mapping_layer(dict(items), source=source), check_model=False)
+def _cached(items: tuple[tuple[str, Any], ...], source: str) -> RunConfig:
+    return resolve_config(mapping_layer(dict(items), source=source)).config
 
 
 def config_from_run_config(run_config: Mapping[str, Any], *, source: str = "run config") -> RunConfig:
     """The run config of Flower's ``context.run_config`` (``flwr run``), through :func:`resolve_config`.
 
     Resolved once per distinct mapping and cached: the ClientApp asks for every message.
+
+    Raises
+    ------
+    ConfigError
+        As :func:`resolve_config` (``source`` named in front of the message).
     """
     items = tuple(sorted((str(k), v) for k, v in run_config.items()))
-    return _cached(items, source).config
+    try:
+        hash(items)
+    except TypeError:  # a value Flower would not send (a list): resolve without the cache
+        return resolve_config(mapping_layer(dict(items), source=source)).config
+    return _cached(items, source)

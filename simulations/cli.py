@@ -161,25 +161,7 @@ def simulate(
     wins); --dry-run prints it with each key's source.
     """
     _setup_logging(verbose)
-    overrides = given_values(
-        ctx,
-        {
-            "dataset": ("dataset", dataset),
-            "num-sites": ("sites", sites),
-            "partition": ("partition", partition),
-            "dirichlet-alpha": ("alpha", alpha),
-            "num-server-rounds": ("rounds", rounds),
-            "local-epochs": ("local_epochs", local_epochs),
-            "model": ("model", model),
-            "norm": ("norm", norm),
-            "strategy": ("strategy", strategy),
-            "learning-rate": ("lr", lr),
-            "batch-size": ("batch_size", batch_size),
-            "image-size": ("image_size", image_size),
-            "seed": ("seed", seed),
-            "run-dir": ("run_dir", run_dir),
-        },
-    )
+    overrides = given_values(ctx, flags=SIMULATE_FLAGS)  # key -> value typed, None if not given
     try:
         if resume is not None:
             given = [SIMULATE_FLAGS[k] for k, v in overrides.items() if v is not None]

@@ -52,6 +52,7 @@ from monai.data.image_reader import ImageReader
 from monai.transforms import Compose, LoadImage, Resized, ScaleIntensityd
 from monai.utils import convert_to_numpy
 
+from medfed.shared.config import TASKS
 from medfed.shared.data.base import DataError, DataSplits, ImageSet, Task
 from medfed.shared.partition import split_train_val_test
 
@@ -736,9 +737,9 @@ def _scan(
         )
     if spatial_dims not in (None, 2, 3):
         raise DataError(f"spatial_dims = {spatial_dims!r} is invalid: use 2, 3 or None (infer).")
-    if task not in (None, "classification", "segmentation"):
+    if task is not None and task not in TASKS:
         raise DataError(
-            f"task = {task!r} is invalid. Valid choices: 'classification', 'segmentation', None."
+            f"task = {task!r} is invalid. Valid choices: {', '.join(repr(t) for t in TASKS)}, None."
         )
     for name, value, low in (("num_classes", num_classes, 2), ("in_channels", in_channels, 1)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
