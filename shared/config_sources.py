@@ -242,8 +242,9 @@ def resolve_config(
             )
         else:
             raise ConfigError(
-                f"min-fit-clients = {min_fit} ({sources['min-fit-clients']}) exceeds num-sites = {num_sites} "
-                f"({sources['num-sites']}): no round could collect {min_fit} sites' results. Lower it "
+                f"min-fit-clients ({_shown(sources['min-fit-clients'])}) = {min_fit} exceeds num-sites "
+                f"({_shown(sources['num-sites'])}) = {num_sites}: no round could collect {min_fit} sites' results. "
+                "Lower it "
                 f"(--set min-fit-clients={num_sites}) or add sites (--set num-sites={min_fit}"
                 f"{', or --sites ' + str(min_fit) + ' with medfed simulate' if enrolled_sites is None else ''})."
             )
@@ -262,7 +263,7 @@ def resolve_config(
         raise ConfigError(_name_sources(str(err), sources)) from None
     if Path(cfg.run_dir).expanduser().is_file():
         raise ConfigError(
-            f"run-dir = {cfg.run_dir!r} ({sources['run-dir']}) is a file: give a folder (created if missing)."
+            f"run-dir ({_shown(sources['run-dir'])}) = {cfg.run_dir!r} is a file: give a folder (created if missing)."
         )
     return ResolvedConfig(config=cfg, sources=sources, notes=tuple(notes))
 
@@ -271,13 +272,13 @@ def _check_deployment(merged: Mapping[str, Any], sources: Mapping[str, str], *, 
     dataset = merged.get("dataset", RunConfig.dataset)
     if dataset != "deployment":
         raise ConfigError(
-            f"dataset = {dataset!r} ({sources['dataset']}) cannot be used on a federation: sites train on "
+            f"dataset ({_shown(sources['dataset'])}) = {dataset!r} cannot be used on a federation: sites train on "
             'their own datalists (dataset = "deployment"). Remove the dataset key.'
         )
     num_sites = merged.get("num-sites", RunConfig.num_sites)
     if num_sites > enrolled_sites:
         raise ConfigError(
-            f"num-sites = {num_sites} ({sources['num-sites']}) but only {enrolled_sites} site(s) are enrolled: "
+            f"num-sites ({_shown(sources['num-sites'])}) = {num_sites} but only {enrolled_sites} site(s) are enrolled: "
             f"use --set num-sites={enrolled_sites} or fewer, or enroll more sites with `medfed provision --site`."
         )
 
@@ -293,9 +294,13 @@ def _name_sources(message: str, sources: Mapping[str, str]) -> str:
     for key, source in sources.items():
         if source == DEFAULT:
             continue
-        shown = source.removeprefix("flag ").removeprefix("file ")
-        message = re.sub(rf"(?<![\w-]){re.escape(key)} = ", f"{key} ({shown}) = ", message, count=1)
+        message = re.sub(rf"(?<![\w-]){re.escape(key)} = ", f"{key} ({_shown(source)}) = ", message, count=1)
     return message
+
+
+def _shown(source: str) -> str:
+    """A source as a user reads it in a message: ``--sites``, ``f.toml``, ``--set``, ``default``."""
+    return source.removeprefix("flag ").removeprefix("file ")
 
 
 @functools.lru_cache(maxsize=8)

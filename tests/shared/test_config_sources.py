@@ -80,9 +80,9 @@ def test_a_files_min_fit_clients_is_kept_with_more_sites_from_a_flag(tmp_path: P
 @pytest.mark.parametrize(
     ("body", "overrides", "sets", "fragments"),
     [
-        ("min-fit-clients = 4\n", {}, [], ["min-fit-clients = 4 (file ", "num-sites = 3 (default)"]),
-        ("", {"num-sites": 2}, ["min-fit-clients=3"], ["min-fit-clients = 3 (--set)", "num-sites = 2 (flag --sites)"]),
-        ("num-sites = 2\n", {}, ["min-fit-clients=5"], ["min-fit-clients = 5 (--set)", "num-sites = 2 (file "]),
+        ("min-fit-clients = 4\n", {}, [], ["f.toml) = 4 exceeds", "num-sites (default) = 3"]),
+        ("", {"num-sites": 2}, ["min-fit-clients=3"], ["min-fit-clients (--set) = 3", "num-sites (--sites) = 2"]),
+        ("num-sites = 2\n", {}, ["min-fit-clients=5"], ["min-fit-clients (--set) = 5", "f.toml) = 2"]),
     ],
 )
 def test_a_given_min_fit_clients_above_num_sites_is_an_error_naming_both(
@@ -131,7 +131,7 @@ def test_flowers_run_config_is_one_more_layer_resolved_once_per_mapping() -> Non
     cfg = config_from_run_config(raw)
     assert cfg == resolve_config(mapping_layer(raw, source="run config")).config
     assert config_from_run_config(dict(raw)) is cfg  # cached: the ClientApp asks per message
-    with pytest.raises(ConfigError, match=r"min-fit-clients = 9 \(run config\) exceeds num-sites = 4 \(run config\)"):
+    with pytest.raises(ConfigError, match=r"min-fit-clients \(run config\) = 9 exceeds num-sites \(run config\) = 4"):
         config_from_run_config({**raw, "min-fit-clients": 9})
 
 
