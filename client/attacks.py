@@ -27,6 +27,7 @@ from flwr.common import NDArrays, Scalar
 from medfed.client.site_client import SiteClient
 from medfed.client.site_data import simulated_site_data
 from medfed.shared.config import RunConfig
+from medfed.shared.round_config import server_round_of
 
 __all__ = ["ATTACKS", "Attack", "AttackingClient", "attack_client_fn"]
 
@@ -127,7 +128,7 @@ class AttackingClient(NumPyClient):
         """Train honestly, then misbehave in the attack's rounds."""
         received = [np.array(p, copy=True) for p in parameters]
         local, num_examples, metrics = self.client.fit(parameters, config)
-        server_round = int(config.get("server-round", 1))
+        server_round = server_round_of(config)
         if self.attack.active(server_round):
             logger.info("test attack %r in round %d", self.attack.kind, server_round)
             local = self.attack.apply(local, global_weights=received)

@@ -10,7 +10,8 @@ import typer
 from rich.console import Console
 
 from medfed.client.site_config import SiteConfigError, load_kit, load_site_config
-from medfed.shared.config import BAD_DATA_MODES, close_matches
+from medfed.shared.cli_options import HintedChoice
+from medfed.shared.config import BAD_DATA_MODES
 
 __all__ = ["site_app"]
 
@@ -28,7 +29,7 @@ def site_start(
     kit: Annotated[Path, typer.Option("--kit", "-k", help="The startup kit folder from the coordinator.")],
     config: Annotated[Path, typer.Option("--config", "-c", help="The site's site.toml.")],
     superlink: Annotated[
-        str | None, typer.Option(help="Override the SuperLink address of the kit (HOST:PORT).")
+        str | None, typer.Option(help="Override the SuperLink address of the kit (HOST:PORT); default: the kit's.")
     ] = None,
     max_connect_attempts: Annotated[
         int,
@@ -54,13 +55,19 @@ def site_start(
 def site_check(
     config: Annotated[Path, typer.Option("--config", "-c", help="The site's site.toml.")],
     image_size: Annotated[
-        int | None, typer.Option(help="Override the site config's image-size (0 = all images one size).")
+        int | None,
+        typer.Option(help="Override the site config's image-size (0 = all images one size); default: site.toml's."),
     ] = None,
     num_classes: Annotated[
-        int | None, typer.Option(help="Override the site config's num-classes (the federation's model).")
+        int | None,
+        typer.Option(help="Override the site config's num-classes (the federation's model); default: site.toml's."),
     ] = None,
     bad_data: Annotated[
-        str | None, typer.Option(help='Override the site config\'s bad-data: "strict" or "skip".')
+        str | None,
+        typer.Option(
+            help="Override the site config's bad-data; default: site.toml's (strict when unset).",
+            click_type=HintedChoice(BAD_DATA_MODES),
+        ),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -73,11 +80,6 @@ def site_check(
         for flag, value in (("--image-size", image_size), ("--num-classes", num_classes)):
             if value is not None and value < 0:
                 raise SiteConfigError(f"{flag} = {value} is invalid: it must be an integer >= 0.")
-        if bad_data is not None and bad_data not in BAD_DATA_MODES:
-            raise SiteConfigError(
-                f"--bad-data = {bad_data!r} is invalid.{close_matches(bad_data, BAD_DATA_MODES)} "
-                f"Valid choices: {', '.join(repr(m) for m in BAD_DATA_MODES)}."
-            )
     except SiteConfigError as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(code=2) from None

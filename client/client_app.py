@@ -15,6 +15,7 @@ from medfed.client.site_client import SiteClient
 from medfed.client.site_data import deployment_site_data, simulated_site_data
 from medfed.client.update_mods import freeze_counters_mod, make_update_mod
 from medfed.shared.config import BAD_DATA_MODES, ConfigError, RunConfig
+from medfed.shared.config_sources import config_from_run_config
 
 __all__ = ["app", "make_client_app", "privacy_mods", "run_config_privacy_mod", "site_client_fn"]
 
@@ -27,7 +28,7 @@ def site_client_fn(fixed: RunConfig | None) -> Callable[[Context], Client]:
     """
 
     def client_fn(context: Context) -> Client:
-        cfg = fixed or RunConfig.from_mapping(context.run_config, source="run config")
+        cfg = fixed or config_from_run_config(context.run_config)
         if "datalist" in context.node_config:  # deployment: the site's own files
             return _deployment_client(cfg, context.node_config)
         if cfg.is_deployment:
@@ -99,7 +100,7 @@ def privacy_mods(cfg: RunConfig) -> list[Mod]:
 
 def run_config_privacy_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """:func:`privacy_mods` chosen per message from ``context.run_config`` (``flwr run``)."""
-    cfg = RunConfig.from_mapping(context.run_config, source="run config")
+    cfg = config_from_run_config(context.run_config)
     return make_ffn(call_next, privacy_mods(cfg))(msg, context)
 
 

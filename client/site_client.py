@@ -29,6 +29,7 @@ from medfed.shared.privacy import (
     secure_generator,
     site_ledger_path,
 )
+from medfed.shared.round_config import server_round_of
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import model_for, round_settings
 from medfed.shared.training import (
@@ -159,7 +160,7 @@ class SiteClient(NumPyClient):
         are not private); the number of examples is, as Opacus's sample rate treats it as public.
         """
         set_weights(self.model, parameters)
-        server_round = int(config.get("server-round", 1))
+        server_round = server_round_of(config)
         settings = round_settings(self.cfg, server_round=server_round, site_index=self.site_index)
         seed_everything(settings.seed)
         loader = make_train_loader(self.data.train, settings)

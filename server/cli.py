@@ -10,9 +10,11 @@ import typer
 from rich.console import Console
 
 from medfed.server.provision import ProvisionError, load_federation, main_describe, provision
+from medfed.shared.cli_options import dry_run_option, verbose_option
 from medfed.shared.config import ConfigError, RunConfig
+from medfed.shared.config_sources import Layer, ResolvedConfig, file_layer, resolve_config, set_layer
 
-__all__ = ["provision_command", "server_app", "run_command", "deployment_config"]
+__all__ = ["provision_command", "server_app", "run_command", "deployment_config", "resolve_deployment_config"]
 
 console = Console(stderr=True)
 logger = logging.getLogger(__name__)
@@ -28,8 +30,7 @@ def _logging(verbose: bool) -> None:
         format="%(asctime)s medfed %(levelname)s: %(message)s",
         force=True,
     )
-    for name in ("server", "client", "shared"):
-        logging.getLogger(name).setLevel(logging.INFO)
+    logging.getLogger("medfed").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 def provision_command(
@@ -69,10 +70,10 @@ def server_start(
         list[str] | None,
         typer.Option(
             "--control-allow",
-            help="Network (CIDR) allowed to submit runs and manage the federation, besides this host (repeatable).",
+            help="Network (CIDR) allowed to submit runs and manage the federation, besides this host (repeatable; default: this host only).",
         ),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = True,
+    verbose: Annotated[bool, verbose_option(what="the SuperLink's and medfed's logs")] = True,
 ) -> None:
     """Start the SuperLink (TLS, SuperNode authentication, persistent state) and enroll the sites' keys.
 
@@ -91,63 +92,71 @@ def server_start(
     raise typer.Exit(code=code)
 
 
-def deployment_config(fed_sites: int, run_dir: Path, config_file: Path | None, sets: list[str]) -> RunConfig:
-    """The run config of a deployed run: defaults, then the TOML file, then ``--set`` pairs.
+def deployment_layer(fed_sites: int, run_dir: Path) -> Layer:
+    """The defaults of a deployed run, below the TOML file and ``--set``.
 
-    ``dataset`` is always ``"deployment"``; ``num-sites`` defaults to the enrolled sites,
-    ``run-dir`` to ``<federation>/runs`` and ``secagg`` to true (SecAgg+).
+    ``dataset = "deployment"``, ``num-sites`` = the enrolled sites, ``run-dir`` =
+    ``<federation>/runs``, ``secagg = true`` (SecAgg+: the coordinator sees only the aggregate).
     """
-    # SecAgg+ is on by default in deployment (the coordinator sees only the aggregate); "secagg = false" turns it off.
-    merged: dict[str, Any] = {"dataset": "deployment", "num-sites": fed_sites, "run-dir": str(run_dir), "secagg": True}
+    return Layer(
+        values={"dataset": "deployment", "num-sites": fed_sites, "run-dir": str(run_dir), "secagg": True},
+        source="deployment default",
+    )
+
+
+def resolve_deployment_config(
+    fed_sites: int, run_dir: Path, config_file: Path | None, sets: list[str]
+) -> ResolvedConfig:
+    """The run config of a deployed run: defaults < deployment defaults < TOML file < ``--set``.
+
+    Raises
+    ------
+    ConfigError
+        An unknown key or bad value (naming it and its source), a ``dataset`` other than
+        ``"deployment"``, more ``num-sites`` than enrolled sites, an unregistered model.
+    """
+    layers = [deployment_layer(fed_sites, run_dir)]
     if config_file is not None:
-        merged.update(_toml_keys(config_file))
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r} is invalid: write --set key=value.")
-        merged[key.strip()] = value.strip()
-    if str(merged.get("dataset")) != "deployment":
-        raise ConfigError(
-            f"dataset = {merged.get('dataset')!r} cannot be used on a federation: sites train on "
-            'their own datalists (dataset = "deployment"). Remove the dataset key.'
-        )
-    cfg = RunConfig.from_mapping(merged, source=str(config_file) if config_file else "command line")
-    if cfg.num_sites > fed_sites:
-        raise ConfigError(f"num-sites = {cfg.num_sites} but only {fed_sites} site(s) are enrolled.")
-    from medfed.shared.models import check_model_name
-
-    check_model_name(cfg.model)
-    return cfg
+        layers.append(file_layer(config_file))
+    layers.append(set_layer(sets))
+    return resolve_config(*layers, enrolled_sites=fed_sites)
 
 
-def _toml_keys(path: Path) -> dict[str, Any]:
-    import tomllib
-
-    try:
-        data = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"Config file {path} does not exist.") from None
-    except tomllib.TOMLDecodeError as err:
-        raise ConfigError(f"Config file {path} is not valid TOML: {err}") from None
-    return dict(data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data))
+def deployment_config(fed_sites: int, run_dir: Path, config_file: Path | None, sets: list[str]) -> RunConfig:
+    """The validated run config of :func:`resolve_deployment_config` (without the sources)."""
+    return resolve_deployment_config(fed_sites, run_dir, config_file, sets).config
 
 
 def run_command(
     federation: Annotated[Path, typer.Option("--federation", "-f", help="The federation folder.")],
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with run-config keys.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Any run-config key: --set key=value.")] = None,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML file with run-config keys (--set overrides it).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Any run-config key: --set key=value (repeatable; wins over --config)."),
+    ] = None,
     wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait until the run finishes.")] = True,
     timeout: Annotated[float, typer.Option(min=1.0, help="Seconds to wait for the run (>= 1).")] = 3600.0,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False,
+    dry_run: Annotated[bool, dry_run_option(instead="without submitting anything")] = False,
+    verbose: Annotated[bool, verbose_option(what="medfed's progress logs")] = False,
 ) -> None:
-    """Sign the medfed app for this run config and submit it to the federation (`flwr run`)."""
+    """Sign the medfed app for this run config and submit it to the federation (`flwr run`).
+
+    The run config is the defaults, then the deployment defaults (dataset = "deployment",
+    num-sites = the enrolled sites, secagg = true), then --config, then --set.
+    """
     from medfed.server.deploy import DeployError, describe_run_command, submit_run, wait_for_run
     from medfed.server.signing import AppSignatureError
 
     _logging(verbose)
     try:
         fed = load_federation(federation)
-        cfg = deployment_config(len(fed.sites), fed.root / "runs", config, set_ or [])
+        resolved = resolve_deployment_config(len(fed.sites), fed.root / "runs", config, set_ or [])
+        if dry_run:
+            typer.echo(resolved.describe())
+            return
+        cfg = resolved.config
         run_id, signed = submit_run(fed, cfg)
         typer.echo(f"run {run_id} submitted (app bundle {signed.fab_sha256[:12]}..., signed by the coordinator)")
         typer.echo("follow it with: FLWR_HOME=" + str(fed.flwr_home) + " " + " ".join(describe_run_command(fed, run_id)))

@@ -9,6 +9,9 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+
+from medfed.shared.config import RunConfig
 
 __all__ = ["dashboard_command"]
 
@@ -28,9 +31,13 @@ def _is_loopback(host: str) -> bool:
 def dashboard_command(
     store: Annotated[
         str | None,
-        typer.Option(help="Run store URL (default: sqlite:///<run-dir>/medfed.db, where `medfed simulate` writes)."),
+        typer.Option(
+            help=escape("Run store URL (default: sqlite:///<run-dir>/medfed.db, where `medfed simulate` writes). [key: store]")
+        ),
     ] = None,
-    run_dir: Annotated[str, typer.Option(help="Runs folder whose medfed.db to show (when --store is not given).")] = "runs",
+    run_dir: Annotated[
+        str, typer.Option(help=escape("Runs folder whose medfed.db to show (when --store is not given). [key: run-dir]"))
+    ] = RunConfig.run_dir,
     host: Annotated[
         str, typer.Option(help="Bind address. 127.0.0.1: this machine only; anything else exposes it on the network.")
     ] = "127.0.0.1",
@@ -46,10 +53,14 @@ def dashboard_command(
 
     from medfed.server.dashboard.app import create_app, default_token_path, load_or_create_token
     from medfed.server.store import RunStore, StoreError
-    from medfed.shared.config import ConfigError, RunConfig
+    from medfed.shared.config import ConfigError
+    from medfed.shared.config_sources import flag_layer, resolve_config
 
     try:
-        url = RunConfig(run_dir=run_dir, store=store or "").store_url
+        flags = {"run-dir": run_dir, "store": store}
+        url = resolve_config(
+            flag_layer(flags, flags={"run-dir": "--run-dir", "store": "--store"}), check_model=False
+        ).config.store_url
         if url is None:
             raise ConfigError("--store off: there is no store to show; give a store URL.")
         run_store = RunStore(url)

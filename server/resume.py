@@ -38,6 +38,7 @@ from flwr.common import NDArrays
 from flwr.server.strategy import DifferentialPrivacyClientSideAdaptiveClipping, FedOpt, Strategy
 
 from medfed.shared.config import ConfigError, RunConfig
+from medfed.shared.config_sources import Layer, ResolvedConfig, mapping_layer, resolve_config
 from medfed.shared.files import write_atomically
 
 __all__ = [
@@ -48,6 +49,7 @@ __all__ = [
     "capture_rng",
     "chain_state",
     "config_of_run",
+    "resolve_run_config",
     "read_resume_state",
     "restore_chain_state",
     "restore_rng",
@@ -258,9 +260,23 @@ def config_of_run(run_dir: str | Path) -> RunConfig:
     ResumeError
         No such directory, or no readable ``config.json`` in it.
     """
+    return resolve_run_config(run_dir).config
+
+
+def resolve_run_config(run_dir: str | Path) -> ResolvedConfig:
+    """:func:`config_of_run` with each key's source (``file <run_dir>/config.json``, ``flag --resume``).
+
+    Raises
+    ------
+    ResumeError
+        No such directory, or no readable ``config.json`` in it.
+    """
     run_dir = Path(run_dir)
     stored = _stored_config(run_dir)
-    return RunConfig.from_mapping({**stored, "resume": str(run_dir)}, source=str(run_dir / "config.json"))
+    return resolve_config(
+        mapping_layer(stored, source=f"file {run_dir / 'config.json'}"),
+        Layer(values={"resume": str(run_dir)}, source="flag --resume"),
+    )
 
 
 def _stored_config(run_dir: Path) -> dict[str, Any]:
@@ -296,7 +312,10 @@ def resume_point(cfg: RunConfig) -> ResumePoint:
     run_dir = Path(cfg.resume)
     stored = _stored_config(run_dir)
     source = str(run_dir / "config.json")
-    own = RunConfig.from_mapping({k: v for k, v in stored.items() if k not in UNCHECKED_KEYS}, source=source)
+    own = resolve_config(
+        mapping_layer({k: v for k, v in stored.items() if k not in UNCHECKED_KEYS}, source=f"file {source}"),
+        check_model=False,
+    ).config
     differing = [
         f"{f.name.replace('_', '-')} = {getattr(cfg, f.name)!r} (the run has {getattr(own, f.name)!r})"
         for f in fields(RunConfig)

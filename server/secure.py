@@ -69,7 +69,7 @@ from flwr.serverapp import Grid
 from medfed.server.delegating import DelegatingStrategy
 from medfed.server.rounds import apply_round_offset
 from medfed.server.validation import RoundValidation, check_aggregate
-from medfed.shared.config import ConfigError, RunConfig
+from medfed.shared.config import ConfigError, RunConfig, sites_per_round
 
 __all__ = [
     "MODULUS_RANGE",
@@ -78,7 +78,6 @@ __all__ = [
     "MedfedSecAggPlusWorkflow",
     "SecAggUpdateStrategy",
     "secagg_settings",
-    "sites_per_round",
     "quantization_error_bound",
     "restore_weights",
 ]
@@ -94,14 +93,6 @@ _INT32_LIMIT = 2**31
 OutcomeCallback = Callable[["SecAggOutcome"], None]
 InvalidCallback = Callable[..., tuple[Parameters | None, dict[str, Scalar]]]
 """``(server_round, results, failures, *, report)``: records a round whose aggregate was invalid."""
-
-
-def sites_per_round(cfg: RunConfig, *, num_sites: int) -> int:
-    """How many sites Flower's FedAvg samples per round (``FedAvg.num_fit_clients``).
-
-    ``max(int(num_sites * fraction_fit), min(min_fit_clients, num_sites))``.
-    """
-    return max(int(num_sites * cfg.fraction_fit), min(cfg.min_fit_clients, num_sites))
 
 
 def quantization_error_bound(

@@ -31,6 +31,7 @@ from medfed.server.store import open_sink
 from medfed.server.strategies import build_strategy
 from medfed.server.validation import ValidatingStrategy
 from medfed.shared.config import RunConfig, robust_min_sites
+from medfed.shared.config_sources import config_from_run_config
 from medfed.shared.data.loading import load_dataset
 from medfed.shared.models import build_model, model_task
 from medfed.shared.seeding import seed_everything
@@ -204,7 +205,7 @@ def make_server_app(
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        run_cfg = cfg or RunConfig.from_mapping(context.run_config, source="run config")
+        run_cfg = cfg or config_from_run_config(context.run_config)
         run_server(grid, context, run_cfg, hooks or ServerHooks(), run_path)
 
     return app

@@ -15,7 +15,6 @@ from flwr.server.strategy import (
     FedAdam,
     FedAvg,
     FedMedian,
-    FedProx,
     FedTrimmedAvg,
     Krum,
     Strategy,
@@ -25,7 +24,7 @@ from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyCon
 from flwr.supercore.differential_privacy import add_gaussian_noise_to_params
 
 from medfed.shared.config import STRATEGIES, RunConfig
-from medfed.shared.training import cosine_lr
+from medfed.shared.round_config import evaluate_config, fit_config
 
 __all__ = [
     "build_strategy",
@@ -81,7 +80,8 @@ def build_strategy(
     With ``client-dp`` on, it comes wrapped in Flower's client-side-clipping DP wrapper (see
     :func:`with_client_dp`).
 
-    All are Flower's own: ``fedavg`` (``FedAvg``), ``fedprox``, ``fedadam``, and the robust
+    All are Flower's own: ``fedavg`` (``FedAvg``), ``fedprox`` (``FedAvg``'s aggregation; each
+    site adds the proximal term ``proximal-mu`` from the run config), ``fedadam``, and the robust
     rules ``fedmedian`` (``FedMedian``: coordinate-wise median), ``fedtrimmedavg``
     (``FedTrimmedAvg(beta=trim-beta)``), ``krum`` (``Krum(num_malicious_clients=f)``: the one
     update closest to its ``n - f - 2`` nearest), ``multikrum`` (:class:`MultiKrum`: Flower's
@@ -92,9 +92,9 @@ def build_strategy(
     Parameters
     ----------
     cfg
-        Uses ``strategy``, ``fraction_*``, ``min_fit_clients``, ``proximal_mu``,
-        ``server_learning_rate``, ``trim_beta``, ``num_malicious_sites``,
-        ``num_sites_to_keep`` and the learning-rate schedule.
+        Uses ``strategy``, ``fraction_*``, ``min_fit_clients``, ``server_learning_rate``,
+        ``trim_beta``, ``num_malicious_sites`` and ``num_sites_to_keep``. The per-round fit
+        config is :func:`shared.round_config.fit_config` (the round number only).
     initial_weights
         The global model at round 0 (built by the server from the run's seed).
     evaluate_fn
@@ -102,17 +102,6 @@ def build_strategy(
     min_available_clients
         How many sites must be connected before a round starts.
     """
-
-    def fit_config(server_round: int) -> dict[str, Scalar]:
-        return {
-            "server-round": server_round,
-            "learning-rate": cosine_lr(
-                cfg.learning_rate, step=server_round, total=cfg.num_server_rounds
-            ),
-        }
-
-    def evaluate_config(server_round: int) -> dict[str, Scalar]:
-        return {"server-round": server_round}
 
     min_fit = min(cfg.min_fit_clients, min_available_clients)
     common: dict[str, Any] = {
@@ -132,7 +121,10 @@ def build_strategy(
     if cfg.strategy == "fedavg":
         base = FedAvg(**common)
     elif cfg.strategy == "fedprox":
-        base = FedProx(proximal_mu=cfg.proximal_mu, **common)
+        # FedProx aggregates as FedAvg; its proximal term is local training, which every site
+        # adds from the run config's proximal-mu (shared.task.round_settings). Flower's FedProx
+        # would also send "proximal_mu" each round, which the sites do not read (shared.round_config).
+        base = FedAvg(**common)
     elif cfg.strategy == "fedadam":
         base = FedAdam(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, tau=1e-3, **common)
     elif cfg.strategy == "fedmedian":

@@ -1,5 +1,8 @@
 """One validated run configuration, parsed once from Flower's kebab-case run config.
 
+Every entry point builds it through :func:`shared.config_sources.resolve_config` (defaults <
+file < flags < ``--set``, merged raw, then validated here once).
+
 The keys of ``[tool.flwr.app.config]`` in ``pyproject.toml`` (and ``--run-config`` overrides, and
 the flags of ``medfed simulate``) are kebab-case; :class:`RunConfig` holds them as snake_case
 fields. Unknown keys and bad values raise :class:`ConfigError` naming the key and the valid
@@ -11,7 +14,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -28,7 +30,10 @@ __all__ = [
     "NORMS",
     "OPTIMIZERS",
     "BAD_DATA_MODES",
+    "DEFAULT_MIN_FIT_CLIENTS",
     "close_matches",
+    "coerce_value",
+    "sites_per_round",
 ]
 
 Task = Literal["classification", "segmentation"]
@@ -58,6 +63,10 @@ BAD_DATA_MODES: tuple[str, ...] = get_args(BadData)
 
 class ConfigError(ValueError):
     """A configuration key is unknown or its value is invalid."""
+
+
+DEFAULT_MIN_FIT_CLIENTS = 2
+"""The default ``min-fit-clients``: the one value capped to ``num-sites`` (a one-site run)."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +107,9 @@ class RunConfig:
         so ``secagg`` must be off (and ``client-dp`` too: its noise is calibrated for a mean).
         ``min_fit_clients`` is also the fewest sites whose training results a round needs
         (without SecAgg+): a round in which fewer sites answer leaves the global model
-        unchanged (recorded, and the next round runs).
+        unchanged (recorded, and the next round runs). It must not exceed ``num_sites``; only the
+        default (:data:`DEFAULT_MIN_FIT_CLIENTS`) is capped to it, for a one-site run (a value a
+        user gave is never lowered: ``shared.config_sources.resolve_config`` names both keys).
     round_timeout
         Seconds the server waits for the sites' replies in each round's training and
         evaluation step; sites that have not answered by then count as failed for that round
@@ -202,7 +213,7 @@ class RunConfig:
     server_learning_rate: float = 0.01
     fraction_fit: float = 1.0
     fraction_evaluate: float = 1.0
-    min_fit_clients: int = 2
+    min_fit_clients: int = DEFAULT_MIN_FIT_CLIENTS
     round_timeout: float = 0.0
     resume: str = ""
     partition: Partition = "iid"
@@ -330,6 +341,13 @@ class RunConfig:
                 "that input size and every site resizes its images to it."
             )
         if self.min_fit_clients > self.num_sites:
+            if self.min_fit_clients != DEFAULT_MIN_FIT_CLIENTS:
+                raise ConfigError(
+                    f"min-fit-clients = {self.min_fit_clients} exceeds num-sites = {self.num_sites}: no round "
+                    f"could collect {self.min_fit_clients} sites' results. Lower it (--set "
+                    f"min-fit-clients={self.num_sites}) or add sites (--set num-sites={self.min_fit_clients})."
+                )
+            # Only the default is capped (a one-site run); shared.config_sources notes it.
             object.__setattr__(self, "min_fit_clients", self.num_sites)
 
     # ------------------------------------------------------------------ parsing
@@ -342,6 +360,9 @@ class RunConfig:
     def from_mapping(cls, raw: Mapping[str, Any], *, source: str = "run config") -> RunConfig:
         """Parse kebab-case (or snake_case) keys, coercing types and rejecting unknown keys.
 
+        A shorthand for :func:`shared.config_sources.resolve_config` with one mapping layer
+        (the model name is not checked here).
+
         Parameters
         ----------
         raw
@@ -349,32 +370,19 @@ class RunConfig:
         source
             Where the mapping came from, quoted in error messages (a file name, say).
         """
-        by_name = {f.name: f for f in fields(cls)}
-        values: dict[str, Any] = {}
-        for key, value in raw.items():
-            name = str(key).replace("-", "_")
-            if name not in by_name:
-                valid = ", ".join(cls.keys())
-                hint = close_matches(str(key).replace("_", "-"), cls.keys())
-                raise ConfigError(f"Unknown key {key!r} in {source}.{hint} Valid keys: {valid}.")
-            values[name] = _coerce(key, value, by_name[name].default, source)
-        try:
-            return cls(**values)
-        except ConfigError as err:
-            raise ConfigError(f"{source}: {err}") from None
+        from medfed.shared.config_sources import mapping_layer, resolve_config
+
+        return resolve_config(mapping_layer(raw, source=source), check_model=False).config
 
     @classmethod
     def from_toml(cls, path: str | Path) -> RunConfig:
-        """Read a TOML file whose top level (or ``[tool.flwr.app.config]``) holds the keys."""
-        path = Path(path)
-        try:
-            data = tomllib.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"Config file {path} does not exist.") from None
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"Config file {path} is not valid TOML: {err}") from None
-        data = data.get("tool", {}).get("flwr", {}).get("app", {}).get("config", data)
-        return cls.from_mapping(data, source=str(path))
+        """Read a TOML file whose top level (or ``[tool.flwr.app.config]``) holds the keys.
+
+        A shorthand for :func:`shared.config_sources.resolve_config` with one file layer.
+        """
+        from medfed.shared.config_sources import file_layer, resolve_config
+
+        return resolve_config(file_layer(path), check_model=False).config
 
     def replace(self, **changes: Any) -> RunConfig:
         """Return a copy with snake_case fields changed (validated again)."""
@@ -406,9 +414,14 @@ class RunConfig:
         return self.dataset == "deployment"
 
 
-def _sites_per_round(cfg: RunConfig) -> int:
-    """Sites Flower samples per round (as :func:`server.secure.sites_per_round`)."""
-    return max(int(cfg.num_sites * cfg.fraction_fit), min(cfg.min_fit_clients, cfg.num_sites))
+def sites_per_round(cfg: RunConfig, *, num_sites: int | None = None) -> int:
+    """How many sites Flower's strategies sample per round (``FedAvg.num_fit_clients``).
+
+    ``max(int(num_sites * fraction_fit), min(min_fit_clients, num_sites))``, with
+    ``num_sites`` defaulting to ``cfg.num_sites`` (the connected sites in deployment).
+    """
+    n = cfg.num_sites if num_sites is None else num_sites
+    return max(int(n * cfg.fraction_fit), min(cfg.min_fit_clients, n))
 
 
 def robust_min_sites(cfg: RunConfig) -> int:
@@ -454,7 +467,7 @@ def _check_robust(cfg: RunConfig) -> None:
             "noise and its epsilon are calibrated for a mean of clipped updates, not for "
             f"{cfg.strategy}. Set client-dp = 'off' or strategy = 'fedavg'."
         )
-    m, f = _sites_per_round(cfg), cfg.num_malicious_sites
+    m, f = sites_per_round(cfg), cfg.num_malicious_sites
     if cfg.strategy == "fedtrimmedavg":
         if int(cfg.trim_beta * m) < f:
             raise ConfigError(
@@ -507,8 +520,17 @@ def _check_choice(key: str, value: object, choices: tuple[object, ...]) -> None:
         raise ConfigError(f"{key} = {value!r} is invalid.{hint} Valid choices: {valid}.")
 
 
-def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
-    """Coerce ``value`` to the type of ``default`` with an error naming the key."""
+def coerce_value(key: str, value: Any, default: Any, source: str) -> Any:
+    """Coerce ``value`` to the type of ``default`` with an error naming the key and ``source``.
+
+    Strings (from ``--set``) become bools (``true``/``false``/``1``/``0``/``yes``/``no``/``on``/
+    ``off``), ints or floats as ``default`` is; a float with a fraction is no int.
+
+    Raises
+    ------
+    ConfigError
+        ``value`` does not convert (naming ``key``, ``source`` and the expected type).
+    """
     try:
         if isinstance(default, bool):
             if isinstance(value, str):

@@ -1,14 +1,15 @@
-"""Crash-safe file writes."""
+"""Crash-safe file writes, and the one TOML reader (errors name the file)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import tomllib
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
-__all__ = ["write_atomically"]
+__all__ = ["write_atomically", "read_toml"]
 
 
 def write_atomically(target: str | Path, write: Callable[[IO[bytes]], object]) -> Path:
@@ -31,3 +32,45 @@ def write_atomically(target: str | Path, write: Callable[[IO[bytes]], object]) -
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+def read_toml(
+    path: str | Path,
+    *,
+    error: Callable[[str], Exception],
+    what: str,
+    if_missing: str = "",
+    if_invalid: str = "",
+) -> dict[str, Any]:
+    """Read a TOML file, with errors of type ``error`` that name the file.
+
+    Parameters
+    ----------
+    path
+        The file.
+    error
+        The exception type raised (``ConfigError``, ``SiteConfigError``, ``ProvisionError``).
+    what
+        What the file is, starting the messages: ``"Config file"``, ``"site config"``.
+    if_missing
+        The whole message when the file does not exist (default: ``"<what> <path> does not
+        exist."``).
+    if_invalid
+        Appended to the message when the file is not valid TOML (what to do about it).
+
+    Raises
+    ------
+    Exception
+        ``error``: the file is missing, unreadable (a folder, no permission) or not valid TOML.
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise error(if_missing or f"{what} {path} does not exist.") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise error(f"{what} {path} cannot be read ({err.__class__.__name__}: {err}).") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise error(f"{what} {path} is not valid TOML: {err}.{(' ' + if_invalid) if if_invalid else ''}") from None

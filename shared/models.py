@@ -44,6 +44,8 @@ from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from medfed.shared.config import NORMS, Task
+
 __all__ = [
     "MODELS",
     "NORMS",
@@ -58,8 +60,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-NORMS: tuple[str, ...] = ("batch", "group", "instance")
-"""Accepted values of ``norm``."""
 
 DP_NORM: str = "group"
 """The normalisation to use with DP-SGD (Opacus); valid for every registered model."""
@@ -67,7 +67,6 @@ DP_NORM: str = "group"
 MAX_GROUPS: int = 8
 """Upper bound on the number of groups of each ``GroupNorm`` layer."""
 
-Task = Literal["classification", "segmentation"]
 ImageSize = tuple[int, ...]
 
 
@@ -401,8 +400,9 @@ def _build_unet(
     if image_size is not None and any(s % UNET_DIVISOR for s in image_size):
         raise ValueError(
             f"unet downsamples {len(UNET_STRIDES)} times by 2, so every image side must be "
-            f"divisible by {UNET_DIVISOR}; got image_size={image_size}. Resize or pad the images "
-            f"(for example to {tuple(-(-s // UNET_DIVISOR) * UNET_DIVISOR for s in image_size)})."
+            f"divisible by {UNET_DIVISOR}; the images are {image_size}. Set image-size to a multiple of "
+            f"{UNET_DIVISOR} (--image-size {-(-max(image_size) // UNET_DIVISOR) * UNET_DIVISOR}), or resize or pad the "
+            f"images (for example to {tuple(-(-s // UNET_DIVISOR) * UNET_DIVISOR for s in image_size)})."
         )
     # MONAI's UNet takes one norm for all layers, and its last layer has out_channels channels,
     # which a fixed group count may not divide: build with affine instance norm and swap.
@@ -541,7 +541,7 @@ def build_model(
     """
     spec = _spec(name)
     if norm not in NORMS:
-        raise ValueError(f"norm={norm!r} is invalid. Valid norms: {', '.join(NORMS)}.")
+        raise ValueError(f"norm = {norm!r} is invalid. Valid norms: {', '.join(NORMS)} (--norm group).")
     if spatial_dims not in (2, 3) or isinstance(spatial_dims, bool):
         raise ValueError(f"spatial_dims={spatial_dims!r} is invalid: it must be 2 or 3.")
     for key, value in (("in_channels", in_channels), ("out_channels", out_channels)):
@@ -610,8 +610,8 @@ def validate_for_dp(model: nn.Module) -> None:
     fixes = []
     if offenders or any("BatchNorm" in problem for problem in problems):
         fixes.append(
-            "build it with norm='group' or norm='instance' instead of norm='batch' "
-            f"(for example build_model(..., norm={DP_NORM!r}))"
+            "use norm = 'group' or 'instance' instead of 'batch' (--norm group, or --set norm=group; "
+            f"in Python build_model(..., norm={DP_NORM!r}))"
         )
     if not model.training:
         fixes.append("call model.train() before making it private")

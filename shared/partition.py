@@ -31,9 +31,9 @@ sample to rounding, so they are not used for :func:`split_train_val_test` either
 from __future__ import annotations
 
 import logging
-from typing import Literal
-
 import numpy as np
+
+from medfed.shared.config import PARTITIONS, Partition
 
 __all__ = [
     "MAX_DIRICHLET_ATTEMPTS",
@@ -45,8 +45,9 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["iid", "dirichlet", "quantity"]
-METHODS: tuple[str, ...] = ("iid", "dirichlet", "quantity")
+Method = Partition
+METHODS: tuple[str, ...] = PARTITIONS
+"""The split methods: the run-config ``partition`` values."""
 MAX_DIRICHLET_ATTEMPTS = 100
 
 
@@ -93,23 +94,23 @@ def partition_indices(
     labels = _check_labels(labels)
     n = len(labels)
     if isinstance(num_sites, bool) or not isinstance(num_sites, (int, np.integer)) or num_sites < 1:
-        raise ValueError(f"num_sites = {num_sites!r} is invalid: it must be an integer >= 1.")
+        raise ValueError(f"num-sites = {num_sites!r} is invalid: it must be an integer >= 1 (--sites 3).")
     if num_sites > n:
         raise ValueError(
-            f"num_sites = {num_sites} is more than the {n} samples: every site needs at least one "
-            "sample. Use fewer sites or a larger dataset."
+            f"num-sites = {num_sites} is more than the {n} samples: every site needs at least one "
+            f"sample. Use fewer sites (--sites {max(1, n)}) or a larger dataset."
         )
     if not alpha > 0:
-        raise ValueError(f"alpha = {alpha!r} is invalid: it must be > 0 (e.g. 0.5).")
+        raise ValueError(f"dirichlet-alpha = {alpha!r} is invalid: it must be > 0 (--alpha 0.5).")
     if method not in METHODS:
-        raise ValueError(f"method = {method!r} is invalid. Valid choices: {', '.join(METHODS)}.")
+        raise ValueError(f"partition = {method!r} is invalid. Valid choices: {', '.join(METHODS)} (--partition iid).")
     if min_per_site < 0:
         raise ValueError(f"min_per_site = {min_per_site!r} is invalid: it must be >= 0.")
     if min_per_site * num_sites > n:
         raise ValueError(
-            f"min_per_site = {min_per_site} with num_sites = {num_sites} needs "
-            f"{min_per_site * num_sites} samples but there are only {n}. Lower min_per_site or "
-            "num_sites."
+            f"{num_sites} sites (num-sites) with at least {min_per_site} samples each (min_per_site) need "
+            f"{min_per_site * num_sites} samples but there are only {n}. Use fewer sites "
+            f"(--sites {max(1, n // max(min_per_site, 1))}) or a larger dataset."
         )
 
     rng = np.random.default_rng(seed)
@@ -270,8 +271,8 @@ def _dirichlet(
                 logger.debug("Dirichlet partition met min_per_site after %d draws.", attempt)
             return parts
     raise ValueError(
-        f"Dirichlet partition with alpha = {alpha} over {num_sites} sites left a site with only "
+        f"Dirichlet partition with dirichlet-alpha = {alpha} over {num_sites} sites left a site with only "
         f"{smallest} samples (< min_per_site = {min_per_site}) in all "
-        f"{MAX_DIRICHLET_ATTEMPTS} draws. Increase alpha (e.g. 0.5), use fewer sites, or lower "
-        "min_per_site."
+        f"{MAX_DIRICHLET_ATTEMPTS} draws. Increase dirichlet-alpha (--alpha 0.5), use fewer sites (--sites), "
+        "or use partition = 'iid'."
     )

@@ -40,7 +40,9 @@ from medfed.client.site_client import SiteClient
 from medfed.client.site_data import simulated_site_data
 from medfed.server.evaluation import make_evaluate_fn
 from medfed.server.strategies import build_strategy
-from medfed.shared.config import RunConfig
+from medfed.shared.config import ConfigError, RunConfig
+from medfed.shared.config_sources import flag_layer, mapping_layer, resolve_config, set_layer
+from medfed.shared.round_config import fit_config
 from medfed.shared.data.loading import load_dataset
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import model_for
@@ -191,7 +193,7 @@ def federate_in_process(cfg: RunConfig) -> Curve:
         weights = parameters_to_ndarrays(parameters)
         results = []
         for site in sites:
-            new, num_examples, metrics = site.fit(weights, {"server-round": server_round})
+            new, num_examples, metrics = site.fit(weights, fit_config(server_round))
             res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(new), num_examples, metrics)
             results.append((no_proxy, res))
         aggregated, _ = strategy.aggregate_fit(server_round, results, [])
@@ -227,7 +229,7 @@ def local_only(cfg: RunConfig) -> list[dict[str, float]]:
         site = SiteClient(cfg=cfg, data=simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites), site_index=i)
         weights = get_weights(site.model)
         for server_round in range(1, cfg.num_server_rounds + 1):
-            weights, _, _ = site.fit(weights, {"server-round": server_round})
+            weights, _, _ = site.fit(weights, fit_config(server_round))
         loss, metrics = evaluate_fn(cfg.num_server_rounds, weights, {})
         out.append({"loss": loss, **{k: float(v) for k, v in metrics.items()}})
     return out
@@ -388,7 +390,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--recipe", choices=sorted(RECIPES), required=True)
     parser.add_argument("--data-dir", default=default_dir)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None, help="the run's seed (default: the run config's, 0)")
     parser.add_argument(
         "--seeds", type=int, nargs="+", default=None,
         help="run these seeds federated in one process (no Ray) with the pooled baseline of each",
@@ -398,16 +400,19 @@ def main() -> None:
         help="with --seeds: skip the pooled baselines (they take as long again as the federated runs)",
     )
     parser.add_argument("--run-dir", default="runs/bench-quality")
-    parser.add_argument("--set", action="append", default=[], help="extra key=value overrides")
+    parser.add_argument("--set", action="append", default=[], help="any run-config key: --set key=value (repeatable)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
-    raw = dict(RECIPES[args.recipe])
-    raw["dataset"] = str(Path(args.data_dir) / raw["dataset"])
-    raw.update({"seed": args.seed, "run-dir": args.run_dir})
-    for item in args.set:
-        key, _, value = item.partition("=")
-        raw[key] = value
-    cfg = RunConfig.from_mapping(raw, source=f"recipe {args.recipe}")
+    recipe = dict(RECIPES[args.recipe])
+    recipe["dataset"] = str(Path(args.data_dir) / recipe["dataset"])
+    try:
+        cfg = resolve_config(
+            mapping_layer(recipe, source=f"recipe {args.recipe}"),
+            flag_layer({"seed": args.seed, "run-dir": args.run_dir}, flags={}),
+            set_layer(args.set),
+        ).config
+    except ConfigError as err:
+        parser.error(str(err))
     if args.federated_only and not args.seeds:
         parser.error("--federated-only goes with --seeds (the single-seed run always compares with pooled)")
     figures = seed_study(cfg, seeds=args.seeds, pooled=not args.federated_only) if args.seeds else compare(cfg)

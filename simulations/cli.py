@@ -15,7 +15,9 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from medfed.shared.config import ConfigError, RunConfig
+from medfed.shared.cli_options import HintedChoice, config_option, dry_run_option, given_values, verbose_option
+from medfed.shared.config import NORMS, PARTITIONS, STRATEGIES, ConfigError, RunConfig
+from medfed.shared.config_sources import ResolvedConfig, file_layer, flag_layer, resolve_config, set_layer
 from medfed.shared.data.base import DataError
 
 app = typer.Typer(
@@ -27,7 +29,7 @@ app = typer.Typer(
 )
 console = Console()
 
-__all__ = ["app", "build_config", "simulate", "models", "bench"]
+__all__ = ["app", "build_config", "resolve_simulate_config", "SIMULATE_FLAGS", "simulate", "models", "bench"]
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -54,51 +56,88 @@ class _QuietFilter(logging.Filter):
         return record.levelno >= logging.WARNING
 
 
-def build_config(config_file: Path | None, overrides: dict[str, Any], sets: list[str]) -> RunConfig:
-    """A run config from an optional TOML file, then flags, then ``--set key=value`` pairs.
+SIMULATE_FLAGS: dict[str, str] = {
+    "dataset": "--dataset", "num-sites": "--sites", "partition": "--partition", "dirichlet-alpha": "--alpha",
+    "num-server-rounds": "--rounds", "local-epochs": "--local-epochs", "model": "--model", "norm": "--norm",
+    "strategy": "--strategy", "learning-rate": "--lr", "batch-size": "--batch-size", "image-size": "--image-size",
+    "seed": "--seed", "run-dir": "--run-dir",
+}  # fmt: skip
+"""Run-config key -> the ``medfed simulate`` flag that sets it (the option declarations below use it)."""
+
+
+def _model_names() -> list[str]:
+    from medfed.shared.models import MODELS  # imports torch: only when the choices are needed
+
+    return list(MODELS)
+
+
+def resolve_simulate_config(config_file: Path | None, overrides: dict[str, Any], sets: list[str]) -> ResolvedConfig:
+    """The run config of ``medfed simulate``: defaults < TOML file < flags < ``--set``, validated once.
+
+    Parameters
+    ----------
+    config_file
+        ``--config`` (``None``: not given).
+    overrides
+        Run-config key -> flag value (``None``: flag not given); keys of :data:`SIMULATE_FLAGS`.
+    sets
+        The ``--set key=value`` items.
 
     Raises
     ------
     ConfigError
-        A malformed ``--set``, an unknown key, a bad value, or an unregistered ``model``.
+        A malformed ``--set``, an unknown key, a bad value (naming the key and its source),
+        ``min-fit-clients`` above ``num-sites``, or an unregistered ``model``.
     """
-    base = RunConfig.from_toml(config_file).to_run_config() if config_file else {}
-    merged: dict[str, Any] = {**base, **{k: v for k, v in overrides.items() if v is not None}}
-    for item in sets:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r} is invalid: write --set key=value.")
-        merged[key.strip()] = value.strip()
-    cfg = RunConfig.from_mapping(merged, source=str(config_file) if config_file else "command line")
-    from medfed.shared.models import check_model_name
+    layers = [file_layer(config_file)] if config_file is not None else []
+    layers += [flag_layer(overrides, flags=SIMULATE_FLAGS), set_layer(sets)]
+    return resolve_config(*layers)
 
-    check_model_name(cfg.model)
-    if Path(cfg.run_dir).expanduser().is_file():
-        raise ConfigError(f"run-dir = {cfg.run_dir!r} is a file: give a folder (created if missing).")
-    return cfg
+
+def build_config(config_file: Path | None, overrides: dict[str, Any], sets: list[str]) -> RunConfig:
+    """The validated run config of :func:`resolve_simulate_config` (without the sources)."""
+    return resolve_simulate_config(config_file, overrides, sets).config
+
+
+def _flag(key: str, help: str, *, choices: Any = None) -> Any:
+    return config_option(key, help, SIMULATE_FLAGS[key], choices=choices)
 
 
 @app.command()
 def simulate(
-    config: Annotated[Path | None, typer.Option("--config", "-c", help="TOML file with run-config keys.")] = None,
-    dataset: Annotated[
-        str | None, typer.Option(help="'synthetic', a MedMNIST .npz file or a datalist .json.")
+    ctx: typer.Context,
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="TOML file with run-config keys (flags and --set override it).")
     ] = None,
-    sites: Annotated[int | None, typer.Option(help="Number of simulated hospitals.")] = None,
-    partition: Annotated[str | None, typer.Option(help="iid | dirichlet | quantity.")] = None,
-    alpha: Annotated[float | None, typer.Option(help="Dirichlet concentration (smaller = more skew).")] = None,
-    rounds: Annotated[int | None, typer.Option(help="Federated rounds.")] = None,
-    local_epochs: Annotated[int | None, typer.Option(help="Local epochs per round.")] = None,
-    model: Annotated[str | None, typer.Option(help="Model registry name (see `medfed models`).")] = None,
-    norm: Annotated[str | None, typer.Option(help="batch | group | instance.")] = None,
-    strategy: Annotated[str | None, typer.Option(help="fedavg | fedprox | fedadam | fedmedian | fedtrimmedavg | krum | multikrum | bulyan.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Local learning rate (cosine-decayed over rounds).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Local batch size.")] = None,
-    image_size: Annotated[int | None, typer.Option(help="Resize images to this side (0 = keep).")] = None,
-    seed: Annotated[int | None, typer.Option(help="The one seed.")] = None,
-    run_dir: Annotated[str | None, typer.Option(help="Folder for run directories.")] = None,
+    dataset: Annotated[
+        str, _flag("dataset", "'synthetic', a MedMNIST .npz file or a datalist .json.")
+    ] = RunConfig.dataset,
+    sites: Annotated[int, _flag("num-sites", "Number of simulated hospitals.")] = RunConfig.num_sites,
+    partition: Annotated[
+        str, _flag("partition", "How the dataset is split into sites.", choices=PARTITIONS)
+    ] = RunConfig.partition,
+    alpha: Annotated[
+        float, _flag("dirichlet-alpha", "Dirichlet concentration (smaller = more skew).")
+    ] = RunConfig.dirichlet_alpha,
+    rounds: Annotated[int, _flag("num-server-rounds", "Federated rounds.")] = RunConfig.num_server_rounds,
+    local_epochs: Annotated[int, _flag("local-epochs", "Local epochs per round.")] = RunConfig.local_epochs,
+    model: Annotated[
+        str, _flag("model", "Model registry name (`medfed models` describes them).", choices=_model_names)
+    ] = RunConfig.model,
+    norm: Annotated[
+        str, _flag("norm", "Normalisation layers (group or instance for --set dp=true).", choices=NORMS)
+    ] = RunConfig.norm,
+    strategy: Annotated[str, _flag("strategy", "Aggregation strategy.", choices=STRATEGIES)] = RunConfig.strategy,
+    lr: Annotated[
+        float, _flag("learning-rate", "Local learning rate (cosine-decayed over rounds).")
+    ] = RunConfig.learning_rate,
+    batch_size: Annotated[int, _flag("batch-size", "Local batch size.")] = RunConfig.batch_size,
+    image_size: Annotated[int, _flag("image-size", "Resize images to this side (0 = keep).")] = RunConfig.image_size,
+    seed: Annotated[int, _flag("seed", "The one seed; every random choice derives from it.")] = RunConfig.seed,
+    run_dir: Annotated[str, _flag("run-dir", "Folder for run directories.")] = RunConfig.run_dir,
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Any run-config key: --set key=value (repeatable).")
+        list[str] | None,
+        typer.Option("--set", help="Any run-config key: --set key=value (repeatable; wins over flags and --config)."),
     ] = None,
     centralized: Annotated[
         bool, typer.Option("--centralized", help="Train the same model on the pooled data instead.")
@@ -107,54 +146,47 @@ def simulate(
         Path | None,
         typer.Option(
             "--resume",
-            help="Continue this run directory after its last completed round, with its own config "
-            "(same directory, same run-store run). Takes no other config option.",
+            help=escape(
+                "Continue this run directory after its last completed round, with its own config "
+                "(same directory, same run-store run). Takes no other config option. [key: resume]"
+            ),
         ),
     ] = None,
-    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Flower's and medfed's logs.")] = False,
+    dry_run: Annotated[bool, dry_run_option(instead="without training")] = False,
+    verbose: Annotated[bool, verbose_option(what="Flower's and medfed's logs")] = False,
 ) -> None:
-    """Simulate several hospitals training one model (or the pooled baseline with --centralized)."""
+    """Simulate several hospitals training one model (or the pooled baseline with --centralized).
+
+    The run config is the defaults, then --config, then the flags, then --set (a later one
+    wins); --dry-run prints it with each key's source.
+    """
     _setup_logging(verbose)
-    overrides = {
-        "dataset": dataset,
-        "num-sites": sites,
-        "partition": partition,
-        "dirichlet-alpha": alpha,
-        "num-server-rounds": rounds,
-        "local-epochs": local_epochs,
-        "model": model,
-        "norm": norm,
-        "strategy": strategy,
-        "learning-rate": lr,
-        "batch-size": batch_size,
-        "image-size": image_size,
-        "seed": seed,
-        "run-dir": run_dir,
-    }
+    overrides = given_values(ctx, flags=SIMULATE_FLAGS)  # key -> value typed, None if not given
     try:
         if resume is not None:
-            given = [k for k, v in overrides.items() if v is not None]
+            given = [SIMULATE_FLAGS[k] for k, v in overrides.items() if v is not None]
             given += ["--config"] * (config is not None) + ["--set"] * bool(set_) + ["--centralized"] * centralized
             if given:
                 raise ConfigError(
                     f"--resume continues the run with its own config ({resume / 'config.json'}); "
                     f"leave out the other options (given: {', '.join(given)})."
                 )
-            from medfed.server.resume import config_of_run
+            from medfed.server.resume import resolve_run_config
 
-            cfg = config_of_run(resume)
+            resolved = resolve_run_config(resume)
         else:
-            cfg = build_config(config, overrides, set_ or [])
+            resolved = resolve_simulate_config(config, overrides, set_ or [])
+        cfg = resolved.config
+        if dry_run:
+            typer.echo(resolved.describe())
+            return
         _run_and_report(cfg, centralized=centralized, verbose=verbose)
     except (ConfigError, DataError, ValueError) as err:
         console.print(f"[bold red]error:[/] {escape(_name_flag(str(err), overrides))}")
         raise typer.Exit(code=2) from None
 
 
-_FLAGS = {
-    "num-sites": "--sites", "dirichlet-alpha": "--alpha", "num-server-rounds": "--rounds",
-    "learning-rate": "--lr",
-}  # fmt: skip
+_FLAGS = {key: flag for key, flag in SIMULATE_FLAGS.items() if flag != f"--{key}"}
 """Run-config keys whose ``medfed simulate`` flag has another name (the others: ``--<key>``)."""
 
 
@@ -216,31 +248,44 @@ def models() -> None:
     console.print(table)
 
 
+def _bench_profiles() -> list[str]:
+    from medfed.simulations.bench import PROFILES
+
+    return list(PROFILES)
+
+
+def _bench_sections() -> list[str]:
+    from medfed.simulations.bench import SECTIONS
+
+    return list(SECTIONS)
+
+
 @app.command()
 def bench(
-    profile: Annotated[str, typer.Option(help="quick (CI smoke, minutes) | full (the BENCHMARKS.md figures, about an hour).")] = "quick",
+    profile: Annotated[
+        str,
+        typer.Option(
+            help="quick (CI smoke, minutes) or full (the BENCHMARKS.md figures, about an hour).",
+            click_type=HintedChoice(_bench_profiles),
+        ),
+    ] = "quick",
     out: Annotated[Path, typer.Option(help="Markdown file whose bench regions are (re)written.")] = Path("BENCHMARKS.md"),
     plots: Annotated[Path, typer.Option(help="Folder for the PNG plots.")] = Path("docs/bench"),
     data_dir: Annotated[
         Path | None, typer.Option(help="MedMNIST folder (default $MEDFED_DATA_DIR or ../shared/data/medmnist).")
     ] = None,
     section: Annotated[
-        list[str] | None, typer.Option("--section", help="Run only this section (repeatable); default all.")
+        list[str] | None,
+        typer.Option(
+            "--section", help="Run only this section (repeatable); default all.", click_type=HintedChoice(_bench_sections)
+        ),
     ] = None,
     workdir: Annotated[Path | None, typer.Option(help="Keep run directories here (default: a temporary folder).")] = None,
 ) -> None:
     """Benchmark suite: quality, privacy cost, overhead and peers, measured side by side into BENCHMARKS.md."""
     import sys
 
-    from medfed.simulations.bench import PROFILES, SECTIONS, bench_command, default_data_dir
-
-    if profile not in PROFILES:
-        console.print(f"[bold red]error:[/] --profile {profile!r} is invalid. Valid profiles: {', '.join(PROFILES)}.")
-        raise typer.Exit(code=2)
-    unknown = [s for s in section or [] if s not in SECTIONS]
-    if unknown:
-        console.print(f"[bold red]error:[/] unknown --section {', '.join(unknown)}. Valid: {', '.join(SECTIONS)}.")
-        raise typer.Exit(code=2)
+    from medfed.simulations.bench import bench_command, default_data_dir
     code = bench_command(
         profile=profile, out=out, plots=plots, data_dir=data_dir or default_data_dir(), sections=section,
         workdir=workdir, argv=["medfed", *sys.argv[1:]],

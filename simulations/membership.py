@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 
 from medfed.client.site_client import SiteClient
 from medfed.shared.data.base import ImageSet
+from medfed.shared.round_config import fit_config
 from medfed.shared.training import make_loss
 from medfed.shared.transforms import ImageSetDataset
 from medfed.shared.weights import get_weights
@@ -156,7 +157,7 @@ def train_fedavg_in_process(
         raise ValueError("train_fedavg_in_process needs at least one client.")
     weights = initial if initial is not None else get_weights(clients[0].model)
     for server_round in range(1, rounds + 1):
-        results = [c.fit(weights, {"server-round": server_round}) for c in clients]
+        results = [c.fit(weights, fit_config(server_round)) for c in clients]
         total = sum(n for _, n, _ in results)
         if total == 0:
             logger.warning("round %d: every site declined; the global model is unchanged.", server_round)

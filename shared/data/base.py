@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
-__all__ = ["ImageSet", "DataSplits", "DataError"]
+from medfed.shared.config import Task
 
-Task = Literal["classification", "segmentation"]
+__all__ = ["ImageSet", "DataSplits", "DataError"]
 
 
 class DataError(ValueError):

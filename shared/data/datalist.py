@@ -52,6 +52,7 @@ from monai.data.image_reader import ImageReader
 from monai.transforms import Compose, LoadImage, Resized, ScaleIntensityd
 from monai.utils import convert_to_numpy
 
+from medfed.shared.config import TASKS
 from medfed.shared.data.base import DataError, DataSplits, ImageSet, Task
 from medfed.shared.partition import split_train_val_test
 
@@ -332,8 +333,8 @@ def load_datalist(
         raise UnusableEntriesError(
             f"Datalist {path} has {len(report.problems)} unusable entr"
             f"{'y' if len(report.problems) == 1 else 'ies'}:\n" + "\n".join(lines) + "\n"
-            "Fix these entries, or pass on_error='skip' to leave them out "
-            "(run config or site.toml: bad-data = \"skip\"; `medfed site check` lists them).",
+            "Fix these entries, or leave them out with bad-data = \"skip\" (--set bad-data=skip, or "
+            "bad-data = \"skip\" in the site's site.toml); `medfed site check` lists them.",
             report,
         )
     if report.problems:
@@ -683,8 +684,8 @@ class _Scanner:
                 raise _EntryProblem(
                     "shape_mismatch",
                     file,
-                    f"image {file!r} has size {shape} but earlier images have {self.shape}. Pass "
-                    "image_size > 0 to resize them all.",
+                    f"image {file!r} has size {shape} but earlier images have {self.shape}. Set "
+                    "image-size > 0 to resize them all (--image-size 64, or image-size in site.toml).",
                 )
 
 
@@ -715,7 +716,8 @@ def _infer_task(path: Path, entries: Sequence[Any]) -> Task:
             return "segmentation"  # a mask path ("1" in quotes says nothing either way)
     raise DataError(
         f"Datalist {path}: cannot infer the task: no training entry has an integer label or a "
-        "mask path. Fix the labels or pass task='classification' / 'segmentation'."
+        "mask path. Fix the labels: a classification entry needs an integer \"label\", a "
+        "segmentation entry the path of its mask file."
     )
 
 
@@ -735,9 +737,9 @@ def _scan(
         )
     if spatial_dims not in (None, 2, 3):
         raise DataError(f"spatial_dims = {spatial_dims!r} is invalid: use 2, 3 or None (infer).")
-    if task not in (None, "classification", "segmentation"):
+    if task is not None and task not in TASKS:
         raise DataError(
-            f"task = {task!r} is invalid. Valid choices: 'classification', 'segmentation', None."
+            f"task = {task!r} is invalid. Valid choices: {', '.join(repr(t) for t in TASKS)}, None."
         )
     for name, value, low in (("num_classes", num_classes, 2), ("in_channels", in_channels, 1)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):

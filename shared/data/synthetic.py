@@ -27,6 +27,7 @@ import logging
 import numpy as np
 from monai.data.synthetic import create_test_image_2d, create_test_image_3d
 
+from medfed.shared.config import TASKS
 from medfed.shared.data.base import DataSplits, ImageSet, Task
 
 __all__ = ["make_synthetic", "SPLIT_FRACTIONS"]
@@ -76,21 +77,24 @@ def make_synthetic(
     ValueError
         An argument is out of range (the message names it).
     """
-    if task not in ("classification", "segmentation"):
+    if task not in TASKS:
         raise ValueError(
-            f"task = {task!r} is invalid. Valid choices: 'classification', 'segmentation'."
+            f"synthetic-task = {task!r} is invalid. Valid choices: {', '.join(repr(t) for t in TASKS)}."
         )
     if spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims = {spatial_dims!r} is invalid: use 2 or 3.")
+        raise ValueError(f"synthetic-dims = {spatial_dims!r} is invalid: use 2 or 3 (--set synthetic-dims=2).")
     if image_size < MIN_IMAGE_SIZE:
-        raise ValueError(f"image_size = {image_size} is invalid: it must be >= {MIN_IMAGE_SIZE}.")
+        raise ValueError(
+            f"image-size = {image_size} is invalid for the synthetic dataset: it must be >= {MIN_IMAGE_SIZE} "
+            f"(--image-size {2 * MIN_IMAGE_SIZE}, or 0 for the default size)."
+        )
     if num_classes < 2:
         raise ValueError(f"num_classes = {num_classes} is invalid: it must be >= 2.")
     min_samples = 3 * num_classes if task == "classification" else 3
     if num_samples < min_samples:
         raise ValueError(
-            f"num_samples = {num_samples} is too small: need at least {min_samples} so that "
-            "train, val and test are non-empty."
+            f"synthetic-samples = {num_samples} is too small: need at least {min_samples} so that "
+            f"train, val and test are non-empty (--set synthetic-samples={max(min_samples, 8)})."
         )
 
     logger.info(

@@ -203,4 +203,4 @@ def test_medfed_simulate_resume_takes_the_runs_own_config_only(tmp_path: Path) -
     assert result.exit_code == 2 and "no such run directory" in " ".join(result.output.split())
     result = runner.invoke(app, ["simulate", "--resume", str(tmp_path), "--rounds", "5", "--set", "seed=1"])
     assert result.exit_code == 2
-    assert "leave out the other options (given: num-server-rounds, --set)" in " ".join(result.output.split())
+    assert "leave out the other options (given: --rounds, --set)" in " ".join(result.output.split())

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from medfed.cli import app
 from medfed.client.site_config import SiteConfig, SiteConfigError, load_site_config
 from medfed.shared.config import ConfigError, RunConfig
-from medfed.simulations.cli import build_config
+from medfed.simulations.cli import SIMULATE_FLAGS, build_config
 
 # key -> (bad value, fragments the error must contain besides the key)
 RUN_CONFIG_TABLE: dict[str, tuple[Any, list[str]]] = {
@@ -89,7 +89,9 @@ def test_bad_run_config_value_names_key_and_valid_values(key: str) -> None:
     with pytest.raises(ConfigError) as err:
         build_config(None, {key: value}, [])
     message = str(err.value)
-    assert f"{key} = " in message, message
+    # the key, and where its value came from: "key (--key) = ..." or "key = ... in flag --key"
+    flag = SIMULATE_FLAGS.get(key, f"--{key}")
+    assert f"{key} ({flag}) = " in message or (f"{key} = " in message and f"flag {flag}" in message), message
     for fragment in fragments:
         assert fragment in message, message
 
@@ -169,13 +171,13 @@ SIMULATE_TABLE: dict[str, tuple[list[str], list[str]]] = {
     "resume": (["--resume", "nowhere"], ["resume = 'nowhere'", "no such run directory"]),
     "dataset": (["--dataset", "nope.json"], ["dataset 'nope.json' does not exist"]),
     "sites": (["--sites", "0"], ["num-sites (--sites) = 0", ">= 1"]),
-    "partition": (["--partition", "random"], ["partition (--partition) = 'random'", "'dirichlet'"]),
+    "partition": (["--partition", "random"], ["'--partition'", "'random' is not one of", "'dirichlet'"]),
     "alpha": (["--alpha", "0"], ["dirichlet-alpha (--alpha) = 0", "> 0"]),
     "rounds": (["--rounds", "0"], ["num-server-rounds (--rounds) = 0", ">= 1"]),
     "local_epochs": (["--local-epochs", "x"], ["--local-epochs", "not a valid integer"]),
-    "model": (["--model", "densenet"], ["model (--model) = 'densenet'", "Did you mean 'densenet121'"]),
-    "norm": (["--norm", "batchnorm"], ["norm (--norm) = 'batchnorm'", "Did you mean 'batch'"]),
-    "strategy": (["--strategy", "fedavgm"], ["strategy (--strategy) = 'fedavgm'", "'fedprox'"]),
+    "model": (["--model", "densenet"], ["'--model'", "'densenet' is not one of", "Did you mean 'densenet121'"]),
+    "norm": (["--norm", "batchnorm"], ["'--norm'", "'batchnorm' is not one of", "Did you mean 'batch'"]),
+    "strategy": (["--strategy", "fedavgm"], ["'--strategy'", "'fedavgm' is not one of", "'fedprox'"]),
     "lr": (["--lr", "-1"], ["learning-rate (--lr) = -1.0", "> 0"]),
     "batch_size": (["--batch-size", "0"], ["batch-size (--batch-size) = 0", ">= 1"]),
     "image_size": (["--image-size", "-3"], ["image-size (--image-size) = -3", ">= 0"]),
@@ -193,7 +195,7 @@ def _flag_params(command: typer.Typer, name: str | None = None) -> set[str]:
 
 
 def test_the_table_covers_every_simulate_value_flag() -> None:
-    switches = {"centralized", "verbose"}  # on/off flags: no bad value
+    switches = {"centralized", "verbose", "dry_run"}  # on/off flags: no bad value
     assert sorted(SIMULATE_TABLE) == sorted(_flag_params(app, "simulate") - switches)
 
 
@@ -214,7 +216,7 @@ def test_bad_simulate_flag_fails_fast_naming_it(tmp_path: Path, monkeypatch: pyt
     [
         (["site", "check", "--config", "SITE", "--image-size", "-1"], ["--image-size = -1", ">= 0"]),
         (["site", "check", "--config", "SITE", "--num-classes", "-1"], ["--num-classes = -1", ">= 0"]),
-        (["site", "check", "--config", "SITE", "--bad-data", "lenient"], ["--bad-data = 'lenient'", "'strict', 'skip'"]),
+        (["site", "check", "--config", "SITE", "--bad-data", "lenient"], ["'--bad-data'", "'lenient' is not one of 'strict', 'skip'"]),
         (["site", "check", "--config", "missing.toml"], ["missing.toml", "does not exist"]),
         (["site", "start", "--kit", "KIT", "--config", "SITE", "--max-connect-attempts", "0"],
          ["--max-connect-attempts", "x>=1"]),

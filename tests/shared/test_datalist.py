@@ -192,7 +192,7 @@ def test_image_size_zero_keeps_size_if_uniform(tmp_path: Path) -> None:
     splits = load_datalist(path, image_size=0)
     assert splits.train.images.shape == (3, 1, 10, 12, 14)
     varying = _datalist(tmp_path, {"training": _cls_2d(tmp_path, 4)}, "varying.json")
-    with pytest.raises(DataError, match=r"c1\.nii\.gz.*has size.*image_size > 0"):
+    with pytest.raises(DataError, match=r"c1\.nii\.gz.*has size.*image-size > 0.*--image-size"):
         load_datalist(varying, image_size=0)
 
 
@@ -288,7 +288,7 @@ def test_raise_names_datalist_entry_file_and_fix(
     assert str(path) in message
     line = next(ln for ln in message.splitlines() if f"{section}[{index}]" in ln)
     assert name in line and phrase in line
-    assert "on_error='skip'" in message
+    assert "--set bad-data=skip" in message and "on_error" not in message  # the key a user types
 
 
 def test_skip_mode_skips_exactly_the_bad_entries(

@@ -28,3 +28,25 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Pat
         write_atomically(target, half_then_crash)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["resume.pt"]
+
+
+class _MyError(ValueError):
+    pass
+
+
+def test_read_toml_is_the_one_reader_with_errors_naming_the_file(tmp_path: Path) -> None:
+    from medfed.shared.files import read_toml
+
+    good = tmp_path / "a.toml"
+    good.write_text('x = 1\n[t]\ny = "z"\n')
+    assert read_toml(good, error=_MyError, what="Config file") == {"x": 1, "t": {"y": "z"}}
+    with pytest.raises(_MyError, match=r"^Config file .*missing\.toml does not exist\.$"):
+        read_toml(tmp_path / "missing.toml", error=_MyError, what="Config file")
+    with pytest.raises(_MyError, match=r"^copy the kit$"):
+        read_toml(tmp_path / "missing.toml", error=_MyError, what="kit", if_missing="copy the kit")
+    broken = tmp_path / "b.toml"
+    broken.write_text("x = = 1")
+    with pytest.raises(_MyError, match=r"site config .*b\.toml is not valid TOML: .*Ask for a fresh one\.$"):
+        read_toml(broken, error=_MyError, what="site config", if_invalid="Ask for a fresh one.")
+    with pytest.raises(_MyError, match=r"Config file .* cannot be read \(IsADirectoryError"):
+        read_toml(tmp_path, error=_MyError, what="Config file")

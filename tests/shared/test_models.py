@@ -221,7 +221,7 @@ def test_batchnorm_model_fails_validation_naming_the_fix(name: str) -> None:
         validate_for_dp(model)
     message = str(info.value)
     assert "BatchNorm" in message
-    assert "norm='group'" in message
+    assert "norm = 'group'" in message and "--norm group" in message
     assert "instance" in message
 
 

@@ -107,11 +107,11 @@ def test_class_counts_exact() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"num_sites": 0}, "num_sites"),
-        ({"num_sites": 11}, "num_sites"),
-        ({"alpha": 0.0}, "alpha"),
+        ({"num_sites": 0}, "num-sites"),
+        ({"num_sites": 11}, r"num-sites = 11 .*--sites 10"),
+        ({"alpha": 0.0}, r"dirichlet-alpha .*--alpha"),
         ({"alpha": -1.0}, "alpha"),
-        ({"method": "random"}, "method"),
+        ({"method": "random"}, "partition = 'random'"),
         ({"min_per_site": 5, "num_sites": 3}, "min_per_site"),
         ({"labels": np.zeros((10, 2), dtype=int)}, "labels"),
     ],
@@ -128,7 +128,7 @@ def test_dirichlet_impossible_min_raises_clear_error() -> None:
     # 2 samples of one class each over 10 sites with a near-degenerate Dirichlet cannot give
     # every site 1 sample in 100 draws.
     labels = np.repeat(np.arange(2), 6)
-    with pytest.raises(ValueError, match="min_per_site.*Increase alpha"):
+    with pytest.raises(ValueError, match=r"min_per_site.*Increase dirichlet-alpha \(--alpha 0\.5\)"):
         partition_indices(
             labels, num_sites=12, method="dirichlet", alpha=0.01, seed=0, min_per_site=1
         )

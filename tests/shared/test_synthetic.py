@@ -117,11 +117,11 @@ def test_fast_and_clearly_labelled(caplog: pytest.LogCaptureFixture) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"task": "detection"}, "task"),
-        ({"spatial_dims": 4}, "spatial_dims"),
-        ({"image_size": 8}, "image_size"),
+        ({"task": "detection"}, "synthetic-task"),
+        ({"spatial_dims": 4}, "synthetic-dims"),
+        ({"image_size": 8}, r"image-size = 8 .*--image-size"),
         ({"num_classes": 1}, "num_classes"),
-        ({"num_samples": 4}, "num_samples"),
+        ({"num_samples": 4}, r"synthetic-samples = 4 .*--set synthetic-samples="),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str) -> None:
