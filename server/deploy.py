@@ -48,6 +48,7 @@ import tomli_w
 from medfed.server.provision import Federation, parse_address
 from medfed.server.signing import SIGNATURE_KEY, fab_hash, load_private_key, sign_app
 from medfed.shared.config import RunConfig
+from medfed.shared.executables import installed_executable
 
 __all__ = [
     "DeployError",
@@ -206,14 +207,6 @@ def superlink_command(
         "--host", host,
         "--port", str(port or address_port),
     ]
-
-
-def _flower_exe(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
-    if not found:
-        raise DeployError(f"{name} is not installed: install medfed with its pinned flwr version.")
-    return found
 
 
 OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
@@ -513,7 +506,7 @@ def submit_run(
     workdir = workdir or Path(tempfile.mkdtemp(prefix="medfed-run-"))
     signed = build_signed_app(cfg, signing_key=signing_key or fed.signing_key, workdir=workdir)
     command = [
-        _flower_exe("flwr"), "run", str(signed.app_dir), fed.connection_name,
+        installed_executable("flwr", error=DeployError), "run", str(signed.app_dir), fed.connection_name,
         "--run-config", str(signed.overrides_file), "--format", "json",
     ]
     proc = subprocess.run(command, capture_output=True, text=True, env=flwr_env(fed), timeout=300)
@@ -546,7 +539,7 @@ def _last_json(text: str) -> dict[str, Any] | None:
 def run_status(fed: Federation, run_id: int) -> str:
     """The run's Flower status, e.g. ``"running"`` or ``"finished:completed"`` (``flwr ls``)."""
     proc = subprocess.run(
-        [_flower_exe("flwr"), "ls", fed.connection_name, "--run-id", str(run_id), "--format", "json"],
+        [installed_executable("flwr", error=DeployError), "ls", fed.connection_name, "--run-id", str(run_id), "--format", "json"],
         capture_output=True, text=True, env=flwr_env(fed), timeout=120,
     )
     payload = _last_json(proc.stdout) or {}

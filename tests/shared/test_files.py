@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import pytest
@@ -28,3 +29,12 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path: Pat
         write_atomically(target, half_then_crash)
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["resume.pt"]
+
+
+def test_the_mode_is_set_as_given_and_defaults_to_owner_only(tmp_path: Path) -> None:
+    shared = write_atomically(tmp_path / "kit" / "ca.crt", lambda fh: fh.write(b"cert"), mode=0o644)
+    private = write_atomically(tmp_path / "kit" / "site.key", lambda fh: fh.write(b"key"))
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o644
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    write_atomically(shared, lambda fh: fh.write(b"again"), mode=0o600)  # replacing changes the mode too
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o600 and shared.read_bytes() == b"again"
