@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import re
 import stat
-import tomllib
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from medfed.shared.config import BAD_DATA_MODES, close_matches
+from medfed.shared.toml_files import read_toml
 
 __all__ = ["SiteConfigError", "SiteConfig", "Kit", "load_site_config", "load_kit", "node_config_arg"]
 
@@ -109,14 +109,10 @@ def load_site_config(path: str | Path, *, require_datalist: bool = True) -> Site
         type or range, or a datalist that does not exist.
     """
     source = Path(path).expanduser().resolve()
-    try:
-        raw = tomllib.loads(source.read_text())
-    except FileNotFoundError:
-        raise SiteConfigError(
-            f"site config {source} does not exist. Copy site.toml from your startup kit and edit it."
-        ) from None
-    except tomllib.TOMLDecodeError as err:
-        raise SiteConfigError(f"site config {source} is not valid TOML: {err}") from None
+    raw = read_toml(
+        source, error=SiteConfigError, label=f"site config {source}",
+        missing=f"site config {source} does not exist. Copy site.toml from your startup kit and edit it.",
+    )
     valid = SiteConfig.keys()
     for key in raw:
         if key not in valid:
@@ -202,15 +198,11 @@ def load_kit(path: str | Path) -> Kit:
     """
     root = Path(path).expanduser().resolve()
     manifest = root / "kit.toml"
-    try:
-        raw = tomllib.loads(manifest.read_text())
-    except FileNotFoundError:
-        raise SiteConfigError(
-            f"{root} is not a startup kit ({manifest.name} is missing). Pass the folder the "
-            "coordinator sent (it holds kit.toml, ca.crt, site-auth.key, app-signing.pub)."
-        ) from None
-    except tomllib.TOMLDecodeError as err:
-        raise SiteConfigError(f"{manifest} is not valid TOML ({err}); ask for a fresh kit.") from None
+    raw = read_toml(
+        manifest, error=SiteConfigError, fix="; ask for a fresh kit",
+        missing=f"{root} is not a startup kit ({manifest.name} is missing). Pass the folder the "
+        "coordinator sent (it holds kit.toml, ca.crt, site-auth.key, app-signing.pub).",
+    )
     try:
         kit = Kit(
             root=root,

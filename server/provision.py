@@ -29,7 +29,6 @@ import ipaddress
 import json
 import logging
 import re
-import tomllib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +41,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from medfed.server.signing import generate_signing_key, key_fingerprint, load_public_key, write_signing_key
 from medfed.shared.files import write_atomically
+from medfed.shared.toml_files import read_toml
 
 __all__ = [
     "ProvisionError",
@@ -471,14 +471,10 @@ def load_federation(root: str | Path) -> Federation:
     """
     root = Path(root).expanduser().resolve()
     path = root / MANIFEST
-    try:
-        data = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise ProvisionError(
-            f"{path} does not exist: {root} is not a federation folder. Run `medfed provision` first."
-        ) from None
-    except tomllib.TOMLDecodeError as err:
-        raise ProvisionError(f"{path} is not valid TOML ({err}).") from None
+    data = read_toml(
+        path, error=ProvisionError,
+        missing=f"{path} does not exist: {root} is not a federation folder. Run `medfed provision` first.",
+    )
     try:
         sites = sorted(
             (SiteEntry(n, int(v["index"]), root / "sites" / n) for n, v in data["sites"].items()),

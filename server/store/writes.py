@@ -25,21 +25,8 @@ __all__ = ["RunStore"]
 
 
 class RunStore(Database):
-    """A run store at an SQLAlchemy URL, and the writes that record runs into it.
-
-    Parameters
-    ----------
-    url
-        ``sqlite:///PATH`` (the folder is created), ``postgresql://...`` or any SQLAlchemy URL.
-    create
-        Create a missing SQLite file (``False``: a missing file raises :class:`StoreError`).
-
-    Raises
-    ------
-    StoreError
-        If the URL is invalid, the database cannot be reached, or its schema is newer than
-        this medfed knows.
-    """
+    """A run store (opened as :class:`~server.store.database.Database`: same parameters and
+    errors), and the writes that record runs into it: one transaction per call."""
 
     def start_run(
         self,
