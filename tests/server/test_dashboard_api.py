@@ -23,10 +23,10 @@ import httpx
 import pytest
 
 from medfed.server.dashboard.app import COOKIE, DEFAULT_HOST, BackgroundServer, create_app
+from medfed.server.dashboard.read_models import RunReader
 from medfed.server.dashboard_cli import dashboard_command
 from medfed.server.run_dir import RoundRecord, read_metrics
 from medfed.server.server_app import ServerHooks
-from medfed.server.dashboard.read_models import RunReader
 from medfed.server.store import RunStore
 from medfed.shared.config import RunConfig
 from medfed.simulations.simulate import run_federated

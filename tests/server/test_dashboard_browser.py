@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from medfed.server.dashboard.app import create_app, serve_in_background
+from medfed.server.dashboard.read_models import RunReader
 from medfed.server.run_dir import RoundRecord
 from medfed.server.server_app import ServerHooks
-from medfed.server.dashboard.read_models import RunReader
 from medfed.server.store import RunStore
 from medfed.simulations.simulate import run_federated
 from tests.support.dashboard_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, TOKEN, chromium_missing, small_config

@@ -20,6 +20,7 @@ from flwr.app import Context, RecordDict
 from flwr.server.strategy import FedAdam
 
 from medfed.client.client_app import make_client_app
+from medfed.server.dashboard.read_models import RunReader
 from medfed.server.resume import (
     RESUME_FILE,
     ResumeError,
@@ -32,7 +33,6 @@ from medfed.server.resume import (
 )
 from medfed.server.run_dir import RoundRecord, read_metrics
 from medfed.server.server_app import ServerHooks, run_server
-from medfed.server.dashboard.read_models import RunReader
 from medfed.server.store import RunStore
 from medfed.server.strategies import build_strategy
 from medfed.shared.config import RunConfig

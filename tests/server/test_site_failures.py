@@ -11,10 +11,10 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.client import ClientApp
 
+from medfed.server.dashboard.read_models import RunReader
 from medfed.server.rounds import error_class
 from medfed.server.run_dir import read_metrics
 from medfed.server.server_app import ServerHooks, run_server
-from medfed.server.dashboard.read_models import RunReader
 from medfed.server.store import RunStore
 from medfed.shared.config import RunConfig
 from tests.support.fault_sites import crashing_client_app, fit_round

@@ -10,11 +10,10 @@ import pytest
 from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum
 
-from medfed.simulations.faults import ATTACKS, Attack, attack_client_fn
 from medfed.client.update_mods import clip_update
+from medfed.server.dashboard.read_models import RunReader
 from medfed.server.run_dir import RoundRecord
 from medfed.server.secure import SecAggUpdateStrategy
-from medfed.server.dashboard.read_models import RunReader
 from medfed.server.store import RunStore
 from medfed.server.strategies import MultiKrum, build_strategy
 from medfed.server.validation import (
@@ -27,6 +26,7 @@ from medfed.server.validation import (
     update_norm,
 )
 from medfed.shared.config import ConfigError, RunConfig, robust_min_sites
+from medfed.simulations.faults import ATTACKS, Attack, attack_client_fn
 
 OK = Status(code=Code.OK, message="")
 

@@ -25,14 +25,14 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from medfed.simulations.faults import Attack, attack_client_fn
 from medfed.client.client_app import make_client_app
+from medfed.server.dashboard.read_models import RunReader
 from medfed.server.run_dir import read_metrics
 from medfed.server.server_app import ServerHooks, run_server
-from medfed.server.dashboard.read_models import RunReader
 from medfed.server.store import RunStore
 from medfed.shared.config import RunConfig
 from medfed.simulations.bench.robust import poisoning_attacks, task_config
+from medfed.simulations.faults import Attack, attack_client_fn
 from tests.support.local_grid import LocalGrid, server_identity
 
 FAULT_MARGIN = 0.10

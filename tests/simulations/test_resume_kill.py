@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from medfed.server.run_dir import read_metrics
 from medfed.server.dashboard.read_models import RunReader
+from medfed.server.run_dir import read_metrics
 from medfed.server.store import RunStore
 from medfed.shared.config import RunConfig
 from medfed.shared.privacy import PrivacyLedger, site_ledger_path

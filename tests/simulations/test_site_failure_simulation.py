@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from medfed.server.run_dir import read_metrics
 from medfed.server.dashboard.read_models import RunReader
+from medfed.server.run_dir import read_metrics
 from medfed.server.store import RunStore
 from medfed.shared.config import RunConfig
 from medfed.simulations.simulate import run_federated
