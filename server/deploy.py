@@ -539,7 +539,8 @@ def _last_json(text: str) -> dict[str, Any] | None:
 def run_status(fed: Federation, run_id: int) -> str:
     """The run's Flower status, e.g. ``"running"`` or ``"finished:completed"`` (``flwr ls``)."""
     proc = subprocess.run(
-        [installed_executable("flwr", error=DeployError), "ls", fed.connection_name, "--run-id", str(run_id), "--format", "json"],
+        [installed_executable("flwr", error=DeployError), "ls", fed.connection_name, "--run-id", str(run_id),
+         "--format", "json"],
         capture_output=True, text=True, env=flwr_env(fed), timeout=120,
     )
     payload = _last_json(proc.stdout) or {}

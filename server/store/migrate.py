@@ -16,7 +16,6 @@ from pathlib import Path
 import sqlalchemy as sa
 from alembic import command
 from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy.engine import Connection
 
@@ -28,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 """alembic's script location (``env.py`` and ``versions/``)."""
+
+_VERSION_TABLE = "alembic_version"
 
 LEGACY_REVISIONS: dict[int, str] = {1: "0001", 2: "0002"}
 """The revision that matches each ``schema_version`` of the stores medfed wrote before alembic."""
@@ -52,8 +53,20 @@ def head_revision() -> str:
 
 
 def current_revision(conn: Connection) -> str | None:
-    """The store's revision (``None``: a store without any, e.g. a new database)."""
-    return MigrationContext.configure(conn).get_current_revision()
+    """The store's revision (``None``: a store without any, e.g. a new database).
+
+    Read from alembic's ``alembic_version`` table directly: alembic's own reader logs two INFO
+    lines each time, and every open of a store asks.
+    """
+    if not sa.inspect(conn).has_table(_VERSION_TABLE):
+        return None
+    versions = conn.execute(sa.text(f"SELECT version_num FROM {_VERSION_TABLE}")).scalars().all()
+    if len(versions) > 1:  # branches: medfed's history is linear, so this is not a store of ours
+        raise StoreError(
+            f"the run store's {_VERSION_TABLE} table holds several revisions {versions}: "
+            "not a medfed store; use another one."
+        )
+    return versions[0] if versions else None
 
 
 def upgrade(conn: Connection, *, url: str) -> None:
@@ -72,7 +85,7 @@ def upgrade(conn: Connection, *, url: str) -> None:
         If the store's schema is newer than this medfed knows.
     """
     inspector = sa.inspect(conn)
-    if not inspector.has_table("alembic_version") and inspector.has_table("schema_version"):
+    if not inspector.has_table(_VERSION_TABLE) and inspector.has_table("schema_version"):
         _adopt_legacy(conn, url=url)
     scripts = _scripts()
     head = scripts.get_current_head()
