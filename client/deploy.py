@@ -42,6 +42,7 @@ import time
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from io import BytesIO
 from pathlib import Path
 from typing import Any, TextIO
@@ -84,7 +85,7 @@ def supernode_command(
 ) -> list[str]:
     """The ``flower-supernode`` command line for ``site`` with ``kit``."""
     return [
-        installed_executable("flower-supernode", error=SiteStartError),
+        _flower_exe("flower-supernode"),
         "--superlink", superlink or kit.superlink,
         "--root-certificates", str(kit.ca_cert),
         "--auth-supernode-private-key", str(kit.auth_private_key),
@@ -104,6 +105,10 @@ def superexec_command(runtime_port: int, *, parent_pid: int) -> list[str]:
         "--insecure",  # the runtime API is the SuperNode's own loopback port
         "--parent-pid", str(parent_pid),
     ]
+
+
+_flower_exe = partial(installed_executable, error=SiteStartError)
+"""Flower's program ``name`` (beside this interpreter, else on ``PATH``); :class:`SiteStartError` if missing."""
 
 
 _DIAGNOSES: tuple[tuple[re.Pattern[str], str], ...] = (

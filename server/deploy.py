@@ -40,6 +40,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +208,10 @@ def superlink_command(
         "--host", host,
         "--port", str(port or address_port),
     ]
+
+
+_flower_exe = partial(installed_executable, error=DeployError)
+"""Flower's program ``name`` (beside this interpreter, else on ``PATH``); :class:`DeployError` if missing."""
 
 
 OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
@@ -506,7 +511,7 @@ def submit_run(
     workdir = workdir or Path(tempfile.mkdtemp(prefix="medfed-run-"))
     signed = build_signed_app(cfg, signing_key=signing_key or fed.signing_key, workdir=workdir)
     command = [
-        installed_executable("flwr", error=DeployError), "run", str(signed.app_dir), fed.connection_name,
+        _flower_exe("flwr"), "run", str(signed.app_dir), fed.connection_name,
         "--run-config", str(signed.overrides_file), "--format", "json",
     ]
     proc = subprocess.run(command, capture_output=True, text=True, env=flwr_env(fed), timeout=300)
@@ -539,8 +544,7 @@ def _last_json(text: str) -> dict[str, Any] | None:
 def run_status(fed: Federation, run_id: int) -> str:
     """The run's Flower status, e.g. ``"running"`` or ``"finished:completed"`` (``flwr ls``)."""
     proc = subprocess.run(
-        [installed_executable("flwr", error=DeployError), "ls", fed.connection_name, "--run-id", str(run_id),
-         "--format", "json"],
+        [_flower_exe("flwr"), "ls", fed.connection_name, "--run-id", str(run_id), "--format", "json"],
         capture_output=True, text=True, env=flwr_env(fed), timeout=120,
     )
     payload = _last_json(proc.stdout) or {}
