@@ -13,7 +13,7 @@
 * ``medfed-clientapp`` (:func:`verified_clientapp_main`): Flower's own ``flwr-clientapp`` with
   one check inserted between pulling the task and installing the app bundle (FAB): the
   coordinator's ed25519 signature over the FAB's SHA-256 and the run config must verify with
-  the public key of the site's startup kit (see :mod:`server.signing`). A bundle that is
+  the public key of the site's startup kit (see :mod:`shared.app_signature`). A bundle that is
   unsigned, altered, or signed by another key is never installed or imported; the site logs
   ``REFUSED app bundle ...`` and answers the server with an error.
 
@@ -34,7 +34,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -43,11 +42,13 @@ import time
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from io import BytesIO
 from pathlib import Path
 from typing import Any, TextIO
 
 from medfed.client.site_config import Kit, SiteConfig, node_config_arg
+from medfed.shared.executables import installed_executable
 
 __all__ = [
     "SIGNING_KEY_ENV",
@@ -106,12 +107,8 @@ def superexec_command(runtime_port: int, *, parent_pid: int) -> list[str]:
     ]
 
 
-def _flower_exe(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
-    if not found:
-        raise SiteStartError(f"{name} is not installed: install medfed with its pinned flwr version.")
-    return found
+_flower_exe = partial(installed_executable, error=SiteStartError)
+"""Flower's program ``name`` (beside this interpreter, else on ``PATH``); :class:`SiteStartError` if missing."""
 
 
 _DIAGNOSES: tuple[tuple[re.Pattern[str], str], ...] = (
@@ -349,16 +346,10 @@ def superexec_main(argv: Sequence[str] | None = None) -> None:
     from flwr.supercore import constant
     from flwr.supercore.cli.flower_superexec import flower_superexec
 
-    command = Path(sys.executable).parent / CLIENTAPP_COMMAND
-    if not command.exists():
-        found = shutil.which(CLIENTAPP_COMMAND)
-        if not found:
-            raise SystemExit(
-                f"{CLIENTAPP_COMMAND} is not installed: reinstall medfed (pip install medfed) so "
-                "its console scripts exist."
-            )
-        command = Path(found)
-    constant.TASK_TYPE_TO_COMMAND[constant.TaskType.CLIENT_APP] = str(command)
+    command = installed_executable(
+        CLIENTAPP_COMMAND, error=SystemExit, fix="reinstall medfed (pip install medfed) so its console scripts exist"
+    )
+    constant.TASK_TYPE_TO_COMMAND[constant.TaskType.CLIENT_APP] = command
     sys.argv = ["flower-superexec", *(argv if argv is not None else sys.argv[1:])]
     flower_superexec()
 
@@ -373,14 +364,14 @@ def install_fab_verifier(public_key_path: str | Path) -> None:
 
     Flower's ``run_clientapp`` pulls the task (message, context, run, FAB), then calls
     ``install_from_fab``. medfed wraps both names in that module: the pull records the task,
-    the install first checks the signature with :func:`server.signing.verify_app` against the
+    the install first checks the signature with :func:`shared.app_signature.verify_app` against the
     run config the ClientApp would receive, and raises :class:`AppRejected` (so Flower answers
     the server with an error) instead of installing. After a successful check, medfed's own
     modules are dropped from ``sys.modules`` so the bundle's code, not the site's copy, runs.
     """
     from flwr.supernode.runtime import run_clientapp as runtime
 
-    from medfed.server.signing import AppSignatureError, load_public_key, verify_app
+    from medfed.shared.app_signature import AppSignatureError, load_public_key, verify_app
 
     key = load_public_key(public_key_path)
     original_pull = runtime.pull_task_input

@@ -52,6 +52,7 @@ def dashboard_command(
     import uvicorn
 
     from medfed.server.dashboard.app import create_app, default_token_path, load_or_create_token
+    from medfed.server.dashboard.read_models import RunReader
     from medfed.server.store import RunStore, StoreError
     from medfed.shared.config import ConfigError
     from medfed.shared.config_sources import flag_layer, resolve_config
@@ -76,7 +77,7 @@ def dashboard_command(
             "over plain HTTP. Put it behind a TLS reverse proxy, or keep the default 127.0.0.1."
         )
     shown = f"[{host}]" if ":" in host else host
-    runs = len(run_store.list_runs())
+    runs = len(RunReader(run_store).list_runs())
     console.print(f"medfed dashboard for {run_store.url} ({runs} run(s))")
     console.print(f"token file: {token_path}")
     console.print(f"open: [bold]http://{shown}:{port}/?token={token}[/]", soft_wrap=True)

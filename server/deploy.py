@@ -39,6 +39,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ import tomli_w
 from medfed.server.provision import Federation, parse_address
 from medfed.server.signing import SIGNATURE_KEY, fab_hash, load_private_key, sign_app
 from medfed.shared.config import RunConfig
+from medfed.shared.executables import installed_executable
 
 __all__ = [
     "DeployError",
@@ -208,12 +210,8 @@ def superlink_command(
     ]
 
 
-def _flower_exe(name: str) -> str:
-    local = Path(sys.executable).parent / name
-    found = str(local) if local.exists() else shutil.which(name)
-    if not found:
-        raise DeployError(f"{name} is not installed: install medfed with its pinned flwr version.")
-    return found
+_flower_exe = partial(installed_executable, error=DeployError)
+"""Flower's program ``name`` (beside this interpreter, else on ``PATH``); :class:`DeployError` if missing."""
 
 
 OFFLINE_ENV = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}

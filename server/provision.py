@@ -28,7 +28,6 @@ import datetime as dt
 import ipaddress
 import json
 import logging
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,7 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from medfed.server.signing import generate_signing_key, key_fingerprint, load_public_key, write_signing_key
-from medfed.shared.files import read_toml
+from medfed.shared.files import read_toml, write_atomically
 
 __all__ = [
     "ProvisionError",
@@ -199,15 +198,7 @@ class _Writer:
         return True
 
     def write(self, path: Path, data: bytes, *, mode: int = 0o644) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        if tmp.exists():
-            tmp.unlink()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        write_atomically(path, lambda fh: fh.write(data), mode=mode)
         self.result.created.append(path)
 
 

@@ -25,12 +25,22 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from medfed.shared.files import write_atomically
+
 if TYPE_CHECKING:
     from medfed.server.store import RunSink
 
 __all__ = ["RunDirectory", "RoundRecord", "new_run_path", "read_metrics"]
 
 logger = logging.getLogger(__name__)
+
+_FILE_MODE = 0o644
+"""Run-directory files are readable by other users (as ``open`` makes them under the usual umask)."""
+
+
+def _write_text(path: Path, text: str) -> None:
+    """Write ``path`` in UTF-8 through :func:`shared.files.write_atomically` (a crash keeps the old file)."""
+    write_atomically(path, lambda fh: fh.write(text.encode("utf-8")), mode=_FILE_MODE)
 
 
 @dataclass
@@ -150,7 +160,7 @@ class RunDirectory:
             except metadata.PackageNotFoundError:
                 versions[dist] = "not installed"
         meta = {"mode": mode, "config": self.config, "versions": versions, "started": self.started}
-        (self.path / "config.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+        _write_text(self.path / "config.json", json.dumps(meta, indent=2, sort_keys=True))
         self._metrics = (self.path / "metrics.jsonl").open("a", encoding="utf-8")
         if sink is not None:
             sink.run_started(run_dir=self.path, mode=mode, config=self.config, versions=versions)
@@ -190,9 +200,7 @@ class RunDirectory:
                 f"{metrics} holds rounds {rounds} but the resume state is at round {after_round}: "
                 "the run directory is inconsistent and cannot be resumed; start a new run."
             )
-        tmp = metrics.with_suffix(".tmp")
-        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        tmp.replace(metrics)
+        _write_text(metrics, "".join(line + "\n" for line in kept))
         if dropped:
             logger.warning(
                 "resume: %d line(s) of metrics.jsonl after round %d were dropped; those rounds run again.",
@@ -235,17 +243,13 @@ class RunDirectory:
     ) -> Path:
         """Write ``checkpoints/<kind>.pt`` with the state dict and the run config."""
         target = self.path / "checkpoints" / f"{kind}.pt"
-        tmp = target.with_suffix(".tmp")
-        torch.save(
-            {
-                "state_dict": model.state_dict(),
-                "config": self.config,
-                "round": server_round,
-                "metrics": dict(metrics),
-            },
-            tmp,
-        )
-        tmp.replace(target)
+        payload = {
+            "state_dict": model.state_dict(),
+            "config": self.config,
+            "round": server_round,
+            "metrics": dict(metrics),
+        }
+        write_atomically(target, lambda fh: torch.save(payload, fh), mode=_FILE_MODE)
         if self.sink is not None:
             self.sink.checkpoint(kind, server_round=server_round, metrics=metrics)
         return target
@@ -253,7 +257,7 @@ class RunDirectory:
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write ``summary.json`` and close the metrics file."""
         data = {"seconds": time.time() - self.started, **summary}
-        (self.path / "summary.json").write_text(json.dumps(data, indent=2, sort_keys=True))
+        _write_text(self.path / "summary.json", json.dumps(data, indent=2, sort_keys=True))
         self._metrics.close()
         if self.sink is not None:
             self.sink.run_finished(data)

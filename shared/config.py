@@ -161,7 +161,7 @@ class RunConfig:
     dp_grad_sample_mode
         How Opacus computes per-sample gradients: ``"hooks"`` (default), ``"ghost"`` (ghost /
         fast gradient clipping; classification only) or ``"functorch"``. Same privacy, different
-        speed and memory (see ``python -m simulations.bench_dp``).
+        speed and memory (see ``python -m medfed.simulations.bench.dp``).
     ledger_dir
         Where each site keeps its privacy ledger (empty: ``<run directory>/ledgers``).
     client_dp, client_dp_noise_multiplier, client_dp_clipping_norm
@@ -185,7 +185,7 @@ class RunConfig:
         own datalist against them.
     app_signature
         Set by ``medfed run``: the coordinator's ed25519 signature over the app bundle and this
-        run config (see ``server.signing``); sites refuse runs without a valid one. Not used
+        run config (see ``shared.app_signature``); sites refuse runs without a valid one. Not used
         by the training code.
     """
 

@@ -31,6 +31,7 @@ sample to rounding, so they are not used for :func:`split_train_val_test` either
 from __future__ import annotations
 
 import logging
+
 import numpy as np
 
 from medfed.shared.config import PARTITIONS, Partition

@@ -63,7 +63,7 @@ def run_federated(
         Flower's DEBUG logging.
     client_app
         The sites' ClientApp (default: :func:`client.client_app.make_client_app` of ``cfg``);
-        tests and benchmarks pass one with faulty sites (:mod:`client.attacks`).
+        tests and benchmarks pass one with faulty sites (:mod:`simulations.faults`).
 
     Raises
     ------

@@ -34,6 +34,7 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from sqlalchemy.engine import make_url
 
+from medfed.server.dashboard.read_models import RunReader
 from medfed.server.store import RunStore
 
 __all__ = [
@@ -288,13 +289,15 @@ def create_app(*, store: RunStore, token: str) -> FastAPI:
             response.headers.setdefault(name, value)
         return response
 
-    def get_store() -> RunStore:
-        return store
+    reader = RunReader(store)
 
-    StoreDep = Annotated[RunStore, Depends(get_store)]
+    def get_store() -> RunReader:
+        return reader
+
+    StoreDep = Annotated[RunReader, Depends(get_store)]
     RunId = Annotated[str, PathParam(description="The run's id (its run directory's name)", max_length=200)]
 
-    def _run_or_404(s: RunStore, run_id: str) -> dict[str, Any]:
+    def _run_or_404(s: RunReader, run_id: str) -> dict[str, Any]:
         run = s.get_run(run_id)
         if run is None:
             raise HTTPException(status_code=404, detail=f"no run {run_id!r} in the store: see /api/runs")

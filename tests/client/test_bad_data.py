@@ -25,7 +25,7 @@ from medfed.server.run_dir import read_metrics
 from medfed.shared.config import ConfigError, RunConfig
 from medfed.shared.data.base import DataError
 from medfed.shared.data.datalist import UnusableEntriesError, load_datalist
-from tests.server.deploy_support import write_nifti_datalist
+from tests.support.deploy_support import write_nifti_datalist
 
 CFG = RunConfig(dataset="deployment", image_size=16, model="simplecnn", num_sites=2, norm="group")
 GOOD_TRAIN, GOOD_VAL = 12, 4

@@ -14,8 +14,8 @@ from medfed.client.client_app import make_client_app
 from medfed.client.egress import EgressViolation, inspect_message
 from medfed.server.server_app import ServerHooks, run_server
 from medfed.shared.config import RunConfig
-from medfed.simulations.bench_secagg import noise_client_fn
-from tests.server.local_grid import LocalGrid, server_identity
+from medfed.simulations.bench.secagg import noise_client_fn
+from tests.support.local_grid import LocalGrid, server_identity
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from medfed.client.site_check import check_site, format_report
-from tests.server.deploy_support import MEDFED
+from tests.support.deploy_support import MEDFED
 
 
 def _nifti(path: Path, shape: tuple[int, ...], spacing: tuple[float, ...] = (0.8, 0.8, 1.0), value: float = 1.0) -> str:

@@ -109,7 +109,7 @@ def test_supernode_log_lines_get_clear_diagnoses(line: str, expected: str | None
 
 
 def test_site_start_with_a_bad_config_exits_with_a_clear_error(kit_dir: Path, tmp_path: Path) -> None:
-    from tests.server.deploy_support import MEDFED
+    from tests.support.deploy_support import MEDFED
 
     path = _site(tmp_path, 'site-name = "a"\ndatalist = "missing.json"\n')
     proc = subprocess.run([MEDFED, "site", "start", "--kit", str(kit_dir), "--config", str(path)],

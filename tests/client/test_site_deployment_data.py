@@ -13,7 +13,7 @@ from medfed.client.client_app import _client_fn_for
 from medfed.client.site_data import deployment_site_data
 from medfed.shared.config import ConfigError, RunConfig
 from medfed.shared.data.base import DataError
-from tests.server.deploy_support import write_nifti_datalist
+from tests.support.deploy_support import write_nifti_datalist
 
 CFG = RunConfig(dataset="deployment", image_size=16, model="simplecnn", num_sites=2, norm="group")
 

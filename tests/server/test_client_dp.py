@@ -26,8 +26,8 @@ from medfed.server.strategies import (
     build_strategy,
 )
 from medfed.shared.config import RunConfig
-from medfed.simulations.bench_secagg import NoiseClient, noise_client_fn
-from tests.server.local_grid import LocalGrid, server_identity
+from medfed.simulations.bench.secagg import NoiseClient, noise_client_fn
+from tests.support.local_grid import LocalGrid, server_identity
 
 OK = Status(code=Code.OK, message="Success")
 

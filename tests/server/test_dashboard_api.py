@@ -23,13 +23,14 @@ import httpx
 import pytest
 
 from medfed.server.dashboard.app import COOKIE, DEFAULT_HOST, BackgroundServer, create_app
+from medfed.server.dashboard.read_models import RunReader
 from medfed.server.dashboard_cli import dashboard_command
 from medfed.server.run_dir import RoundRecord, read_metrics
 from medfed.server.server_app import ServerHooks
 from medfed.server.store import RunStore
 from medfed.shared.config import RunConfig
 from medfed.simulations.simulate import run_federated
-from tests.server.dashboard_support import ROOT, TOKEN, free_port, listening_addresses, small_config
+from tests.support.dashboard_support import ROOT, TOKEN, free_port, listening_addresses, small_config
 
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 ROUNDS = 2
@@ -302,8 +303,8 @@ def test_a_pooled_baseline_is_recorded_too(tmp_path: Path) -> None:
     cfg = small_config(tmp_path / "runs", rounds=1)
     result = run_pooled(cfg)
     with RunStore(cfg.store_url, create=False) as store:
-        (run,) = store.list_runs()
+        (run,) = RunReader(store).list_runs()
         assert (run["id"], run["mode"], run["status"], run["rounds_done"]) == (result.run_dir.name, "pooled", "finished", 1)
-        rounds = store.rounds(run["id"])
+        rounds = RunReader(store).rounds(run["id"])
         assert [r["round"] for r in rounds] == [0, 1] and rounds[1]["selected"] == 1
         assert rounds[1]["global_metrics"] == pytest.approx(result.rounds[1].global_metrics)

@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 
 from medfed.server.dashboard.app import create_app, serve_in_background
+from medfed.server.dashboard.read_models import RunReader
 from medfed.server.run_dir import RoundRecord
 from medfed.server.server_app import ServerHooks
 from medfed.server.store import RunStore
 from medfed.simulations.simulate import run_federated
-from tests.server.dashboard_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, TOKEN, chromium_missing, small_config
+from tests.support.dashboard_support import ARTIFACTS, CHROMIUM, CHROMIUM_ARGS, TOKEN, chromium_missing, small_config
 
 _MISSING = chromium_missing()
 pytestmark = pytest.mark.skipif(_MISSING is not None, reason=_MISSING or "")
@@ -100,7 +101,7 @@ def test_a_live_run_in_chromium(tmp_path: Path) -> None:
         expect(sites).to_have_count(2)
         names = [sites.nth(i).get_attribute("data-site") for i in range(2)]
         assert names == ["site-0", "site-1"]
-        spent = {s["site"]: s for s in store.sites(store.list_runs()[0]["id"])}
+        spent = {s["site"]: s for s in RunReader(store).sites(RunReader(store).list_runs()[0]["id"])}
         bars = page.locator("tr.site-row .eps-bar")
         expect(bars).to_have_count(2)
         for i, name in enumerate(names):

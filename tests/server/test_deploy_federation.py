@@ -30,7 +30,7 @@ from medfed.server.deploy import build_signed_app, flwr_env, run_status, wait_fo
 from medfed.server.provision import provision
 from medfed.server.run_dir import read_metrics
 from medfed.shared.config import RunConfig
-from tests.server.deploy_support import (
+from tests.support.deploy_support import (
     FLWR,
     MEDFED,
     RUN,

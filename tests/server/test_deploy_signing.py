@@ -17,14 +17,8 @@ from flwr.supercore.run import Run
 import medfed.client.deploy as site_deploy
 from medfed.server.deploy import build_signed_app
 from medfed.server.provision import provision
-from medfed.server.signing import (
-    SIGNATURE_KEY,
-    AppSignatureError,
-    fab_hash,
-    generate_signing_key,
-    sign_app,
-    verify_app,
-)
+from medfed.server.signing import generate_signing_key, sign_app
+from medfed.shared.app_signature import SIGNATURE_KEY, AppSignatureError, fab_hash, verify_app
 from medfed.shared.config import RunConfig
 
 CONFIG = {"num-server-rounds": 2, "dp": True, "learning-rate": 0.05, "model": "simplecnn"}
@@ -120,7 +114,7 @@ def _build(app_dir: Path) -> bytes:
 
 
 def site_deploy_public_key(fed):
-    from medfed.server.signing import load_public_key
+    from medfed.shared.app_signature import load_public_key
 
     return load_public_key(fed.sites[0].kit / "app-signing.pub")
 

@@ -14,7 +14,7 @@ import pytest
 
 from medfed.server.provision import provision
 from medfed.server.run_dir import read_metrics
-from tests.server.deploy_support import MEDFED, LiveFederation, free_port
+from tests.support.deploy_support import MEDFED, LiveFederation, free_port
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from medfed.client.site_config import load_kit
 from medfed.server.provision import ProvisionError, load_federation, provision
 from medfed.server.signing import load_private_key, load_public_key
-from tests.server.deploy_support import MEDFED
+from tests.support.deploy_support import MEDFED
 
 PRIVATE_FILES = ("ca/ca.key", "superlink/server.key", "coordinator/app-signing.key")
 

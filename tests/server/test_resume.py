@@ -20,6 +20,7 @@ from flwr.app import Context, RecordDict
 from flwr.server.strategy import FedAdam
 
 from medfed.client.client_app import make_client_app
+from medfed.server.dashboard.read_models import RunReader
 from medfed.server.resume import (
     RESUME_FILE,
     ResumeError,
@@ -36,8 +37,8 @@ from medfed.server.store import RunStore
 from medfed.server.strategies import build_strategy
 from medfed.shared.config import RunConfig
 from medfed.shared.privacy import PrivacyLedger, site_ledger_path
-from tests.server.fault_sites import fit_round
-from tests.server.local_grid import LocalGrid, server_identity
+from tests.support.fault_sites import fit_round
+from tests.support.local_grid import LocalGrid, server_identity
 
 SMALL = dict(dataset="synthetic", synthetic_samples=48, model="simplecnn", image_size=12, batch_size=8,
              num_sites=2, local_epochs=1, augment=True)
@@ -102,12 +103,12 @@ def test_fedadam_run_resumed_after_round_2_ends_with_identical_weights_and_recor
     assert len(summary["round_seconds"]) == 3
 
     with RunStore(cfg.store_url) as store:  # one run, same id, every round once
-        runs = {r["id"]: r for r in store.list_runs()}
+        runs = {r["id"]: r for r in RunReader(store).list_runs()}
         assert set(runs) == {"straight", "cut"}
         assert runs["cut"]["status"] == "finished" and runs["cut"]["rounds_done"] == 3
-        assert [r["round"] for r in store.rounds("cut")] == [0, 1, 2, 3]
-        assert all(r["status"] == "finished" for r in store.rounds("cut"))
-        kinds = [(e["kind"], e["round"]) for e in store.events("cut")]
+        assert [r["round"] for r in RunReader(store).rounds("cut")] == [0, 1, 2, 3]
+        assert all(r["status"] == "finished" for r in RunReader(store).rounds("cut"))
+        kinds = [(e["kind"], e["round"]) for e in RunReader(store).events("cut")]
         assert ("run-resumed", 2) in kinds and kinds.index(("run-failed", None)) < kinds.index(("run-resumed", 2))
         assert kinds[-1] == ("run-finished", None)
 
@@ -190,7 +191,7 @@ def test_a_round_recorded_after_the_saved_state_is_recorded_once(tmp_path: Path)
     _run(cfg.replace(resume=str(cut)), None)
     assert [r["round"] for r in read_metrics(cut)] == [0, 1, 2]
     with RunStore(cfg.store_url) as store:
-        assert [(r["round"], r["status"]) for r in store.rounds("cut")] == [(0, "finished"), (1, "finished"), (2, "finished")]
+        assert [(r["round"], r["status"]) for r in RunReader(store).rounds("cut")] == [(0, "finished"), (1, "finished"), (2, "finished")]
 
 
 def test_medfed_simulate_resume_takes_the_runs_own_config_only(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ Two real Flower simulations (Ray) carry the acceptance checks:
   the result is compared with plain FedAvg of the same local training, redone in-process.
 
 The failure paths that need timing or many configurations (a site that stops answering,
-``secagg-on-failure = stop``) run on an in-process Grid (``tests/server/local_grid.py``).
+``secagg-on-failure = stop``) run on an in-process Grid (``tests/support/local_grid.py``).
 """
 
 from __future__ import annotations
@@ -64,8 +64,8 @@ from medfed.server.secure import (
 from medfed.server.server_app import ServerHooks, run_server
 from medfed.shared.config import ConfigError, RunConfig
 from medfed.simulations.simulate import ray_environment
-from tests.server.local_grid import LocalGrid, server_identity
-from tests.server.secagg_sites import ServerRecorder, read_true_updates, secagg_test_app
+from tests.support.local_grid import LocalGrid, server_identity
+from tests.support.secagg_sites import ServerRecorder, read_true_updates, secagg_test_app
 
 REPO = Path(__file__).resolve().parents[2]
 FLOAT32_SLACK = 2.0**-20  # float32 rounding of FedAvg's in-place sums and of global + update

@@ -11,13 +11,14 @@ import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.client import ClientApp
 
+from medfed.server.dashboard.read_models import RunReader
 from medfed.server.rounds import error_class
 from medfed.server.run_dir import read_metrics
 from medfed.server.server_app import ServerHooks, run_server
 from medfed.server.store import RunStore
 from medfed.shared.config import RunConfig
-from tests.server.fault_sites import crashing_client_app, fit_round
-from tests.server.local_grid import LocalGrid, server_identity
+from tests.support.fault_sites import crashing_client_app, fit_round
+from tests.support.local_grid import LocalGrid, server_identity
 
 SMALL = dict(dataset="synthetic", synthetic_samples=64, model="simplecnn", image_size=12, batch_size=8,
              num_sites=4, local_epochs=1, num_server_rounds=3)
@@ -48,14 +49,14 @@ def test_a_site_that_crashes_in_round_2_is_recorded_and_rejoins_round_3(tmp_path
     assert records[2]["fit"]["train-loss"] > 0  # the round was aggregated from the three others
 
     with RunStore(cfg.store_url) as store:
-        [run] = store.list_runs()
-        rounds = {r["round"]: r for r in store.rounds(run["id"])}
+        [run] = RunReader(store).list_runs()
+        rounds = {r["round"]: r for r in RunReader(store).rounds(run["id"])}
         assert [(rounds[r]["responded"], rounds[r]["failures"]) for r in (1, 2, 3)] == [(4, 0), (3, 1), (4, 0)]
-        failed = [e for e in store.events(run["id"]) if e["kind"] == "site-failed"]
+        failed = [e for e in RunReader(store).events(run["id"]) if e["kind"] == "site-failed"]
         assert [(e["round"], e["level"]) for e in failed] == [(2, "warning")]
         assert failed[0]["message"] == "round 2: site-3 failed to train: RuntimeError (LOAD_CLIENT_APP_EXCEPTION)"
         assert run["status"] == "finished"
-        site3 = next(s for s in store.sites(run["id"]) if s["site"] == "site-3")
+        site3 = next(s for s in RunReader(store).sites(run["id"]) if s["site"] == "site-3")
         assert site3["rounds_participated"] == 2 and site3["rounds_missed"] == 1
 
 

@@ -1,4 +1,4 @@
-"""The run store: schema migrations, WAL reads while a run writes, and the sink the server uses."""
+"""The run store: WAL reads while a run writes, the sink the server uses, redaction (migrations: test_store_migrations.py)."""
 
 from __future__ import annotations
 
@@ -11,11 +11,9 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.exc import OperationalError
 
+from medfed.server.dashboard.read_models import STALE_AFTER_S, RunReader
 from medfed.server.run_dir import RoundRecord, RunDirectory
 from medfed.server.store import (
-    MIGRATIONS,
-    SCHEMA_VERSION,
-    STALE_AFTER_S,
     RunStore,
     StoreError,
     StoreSink,
@@ -44,53 +42,6 @@ def _record(server_round: int, *, eps: float, declined_site: str | None = None, 
                        sites=sites, num_fit_results=3, num_fit_failures=failures)
 
 
-def test_a_new_store_has_the_latest_schema_in_wal_mode(tmp_path: Path) -> None:
-    with RunStore(_url(tmp_path)) as store:
-        assert store.schema_version == SCHEMA_VERSION == len(MIGRATIONS)
-        assert store.journal_mode == "wal"
-        assert store.list_runs() == []
-    with RunStore(_url(tmp_path)) as again:  # opening an up-to-date store changes nothing
-        assert again.schema_version == SCHEMA_VERSION
-
-
-def test_a_schema_1_store_is_migrated_and_keeps_its_runs(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    engine = sa.create_engine(f"sqlite:///{path}")
-    with engine.begin() as conn:  # a store as the first medfed with a store wrote it
-        conn.execute(sa.text("CREATE TABLE schema_version (version INTEGER NOT NULL)"))
-        MIGRATIONS[0](conn)
-        conn.execute(sa.text("INSERT INTO schema_version (version) VALUES (1)"))
-        conn.execute(sa.text(
-            "INSERT INTO runs (id, mode, status, started, finished, config, versions, planned_rounds, "
-            "num_sites, current_round, rounds_done) VALUES ('old-run', 'federated', 'finished', 100.0, 160.0, "
-            "'{\"model\": \"simplecnn\"}', '{}', 3, 2, 3, 3)"
-        ))
-        columns = {c["name"] for c in sa.inspect(conn).get_columns("runs")}
-    engine.dispose()
-    assert "last_update" not in columns
-    with RunStore(f"sqlite:///{path}") as store:
-        assert store.schema_version == SCHEMA_VERSION
-        (run,) = store.list_runs()
-        assert run["id"] == "old-run" and run["model"] == "simplecnn" and run["rounds_done"] == 3
-        assert run["last_update"] == 160.0  # filled in by migration 2 from the finish time
-        with store.engine.connect() as conn:
-            indexes = {ix["name"] for ix in sa.inspect(conn).get_indexes("events")}
-        assert "ix_events_run_id_id" in indexes
-        store.add_event("old-run", level="info", kind="note", message="written after the migration")
-        assert [e["kind"] for e in store.events("old-run")] == ["note"]
-
-
-def test_a_store_from_a_newer_medfed_is_refused(tmp_path: Path) -> None:
-    url = _url(tmp_path)
-    RunStore(url).close()
-    engine = sa.create_engine(url)
-    with engine.begin() as conn:
-        conn.execute(sa.text("UPDATE schema_version SET version = 99"))
-    engine.dispose()
-    with pytest.raises(StoreError, match=r"schema version 99.*upgrade medfed"):
-        RunStore(url)
-
-
 def test_a_missing_store_is_an_error_only_when_asked_not_to_create(tmp_path: Path) -> None:
     with pytest.raises(StoreError, match="no run store at .*medfed simulate"):
         RunStore(_url(tmp_path), create=False)
@@ -108,11 +59,11 @@ def test_readers_see_committed_rounds_while_a_writer_holds_its_transaction(tmp_p
         with conn.begin():  # BEGIN IMMEDIATE: the write lock is held until the block ends
             conn.execute(sa.text("UPDATE runs SET rounds_done = 2 WHERE id = 'run-a'"))
             start = time.perf_counter()
-            (run,) = reader.list_runs()  # does not wait for the writer (WAL)
+            (run,) = RunReader(reader).list_runs()  # does not wait for the writer (WAL)
             assert time.perf_counter() - start < 2.0
             assert run["rounds_done"] == 1  # the uncommitted change is not visible
-            assert [r["round"] for r in reader.rounds(run_id)] == [1]
-        assert reader.list_runs()[0]["rounds_done"] == 2
+            assert [r["round"] for r in RunReader(reader).rounds(run_id)] == [1]
+        assert RunReader(reader).list_runs()[0]["rounds_done"] == 2
     writer.close()
     reader.close()
 
@@ -135,12 +86,12 @@ def test_a_reader_polls_while_a_writer_records_rounds(tmp_path: Path) -> None:
     thread.start()
     seen = []
     while thread.is_alive():
-        seen.append(reader.get_run(run_id)["rounds_done"])
+        seen.append(RunReader(reader).get_run(run_id)["rounds_done"])
     thread.join()
     assert not errors, errors
     assert seen == sorted(seen)  # never goes backwards
     assert len(set(seen)) > 2  # the reader saw the run progress, not only its start and end
-    assert reader.get_run(run_id)["rounds_done"] == 40
+    assert RunReader(reader).get_run(run_id)["rounds_done"] == 40
     writer.close()
     reader.close()
 
@@ -160,31 +111,31 @@ def test_the_sink_records_a_run_through_its_run_directory(tmp_path: Path) -> Non
     run_dir.write_summary({"rounds": 2, "final_metrics": {"auc": 0.72}})
 
     with RunStore(url) as store:
-        run = store.get_run("run-x")
+        run = RunReader(store).get_run("run-x")
         assert run["status"] == "finished" and run["rounds_done"] == 2 and run["planned_rounds"] == 2
         assert run["config"]["dataset"] == "patients.npz"  # never the path
         assert "hospital-a" not in repr(run)  # nor any part of it
         assert [c["kind"] for c in run["checkpoints"]] == ["best"] and run["checkpoints"][0]["round"] == 2
-        rounds = store.rounds("run-x")
+        rounds = RunReader(store).rounds("run-x")
         assert [r["round"] for r in rounds] == [0, 1, 2]
         assert rounds[1]["selected"] == 3 and rounds[1]["responded"] == 3 and rounds[1]["failures"] == 1
         assert rounds[2]["secagg"] is None  # SecAgg+ off
-        sites = {s["site"]: s for s in store.sites("run-x")}
+        sites = {s["site"]: s for s in RunReader(store).sites("run-x")}
         assert set(sites) == {"site-0", "site-1", "site-2"}
         assert sites["site-0"]["epsilon"] == 3.0 and sites["site-0"]["budget_epsilon"] == 8.0
         assert sites["site-2"]["rounds_declined"] == 1 and sites["site-2"]["num_examples"] == 32.0
         assert sites["site-1"]["local_metrics"]["auc"] == pytest.approx(0.82)
-        fairness = store.fairness("run-x")
+        fairness = RunReader(store).fairness("run-x")
         assert fairness["metric"] == "auc" and fairness["higher_is_better"]
         last = fairness["rounds"][-1]
         assert (last["best_site"], last["worst_site"]) == ("site-1", "site-2")
         assert last["gap"] == pytest.approx(0.80 - 0.65)
-        kinds = [e["kind"] for e in store.events("run-x")]
+        kinds = [e["kind"] for e in RunReader(store).events("run-x")]
         for kind in ("run-started", "round-started", "round-finished", "site-failures", "dp-declined",
                      "checkpoint", "run-finished"):
             assert kind in kinds, kind
-        after = store.events("run-x")[3]["id"]
-        assert all(e["id"] > after for e in store.events("run-x", after=after))
+        after = RunReader(store).events("run-x")[3]["id"]
+        assert all(e["id"] > after for e in RunReader(store).events("run-x", after=after))
 
 
 def test_secagg_outcomes_per_round_and_their_events(tmp_path: Path) -> None:
@@ -196,10 +147,10 @@ def test_secagg_outcomes_per_round_and_their_events(tmp_path: Path) -> None:
                   "failed_stage": "unmask", "seconds": 0.2, "active_after_stage": {"share-keys": 3}}
         store.round_finished(run_id, {**_record(1, eps=1.0).to_json(), "secagg": held})
         store.round_finished(run_id, {**_record(2, eps=1.0).to_json(), "secagg": failed})
-        first, second = store.rounds(run_id)
+        first, second = RunReader(store).rounds(run_id)
         assert first["secagg"] == {**held, "failed_stage": None}
         assert second["secagg"]["completed"] is False and second["secagg"]["failed_stage"] == "unmask"
-        events = {e["kind"]: e for e in store.events(run_id)}
+        events = {e["kind"]: e for e in RunReader(store).events(run_id)}
         assert events["secagg-dropouts"]["round"] == 1 and "1 dropout" in events["secagg-dropouts"]["message"]
         assert events["secagg-failed"]["level"] == "error" and "unmask" in events["secagg-failed"]["message"]
 
@@ -222,14 +173,14 @@ def test_a_failed_run_and_its_warnings_are_recorded_without_paths(tmp_path: Path
     run_dir.fail(RuntimeError("cannot read /srv/hospital/patient-0042/scan.nii.gz"))
     log.warning("after the run")  # the handler is gone
     with RunStore(url) as store:
-        run = store.get_run("run-f")
+        run = RunReader(store).get_run("run-f")
         assert run["status"] == "failed"
         assert run["error"] == "RuntimeError: cannot read <path>"
-        messages = [e["message"] for e in store.events("run-f")]
+        messages = [e["message"] for e in RunReader(store).events("run-f")]
         assert "site data at <path> looks odd" in messages
         assert not any("another run" in m or "after the run" in m for m in messages)
         assert not any("patient-0042" in m for m in messages)
-        assert store.events("run-f")[-1]["kind"] == "run-failed"
+        assert RunReader(store).events("run-f")[-1]["kind"] == "run-failed"
 
 
 def test_a_store_write_that_fails_does_not_stop_the_run(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -248,16 +199,16 @@ def test_a_store_write_that_fails_does_not_stop_the_run(tmp_path: Path, caplog: 
     assert len(warnings) == 1  # said once, then quiet
     sink.run_finished({"rounds": 2})
     with RunStore(_url(tmp_path)) as again:
-        assert again.get_run("run-w")["status"] == "finished"
+        assert RunReader(again).get_run("run-w")["status"] == "finished"
 
 
 def test_a_silent_running_run_is_reported_stale(tmp_path: Path) -> None:
     with RunStore(_url(tmp_path)) as store:
         run_id = store.start_run("run-s", mode="federated", config={})
-        assert store.get_run(run_id)["status"] == "running"
+        assert RunReader(store).get_run(run_id)["status"] == "running"
         with store.engine.begin() as conn:
             conn.execute(sa.text("UPDATE runs SET last_update = :t"), {"t": time.time() - STALE_AFTER_S - 5})
-        assert store.get_run(run_id)["status"] == "stale"
+        assert RunReader(store).get_run(run_id)["status"] == "stale"
 
 
 def test_run_ids_stay_unique_in_a_shared_store(tmp_path: Path) -> None:

@@ -10,8 +10,8 @@ import pytest
 from flwr.common import Code, FitRes, Parameters, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.server.strategy import Bulyan, FedAvg, FedMedian, FedTrimmedAvg, Krum
 
-from medfed.client.attacks import ATTACKS, Attack, attack_client_fn
 from medfed.client.update_mods import clip_update
+from medfed.server.dashboard.read_models import RunReader
 from medfed.server.run_dir import RoundRecord
 from medfed.server.secure import SecAggUpdateStrategy
 from medfed.server.store import RunStore
@@ -26,6 +26,7 @@ from medfed.server.validation import (
     update_norm,
 )
 from medfed.shared.config import ConfigError, RunConfig, robust_min_sites
+from medfed.simulations.faults import ATTACKS, Attack, attack_client_fn
 
 OK = Status(code=Code.OK, message="")
 
@@ -292,7 +293,7 @@ def test_rejections_and_skips_become_store_events(tmp_path: Path) -> None:
         store.round_finished(run_id, RoundRecord(round=1, rejected=rejected).to_json())
         skipped = RoundRecord(round=2, rejected=rejected, skipped="all 1 updates were rejected: the global model is unchanged")
         store.round_finished(run_id, skipped.to_json())
-        events = store.events(run_id)
+        events = RunReader(store).events(run_id)
     rejections = [e for e in events if e["kind"] == "update-rejected"]
     assert [e["round"] for e in rejections] == [1, 2] and all(e["level"] == "warning" for e in rejections)
     assert "site-1's update rejected (nan: 3 NaN" in rejections[0]["message"]
@@ -309,13 +310,13 @@ def test_under_secagg_sites_refuse_nan_and_clip_to_the_bound(tmp_path: Path) -> 
     from flwr.app import RecordDict
     from flwr.client import Client
 
-    from medfed.client.attacks import AttackingClient
     from medfed.client.client_app import make_client_app
     from medfed.server.run_dir import read_metrics
     from medfed.server.server_app import ServerHooks, run_server
-    from medfed.simulations.bench_secagg import NoiseClient
-    from tests.server.local_grid import LocalGrid, server_identity
-    from tests.server.secagg_sites import ServerRecorder
+    from medfed.simulations.bench.secagg import NoiseClient
+    from medfed.simulations.faults import AttackingClient
+    from tests.support.local_grid import LocalGrid, server_identity
+    from tests.support.secagg_sites import ServerRecorder
 
     bound = 2.0  # the noise sites' honest updates have norm ~1.5 (scale 0.01, ~24k entries)
     cfg = RunConfig(

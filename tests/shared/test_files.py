@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,12 @@ def test_read_toml_is_the_one_reader_with_errors_naming_the_file(tmp_path: Path)
         read_toml(broken, error=_MyError, what="site config", if_invalid="Ask for a fresh one.")
     with pytest.raises(_MyError, match=r"Config file .* cannot be read \(IsADirectoryError"):
         read_toml(tmp_path, error=_MyError, what="Config file")
+
+
+def test_the_mode_is_set_as_given_and_defaults_to_owner_only(tmp_path: Path) -> None:
+    shared = write_atomically(tmp_path / "kit" / "ca.crt", lambda fh: fh.write(b"cert"), mode=0o644)
+    private = write_atomically(tmp_path / "kit" / "site.key", lambda fh: fh.write(b"key"))
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o644
+    assert stat.S_IMODE(private.stat().st_mode) == 0o600
+    write_atomically(shared, lambda fh: fh.write(b"again"), mode=0o600)  # replacing changes the mode too
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o600 and shared.read_bytes() == b"again"

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from medfed.simulations import bench
-from medfed.simulations.bench import (
+from medfed.simulations.bench import suite as bench
+from medfed.simulations.bench.suite import (
     PROFILES,
     SECTIONS,
     BenchContext,
@@ -143,14 +143,14 @@ def _ctx(tmp_path: Path) -> BenchContext:
 
 def test_missing_section_module_and_failing_section_report_a_reason(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(bench, "SECTIONS", dict(SECTIONS))
-    register_section("absent", SectionSpec(title="Absent", module="medfed.simulations.bench_does_not_exist",
+    register_section("absent", SectionSpec(title="Absent", module="medfed.simulations.bench.does_not_exist",
                                            columns=("x", "y"), owner="branch elsewhere"))
     result = run_section("absent", _ctx(tmp_path))
     assert result.tables[0].rows == [
-        ["not available: module simulations.bench_does_not_exist is not in this tree (branch elsewhere)", "n/a: see left"]
+        ["not available: module medfed.simulations.bench.does_not_exist is not in this tree (branch elsewhere)", "n/a: see left"]
     ]
 
-    module = types.ModuleType("medfed.simulations.bench_fake_for_test")
+    module = types.ModuleType("medfed.simulations.bench.fake_for_test")
 
     def broken(ctx: BenchContext) -> SectionResult:
         raise ValueError("no data here")
@@ -180,7 +180,7 @@ def test_target_check_says_met_not_met_or_not_measured() -> None:
 
 def test_a_run_of_some_sections_keeps_the_complete_runs_conditions_and_targets(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(bench, "SECTIONS", dict(SECTIONS))
-    module = types.ModuleType("medfed.simulations.bench_tiny_for_test")
+    module = types.ModuleType("medfed.simulations.bench.tiny_for_test")
 
     def tiny(ctx: BenchContext) -> SectionResult:
         table = Table(title="Tiny", columns=["a"])

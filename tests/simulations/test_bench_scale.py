@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from medfed.simulations.bench_scale import ScaleResult, markdown_table, measure_scale, tree_memory
+from medfed.simulations.bench.scale import ScaleResult, markdown_table, measure_scale, tree_memory
 
 
 def test_tree_memory_counts_descendants() -> None:

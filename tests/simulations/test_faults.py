@@ -2,9 +2,9 @@
 
 The runs use medfed's real ServerApp code (``run_server``) and ClientApp (egress guard, mods,
 :class:`~client.site_client.SiteClient` training) on the in-process Grid of
-``tests/server/local_grid.py`` (every message serialised, no Ray: a run takes seconds), with
-test-only attacking sites from :mod:`client.attacks`. The task is the poisoning benchmark's
-(:func:`simulations.bench_robust.task_config`: 5 sites, synthetic blobs, simplecnn, 3 rounds x 2
+``tests/support/local_grid.py`` (every message serialised, no Ray: a run takes seconds), with
+test-only attacking sites from :mod:`simulations.faults`. The task is the poisoning benchmark's
+(:func:`simulations.bench.robust.task_config`: 5 sites, synthetic blobs, simplecnn, 3 rounds x 2
 local epochs, seed 0, 90 test images); every run is deterministic, so each faulty run is
 compared with the clean FedAvg run of the same seed.
 
@@ -12,7 +12,7 @@ Figures seen (seed 0, 2-core CPU; run with ``-s`` to print them): clean FedAvg 0
 accuracy. Acceptance 3 (sites 1-3 send NaN, a wrong shape, a 1e6-scaled update; all three
 rejected every round): 0.856. Acceptance 4 (site 0 sends global - 10 (local - global) every
 round): FedAvg 0.500 (chance), FedMedian 0.856, FedTrimmedAvg 0.856, MultiKrum 0.867, Krum
-0.856; ``python -m simulations.bench_robust`` gave the same figures on Flower's Ray engine.
+0.856; ``python -m medfed.simulations.bench.robust`` gave the same figures on Flower's Ray engine.
 """
 
 from __future__ import annotations
@@ -25,14 +25,15 @@ import pytest
 import torch
 from flwr.app import Context, RecordDict
 
-from medfed.client.attacks import Attack, attack_client_fn
 from medfed.client.client_app import make_client_app
+from medfed.server.dashboard.read_models import RunReader
 from medfed.server.run_dir import read_metrics
 from medfed.server.server_app import ServerHooks, run_server
 from medfed.server.store import RunStore
 from medfed.shared.config import RunConfig
-from medfed.simulations.bench_robust import poisoning_attacks, task_config
-from tests.server.local_grid import LocalGrid, server_identity
+from medfed.simulations.bench.robust import poisoning_attacks, task_config
+from medfed.simulations.faults import Attack, attack_client_fn
+from tests.support.local_grid import LocalGrid, server_identity
 
 FAULT_MARGIN = 0.10
 """Acceptance 3: faulty run >= clean - 0.10 test accuracy. With three of five sites rejected in
@@ -101,8 +102,8 @@ def test_broken_updates_are_rejected_recorded_and_do_not_hurt(clean, tmp_path: P
     assert accuracy(records) >= accuracy(clean) - FAULT_MARGIN
     assert accuracy(clean) >= 0.8  # the comparison is against a model that learned something
     with RunStore(f"sqlite:///{tmp_path / 'medfed.db'}", create=False) as store:
-        (run,) = store.list_runs()
-        events = [e for e in store.events(run["id"]) if e["kind"] == "update-rejected"]
+        (run,) = RunReader(store).list_runs()
+        events = [e for e in RunReader(store).events(run["id"]) if e["kind"] == "update-rejected"]
     assert len(events) == 3 * cfg.num_server_rounds
     assert {e["message"].split("(")[1].split(":")[0] for e in events} == {"nan", "shape", "norm"}
     assert not any("/" in e["message"] for e in events)  # no paths in the events

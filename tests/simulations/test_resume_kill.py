@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from medfed.server.dashboard.read_models import RunReader
 from medfed.server.run_dir import read_metrics
 from medfed.server.store import RunStore
 from medfed.shared.config import RunConfig
@@ -127,10 +128,10 @@ def test_sigkill_after_round_2_then_resume_equals_the_uninterrupted_run(tmp_path
     # Every round once, in metrics.jsonl and in the run store (the same run id).
     assert [r["round"] for r in read_metrics(run_dir)] == [0, 1, 2, 3, 4]
     with RunStore(cfg.store_url) as store:
-        [run] = store.list_runs()
+        [run] = RunReader(store).list_runs()
         assert run["id"] == run_dir.name and run["status"] == "finished" and run["rounds_done"] == 4
-        assert [r["round"] for r in store.rounds(run["id"])] == [0, 1, 2, 3, 4]
-        assert [e["round"] for e in store.events(run["id"]) if e["kind"] == "run-resumed"] == [2]
+        assert [r["round"] for r in RunReader(store).rounds(run["id"])] == [0, 1, 2, 3, 4]
+        assert [e["round"] for e in RunReader(store).events(run["id"]) if e["kind"] == "run-resumed"] == [2]
     # The same final weights, bit for bit.
     a = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=False)
     b = torch.load(straight / "checkpoints" / "final.pt", weights_only=False)

@@ -1,4 +1,4 @@
-"""``simulations.bench_quality.seed_study``: federated and pooled figures per seed, with each seed's split."""
+"""``simulations.bench.quality.seed_study``: federated and pooled figures per seed, with each seed's split."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 
 from medfed.shared.config import RunConfig
-from medfed.simulations.bench_quality import seed_study
+from medfed.simulations.bench.quality import seed_study
 
 
 def test_each_seed_is_another_split_with_both_figures(tmp_path: Path) -> None:

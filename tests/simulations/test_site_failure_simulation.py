@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from medfed.server.dashboard.read_models import RunReader
 from medfed.server.run_dir import read_metrics
 from medfed.server.store import RunStore
 from medfed.shared.config import RunConfig
 from medfed.simulations.simulate import run_federated
-from tests.server.fault_sites import crashing_client_app
+from tests.support.fault_sites import crashing_client_app
 
 pytestmark = pytest.mark.slow
 
@@ -26,9 +27,9 @@ def test_round_completes_with_three_sites_and_the_fourth_rejoins(tmp_path: Path)
     # Flower's simulation engine wraps the site's exception in its ClientAppException.
     assert (failure["site"], failure["code"], failure["error"]) == ("site-3", "CLIENT_APP_RAISED_EXCEPTION", "ClientAppException")
     with RunStore(cfg.store_url) as store:
-        rounds = {r["round"]: r for r in store.rounds("run")}
+        rounds = {r["round"]: r for r in RunReader(store).rounds("run")}
         assert [rounds[r]["responded"] for r in (1, 2, 3)] == [4, 3, 4]
-        events = [e for e in store.events("run") if e["kind"] == "site-failed"]
+        events = [e for e in RunReader(store).events("run") if e["kind"] == "site-failed"]
         assert [(e["round"], e["message"]) for e in events] == [
             (2, "round 2: site-3 failed to train: ClientAppException (CLIENT_APP_RAISED_EXCEPTION)")
         ]

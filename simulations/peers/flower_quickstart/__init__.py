@@ -3,5 +3,5 @@
 What a user writes without medfed: ``task.py`` (model, data, train and test loops),
 ``client_app.py`` (a ``NumPyClient`` and its ``client_fn``), ``server_app.py`` (``FedAvg`` with a
 centralized ``evaluate_fn``), ``run.py`` (``flwr.simulation.run_simulation``). Run it with
-``python -m simulations.peers.flower_quickstart.run --data ../shared/data/medmnist/breastmnist.npz``.
+``python -m medfed.simulations.peers.flower_quickstart.run --data ../shared/data/medmnist/breastmnist.npz``.
 """

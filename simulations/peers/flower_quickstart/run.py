@@ -1,6 +1,6 @@
 """Run the quickstart peer on Flower's simulation engine and time it.
 
-``python -m simulations.peers.flower_quickstart.run --data breastmnist.npz --sites 4 --rounds 5``
+``python -m medfed.simulations.peers.flower_quickstart.run --data breastmnist.npz --sites 4 --rounds 5``
 prints one JSON object: wall seconds, seconds per round, final test AUC and accuracy.
 """
 

@@ -1,6 +1,6 @@
 """Build and run the FLARE job of the common task; print its figures on one line.
 
-``python -m simulations.peers.nvflare_job.job --data breastmnist.npz --sites 4 --rounds 5
+``python -m medfed.simulations.peers.nvflare_job.job --data breastmnist.npz --sites 4 --rounds 5
 --workspace /tmp/ws`` (inside the FLARE environment) prints ``MEDFED-PEER-RESULT {json}`` with
 the wall time, seconds per round (between site-1's receipts of successive global models) and
 the final global model's test AUC and accuracy, computed with the quickstart peer's ``test``.

@@ -1,11 +1,11 @@
 """Model poisoning: FedAvg against Flower's robust aggregation rules, one malicious site.
 
-Run ``python -m simulations.bench_robust`` (about 5 minutes on 2 CPU cores; ``--help`` for
+Run ``python -m medfed.simulations.bench.robust`` (about 5 minutes on 2 CPU cores; ``--help`` for
 options). Each strategy runs twice in Flower's simulation engine (Ray) on the SYNTHETIC
 classification task (:func:`task_config`: blobs, not medical images): once with every site
 honest, once with site 0 poisoning (:func:`poisoning_attacks`: it trains honestly, then sends
 ``global - s * (local - global)``, a sign-flipped update scaled by ``s = 10``; test-only
-:mod:`client.attacks`). The table gives the final test accuracy and AUC of the global model,
+:mod:`simulations.faults`). The table gives the final test accuracy and AUC of the global model,
 evaluated by the server on the held-out split. Everything but the strategy is the same in
 every run (seed, data, partition, schedule), so the clean FedAvg run is the reference.
 
@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from medfed.client.attacks import Attack, attack_client_fn
 from medfed.client.client_app import make_client_app
 from medfed.shared.config import ConfigError, RunConfig
+from medfed.simulations.faults import Attack, attack_client_fn
 from medfed.simulations.simulate import run_federated
 
 if TYPE_CHECKING:
@@ -146,7 +146,7 @@ def bench_section(ctx: BenchContext) -> SectionResult:
     profile runs it.
     """
     from medfed.simulations.bench import SectionResult, Table
-    from medfed.simulations.bench_support import fmt
+    from medfed.simulations.bench.support import fmt
 
     p = ctx.profile
     table = Table(
@@ -173,7 +173,7 @@ def bench_section(ctx: BenchContext) -> SectionResult:
     )
     result.commands.append(ctx.reproduce("robustness"))
     result.commands.append(
-        f"python -m simulations.bench_robust --strategies {' '.join(p.robust_strategies)} --sites {p.robust_sites} "
+        f"python -m medfed.simulations.bench.robust --strategies {' '.join(p.robust_strategies)} --sites {p.robust_sites} "
         f"--rounds {p.robust_rounds} --samples {p.robust_samples}"
     )
     return result

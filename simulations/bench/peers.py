@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from medfed.shared.config import RunConfig
-from medfed.simulations.bench_support import fmt, line_plot, medmnist_file, ratio
+from medfed.simulations.bench.support import fmt, line_plot, medmnist_file, ratio
 from medfed.simulations.simulate import SimulationResult, run_federated
 
 if TYPE_CHECKING:
@@ -238,7 +238,7 @@ def peers_section(ctx: BenchContext) -> SectionResult:
     )
     result.commands.append(ctx.reproduce("peers"))
     result.commands.append(
-        "python -m simulations.peers.flower_quickstart.run --data ../shared/data/medmnist/breastmnist.npz "
+        "python -m medfed.simulations.peers.flower_quickstart.run --data ../shared/data/medmnist/breastmnist.npz "
         f"--sites {cfg.num_sites} "
         f"--rounds {cfg.num_server_rounds} --local-epochs {cfg.local_epochs}"
     )

@@ -1,6 +1,6 @@
 """SecAgg+ protocol cost: round time and upload size, SecAgg+ against plain FedAvg.
 
-Run ``python -m simulations.bench_secagg`` (about 10 minutes on 2 CPU cores; ``--help`` for
+Run ``python -m medfed.simulations.bench.secagg`` (about 10 minutes on 2 CPU cores; ``--help`` for
 options). Every configuration runs twice in Flower's simulation engine (Ray), once with the
 plain legacy workflow and once with medfed's SecAgg+ path (``server.secure`` workflow and
 update adapter, ``client.client_app.privacy_mods`` at the sites, the egress guard included).
@@ -53,7 +53,7 @@ from medfed.shared.models import model_task
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import model_for
 from medfed.shared.weights import get_weights
-from medfed.simulations.bench_support import fmt, line_plot, ratio
+from medfed.simulations.bench.support import fmt, line_plot, ratio
 from medfed.simulations.simulate import ray_environment
 
 if TYPE_CHECKING:
@@ -363,7 +363,7 @@ def secagg_section(ctx: BenchContext) -> SectionResult:
                     f"SecAgg+ / plain round time ({sites} sites, {num_params / 1e6:g}M parameters)", "issue 3",
                     value=secure.median_round / plain.median_round, at_most=1.5,
                     limits="Flower's own SecAgg+ protocol (key agreement, secret sharing, int64 masked vectors); "
-                    "medfed's additions cost 1-3 % of it (bench_secagg --flower-only)",
+                    "medfed's additions cost 1-3 % of it (bench.secagg --flower-only)",
                 ))
             plain_s.append(plain.median_round)
             secure_s.append(secure.median_round)
@@ -407,7 +407,7 @@ def secagg_section(ctx: BenchContext) -> SectionResult:
     )
     result.commands.append(ctx.reproduce("secagg"))
     result.commands.append(
-        "python -m simulations.bench_secagg --sites " + " ".join(str(s) for s in p.secagg_sites)
+        "python -m medfed.simulations.bench.secagg --sites " + " ".join(str(s) for s in p.secagg_sites)
         + " --params " + " ".join(f"{n:g}" for n in p.secagg_params) + f" --rounds {p.secagg_rounds}"
     )
     return result

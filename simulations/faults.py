@@ -3,7 +3,7 @@
 Nothing in a deployment reaches this module: no run-config key, command-line option or node
 config selects an attack, and :func:`attack_client_fn` refuses to build a site that has a
 deployment node config (a ``datalist``) or runs a ``dataset = "deployment"`` config. Tests and
-``python -m simulations.bench_robust`` pass it explicitly::
+``python -m medfed.simulations.bench.robust`` pass it explicitly::
 
     app = make_client_app(cfg, client_fn=attack_client_fn(cfg, {1: Attack("nan")}))
 

@@ -2,7 +2,7 @@
 
 Usage::
 
-    python -m simulations.bench_scale --sites 4 16 64 --rounds 3
+    python -m medfed.simulations.bench.scale --sites 4 16 64 --rounds 3
 
 Each site count runs as its own ``medfed`` simulation (Flower's simulation engine on Ray, the
 same path as ``medfed simulate``) in a fresh child process, so one size's memory never carries
@@ -211,7 +211,7 @@ def measure_scale(*, sites: int, rounds: int, samples_per_site: int, run_dir: st
         The child failed (its stderr tail is in the message).
     """
     command = [
-        sys.executable, "-m", "medfed.simulations.bench_scale", "--child",
+        sys.executable, "-m", "medfed.simulations.bench.scale", "--child",
         "--sites", str(sites), "--rounds", str(rounds),
         "--samples-per-site", str(samples_per_site), "--run-dir", run_dir,
     ]  # fmt: skip
@@ -269,7 +269,7 @@ def bench_section(ctx: BenchContext) -> SectionResult:
     per round (rounds 2..R) against the number of sites.
     """
     from medfed.simulations.bench import SectionResult, Table
-    from medfed.simulations.bench_support import fmt, line_plot
+    from medfed.simulations.bench.support import fmt, line_plot
 
     p = ctx.profile
     rounds = 2 if p.name == "quick" else 3
@@ -300,7 +300,7 @@ def bench_section(ctx: BenchContext) -> SectionResult:
     ))
     result.commands.append(ctx.reproduce("scale"))
     result.commands.append(
-        f"python -m simulations.bench_scale --sites {' '.join(str(s) for s in p.scale_sites)} --rounds {rounds}"
+        f"python -m medfed.simulations.bench.scale --sites {' '.join(str(s) for s in p.scale_sites)} --rounds {rounds}"
     )
     return result
 

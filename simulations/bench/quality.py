@@ -6,15 +6,15 @@ the sites' validation split chose (the test split never chooses).
 
 Usage (BreastMNIST, the recipe recorded in BENCHMARKS.md)::
 
-    python -m simulations.bench_quality --recipe breastmnist
-    python -m simulations.bench_quality --recipe adrenalmnist3d
+    python -m medfed.simulations.bench.quality --recipe breastmnist
+    python -m medfed.simulations.bench.quality --recipe adrenalmnist3d
 
 Over several seeds (each seed is another Dirichlet split and another initialisation), federated
 in one process (:func:`federate_in_process`, no Ray) with the pooled baseline of the same seed,
 printing each site's training class counts beside the test AUC::
 
-    python -m simulations.bench_quality --recipe breastmnist --seeds 0 1 2 3 4
-    python -m simulations.bench_quality --recipe breastmnist --seeds 2 3 --federated-only
+    python -m medfed.simulations.bench.quality --recipe breastmnist --seeds 0 1 2 3 4
+    python -m medfed.simulations.bench.quality --recipe breastmnist --seeds 2 3 --federated-only
 
 ``--data-dir`` points at the MedMNIST folder (default ``../shared/data/medmnist`` from the
 repository root, or ``$MEDFED_DATA_DIR``).
@@ -42,12 +42,12 @@ from medfed.server.evaluation import make_evaluate_fn
 from medfed.server.strategies import build_strategy
 from medfed.shared.config import ConfigError, RunConfig
 from medfed.shared.config_sources import flag_layer, mapping_layer, resolve_config, set_layer
-from medfed.shared.round_config import fit_config
 from medfed.shared.data.loading import load_dataset
+from medfed.shared.round_config import fit_config
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import model_for
 from medfed.shared.weights import get_weights
-from medfed.simulations.bench_support import line_plot, mean_spread, medmnist_file, ratio
+from medfed.simulations.bench.support import line_plot, mean_spread, medmnist_file, ratio
 from medfed.simulations.pooled import run_pooled
 from medfed.simulations.simulate import SimulationResult, run_federated
 

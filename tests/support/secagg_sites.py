@@ -18,7 +18,7 @@ from flwr.compat.common import recorddict_compat as compat
 from medfed.client.client_app import privacy_mods
 from medfed.client.egress import egress_guard
 from medfed.shared.config import RunConfig
-from medfed.simulations.bench_secagg import NoiseClient
+from medfed.simulations.bench.secagg import NoiseClient
 
 __all__ = ["RecordingNoiseClient", "dying_mod", "secagg_test_app", "ServerRecorder", "read_true_updates"]
 

@@ -17,11 +17,11 @@ A section is a function ``section(ctx: BenchContext) -> SectionResult``: it read
 ``ctx.plots_dir``. :data:`SECTIONS` maps a section name to the *module and function* that
 implement it, imported only when the section runs. To plug in a new section (the hook)::
 
-    # in simulations/bench_scale.py
+    # in simulations/bench/scale.py
     def bench_section(ctx: BenchContext) -> SectionResult: ...
 
     # in this file, SECTIONS (already present for "scale" and "robustness"):
-    "scale": SectionSpec(title=..., module="medfed.simulations.bench_scale", function="bench_section")
+    "scale": SectionSpec(title=..., module="medfed.simulations.bench.scale", function="bench_section")
 
 or, from other code, :func:`register_section`. A section whose module (or function) is missing
 still gets a table: one row whose cells say ``not available: <reason>``; a section that raises
@@ -38,7 +38,7 @@ PNGs, matplotlib) go to ``--plots`` and are linked relative to the output file.
 Usage::
 
     medfed bench --profile quick --out BENCHMARKS.md --plots docs/bench/
-    python -m simulations.bench --profile full --out BENCHMARKS.md --plots docs/bench/
+    python -m medfed.simulations.bench --profile full --out BENCHMARKS.md --plots docs/bench/
 """
 
 from __future__ import annotations
@@ -61,6 +61,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from medfed.shared.files import write_atomically
 
 __all__ = [
     "BenchContext",
@@ -101,7 +103,7 @@ class Profile:
     seeds
         Quality runs repeat over these seeds (mean and spread); other sections use the first.
     quality_recipes
-        Recipe names of :data:`simulations.bench_quality.RECIPES` (BreastMNIST, AdrenalMNIST3D).
+        Recipe names of :data:`simulations.bench.quality.RECIPES` (BreastMNIST, AdrenalMNIST3D).
     quality_sites, quality_splits, quality_strategies
         The grid: number of sites, ``"iid"`` / ``"dirichlet"`` (alpha 0.5), Flower strategies.
     quality_rounds, quality_rounds_3d, quality_local_epochs
@@ -115,9 +117,9 @@ class Profile:
     dp_epsilons, dp_sites, dp_rounds, dp_local_epochs
         Federated DP-SGD runs (BreastMNIST): one run per epsilon plus one without DP.
     dp_speed_models, dp_speed_samples, dp_speed_repeats
-        DP-SGD epoch-time ratio (:func:`simulations.bench_dp.epoch_speed`, ``hooks`` mode).
+        DP-SGD epoch-time ratio (:func:`simulations.bench.dp.epoch_speed`, ``hooks`` mode).
     secagg_sites, secagg_params, secagg_rounds
-        SecAgg+ protocol benchmark (:func:`simulations.bench_secagg.run_bench`).
+        SecAgg+ protocol benchmark (:func:`simulations.bench.secagg.run_bench`).
     secagg_train_model
         Also time SecAgg+ with real sites training this model one local epoch (``""``: skip).
     peer_sites, peer_rounds, peer_local_epochs
@@ -127,7 +129,7 @@ class Profile:
     scale_sites
         Site counts for the ``scale`` section (its module reads them).
     robust_strategies, robust_sites, robust_rounds, robust_samples
-        The poisoning benchmark (:func:`simulations.bench_robust.run_bench`).
+        The poisoning benchmark (:func:`simulations.bench.robust.run_bench`).
     """
 
     name: str
@@ -424,38 +426,38 @@ class SectionSpec:
 SECTIONS: dict[str, SectionSpec] = {
     "quality": SectionSpec(
         title="Quality: federated vs pooled vs local-only",
-        module="medfed.simulations.bench_quality",
+        module="medfed.simulations.bench.quality",
         function="quality_section",
     ),
     "privacy-dp": SectionSpec(
         title="Privacy cost: DP-SGD accuracy and time",
-        module="medfed.simulations.bench_dp",
+        module="medfed.simulations.bench.dp",
         function="dp_section",
     ),
     "secagg": SectionSpec(
         title="Privacy cost: SecAgg+ round time and upload",
-        module="medfed.simulations.bench_secagg",
+        module="medfed.simulations.bench.secagg",
         function="secagg_section",
     ),
     "overhead": SectionSpec(
         title="Federation overhead: simulation vs plain loop",
-        module="medfed.simulations.bench_overhead",
+        module="medfed.simulations.bench.overhead",
         function="overhead_section",
     ),
     "peers": SectionSpec(
         title="Peers: medfed, a minimal Flower app, NVIDIA FLARE",
-        module="medfed.simulations.bench_peers",
+        module="medfed.simulations.bench.peers",
         function="peers_section",
     ),
     "scale": SectionSpec(
         title="Scale: seconds per round and peak memory vs sites",
-        module="medfed.simulations.bench_scale",
+        module="medfed.simulations.bench.scale",
         function="bench_section",
         columns=("sites", "model", "seconds per round", "peak memory (MiB)"),
     ),
     "robustness": SectionSpec(
         title="Robustness: poisoned sites",
-        module="medfed.simulations.bench_robust",
+        module="medfed.simulations.bench.robust",
         function="bench_section",
         columns=("attack", "defence", "test AUC"),
     ),
@@ -699,8 +701,7 @@ def write_regions(path: Path, regions: dict[str, str]) -> None:
         text = text.rstrip("\n") + ("\n\n" if text.strip() else "")
         text += "\n\n".join(f"<!-- bench:{n} -->\n{regions[n].rstrip()}\n<!-- /bench -->" for n in missing)
         text += "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    write_atomically(path, lambda fh: fh.write(text.encode()), mode=0o644)  # a crash keeps the old notes
 
 
 # --------------------------------------------------------------------------- running
@@ -799,8 +800,8 @@ def run_bench(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m simulations.bench``; returns 1 when a table cell has neither value nor reason."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench", description=__doc__.splitlines()[0])
+    """``python -m medfed.simulations.bench``; returns 1 when a table cell has neither value nor reason."""
+    parser = argparse.ArgumentParser(prog="python -m medfed.simulations.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--profile", choices=sorted(PROFILES), default="quick")
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
     parser.add_argument("--plots", type=Path, default=Path("docs/bench"))
@@ -843,7 +844,7 @@ def bench_command(
     *, profile: str, out: Path, plots: Path, data_dir: Path, sections: Iterable[str] | None,
     workdir: Path | None, argv: Sequence[str],
 ) -> int:
-    """Shared body of ``medfed bench`` and ``python -m simulations.bench``."""
+    """Shared body of ``medfed bench`` and ``python -m medfed.simulations.bench``."""
     if profile not in PROFILES:
         raise ValueError(f"profile = {profile!r} is invalid. Valid profiles: {', '.join(PROFILES)}.")
     quiet_logs()
@@ -857,6 +858,3 @@ def bench_command(
     logger.warning("wrote %s (%d sections, plots in %s)", out, len(results), plots)
     return 1 if gaps else 0
 
-
-if __name__ == "__main__":
-    raise SystemExit(main())

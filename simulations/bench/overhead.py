@@ -7,7 +7,7 @@ the server evaluates on the same test split. Prints seconds per round and the ov
 
 Usage::
 
-    python -m simulations.bench_overhead --sites 4 --rounds 3
+    python -m medfed.simulations.bench.overhead --sites 4 --rounds 3
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from medfed.shared.data.loading import load_dataset
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import model_for
 from medfed.shared.weights import get_weights
-from medfed.simulations.bench_support import fmt, ratio
+from medfed.simulations.bench.support import fmt, ratio
 from medfed.simulations.simulate import SimulationResult, run_federated
 
 if TYPE_CHECKING:
@@ -97,7 +97,7 @@ def overhead_section(ctx: BenchContext) -> SectionResult:
     ``ctx.memo``); the plain loop runs the same sites, rounds and evaluations in this process.
     """
     from medfed.simulations.bench import SectionResult, Table, Target
-    from medfed.simulations.bench_peers import medfed_peer_run, peer_config
+    from medfed.simulations.bench.peers import medfed_peer_run, peer_config
 
     table = Table(
         title="Flower simulation wall time / the same work in a plain loop",

@@ -1,6 +1,6 @@
 """Benchmark of sample-level DP-SGD: cost per local epoch, and accuracy and leakage at several epsilons.
 
-Run ``python -m simulations.bench_dp`` (both parts) or ``--part speed`` / ``--part auc``.
+Run ``python -m medfed.simulations.bench.dp`` (both parts) or ``--part speed`` / ``--part auc``.
 
 Part 1 (speed): one local epoch with Opacus DP-SGD (secure generator and hardened noise, as a site
 runs it) over the same epoch without DP, for each model and each Opacus per-sample-gradient mode,
@@ -47,7 +47,7 @@ from medfed.shared.privacy import (
 from medfed.shared.task import model_for
 from medfed.shared.training import make_loss, make_optimizer, train_epochs
 from medfed.shared.weights import set_weights
-from medfed.simulations.bench_support import fmt, line_plot, medmnist_file, ratio
+from medfed.simulations.bench.support import fmt, line_plot, medmnist_file, ratio
 from medfed.simulations.membership import loss_threshold_attack, matched_non_members
 
 if TYPE_CHECKING:
@@ -234,12 +234,12 @@ def dp_section(ctx: BenchContext) -> SectionResult:
     AUC part: federated BreastMNIST (simplecnn, GroupNorm, IID sites, Adam 0.003, batch 16, no
     augmentation) without DP and with ``dp-target-epsilon`` = each of the profile's epsilons
     (``dp-budget-epsilon`` the same, delta 1e-5, RDP, secure noise), run in process
-    (:func:`simulations.bench_quality.federate_in_process`: the sites' real DP-SGD path, ledgers
+    (:func:`simulations.bench.quality.federate_in_process`: the sites' real DP-SGD path, ledgers
     and budgets); final test AUC and accuracy, the largest epsilon a site's ledger records, and a
     loss-threshold membership attack on the final model. Speed part: :func:`epoch_speed` (hooks).
     """
     from medfed.simulations.bench import SectionResult, Table, Target
-    from medfed.simulations.bench_quality import federate_in_process
+    from medfed.simulations.bench.quality import federate_in_process
 
     p = ctx.profile
     seed = p.seeds[0]
@@ -319,7 +319,7 @@ def dp_section(ctx: BenchContext) -> SectionResult:
         result.targets.append(Target.check(
             f"DP-SGD epoch time / non-private ({name}, hooks)", "issue 3", value=r.ratio("hooks"), at_most=2.0,
             limits="Opacus computes and clips a gradient per sample; on a CPU that costs more than the 2x target "
-            "(ghost clipping was slower still here, see bench_dp --modes)",
+            "(ghost clipping was slower still here, see bench.dp --modes)",
         ))
     speed_table.notes.append(
         f"Conditions: {p.dp_speed_samples} BreastMNIST images (28x28), batch 16, SGD, GroupNorm, "
@@ -332,7 +332,7 @@ def dp_section(ctx: BenchContext) -> SectionResult:
 
 def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run the chosen parts."""
-    parser = argparse.ArgumentParser(prog="python -m simulations.bench_dp", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m medfed.simulations.bench.dp", description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=("speed", "auc", "all"), default="all")
     parser.add_argument("--models", nargs="+", default=list(SPEED_MODELS))
     parser.add_argument("--modes", nargs="+", default=["hooks", "ghost"], choices=GRAD_SAMPLE_MODES)
