@@ -475,9 +475,9 @@ def check_code_origin(packages: set[str], app_dir: str | Path) -> Path:
         if not Path(origin).resolve().is_relative_to(root):
             logger.error("%s: module %s was imported from %s, not from the verified bundle at %s.",
                          REFUSED_TAG, name, origin, root)
-            raise AppRejected(
-                f"module {name} was imported from {origin}, not from the verified app bundle at {root}: "
-                "the site would not run the code the coordinator signed."
+            raise AppRejected(  # sent to the server: no site paths in it (they are in the site's log)
+                f"module {name} was not imported from the verified app bundle: the site would not run "
+                "the code the coordinator signed, so it refuses the task."
             )
     return root
 
