@@ -62,6 +62,8 @@ __all__ = [
     "superexec_main",
     "verified_clientapp_main",
     "install_fab_verifier",
+    "check_code_origin",
+    "AppRejected",
 ]
 
 logger = logging.getLogger(__name__)
@@ -366,8 +368,21 @@ def install_fab_verifier(public_key_path: str | Path) -> None:
     ``install_from_fab``. medfed wraps both names in that module: the pull records the task,
     the install first checks the signature with :func:`shared.app_signature.verify_app` against the
     run config the ClientApp would receive, and raises :class:`AppRejected` (so Flower answers
-    the server with an error) instead of installing. After a successful check, medfed's own
-    modules are dropped from ``sys.modules`` so the bundle's code, not the site's copy, runs.
+    the server with an error) instead of installing. After a successful check, the modules of the
+    bundle's top-level packages (``medfed``: including this one, imported from the site's installed
+    package) are dropped from ``sys.modules``, so Flower's ``load_app``, which puts the installed
+    bundle's folder first on ``sys.path``, imports them again from the bundle.
+
+    The third wrapped name, ``get_load_client_app_fn``, makes that a checked fact rather than an
+    assumption: once the ClientApp is loaded, every loaded module of the bundle's packages must
+    come from the bundle's install folder (``$FLWR_HOME/apps/<publisher>.<name>.<version>.<hash>``),
+    else :class:`AppRejected` is raised before the ClientApp handles any message
+    (:func:`check_code_origin`).
+
+    Parameters
+    ----------
+    public_key_path
+        The coordinator's ``app-signing.pub`` from the site's startup kit.
     """
     from flwr.supernode.runtime import run_clientapp as runtime
 
@@ -376,6 +391,7 @@ def install_fab_verifier(public_key_path: str | Path) -> None:
     key = load_public_key(public_key_path)
     original_pull = runtime.pull_task_input
     original_install = runtime.install_from_fab
+    original_loader = runtime.get_load_client_app_fn
     task: dict[str, Any] = {}
 
     def pull_task_input(client: Any) -> Any:
@@ -395,11 +411,66 @@ def install_fab_verifier(public_key_path: str | Path) -> None:
             logger.error("%s of run %s: %s The bundle was not installed.", REFUSED_TAG, run_id, err)
             raise AppRejected(f"site refused the app bundle: {err}") from None
         logger.info("verified app bundle %s... of run %s (coordinator signature ok)", digest[:12], run_id)
-        _forget_modules(_top_level_packages(content))
+        packages = _top_level_packages(content)
+        task["packages"] = packages
+        _forget_modules(packages)
         return original_install(fab_file, *args, **kwargs)
+
+    def get_load_client_app_fn(*args: Any, **kwargs: Any) -> Callable[[str, str, str], Any]:
+        load = original_loader(*args, **kwargs)
+
+        def load_client_app(fab_id: str, fab_version: str, fab_hash: str) -> Any:
+            if "packages" not in task:
+                raise AppRejected("the ClientApp was to be loaded before its bundle was verified: refusing it.")
+            client_app = load(fab_id, fab_version, fab_hash)
+            origin = check_code_origin(task["packages"], runtime.get_project_dir(fab_id, fab_version, fab_hash))
+            logger.info("ClientApp code of run %s loaded from the verified bundle at %s",
+                        getattr(task.get("run"), "run_id", "?"), origin)
+            return client_app
+
+        return load_client_app
 
     runtime.pull_task_input = pull_task_input
     runtime.install_from_fab = install_from_fab
+    runtime.get_load_client_app_fn = get_load_client_app_fn
+
+
+def check_code_origin(packages: set[str], app_dir: str | Path) -> Path:
+    """Check that every loaded module of the bundle's ``packages`` was imported from ``app_dir``.
+
+    Parameters
+    ----------
+    packages
+        The bundle's top-level packages (``{"medfed"}`` for a ``medfed run`` bundle).
+    app_dir
+        The folder Flower installed the verified bundle into.
+
+    Returns
+    -------
+    Path
+        ``app_dir``, resolved.
+
+    Raises
+    ------
+    AppRejected
+        A module of those packages was imported from somewhere else (the site's installed copy of
+        medfed, say): the code that would run is then not the code the coordinator signed.
+    """
+    root = Path(app_dir).resolve()
+    for name, module in list(sys.modules.items()):
+        if name.split(".", 1)[0] not in packages:
+            continue
+        origin = getattr(module, "__file__", None)
+        if origin is None:
+            continue  # a namespace package: no code of its own
+        if not Path(origin).resolve().is_relative_to(root):
+            logger.error("%s: module %s was imported from %s, not from the verified bundle at %s.",
+                         REFUSED_TAG, name, origin, root)
+            raise AppRejected(  # sent to the server: no site paths in it (they are in the site's log)
+                f"module {name} was not imported from the verified app bundle: the site would not run "
+                "the code the coordinator signed, so it refuses the task."
+            )
+    return root
 
 
 def _top_level_packages(fab: bytes) -> set[str]:

@@ -135,7 +135,7 @@ def test_altered_bundle_is_refused_by_every_site(live: LiveFederation, tmp_path:
     cfg = RunConfig.from_mapping({**RUN, "dataset": "deployment", "num-sites": 3, "num-server-rounds": 1,
                                   "run-dir": str(live.root / "runs" / "altered")})
     signed = build_signed_app(cfg, signing_key=live.fed.signing_key, workdir=tmp_path)
-    target = signed.app_dir / "client" / "site_client.py"
+    target = signed.app_dir / "medfed" / "client" / "site_client.py"
     target.write_text(target.read_text() + "\n# changed after signing\n")
     run_id = _flwr_run(live, signed.app_dir, "--run-config", str(signed.overrides_file))
     _assert_refused_everywhere(live, run_id, live.root / "runs" / "altered")

@@ -89,8 +89,9 @@ def test_signed_app_verifies_against_the_run_config_flower_gives_the_sites(tmp_p
     fab = _build(signed.app_dir)
     assert fab_hash(fab) == signed.fab_sha256  # Flower's build is reproducible: `flwr run` sends these bytes
     names = zipfile.ZipFile(BytesIO(fab)).namelist()
-    assert "medfed/client/client_app.py" in names and "medfed/server/server_app.py" in names
-    assert not [n for n in names if n.startswith(("tests/", "simulations/", "medfed/simulations/"))]
+    assert {"medfed/__init__.py", "medfed/client/client_app.py", "medfed/server/server_app.py"} <= set(names)
+    assert sorted(n for n in names if not n.startswith("medfed/")) == [".info/CONTENT", "pyproject.toml"]  # one package
+    assert not [n for n in names if n.startswith(("medfed/tests/", "medfed/simulations/"))]
 
     overrides = tomllib.loads(signed.overrides_file.read_text())
     assert list(overrides) == [SIGNATURE_KEY]
@@ -128,6 +129,7 @@ def fake_runtime(monkeypatch: pytest.MonkeyPatch):
     state = SimpleNamespace(installed=[], forgotten=[], task=None)
     monkeypatch.setattr(runtime, "pull_task_input", lambda client: state.task)
     monkeypatch.setattr(runtime, "install_from_fab", lambda content, **kw: state.installed.append(content))
+    monkeypatch.setattr(runtime, "get_load_client_app_fn", runtime.get_load_client_app_fn)  # wrapped by the hook
     monkeypatch.setattr(site_deploy, "_forget_modules", lambda packages: state.forgotten.append(packages))
     return runtime, state
 

@@ -50,3 +50,6 @@ def test_two_sites_one_signed_round(two_sites: LiveFederation) -> None:
         assert site["fit"]["num_examples"] == 12 and "train-loss" in site["fit"]
     for name, site in two_sites.sites.items():
         assert "verified app bundle" in site.text(), name
+        # ... and the ClientApp that trained is the bundle's code (docs/deploy.md, "Which code a site runs").
+        assert "loaded from the verified bundle at" in site.text(), name
+        assert "REFUSED" not in site.text(), name
