@@ -4,7 +4,7 @@ Layout (other tools read it)::
 
     <run_dir>/config.json          run config + versions + mode
     <run_dir>/metrics.jsonl        one JSON object per round (round 0 = initial model)
-    <run_dir>/summary.json         final and best rounds, wall time
+    <run_dir>/summary.json         status (finished | failed | interrupted), final and best rounds, wall time
     <run_dir>/checkpoints/best.pt  {"state_dict", "config", "round", "metrics"}
     <run_dir>/checkpoints/final.pt same keys
     <run_dir>/checkpoints/resume.pt the server's state after the last completed round (server.resume)
@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
+
+from medfed.shared.files import write_atomically
 
 if TYPE_CHECKING:
     from medfed.server.store import RunSink
@@ -251,9 +253,45 @@ class RunDirectory:
         return target
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        """Write ``summary.json`` and close the metrics file."""
+        """Write ``summary.json`` and close the metrics file.
+
+        A summary with ``"status": "failed"`` records the run as failed in the sink, with its
+        ``"failure"``; any other as finished.
+        """
         data = {"seconds": time.time() - self.started, **summary}
         (self.path / "summary.json").write_text(json.dumps(data, indent=2, sort_keys=True))
         self._metrics.close()
         if self.sink is not None:
-            self.sink.run_finished(data)
+            if data.get("status") == "failed":
+                self.sink.run_failed(RuntimeError(str(data.get("failure", "the run failed"))))
+            else:
+                self.sink.run_finished(data)
+
+    def mark_interrupted(self, *, last_round: int | None, planned_rounds: int, reason: str) -> None:
+        """The run was stopped (Ctrl-C): ``summary.json`` says so, the sink records it as failed.
+
+        Unlike a finished run's, this summary does not end the run: ``medfed simulate --resume``
+        continues it after ``last_round`` (its ``checkpoints/resume.pt``). Safe to call from
+        another thread than the one recording rounds.
+
+        Parameters
+        ----------
+        last_round
+            The last completed round (``None``: not even the initial model was evaluated).
+        planned_rounds
+            ``num-server-rounds``.
+        reason
+            What stopped it (for the sink), e.g. ``"interrupted (SIGINT) after round 2 of 5"``.
+        """
+        data = {
+            "status": "interrupted",
+            "rounds": last_round,
+            "last_completed_round": last_round,
+            "num_server_rounds": planned_rounds,
+            "seconds": time.time() - self.started,
+            "resumable": last_round is not None,
+        }
+        text = json.dumps(data, indent=2, sort_keys=True).encode()
+        write_atomically(self.path / "summary.json", lambda f: f.write(text))
+        if self.sink is not None:
+            self.sink.run_failed(KeyboardInterrupt(reason))
