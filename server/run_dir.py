@@ -267,7 +267,9 @@ class RunDirectory:
             else:
                 self.sink.run_finished(data)
 
-    def mark_interrupted(self, *, last_round: int | None, planned_rounds: int, reason: str) -> None:
+    def mark_interrupted(
+        self, *, last_round: int | None, planned_rounds: int, reason: str, resumable: bool = True
+    ) -> None:
         """The run was stopped (Ctrl-C): ``summary.json`` says so, the sink records it as failed.
 
         Unlike a finished run's, this summary does not end the run: ``medfed simulate --resume``
@@ -282,6 +284,9 @@ class RunDirectory:
             ``num-server-rounds``.
         reason
             What stopped it (for the sink), e.g. ``"interrupted (SIGINT) after round 2 of 5"``.
+        resumable
+            Whether the run can be resumed at all (a pooled run cannot); with no completed
+            round it cannot either.
         """
         data = {
             "status": "interrupted",
@@ -289,7 +294,7 @@ class RunDirectory:
             "last_completed_round": last_round,
             "num_server_rounds": planned_rounds,
             "seconds": time.time() - self.started,
-            "resumable": last_round is not None,
+            "resumable": resumable and last_round is not None,
         }
         text = json.dumps(data, indent=2, sort_keys=True).encode()
         write_atomically(self.path / "summary.json", lambda f: f.write(text))

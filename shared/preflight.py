@@ -93,9 +93,15 @@ def preflight(cfg: RunConfig, *, federated: bool = True) -> Preflight:
         (``norm = "batch"``); DP settings no site accepts; more sites than the data can fill.
         The message names the key, the ``medfed simulate`` flag, and a fix.
     """
+    if federated:
+        _check_dp_norm(cfg)  # first: it needs neither data nor a model
     if cfg.is_deployment:  # no data at the server: the model comes from the config
-        if federated:
-            check_dp_model(cfg, model=model_from_config(cfg), task=model_task(cfg.model))
+        if not federated:
+            raise PreflightError(
+                'dataset = "deployment" holds no data here: the pooled baseline (--centralized) '
+                "trains on a dataset. Fix: --dataset synthetic, a MedMNIST .npz file or a datalist .json."
+            )
+        check_dp_model(cfg, model=model_from_config(cfg), task=model_task(cfg.model))
         return Preflight(splits=None)
     splits = load_dataset(cfg)
     model = model_for(cfg, splits.train)  # a ValueError names the model and the mismatch
@@ -156,25 +162,32 @@ def check_dp_model(cfg: RunConfig, *, model: nn.Module, task: str) -> None:
     """
     if not cfg.dp:
         return
-    fix = (
-        f"Fix: --norm {DP_NORM} (or --set norm={DP_NORM}; 'instance' works too), "
-        "or train without DP-SGD (--set dp=false)."
-    )
-    if cfg.norm == "batch":
-        raise PreflightError(
-            'dp = true trains with DP-SGD (Opacus), which cannot train BatchNorm layers (they mix '
-            f'the samples of a batch, so per-sample gradients do not exist), but norm = "batch". {fix}'
-        )
+    _check_dp_norm(cfg)
     try:
         validate_for_dp(model)
     except ValueError as err:
         raise PreflightError(
             f"dp = true but model = {cfg.model!r} with norm = {cfg.norm!r} has layers DP-SGD (Opacus) "
-            f"cannot train: {err} {fix}"
+            f"cannot train: {err} {_DP_FIX}"
         ) from None
     problems = dp_setup_problems(cfg, task=task)
     if problems:
         raise PreflightError(" ".join(problems))
+
+
+_DP_FIX = (
+    f"Fix: --norm {DP_NORM} (or --set norm={DP_NORM}; 'instance' works too), "
+    "or train without DP-SGD (--set dp=false)."
+)
+
+
+def _check_dp_norm(cfg: RunConfig) -> None:
+    """``dp = true`` with ``norm = "batch"``: refused, naming ``norm`` and the fix."""
+    if cfg.dp and cfg.norm == "batch":
+        raise PreflightError(
+            "dp = true trains with DP-SGD (Opacus), which cannot train BatchNorm layers (they mix "
+            f'the samples of a batch, so per-sample gradients do not exist), but norm = "batch". {_DP_FIX}'
+        )
 
 
 def max_sites(num_train: int, num_val: int) -> int:

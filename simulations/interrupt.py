@@ -86,7 +86,7 @@ class RunInterrupted(Exception):
             return f"{head}: no run directory was written"
         if self.resumable:
             return f"{head}: run directory {self.run_dir} is resumable with medfed simulate --resume {self.run_dir}"
-        return f"{head}: run directory {self.run_dir} is marked interrupted (nothing to resume: start the run again)"
+        return f"{head}: run directory {self.run_dir} is marked interrupted (it cannot be resumed: start the run again)"
 
 
 @dataclass
