@@ -166,9 +166,11 @@ def check_dp_model(cfg: RunConfig, *, model: nn.Module, task: str) -> None:
     try:
         validate_for_dp(model)
     except ValueError as err:
+        findings = str(err).split("\nFix:")[0].splitlines()[1:]  # Opacus's problems and the modules
+        found = "; ".join(line.strip().lstrip("- ").rstrip(".") for line in findings if line.strip())
         raise PreflightError(
             f"dp = true but model = {cfg.model!r} with norm = {cfg.norm!r} has layers DP-SGD (Opacus) "
-            f"cannot train: {err} {_DP_FIX}"
+            f"cannot train ({found}). {_DP_FIX}"
         ) from None
     problems = dp_setup_problems(cfg, task=task)
     if problems:
