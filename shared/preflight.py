@@ -26,6 +26,7 @@ This module never imports Flower (it is part of ``shared``).
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,6 +70,9 @@ class Preflight:
 def preflight(cfg: RunConfig, *, federated: bool = True) -> Preflight:
     """Check that ``cfg`` can run at all, before any site process or server starts.
 
+    Remembered per process: the command line checks a config before it imports Flower and
+    Ray, and ``run_federated`` checks it again for its other callers at no extra cost.
+
     Parameters
     ----------
     cfg
@@ -89,10 +93,15 @@ def preflight(cfg: RunConfig, *, federated: bool = True) -> Preflight:
     ValueError
         The model does not fit the data (its task, or an image size it cannot take).
     PreflightError
-        ``dp = true`` with a model Opacus cannot train
-        (``norm = "batch"``); DP settings no site accepts; more sites than the data can fill.
-        The message names the key, the ``medfed simulate`` flag, and a fix.
+        ``dp = true`` with a model Opacus cannot train (``norm = "batch"``); DP settings no
+        site accepts; more sites than the data can fill. The message names the key, the
+        ``medfed simulate`` flag, and a fix.
     """
+    return _preflight(cfg, federated)
+
+
+@functools.lru_cache(maxsize=4)
+def _preflight(cfg: RunConfig, federated: bool) -> Preflight:
     if federated:
         _check_dp_norm(cfg)  # first: it needs neither data nor a model
     if cfg.is_deployment:  # no data at the server: the model comes from the config

@@ -205,6 +205,9 @@ def _name_flag(message: str, overrides: dict[str, Any]) -> str:
 
 
 def _run_and_report(cfg: RunConfig, *, centralized: bool, verbose: bool) -> None:
+    from medfed.shared.preflight import preflight
+
+    preflight(cfg, federated=not centralized)  # a run that cannot work stops here, before Flower and Ray load
     from medfed.simulations.pooled import run_pooled
     from medfed.simulations.progress import RunProgress
     from medfed.simulations.simulate import run_federated
