@@ -342,7 +342,7 @@ class RecordingStrategy(DelegatingStrategy):
         a best checkpoint no newer than the resume state.
         """
         record, self._pending = self._pending, None
-        if record is None:
+        if record is None or self.run_dir.stopped:  # stopped: the run is being interrupted
             return
         record.seconds = time.perf_counter() - self._round_start if record.round > 0 else 0.0
         record.failed_sites = [

@@ -222,6 +222,8 @@ class RunDirectory:
 
     def write_round(self, record: RoundRecord) -> None:
         """Append one round's record (flushed at once so readers see it)."""
+        if self.stopped:
+            return
         self._metrics.write(json.dumps(record.to_json(), sort_keys=True) + "\n")
         self._metrics.flush()
         if self.sink is not None:
@@ -235,8 +237,11 @@ class RunDirectory:
         server_round: int,
         metrics: Mapping[str, float],
     ) -> Path:
-        """Write ``checkpoints/<kind>.pt`` with the state dict and the run config."""
+        """Write ``checkpoints/<kind>.pt`` with the state dict and the run config (nothing once
+        :meth:`stop_recording` was called)."""
         target = self.path / "checkpoints" / f"{kind}.pt"
+        if self.stopped:
+            return target
         tmp = target.with_suffix(".tmp")
         torch.save(
             {
@@ -258,6 +263,8 @@ class RunDirectory:
         A summary with ``"status": "failed"`` records the run as failed in the sink, with its
         ``"failure"``; any other as finished.
         """
+        if self.stopped:
+            return
         data = {"seconds": time.time() - self.started, **summary}
         (self.path / "summary.json").write_text(json.dumps(data, indent=2, sort_keys=True))
         self._metrics.close()
@@ -266,6 +273,20 @@ class RunDirectory:
                 self.sink.run_failed(RuntimeError(str(data.get("failure", "the run failed"))))
             else:
                 self.sink.run_finished(data)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`stop_recording` was called: rounds, checkpoints and the summary are no
+        longer written (a run being interrupted)."""
+        return getattr(self, "_stopped", False)
+
+    def stop_recording(self) -> None:
+        """Write nothing more for this run (rounds, checkpoints, summary, resume state), from any thread.
+
+        Called first when a run is interrupted: the threads of a simulation whose sites were
+        just ended may still close a round as "every site failed"; that is not what happened.
+        """
+        self._stopped = True
 
     def mark_interrupted(
         self, *, last_round: int | None, planned_rounds: int, reason: str, resumable: bool = True
@@ -288,6 +309,7 @@ class RunDirectory:
             Whether the run can be resumed at all (a pooled run cannot); with no completed
             round it cannot either.
         """
+        self.stop_recording()
         data = {
             "status": "interrupted",
             "rounds": last_round,

@@ -53,6 +53,8 @@ class RunInterrupted(Exception):
         ``num-server-rounds``.
     resumable
         Whether ``medfed simulate --resume run_dir`` can continue it.
+    left
+        Processes of the run that did not end (their ids; normally none).
     """
 
     def __init__(
@@ -63,8 +65,10 @@ class RunInterrupted(Exception):
         last_round: int | None,
         planned_rounds: int,
         resumable: bool,
+        left: Iterable[int] = (),
     ) -> None:
         self.signal_name = signal_name
+        self.left = sorted(left)
         self.run_dir = run_dir
         self.last_round = last_round
         self.planned_rounds = planned_rounds
@@ -82,6 +86,8 @@ class RunInterrupted(Exception):
             "before the first round" if not self.last_round else f"after round {self.last_round} of {self.planned_rounds}"
         )
         head = f"interrupted ({self.signal_name}) {when}"
+        if self.left:
+            head += f" (processes {', '.join(map(str, self.left))} did not end: kill them)"
         if self.run_dir is None:
             return f"{head}: no run directory was written"
         if self.resumable:
@@ -158,7 +164,10 @@ def interruptible() -> Iterator[Interrupt]:
     """Handle SIGINT and SIGTERM in the block as described in the module docstring.
 
     Only in the main thread (elsewhere signals cannot be handled and the block runs as it is).
-    The previous handlers and logging are restored when the block ends.
+    The previous signal handlers are restored when the block ends. After a signal, logging
+    stays disabled (``logging.disable``): the simulation's leftover threads would go on
+    reporting its dead sites. A caller that carries on re-enables it with
+    ``logging.disable(logging.NOTSET)``.
     """
     state = Interrupt()
     if threading.current_thread() is not threading.main_thread():
@@ -181,5 +190,3 @@ def interruptible() -> Iterator[Interrupt]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
-        if state.signal_name is not None:
-            logging.disable(logging.NOTSET)

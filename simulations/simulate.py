@@ -158,9 +158,9 @@ def run_federated(
 
 def _interrupted(cfg: RunConfig, interrupt: Interrupt, run_dir: RunDirectory | None, path: Path) -> RunInterrupted:
     """End the processes the run started, mark its run directory interrupted; the error to raise."""
+    if run_dir is not None:
+        run_dir.stop_recording()  # the server thread may still close a round: its sites are gone
     left = end_processes(interrupt.children | descendants())
-    if left:
-        logger.warning("processes %s of the interrupted run did not end", sorted(left))
     try:
         last_round: int | None = read_resume_state(path).round if (path / RESUME_FILE).exists() else None
     except Exception:  # noqa: BLE001 - an unreadable resume state: nothing to resume from
@@ -179,6 +179,7 @@ def _interrupted(cfg: RunConfig, interrupt: Interrupt, run_dir: RunDirectory | N
         last_round=last_round,
         planned_rounds=cfg.num_server_rounds,
         resumable=last_round is not None,
+        left=left,
     )
 
 
