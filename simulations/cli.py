@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -158,7 +158,8 @@ def simulate(
         if isinstance(err, RunInterrupted):
             _stop(err.exit_code, str(err))
         if not isinstance(err, RunFailedError):
-            logging.getLogger(__name__).debug("the run failed", exc_info=err)
+            if verbose:
+                logging.getLogger(__name__).error("the run failed", exc_info=err)
             err = RunFailedError(
                 f"the run failed: {type(err).__name__}: {err}" + ("" if verbose else " (-v shows the traceback)")
             )
@@ -168,7 +169,7 @@ def simulate(
         raise typer.Exit(code=1) from None
 
 
-def _stop(code: int, line: str) -> None:
+def _stop(code: int, line: str) -> NoReturn:
     """Print ``line`` and exit with ``code`` now.
 
     A federated run stopped by a signal can leave threads of Flower's simulation engine waiting

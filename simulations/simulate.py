@@ -15,6 +15,7 @@ from medfed.client.client_app import make_client_app
 from medfed.server.failures import RunFailedError
 from medfed.server.resume import RESUME_FILE, read_resume_state, resume_point
 from medfed.server.run_dir import RoundRecord, RunDirectory, new_run_path
+from medfed.server.secure import secagg_settings
 from medfed.server.server_app import ServerHooks, make_server_app
 from medfed.shared.config import RunConfig
 from medfed.shared.preflight import preflight
@@ -93,6 +94,8 @@ def run_federated(
         run_path = cfg.resume
     # Fail fast, before Ray starts: the server thread reads the same (cached) splits.
     splits = preflight(cfg).splits
+    if cfg.secagg:
+        secagg_settings(cfg, num_sites=cfg.num_sites)  # as the server will check them, but before Ray
     if cfg.resume:
         resume_point(cfg)  # a run that cannot be resumed is refused here, not in the server thread
     if splits is not None and splits.skipped_files:

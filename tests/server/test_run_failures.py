@@ -115,3 +115,35 @@ def test_dp_with_batchnorm_is_refused_before_any_site_is_asked(tmp_path: Path) -
         run_server(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}),
                    cfg, ServerHooks(), str(tmp_path / "run"))
     assert grid.sent == [] and not (tmp_path / "run").exists()
+
+
+def test_an_interrupted_run_directory_stops_recording_and_resumes(tmp_path: Path) -> None:
+    """What ``medfed simulate`` does on Ctrl-C, here after round 1 while the server thread goes on."""
+    cfg = RunConfig(run_dir=str(tmp_path / "runs"), **SMALL)
+    path = tmp_path / "run"
+    started = []
+
+    def on_round(record) -> None:
+        if record.round == 1:
+            started[0].mark_interrupted(last_round=1, planned_rounds=3, reason="interrupted (SIGINT) after round 1 of 3")
+
+    grid = LocalGrid(make_client_app(cfg), num_nodes=cfg.num_sites)
+    with server_identity():
+        run_server(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}),
+                   cfg, ServerHooks(on_start=started.append, on_round=on_round), str(path))
+    # Rounds 2 and 3 ran on but nothing of them was written: the directory is as at the signal.
+    assert [r["round"] for r in read_metrics(path)] == [0, 1] and _saved_round(path) == 1
+    summary = json.loads((path / "summary.json").read_text())
+    assert summary == {**summary, "status": "interrupted", "last_completed_round": 1, "num_server_rounds": 3,
+                       "resumable": True}
+    with RunStore(cfg.store_url) as store:
+        [run] = store.list_runs()
+        assert run["status"] == "failed" and "interrupted (SIGINT) after round 1 of 3" in run["error"]
+
+    resumed = cfg.replace(resume=str(path))
+    _run(resumed, make_client_app(resumed), path)
+    assert [r["round"] for r in read_metrics(path)] == [0, 1, 2, 3]
+    assert json.loads((path / "summary.json").read_text())["status"] == "finished"
+    with RunStore(cfg.store_url) as store:
+        [run] = store.list_runs()
+        assert run["status"] == "finished"
