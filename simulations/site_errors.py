@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-__all__ = ["SiteError", "SiteErrorLog", "site_error_log"]
+__all__ = ["SiteError", "SiteErrorLog", "site_error_log", "root_error", "site_traceback"]
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,8 @@ class SiteError:
 
 
 def _is_exception_name(name: str) -> bool:
-    last = name.rsplit(".", 1)[-1]
-    return last.endswith(("Error", "Exception", "Interrupt", "Exit", "Warning")) or last in ("Exception",)
+    """Whether a dotted name looks like an exception class (``ImportError``, ``pkg.DataError``)."""
+    return name.rsplit(".", 1)[-1].endswith(("Error", "Exception", "Interrupt", "Exit", "Warning"))
 
 
 def root_error(text: str) -> SiteError | None:
