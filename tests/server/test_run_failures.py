@@ -95,7 +95,7 @@ def test_a_run_in_which_no_round_completes_fails_naming_why(tmp_path: Path) -> N
     # Every round has one training result but min-fit-clients = 3: nothing is ever aggregated.
     cfg = RunConfig(run_dir=str(tmp_path / "runs"), store="off", min_fit_clients=3,
                     **{**SMALL, "num_server_rounds": 2})
-    app = ClientApp(  # sites 0 and 1 crash in every roundclient_fn=site_client_fn(cfg),
+    app = ClientApp(client_fn=site_client_fn(cfg),  # sites 0 and 1 crash in every round
                     mods=[egress_guard, *(crash_mod(site=s, server_round=r) for s in (0, 1) for r in (1, 2)),
                           *privacy_mods(cfg)])
     with pytest.raises(RunFailedError) as caught:

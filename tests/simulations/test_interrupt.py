@@ -42,6 +42,21 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _ray_processes_of(pid: int) -> list[int]:
+    """Live processes of the Ray cluster that process ``pid`` started (their command line names
+    its session folder, ``session_<time>_<pid>``), wherever they were reparented to."""
+    session = re.compile(rf"session_[0-9_-]+_{pid}(\b|/)")
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if session.search(text) and _alive(int(cmdline.parent.name)):
+            found.append(int(cmdline.parent.name))
+    return found
+
+
 def _read_until(proc: subprocess.Popen[bytes], pattern: str, *, timeout: float) -> str:
     """Read the process's output until a line matches ``pattern`` (while it runs: lines come as they happen)."""
     assert proc.stdout is not None
@@ -64,6 +79,7 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     try:
         before = _read_until(proc, rf"^round 1/{ROUNDS}  ", timeout=600)
         family = descendants(proc.pid)  # Ray's head processes and the sites' workers
+        ray_started = _ray_processes_of(proc.pid)
         sent = time.monotonic()
         os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
         after, _ = proc.communicate(timeout=60)
@@ -73,11 +89,13 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
             os.killpg(proc.pid, signal.SIGKILL)
     time.sleep(0.5)
     return {"tmp": tmp, "proc": proc, "before": before, "after": after.decode(errors="replace"),
-            "seconds": seconds, "family": family, "left": [p for p in family | descendants(proc.pid) if _alive(p)]}
+            "seconds": seconds, "family": family, "ray_started": ray_started,
+            "left": sorted({p for p in family if _alive(p)} | set(_ray_processes_of(proc.pid)))}
 
 
 def test_ctrl_c_stops_the_run_within_seconds_with_one_line_and_status_130(interrupted: dict) -> None:
     assert interrupted["family"], "the run had started no processes: was it running on Ray?"
+    assert interrupted["ray_started"], "no process of the run's Ray session was found while it ran"
     assert interrupted["proc"].returncode == 130, interrupted["after"]
     assert interrupted["seconds"] < 15, f"took {interrupted['seconds']:.1f} s to exit"
     [run_dir] = [p for p in (interrupted["tmp"] / "runs").iterdir() if p.is_dir()]
