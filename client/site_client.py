@@ -20,6 +20,7 @@ from flwr.client import NumPyClient
 from medfed.client.site_data import SiteData
 from medfed.shared.config import RunConfig
 from medfed.shared.models import validate_for_dp
+from medfed.shared.preflight import dp_setup_problems
 from medfed.shared.privacy import (
     PrivacyBudget,
     PrivacyLedger,
@@ -112,16 +113,9 @@ class SiteClient(NumPyClient):
         self._noise_multiplier: float | None = None
         if cfg.dp:
             validate_for_dp(self.model)  # fail at start-up, not in round 1
-            if self.grad_sample_mode == "ghost" and data.train.task != "classification":
-                raise ValueError(
-                    "dp-grad-sample-mode = 'ghost' needs a per-example loss (classification); "
-                    f"this is a {data.train.task} task: use 'hooks'."
-                )
-            if cfg.dp_target_epsilon <= 0 and cfg.dp_noise_multiplier <= 0:
-                raise ValueError(
-                    "dp = true but dp-noise-multiplier = 0 and dp-target-epsilon = 0: without "
-                    "noise there is no privacy. Set dp-noise-multiplier > 0 or dp-target-epsilon > 0."
-                )
+            problems = dp_setup_problems(cfg.replace(dp_grad_sample_mode=self.grad_sample_mode), task=data.train.task)
+            if problems:
+                raise ValueError(" ".join(problems))
             if not cfg.dp_secure_noise and _first_time("insecure-noise", site_index):
                 logger.warning(
                     "site %d: dp-secure-noise = false: DP-SGD noise and Poisson sampling come from "

@@ -14,7 +14,7 @@ from medfed.shared.config import RunConfig
 from medfed.shared.data.base import DataError, ImageSet
 from medfed.shared.data.datalist import UnusableEntriesError
 from medfed.shared.data.loading import load_dataset
-from medfed.shared.partition import partition_indices
+from medfed.shared.partition import site_partitions
 
 __all__ = ["SiteData", "simulated_site_data", "deployment_site_data"]
 
@@ -61,12 +61,14 @@ def simulated_site_data(cfg: RunConfig, *, site_index: int, num_sites: int) -> S
 @functools.lru_cache(maxsize=4)
 def _partitions(cfg: RunConfig, num_sites: int) -> tuple[list, list]:
     splits = load_dataset(cfg)
-    kwargs = {"num_sites": num_sites, "method": cfg.partition, "alpha": cfg.dirichlet_alpha}
-    train_parts = partition_indices(splits.train.class_labels(), seed=cfg.seed, **kwargs)
-    val_parts = partition_indices(
-        splits.val.class_labels(), seed=cfg.seed + 1, min_per_site=1, **kwargs
+    return site_partitions(
+        splits.train.class_labels(),
+        splits.val.class_labels(),
+        num_sites=num_sites,
+        method=cfg.partition,
+        alpha=cfg.dirichlet_alpha,
+        seed=cfg.seed,
     )
-    return train_parts, val_parts
 
 
 def deployment_site_data(cfg: RunConfig, *, datalist: str) -> SiteData:

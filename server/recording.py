@@ -4,8 +4,9 @@ It delegates every decision to the wrapped Flower strategy (as Flower's own DP w
 only observes: per-site fit and evaluation metrics, the server-side evaluation, failures (which
 site, the error class Flower reports), round times, and the best and final global models. After
 every completed round it saves the server's resume state (``server.resume``). Two decisions are
-its own: a round with fewer training results than ``min_results`` is not aggregated, and a run
-whose sites all declined (privacy budgets spent) stops.
+its own: a round with fewer training results than ``min_results`` is not aggregated, a run
+whose sites all declined (privacy budgets spent) stops, and a run in which every site failed a
+round stops as failed (``server.failures``: :attr:`RecordingStrategy.failure`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from flwr.server.strategy import Strategy
 from torch import nn
 
 from medfed.server.delegating import DelegatingStrategy
+from medfed.server.failures import every_site_failed, no_round_completed
 from medfed.server.resume import ResumeState, capture_rng, chain_state, write_resume_state
 from medfed.server.rounds import SiteFailure
 from medfed.server.run_dir import RoundRecord, RunDirectory
@@ -122,6 +124,10 @@ class RecordingStrategy(DelegatingStrategy):
         self._best_metrics: dict[str, float] = {}
         self.stopped_round: int | None = None
         """The round in which every site declined (privacy budgets spent); later rounds are skipped."""
+        self.failed_round: int | None = None
+        """The round in which every selected site failed; it and the later rounds are skipped."""
+        self.failure: str | None = None
+        """Why the run failed (``server.failures``), or ``None``."""
         self.min_results = min_results
         self.outer: Strategy = self
         self._resume = resume
@@ -151,7 +157,7 @@ class RecordingStrategy(DelegatingStrategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Start the round's record, then delegate (no sites once every site has declined)."""
         self._flush()
-        if self.stopped_round is not None:
+        if self.stopped_round is not None or self.failed_round is not None:
             return []
         self._pending = RoundRecord(round=server_round)
         self._round_start = time.perf_counter()
@@ -173,6 +179,13 @@ class RecordingStrategy(DelegatingStrategy):
         """
         results = self._record_fit(server_round, results, failures)
         record = self._record(server_round)
+        if not results and record.num_fit_failures:
+            self.failed_round = server_round
+            self.failure = every_site_failed(
+                server_round, self._fit_failures.get(server_round, []), selected=record.num_fit_failures
+            )
+            record.skipped = "every site failed"
+            return None, {}
         if record.num_fit_failures:
             logger.warning("round %d: %d site(s) failed to train", server_round, record.num_fit_failures)
         if len(results) < self.min_results:
@@ -258,8 +271,10 @@ class RecordingStrategy(DelegatingStrategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
-        """Delegate (no sites after the run stopped)."""
+        """Delegate (no sites after the run stopped, nor in the round every site failed)."""
         if self.stopped_round is not None and server_round > self.stopped_round:
+            return []
+        if self.failed_round is not None and server_round >= self.failed_round:
             return []
         return self.strategy.configure_evaluate(server_round, parameters, client_manager)
 
@@ -291,6 +306,8 @@ class RecordingStrategy(DelegatingStrategy):
     ) -> tuple[float, dict[str, Scalar]] | None:
         """Delegate the server-side evaluation, record it and keep the best checkpoint."""
         if self.stopped_round is not None and server_round > self.stopped_round:
+            return None
+        if self.failed_round is not None and server_round >= self.failed_round:
             return None
         if server_round == 0 and self._resume is not None:
             return None  # round 0 is recorded already
@@ -325,7 +342,7 @@ class RecordingStrategy(DelegatingStrategy):
         a best checkpoint no newer than the resume state.
         """
         record, self._pending = self._pending, None
-        if record is None:
+        if record is None or self.run_dir.stopped:  # stopped: the run is being interrupted
             return
         record.seconds = time.perf_counter() - self._round_start if record.round > 0 else 0.0
         record.failed_sites = [
@@ -336,7 +353,8 @@ class RecordingStrategy(DelegatingStrategy):
             self._consider_best(record)
         self.records.append(record)
         self.run_dir.write_round(record)
-        self._save_resume_state(record.round)
+        if record.round != self.failed_round:  # a resumed run trains the failed round again
+            self._save_resume_state(record.round)
         if self._best_pending is not None:
             best_round, metrics, params = self._best_pending
             self._best_pending = None
@@ -414,8 +432,25 @@ class RecordingStrategy(DelegatingStrategy):
         self._best_source, self._best_metrics = source, metrics
         self._best_pending = (record.round, dict(metrics), self._latest)  # written when the round closes
 
+    @property
+    def latest_round(self) -> int:
+        """The last round whose aggregate became the global model (0: none yet)."""
+        return self._latest_round
+
+    def check_progress(self, *, first_round: int, last_round: int) -> None:
+        """After the workflow ran rounds ``first_round..last_round``: if none was aggregated (and
+        the run neither failed nor stopped on spent privacy budgets), the run failed
+        (:func:`server.failures.no_round_completed`)."""
+        if self.failure is not None or self.stopped_round is not None or last_round < first_round:
+            return
+        if self._latest_round < first_round:
+            self._flush()
+            ran = [r for r in self.records if r.round >= first_round]
+            self.failure = no_round_completed(ran, min_results=self.min_results)
+
     def finish(self) -> dict[str, object]:
-        """Write the final checkpoint and the summary; return the summary."""
+        """Write the final checkpoint and the summary (``"status"``: ``"finished"``, or ``"failed"``
+        with the ``"failure"``); return the summary."""
         self._flush()
         final_metrics = dict(self._final_metrics)
         if self._latest is not None:
@@ -424,6 +459,7 @@ class RecordingStrategy(DelegatingStrategy):
                 "final", self.model, server_round=self._latest_round, metrics=final_metrics
             )
         summary: dict[str, object] = {
+            "status": "failed" if self.failure is not None else "finished",
             "rounds": self._latest_round,
             "final_metrics": final_metrics,
             "best_round": self._best_round,
@@ -434,6 +470,9 @@ class RecordingStrategy(DelegatingStrategy):
         }
         if self._resumes:
             summary["resumed"] = list(self._resumes)
+        if self.failure is not None:
+            summary["failure"] = self.failure
+            summary["failed_round"] = self.failed_round
         if self.stopped_round is not None:
             summary["stopped_early"] = {
                 "round": self.stopped_round,

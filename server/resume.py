@@ -43,6 +43,7 @@ from medfed.shared.files import write_atomically
 
 __all__ = [
     "RESUME_FILE",
+    "RESUMABLE_STATUSES",
     "ResumeError",
     "ResumePoint",
     "ResumeState",
@@ -54,6 +55,7 @@ __all__ = [
     "restore_chain_state",
     "restore_rng",
     "resume_point",
+    "run_status",
     "write_resume_state",
     "strategy_chain",
 ]
@@ -298,13 +300,31 @@ def _stored_config(run_dir: Path) -> dict[str, Any]:
     return stored
 
 
+RESUMABLE_STATUSES: tuple[str | None, ...] = (None, "interrupted", "failed")
+"""Run statuses a run can be resumed from (``None``: no ``summary.json``, the process died)."""
+
+
+def run_status(run_dir: str | Path) -> str | None:
+    """The ``"status"`` of ``run_dir``'s ``summary.json``: ``None`` without one (running, or the
+    process died), ``"finished"`` for a summary written before statuses existed."""
+    path = Path(run_dir) / "summary.json"
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return "unreadable"
+    return str(data.get("status", "finished")) if isinstance(data, dict) else "unreadable"
+
+
 def resume_point(cfg: RunConfig) -> ResumePoint:
     """Check that ``cfg.resume`` can be continued with ``cfg`` and load its state.
 
     Raises
     ------
     ResumeError
-        No such run directory; the run already finished (``summary.json`` exists); ``cfg``
+        No such run directory; the run already finished (a ``summary.json`` whose status is
+        not ``"interrupted"`` or ``"failed"``); ``cfg``
         differs from the run's own config in a key other than ``resume`` / ``app-signature``
         (naming the keys and both values); no or an unreadable resume state; a saved round
         beyond ``num-server-rounds``.
@@ -326,8 +346,9 @@ def resume_point(cfg: RunConfig) -> ResumePoint:
             f"cannot resume {run_dir} with a different config: {'; '.join(differing)}. A resumed run "
             f"must use the run's own config ({source}); `medfed simulate --resume DIR` reads it."
         )
-    if (run_dir / "summary.json").exists():
-        raise ResumeError(f"{run_dir} already finished (it has a summary.json): there is nothing to resume.")
+    status = run_status(run_dir)
+    if status not in RESUMABLE_STATUSES:
+        raise ResumeError(f"{run_dir} already finished (its summary.json says {status!r}): there is nothing to resume.")
     state = read_resume_state(run_dir)
     if state.round > cfg.num_server_rounds:
         raise ResumeError(

@@ -4,7 +4,7 @@ Layout (other tools read it)::
 
     <run_dir>/config.json          run config + versions + mode
     <run_dir>/metrics.jsonl        one JSON object per round (round 0 = initial model)
-    <run_dir>/summary.json         final and best rounds, wall time
+    <run_dir>/summary.json         status (finished | failed | interrupted), final and best rounds, wall time
     <run_dir>/checkpoints/best.pt  {"state_dict", "config", "round", "metrics"}
     <run_dir>/checkpoints/final.pt same keys
     <run_dir>/checkpoints/resume.pt the server's state after the last completed round (server.resume)
@@ -228,6 +228,8 @@ class RunDirectory:
 
     def write_round(self, record: RoundRecord) -> None:
         """Append one round's record (flushed at once so readers see it)."""
+        if self.stopped:
+            return
         self._metrics.write(json.dumps(record.to_json(), sort_keys=True) + "\n")
         self._metrics.flush()
         if self.sink is not None:
@@ -241,8 +243,11 @@ class RunDirectory:
         server_round: int,
         metrics: Mapping[str, float],
     ) -> Path:
-        """Write ``checkpoints/<kind>.pt`` with the state dict and the run config."""
+        """Write ``checkpoints/<kind>.pt`` with the state dict and the run config (nothing once
+        :meth:`stop_recording` was called)."""
         target = self.path / "checkpoints" / f"{kind}.pt"
+        if self.stopped:
+            return target
         payload = {
             "state_dict": model.state_dict(),
             "config": self.config,
@@ -255,9 +260,66 @@ class RunDirectory:
         return target
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        """Write ``summary.json`` and close the metrics file."""
+        """Write ``summary.json`` and close the metrics file.
+
+        A summary with ``"status": "failed"`` records the run as failed in the sink, with its
+        ``"failure"``; any other as finished.
+        """
+        if self.stopped:
+            return
         data = {"seconds": time.time() - self.started, **summary}
         _write_text(self.path / "summary.json", json.dumps(data, indent=2, sort_keys=True))
         self._metrics.close()
         if self.sink is not None:
-            self.sink.run_finished(data)
+            if data.get("status") == "failed":
+                self.sink.run_failed(RuntimeError(str(data.get("failure", "the run failed"))))
+            else:
+                self.sink.run_finished(data)
+
+    @property
+    def stopped(self) -> bool:
+        """Whether :meth:`stop_recording` was called: rounds, checkpoints and the summary are no
+        longer written (a run being interrupted)."""
+        return getattr(self, "_stopped", False)
+
+    def stop_recording(self) -> None:
+        """Write nothing more for this run (rounds, checkpoints, summary, resume state), from any thread.
+
+        Called first when a run is interrupted: the threads of a simulation whose sites were
+        just ended may still close a round as "every site failed"; that is not what happened.
+        """
+        self._stopped = True
+
+    def mark_interrupted(
+        self, *, last_round: int | None, planned_rounds: int, reason: str, resumable: bool = True
+    ) -> None:
+        """The run was stopped (Ctrl-C): ``summary.json`` says so, the sink records it as failed.
+
+        Unlike a finished run's, this summary does not end the run: ``medfed simulate --resume``
+        continues it after ``last_round`` (its ``checkpoints/resume.pt``). Safe to call from
+        another thread than the one recording rounds.
+
+        Parameters
+        ----------
+        last_round
+            The last completed round (``None``: not even the initial model was evaluated).
+        planned_rounds
+            ``num-server-rounds``.
+        reason
+            What stopped it (for the sink), e.g. ``"interrupted (SIGINT) after round 2 of 5"``.
+        resumable
+            Whether the run can be resumed at all (a pooled run cannot); with no completed
+            round it cannot either.
+        """
+        self.stop_recording()
+        data = {
+            "status": "interrupted",
+            "rounds": last_round,
+            "last_completed_round": last_round,
+            "num_server_rounds": planned_rounds,
+            "seconds": time.time() - self.started,
+            "resumable": resumable and last_round is not None,
+        }
+        _write_text(self.path / "summary.json", json.dumps(data, indent=2, sort_keys=True))
+        if self.sink is not None:
+            self.sink.run_failed(KeyboardInterrupt(reason))

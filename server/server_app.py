@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 from torch import nn
 
 from medfed.server.evaluation import make_evaluate_fn
+from medfed.server.failures import RunFailedError
 from medfed.server.recording import RecordingStrategy, RoundCallback
 from medfed.server.resume import ResumePoint, restore_chain_state, restore_rng, resume_point
 from medfed.server.rounds import RoundStep
@@ -34,6 +35,7 @@ from medfed.shared.config import RunConfig, robust_min_sites
 from medfed.shared.config_sources import config_from_run_config
 from medfed.shared.data.loading import load_dataset
 from medfed.shared.models import build_model, model_task
+from medfed.shared.preflight import check_dp_model
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import model_for
 from medfed.shared.weights import get_weights
@@ -67,6 +69,12 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
     ------
     server.resume.ResumeError
         ``cfg.resume`` cannot be continued (see :func:`server.resume.resume_point`).
+    shared.preflight.PreflightError
+        ``dp = true`` with a model DP-SGD cannot train (checked before any site is asked).
+    server.failures.RunFailedError
+        Every site failed a round, or no round completed (``server.failures``); the summary
+        and the run store say so, and the run directory is resumable from its last completed
+        round.
     """
     seed_everything(cfg.seed)
     point: ResumePoint | None = None
@@ -81,6 +89,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         splits = load_dataset(cfg)
         model, task = model_for(cfg, splits.train), splits.task
         evaluate_fn = make_evaluate_fn(model_for(cfg, splits.train), splits.test)
+    check_dp_model(cfg, model=model, task=task)  # before any site is asked to train
     run_dir = RunDirectory(
         run_path or new_run_path(cfg.run_dir, name=f"{cfg.strategy}-s{cfg.seed}"),
         config=cfg.to_run_config(),
@@ -128,10 +137,13 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
     )
     try:
         workflow(grid, legacy)
-        summary = strategy.finish()
+        strategy.check_progress(first_round=done + 1, last_round=cfg.num_server_rounds)
+        summary = strategy.finish()  # a failed run's summary says so, and the run store too
     except BaseException as err:
         run_dir.fail(err)  # the run store shows the run as failed
         raise
+    if strategy.failure is not None:
+        raise RunFailedError(strategy.failure, run_dir=run_dir.path, last_round=strategy.latest_round)
     logger.info("run finished; results in %s", run_dir.path)
     if hooks.on_finish:
         hooks.on_finish(summary)

@@ -41,7 +41,10 @@ __all__ = [
     "METHODS",
     "class_counts",
     "partition_indices",
+    "site_partitions",
     "split_train_val_test",
+    "TRAIN_MIN_PER_SITE",
+    "VAL_MIN_PER_SITE",
 ]
 
 logger = logging.getLogger(__name__)
@@ -50,6 +53,10 @@ Method = Partition
 METHODS: tuple[str, ...] = PARTITIONS
 """The split methods: the run-config ``partition`` values."""
 MAX_DIRICHLET_ATTEMPTS = 100
+TRAIN_MIN_PER_SITE = 2
+"""The fewest training samples a simulated site gets (one sample makes a useless site)."""
+VAL_MIN_PER_SITE = 1
+"""The fewest validation samples a simulated site gets (every site evaluates each round)."""
 
 
 def partition_indices(
@@ -122,6 +129,47 @@ def partition_indices(
     else:
         parts = _dirichlet(labels, num_sites, alpha, min_per_site, rng)
     return [np.sort(p).astype(np.int64) for p in parts]
+
+
+def site_partitions(
+    train_labels: np.ndarray,
+    val_labels: np.ndarray,
+    *,
+    num_sites: int,
+    method: Method,
+    alpha: float,
+    seed: int,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The simulated sites' shares of a dataset's training and validation splits.
+
+    The one definition used by every simulated site (``client.site_data``) and by the run's
+    pre-flight check (``shared.preflight``): the training split with ``seed`` and at least
+    :data:`TRAIN_MIN_PER_SITE` samples per site, the validation split with ``seed + 1`` and at
+    least :data:`VAL_MIN_PER_SITE`.
+
+    Parameters
+    ----------
+    train_labels, val_labels
+        Integer class labels of the two splits, shapes ``(N_train,)`` and ``(N_val,)``.
+    num_sites, method, alpha
+        As in :func:`partition_indices`.
+    seed
+        The run's seed.
+
+    Returns
+    -------
+    tuple of list of np.ndarray
+        ``(train_parts, val_parts)``, one index array per site each.
+
+    Raises
+    ------
+    ValueError
+        As :func:`partition_indices` (for example more sites than samples).
+    """
+    kwargs = {"num_sites": num_sites, "method": method, "alpha": alpha}
+    train_parts = partition_indices(train_labels, seed=seed, min_per_site=TRAIN_MIN_PER_SITE, **kwargs)
+    val_parts = partition_indices(val_labels, seed=seed + 1, min_per_site=VAL_MIN_PER_SITE, **kwargs)
+    return train_parts, val_parts
 
 
 def class_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:

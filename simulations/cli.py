@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -184,6 +184,45 @@ def simulate(
     except (ConfigError, DataError, ValueError) as err:
         console.print(f"[bold red]error:[/] {escape(_name_flag(str(err), overrides))}")
         raise typer.Exit(code=2) from None
+    except KeyboardInterrupt:  # before the run started (or after it ended): nothing to mark
+        _stop(130, "interrupted before the run started: nothing was written")
+    except Exception as err:  # noqa: BLE001 - every failure ends in one line and a non-zero exit
+        from medfed.server.failures import RunFailedError
+        from medfed.simulations.interrupt import RunInterrupted
+
+        if isinstance(err, RunInterrupted):
+            _stop(err.exit_code, str(err))
+        if not isinstance(err, RunFailedError):
+            if verbose:
+                logging.getLogger(__name__).error("the run failed", exc_info=err)
+            err = RunFailedError(
+                f"the run failed: {type(err).__name__}: {err}" + ("" if verbose else " (-v shows the traceback)")
+            )
+        elif verbose and err.__cause__ is not None:
+            logging.getLogger(__name__).error("the run failed", exc_info=err.__cause__)
+        console.print(f"[bold red]error:[/] {escape(str(err))}")
+        raise typer.Exit(code=1) from None
+
+
+def _stop(code: int, line: str) -> NoReturn:
+    """Print ``line`` and exit with ``code`` now.
+
+    A federated run stopped by a signal can leave threads of Flower's simulation engine waiting
+    for sites that are gone (its processes are ended already); the interpreter would wait for
+    them at exit, so the process leaves without waiting when any such thread is alive.
+    """
+    import os
+    import sys
+    import threading
+
+    console.print(line, markup=False, highlight=False, soft_wrap=True)
+    waiting = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+    if waiting:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    raise typer.Exit(code=code)
 
 
 _FLAGS = {key: flag for key, flag in SIMULATE_FLAGS.items() if flag != f"--{key}"}
@@ -199,6 +238,9 @@ def _name_flag(message: str, overrides: dict[str, Any]) -> str:
 
 
 def _run_and_report(cfg: RunConfig, *, centralized: bool, verbose: bool) -> None:
+    from medfed.shared.preflight import preflight
+
+    preflight(cfg, federated=not centralized)  # a run that cannot work stops here, before Flower and Ray load
     from medfed.simulations.pooled import run_pooled
     from medfed.simulations.progress import RunProgress
     from medfed.simulations.simulate import run_federated
@@ -219,6 +261,9 @@ def _run_and_report(cfg: RunConfig, *, centralized: bool, verbose: bool) -> None
             result = run_pooled(cfg, hooks=view.hooks())
         else:
             result = run_federated(cfg, hooks=view.hooks(), verbose=verbose)
+    if not view.live:  # a log file or a pipe: plain lines, each on its own
+        _print_plain_summary(cfg, result)
+        return
     summary = Table(title="summary", show_header=False)
     for key, value in sorted(result.final_metrics.items()):
         if key == "num_examples":
@@ -232,6 +277,21 @@ def _run_and_report(cfg: RunConfig, *, centralized: bool, verbose: bool) -> None
         default = cfg.store_url == RunConfig().store_url
         summary.add_row("dashboard", "medfed dashboard" + ("" if default else f" --store {cfg.store_url}"))
     console.print(summary)
+
+
+def _print_plain_summary(cfg: RunConfig, result: Any) -> None:
+    """The summary as ``key: value`` lines (for logs and pipes)."""
+    lines = ["summary"]
+    lines += [f"  final {k}: {v:.4f}" for k, v in sorted(result.final_metrics.items()) if k != "num_examples"]
+    if result.summary.get("best_round") is not None:
+        lines.append(f"  best round: {result.summary['best_round']}")
+    lines.append(f"  wall time: {result.wall_seconds:.1f} s")
+    lines.append(f"  run directory: {result.run_dir}")
+    if cfg.store_url:
+        default = cfg.store_url == RunConfig().store_url
+        lines.append("  dashboard: medfed dashboard" + ("" if default else f" --store {cfg.store_url}"))
+    console.file.write("\n".join(lines) + "\n")
+    console.file.flush()
 
 
 @app.command()

@@ -12,14 +12,16 @@ import logging
 import time
 from pathlib import Path
 
+from medfed.server.failures import RunFailedError
 from medfed.server.run_dir import RoundRecord, RunDirectory, new_run_path
 from medfed.server.server_app import ServerHooks, primary_metric_for
 from medfed.server.store import open_sink
 from medfed.shared.config import RunConfig
-from medfed.shared.data.loading import load_dataset
+from medfed.shared.preflight import preflight
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import model_for, round_settings
 from medfed.shared.training import evaluate, make_optimizer, make_train_loader, select_device, train_epochs
+from medfed.simulations.interrupt import RunInterrupted, interruptible
 from medfed.simulations.simulate import SimulationResult
 
 __all__ = ["run_pooled"]
@@ -37,10 +39,23 @@ def run_pooled(
     SimulationResult
         With one :class:`RoundRecord` per round-equivalent and the same run-directory layout as a
         federated run (``config.json`` says ``"mode": "pooled"``).
+
+    Raises
+    ------
+    DataError, ValueError
+        The data cannot be read or the model does not fit it (:func:`shared.preflight.preflight`).
+    server.failures.RunFailedError
+        Training or evaluation raised: the message names the round and the error; the run
+        store records the run as failed.
+    simulations.interrupt.RunInterrupted
+        SIGINT or SIGTERM: ``summary.json`` says ``"status": "interrupted"`` (a pooled run
+        cannot be resumed).
     """
     hooks = hooks or ServerHooks()
     seed_everything(cfg.seed)
-    splits = load_dataset(cfg)
+    splits = preflight(cfg, federated=False).splits
+    if splits is None:  # preflight(federated=False) refuses a config without data
+        raise RuntimeError("the pooled baseline needs data")
     device = select_device()
     model = model_for(cfg, splits.train)
     path = Path(run_path) if run_path else new_run_path(cfg.run_dir, name=f"pooled-s{cfg.seed}")
@@ -60,57 +75,84 @@ def run_pooled(
         if hooks.on_round:
             hooks.on_round(record)
 
-    initial = evaluate(model, splits.test, device=device)
-    record_round(RoundRecord(round=0, seconds=0.0, global_metrics=initial))
-    metrics = initial
-    for server_round in range(1, cfg.num_server_rounds + 1):
-        round_start = time.perf_counter()
-        run_dir.round_started(server_round, selected=1)
-        settings = round_settings(cfg, server_round=server_round, site_index=-1)
-        seed_everything(settings.seed)
-        optimizer = make_optimizer(
-            model.parameters(),
-            name=settings.optimizer,
-            learning_rate=settings.learning_rate,
-            weight_decay=settings.weight_decay,
-        )
-        train = train_epochs(
-            model,
-            make_train_loader(splits.train, settings),
-            optimizer,
-            task=splits.task,
-            epochs=settings.epochs,
-            device=device,
-        )
-        metrics = evaluate(model, splits.test, device=device)
-        val_metrics = evaluate(model, splits.val, device=device) if len(splits.val) else {}
-        record = RoundRecord(
-            round=server_round,
-            seconds=time.perf_counter() - round_start,
-            global_metrics=metrics,
-            fit_metrics={"train-loss": train.loss},
-            eval_metrics=val_metrics,
-            num_fit_results=1,
-        )
-        record_round(record)
-        # The validation split picks the best checkpoint (the test split only when there is none).
-        chooser = val_metrics or metrics
-        score = chooser.get(primary, -chooser["loss"])
-        if score > best:
-            best, best_round = score, server_round
-            best_metrics = {**metrics, **{f"val-{k}": v for k, v in val_metrics.items()}}
-            run_dir.save_checkpoint("best", model, server_round=server_round, metrics=best_metrics)
-    run_dir.save_checkpoint("final", model, server_round=cfg.num_server_rounds, metrics=metrics)
-    result.summary = {
-        "rounds": cfg.num_server_rounds,
-        "final_metrics": metrics,
-        "best_round": best_round,
-        "best_metrics": best_metrics,
-        "best_selected_by": f"{'validation' if len(splits.val) else 'test'} {primary}",
-        "primary_metric": primary,
-        "round_seconds": [r.seconds for r in result.rounds if r.round > 0],
-    }
-    run_dir.write_summary(result.summary)
+    server_round = 0
+    with interruptible() as interrupt:
+        try:
+            initial = evaluate(model, splits.test, device=device)
+            record_round(RoundRecord(round=0, seconds=0.0, global_metrics=initial))
+            metrics = initial
+            for server_round in range(1, cfg.num_server_rounds + 1):
+                round_start = time.perf_counter()
+                run_dir.round_started(server_round, selected=1)
+                settings = round_settings(cfg, server_round=server_round, site_index=-1)
+                seed_everything(settings.seed)
+                optimizer = make_optimizer(
+                    model.parameters(),
+                    name=settings.optimizer,
+                    learning_rate=settings.learning_rate,
+                    weight_decay=settings.weight_decay,
+                )
+                train = train_epochs(
+                    model,
+                    make_train_loader(splits.train, settings),
+                    optimizer,
+                    task=splits.task,
+                    epochs=settings.epochs,
+                    device=device,
+                )
+                metrics = evaluate(model, splits.test, device=device)
+                val_metrics = evaluate(model, splits.val, device=device) if len(splits.val) else {}
+                record = RoundRecord(
+                    round=server_round,
+                    seconds=time.perf_counter() - round_start,
+                    global_metrics=metrics,
+                    fit_metrics={"train-loss": train.loss},
+                    eval_metrics=val_metrics,
+                    num_fit_results=1,
+                )
+                record_round(record)
+                # The validation split picks the best checkpoint (the test split only when there is none).
+                chooser = val_metrics or metrics
+                score = chooser.get(primary, -chooser["loss"])
+                if score > best:
+                    best, best_round = score, server_round
+                    best_metrics = {**metrics, **{f"val-{k}": v for k, v in val_metrics.items()}}
+                    run_dir.save_checkpoint("best", model, server_round=server_round, metrics=best_metrics)
+            run_dir.save_checkpoint("final", model, server_round=cfg.num_server_rounds, metrics=metrics)
+            result.summary = {
+                "status": "finished",
+                "rounds": cfg.num_server_rounds,
+                "final_metrics": metrics,
+                "best_round": best_round,
+                "best_metrics": best_metrics,
+                "best_selected_by": f"{'validation' if len(splits.val) else 'test'} {primary}",
+                "primary_metric": primary,
+                "round_seconds": [r.seconds for r in result.rounds if r.round > 0],
+            }
+            run_dir.write_summary(result.summary)
+        except KeyboardInterrupt:
+            last = result.rounds[-1].round if result.rounds else None
+            signal_name = interrupt.signal_name or "SIGINT"
+            run_dir.mark_interrupted(
+                last_round=last,
+                planned_rounds=cfg.num_server_rounds,
+                reason=f"interrupted ({signal_name}) in round {server_round} of {cfg.num_server_rounds}",
+                resumable=False,
+            )
+            raise RunInterrupted(
+                signal_name=signal_name, run_dir=path, last_round=last, planned_rounds=cfg.num_server_rounds,
+                resumable=False,
+            ) from None
+        except Exception as err:
+            run_dir.fail(err)  # the run store shows the run as failed
+            last = result.rounds[-1].round if result.rounds else None
+            step = f"round {server_round}" if server_round else "the initial evaluation"
+            raise RunFailedError(
+                f"the pooled run failed in {step}: {type(err).__name__}: {err} (run directory {path}; "
+                "-v shows the traceback)",
+                run_dir=path,
+                last_round=last,
+            ) from err
     result.wall_seconds = time.perf_counter() - start
     if hooks.on_finish:
         hooks.on_finish(result.summary)

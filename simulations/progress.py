@@ -1,4 +1,11 @@
-"""A live rich view of a run: one row per round, and a summary table at the end."""
+"""The view of a run as it goes: a live rich table on a terminal, one plain line per round elsewhere.
+
+On a terminal the rounds table is redrawn as rounds finish (rich ``Live``). When the output is a
+file or a pipe (``> run.log``, ``nohup``, CI), a live view would only be written when the run
+ends; there each round is one plain line, written and flushed as the round closes::
+
+    round 3/10  auc 0.9120  accuracy 0.8500  loss 0.3100  sites 3/3  12.4 s
+"""
 
 from __future__ import annotations
 
@@ -33,10 +40,16 @@ class RunProgress:
         Planned number of rounds.
     console
         Where to draw (default: a new stdout console).
+    live
+        Redraw a live table (default: when ``console`` is a terminal); otherwise one plain line
+        per round.
     """
 
-    def __init__(self, *, title: str, rounds: int, console: Console | None = None) -> None:
+    def __init__(
+        self, *, title: str, rounds: int, console: Console | None = None, live: bool | None = None
+    ) -> None:
         self.console = console or Console()
+        self.live = self.console.is_terminal if live is None else live
         self.title = title
         self.rounds = rounds
         self.records: list[RoundRecord] = []
@@ -56,12 +69,16 @@ class RunProgress:
         return ServerHooks(on_start=self._on_start, on_round=self._on_round)
 
     def __enter__(self) -> RunProgress:
-        self._live.__enter__()
+        if self.live:
+            self._live.__enter__()
+        else:
+            self._write(self.title)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._live.update(self._render())
-        self._live.__exit__(*exc)
+        if self.live:
+            self._live.update(self._render())
+            self._live.__exit__(*exc)
 
     def _on_start(self, run_dir: RunDirectory) -> None:
         self.run_dir = run_dir.path
@@ -69,9 +86,34 @@ class RunProgress:
     def _on_round(self, record: RoundRecord) -> None:
         with self._lock:
             self.records.append(record)
+            if not self.live:
+                self._write(self.line(record))
+                return
             if record.round > 0:
                 self._progress.update(self._task, completed=record.round)
             self._live.update(self._render())
+
+    def line(self, record: RoundRecord) -> str:
+        """One round as plain text: ``round 3/10  auc 0.9120  ...  sites 3/3  12.4 s``."""
+        source = record.global_metrics or record.eval_metrics
+        parts = [f"round {record.round}/{self.rounds}"]
+        parts += [f"{name} {source[name]:.4f}" for name in _GLOBAL_COLUMNS if name in source]
+        if record.round == 0:
+            parts.append("(initial model)")
+        else:
+            answered = record.num_fit_results
+            parts.append(f"sites {answered}/{answered + record.num_fit_failures}")
+            if record.rejected:
+                parts.append(f"({len(record.rejected)} rejected)")
+            if record.skipped:
+                parts.append("(not aggregated)")
+            parts.append(f"{record.seconds or 0:.1f} s")
+        return "  ".join(parts)
+
+    def _write(self, text: str) -> None:
+        """A plain line, flushed at once (a log file shows it while the run goes on)."""
+        self.console.file.write(text + "\n")
+        self.console.file.flush()
 
     def _metric_names(self) -> list[str]:
         present = {k for r in self.records for k in r.global_metrics} | {

@@ -12,10 +12,15 @@ from flwr.client import ClientApp
 from flwr.simulation import run_simulation
 
 from medfed.client.client_app import make_client_app
+from medfed.server.failures import RunFailedError
+from medfed.server.resume import RESUME_FILE, read_resume_state, resume_point
 from medfed.server.run_dir import RoundRecord, RunDirectory, new_run_path
+from medfed.server.secure import secagg_settings
 from medfed.server.server_app import ServerHooks, make_server_app
 from medfed.shared.config import RunConfig
-from medfed.shared.data.loading import load_dataset
+from medfed.shared.preflight import preflight
+from medfed.simulations.interrupt import Interrupt, RunInterrupted, descendants, end_processes, interruptible
+from medfed.simulations.site_errors import SiteErrorLog, site_error_log
 
 __all__ = ["SimulationResult", "run_federated", "ray_environment"]
 
@@ -70,6 +75,16 @@ def run_federated(
     DataError
         The dataset cannot be read, or (``bad-data = "strict"``) a datalist has unusable
         entries: raised before Ray starts, listing them.
+    shared.preflight.PreflightError
+        The run cannot work (more sites than the data fills, ``dp = true`` with BatchNorm...):
+        raised before Ray starts (:func:`shared.preflight.preflight`), naming the key and fix.
+    server.failures.RunFailedError
+        Every site failed a round, or no round completed; the message says why (with the
+        sites' own error, whose traceback was logged once: :mod:`simulations.site_errors`).
+    RunInterrupted
+        SIGINT or SIGTERM stopped the run (:mod:`simulations.interrupt`): the processes it
+        started are ended and the run directory is marked interrupted (resumable from its last
+        completed round).
     RuntimeError
         If the simulation ended without finishing its rounds (the cause is logged by Flower).
     """
@@ -77,16 +92,19 @@ def run_federated(
         if run_path and Path(run_path).resolve() != Path(cfg.resume).resolve():
             raise ValueError(f"resume = {cfg.resume!r} but run_path = {str(run_path)!r}: they must agree.")
         run_path = cfg.resume
-    if not cfg.is_deployment:
-        # Fail fast, before Ray starts: the server thread reads the same (cached) splits.
-        splits = load_dataset(cfg)
-        if splits.skipped_files:
-            logger.warning(
-                "bad-data = skip: %d unusable datalist entries left out; every simulated site "
-                "reports skipped-files = %d.",
-                splits.skipped_files,
-                splits.skipped_files,
-            )
+    # Fail fast, before Ray starts: the server thread reads the same (cached) splits.
+    splits = preflight(cfg).splits
+    if cfg.secagg:
+        secagg_settings(cfg, num_sites=cfg.num_sites)  # as the server will check them, but before Ray
+    if cfg.resume:
+        resume_point(cfg)  # a run that cannot be resumed is refused here, not in the server thread
+    if splits is not None and splits.skipped_files:
+        logger.warning(
+            "bad-data = skip: %d unusable datalist entries left out; every simulated site "
+            "reports skipped-files = %d.",
+            splits.skipped_files,
+            splits.skipped_files,
+        )
     path = Path(run_path) if run_path else new_run_path(cfg.run_dir, name=f"{cfg.strategy}-s{cfg.seed}")
     result = SimulationResult(run_dir=path)
     user_hooks = hooks or ServerHooks()
@@ -101,7 +119,10 @@ def run_federated(
         if user_hooks.on_finish:
             user_hooks.on_finish(summary)
 
+    started: list[RunDirectory] = []
+
     def on_start(run_dir: RunDirectory) -> None:
+        started.append(run_dir)
         if user_hooks.on_start:
             user_hooks.on_start(run_dir)
 
@@ -116,19 +137,73 @@ def run_federated(
     }
     ray_environment()
     start = time.perf_counter()
-    run_simulation(
-        server_app=server_app,
-        client_app=client_app,
-        num_supernodes=cfg.num_sites,
-        backend_config=backend_config,
-        verbose_logging=verbose,
-    )
+    with interruptible() as interrupt, site_error_log() as site_errors:
+        try:
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=cfg.num_sites,
+                backend_config=backend_config,
+                verbose_logging=verbose,
+            )
+        except KeyboardInterrupt:
+            raise _interrupted(cfg, interrupt, started[0] if started else None, path) from None
+        except RunFailedError as err:
+            raise _with_site_error(err, site_errors) from None
+    _report_repeats(site_errors)
     result.wall_seconds = time.perf_counter() - start
     if not result.summary:
         raise RuntimeError(
             "the simulation stopped before finishing its rounds; see the log above for the cause."
         )
     return result
+
+
+def _interrupted(cfg: RunConfig, interrupt: Interrupt, run_dir: RunDirectory | None, path: Path) -> RunInterrupted:
+    """End the processes the run started, mark its run directory interrupted; the error to raise."""
+    if run_dir is not None:
+        run_dir.stop_recording()  # the server thread may still close a round: its sites are gone
+    left = end_processes(interrupt.children | descendants())
+    try:
+        last_round: int | None = read_resume_state(path).round if (path / RESUME_FILE).exists() else None
+    except Exception:  # noqa: BLE001 - an unreadable resume state: nothing to resume from
+        last_round = None
+    signal_name = interrupt.signal_name or "SIGINT"
+    if run_dir is not None:
+        when = f"after round {last_round}" if last_round is not None else "before the first round"
+        run_dir.mark_interrupted(
+            last_round=last_round,
+            planned_rounds=cfg.num_server_rounds,
+            reason=f"interrupted ({signal_name}) {when} of {cfg.num_server_rounds}",
+        )
+    return RunInterrupted(
+        signal_name=signal_name,
+        run_dir=path if run_dir is not None else None,
+        last_round=last_round,
+        planned_rounds=cfg.num_server_rounds,
+        resumable=last_round is not None,
+        left=left,
+    )
+
+
+def _with_site_error(err: RunFailedError, site_errors: SiteErrorLog) -> RunFailedError:
+    """``err`` with the sites' own error (seen in Flower's log) and where to resume."""
+    reason = err.reason
+    if site_errors.first is not None:
+        count = site_errors.total()
+        reason += f". The sites raised {site_errors.first} ({count} time{'s' if count != 1 else ''}; traceback above)"
+    if err.run_dir is not None and (err.run_dir / RESUME_FILE).exists():
+        reason += (
+            f". Fix the cause, then continue after round {err.last_round} with: "
+            f"medfed simulate --resume {err.run_dir}"
+        )
+    return RunFailedError(reason, run_dir=err.run_dir, last_round=err.last_round)
+
+
+def _report_repeats(site_errors: SiteErrorLog) -> None:
+    """One line per site failure that happened more than once (its traceback was logged once)."""
+    for error, count in site_errors.repeats():
+        logger.warning("site failure %s happened %d times in all (traceback logged once, above)", error, count)
 
 
 def ray_environment() -> None:

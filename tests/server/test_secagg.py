@@ -52,6 +52,7 @@ from medfed.client.client_app import make_client_app
 from medfed.client.egress import AUDIT_ENV
 from medfed.client.site_client import SiteClient
 from medfed.client.site_data import simulated_site_data
+from medfed.server.failures import RunFailedError
 from medfed.server.run_dir import read_metrics
 from medfed.server.secure import (
     MODULUS_RANGE,
@@ -401,12 +402,19 @@ LOCAL = dict(dataset="synthetic", synthetic_samples=96, model="simplecnn", image
 
 def test_stop_on_failure_ends_the_run_after_the_failed_round(tmp_path: Path) -> None:
     cfg = RunConfig(run_dir=str(tmp_path), num_server_rounds=3, secagg_on_failure="stop", **LOCAL)
-    grid, records, _ = _local_run(cfg, tmp_path, plan={1: (DIE_AFTER_KEYS, {0, 1, 2})})
+    app = secagg_test_app(cfg, num_examples=NOISE_SIZES[: cfg.num_sites], out_dir=str(tmp_path),
+                          plan={1: (DIE_AFTER_KEYS, {0, 1, 2})})
+    grid = LocalGrid(app, num_nodes=cfg.num_sites)
+    with server_identity(), pytest.raises(RunFailedError, match="no round completed in round 1"):
+        run_server(grid, Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={}),
+                   cfg, ServerHooks(), str(tmp_path / "run"))  # nothing was ever aggregated: the run failed
+    records = read_metrics(tmp_path / "run")
     assert [r["round"] for r in records] == [0, 1]
     assert records[1]["secagg"]["completed"] is False
     assert {int(m.metadata.group_id) for m in grid.sent if m.metadata.message_type == "train"} == {1}
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["rounds"] == 0  # the final model is the initial one
+    assert summary["status"] == "failed"
 
 
 def test_sites_that_stop_answering_time_out_without_hanging(tmp_path: Path) -> None:

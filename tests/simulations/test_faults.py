@@ -27,6 +27,7 @@ from flwr.app import Context, RecordDict
 
 from medfed.client.client_app import make_client_app
 from medfed.server.dashboard.read_models import RunReader
+from medfed.server.failures import RunFailedError
 from medfed.server.run_dir import read_metrics
 from medfed.server.server_app import ServerHooks, run_server
 from medfed.server.store import RunStore
@@ -111,12 +112,15 @@ def test_broken_updates_are_rejected_recorded_and_do_not_hurt(clean, tmp_path: P
 
 def test_when_every_update_is_rejected_the_model_stays(tmp_path: Path) -> None:
     cfg = task_config(run_dir=str(tmp_path), sites=2, rounds=1, samples=96, store="off")
-    records = run_local(cfg, {0: Attack("nan"), 1: Attack("inf")}, tmp_path / "run")
+    with pytest.raises(RunFailedError, match="no round completed in round 1.*2 rejected updates"):
+        run_local(cfg, {0: Attack("nan"), 1: Attack("inf")}, tmp_path / "run")  # the run fails, saying why
+    records = read_metrics(tmp_path / "run")
     assert [r["reason"] for r in records[1]["rejected"]] == ["nan", "inf"]
     assert "all 2 updates were rejected" in records[1]["skipped"]
     assert records[1]["global"] == records[0]["global"]  # the initial model, evaluated again
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["rounds"] == 0  # the final checkpoint is the initial model
+    assert summary["status"] == "failed"
 
 
 # --------------------------------------------------------------------------- acceptance 4

@@ -1,0 +1,77 @@
+"""Off a terminal (a log file, a pipe, nohup) a run writes one plain line per round as it happens,
+and the summary on lines of its own; on a terminal the live table stays."""
+
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+
+from rich.console import Console
+from typer.testing import CliRunner
+
+from medfed.cli import app
+from medfed.server.run_dir import RoundRecord
+from medfed.simulations.progress import RunProgress
+
+LINE = re.compile(r"^round (\d+)/(\d+)  auc \d\.\d{4}  accuracy \d\.\d{4}  loss \d+\.\d{4}  sites (\d+)/(\d+)  \d+\.\d s$")
+
+
+class FlushLog(io.StringIO):
+    """A text file that notes what had been written at each flush."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue())
+
+
+def _record(n: int, *, failures: int = 0, rejected: int = 0) -> RoundRecord:
+    return RoundRecord(round=n, seconds=12.4, global_metrics={"auc": 0.912, "accuracy": 0.85, "loss": 0.31},
+                       num_fit_results=3 - failures, num_fit_failures=failures,
+                       rejected=[{"site": "site-1"}] * rejected)
+
+
+def test_each_round_is_one_line_flushed_as_it_closes() -> None:
+    out = FlushLog()
+    view = RunProgress(title="federated: fedavg, 3 sites", rounds=10, console=Console(file=out))
+    assert not view.live  # a file is not a terminal
+    hooks = view.hooks()
+    with view:
+        assert out.flushed[-1] == "federated: fedavg, 3 sites\n"
+        hooks.on_round(RoundRecord(round=0, seconds=0.0, global_metrics={"auc": 0.5, "accuracy": 0.5, "loss": 0.69}))
+        assert out.flushed[-1].endswith("round 0/10  auc 0.5000  accuracy 0.5000  loss 0.6900  (initial model)\n")
+        hooks.on_round(_record(3))
+        assert out.flushed[-1].endswith("round 3/10  auc 0.9120  accuracy 0.8500  loss 0.3100  sites 3/3  12.4 s\n")
+        hooks.on_round(_record(4, failures=1, rejected=1))
+        assert out.flushed[-1].endswith("sites 2/3  (1 rejected)  12.4 s\n")
+    assert out.getvalue().count("\n") == 4 and "━" not in out.getvalue()
+
+
+def test_a_terminal_keeps_the_live_table() -> None:
+    out = io.StringIO()
+    view = RunProgress(title="t", rounds=2, console=Console(file=out, force_terminal=True, width=120))
+    assert view.live
+    with view:
+        view.hooks().on_round(_record(1))
+    assert "round 1/2" not in out.getvalue() and "global auc" in out.getvalue()
+
+
+def test_a_run_written_to_a_pipe_has_plain_rounds_and_summary_lines(tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, [  # CliRunner's output is not a terminal
+        "simulate", "--centralized", "--model", "simplecnn", "--image-size", "16", "--batch-size", "16",
+        "--rounds", "2", "--local-epochs", "1", "--set", "synthetic-samples=96", "--run-dir", str(tmp_path / "runs"),
+    ])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert lines[0] == "pooled baseline: simplecnn on synthetic (generated demo data)"
+    assert lines[1].startswith("round 0/2  auc ") and lines[1].endswith("(initial model)")
+    rounds = [LINE.match(line) for line in lines[2:4]]
+    assert all(rounds), lines
+    assert [(m.group(1), m.group(3), m.group(4)) for m in rounds] == [("1", "1", "1"), ("2", "1", "1")]
+    summary = lines.index("summary")  # the title on a line of its own
+    assert lines[summary + 1].startswith("  final accuracy: ")
+    assert any(line.startswith("  run directory: ") for line in lines[summary:])
+    assert "━" not in result.output and "┃" not in result.output
