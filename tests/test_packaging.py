@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import subprocess
 import sys
 import tomllib
@@ -42,7 +43,10 @@ def test_only_medfed_is_importable_at_the_top_level(tmp_path: Path, layout: str)
         "import medfed.shared.data.base, medfed.client.client_app, medfed.server.server_app\n"
         f"print([importlib.util.find_spec(n) is None for n in {GENERIC!r}] if {layout == 'empty'!r} else 'ok')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    # Without PYTHONPATH: Flower's Ray backend exports the driver's sys.path (here pytest's, with the
+    # repository root) as PYTHONPATH once a simulation ran in this process; a user's shell has none.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     expected = "[True, True, True, True]" if layout == "empty" else "ok"
     assert proc.stdout.strip().splitlines()[-1] == expected
