@@ -1,4 +1,4 @@
-"""medfed's Flower ClientApp (thin: the work is in :mod:`client.site_client`)."""
+"""medfed's Flower ClientApp (thin: the work is in :mod:`medfed.client.site_client`)."""
 
 from __future__ import annotations
 
@@ -83,8 +83,8 @@ def privacy_mods(cfg: RunConfig) -> list[Mod]:
 
     ``secaggplus_mod`` (``secagg``), medfed's update mod (``secagg`` or ``client-dp``: updates
     instead of weights under SecAgg+, integer entries clippable under DP; see
-    :mod:`client.update_mods`), then Flower's ``fixedclipping_mod`` / ``adaptiveclipping_mod``
-    with :func:`~client.update_mods.freeze_counters_mod` inside it (``client-dp``).
+    :mod:`medfed.client.update_mods`), then Flower's ``fixedclipping_mod`` / ``adaptiveclipping_mod``
+    with :func:`~medfed.client.update_mods.freeze_counters_mod` inside it (``client-dp``).
     """
     mods: list[Mod] = []
     if cfg.secagg:
@@ -109,7 +109,7 @@ def make_client_app(
 ) -> ClientApp:
     """A ClientApp bound to ``cfg`` (simulation), or reading the run config (``flwr run``).
 
-    Every reply passes the :func:`client.egress.egress_guard` last, so nothing but numeric
+    Every reply passes the :func:`medfed.client.egress.egress_guard` last, so nothing but numeric
     arrays, scalar metrics and SecAgg+ protocol values leaves the site. With a fixed ``cfg``
     the privacy mods are known now; without one they are chosen from each run's config.
 
@@ -118,7 +118,7 @@ def make_client_app(
     cfg
         The run configuration (simulation), or ``None`` to read ``context.run_config``.
     client_fn
-        The site's client (default: :class:`~client.site_client.SiteClient` on the site's
+        The site's client (default: :class:`~medfed.client.site_client.SiteClient` on the site's
         data); benchmarks and tests pass their own.
     """
     mods: list[Mod] = [egress_guard, *(privacy_mods(cfg) if cfg else [run_config_privacy_mod])]

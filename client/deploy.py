@@ -13,7 +13,7 @@
 * ``medfed-clientapp`` (:func:`verified_clientapp_main`): Flower's own ``flwr-clientapp`` with
   one check inserted between pulling the task and installing the app bundle (FAB): the
   coordinator's ed25519 signature over the FAB's SHA-256 and the run config must verify with
-  the public key of the site's startup kit (see :mod:`shared.app_signature`). A bundle that is
+  the public key of the site's startup kit (see :mod:`medfed.shared.app_signature`). A bundle that is
   unsigned, altered, or signed by another key is never installed or imported; the site logs
   ``REFUSED app bundle ...`` and answers the server with an error.
 
@@ -366,7 +366,7 @@ def install_fab_verifier(public_key_path: str | Path) -> None:
 
     Flower's ``run_clientapp`` pulls the task (message, context, run, FAB), then calls
     ``install_from_fab``. medfed wraps both names in that module: the pull records the task,
-    the install first checks the signature with :func:`shared.app_signature.verify_app` against the
+    the install first checks the signature with :func:`medfed.shared.app_signature.verify_app` against the
     run config the ClientApp would receive, and raises :class:`AppRejected` (so Flower answers
     the server with an error) instead of installing. After a successful check, the modules of the
     bundle's top-level packages (``medfed``: including this one, imported from the site's installed
@@ -512,4 +512,4 @@ if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "superexec":
         superexec_main(sys.argv[2:])
     else:
-        raise SystemExit("usage: python -m client.deploy superexec [flower-superexec options]")
+        raise SystemExit("usage: python -m medfed.client.deploy superexec [flower-superexec options]")

@@ -1,7 +1,7 @@
 """``medfed site check``: read a site's datalist locally and report what is in it and what is wrong.
 
 Nothing is contacted: the check reads the datalist and every image (and mask) with the same
-reader the training uses (:func:`shared.data.datalist.scan_datalist`) and reports
+reader the training uses (:func:`medfed.shared.data.datalist.scan_datalist`) and reports
 
 * counts per split and per class (classification) or mask presence (segmentation),
 * image shapes and spacings (from the file headers) and how many files share each,

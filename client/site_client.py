@@ -4,7 +4,7 @@ Only model-shaped arrays and scalar metrics leave the site: never an image, a la
 name or a path.
 
 With ``dp = true`` every round trains with sample-level DP-SGD (Opacus, Poisson sampling) and is
-charged to the site's persistent :class:`~shared.privacy.PrivacyLedger`; a round that would take
+charged to the site's persistent :class:`~medfed.shared.privacy.PrivacyLedger`; a round that would take
 the site past ``dp-budget-epsilon`` is declined (see :meth:`SiteClient.fit`).
 """
 

@@ -28,7 +28,7 @@ class SiteData:
     Parameters
     ----------
     train, val
-        Images ``(N, C, *spatial)`` and targets, as :class:`~shared.data.base.ImageSet`.
+        Images ``(N, C, *spatial)`` and targets, as :class:`~medfed.shared.data.base.ImageSet`.
     skipped_files
         Unusable datalist entries left out (``bad-data = "skip"``): in deployment the site's
         own datalist; in simulation the shared datalist every simulated site is cut from. The

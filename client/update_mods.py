@@ -5,7 +5,7 @@ Flower's mods do the protocol work (``secaggplus_mod``, ``fixedclipping_mod``,
 
 :func:`make_update_mod` (between ``secaggplus_mod`` and the clipping mod)
     * Under SecAgg+, replaces the trained weights by the update ``local - global`` (float64;
-      0-d entries as shape ``(1,)``, which Flower's SecAgg+ aggregates correctly), which :class:`server.secure.SecAggUpdateStrategy` adds back to the global model after
+      0-d entries as shape ``(1,)``, which Flower's SecAgg+ aggregates correctly), which :class:`medfed.server.secure.SecAggUpdateStrategy` adds back to the global model after
       secure aggregation (see ``server/secure.py`` for why updates, not weights). It refuses to
       send when the site's example count exceeds ``secagg-max-weight`` (the weight would
       overflow the quantisation range and corrupt the aggregate) and counts entries that
@@ -185,7 +185,7 @@ def clip_update(update: NDArrays, *, is_float: list[bool], max_norm: float) -> t
         ``local - global`` per state entry (float64, any shapes).
     is_float
         Per entry: whether the model's entry is floating-point (integer step counters are
-        neither part of the norm nor scaled, as on the server: ``server.validation.update_norm``).
+        neither part of the norm nor scaled, as on the server: ``medfed.server.validation.update_norm``).
     max_norm
         ``max-update-norm`` (> 0).
 

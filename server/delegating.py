@@ -13,8 +13,8 @@ __all__ = ["DelegatingStrategy"]
 class DelegatingStrategy(Strategy):
     """Delegate every :class:`~flwr.server.strategy.Strategy` method to ``strategy``.
 
-    medfed's wrappers (:class:`server.recording.RecordingStrategy`,
-    :class:`server.validation.ValidatingStrategy`, :class:`server.secure.SecAggUpdateStrategy`)
+    medfed's wrappers (:class:`medfed.server.recording.RecordingStrategy`,
+    :class:`medfed.server.validation.ValidatingStrategy`, :class:`medfed.server.secure.SecAggUpdateStrategy`)
     subclass it and override only the steps they change.
 
     Parameters

@@ -8,7 +8,7 @@
 * :func:`stage_app`, :func:`submit_run`: ``medfed run``. The medfed packages are copied into
   a fresh Flower app folder whose ``pyproject.toml`` holds the complete run config; the FAB is
   built from it with Flower's own builder, signed with the coordinator's key (see
-  :mod:`server.signing`), and submitted with ``flwr run`` with the signature as the only
+  :mod:`medfed.server.signing`), and submitted with ``flwr run`` with the signature as the only
   run-config override.
 
 Flower 1.42 serves its Fleet API (the sites), Control API (run submission, SuperNode
@@ -424,7 +424,7 @@ def stage_app(cfg: RunConfig, dest: Path) -> Path:
     """Write a Flower app folder for ``cfg``: medfed's packages plus a generated ``pyproject.toml``.
 
     The ``[tool.flwr.app.config]`` table holds every :class:`RunConfig` key with ``cfg``'s value
-    (and an empty :data:`~server.signing.SIGNATURE_KEY`), so the bundle itself records the run's
+    (and an empty :data:`~medfed.server.signing.SIGNATURE_KEY`), so the bundle itself records the run's
     settings.
     """
     package = dest / "medfed"
@@ -587,4 +587,4 @@ if __name__ == "__main__":
         logger.propagate = False
         superlink_main(sys.argv[2:])
     else:
-        raise SystemExit("usage: python -m server.deploy superlink [flower-superlink options]")
+        raise SystemExit("usage: python -m medfed.server.deploy superlink [flower-superlink options]")

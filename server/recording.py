@@ -1,12 +1,12 @@
-"""A strategy wrapper that records every round into a :class:`~server.run_dir.RunDirectory`.
+"""A strategy wrapper that records every round into a :class:`~medfed.server.run_dir.RunDirectory`.
 
 It delegates every decision to the wrapped Flower strategy (as Flower's own DP wrappers do) and
 only observes: per-site fit and evaluation metrics, the server-side evaluation, failures (which
 site, the error class Flower reports), round times, and the best and final global models. After
-every completed round it saves the server's resume state (``server.resume``). Two decisions are
+every completed round it saves the server's resume state (``medfed.server.resume``). Two decisions are
 its own: a round with fewer training results than ``min_results`` is not aggregated, a run
 whose sites all declined (privacy budgets spent) stops, and a run in which every site failed a
-round stops as failed (``server.failures``: :attr:`RecordingStrategy.failure`).
+round stops as failed (``medfed.server.failures``: :attr:`RecordingStrategy.failure`).
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ class RecordingStrategy(DelegatingStrategy):
         The fewest training results a round needs (``min-fit-clients``): with fewer, the round
         is recorded but not aggregated and the global model stays as it was.
     resume
-        The state saved after the last completed round of this run (``server.resume``): the
+        The state saved after the last completed round of this run (``medfed.server.resume``): the
         strategy starts from its weights and records, and skips the initial evaluation.
 
     Attributes
@@ -127,7 +127,7 @@ class RecordingStrategy(DelegatingStrategy):
         self.failed_round: int | None = None
         """The round in which every selected site failed; it and the later rounds are skipped."""
         self.failure: str | None = None
-        """Why the run failed (``server.failures``), or ``None``."""
+        """Why the run failed (``medfed.server.failures``), or ``None``."""
         self.min_results = min_results
         self.outer: Strategy = self
         self._resume = resume
@@ -217,7 +217,7 @@ class RecordingStrategy(DelegatingStrategy):
 
     def note_failures(self, server_round: int, step: str, failures: list[SiteFailure]) -> None:
         """Sites that failed ``step`` (``"fit"`` or ``"evaluate"``) of ``server_round`` (from
-        :class:`server.rounds.RoundStep`): training failures are recorded site by site."""
+        :class:`medfed.server.rounds.RoundStep`): training failures are recorded site by site."""
         if step == "fit":
             self._fit_failures.setdefault(server_round, []).extend(failures)
             self._record(server_round)
@@ -247,7 +247,7 @@ class RecordingStrategy(DelegatingStrategy):
         return results
 
     def record_validation(self, report: RoundValidation) -> None:
-        """Record what update validation decided (``server.validation``): rejections, norms, a skip."""
+        """Record what update validation decided (``medfed.server.validation``): rejections, norms, a skip."""
         record = self._record(report.round)
         record.rejected.extend(report.rejected)
         if report.skipped:
@@ -377,7 +377,7 @@ class RecordingStrategy(DelegatingStrategy):
 
     # ---------------------------------------------------------------- resume
     def resume_state(self) -> dict[str, object]:
-        """This wrapper's part of the resume state (see :func:`server.resume.chain_state`)."""
+        """This wrapper's part of the resume state (see :func:`medfed.server.resume.chain_state`)."""
         return {
             "latest_round": self._latest_round,
             "best_score": self._best_score if math.isfinite(self._best_score) else None,
@@ -440,7 +440,7 @@ class RecordingStrategy(DelegatingStrategy):
     def check_progress(self, *, first_round: int, last_round: int) -> None:
         """After the workflow ran rounds ``first_round..last_round``: if none was aggregated (and
         the run neither failed nor stopped on spent privacy budgets), the run failed
-        (:func:`server.failures.no_round_completed`)."""
+        (:func:`medfed.server.failures.no_round_completed`)."""
         if self.failure is not None or self.stopped_round is not None or last_round < first_round:
             return
         if self._latest_round < first_round:

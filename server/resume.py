@@ -13,12 +13,12 @@ round's line in ``metrics.jsonl``) with everything the next round depends on at 
 * the run-store run id, so the resumed process records into the same run.
 
 The sites need nothing from it: a site's round ``r`` depends only on the run's seed, the site,
-``r`` (``shared.task.site_seed``; the learning rate also follows ``r``) and the weights it is
-sent, and each site keeps its own privacy ledger on disk (``shared.privacy.site_ledger_path``),
+``r`` (``medfed.shared.task.site_seed``; the learning rate also follows ``r``) and the weights it is
+sent, and each site keeps its own privacy ledger on disk (``medfed.shared.privacy.site_ledger_path``),
 which the resumed run, having the same config, uses again.
 
 ``resume = "<run dir>"`` (``medfed simulate --resume DIR``) checks the directory with
-:func:`resume_point` and the server continues from the saved round (``server.server_app``).
+:func:`resume_point` and the server continues from the saved round (``medfed.server.server_app``).
 """
 
 from __future__ import annotations

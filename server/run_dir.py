@@ -39,7 +39,7 @@ _FILE_MODE = 0o644
 
 
 def _write_text(path: Path, text: str) -> None:
-    """Write ``path`` in UTF-8 through :func:`shared.files.write_atomically` (a crash keeps the old file)."""
+    """Write ``path`` in UTF-8 through :func:`medfed.shared.files.write_atomically` (a crash keeps the old file)."""
     write_atomically(path, lambda fh: fh.write(text.encode("utf-8")), mode=_FILE_MODE)
 
 
@@ -58,7 +58,7 @@ class RoundRecord:
     num_fit_failures: int = 0
     failed_sites: list[dict[str, Any]] = field(default_factory=list)
     """Each site that failed to train this round: ``{"site", "node", "code", "error"}`` (see
-    :class:`server.rounds.SiteFailure`; ``site`` is ``None`` if the site never answered in this
+    :class:`medfed.server.rounds.SiteFailure`; ``site`` is ``None`` if the site never answered in this
     process, ``code`` is ``"TIMEOUT"`` for no answer within ``round-timeout``)."""
     num_eval_failures: int = 0
     secagg: dict[str, Any] | None = None
@@ -67,7 +67,7 @@ class RoundRecord:
     Under SecAgg+ the server never sees a site's update: ``sites`` then holds only what each
     site reports in the clear (example count and scalar metrics)."""
     rejected: list[dict[str, Any]] = field(default_factory=list)
-    """Updates the server rejected this round (``server.validation``): ``{"site", "node",
+    """Updates the server rejected this round (``medfed.server.validation``): ``{"site", "node",
     "reason", "detail"}`` each; under SecAgg+ ``site`` is ``"aggregate"``."""
     skipped: str | None = None
     """Why nothing was aggregated this round (the global model is unchanged); ``None`` otherwise."""
@@ -132,7 +132,7 @@ class RunDirectory:
     mode
         ``"federated"`` or ``"pooled"``.
     sink
-        Also records the run there (the run store, :class:`server.store.StoreSink`).
+        Also records the run there (the run store, :class:`medfed.server.store.StoreSink`).
     """
 
     def __init__(
@@ -166,7 +166,7 @@ class RunDirectory:
             sink.run_started(run_dir=self.path, mode=mode, config=self.config, versions=versions)
 
     def _reopen(self, after_round: int, *, run_id: str | None) -> None:
-        """Continue an existing run directory after round ``after_round`` (see ``server.resume``).
+        """Continue an existing run directory after round ``after_round`` (see ``medfed.server.resume``).
 
         ``config.json`` and the start time stay as they were; ``metrics.jsonl`` keeps rounds
         ``0..after_round`` (a round recorded after the saved state, or a line cut short by the

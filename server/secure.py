@@ -18,7 +18,7 @@ W)``, ``n_i`` its example count, ``W = max_weight``, ``Q = quantization_range``)
 weights include BatchNorm statistics (``running_var`` can be far above ``c`` for a site close to
 ``W`` examples) and int64 step counters, and full weights waste the quantisation range on the
 part every site shares (the global model). So under SecAgg+ each site sends ``local - global``
-(:mod:`client.update_mods`) and the server adds the aggregate back
+(:mod:`medfed.client.update_mods`) and the server adds the aggregate back
 (:class:`SecAggUpdateStrategy`). The strategy below it (FedAvg, FedProx, FedAdam, the DP
 wrappers) still sees full weights, so its semantics do not change.
 
@@ -315,7 +315,7 @@ class MedfedSecAggPlusWorkflow(SecAggPlusWorkflow):
         Called once per round in which sites were sampled, after the last stage ran.
     round_offset
         Rounds completed before this process started (a resumed run): added to the round
-        number ``DefaultWorkflow`` counts from 1 (see :func:`server.rounds.apply_round_offset`).
+        number ``DefaultWorkflow`` counts from 1 (see :func:`medfed.server.rounds.apply_round_offset`).
     """
 
     STAGES = ("setup", "share-keys", "collect-masked-vectors", "unmask")
@@ -423,7 +423,7 @@ class SecAggUpdateStrategy(DelegatingStrategy):
     what it would see without SecAgg+: full weights. It also stops the run after a failed
     round when ``on_failure == "stop"``.
 
-    Before that it checks the aggregate (:func:`server.validation.check_aggregate`: as many
+    Before that it checks the aggregate (:func:`medfed.server.validation.check_aggregate`: as many
     arrays as the model, the model's shapes, finite): the server cannot check single updates
     under SecAgg+, but a broken aggregate must not become the global model. An invalid
     aggregate drops the round (the model is unchanged) and is reported to ``on_invalid``.
@@ -464,7 +464,7 @@ class SecAggUpdateStrategy(DelegatingStrategy):
         return self.stopped_round is not None and server_round > self.stopped_round
 
     def resume_state(self) -> dict[str, object]:
-        """What a resumed run needs from this wrapper (see ``server.resume``)."""
+        """What a resumed run needs from this wrapper (see ``medfed.server.resume``)."""
         return {"stopped_round": self.stopped_round}
 
     def load_resume_state(self, state: dict[str, object]) -> None:

@@ -2,7 +2,7 @@
 
 The workflow is Flower's legacy ``DefaultWorkflow`` over a ``LegacyContext``: the path on which
 Flower 1.42 offers SecAgg+ (``SecAggPlusWorkflow``), so plain and secure aggregation share it.
-Its per-round steps are wrapped by :class:`server.rounds.RoundStep` (round timeout, failed
+Its per-round steps are wrapped by :class:`medfed.server.rounds.RoundStep` (round timeout, failed
 sites, true round numbers in a resumed run; see ``docs/faults.md``).
 """
 
@@ -68,11 +68,11 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
     Raises
     ------
     server.resume.ResumeError
-        ``cfg.resume`` cannot be continued (see :func:`server.resume.resume_point`).
+        ``cfg.resume`` cannot be continued (see :func:`medfed.server.resume.resume_point`).
     shared.preflight.PreflightError
         ``dp = true`` with a model DP-SGD cannot train (checked before any site is asked).
     server.failures.RunFailedError
-        Every site failed a round, or no round completed (``server.failures``); the summary
+        Every site failed a round, or no round completed (``medfed.server.failures``); the summary
         and the run store say so, and the run directory is resumable from its last completed
         round.
     """
@@ -169,11 +169,11 @@ def build_workflow(
     Plain: ``DefaultWorkflow`` with Flower's fit and evaluate steps over ``strategy``. SecAgg+
     (``cfg.secagg``): the fit step is ``SecAggPlusWorkflow`` (medfed's subclass, which records
     each round's survivors and dropouts into the run directory) over
-    :class:`~server.secure.SecAggUpdateStrategy` wrapping ``strategy`` (sites send updates; it
+    :class:`~medfed.server.secure.SecAggUpdateStrategy` wrapping ``strategy`` (sites send updates; it
     checks the securely aggregated update, drops the round if it is not finite or not
     model-shaped, and adds it back to the global model). Without SecAgg+, ``strategy`` already
-    validates every update (``server.validation``). The plain fit step and the
-    evaluate step are wrapped in :class:`~server.rounds.RoundStep` (``round-timeout``, failed
+    validates every update (``medfed.server.validation``). The plain fit step and the
+    evaluate step are wrapped in :class:`~medfed.server.rounds.RoundStep` (``round-timeout``, failed
     sites reported to ``strategy``; SecAgg+ has its own per-stage timeout and records its own
     dropouts). Rounds are numbered from ``first_round`` (a resumed run: ``DefaultWorkflow``
     itself counts from 1, so it is given ``num_server_rounds - first_round + 1`` rounds and the
@@ -182,7 +182,7 @@ def build_workflow(
     Raises
     ------
     ConfigError
-        If the ``secagg-*`` keys do not fit the federation (see :func:`server.secure.secagg_settings`).
+        If the ``secagg-*`` keys do not fit the federation (see :func:`medfed.server.secure.secagg_settings`).
     """
     timeout = cfg.round_timeout or None
     evaluate_step = RoundStep(

@@ -1,6 +1,6 @@
 """The coordinator's side of app-bundle signing: its ed25519 key pair and the signature.
 
-What a signature covers, and how a site verifies it, is in :mod:`shared.app_signature` (sites
+What a signature covers, and how a site verifies it, is in :mod:`medfed.shared.app_signature` (sites
 import that module; only the coordinator holds the private key). Its names are re-exported here
 for the coordinator's code. Pure ``cryptography``: no Flower, no torch.
 """

@@ -94,7 +94,7 @@ def build_strategy(
     cfg
         Uses ``strategy``, ``fraction_*``, ``min_fit_clients``, ``server_learning_rate``,
         ``trim_beta``, ``num_malicious_sites`` and ``num_sites_to_keep``. The per-round fit
-        config is :func:`shared.round_config.fit_config` (the round number only).
+        config is :func:`medfed.shared.round_config.fit_config` (the round number only).
     initial_weights
         The global model at round 0 (built by the server from the run's seed).
     evaluate_fn
@@ -192,7 +192,7 @@ def with_client_dp(cfg: RunConfig, strategy: Strategy, *, num_sites: int) -> Str
     ``DifferentialPrivacyClientSideFixedClipping``); ``"adaptive"``:
     :class:`AccountedAdaptiveClipping` (``DifferentialPrivacyClientSideAdaptiveClipping``). The
     sites clip their update with ``fixedclipping_mod`` / ``adaptiveclipping_mod`` (see
-    :func:`client.client_app.privacy_mods`); the server adds Gaussian noise of standard
+    :func:`medfed.client.client_app.privacy_mods`); the server adds Gaussian noise of standard
     deviation ``noise_multiplier * clipping_norm / sites_per_round`` to the aggregate and a
     Flower ``RdpAccountant`` reports the cumulative client-level epsilon at ``dp-delta`` after
     every round (fit metrics ``client-dp-*`` in ``metrics.jsonl``).
@@ -333,7 +333,7 @@ class AccountedFixedClipping(DifferentialPrivacyClientSideFixedClipping):
         self.ledger = ledger
 
     def resume_state(self) -> dict[str, object]:
-        """The client-level accountant's state (see ``server.resume``)."""
+        """The client-level accountant's state (see ``medfed.server.resume``)."""
         return {"ledger": self.ledger.state_dict() if self.ledger is not None else None}
 
     def load_resume_state(self, state: dict[str, object]) -> None:
@@ -390,7 +390,7 @@ class AccountedAdaptiveClipping(DifferentialPrivacyClientSideAdaptiveClipping):
         self.ledger = ledger
 
     def resume_state(self) -> dict[str, object]:
-        """The adapted clipping norm and the client-level accountant's state (see ``server.resume``)."""
+        """The adapted clipping norm and the client-level accountant's state (see ``medfed.server.resume``)."""
         return {
             "clipping_norm": float(self.clipping_norm),
             "ledger": self.ledger.state_dict() if self.ledger is not None else None,

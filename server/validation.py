@@ -1,7 +1,7 @@
 """Update validation: the server rejects broken or hostile site updates before aggregation.
 
 Without SecAgg+ the server sees every site's weights. :class:`ValidatingStrategy` wraps the
-aggregation strategy (inside :class:`~server.recording.RecordingStrategy`) and checks each
+aggregation strategy (inside :class:`~medfed.server.recording.RecordingStrategy`) and checks each
 result against the round's global model, in this order (the first failed check is the
 reason recorded):
 
@@ -23,14 +23,14 @@ reason recorded):
 A rejected update is left out of the round, which goes on with the others; the rejection
 (site, reason, a short detail without any data values) goes into the round's record in
 ``metrics.jsonl`` and the run store's events. If no valid update is left, or fewer than the
-robust rule needs (:func:`shared.config.robust_min_sites`), nothing is aggregated: the global
+robust rule needs (:func:`medfed.shared.config.robust_min_sites`), nothing is aggregated: the global
 model stays unchanged and the record says why (``skipped``). Each accepted or norm-rejected
 site's update norm is recorded too (``sites.<site>.fit.update-norm``), so that a bound can be
 chosen from real rounds.
 
 Under SecAgg+ the server cannot see single updates: the sites check and clip their own update
-before masking (:mod:`client.update_mods`) and the server checks the aggregate only
-(:func:`check_aggregate`, applied by :class:`server.secure.SecAggUpdateStrategy`). See
+before masking (:mod:`medfed.client.update_mods`) and the server checks the aggregate only
+(:func:`check_aggregate`, applied by :class:`medfed.server.secure.SecAggUpdateStrategy`). See
 ``docs/faults.md`` for what this does and does not protect against.
 """
 
@@ -194,7 +194,7 @@ def check_aggregate(update: NDArrays, *, global_weights: NDArrays) -> Finding | 
     """Check a SecAgg+ aggregate (the mean update) before it is added to the global model.
 
     The count and the shapes must match the model (0-d entries may travel as shape ``(1,)``,
-    see :mod:`client.update_mods`) and every entry must be finite.
+    see :mod:`medfed.client.update_mods`) and every entry must be finite.
     """
     if len(update) != len(global_weights):
         return Finding("count", f"the aggregate has {len(update)} arrays, the model {len(global_weights)}")
@@ -236,7 +236,7 @@ class ValidatingStrategy(DelegatingStrategy):
         ``max-update-norm`` (``0``: no norm check).
     min_updates
         Fewest valid updates ``strategy`` may aggregate (a robust rule's guarantee, see
-        :func:`shared.config.robust_min_sites`); with fewer the round is skipped.
+        :func:`medfed.shared.config.robust_min_sites`); with fewer the round is skipped.
     rule
         The strategy's name, for messages.
     on_report

@@ -1,11 +1,11 @@
 """Verifying medfed app bundles (FABs): the signed payload and the site's signature check.
 
-The coordinator (:mod:`server.signing`, which holds the key generation and signing) signs, for
+The coordinator (:mod:`medfed.server.signing`, which holds the key generation and signing) signs, for
 every run it submits, the SHA-256 hash of the Flower App Bundle together with the run's complete
 run config (the FAB's defaults fused with the run's overrides, exactly as Flower fuses them at
 the sites). A site verifies the signature with the
 coordinator's public key from its startup kit before Flower installs or imports anything from
-the bundle (see :mod:`client.deploy`).
+the bundle (see :mod:`medfed.client.deploy`).
 
 The signed payload is::
 

@@ -1,9 +1,9 @@
 """Command-line options shared by the ``medfed`` commands (Typer / click; no Flower).
 
 * :func:`config_option`: a flag that sets a run-config key; its help names the key and shows
-  its default, which the command takes from :class:`~shared.config.RunConfig` (the one source
+  its default, which the command takes from :class:`~medfed.shared.config.RunConfig` (the one source
   of defaults); :func:`given_values` keeps only the flags the user typed (click's parameter
-  source), so the config pipeline (``shared.config_sources``) knows which keys the user set.
+  source), so the config pipeline (``medfed.shared.config_sources``) knows which keys the user set.
 * :class:`HintedChoice`: click's ``Choice`` whose choices may be computed on first use (the
   model registry imports torch) and whose error suggests the closest choice.
 * :func:`verbose_option`: ``-v/--verbose`` and ``-q/--quiet``, with help.

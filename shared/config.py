@@ -1,6 +1,6 @@
 """One validated run configuration, parsed once from Flower's kebab-case run config.
 
-Every entry point builds it through :func:`shared.config_sources.resolve_config` (defaults <
+Every entry point builds it through :func:`medfed.shared.config_sources.resolve_config` (defaults <
 file < flags < ``--set``, merged raw, then validated here once).
 
 The keys of ``[tool.flwr.app.config]`` in ``pyproject.toml`` (and ``--run-config`` overrides, and
@@ -97,7 +97,7 @@ class RunConfig:
         Federated schedule and local optimiser. The learning rate follows a cosine schedule
         over all rounds (the round number is sent to the sites).
     model, norm
-        Registry name (see ``shared.models.MODELS``) and normalisation layer.
+        Registry name (see ``medfed.shared.models.MODELS``) and normalisation layer.
     strategy, proximal_mu, server_learning_rate, fraction_fit, fraction_evaluate,
     min_fit_clients
         Flower strategy and its knobs. Besides ``fedavg``, ``fedprox`` and ``fedadam``, the
@@ -109,7 +109,7 @@ class RunConfig:
         (without SecAgg+): a round in which fewer sites answer leaves the global model
         unchanged (recorded, and the next round runs). It must not exceed ``num_sites``; only the
         default (:data:`DEFAULT_MIN_FIT_CLIENTS`) is capped to it, for a one-site run (a value a
-        user gave is never lowered: ``shared.config_sources.resolve_config`` names both keys).
+        user gave is never lowered: ``medfed.shared.config_sources.resolve_config`` names both keys).
     round_timeout
         Seconds the server waits for the sites' replies in each round's training and
         evaluation step; sites that have not answered by then count as failed for that round
@@ -148,7 +148,7 @@ class RunConfig:
     run_dir
         Folder under which each run writes its own directory.
     store
-        The run store (``server.store``) the server records every run into, as an SQLAlchemy
+        The run store (``medfed.server.store``) the server records every run into, as an SQLAlchemy
         URL: empty for ``sqlite:///<run_dir>/medfed.db`` (one database for all runs under the
         runs folder), ``sqlite:///PATH``, ``postgresql://...``, or ``"off"``. ``medfed
         dashboard`` reads it.
@@ -185,7 +185,7 @@ class RunConfig:
         own datalist against them.
     app_signature
         Set by ``medfed run``: the coordinator's ed25519 signature over the app bundle and this
-        run config (see ``shared.app_signature``); sites refuse runs without a valid one. Not used
+        run config (see ``medfed.shared.app_signature``); sites refuse runs without a valid one. Not used
         by the training code.
     """
 
@@ -360,7 +360,7 @@ class RunConfig:
     def from_mapping(cls, raw: Mapping[str, Any], *, source: str = "run config") -> RunConfig:
         """Parse kebab-case (or snake_case) keys, coercing types and rejecting unknown keys.
 
-        A shorthand for :func:`shared.config_sources.resolve_config` with one mapping layer
+        A shorthand for :func:`medfed.shared.config_sources.resolve_config` with one mapping layer
         (the model name is not checked here).
 
         Parameters
@@ -378,7 +378,7 @@ class RunConfig:
     def from_toml(cls, path: str | Path) -> RunConfig:
         """Read a TOML file whose top level (or ``[tool.flwr.app.config]``) holds the keys.
 
-        A shorthand for :func:`shared.config_sources.resolve_config` with one file layer.
+        A shorthand for :func:`medfed.shared.config_sources.resolve_config` with one file layer.
         """
         from medfed.shared.config_sources import file_layer, resolve_config
 

@@ -1,10 +1,10 @@
 """One config pipeline: raw sources merged, then validated once into a :class:`RunConfig`.
 
 Every entry point (``medfed simulate``, ``medfed run``, ``--resume``, the ServerApp and ClientApp
-under ``flwr run``, ``python -m simulations.bench_quality``) builds its run config the same way:
+under ``flwr run``, ``python -m medfed.simulations.bench.quality``) builds its run config the same way:
 
 1. each source is a :class:`Layer` of raw kebab-case keys: the defaults of
-   :class:`~shared.config.RunConfig`, then (in the order given) a TOML file
+   :class:`~medfed.shared.config.RunConfig`, then (in the order given) a TOML file
    (:func:`file_layer`), command-line flags (:func:`flag_layer`), ``--set key=value`` pairs
    (:func:`set_layer`), or any other mapping such as Flower's ``context.run_config``
    (:func:`mapping_layer`);

@@ -74,7 +74,7 @@ def partition_indices(
     ----------
     labels
         Integer class labels, shape ``(N,)`` (for segmentation use
-        :meth:`shared.data.ImageSet.class_labels`). Only their number matters for ``"iid"``
+        :meth:`medfed.shared.data.ImageSet.class_labels`). Only their number matters for ``"iid"``
         and ``"quantity"``.
     num_sites
         Number of sites ``K >= 1``; at most ``N``.
@@ -142,8 +142,8 @@ def site_partitions(
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """The simulated sites' shares of a dataset's training and validation splits.
 
-    The one definition used by every simulated site (``client.site_data``) and by the run's
-    pre-flight check (``shared.preflight``): the training split with ``seed`` and at least
+    The one definition used by every simulated site (``medfed.client.site_data``) and by the run's
+    pre-flight check (``medfed.shared.preflight``): the training split with ``seed`` and at least
     :data:`TRAIN_MIN_PER_SITE` samples per site, the validation split with ``seed + 1`` and at
     least :data:`VAL_MIN_PER_SITE`.
 

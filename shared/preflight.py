@@ -2,24 +2,24 @@
 
 A run that cannot work should stop in seconds, with the setting to change, rather than start
 a site process per hospital that each fails the same way every round. :func:`preflight` is the
-one place these checks live; ``medfed simulate`` (``simulations.simulate.run_federated`` and
-``simulations.pooled.run_pooled``) calls it before anything starts, and a coordinator's
+one place these checks live; ``medfed simulate`` (``medfed.simulations.simulate.run_federated`` and
+``medfed.simulations.pooled.run_pooled``) calls it before anything starts, and a coordinator's
 ``medfed run`` can call it on a deployment config (which holds no data: only the model checks
 apply).
 
 Checks, in order:
 
-1. **Data readable**: the dataset loads (``shared.data.loading.load_dataset``; a
-   :class:`~shared.data.base.DataError` names the file and the problem).
+1. **Data readable**: the dataset loads (``medfed.shared.data.loading.load_dataset``; a
+   :class:`~medfed.shared.data.base.DataError` names the file and the problem).
 2. **Model fits the data**: the model builds for the data's dimensions, channels and classes,
    and its task (classification / segmentation) is the data's.
 3. **Model vs DP** (``dp = true``): Opacus DP-SGD cannot train BatchNorm, so ``norm = "batch"``
    (or any model with a layer Opacus rejects) is refused with the fix ``--norm group``; so are
    DP settings a site would refuse at start-up (no noise; ghost clipping on segmentation).
 4. **Partition feasible** (federated runs): the sites' shares are computed exactly as the
-   simulated sites compute them (``shared.partition.site_partitions``) and every site must get
-   at least :data:`~shared.partition.TRAIN_MIN_PER_SITE` training and
-   :data:`~shared.partition.VAL_MIN_PER_SITE` validation images.
+   simulated sites compute them (``medfed.shared.partition.site_partitions``) and every site must get
+   at least :data:`~medfed.shared.partition.TRAIN_MIN_PER_SITE` training and
+   :data:`~medfed.shared.partition.VAL_MIN_PER_SITE` validation images.
 
 This module never imports Flower (it is part of ``shared``).
 """
@@ -141,7 +141,7 @@ def model_from_config(cfg: RunConfig) -> nn.Module:
 def dp_setup_problems(cfg: RunConfig, *, task: str) -> list[str]:
     """DP settings (``dp = true``) that no site can train with, one message each (empty: fine).
 
-    The sites raise the same messages at start-up (``client.site_client.SiteClient``); the
+    The sites raise the same messages at start-up (``medfed.client.site_client.SiteClient``); the
     pre-flight raises them before the sites start.
     """
     if not cfg.dp:

@@ -239,7 +239,7 @@ def make_private_training(
     ----------
     model
         A model in training mode whose layers Opacus supports (``norm="group"`` or
-        ``"instance"``: checked with :func:`shared.models.validate_for_dp`).
+        ``"instance"``: checked with :func:`medfed.shared.models.validate_for_dp`).
     optimizer
         An optimizer over ``model.parameters()``.
     loader

@@ -4,7 +4,7 @@ The per-round fit config carries only what changes from round to round and what 
 know on its own: the round number (``server-round``). Every training hyperparameter (learning
 rate and its cosine schedule, local epochs, batch size, optimizer, ``proximal-mu``) comes from
 the validated run config, which the server and every site hold identically (simulation: the
-same :class:`~shared.config.RunConfig`; ``flwr run``: the same run config, signed with the app
+same :class:`~medfed.shared.config.RunConfig`; ``flwr run``: the same run config, signed with the app
 in deployment). So a site never trains with a hyperparameter a round message changed, and
 nothing is sent that a site does not read. The evaluate step sends nothing: a site's
 validation does not depend on the round.

@@ -58,7 +58,7 @@ class TrainSettings:
     proximal_mu
         FedProx proximal weight; 0 disables the term.
     augment
-        Random flips and shifts (see :func:`shared.transforms.train_transforms`).
+        Random flips and shifts (see :func:`medfed.shared.transforms.train_transforms`).
     seed
         Seeds shuffling and augmentation of this round at this site.
     """

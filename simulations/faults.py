@@ -7,7 +7,7 @@ deployment node config (a ``datalist``) or runs a ``dataset = "deployment"`` con
 
     app = make_client_app(cfg, client_fn=attack_client_fn(cfg, {1: Attack("nan")}))
 
-An attacking site trains honestly (the real :class:`~client.site_client.SiteClient`) and then
+An attacking site trains honestly (the real :class:`~medfed.client.site_client.SiteClient`) and then
 changes the weights it returns, so every mod of the ClientApp (the egress guard, SecAgg+ and
 medfed's update mod) still runs on them, as it would for a broken or hostile site's model.
 """

@@ -6,7 +6,7 @@ saw ("non-members"). Its ROC AUC over members vs non-members is 0.5 when the mod
 nothing about membership and approaches 1 for a model that memorised its training set.
 DP-SGD bounds any attack's advantage, so the AUC should stay near 0.5 at small epsilon.
 
-:func:`train_fedavg_in_process` runs real :class:`~client.site_client.SiteClient` objects
+:func:`train_fedavg_in_process` runs real :class:`~medfed.client.site_client.SiteClient` objects
 through FedAvg rounds in this process (no Ray), so the attack sees the same DP-SGD path, ledger
 and budget checks as a federated run.
 """

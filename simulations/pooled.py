@@ -43,7 +43,7 @@ def run_pooled(
     Raises
     ------
     DataError, ValueError
-        The data cannot be read or the model does not fit it (:func:`shared.preflight.preflight`).
+        The data cannot be read or the model does not fit it (:func:`medfed.shared.preflight.preflight`).
     server.failures.RunFailedError
         Training or evaluation raised: the message names the round and the error; the run
         store records the run as failed.

@@ -53,7 +53,7 @@ def run_federated(
     """Simulate ``cfg.num_sites`` hospitals training ``cfg.model`` for ``cfg.num_server_rounds``.
 
     With ``cfg.resume`` the run continues in that run directory after its last completed round
-    (see ``server.resume``); :attr:`SimulationResult.rounds` then holds the rounds run now.
+    (see ``medfed.server.resume``); :attr:`SimulationResult.rounds` then holds the rounds run now.
 
     Parameters
     ----------
@@ -67,8 +67,8 @@ def run_federated(
     verbose
         Flower's DEBUG logging.
     client_app
-        The sites' ClientApp (default: :func:`client.client_app.make_client_app` of ``cfg``);
-        tests and benchmarks pass one with faulty sites (:mod:`simulations.faults`).
+        The sites' ClientApp (default: :func:`medfed.client.client_app.make_client_app` of ``cfg``);
+        tests and benchmarks pass one with faulty sites (:mod:`medfed.simulations.faults`).
 
     Raises
     ------
@@ -77,12 +77,12 @@ def run_federated(
         entries: raised before Ray starts, listing them.
     shared.preflight.PreflightError
         The run cannot work (more sites than the data fills, ``dp = true`` with BatchNorm...):
-        raised before Ray starts (:func:`shared.preflight.preflight`), naming the key and fix.
+        raised before Ray starts (:func:`medfed.shared.preflight.preflight`), naming the key and fix.
     server.failures.RunFailedError
         Every site failed a round, or no round completed; the message says why (with the
-        sites' own error, whose traceback was logged once: :mod:`simulations.site_errors`).
+        sites' own error, whose traceback was logged once: :mod:`medfed.simulations.site_errors`).
     RunInterrupted
-        SIGINT or SIGTERM stopped the run (:mod:`simulations.interrupt`): the processes it
+        SIGINT or SIGTERM stopped the run (:mod:`medfed.simulations.interrupt`): the processes it
         started are ended and the run directory is marked interrupted (resumable from its last
         completed round).
     RuntimeError

@@ -1,6 +1,6 @@
 """The dashboard's read models: runs, rounds, sites, fairness and events as the API serves them.
 
-Read-only queries over the run store's tables (:mod:`server.store.schema`); every call is one
+Read-only queries over the run store's tables (:mod:`medfed.server.store.schema`); every call is one
 read transaction, which under SQLite's WAL sees the last committed round without waiting for a
 writer. Rows come back as plain dicts (JSON-ready), without the ``run_id`` column.
 """
@@ -28,7 +28,7 @@ class RunReader:
     Parameters
     ----------
     store
-        An open store (:class:`server.store.RunStore`); only read, never closed here.
+        An open store (:class:`medfed.server.store.RunStore`); only read, never closed here.
     """
 
     def __init__(self, store: Database) -> None:

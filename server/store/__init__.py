@@ -9,10 +9,10 @@ the outcome go into a relational database that ``medfed dashboard`` reads while 
 * :mod:`.database`: the engine (SQLite in WAL mode by default, any SQLAlchemy URL, e.g.
   PostgreSQL) and its transactions;
 * :mod:`.writes`: :class:`RunStore`, the write path; :mod:`.sink`: :class:`StoreSink`, what
-  :class:`server.run_dir.RunDirectory` calls (see :func:`open_sink`);
+  :class:`medfed.server.run_dir.RunDirectory` calls (see :func:`open_sink`);
 * :mod:`.redaction`: no data paths and no passwords in what is stored.
 
-The dashboard's read models are in :mod:`server.dashboard.read_models`.
+The dashboard's read models are in :mod:`medfed.server.dashboard.read_models`.
 """
 
 from medfed.server.store.errors import StoreError

@@ -3,7 +3,7 @@
 * Embedded SQLite by default (``sqlite:///<run-dir>/medfed.db``) in WAL mode: readers never block
   the writer and see each committed round at once. Any SQLAlchemy URL works, so a larger
   deployment can point every coordinator process at PostgreSQL (``postgresql://...``).
-* Opening a store applies the missing migrations (:mod:`server.store.migrate`) in one
+* Opening a store applies the missing migrations (:mod:`medfed.server.store.migrate`) in one
   transaction, and refuses a store written by a newer medfed.
 """
 
@@ -120,7 +120,7 @@ class Database:
 
     @property
     def schema_revision(self) -> str | None:
-        """The store's schema revision (:func:`server.store.migrate.head_revision` once open)."""
+        """The store's schema revision (:func:`medfed.server.store.migrate.head_revision` once open)."""
         with self.reading() as conn:
             return migrate.current_revision(conn)
 

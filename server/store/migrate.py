@@ -1,7 +1,7 @@
 """Bringing a run store's schema up to date: alembic migrations, and adopting pre-alembic stores.
 
 The migrations are in ``migrations/versions/`` (one alembic revision each, append only) and run
-on the connection :class:`server.store.database.Database` opens, inside its write transaction:
+on the connection :class:`medfed.server.store.database.Database` opens, inside its write transaction:
 a store is migrated completely or not at all. A store written by medfed before alembic carries
 a ``schema_version`` table (its version ``i`` equals revision ``000i``): it is stamped with that
 revision, the old table dropped, and the remaining revisions applied. A store whose schema is

@@ -1,7 +1,7 @@
 """The run store's tables (SQLAlchemy Core): the models every migration must reproduce.
 
 ``tests/server/test_store_migrations.py`` checks that a database built by the migrations in
-:mod:`server.store.migrations` has exactly these tables, columns and indexes; a change here
+:mod:`medfed.server.store.migrations` has exactly these tables, columns and indexes; a change here
 needs a new migration (``versions/``) that makes the same change to existing stores.
 """
 

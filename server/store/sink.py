@@ -1,6 +1,6 @@
-"""The run store sink: how :class:`server.run_dir.RunDirectory` records a run into the store.
+"""The run store sink: how :class:`medfed.server.run_dir.RunDirectory` records a run into the store.
 
-:class:`server.run_dir.RunDirectory` calls a :class:`RunSink` next to its JSONL/CSV files;
+:class:`medfed.server.run_dir.RunDirectory` calls a :class:`RunSink` next to its JSONL/CSV files;
 :func:`open_sink` gives the one for the run config's ``store``.
 """
 
@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 
 class RunSink(Protocol):
-    """What :class:`server.run_dir.RunDirectory` tells a sink (implemented by :class:`StoreSink`)."""
+    """What :class:`medfed.server.run_dir.RunDirectory` tells a sink (implemented by :class:`StoreSink`)."""
 
     def run_started(
         self, *, run_dir: Path, mode: str, config: Mapping[str, Any], versions: Mapping[str, str]
@@ -43,7 +43,7 @@ class RunSink(Protocol):
 
 
 class StoreSink:
-    """Records one run into a :class:`RunStore`; :class:`server.run_dir.RunDirectory` calls it.
+    """Records one run into a :class:`RunStore`; :class:`medfed.server.run_dir.RunDirectory` calls it.
 
     A write that fails (the database is gone, say) is logged once and the run goes on: the
     run directory still has every round. WARNING and ERROR log records emitted on the thread

@@ -2,9 +2,9 @@
 
 A run's config, each round's start and end (sites selected and responding, global and per-site
 metrics, SecAgg+ status and dropouts, epsilon spent per site), checkpoints, warnings, errors and
-the outcome go into the tables of :mod:`server.store.schema`, one write transaction each, with
-an event for the dashboard's log. The server writes through :class:`server.store.sink.StoreSink`;
-the dashboard reads with :class:`server.dashboard.read_models.RunReader`.
+the outcome go into the tables of :mod:`medfed.server.store.schema`, one write transaction each, with
+an event for the dashboard's log. The server writes through :class:`medfed.server.store.sink.StoreSink`;
+the dashboard reads with :class:`medfed.server.dashboard.read_models.RunReader`.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = ["RunStore"]
 
 
 class RunStore(Database):
-    """A run store (opened as :class:`~server.store.database.Database`: same parameters and
+    """A run store (opened as :class:`~medfed.server.store.database.Database`: same parameters and
     errors), and the writes that record runs into it: one transaction per call."""
 
     def start_run(
@@ -142,7 +142,7 @@ class RunStore(Database):
         }
 
     def round_finished(self, run_id: str, record: Mapping[str, Any]) -> None:
-        """Record a finished round: ``record`` is :meth:`server.run_dir.RoundRecord.to_json`."""
+        """Record a finished round: ``record`` is :meth:`medfed.server.run_dir.RoundRecord.to_json`."""
         now = time.time()
         server_round = int(record["round"])
         sites: Mapping[str, Mapping[str, Any]] = record.get("sites") or {}

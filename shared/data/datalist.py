@@ -1,4 +1,4 @@
-"""MONAI-style datalist JSON -> :class:`~shared.data.base.DataSplits`.
+"""MONAI-style datalist JSON -> :class:`~medfed.shared.data.base.DataSplits`.
 
 A datalist looks like::
 

@@ -1,4 +1,4 @@
-"""MedMNIST-style ``.npz`` files -> :class:`~shared.data.base.DataSplits`.
+"""MedMNIST-style ``.npz`` files -> :class:`~medfed.shared.data.base.DataSplits`.
 
 A file holds six arrays: ``train_images``, ``train_labels``, ``val_images``, ``val_labels``,
 ``test_images``, ``test_labels``. Images are ``uint8``:

@@ -7,7 +7,7 @@ runs it) over the same epoch without DP, for each model and each Opacus per-samp
 measured interleaved in one process on the same data (``--samples`` 28x28 BreastMNIST-shaped
 images, ``--batch-size``). Medians over ``--repeats`` epochs after one warm-up epoch.
 
-Part 2 (auc): federated BreastMNIST runs (``simulations.simulate.run_federated``, Flower on Ray)
+Part 2 (auc): federated BreastMNIST runs (``medfed.simulations.simulate.run_federated``, Flower on Ray)
 with the same sites, rounds and seed, without DP and with ``dp-target-epsilon`` = each of
 ``--epsilons``. Reports the final global model's test AUC and accuracy, the epsilon each site
 spent, and a loss-threshold membership-inference attack on the final model (members: the training
@@ -234,7 +234,7 @@ def dp_section(ctx: BenchContext) -> SectionResult:
     AUC part: federated BreastMNIST (simplecnn, GroupNorm, IID sites, Adam 0.003, batch 16, no
     augmentation) without DP and with ``dp-target-epsilon`` = each of the profile's epsilons
     (``dp-budget-epsilon`` the same, delta 1e-5, RDP, secure noise), run in process
-    (:func:`simulations.bench.quality.federate_in_process`: the sites' real DP-SGD path, ledgers
+    (:func:`medfed.simulations.bench.quality.federate_in_process`: the sites' real DP-SGD path, ledgers
     and budgets); final test AUC and accuracy, the largest epsilon a site's ledger records, and a
     loss-threshold membership attack on the final model. Speed part: :func:`epoch_speed` (hooks).
     """

@@ -1,7 +1,7 @@
 """Benchmark: what Flower's simulation engine costs on top of the training itself.
 
 Runs one federated simulation, then the *same* work in a plain Python loop in this process: the
-same :class:`~client.site_client.SiteClient` objects train and evaluate, FedAvg is a NumPy mean,
+same :class:`~medfed.client.site_client.SiteClient` objects train and evaluate, FedAvg is a NumPy mean,
 the server evaluates on the same test split. Prints seconds per round and the overhead ratio
 (simulation wall time / plain-loop wall time), both measured in this one run.
 

@@ -5,11 +5,11 @@ The common task (:func:`peer_config`): BreastMNIST (a slice of it in the quick p
 momentum, batch 32, no augmentation. Three implementations train it, one after the other in
 this process's run:
 
-* medfed: :func:`simulations.simulate.run_federated` (Flower's simulation engine, medfed's
+* medfed: :func:`medfed.simulations.simulate.run_federated` (Flower's simulation engine, medfed's
   ServerApp and ClientApp: run directory, egress guard, BatchNorm re-estimation, cosine schedule);
 * a minimal Flower app written as Flower's quickstart does it
-  (:mod:`simulations.peers.flower_quickstart`: NumPyClient + FedAvg on ``run_simulation``);
-* NVIDIA FLARE's simulator (:mod:`simulations.peers.nvflare_job`, FLARE's PyTorch
+  (:mod:`medfed.simulations.peers.flower_quickstart`: NumPyClient + FedAvg on ``run_simulation``);
+* NVIDIA FLARE's simulator (:mod:`medfed.simulations.peers.nvflare_job`, FLARE's PyTorch
   ``FedAvgRecipe`` in ``SimEnv``) in a virtual environment this module creates with
   ``pip install nvflare==NVFLARE_VERSION``; when that cannot be installed or run, the table
   records why.
@@ -127,7 +127,7 @@ def nvflare_python(cache: Path, *, timeout: float = 1200.0) -> tuple[Path | None
 
 
 def run_nvflare_peer(cfg: RunConfig, *, python: Path, workspace: Path, timeout: float = 1800.0) -> dict[str, Any]:
-    """Run :mod:`simulations.peers.nvflare_job.job` for ``cfg``'s task; return its figures.
+    """Run :mod:`medfed.simulations.peers.nvflare_job.job` for ``cfg``'s task; return its figures.
 
     Raises
     ------

@@ -158,9 +158,9 @@ def federate_in_process(cfg: RunConfig) -> Curve:
     """Federated training of ``cfg`` with medfed's sites and Flower's strategy, in this process.
 
     The same pieces as a simulation, without the transport: every site is a
-    :class:`~client.site_client.SiteClient` (local training, FedProx term, BatchNorm
+    :class:`~medfed.client.site_client.SiteClient` (local training, FedProx term, BatchNorm
     re-estimation, DP-SGD with its ledger and budget when ``cfg.dp``), the strategy is
-    :func:`server.strategies.build_strategy`'s Flower ``FedAvg`` / ``FedProx`` / ``FedAdam``, whose
+    :func:`medfed.server.strategies.build_strategy`'s Flower ``FedAvg`` / ``FedProx`` / ``FedAdam``, whose
     own ``aggregate_fit`` combines the sites' results and whose ``evaluate`` scores the global
     model on the test split after each round. Sites run one after the other; no Ray, no
     messages, so hundreds of runs fit in a benchmark (the transport's cost is measured by the
@@ -286,7 +286,7 @@ def quality_section(ctx: BenchContext) -> SectionResult:
 
     For every recipe of ``ctx.profile.quality_recipes`` (BreastMNIST, AdrenalMNIST3D with the
     small model of :data:`SUITE_RECIPES`), every number of sites and every split: the pooled
-    baseline (:func:`~simulations.pooled.run_pooled`, the same epochs on all the data), each
+    baseline (:func:`~medfed.simulations.pooled.run_pooled`, the same epochs on all the data), each
     site alone (:func:`local_only`; best and worst site) and each strategy
     (:func:`federate_in_process`); test AUC after the last round, mean ± standard deviation over
     the profile's seeds. Plots: global test AUC per round (mean over seeds), one per recipe.

@@ -5,7 +5,7 @@ options). Each strategy runs twice in Flower's simulation engine (Ray) on the SY
 classification task (:func:`task_config`: blobs, not medical images): once with every site
 honest, once with site 0 poisoning (:func:`poisoning_attacks`: it trains honestly, then sends
 ``global - s * (local - global)``, a sign-flipped update scaled by ``s = 10``; test-only
-:mod:`simulations.faults`). The table gives the final test accuracy and AUC of the global model,
+:mod:`medfed.simulations.faults`). The table gives the final test accuracy and AUC of the global model,
 evaluated by the server on the held-out split. Everything but the strategy is the same in
 every run (seed, data, partition, schedule), so the clean FedAvg run is the reference.
 
@@ -96,7 +96,7 @@ def run_bench(
     Parameters
     ----------
     strategies
-        Strategy names (``shared.config.STRATEGIES``).
+        Strategy names (``medfed.shared.config.STRATEGIES``).
     sites, rounds, samples, seed
         The task (:func:`task_config`).
     factor

@@ -24,7 +24,7 @@ time not spent in rounds (interpreter and Ray start, shutdown).
 
 The dataset is the synthetic demo (2D 32x32 blobs, labelled synthetic) with
 ``--samples-per-site`` samples per site in total (70/15/15 train/val/test), the model
-``simplecnn``, one local epoch. Ray gets one CPU per site (as in ``simulations.simulate``), so
+``simplecnn``, one local epoch. Ray gets one CPU per site (as in ``medfed.simulations.simulate``), so
 on a 2-core machine two sites train at a time whatever the site count.
 
 Prints one JSON object per size as it finishes, then the table as JSON and as Markdown.

@@ -2,8 +2,8 @@
 
 Run ``python -m medfed.simulations.bench.secagg`` (about 10 minutes on 2 CPU cores; ``--help`` for
 options). Every configuration runs twice in Flower's simulation engine (Ray), once with the
-plain legacy workflow and once with medfed's SecAgg+ path (``server.secure`` workflow and
-update adapter, ``client.client_app.privacy_mods`` at the sites, the egress guard included).
+plain legacy workflow and once with medfed's SecAgg+ path (``medfed.server.secure`` workflow and
+update adapter, ``medfed.client.client_app.privacy_mods`` at the sites, the egress guard included).
 The sites are :class:`NoiseClient`\\ s, which return the global weights plus Gaussian noise at
 once, so the figures measure the protocol and the framework, not training (the worst case
 for the ratio). With ``--train-model NAME`` the sites are medfed's real ones instead: each
@@ -254,8 +254,8 @@ def run_bench(
     """Simulate ``rounds`` rounds of ``sites`` :class:`NoiseClient` sites; time the rounds.
 
     The server is medfed's: ``build_workflow``'s choice of plain ``DefaultWorkflow`` or
-    SecAgg+ (:class:`~server.secure.MedfedSecAggPlusWorkflow` over
-    :class:`~server.secure.SecAggUpdateStrategy`), FedAvg weighting, no evaluation.
+    SecAgg+ (:class:`~medfed.server.secure.MedfedSecAggPlusWorkflow` over
+    :class:`~medfed.server.secure.SecAggUpdateStrategy`), FedAvg weighting, no evaluation.
     ``flower_only`` (with ``secagg``) runs Flower's bare SecAgg+ instead (``SecAggPlusWorkflow``,
     ``secaggplus_mod`` alone: no update mod, no egress guard), to separate medfed's own cost.
     ``train_model`` replaces the noise sites by medfed's real ones training that model (see

@@ -103,7 +103,7 @@ class Profile:
     seeds
         Quality runs repeat over these seeds (mean and spread); other sections use the first.
     quality_recipes
-        Recipe names of :data:`simulations.bench.quality.RECIPES` (BreastMNIST, AdrenalMNIST3D).
+        Recipe names of :data:`medfed.simulations.bench.quality.RECIPES` (BreastMNIST, AdrenalMNIST3D).
     quality_sites, quality_splits, quality_strategies
         The grid: number of sites, ``"iid"`` / ``"dirichlet"`` (alpha 0.5), Flower strategies.
     quality_rounds, quality_rounds_3d, quality_local_epochs
@@ -117,9 +117,9 @@ class Profile:
     dp_epsilons, dp_sites, dp_rounds, dp_local_epochs
         Federated DP-SGD runs (BreastMNIST): one run per epsilon plus one without DP.
     dp_speed_models, dp_speed_samples, dp_speed_repeats
-        DP-SGD epoch-time ratio (:func:`simulations.bench.dp.epoch_speed`, ``hooks`` mode).
+        DP-SGD epoch-time ratio (:func:`medfed.simulations.bench.dp.epoch_speed`, ``hooks`` mode).
     secagg_sites, secagg_params, secagg_rounds
-        SecAgg+ protocol benchmark (:func:`simulations.bench.secagg.run_bench`).
+        SecAgg+ protocol benchmark (:func:`medfed.simulations.bench.secagg.run_bench`).
     secagg_train_model
         Also time SecAgg+ with real sites training this model one local epoch (``""``: skip).
     peer_sites, peer_rounds, peer_local_epochs
@@ -129,7 +129,7 @@ class Profile:
     scale_sites
         Site counts for the ``scale`` section (its module reads them).
     robust_strategies, robust_sites, robust_rounds, robust_samples
-        The poisoning benchmark (:func:`simulations.bench.robust.run_bench`).
+        The poisoning benchmark (:func:`medfed.simulations.bench.robust.run_bench`).
     """
 
     name: str

@@ -1,4 +1,4 @@
-"""How the server combines the metrics sites report (``server.strategies.weighted_average``)."""
+"""How the server combines the metrics sites report (``medfed.server.strategies.weighted_average``)."""
 
 from __future__ import annotations
 

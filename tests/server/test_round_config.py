@@ -3,7 +3,7 @@
 For every strategy (and client-level DP), the keys of the fit and evaluate configs that the
 server's strategy puts into each round's instructions equal the keys medfed's site reads from
 them; the only extra keys are Flower's own client-DP protocol keys, which Flower's client mods
-(installed by ``client.client_app.privacy_mods``) read.
+(installed by ``medfed.client.client_app.privacy_mods``) read.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Faulty and malicious sites in whole federated runs (issue 6, acceptance 3 and 4).
 
 The runs use medfed's real ServerApp code (``run_server``) and ClientApp (egress guard, mods,
-:class:`~client.site_client.SiteClient` training) on the in-process Grid of
+:class:`~medfed.client.site_client.SiteClient` training) on the in-process Grid of
 ``tests/support/local_grid.py`` (every message serialised, no Ray: a run takes seconds), with
-test-only attacking sites from :mod:`simulations.faults`. The task is the poisoning benchmark's
-(:func:`simulations.bench.robust.task_config`: 5 sites, synthetic blobs, simplecnn, 3 rounds x 2
+test-only attacking sites from :mod:`medfed.simulations.faults`. The task is the poisoning benchmark's
+(:func:`medfed.simulations.bench.robust.task_config`: 5 sites, synthetic blobs, simplecnn, 3 rounds x 2
 local epochs, seed 0, 90 test images); every run is deterministic, so each faulty run is
 compared with the clean FedAvg run of the same seed.
 

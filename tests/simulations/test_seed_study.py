@@ -1,4 +1,4 @@
-"""``simulations.bench.quality.seed_study``: federated and pooled figures per seed, with each seed's split."""
+"""``medfed.simulations.bench.quality.seed_study``: federated and pooled figures per seed, with each seed's split."""
 
 from __future__ import annotations
 

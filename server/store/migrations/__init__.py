@@ -1,1 +1,1 @@
-"""The run store's alembic migrations (``env.py`` and ``versions/``); applied by :mod:`server.store.migrate`."""
+"""The run store's alembic migrations (``env.py`` and ``versions/``); applied by :mod:`medfed.server.store.migrate`."""

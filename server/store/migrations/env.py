@@ -1,6 +1,6 @@
 """alembic's environment for the run store: migrations run on the connection medfed passes in.
 
-:func:`server.store.migrate.upgrade` puts the open connection (inside its write transaction)
+:func:`medfed.server.store.migrate.upgrade` puts the open connection (inside its write transaction)
 into ``config.attributes["connection"]``; no ``alembic.ini`` and no URL are needed.
 """
 

@@ -1,6 +1,6 @@
 """Model, data and the train/test loops of the quickstart peer (plain PyTorch, as in Flower's quickstart).
 
-The model comes from medfed's registry (``shared.models.build_model``) so that medfed and this
+The model comes from medfed's registry (``medfed.shared.models.build_model``) so that medfed and this
 peer train the same network; everything else is written here the way the quickstart does.
 """
 

@@ -1,7 +1,7 @@
 """FLARE's training script for one site (Client API): receive the global model, train, send it back.
 
 The same data partition, loop and optimiser as the Flower quickstart peer
-(:mod:`simulations.peers.flower_quickstart.task`). Site ``site-K`` trains partition ``K - 1``;
+(:mod:`medfed.simulations.peers.flower_quickstart.task`). Site ``site-K`` trains partition ``K - 1``;
 site-1 appends the time it receives each round's model to ``--stamps`` (JSON lines).
 """
 
