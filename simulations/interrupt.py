@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["RunInterrupted", "Interrupt", "interruptible", "descendants", "end_processes", "EXIT_CODES"]
+__all__ = ["RunInterrupted", "Interrupt", "interruptible", "descendants", "is_alive", "end_processes", "EXIT_CODES"]
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +123,8 @@ def descendants(pid: int | None = None) -> set[int]:
     return found
 
 
-def _alive(pid: int) -> bool:
+def is_alive(pid: int) -> bool:
+    """Whether ``pid`` is a live (not zombie) process (Linux ``/proc``)."""
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -141,10 +142,10 @@ def end_processes(pids: Iterable[int], *, grace_s: float = 3.0) -> list[int]:
             except (ProcessLookupError, PermissionError):
                 pass
         deadline = time.monotonic() + (grace_s if sig == signal.SIGTERM else 1.0)
-        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        while time.monotonic() < deadline and any(is_alive(p) for p in pids):
             _reap()
             time.sleep(0.05)
-        pids = [p for p in pids if _alive(p)]
+        pids = [p for p in pids if is_alive(p)]
         if not pids:
             break
     return pids

@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from medfed.server.run_dir import read_metrics
-from medfed.simulations.interrupt import descendants
+from medfed.simulations.interrupt import descendants, is_alive
 
 pytestmark = pytest.mark.skipif(not Path("/proc").is_dir(), reason="finds the run's processes through /proc")
 
@@ -35,12 +35,6 @@ def _medfed(tmp_path: Path, *args: str) -> subprocess.Popen[bytes]:
     )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
 
 def _ray_processes_of(pid: int) -> list[int]:
     """Live processes of the Ray cluster that process ``pid`` started (their command line names
@@ -52,7 +46,7 @@ def _ray_processes_of(pid: int) -> list[int]:
             text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if session.search(text) and _alive(int(cmdline.parent.name)):
+        if session.search(text) and is_alive(int(cmdline.parent.name)):
             found.append(int(cmdline.parent.name))
     return found
 
@@ -90,7 +84,7 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     time.sleep(0.5)
     return {"tmp": tmp, "proc": proc, "before": before, "after": after.decode(errors="replace"),
             "seconds": seconds, "family": family, "ray_started": ray_started,
-            "left": sorted({p for p in family if _alive(p)} | set(_ray_processes_of(proc.pid)))}
+            "left": sorted({p for p in family if is_alive(p)} | set(_ray_processes_of(proc.pid)))}
 
 
 def test_ctrl_c_stops_the_run_within_seconds_with_one_line_and_status_130(interrupted: dict) -> None:

@@ -19,6 +19,7 @@ from medfed.server.run_dir import read_metrics
 from medfed.server.store import RunStore
 from medfed.shared.config import RunConfig
 from medfed.shared.privacy import PrivacyLedger, site_ledger_path
+from medfed.simulations.interrupt import descendants, is_alive
 
 pytestmark = pytest.mark.slow
 
@@ -46,30 +47,6 @@ def _finish(proc: subprocess.Popen[bytes], timeout: float = 900) -> str:
     return text
 
 
-def _descendants(pid: int) -> set[int]:
-    """Every live process below ``pid`` (Linux ``/proc``)."""
-    children: dict[int, list[int]] = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    found, todo = set(), [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            if child not in found:
-                found.add(child)
-                todo.append(child)
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 def _saved_round(run_dir: Path) -> int | None:
@@ -100,15 +77,15 @@ def test_sigkill_after_round_2_then_resume_equals_the_uninterrupted_run(tmp_path
             break
         time.sleep(0.05)
     assert run_dir is not None, "round 2 never completed"
-    family = _descendants(proc.pid)
+    family = descendants(proc.pid)
     os.killpg(proc.pid, signal.SIGKILL)  # the server and everything in its session (Ray's workers)
     for pid in family:  # anything Ray started in a session of its own
-        if _alive(pid):
+        if is_alive(pid):
             os.kill(pid, signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     time.sleep(1)
-    assert not [pid for pid in family if _alive(pid)], "processes of the killed run survived"
+    assert not [pid for pid in family if is_alive(pid)], "processes of the killed run survived"
 
     cfg = RunConfig.from_mapping(json.loads((run_dir / "config.json").read_text())["config"])
     # Round 3 had started at the sites. A site that finished its round-3 training before the kill
