@@ -13,6 +13,7 @@ from flwr.client import ClientApp
 
 from medfed.client.client_app import make_client_app, privacy_mods, site_client_fn
 from medfed.client.egress import egress_guard
+from medfed.server.dashboard.read_models import RunReader
 from medfed.server.failures import RunFailedError
 from medfed.server.resume import ResumeError, resume_point
 from medfed.server.run_dir import read_metrics
@@ -66,7 +67,7 @@ def test_every_site_failing_round_1_stops_the_run_with_one_error(tmp_path: Path)
     assert summary["failed_round"] == 1 and summary["rounds"] == 0
     assert _saved_round(tmp_path / "run") == 0  # the failed round is trained again on resume
     with RunStore(cfg.store_url) as store:
-        [run] = store.list_runs()
+        [run] = RunReader(store).list_runs()
         assert run["status"] == "failed" and "every site failed" in run["error"]
 
 
@@ -137,7 +138,7 @@ def test_an_interrupted_run_directory_stops_recording_and_resumes(tmp_path: Path
     assert summary == {**summary, "status": "interrupted", "last_completed_round": 1, "num_server_rounds": 3,
                        "resumable": True}
     with RunStore(cfg.store_url) as store:
-        [run] = store.list_runs()
+        [run] = RunReader(store).list_runs()
         assert run["status"] == "failed" and "interrupted (SIGINT) after round 1 of 3" in run["error"]
 
     resumed = cfg.replace(resume=str(path))
@@ -145,5 +146,5 @@ def test_an_interrupted_run_directory_stops_recording_and_resumes(tmp_path: Path
     assert [r["round"] for r in read_metrics(path)] == [0, 1, 2, 3]
     assert json.loads((path / "summary.json").read_text())["status"] == "finished"
     with RunStore(cfg.store_url) as store:
-        [run] = store.list_runs()
+        [run] = RunReader(store).list_runs()
         assert run["status"] == "finished"
