@@ -19,7 +19,6 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow
 from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
 from flwr.serverapp import Grid
-from torch import nn
 
 from medfed.server.evaluation import make_evaluate_fn
 from medfed.server.failures import RunFailedError
@@ -34,10 +33,10 @@ from medfed.server.validation import ValidatingStrategy
 from medfed.shared.config import RunConfig, robust_min_sites
 from medfed.shared.config_sources import config_from_run_config
 from medfed.shared.data.loading import load_dataset
-from medfed.shared.models import build_model, model_task
+from medfed.shared.models import model_task
 from medfed.shared.preflight import check_dp_model
 from medfed.shared.seeding import seed_everything
-from medfed.shared.task import model_for
+from medfed.shared.task import deployment_model, model_for
 from medfed.shared.weights import get_weights
 
 __all__ = ["app", "make_server_app", "ServerHooks", "primary_metric_for", "build_workflow", "run_server"]
@@ -84,7 +83,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         point = resume_point(cfg)
         run_path = str(point.path)
     if cfg.is_deployment:  # the server holds no data: shape from the config, sites evaluate
-        model, evaluate_fn, task = _deployment_model(cfg), None, model_task(cfg.model)
+        model, evaluate_fn, task = deployment_model(cfg), None, model_task(cfg.model)
     else:
         splits = load_dataset(cfg)
         model, task = model_for(cfg, splits.train), splits.task
@@ -148,17 +147,6 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
     if hooks.on_finish:
         hooks.on_finish(summary)
 
-
-def _deployment_model(cfg: RunConfig) -> nn.Module:
-    """``cfg.model`` shaped by ``in-channels``, ``num-classes``, ``spatial-dims``, ``image-size``."""
-    return build_model(
-        cfg.model,
-        spatial_dims=cfg.spatial_dims,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.num_classes,
-        norm=cfg.norm,
-        image_size=cfg.image_size,
-    )
 
 
 def build_workflow(

@@ -36,9 +36,9 @@ from torch import nn
 from medfed.shared.config import ConfigError, RunConfig
 from medfed.shared.data.base import DataSplits
 from medfed.shared.data.loading import load_dataset
-from medfed.shared.models import DP_NORM, build_model, model_task, validate_for_dp
+from medfed.shared.models import DP_NORM, model_task, validate_for_dp
 from medfed.shared.partition import TRAIN_MIN_PER_SITE, VAL_MIN_PER_SITE, site_partitions
-from medfed.shared.task import model_for
+from medfed.shared.task import deployment_model, model_for
 
 __all__ = ["PreflightError", "Preflight", "preflight", "check_dp_model", "dp_setup_problems", "max_sites"]
 
@@ -110,7 +110,7 @@ def _preflight(cfg: RunConfig, federated: bool) -> Preflight:
                 'dataset = "deployment" holds no data here: the pooled baseline (--centralized) '
                 "trains on a dataset. Fix: --dataset synthetic, a MedMNIST .npz file or a datalist .json."
             )
-        check_dp_model(cfg, model=model_from_config(cfg), task=model_task(cfg.model))
+        check_dp_model(cfg, model=deployment_model(cfg), task=model_task(cfg.model))
         return Preflight(splits=None)
     splits = load_dataset(cfg)
     model = model_for(cfg, splits.train)  # a ValueError names the model and the mismatch
@@ -124,18 +124,6 @@ def _preflight(cfg: RunConfig, federated: bool) -> Preflight:
     )  # fmt: skip
     return Preflight(splits=splits, train_per_site=train, val_per_site=val)
 
-
-def model_from_config(cfg: RunConfig) -> nn.Module:
-    """``cfg.model`` shaped by ``in-channels``, ``num-classes``, ``spatial-dims``, ``image-size``
-    (a deployment config: the coordinator holds no data to shape it)."""
-    return build_model(
-        cfg.model,
-        spatial_dims=cfg.spatial_dims,
-        in_channels=cfg.in_channels,
-        out_channels=cfg.num_classes,
-        norm=cfg.norm,
-        image_size=cfg.image_size,
-    )
 
 
 def dp_setup_problems(cfg: RunConfig, *, task: str) -> list[str]:

@@ -9,7 +9,7 @@ from medfed.shared.data.base import ImageSet
 from medfed.shared.models import build_model, model_task
 from medfed.shared.training import TrainSettings, cosine_lr
 
-__all__ = ["model_for", "round_settings", "site_seed"]
+__all__ = ["model_for", "deployment_model", "round_settings", "site_seed"]
 
 
 def model_for(cfg: RunConfig, data: ImageSet) -> nn.Module:
@@ -33,6 +33,19 @@ def model_for(cfg: RunConfig, data: ImageSet) -> nn.Module:
         out_channels=data.num_classes,
         norm=cfg.norm,
         image_size=data.spatial_shape,
+    )
+
+
+def deployment_model(cfg: RunConfig) -> nn.Module:
+    """``cfg.model`` shaped by ``in-channels``, ``num-classes``, ``spatial-dims`` and ``image-size``:
+    a deployment config (``dataset = "deployment"``), whose coordinator holds no data to shape it."""
+    return build_model(
+        cfg.model,
+        spatial_dims=cfg.spatial_dims,
+        in_channels=cfg.in_channels,
+        out_channels=cfg.num_classes,
+        norm=cfg.norm,
+        image_size=cfg.image_size,
     )
 
 
