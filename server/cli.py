@@ -148,6 +148,7 @@ def run_command(
     """
     from medfed.server.deploy import DeployError, describe_run_command, submit_run, wait_for_run
     from medfed.server.signing import AppSignatureError
+    from medfed.shared.preflight import preflight
 
     _logging(verbose)
     try:
@@ -157,6 +158,7 @@ def run_command(
             typer.echo(resolved.describe())
             return
         cfg = resolved.config
+        preflight(cfg)  # e.g. dp = true with norm = "batch": refused here, before anything is submitted
         run_id, signed = submit_run(fed, cfg)
         typer.echo(f"run {run_id} submitted (app bundle {signed.fab_sha256[:12]}..., signed by the coordinator)")
         typer.echo("follow it with: FLWR_HOME=" + str(fed.flwr_home) + " " + " ".join(describe_run_command(fed, run_id)))

@@ -189,3 +189,15 @@ def test_run_dry_run_prints_the_deployment_config_and_submits_nothing(tmp_path: 
     assert not (fed / "runs").exists()
     bad = CliRunner().invoke(app, ["run", "-f", str(fed), "--set", "num-sites=4", "--dry-run"])
     assert bad.exit_code == 2 and "only 3 site(s) are enrolled" in " ".join(bad.output.split())
+
+
+def test_run_refuses_a_config_no_site_can_train_before_submitting(tmp_path: Path) -> None:
+    from medfed.server.provision import provision
+
+    fed = tmp_path / "fed"
+    provision(fed, sites=["a", "b"], superlink_address="localhost:9092", hosts=[], name="t", force=False)
+    args = ["run", "-f", str(fed), "--set", "model=simplecnn", "--set", "image-size=16", "--set", "dp=true"]
+    result = CliRunner().invoke(app, [*args, "--set", "norm=batch"])  # no SuperLink runs: submitting would fail otherwise
+    message = " ".join(result.output.split())
+    assert result.exit_code == 2, result.output
+    assert 'norm = "batch"' in message and "--set norm=group" in message and "submitted" not in message
