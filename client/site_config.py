@@ -25,6 +25,9 @@ _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 class SiteConfigError(ValueError):
     """``site.toml`` or a startup kit is invalid; the message names the file and key."""
 
+    egress_category = "config-error"
+    """What the coordinator is told (:mod:`medfed.shared.error_codes`), never the message."""
+
 
 @dataclass(frozen=True)
 class SiteConfig:

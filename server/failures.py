@@ -10,7 +10,8 @@ Two cases end a run as failed (``summary.json`` ``"status": "failed"``, the run 
   answers for ``min-fit-clients`` in every round, or every update rejected).
 
 The run directory stays resumable from the last completed round (``medfed simulate --resume``)
-once the cause is fixed. Messages name error classes and Flower's error codes, never a site's
+once the cause is fixed. Messages name error classes and the error categories of the sites' egress
+guards (or Flower's error codes), never a site's
 exception text (which could name a file).
 """
 
@@ -47,7 +48,7 @@ class RunFailedError(RuntimeError):
 
 
 def _describe(failures: Iterable[SiteFailure]) -> str:
-    """``"3 x ClientAppException (CLIENT_APP_RAISED_EXCEPTION)"`` per distinct kind, commonest first."""
+    """``"3 x ImportError (environment-error)"`` per distinct kind, commonest first."""
     kinds = Counter(
         "no answer within round-timeout" if f.code == TIMEOUT else f"{f.error or 'unknown'} ({f.code})"
         for f in failures

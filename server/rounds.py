@@ -35,6 +35,8 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.serverapp import Grid
 from flwr.supercore.run import Run
 
+from medfed.shared.error_codes import CATEGORY_OF_CODE
+
 __all__ = [
     "SiteFailure",
     "FailureCallback",
@@ -50,7 +52,10 @@ logger = logging.getLogger(__name__)
 TIMEOUT = "TIMEOUT"
 """The :attr:`SiteFailure.code` of a site that did not answer within ``round-timeout``."""
 
-_CODE_NAMES = {value: name for name, value in vars(ErrorCode).items() if name.isupper()}
+_CODE_NAMES = {
+    **{value: name for name, value in vars(ErrorCode).items() if name.isupper()},
+    **CATEGORY_OF_CODE,  # a site's egress guard: "data-error", "internal-error", ...
+}
 _FLOWER_CLASS = re.compile(r"<class '([A-Za-z_][\w.]*)(?:\(([A-Za-z_][\w.]*)\))?'>")
 _LEADING_NAME = re.compile(r"([A-Za-z_]\w*)(?::|$)")
 
@@ -64,8 +69,10 @@ class SiteFailure:
     node_id
         Flower's node id of the site (the recording strategy maps it to ``site-<k>``).
     code
-        Flower's ``ErrorCode`` name (e.g. ``"CLIENT_APP_RAISED_EXCEPTION"``), or
-        :data:`TIMEOUT` when the site did not answer in time.
+        The category a site's egress guard sent (``"data-error"``, ``"internal-error"``, ...;
+        :mod:`medfed.shared.error_codes`), Flower's ``ErrorCode`` name for an error no guard
+        saw (e.g. ``"LOAD_CLIENT_APP_EXCEPTION"``), or :data:`TIMEOUT` when the site did not
+        answer in time.
     error
         The exception class Flower reports (``""`` for a timeout). Never the message.
     """
@@ -88,7 +95,8 @@ def error_class(reason: str) -> str:
 
     Flower writes ``"<class 'pkg.ClassName'>:<'message'>"`` (a SuperNode: the site's own
     exception class; the simulation engine: Ray's ``RayTaskError(ClientAppException)``, of which
-    the wrapped class is kept); other runtimes write ``"ClassName: message"``. Returns
+    the wrapped class is kept); a site's egress guard and other runtimes write
+    ``"ClassName: ..."``. Returns
     ``"unknown"`` when neither form matches.
     """
     match = _FLOWER_CLASS.search(reason)

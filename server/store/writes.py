@@ -332,7 +332,7 @@ def _clean(metrics: Mapping[str, Any] | None) -> dict[str, float]:
 
 
 def _failure_text(failure: Mapping[str, Any]) -> str:
-    """One failed site, e.g. ``site-3 failed to train: ClientAppException (CLIENT_APP_RAISED_EXCEPTION)``."""
+    """One failed site, e.g. ``site-3 failed to train: FileNotFoundError (data-error)``."""
     site = failure.get("site") or f"an unidentified site (node {failure.get('node')})"
     if failure.get("code") == "TIMEOUT":
         return f"{site} did not answer within round-timeout"

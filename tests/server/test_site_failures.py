@@ -43,8 +43,8 @@ def test_a_site_that_crashes_in_round_2_is_recorded_and_rejoins_round_3(tmp_path
     assert [records[r]["fit_results"] for r in (1, 2, 3)] == [4, 3, 4]
     assert [records[r]["fit_failures"] for r in (1, 2, 3)] == [0, 1, 0]
     assert records[2]["failed_sites"] == [
-        {"site": "site-3", "node": 104, "code": "LOAD_CLIENT_APP_EXCEPTION", "error": "RuntimeError"}
-    ]  # LocalGrid replies with code 1 (Flower's simulation engine: CLIENT_APP_RAISED_EXCEPTION)
+        {"site": "site-3", "node": 104, "code": "internal-error", "error": "RuntimeError"}
+    ]  # the site's egress guard turned the exception into its category and code (never the text)
     assert set(records[2]["sites"]["site-3"]) == {"eval"} and "fit" in records[3]["sites"]["site-3"]
     assert records[2]["fit"]["train-loss"] > 0  # the round was aggregated from the three others
 
@@ -54,7 +54,7 @@ def test_a_site_that_crashes_in_round_2_is_recorded_and_rejoins_round_3(tmp_path
         assert [(rounds[r]["responded"], rounds[r]["failures"]) for r in (1, 2, 3)] == [(4, 0), (3, 1), (4, 0)]
         failed = [e for e in RunReader(store).events(run["id"]) if e["kind"] == "site-failed"]
         assert [(e["round"], e["level"]) for e in failed] == [(2, "warning")]
-        assert failed[0]["message"] == "round 2: site-3 failed to train: RuntimeError (LOAD_CLIENT_APP_EXCEPTION)"
+        assert failed[0]["message"] == "round 2: site-3 failed to train: RuntimeError (internal-error)"
         assert run["status"] == "finished"
         site3 = next(s for s in RunReader(store).sites(run["id"]) if s["site"] == "site-3")
         assert site3["rounds_participated"] == 2 and site3["rounds_missed"] == 1
@@ -92,6 +92,7 @@ def test_a_site_that_does_not_answer_times_out_and_is_recorded(tmp_path: Path) -
     ("<class 'ZeroDivisionError'>:<'division by zero'>", "ZeroDivisionError"),
     ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'ray::ClientAppActor.run() /home/x'>", "ClientAppException"),
     ("DataError: /data/patient-17/scan.nii.gz is unreadable", "DataError"),
+    ("FileNotFoundError: data-error (site error 4103; the details are in the site's log)", "FileNotFoundError"),
     ("An exception was raised when attempting to load `ClientApp`", "unknown"),
 ])
 def test_error_class_keeps_the_class_never_the_message(reason: str, expected: str) -> None:

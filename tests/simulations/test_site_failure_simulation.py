@@ -24,12 +24,13 @@ def test_round_completes_with_three_sites_and_the_fourth_rejoins(tmp_path: Path)
     records = {r["round"]: r for r in read_metrics(result.run_dir)}
     assert [records[r]["fit_results"] for r in (1, 2, 3)] == [4, 3, 4]
     [failure] = records[2]["failed_sites"]
-    # Flower's simulation engine wraps the site's exception in its ClientAppException.
-    assert (failure["site"], failure["code"], failure["error"]) == ("site-3", "CLIENT_APP_RAISED_EXCEPTION", "ClientAppException")
+    # The site's egress guard sends the category and the class, never the text (so Flower's
+    # simulation engine sees an error reply, not an exception to wrap in its ClientAppException).
+    assert (failure["site"], failure["code"], failure["error"]) == ("site-3", "internal-error", "RuntimeError")
     with RunStore(cfg.store_url) as store:
         rounds = {r["round"]: r for r in RunReader(store).rounds("run")}
         assert [rounds[r]["responded"] for r in (1, 2, 3)] == [4, 3, 4]
         events = [e for e in RunReader(store).events("run") if e["kind"] == "site-failed"]
         assert [(e["round"], e["message"]) for e in events] == [
-            (2, "round 2: site-3 failed to train: ClientAppException (CLIENT_APP_RAISED_EXCEPTION)")
+            (2, "round 2: site-3 failed to train: RuntimeError (internal-error)")
         ]
