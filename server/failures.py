@@ -11,8 +11,7 @@ Two cases end a run as failed (``summary.json`` ``"status": "failed"``, the run 
 
 The run directory stays resumable from the last completed round (``medfed simulate --resume``)
 once the cause is fixed. Messages name error classes and the error categories of the sites' egress
-guards (or Flower's error codes), never a site's
-exception text (which could name a file).
+guards (or Flower's error codes), never a site's exception text (which could name a file).
 """
 
 from __future__ import annotations

@@ -261,11 +261,11 @@ def test_medfed_dashboard_serves_the_simulated_run_on_loopback_with_a_generated_
             url = match.group(1) if match else None
             time.sleep(0.2)
         assert url is not None, out.read_text()
-        assert url.startswith(f"http://127.0.0.1:{port}/?token=")
-        token = url.split("token=", 1)[1]
+        assert url == f"http://127.0.0.1:{port}/"  # stdout is a file: the URL without the token
         token_file = live.runs_dir / "dashboard.token"
-        assert token_file.read_text().strip() == token and len(token) >= 32
-        assert stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        token = token_file.read_text().strip()
+        assert len(token) >= 32 and stat.S_IMODE(token_file.stat().st_mode) == 0o600
+        assert token not in out.read_text() and str(token_file) in "".join(out.read_text().split())
         base = f"http://127.0.0.1:{port}"
         while True:
             try:
