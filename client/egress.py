@@ -99,9 +99,11 @@ _FIXED_REASON = re.compile(
 )
 """An ``Error.reason`` of the form :func:`error_reply_reason` writes (passed on unchanged)."""
 
-# Flower's legacy status records hold a code and a short text ("Success", or an error).
+# Flower's legacy status records hold a code and one of Flower's own texts (flwr 1.42,
+# compat/client/numpy_client.py and client.py); any other text is a violation.
 _STATUS_SUFFIX = ".status"
 _STATUS_TEXT_KEYS = {"message"}
+_STATUS_TEXTS = re.compile(r"Success|Client does not implement `(?:get_properties|get_parameters|fit|evaluate)`")
 # Protocol records whose bytes are key material or masked shares, never data (SecAgg+). Only the
 # keys Flower's secaggplus_mod replies with pass, each with its type and size checked
 # (:func:`_inspect_secaggplus`); a string, an unknown key or an oversized blob is a violation.
@@ -148,7 +150,7 @@ def allowed_name(name: str) -> bool:
 
 
 def _record_name_ok(name: str) -> bool:
-    return name in _FLOWER_RECORDS or name in _PROTOCOL_RECORDS or allowed_name(name)
+    return name in _FLOWER_RECORDS or allowed_name(name)
 
 
 def _key_ok(name: str) -> bool:
@@ -231,7 +233,7 @@ def inspect_message(message: Message) -> EgressReport:
         _check_names("config", record_name, list(record.keys()), _key_ok)
         for key, value in record.items():
             allowed_text = record_name.endswith(_STATUS_SUFFIX) and key in _STATUS_TEXT_KEYS
-            if isinstance(value, str) and allowed_text:
+            if isinstance(value, str) and allowed_text and _STATUS_TEXTS.fullmatch(value):
                 report.scalars[f"{record_name}/{key}"] = "status-text"
                 continue
             if not (isinstance(value, _SCALARS) or _is_scalar_list(value)):

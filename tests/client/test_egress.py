@@ -69,6 +69,7 @@ def test_model_arrays_and_scalars_pass() -> None:
         ("fitres.metrics", {"blob": b"\x00\x01"}, "fitres.metrics/blob"),
         ("fitres.metrics", {"names": ["a", "b"]}, "fitres.metrics/names"),
         ("fitres.status", {"detail": "patient 7"}, "fitres.status/detail"),
+        ("fitres.status", {"code": 0, "message": "patient 7"}, "fitres.status/message"),  # not Flower's text
     ],
 )
 def test_text_or_bytes_are_blocked(record: str, value: dict, fragment: str) -> None:
