@@ -7,6 +7,12 @@ and the server-side traceback around it (the site's again, inside Ray's). A fail
 over 4 rounds is 48 tracebacks. :class:`SiteErrorLog`, a filter on the ``flwr`` logger, drops
 those records and logs the site's own traceback the first time an error (its exception class
 and message) occurs, and counts the repeats (:meth:`SiteErrorLog.repeats`).
+
+An exception inside medfed's ClientApp never gets this far: the site's egress guard
+(:mod:`medfed.client.egress`) logs its traceback at the site (once per distinct failure and worker
+process) and replies with a category and a code, which the coordinator records
+(:mod:`medfed.server.rounds`). What remains for this filter is what fails outside the guard:
+loading the ClientApp, Ray's own errors, and ClientApps built without the guard.
 """
 
 from __future__ import annotations
