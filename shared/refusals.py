@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from medfed.shared.config import RunConfig
+
 __all__ = ["POLICY_REFUSED", "POLICY_REFUSED_PREFIX", "refusal_metrics", "refused_keys", "is_refusal"]
 
 POLICY_REFUSED = "policy-refused"
@@ -38,7 +40,18 @@ def is_refusal(metrics: Mapping[str, Any]) -> bool:
 
 
 def refused_keys(metrics: Mapping[str, Any]) -> list[str]:
-    """The run-config keys a site's refusal metrics name, sorted (empty: the site did not refuse)."""
+    """The run-config keys a site's refusal metrics name, sorted (empty: the site did not refuse).
+
+    Only names of real run-config keys count: a metric name carrying any other text is ignored,
+    so what a hostile site puts there never reaches a log, an event or the dashboard.
+    """
     if not is_refusal(metrics):
         return []
-    return sorted(k[len(POLICY_REFUSED_PREFIX):] for k, v in metrics.items() if k.startswith(POLICY_REFUSED_PREFIX) and v)
+    known = set(RunConfig.keys())
+    return sorted(
+        key
+        for name, value in metrics.items()
+        if str(name).startswith(POLICY_REFUSED_PREFIX)
+        and value
+        and (key := str(name)[len(POLICY_REFUSED_PREFIX):]) in known
+    )
