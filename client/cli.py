@@ -69,10 +69,26 @@ def site_check(
             click_type=HintedChoice(BAD_DATA_MODES),
         ),
     ] = None,
+    run_config: Annotated[
+        Path | None,
+        typer.Option(
+            "--run-config",
+            help="A proposed run config (TOML, as the coordinator would submit it): also check it against "
+            "this site's privacy policy; exit 1 naming every key that breaks it.",
+        ),
+    ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
-    """Read the site's datalist locally and report counts, shapes, spacings and every problem (contacts nobody)."""
-    from medfed.client.site_check import check_site, format_report
+    """Read the site's datalist locally and report counts, shapes, spacings and every problem (contacts nobody).
+
+    With --run-config, also the site's dry run of that run: accepted, or every way it asks for
+    less privacy than site.toml's policy allows (the key, the run's value and the site's limit).
+    """
+    import json
+
+    from medfed.client.site_check import check_run_policy, check_site, format_policy, format_report, training_entries
+    from medfed.shared.config import ConfigError
+    from medfed.shared.config_sources import file_layer, mapping_layer, resolve_config
 
     logging.basicConfig(level=logging.WARNING, force=True)
     try:
@@ -80,14 +96,33 @@ def site_check(
         for flag, value in (("--image-size", image_size), ("--num-classes", num_classes)):
             if value is not None and value < 0:
                 raise SiteConfigError(f"{flag} = {value} is invalid: it must be an integer >= 0.")
-    except SiteConfigError as err:
+        run = None
+        if run_config is not None:
+            run = resolve_config(
+                mapping_layer({"dataset": "deployment"}, source="deployment default"), file_layer(run_config)
+            ).config
+    except (SiteConfigError, ConfigError) as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(code=2) from None
+    run_image_size = run.image_size if run is not None else site.image_size
+    run_classes = run.num_classes if run is not None and run.num_classes else site.num_classes
     report = check_site(
         site.datalist,
-        image_size=site.image_size if image_size is None else image_size,
-        num_classes=site.num_classes if num_classes is None else num_classes,
+        image_size=run_image_size if image_size is None else image_size,
+        num_classes=run_classes if num_classes is None else num_classes,
         bad_data=site.bad_data if bad_data is None else bad_data,
     )
-    typer.echo(report.to_json() if json_output else format_report(report))
-    raise typer.Exit(code=0 if report.ok else 1)
+    policy = None
+    if run is not None:
+        policy = check_run_policy(site.policy(), run, training_examples=training_entries(report))
+    if json_output:
+        payload = json.loads(report.to_json())
+        if policy is not None:
+            payload["policy"] = policy.to_dict()
+        typer.echo(json.dumps(payload, indent=2))
+    else:
+        typer.echo(format_report(report))
+        if policy is not None:
+            typer.echo(f"run config {run_config}:")
+            typer.echo(format_policy(policy))
+    raise typer.Exit(code=0 if report.ok and (policy is None or policy.accepted) else 1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -13,11 +14,15 @@ from flwr.clientapp.typing import ClientAppCallable, Mod
 from medfed.client.egress import egress_guard
 from medfed.client.site_client import SiteClient
 from medfed.client.site_data import deployment_site_data, simulated_site_data
+from medfed.client.site_policy import SitePolicy
 from medfed.client.update_mods import freeze_counters_mod, make_update_mod
 from medfed.shared.config import BAD_DATA_MODES, ConfigError, RunConfig
 from medfed.shared.config_sources import config_from_run_config
+from medfed.shared.privacy import deployment_ledger_path
 
 __all__ = ["app", "make_client_app", "privacy_mods", "run_config_privacy_mod", "site_client_fn"]
+
+logger = logging.getLogger(__name__)
 
 
 def site_client_fn(fixed: RunConfig | None) -> Callable[[Context], Client]:
@@ -50,20 +55,34 @@ _client_fn_for = site_client_fn  # the earlier private name
 def _deployment_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> Client:
     """A site of a deployed federation (node config written by ``medfed site start``).
 
-    Node-config keys: ``datalist`` (path), ``site-index`` (int), ``device``,
-    ``dp-budget-epsilon`` (the site's own cap: the run's budget is lowered to it, never raised)
-    and ``bad-data`` (optional, ``"strict"`` or ``"skip"``: the site's choice for its own
-    unusable datalist entries, which wins over the run's ``bad-data``).
+    Node-config keys: ``datalist`` (path), ``site-index`` (int), ``device``, the site's privacy
+    policy (:class:`~medfed.client.site_policy.SitePolicy`: ``require-dp``,
+    ``dp-budget-epsilon``, ``dp-max-delta``, ``dp-min-noise-multiplier``,
+    ``dp-require-secure-noise``, ``ledger-dir``) and ``bad-data`` (optional, ``"strict"`` or
+    ``"skip"``: the site's choice for its own unusable datalist entries, which wins over the
+    run's ``bad-data``).
+
+    The policy is the site's, whatever the run config says: the site's client refuses a run
+    that asks for less privacy (see :meth:`SiteClient.fit`), the run's ``dp-budget-epsilon``
+    only ever lowers the site's, and the ledger is the site's one ledger for its datalist
+    (:func:`~medfed.shared.privacy.deployment_ledger_path` under the policy's ``ledger-dir``):
+    the run's ``ledger-dir`` and ``run-dir`` are ignored, and no folder is created where the
+    coordinator says.
 
     Raises
     ------
     ConfigError
-        ``bad-data`` in the node config is neither ``"strict"`` nor ``"skip"``.
+        ``bad-data`` in the node config is neither ``"strict"`` nor ``"skip"``, a policy value
+        is invalid, or a DP run reaches a site whose node config has no ``ledger-dir``.
     """
     site_index = int(node_config.get("site-index", 0))
-    site_budget = float(node_config.get("dp-budget-epsilon", cfg.dp_budget_epsilon))
-    if site_budget < cfg.dp_budget_epsilon:
-        cfg = cfg.replace(dp_budget_epsilon=site_budget)
+    policy = SitePolicy.from_node_config(node_config)
+    if cfg.ledger_dir:
+        logger.warning(
+            "the run config's ledger-dir is ignored at a deployed site: this site keeps its privacy "
+            "ledger in the ledger-dir of its own site.toml."
+        )
+    cfg = cfg.replace(dp_budget_epsilon=min(cfg.dp_budget_epsilon, policy.budget_epsilon), ledger_dir="")
     bad_data = node_config.get("bad-data")
     if bad_data is not None:
         if bad_data not in BAD_DATA_MODES:
@@ -73,9 +92,20 @@ def _deployment_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> Client
                 + " (set it in site.toml)."
             )
         cfg = cfg.replace(bad_data=str(bad_data))
-    data = deployment_site_data(cfg, datalist=str(node_config["datalist"]))
+    datalist = str(node_config["datalist"])
+    ledger_path = None
+    if cfg.dp:
+        if not policy.ledger_dir:
+            raise ConfigError(
+                "this site's node config has no ledger-dir, so it has nowhere of its own to keep its "
+                "privacy ledger: restart it with `medfed site start --kit DIR --config site.toml`."
+            )
+        ledger_path = deployment_ledger_path(policy.ledger_dir, datalist=datalist)
+    data = deployment_site_data(cfg, datalist=datalist)
     device = str(node_config.get("device", "auto"))
-    return SiteClient(cfg=cfg, data=data, site_index=site_index, device=device).to_client()
+    return SiteClient(
+        cfg=cfg, data=data, site_index=site_index, device=device, policy=policy, ledger_path=ledger_path
+    ).to_client()
 
 
 def privacy_mods(cfg: RunConfig) -> list[Mod]:

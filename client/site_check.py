@@ -13,6 +13,11 @@ reader the training uses (:func:`medfed.shared.data.datalist.scan_datalist`) and
   refuses to train; with ``"skip"`` it leaves exactly these entries out and reports their count
   as ``skipped-files`` (the same count, from the same reader).
 
+With a proposed run config (``medfed site check --run-config run.toml``) it is also the site's
+dry run of that run against its privacy policy (:func:`check_run_policy`): the same check the
+site's ClientApp makes before training (:func:`medfed.client.site_policy.check_run`), with the
+noise multiplier the site would derive for its own number of training entries.
+
 The report names files: it is for the site's operator and stays on the site.
 """
 
@@ -24,10 +29,22 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from medfed.client.site_policy import SitePolicy, Violation, check_run
+from medfed.shared.config import RunConfig
 from medfed.shared.data.base import DataError
 from medfed.shared.data.datalist import SECTIONS, DatalistReport, EntryInfo, scan_datalist
+from medfed.shared.privacy import planned_noise_multiplier, poisson_schedule_for
 
-__all__ = ["Finding", "SiteCheckReport", "check_site", "format_report"]
+__all__ = [
+    "Finding",
+    "PolicyCheck",
+    "SiteCheckReport",
+    "check_run_policy",
+    "check_site",
+    "format_policy",
+    "format_report",
+    "training_entries",
+]
 
 Severity = Literal["error", "warning"]
 
@@ -271,4 +288,112 @@ def format_report(report: SiteCheckReport) -> str:
                 f'or set bad-data = "skip" in site.toml to leave them out (skipped-files = {n}).'
             )
     lines.append("OK: the datalist is usable." if report.ok else "NOT OK: fix the errors above.")
+    return "\n".join(lines)
+
+
+@dataclass
+class PolicyCheck:
+    """A proposed run checked against the site's privacy policy (:func:`check_run_policy`).
+
+    Attributes
+    ----------
+    violations
+        Every way the run asks for less privacy than the policy allows (empty: accepted).
+    problems
+        Reasons the run cannot train here at all (e.g. a ``dp-target-epsilon`` no noise reaches).
+    notes
+        What the site changes without refusing (its budget replaces a larger one, the run's
+        ``ledger-dir`` is ignored).
+    noise_multiplier
+        The DP-SGD noise multiplier the site would train with (``None``: no DP, or no data).
+    training_examples
+        The training entries the noise was derived for.
+    """
+
+    violations: list[Violation] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    noise_multiplier: float | None = None
+    training_examples: int = 0
+
+    @property
+    def accepted(self) -> bool:
+        """No violation and no problem."""
+        return not self.violations and not self.problems
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-able form (for ``--json``)."""
+        return {
+            "accepted": self.accepted,
+            "violations": [
+                {"key": v.key, "run_value": v.run_value, "limit": v.limit, "policy_key": v.policy_key, "message": str(v)}
+                for v in self.violations
+            ],
+            "problems": list(self.problems),
+            "notes": list(self.notes),
+            "noise_multiplier": self.noise_multiplier,
+            "training_examples": self.training_examples,
+        }
+
+
+def training_entries(report: SiteCheckReport) -> int:
+    """The training entries the site would train on (usable, labels within ``num-classes``)."""
+    listed = report.splits.get("training", {}).get("entries", 0)
+    out_of_range = {
+        f.where for f in report.findings if f.kind == "label_out_of_range" and f.where.startswith("training[")
+    }
+    return max(0, listed - len(out_of_range))
+
+
+def check_run_policy(policy: SitePolicy, cfg: RunConfig, *, training_examples: int) -> PolicyCheck:
+    """Dry-run ``cfg`` against ``policy`` for a site with ``training_examples`` training entries.
+
+    The check is :func:`medfed.client.site_policy.check_run`, the one the site's ClientApp makes
+    before training; with ``dp-target-epsilon > 0`` the noise multiplier is derived exactly as
+    the site derives it (:func:`~medfed.shared.privacy.planned_noise_multiplier` over the Poisson
+    schedule of its training loader).
+    """
+    result = PolicyCheck(training_examples=training_examples)
+    if cfg.dp and training_examples > 0:
+        schedule = poisson_schedule_for(num_samples=training_examples, batch_size=cfg.batch_size)
+        try:
+            result.noise_multiplier = planned_noise_multiplier(
+                cfg, sample_rate=schedule.sample_rate, steps_per_round=cfg.local_epochs * schedule.steps_per_epoch
+            )
+        except ValueError as err:
+            result.problems.append(str(err))
+    elif cfg.dp:
+        result.problems.append("dp = true but the datalist has no usable training entries: DP-SGD cannot train here.")
+    result.violations = check_run(policy, cfg, noise_multiplier=result.noise_multiplier)
+    if cfg.dp and cfg.dp_budget_epsilon > policy.budget_epsilon:
+        result.notes.append(
+            f"the run's dp-budget-epsilon = {cfg.dp_budget_epsilon:g} is above this site's "
+            f"{policy.budget_epsilon:g}: the site keeps its own (it only ever lowers it)."
+        )
+    if cfg.ledger_dir:
+        result.notes.append("the run's ledger-dir is ignored: this site keeps its ledger in its own ledger-dir.")
+    return result
+
+
+def format_policy(check: PolicyCheck) -> str:
+    """Plain-text verdict of :func:`check_run_policy` (one line per violation, with the key and the limit)."""
+    lines = []
+    if check.noise_multiplier is not None:
+        lines.append(
+            f"privacy: DP-SGD noise multiplier {check.noise_multiplier:.4g} for {check.training_examples} training entries"
+        )
+    for note in check.notes:
+        lines.append(f"  NOTE {note}")
+    for problem in check.problems:
+        lines.append(f"  ERROR {problem}")
+    for violation in check.violations:
+        lines.append(f"  VIOLATION {violation}")
+    if check.accepted:
+        lines.append("ACCEPTED: the run asks for no less privacy than this site's policy allows.")
+    else:
+        n = len(check.violations)
+        lines.append(
+            f"REFUSED: {n} policy violation(s){' and problems' if check.problems else ''}; the site would refuse "
+            "this run before training."
+        )
     return "\n".join(lines)

@@ -11,6 +11,7 @@ the site past ``dp-budget-epsilon`` is declined (see :meth:`SiteClient.fit`).
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,6 +19,7 @@ import torch
 from flwr.client import NumPyClient
 
 from medfed.client.site_data import SiteData
+from medfed.client.site_policy import SitePolicy, Violation, check_run, violation_metrics
 from medfed.shared.config import RunConfig
 from medfed.shared.models import validate_for_dp
 from medfed.shared.preflight import dp_setup_problems
@@ -25,7 +27,7 @@ from medfed.shared.privacy import (
     PrivacyBudget,
     PrivacyLedger,
     make_private_training,
-    noise_for_target,
+    planned_noise_multiplier,
     poisson_schedule,
     secure_generator,
     site_ledger_path,
@@ -85,6 +87,13 @@ class SiteClient(NumPyClient):
         ``"auto"`` (CUDA when present, else CPU), ``"cpu"`` or ``"cuda[:N]"``.
     grad_sample_mode
         Opacus per-sample gradient mode for DP-SGD; ``None``: ``cfg.dp_grad_sample_mode``.
+    policy
+        A deployed site's privacy policy: every round first checks ``cfg`` against it and
+        refuses a run that asks for less privacy (see :meth:`fit`). ``None`` (simulation): the
+        run config is the policy.
+    ledger_path
+        The site's ledger file (a deployed site: its one ledger per datalist); ``None``:
+        :func:`~medfed.shared.privacy.site_ledger_path` of ``cfg`` (simulation).
 
     Raises
     ------
@@ -101,21 +110,30 @@ class SiteClient(NumPyClient):
         site_index: int,
         device: str = "auto",
         grad_sample_mode: str | None = None,
+        policy: SitePolicy | None = None,
+        ledger_path: Path | None = None,
     ) -> None:
         self.cfg = cfg
+        self.policy = policy
         self.data = data
         self.site_index = site_index
         self.device = select_device(device)
         self.grad_sample_mode = grad_sample_mode or cfg.dp_grad_sample_mode
         seed_everything(cfg.seed)  # identical initial weights at every site and the server
         self.model = model_for(cfg, data.train)
-        self.ledger_path = site_ledger_path(cfg, site_index=site_index) if cfg.dp else None
+        if ledger_path is None and cfg.dp:
+            if policy is not None:
+                raise ValueError("a deployed site needs its own ledger_path (from its site.toml's ledger-dir).")
+            ledger_path = site_ledger_path(cfg, site_index=site_index)
+        self.ledger_path = ledger_path if cfg.dp else None
         self._noise_multiplier: float | None = None
         if cfg.dp:
             validate_for_dp(self.model)  # fail at start-up, not in round 1
             problems = dp_setup_problems(cfg.replace(dp_grad_sample_mode=self.grad_sample_mode), task=data.train.task)
             if problems:
                 raise ValueError(" ".join(problems))
+            if policy is not None:
+                return  # a deployed site's policy decides (fit refuses what it forbids)
             if not cfg.dp_secure_noise and _first_time("insecure-noise", site_index):
                 logger.warning(
                     "site %d: dp-secure-noise = false: DP-SGD noise and Poisson sampling come from "
@@ -144,6 +162,15 @@ class SiteClient(NumPyClient):
         The metrics always carry ``site-index`` and ``skipped-files`` (unusable datalist
         entries left out under ``bad-data = "skip"``, else 0).
 
+        A deployed site first checks the run against its privacy policy
+        (:func:`~medfed.client.site_policy.check_run`, with the noise multiplier it would
+        derive for its data). A run that asks for less privacy is refused before any training:
+        the site logs an ERROR naming each key, the run's value and the site's limit, and
+        returns ``parameters`` unchanged (the coordinator's own model: nothing trained on the
+        site's data, and a zero update under SecAgg+) with ``num_examples = 0``,
+        ``policy-refused = 1`` and ``policy-refused-<key> = 1`` per violated key. It is never
+        silently weakened, and nothing is charged to the ledger.
+
         With ``cfg.dp`` the round is DP-SGD, and the site first asks its ledger whether one more
         round would exceed ``(dp-budget-epsilon, dp-delta)``. If it would, the site declines:
         it logs a warning and returns ``parameters`` unchanged with ``num_examples = 0`` and
@@ -153,8 +180,11 @@ class SiteClient(NumPyClient):
         ``dp-steps`` and ``dp-declined = 0``. Under DP the training loss and time are not sent (they
         are not private); the number of examples is, as Opacus's sample rate treats it as public.
         """
-        set_weights(self.model, parameters)
         server_round = server_round_of(config)
+        violations = self.policy_violations(server_round=server_round)
+        if violations:
+            return parameters, 0, self._refuse(violations, step="training", server_round=server_round)
+        set_weights(self.model, parameters)
         settings = round_settings(self.cfg, server_round=server_round, site_index=self.site_index)
         seed_everything(settings.seed)
         loader = make_train_loader(self.data.train, settings)
@@ -192,16 +222,13 @@ class SiteClient(NumPyClient):
     # ------------------------------------------------------------------ DP-SGD
     def noise_multiplier(self, *, steps_per_round: int, sample_rate: float) -> float:
         """The DP-SGD noise multiplier: ``dp-noise-multiplier``, or with ``dp-target-epsilon > 0``
-        the one that spends that epsilon over all ``num-server-rounds`` planned rounds."""
+        the one that spends that epsilon over all ``num-server-rounds`` planned rounds
+        (:func:`~medfed.shared.privacy.planned_noise_multiplier`)."""
         if self._noise_multiplier is None:
+            self._noise_multiplier = planned_noise_multiplier(
+                self.cfg, sample_rate=sample_rate, steps_per_round=steps_per_round
+            )
             if self.cfg.dp_target_epsilon > 0:
-                self._noise_multiplier = noise_for_target(
-                    target_epsilon=self.cfg.dp_target_epsilon,
-                    delta=self.cfg.dp_delta,
-                    sample_rate=sample_rate,
-                    steps=steps_per_round * self.cfg.num_server_rounds,
-                    accountant=self.cfg.dp_accountant,
-                )
                 logger.info(
                     "site %d: noise multiplier %.4f spends dp-target-epsilon = %g over %d rounds",
                     self.site_index,
@@ -209,9 +236,39 @@ class SiteClient(NumPyClient):
                     self.cfg.dp_target_epsilon,
                     self.cfg.num_server_rounds,
                 )
-            else:
-                self._noise_multiplier = self.cfg.dp_noise_multiplier
         return self._noise_multiplier
+
+    def policy_violations(self, *, server_round: int) -> list[Violation]:
+        """How the run asks for less privacy than the site's policy allows (empty: none, or no policy).
+
+        With DP-SGD the check includes the noise multiplier the site would train with on its
+        own data (derived from ``dp-target-epsilon`` when that is set).
+        """
+        if self.policy is None:
+            return []
+        noise = None
+        if self.cfg.dp:
+            settings = round_settings(self.cfg, server_round=server_round, site_index=self.site_index)
+            schedule = poisson_schedule(make_train_loader(self.data.train, settings))
+            noise = self.noise_multiplier(
+                steps_per_round=settings.epochs * schedule.steps_per_epoch, sample_rate=schedule.sample_rate
+            )
+        return check_run(self.policy, self.cfg, noise_multiplier=noise)
+
+    def _refuse(
+        self, violations: list[Violation], *, step: str, server_round: int | None = None
+    ) -> dict[str, float | int]:
+        when = f" in round {server_round}" if server_round is not None else ""
+        logger.error(
+            "site %d refuses %s%s: the run asks for less privacy than this site's policy allows: %s. "
+            "Nothing was trained or evaluated and no weights trained here are sent; the coordinator "
+            "must change the run config.",
+            self.site_index,
+            step,
+            when,
+            "; ".join(str(v) for v in violations),
+        )
+        return {"site-index": self.site_index, **violation_metrics(violations)}
 
     def open_ledger(self) -> PrivacyLedger:
         """This site's ledger, read from disk (empty if the file does not exist yet)."""
@@ -335,7 +392,14 @@ class SiteClient(NumPyClient):
     def evaluate(
         self, parameters: list[np.ndarray], config: dict[str, Any]
     ) -> tuple[float, int, dict[str, float | int]]:
-        """Evaluate the global model ``parameters`` on this site's validation split."""
+        """Evaluate the global model ``parameters`` on this site's validation split.
+
+        A run the site's policy refuses is not evaluated either: loss 0, no examples, the
+        refusal metrics (see :meth:`fit`).
+        """
+        violations = self.policy_violations(server_round=1)  # the round changes no privacy setting
+        if violations:
+            return 0.0, 0, self._refuse(violations, step="evaluation")
         set_weights(self.model, parameters)
         metrics = evaluate(self.model, self.data.val, device=self.device)
         loss = float(metrics.pop("loss"))

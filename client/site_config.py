@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from medfed.client.site_policy import SitePolicy, policy_problems
 from medfed.shared.config import BAD_DATA_MODES, close_matches
 from medfed.shared.files import read_toml
 
@@ -43,8 +44,15 @@ class SiteConfig:
     device
         ``"auto"``, ``"cpu"`` or ``"cuda[:N]"``.
     dp_budget_epsilon
-        The site's cap on DP-SGD epsilon: a run configured with a larger budget is lowered to
-        this at the site, never raised.
+        The site's cap on DP-SGD epsilon over all runs on its datalist (one ledger): a run's
+        budget only ever lowers it, a run whose ``dp-target-epsilon`` exceeds it is refused.
+    require_dp, dp_max_delta, dp_min_noise_multiplier, dp_require_secure_noise
+        The rest of the site's privacy policy (:mod:`medfed.client.site_policy`): refuse runs
+        without DP-SGD, with ``dp-delta`` above ``dp_max_delta``, with a noise multiplier below
+        ``dp_min_noise_multiplier``, or with ``dp-secure-noise = false``.
+    ledger_dir
+        The site's folder for its privacy ledgers (``""``: ``<state>/ledgers``; relative paths
+        resolve against ``site.toml``'s folder). The coordinator's ``ledger-dir`` is ignored.
     runtime_port
         Port of the SuperNode's local runtime API (bound to 127.0.0.1).
     state_dir
@@ -66,6 +74,11 @@ class SiteConfig:
     datalist: Path
     device: str = "auto"
     dp_budget_epsilon: float = 8.0
+    require_dp: bool = False
+    dp_max_delta: float = 1e-5
+    dp_min_noise_multiplier: float = 0.0
+    dp_require_secure_noise: bool = True
+    ledger_dir: str = ""
     runtime_port: int = 9094
     state_dir: str = ""
     image_size: int = 0
@@ -85,6 +98,25 @@ class SiteConfig:
             base = self.source.parent if self.source else Path.cwd()
             return path if path.is_absolute() else (base / path).resolve()
         return kit.root / "state"
+
+    def ledger_path_dir(self, kit: Kit) -> Path:
+        """The folder of this site's privacy ledgers (``ledger-dir``, default ``<state>/ledgers``)."""
+        if self.ledger_dir:
+            path = Path(self.ledger_dir).expanduser()
+            base = self.source.parent if self.source else Path.cwd()
+            return path if path.is_absolute() else (base / path).resolve()
+        return self.state_path(kit) / "ledgers"
+
+    def policy(self, kit: Kit | None = None) -> SitePolicy:
+        """The site's privacy policy (its ledger folder needs the ``kit``; without one it is ``""``)."""
+        return SitePolicy(
+            require_dp=self.require_dp,
+            budget_epsilon=self.dp_budget_epsilon,
+            max_delta=self.dp_max_delta,
+            min_noise_multiplier=self.dp_min_noise_multiplier,
+            require_secure_noise=self.dp_require_secure_noise,
+            ledger_dir=str(self.ledger_path_dir(kit)) if kit is not None else "",
+        )
 
 
 def _expect(source: Path, key: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
@@ -143,8 +175,15 @@ def load_site_config(path: str | Path, *, require_datalist: bool = True) -> Site
     if not _DEVICE.match(device):
         raise SiteConfigError(f'{source}: device = {device!r} is invalid: use "auto", "cpu" or "cuda[:N]".')
     budget = float(_expect(source, "dp-budget-epsilon", raw.get("dp-budget-epsilon", 8.0), (int, float), "a number > 0"))
-    if not budget > 0:
-        raise SiteConfigError(f"{source}: dp-budget-epsilon = {budget!r} is invalid: it must be > 0.")
+    max_delta = float(_expect(source, "dp-max-delta", raw.get("dp-max-delta", 1e-5), (int, float), "a number in (0, 1)"))
+    min_noise = float(
+        _expect(source, "dp-min-noise-multiplier", raw.get("dp-min-noise-multiplier", 0.0), (int, float), "a number >= 0")
+    )
+    for key, problem in policy_problems(budget_epsilon=budget, max_delta=max_delta, min_noise_multiplier=min_noise):
+        raise SiteConfigError(f"{source}: {key} = {problem}")
+    require_dp = _expect(source, "require-dp", raw.get("require-dp", False), bool, "true or false")
+    secure = _expect(source, "dp-require-secure-noise", raw.get("dp-require-secure-noise", True), bool, "true or false")
+    ledger_dir = _expect(source, "ledger-dir", raw.get("ledger-dir", ""), str, 'a folder path (or "")')
     port = _expect(source, "runtime-port", raw.get("runtime-port", 9094), int, "an integer port")
     if not 1024 <= port <= 65535:
         raise SiteConfigError(f"{source}: runtime-port = {port} is invalid: use 1024-65535.")
@@ -168,6 +207,11 @@ def load_site_config(path: str | Path, *, require_datalist: bool = True) -> Site
         datalist=datalist,
         device=device,
         dp_budget_epsilon=budget,
+        require_dp=require_dp,
+        dp_max_delta=max_delta,
+        dp_min_noise_multiplier=min_noise,
+        dp_require_secure_noise=secure,
+        ledger_dir=ledger_dir,
         runtime_port=port,
         state_dir=state_dir,
         image_size=image_size,
@@ -250,9 +294,11 @@ def _toml_string(value: str) -> str:
 def node_config_arg(kit: Kit, site: SiteConfig) -> str:
     """The SuperNode's ``--node-config`` value: what the site's ClientApp reads.
 
-    Keys: ``site-name``, ``site-index``, ``datalist``, ``device``, ``dp-budget-epsilon``, and
-    ``bad-data`` when the site sets it. The node config stays on the site (the ClientApp reads
-    it from its local Context).
+    Keys: ``site-name``, ``site-index``, ``datalist``, ``device``, the privacy policy
+    (:data:`medfed.client.site_policy.POLICY_NODE_KEYS`: ``require-dp``, ``dp-budget-epsilon``,
+    ``dp-max-delta``, ``dp-min-noise-multiplier``, ``dp-require-secure-noise`` and the absolute
+    ``ledger-dir``), and ``bad-data`` when the site sets it. The node config stays on the site
+    (the ClientApp reads it from its local Context); the coordinator never sees it.
     """
     for label, value in (("site-name", site.site_name), ("datalist", str(site.datalist))):
         if "'" in value or '"' in value:
@@ -262,8 +308,11 @@ def node_config_arg(kit: Kit, site: SiteConfig) -> str:
         "site-index": str(kit.site_index),
         "datalist": _toml_string(str(site.datalist)),
         "device": _toml_string(site.device),
-        "dp-budget-epsilon": repr(float(site.dp_budget_epsilon)),
     }
+    try:
+        items.update(site.policy(kit).to_node_config())
+    except ValueError as err:
+        raise SiteConfigError(f"{site.source}: {err}") from None
     if site.bad_data:
         items["bad-data"] = _toml_string(site.bad_data)
     return " ".join(f"{k}={v}" for k, v in items.items())

@@ -518,9 +518,37 @@ datalist = "/path/to/datalist.json"
 # "auto" (CUDA when present), "cpu", or "cuda:0".
 device = "auto"
 
-# The most differential-privacy budget (epsilon) this site ever spends across all runs' DP-SGD;
-# a run configured with a larger budget is capped to this value at this site.
+# ---- This site's privacy policy. It is enforced here, at the site, whatever the coordinator's
+# run config says: a run that asks for less privacy is refused before training (this site's log
+# names the key, the run's value and the limit below; the coordinator sees which keys, as a
+# "policy-refused" event). Check a proposed run with:
+#   medfed site check --config site.toml --run-config run.toml
+# What it cannot do: the coordinator signs the training code this site runs; the policy binds
+# medfed's code, so compare the app-signing fingerprint in README.md and trust who holds the key.
+
+# Refuse every run that does not train with sample-level DP-SGD (dp = true).
+require-dp = true
+
+# The most differential-privacy budget (epsilon) this site's data ever spends, over all runs
+# and run configs (one privacy ledger per datalist). A run whose dp-target-epsilon exceeds it
+# is refused; a round that would exceed it is declined.
 dp-budget-epsilon = 8.0
+
+# The largest delta accepted (a run's dp-delta above it is refused). Keep it well below
+# 1 / (number of training images).
+dp-max-delta = 1e-5
+
+# The smallest DP-SGD noise multiplier accepted (the run's dp-noise-multiplier, or the one this
+# site derives from the run's dp-target-epsilon). 0 = any noise > 0.
+dp-min-noise-multiplier = 0.0
+
+# Refuse runs with dp-secure-noise = false (noise seeded from the run's seed, which the
+# coordinator knows: it could remove the noise).
+dp-require-secure-noise = true
+
+# Where this site keeps its privacy ledgers ("" = <state-dir>/ledgers). Never delete or edit a
+# ledger: that resets the budget. The coordinator's ledger-dir is ignored.
+ledger-dir = ""
 
 # Local port of the SuperNode's runtime API (bound to 127.0.0.1 only).
 runtime-port = {runtime_port}

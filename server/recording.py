@@ -37,6 +37,7 @@ from medfed.server.resume import ResumeState, capture_rng, chain_state, write_re
 from medfed.server.rounds import SiteFailure
 from medfed.server.run_dir import RoundRecord, RunDirectory
 from medfed.server.validation import RoundValidation, site_key
+from medfed.shared.refusals import is_refusal, refused_keys
 from medfed.shared.weights import set_weights
 
 __all__ = ["RecordingStrategy"]
@@ -49,6 +50,11 @@ RoundCallback = Callable[[RoundRecord], None]
 def _declined(res: FitRes) -> bool:
     """A site declined the round (its privacy budget would be exceeded): nothing to aggregate."""
     return bool(res.metrics.get("dp-declined", 0)) and res.num_examples == 0
+
+
+def _refused(res: FitRes | EvaluateRes) -> bool:
+    """A site refused the run (it asks for less privacy than the site's policy allows)."""
+    return is_refusal(res.metrics)
 
 
 def _site_order(result: tuple[ClientProxy, FitRes]) -> tuple[int, float]:
@@ -137,6 +143,8 @@ class RecordingStrategy(DelegatingStrategy):
         self._earlier_seconds: list[float] = []
         self._resumes: list[dict[str, float]] = []
         self._final_metrics: dict[str, float] = {}
+        self._refusals: dict[str, dict[str, object]] = {}
+        """Per site: the first round it refused the run and the run-config keys it named."""
 
     # ---------------------------------------------------------------- delegation
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -174,8 +182,9 @@ class RecordingStrategy(DelegatingStrategy):
         """Order results by site (deterministic sums), record them, then delegate.
 
         Sites that declined the round (``dp-declined = 1``, no examples: one more round would
-        exceed their privacy budget) are recorded but not passed on. If every result declined,
-        nothing is aggregated and the run stops: later rounds select no sites.
+        exceed their privacy budget) or refused the run (``policy-refused = 1``: it asks for less
+        privacy than their policy allows) are recorded but not passed on. If every result
+        declined or refused, nothing is aggregated and the run stops: later rounds select no sites.
         """
         results = self._record_fit(server_round, results, failures)
         record = self._record(server_round)
@@ -198,9 +207,18 @@ class RecordingStrategy(DelegatingStrategy):
                 self._latest_round,
             )
             return None, {}
-        trained = [r for r in results if not _declined(r[1])]
+        trained = [r for r in results if not _declined(r[1]) and not _refused(r[1])]
         if results and not trained:
             self.stopped_round = server_round
+            if any(_refused(r[1]) for r in results):
+                logger.error(
+                    "round %d: no site trained: %s. Stopping: the remaining rounds are skipped and the "
+                    "final model is the one from round %d.",
+                    server_round,
+                    self._refusal_text(),
+                    self._latest_round,
+                )
+                return None, {}
             logger.error(
                 "round %d: every site declined to train because one more round would exceed its "
                 "privacy budget (dp-budget-epsilon). Stopping: the remaining rounds are skipped "
@@ -244,7 +262,27 @@ class RecordingStrategy(DelegatingStrategy):
             self._learn_site(proxy, key)
             site = record.sites.setdefault(key, {})
             site["fit"] = {"num_examples": float(res.num_examples), **_scalars(res.metrics)}
+            if _refused(res):
+                self._note_refusal(server_round, key, res.metrics)
         return results
+
+    def _note_refusal(self, server_round: int, site: str, metrics: dict[str, Scalar]) -> None:
+        keys = refused_keys(metrics)
+        if site not in self._refusals:
+            self._refusals[site] = {"round": server_round, "keys": keys}
+        logger.error(
+            "round %d: %s refused the run: it asks for less privacy than the site's policy allows (%s). "
+            "Change these keys of the run config; the site's log names its limits.",
+            server_round,
+            site,
+            ", ".join(keys) or "no key named",
+        )
+
+    def _refusal_text(self) -> str:
+        return "; ".join(
+            f"{site} refused the run ({', '.join(info['keys']) or 'no key named'})"  # type: ignore[arg-type]
+            for site, info in sorted(self._refusals.items())
+        )
 
     def record_validation(self, report: RoundValidation) -> None:
         """Record what update validation decided (``medfed.server.validation``): rejections, norms, a skip."""
@@ -289,6 +327,16 @@ class RecordingStrategy(DelegatingStrategy):
         record.num_eval_failures = len(failures)
         if failures:
             logger.warning("round %d: %d site(s) failed to evaluate", server_round, len(failures))
+        refused = [r for r in results if _refused(r[1])]
+        results = [r for r in results if not _refused(r[1])]  # no loss, no examples: nothing to average
+        for i, (_, res) in enumerate(refused):
+            record.sites.setdefault(site_key(res.metrics, fallback=len(results) + i), {})["eval"] = {
+                "num_examples": 0.0,
+                **_scalars(res.metrics),
+            }
+        if refused and not results:
+            self._flush()
+            return None, {}
         for i, (proxy, res) in enumerate(results):
             key = site_key(res.metrics, fallback=i)
             self._learn_site(proxy, key)
@@ -388,6 +436,7 @@ class RecordingStrategy(DelegatingStrategy):
             "round_seconds": self._earlier_seconds + [r.seconds or 0.0 for r in self.records if r.round > 0],
             "final_metrics": dict(self._final_metrics),
             "resumes": list(self._resumes),
+            "policy_refused": {site: dict(info) for site, info in self._refusals.items()},
         }
 
     def load_resume_state(self, state: dict[str, object]) -> None:
@@ -404,6 +453,7 @@ class RecordingStrategy(DelegatingStrategy):
         self.stopped_round = state["stopped_round"]  # type: ignore[assignment]
         self._earlier_seconds = [float(s) for s in state["round_seconds"]]  # type: ignore[union-attr]
         self._final_metrics = dict(state["final_metrics"])  # type: ignore[call-overload]
+        self._refusals = {str(k): dict(v) for k, v in dict(state.get("policy_refused", {})).items()}  # type: ignore[call-overload]
         self._resumes = [*state["resumes"], {"after_round": self._resume.round, "time": time.time()}]  # type: ignore[misc]
 
     def _score(self, metrics: dict[str, float]) -> float | None:
@@ -473,10 +523,12 @@ class RecordingStrategy(DelegatingStrategy):
         if self.failure is not None:
             summary["failure"] = self.failure
             summary["failed_round"] = self.failed_round
+        if self._refusals:
+            summary["policy_refused"] = {site: dict(info) for site, info in sorted(self._refusals.items())}
         if self.stopped_round is not None:
-            summary["stopped_early"] = {
-                "round": self.stopped_round,
-                "reason": "every site declined: one more round would exceed its privacy budget",
-            }
+            reason = "every site declined: one more round would exceed its privacy budget"
+            if self._refusals:
+                reason = "no site trained: " + self._refusal_text()
+            summary["stopped_early"] = {"round": self.stopped_round, "reason": reason}
         self.run_dir.write_summary(summary)
         return summary

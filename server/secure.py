@@ -489,8 +489,14 @@ class SecAggUpdateStrategy(DelegatingStrategy):
         """Check the aggregated update, replace it by ``global + update`` in every result, delegate.
 
         An aggregate that is not finite or not model-shaped drops the round (``None``: the
-        global model stays) and goes to ``on_invalid``.
+        global model stays) and goes to ``on_invalid``. When no site trained (every result has
+        ``num_examples = 0``: budgets spent, or the run refused by the sites' privacy policies)
+        the aggregate is meaningless (Flower divides by a total weight of 0) and the results go
+        to ``strategy`` as they are, which records them and stops the run.
         """
+        if results and all(res.num_examples == 0 for _, res in results):
+            self._global.pop(server_round, None)
+            return self.strategy.aggregate_fit(server_round, results, failures)
         if results:
             shared = results[0][1].parameters
             if any(res.parameters is not shared for _, res in results[1:]):

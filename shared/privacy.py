@@ -51,15 +51,19 @@ from medfed.shared.models import validate_for_dp
 __all__ = [
     "GRAD_SAMPLE_MODES",
     "LEDGER_FORMAT",
+    "EpsilonError",
     "LedgerEntry",
     "LedgerError",
     "PoissonSchedule",
     "PrivacyBudget",
     "PrivacyLedger",
     "PrivateTraining",
+    "deployment_ledger_path",
     "make_private_training",
     "noise_for_target",
+    "planned_noise_multiplier",
     "poisson_schedule",
+    "poisson_schedule_for",
     "secure_generator",
     "site_ledger_path",
 ]
@@ -76,6 +80,14 @@ classification only, the loss must be computed through :attr:`PrivateTraining.cr
 
 class LedgerError(ValueError):
     """A ledger file is unreadable, of another format, or internally inconsistent."""
+
+
+class EpsilonError(ValueError):
+    """The accountant gave an epsilon that is no privacy guarantee: negative, NaN or infinite.
+
+    Opacus's RDP conversion returns a negative epsilon when ``delta`` is large (for example
+    ``dp-delta = 0.5``); such a number must never be reported or compared with a budget.
+    """
 
 
 # --------------------------------------------------------------------------- secure noise
@@ -161,10 +173,22 @@ def poisson_schedule(loader: DataLoader) -> PoissonSchedule:
 
     Uses Opacus's own ``UniformWithReplacementSampler`` so the count matches what training does.
     """
-    num_samples = len(loader.dataset)  # type: ignore[arg-type]
-    if num_samples == 0 or len(loader) == 0:
+    return _schedule(num_samples=len(loader.dataset), num_batches=len(loader))  # type: ignore[arg-type]
+
+
+def poisson_schedule_for(*, num_samples: int, batch_size: int) -> PoissonSchedule:
+    """:func:`poisson_schedule` of the training loader a site builds for ``num_samples`` examples
+    at ``batch_size`` (``medfed.shared.training.make_train_loader``: ``drop_last = False``), without
+    loading the data (``medfed site check``)."""
+    if num_samples <= 0 or batch_size <= 0:
+        return _schedule(num_samples=0, num_batches=0)
+    return _schedule(num_samples=num_samples, num_batches=math.ceil(num_samples / min(batch_size, num_samples)))
+
+
+def _schedule(*, num_samples: int, num_batches: int) -> PoissonSchedule:
+    if num_samples == 0 or num_batches == 0:
         raise ValueError("DP-SGD needs a non-empty training set: this site has no training examples.")
-    sample_rate = 1.0 / len(loader)
+    sample_rate = 1.0 / num_batches
     sampler = UniformWithReplacementSampler(num_samples=num_samples, sample_rate=sample_rate)
     return PoissonSchedule(sample_rate=sample_rate, steps_per_epoch=len(sampler))
 
@@ -398,6 +422,21 @@ def noise_for_target(
         ) from None
 
 
+def planned_noise_multiplier(cfg: RunConfig, *, sample_rate: float, steps_per_round: int) -> float:
+    """The noise multiplier a site trains ``cfg`` with: ``dp-noise-multiplier``, or with
+    ``dp-target-epsilon > 0`` the one that spends that epsilon over all ``num-server-rounds``
+    planned rounds of ``steps_per_round`` steps at ``sample_rate`` (:func:`noise_for_target`)."""
+    if cfg.dp_target_epsilon > 0:
+        return noise_for_target(
+            target_epsilon=cfg.dp_target_epsilon,
+            delta=cfg.dp_delta,
+            sample_rate=sample_rate,
+            steps=steps_per_round * cfg.num_server_rounds,
+            accountant=cfg.dp_accountant,
+        )
+    return float(cfg.dp_noise_multiplier)
+
+
 # --------------------------------------------------------------------------- ledger
 @dataclass(frozen=True)
 class PrivacyBudget:
@@ -479,7 +518,13 @@ class PrivacyLedger:
         return sum(int(steps) for _, _, steps in self._accountant.history)
 
     def epsilon(self, delta: float) -> float:
-        """Cumulative epsilon at ``delta`` (0 before any step)."""
+        """Cumulative epsilon at ``delta`` (0 before any step).
+
+        Raises
+        ------
+        EpsilonError
+            ``delta`` outside (0, 1), or the accountant's epsilon is negative, NaN or infinite.
+        """
         return _epsilon(self._accountant, delta)
 
     def projected_epsilon(
@@ -634,7 +679,7 @@ class PrivacyLedger:
 
 
 def site_ledger_path(cfg: RunConfig, *, site_index: int) -> Path:
-    """Where site ``site_index`` keeps its ledger.
+    """Where simulated site ``site_index`` keeps its ledger (a deployed site: :func:`deployment_ledger_path`).
 
     ``ledger-dir`` set: ``<ledger-dir>/site-<k>.json`` (a real site points this at a folder it
     keeps for good). ``ledger-dir`` empty: ``<run-dir>/ledgers/data-<key>/site-<k>.json``, where
@@ -646,6 +691,20 @@ def site_ledger_path(cfg: RunConfig, *, site_index: int) -> Path:
     if cfg.ledger_dir:
         return Path(cfg.ledger_dir) / f"site-{site_index}.json"
     return Path(cfg.run_dir) / "ledgers" / f"data-{data_key(cfg)}" / f"site-{site_index}.json"
+
+
+def deployment_ledger_path(ledger_dir: str | Path, *, datalist: str | Path) -> Path:
+    """Where a deployed site keeps the one ledger of its datalist: ``<ledger-dir>/datalist-<key>.json``.
+
+    ``ledger_dir`` is the site's own folder (``ledger-dir`` in its ``site.toml``) and ``<key>``
+    is 16 hex digits of the SHA-256 of the datalist's resolved path. Nothing in the run config
+    (seed, image size, ``ledger-dir``, ``run-dir``) enters the path: every run and run config
+    that trains on this datalist charges the same ledger, so the budget is per patient data,
+    not per run. Moving the datalist file starts a new ledger (the site's decision alone).
+    """
+    identity = str(Path(datalist).expanduser().resolve())
+    key = hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
+    return Path(ledger_dir) / f"datalist-{key}.json"
 
 
 def data_key(cfg: RunConfig) -> str:
@@ -705,7 +764,15 @@ def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
 
 
 def _epsilon(accountant: IAccountant, delta: float) -> float:
-    """``accountant.get_epsilon(delta)``; for RDP the same arithmetic with cached per-step RDP."""
+    """``accountant.get_epsilon(delta)``; for RDP the same arithmetic with cached per-step RDP.
+
+    Raises
+    ------
+    EpsilonError
+        ``delta`` outside (0, 1), or an epsilon that is negative, NaN or infinite.
+    """
+    if not 0 < delta < 1:
+        raise EpsilonError(f"dp-delta = {delta!r} is invalid: it must lie in (0, 1).")
     if not accountant.history:
         return 0.0
     with warnings.catch_warnings():
@@ -718,4 +785,10 @@ def _epsilon(accountant: IAccountant, delta: float) -> float:
             eps = float(eps)
         else:
             eps = float(accountant.get_epsilon(delta=delta))
-    return eps if not math.isnan(eps) else math.inf
+    if not math.isfinite(eps) or eps < 0:
+        raise EpsilonError(
+            f"the {accountant.mechanism()} accountant gives epsilon = {eps!r} at dp-delta = {delta:g}, which is "
+            "no privacy guarantee (a negative epsilon comes from a delta far too large for the data). "
+            "Set dp-delta well below 1 / (training examples per site), e.g. 1e-5."
+        )
+    return eps

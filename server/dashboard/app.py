@@ -202,6 +202,9 @@ class SiteOut(BaseModel):
     budget_epsilon: float | None
     rounds_participated: int
     rounds_declined: int = Field(description="Rounds declined to stay within the privacy budget")
+    rounds_refused: int = Field(
+        0, description="Rounds in which the site refused the run: it asks for less privacy than the site's policy"
+    )
     rounds_missed: int = Field(description="Finished rounds, after its first, with no result from the site")
 
 

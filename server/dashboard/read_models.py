@@ -15,6 +15,7 @@ import sqlalchemy as sa
 
 from medfed.server.store.database import Database
 from medfed.server.store.schema import checkpoints, events, rounds, runs, site_rounds
+from medfed.shared.refusals import is_refusal
 
 __all__ = ["STALE_AFTER_S", "RunReader"]
 
@@ -110,6 +111,7 @@ class RunReader:
                     "budget_epsilon": eps[-1]["budget_epsilon"] if eps else None,
                     "rounds_participated": len(fit_rounds),
                     "rounds_declined": sum(1 for r in rows if r["declined"]),
+                    "rounds_refused": sum(1 for r in fits if is_refusal(r["fit"])),
                     "rounds_missed": missed,
                 }
             )

@@ -20,6 +20,7 @@ from sqlalchemy.engine import Connection
 from medfed.server.store.database import Database
 from medfed.server.store.redaction import redact_config, scrub
 from medfed.server.store.schema import checkpoints, events, rounds, runs, site_rounds
+from medfed.shared.refusals import is_refusal, refused_keys
 
 __all__ = ["RunStore"]
 
@@ -174,9 +175,13 @@ class RunStore(Database):
             selected = existing.selected if existing is not None else None
             conn.execute(site_rounds.delete().where(site_rounds.c.run_id == run_id, site_rounds.c.round == server_round))
             declined: list[str] = []
+            refused: list[str] = []
             for site in sorted(sites):
                 parts = sites[site] or {}
                 fit, ev = _clean(parts.get("fit")), _clean(parts.get("eval"))
+                if is_refusal(fit) or is_refusal(ev):
+                    keys = refused_keys(fit) or refused_keys(ev)
+                    refused.append(f"{site} ({', '.join(keys) or 'no key named'})")
                 is_declined = bool(fit.get("dp-declined", 0))
                 if is_declined:
                     declined.append(site)
@@ -229,6 +234,12 @@ class RunStore(Database):
                     conn, run_id, "warning", "dp-declined", server_round,
                     f"round {server_round}: {', '.join(declined)} declined to train "
                     "(one more round would exceed the site's privacy budget)", now,
+                )
+            if refused:
+                self._event(
+                    conn, run_id, "error", "policy-refused", server_round,
+                    f"round {server_round}: {'; '.join(refused)} refused the run: it asks for less privacy "
+                    "than the site's policy allows; change these run-config keys", now,
                 )
             for rejection in record.get("rejected") or []:
                 self._event(

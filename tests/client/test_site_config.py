@@ -70,6 +70,11 @@ def test_node_config_round_trips_through_flowers_parser(kit_dir: Path, tmp_path:
         "datalist": str(tmp_path / "data dir" / "datalist.json"),
         "device": "cpu",
         "dp-budget-epsilon": 3.0,
+        "require-dp": False,
+        "dp-max-delta": 1e-5,
+        "dp-min-noise-multiplier": 0.0,
+        "dp-require-secure-noise": True,
+        "ledger-dir": str(kit.root / "state" / "ledgers"),
     }
     command = supernode_command(kit, site)
     assert command[command.index("--isolation") + 1] == "process"

@@ -110,6 +110,35 @@ def test_three_sites_two_rounds_with_tls_and_node_authentication(live: LiveFeder
     assert "Uvicorn running on https://" in live.server.text()
 
 
+# ------------------------------------------------------------------ issue 15: the site's privacy policy
+def test_a_run_weaker_than_the_sites_policy_is_refused_by_every_site(live: LiveFederation) -> None:
+    """dp-delta = 0.5, seeded noise and a ledger-dir of the coordinator's choosing, under SecAgg+:
+    every site refuses before training, creates no folder, and the coordinator records why."""
+    elsewhere = live.root / "coordinator-chosen-ledgers"
+    config = live.run_config("weak", **{"num-server-rounds": 2, "dp": True, "dp-delta": 0.5,
+                                        "dp-secure-noise": False, "ledger-dir": str(elsewhere)})
+    proc = subprocess.run([MEDFED, "run", "-f", str(live.fed.root), "--config", str(config), "--timeout", "900"],
+                          capture_output=True, text=True, timeout=1000)
+    assert "finished" in proc.stdout, proc.stdout + proc.stderr
+    run_dir = _only_run_dir(live.root / "runs" / "weak")
+    records = read_metrics(run_dir)
+    assert [r["round"] for r in records] == [1]  # stopped: no site trained
+    assert set(records[0]["sites"]) == {"site-0", "site-1", "site-2"}
+    for site in records[0]["sites"].values():
+        fit = site["fit"]
+        assert fit["num_examples"] == 0 and fit["policy-refused"] == 1
+        assert fit["policy-refused-dp-delta"] == 1 and fit["policy-refused-dp-secure-noise"] == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert {k: v["keys"] for k, v in summary["policy_refused"].items()} == {
+        f"site-{i}": ["dp-delta", "dp-secure-noise"] for i in range(3)
+    }
+    assert not elsewhere.exists()
+    for name, site in live.sites.items():
+        text = site.text()
+        assert "refuses training in round 1" in text and "dp-delta = 0.5" in text, f"{name}:\n{text[-3000:]}"
+        assert not (live.root / name / "state" / "ledgers").exists()  # nothing charged
+
+
 # ------------------------------------------------------------------ acceptance 2: bundles
 def _assert_refused_everywhere(live: LiveFederation, run_id: int, run_dir_base: Path) -> None:
     assert wait_for_run(live.fed, run_id, timeout=600).startswith("finished")

@@ -184,6 +184,26 @@ def test_update_strategy_adds_the_aggregate_to_the_global_model() -> None:
         outer.aggregate_fit(2, separate, [])
 
 
+
+def test_when_no_site_trained_under_secagg_the_run_stops_instead_of_checking_a_void_aggregate(tmp_path: Path) -> None:
+    """Every site refused the run (privacy policy) or declined: Flower's aggregate divides by a total weight of 0."""
+    from torch import nn
+
+    from medfed.server.recording import RecordingStrategy
+    from medfed.server.run_dir import RunDirectory
+
+    recorder = RecordingStrategy(FedAvg(), run_dir=RunDirectory(tmp_path / "run", config={}, mode="federated"),
+                                 model=nn.Linear(3, 1), primary_metric="auc")
+    invalid: list[int] = []
+    outer = SecAggUpdateStrategy(recorder, on_invalid=lambda r, *a, **k: (invalid.append(r), (None, {}))[1])
+    outer._global[1] = [np.full(3, 2.0, np.float32)]
+    void = ndarrays_to_parameters([np.full(3, np.nan)])
+    ok = Status(code=Code.OK, message="")
+    metrics = [{"site-index": i, "policy-refused": 1, "policy-refused-dp-delta": 1} for i in range(2)]
+    params, _ = outer.aggregate_fit(1, [(None, FitRes(ok, void, 0, m)) for m in metrics], [])
+    assert params is None and invalid == [] and recorder.stopped_round == 1
+    assert recorder.finish()["policy_refused"]["site-1"]["keys"] == ["dp-delta"]
+
 # --------------------------------------------------------------------------- Ray: noise sites
 NOISE_SIZES = [10, 20, 30, 40, 50]
 DIE_AFTER_KEYS = Stage.COLLECT_MASKED_VECTORS  # the stage after key sharing

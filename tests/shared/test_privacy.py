@@ -14,12 +14,15 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from medfed.shared.models import build_model
 from medfed.shared.privacy import (
+    EpsilonError,
     LedgerError,
     PrivacyBudget,
     PrivacyLedger,
+    deployment_ledger_path,
     make_private_training,
     noise_for_target,
     poisson_schedule,
+    poisson_schedule_for,
     secure_generator,
 )
 from medfed.shared.training import train_epochs
@@ -51,6 +54,41 @@ def test_ledger_epsilon_matches_an_independent_opacus_accountant(mechanism: str)
     assert ledger.total_steps == sum(s for s, _, _ in rounds)
     epsilons = [e.epsilon for e in ledger.entries]
     assert epsilons == sorted(epsilons) and epsilons[0] > 0  # privacy loss only grows
+
+
+def test_a_negative_or_undefined_epsilon_is_an_error_not_a_number_to_report() -> None:
+    """Issue 15: with dp-delta = 0.5 Opacus's RDP conversion reports a negative epsilon."""
+    steps, q, sigma = 3, 1 / 3, 1.1
+    opacus = RDPAccountant()
+    for _ in range(steps):
+        opacus.step(noise_multiplier=sigma, sample_rate=q)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert opacus.get_epsilon(delta=0.5) < 0  # what the site used to report
+    ledger = PrivacyLedger()
+    with pytest.raises(EpsilonError, match=r"epsilon = -0\.\d+ at dp-delta = 0\.5.*e\.g\. 1e-5"):
+        ledger.record_round(server_round=1, steps=steps, sample_rate=q, noise_multiplier=sigma, delta=0.5)
+    with pytest.raises(EpsilonError, match="epsilon = "):
+        ledger.projected_epsilon(delta=0.5, steps=steps, sample_rate=q, noise_multiplier=sigma)
+    for delta in (0.0, 1.0, float("nan")):
+        with pytest.raises(EpsilonError, match="dp-delta = .* must lie in \\(0, 1\\)"):
+            ledger.epsilon(delta)
+    assert ledger.epsilon(DELTA) > 0  # the same history at a sane delta is fine
+
+
+def test_a_deployed_ledger_path_depends_on_the_datalist_only(tmp_path) -> None:
+    datalist = tmp_path / "patient-records" / "datalist.json"
+    path = deployment_ledger_path(tmp_path / "ledgers", datalist=datalist)
+    assert path.parent == tmp_path / "ledgers" and path.name.startswith("datalist-") and path.suffix == ".json"
+    assert deployment_ledger_path(tmp_path / "ledgers", datalist=tmp_path / "patient-records" / ".." / "patient-records" / "datalist.json") == path
+    assert deployment_ledger_path(tmp_path / "ledgers", datalist=tmp_path / "other.json") != path
+    assert "patient" not in str(path)  # the datalist's path is hashed, never written out
+
+
+@pytest.mark.parametrize(("n", "batch"), [(12, 4), (13, 4), (3, 8), (100, 16), (1, 1)])
+def test_the_schedule_without_data_matches_the_loaders(n: int, batch: int) -> None:
+    loader = DataLoader(TensorDataset(torch.zeros(n, 1)), batch_size=min(batch, n), drop_last=False)
+    assert poisson_schedule_for(num_samples=n, batch_size=batch) == poisson_schedule(loader)
 
 
 def test_ledger_with_budget_one_stops_at_the_right_round() -> None:

@@ -150,6 +150,7 @@
       el("td", {}, metricsCell(s.local_metrics)),
       el("td", {}, epsilonCell(s)),
       el("td", { class: `num${s.rounds_declined ? " warn" : ""}` }, String(s.rounds_declined)),
+      el("td", { class: `num${s.rounds_refused ? " warn" : ""}` }, String(s.rounds_refused || 0)),
       el("td", { class: `num${s.rounds_missed ? " warn" : ""}` }, String(s.rounds_missed)),
     ])));
     document.getElementById("sites-empty").hidden = sites.length > 0;
