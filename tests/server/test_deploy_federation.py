@@ -92,7 +92,7 @@ def test_three_sites_two_rounds_with_tls_and_node_authentication(live: LiveFeder
     assert [r["round"] for r in records] == [1, 2]
     for record in records:
         assert record["fit_results"] == 3 and record["fit_failures"] == 0
-        assert set(record["sites"]) == {"site-0", "site-1", "site-2"}
+        assert set(record["sites"]) == set(SITES)  # keyed by the enrolled site, not a reported index
         for site in record["sites"].values():
             assert site["fit"]["num_examples"] == 12 and "train-loss" in site["fit"]
             assert site["eval"]["num_examples"] == 4 and {"loss", "accuracy", "auc"} <= set(site["eval"])
