@@ -5,7 +5,7 @@ A SuperLink and 3 SuperNodes on 127.0.0.1 with TLS and SuperNode authentication,
 private key in its kit). Then ``medfed provision --force`` re-keys site1 with a new key of its
 own (and, being forced, re-issues everything the coordinator generates). The previous keys are
 in a backup; after ``medfed server start`` the old site1 key is refused by the SuperLink
-(``flower-supernode`` exits 305, Flower's "Failed to activate SuperNode"), and the three sites
+(``flower-supernode`` fails with Flower's exit code 305, "Failed to activate SuperNode"), and the three sites
 join with their new kits. Slow: SuperLink and SuperNode starts take minutes on 2 shared cores.
 """
 
@@ -97,8 +97,10 @@ def test_force_rekey_backs_up_and_the_old_key_can_no_longer_connect(tmp_path: Pa
             capture_output=True, text=True, timeout=180,
             env={**os.environ, "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"},
         )
-        assert attempt.returncode == 305, attempt.stdout[-2000:] + attempt.stderr[-2000:]
-        assert "Failed to activate SuperNode" in attempt.stdout + attempt.stderr
+        output = attempt.stdout + attempt.stderr
+        # Flower 1.42 logs its exit code 305; the process (uvicorn's shutdown) then exits 1.
+        assert attempt.returncode != 0, output[-3000:]
+        assert "Exit Code: 305" in output and "Failed to activate SuperNode" in output, output[-3000:]
         assert "No SuperNode found with the given public key" in server.text()
 
         # The new kits (site1 and site2 with their own keys) join.
