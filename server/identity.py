@@ -159,6 +159,7 @@ class SiteIdentities:
         self._unenrolled: set[int] = set()
         self._claims: dict[int, int] = {}
         """First-claim mode: index -> node id that claimed it first."""
+        self._grid_error = ""
         self.mode = "enrolled" if self._by_key else "unknown"
 
     def _refresh(self) -> None:
@@ -166,10 +167,13 @@ class SiteIdentities:
             return
         try:
             infos = list(self._nodes())
-        except Exception as err:  # noqa: BLE001 - without node information the first claims decide
-            logger.warning("the Grid did not list its nodes (%s): sites are identified by their first claim",
-                           type(err).__name__)
+        except Exception as err:  # noqa: BLE001 - enrolled: refuse unknown nodes; else first claims decide
+            self._grid_error = type(err).__name__
+            logger.warning("the Grid did not list its nodes (%s): %s", self._grid_error,
+                           "nodes it cannot match to an enrolled key are refused" if self._by_key
+                           else "sites are identified by their first claim")
             return
+        self._grid_error = ""
         if self._by_key:
             for info in infos:
                 site = self._by_key.get(bytes(getattr(info, "public_key", b"") or b""))
@@ -224,6 +228,10 @@ class SiteIdentities:
                 ))
             return Identity(key, index, node)
         if self._by_key:  # deployment: a key that is not enrolled (registered by hand, or revoked late)
+            if self._grid_error:
+                return Identity(f"node-{node}", None, node, refused=(
+                    f"node {node}'s identity cannot be checked: the Grid did not list its nodes ({self._grid_error})"
+                ))
             return Identity(f"node-{node}", None, node, refused=(
                 f"node {node} authenticated with a key that no enrolled site has (federation.toml)"
             ))

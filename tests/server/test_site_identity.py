@@ -165,3 +165,12 @@ def test_the_enrolment_reaches_the_server_app_from_the_federation_folder(tmp_pat
     assert enrolled == enrolled_sites(fed.sites)
     assert [(s.name, s.index) for s in enrolled] == [("north", 0), ("south", 1)]
     assert enrolled[1].public_key == flower_public_key(fed.site("south").public_key.read_text())
+
+
+def test_when_the_grid_cannot_list_nodes_an_enrolled_federation_refuses_rather_than_guesses() -> None:
+    def broken() -> list[NodeInfo]:
+        raise ConnectionError("runtime API down")
+
+    identities = SiteIdentities(nodes=broken, enrolled=ENROLLED)
+    identity = identities.identify(11, {"site-index": 0}, position=0)
+    assert identity.refused is not None and "cannot be checked" in identity.refused and "ConnectionError" in identity.refused
