@@ -224,7 +224,7 @@ def test_superlink_restart_keeps_runs_and_the_federation_usable(live: LiveFedera
                           capture_output=True, text=True, timeout=1000)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = read_metrics(_only_run_dir(live.root / "runs" / "after-restart"))
-    assert records[-1]["fit_results"] == 3 and set(records[-1]["sites"]) == {"site-0", "site-1", "site-2"}
+    assert records[-1]["fit_results"] == 3 and set(records[-1]["sites"]) == set(SITES)
     listing = subprocess.run([FLWR, "ls", live.fed.connection_name, "--format", "json"], capture_output=True,
                              text=True, env=flwr_env(live.fed), timeout=120)
     run_ids = {int(r["run-id"]) for r in json.loads(listing.stdout[listing.stdout.index("{"):])["runs"]}
