@@ -580,8 +580,8 @@ def provision(
             f"replaced and dropped files are in {result.backup} (mode 0700); it holds the old private keys: "
             "move it offline or delete it once the new kits work."
         )
-    for site in (*result.dropped, *result.rekeyed):
-        logger.warning(
+    for site in (*result.dropped, *result.rekeyed):  # logged; the CLI prints them (ProvisionResult)
+        logger.info(
             "site %s %s: its old key stays registered at the SuperLink until `medfed server start` "
             "unregisters it", site, "dropped" if site in result.dropped else "re-keyed",
         )
@@ -589,7 +589,7 @@ def provision(
     if warning:
         result.warnings.append(warning)
     for text in result.warnings:
-        logger.warning("%s", text)
+        logger.info("warning: %s", text)
     logger.info(
         "provisioned federation %s: %d site(s), %d file(s) created, %d kept",
         name, len(fed.sites), len(result.created), len(result.kept),
