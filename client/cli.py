@@ -1,4 +1,4 @@
-"""Hospital site commands: ``medfed site start`` and ``medfed site check``."""
+"""Hospital site commands: ``medfed site start``, ``medfed site check`` and ``medfed site keygen``."""
 
 from __future__ import annotations
 
@@ -41,8 +41,8 @@ def site_start(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s medfed %(levelname)s: %(message)s", force=True)
     try:
-        site_kit = load_kit(kit)
         site = load_site_config(config)
+        site_kit = load_kit(kit, auth_private_key=site.auth_key_path())
         code = run_site(site_kit, site, superlink=superlink, max_connect_attempts=max_connect_attempts)
     except (SiteConfigError, SiteStartError) as err:
         console.print(f"[bold red]error:[/] {err}")
@@ -74,7 +74,7 @@ def site_check(
         typer.Option(
             "--run-config",
             help="A proposed run config (TOML, as the coordinator would submit it): also check it against "
-            "this site's privacy policy; exit 1 naming every key that breaks it.",
+            "this site's privacy policy; exit 1 naming every key that breaks it (default: the data checks only).",
         ),
     ] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -126,3 +126,29 @@ def site_check(
             typer.echo(f"run config {run_config}:")
             typer.echo(format_policy(policy))
     raise typer.Exit(code=0 if report.ok and (policy is None or policy.accepted) else 1)
+
+
+@site_app.command("keygen")
+def site_keygen(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for site-auth.key (0600) and site-auth.pub.")],
+    comment: Annotated[str, typer.Option(help="Comment in the public key line (e.g. the site's name).")] = "",
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing pair (the old private key is kept as *.old).")
+    ] = False,
+) -> None:
+    """Generate this site's own authentication key pair: send only site-auth.pub to the coordinator.
+
+    The coordinator enrols it with `medfed provision --site-public-key NAME=site-auth.pub`; then set
+    auth-private-key in site.toml to the private key. Compare the fingerprint with the coordinator by phone.
+    """
+    from medfed.client.site_keys import KeygenError, keygen
+
+    try:
+        key = keygen(out, comment=comment, overwrite=force)
+    except KeygenError as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(code=2) from None
+    typer.echo(f"private key: {key.private_key} (mode 0600; never send it)")
+    typer.echo(f"public key:  {key.public_key} (send this file to the coordinator)")
+    typer.echo(f"fingerprint: {key.fingerprint}")
+    typer.echo(f'then set in site.toml:  auth-private-key = "{key.private_key}"')

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medfed.client.site_policy import SitePolicy, policy_problems
+from medfed.shared.auth_keys import AuthKeyError, private_key_matches, public_key_text
 from medfed.shared.config import BAD_DATA_MODES, close_matches
 from medfed.shared.files import read_toml
 
@@ -66,6 +67,9 @@ class SiteConfig:
         naming them in the site's log), ``"skip"`` (train on the usable ones, report their
         count as ``skipped-files``), or ``""`` (follow the run's ``bad-data``). The site's
         choice wins over the run's: the data is the site's.
+    auth_private_key
+        The site's own SuperNode authentication private key (``medfed site keygen``), for a kit
+        enrolled with only its public key; relative to ``site.toml``'s folder; empty: the kit's.
     source
         The file this was read from.
     """
@@ -84,6 +88,7 @@ class SiteConfig:
     image_size: int = 0
     num_classes: int = 0
     bad_data: str = ""
+    auth_private_key: str = ""
     source: Path | None = None
 
     @classmethod
@@ -117,6 +122,13 @@ class SiteConfig:
             require_secure_noise=self.dp_require_secure_noise,
             ledger_dir=str(self.ledger_path_dir(kit)) if kit is not None else "",
         )
+    def auth_key_path(self) -> Path | None:
+        """:attr:`auth_private_key` resolved against ``site.toml``'s folder (``None``: not set)."""
+        if not self.auth_private_key:
+            return None
+        path = Path(self.auth_private_key).expanduser()
+        base = self.source.parent if self.source else Path.cwd()
+        return path if path.is_absolute() else (base / path).resolve()
 
 
 def _expect(source: Path, key: str, value: Any, kind: type | tuple[type, ...], what: str) -> Any:
@@ -202,6 +214,7 @@ def load_site_config(path: str | Path, *, require_datalist: bool = True) -> Site
             + ", ".join(f'"{c}"' for c in choices)
             + ' ("" follows the run).'
         )
+    auth_key = _expect(source, "auth-private-key", raw.get("auth-private-key", ""), str, 'a key file path (or "")')
     return SiteConfig(
         site_name=name,
         datalist=datalist,
@@ -217,6 +230,7 @@ def load_site_config(path: str | Path, *, require_datalist: bool = True) -> Site
         image_size=image_size,
         num_classes=num_classes,
         bad_data=bad_data,
+        auth_private_key=auth_key,
         source=source,
     )
 
@@ -237,13 +251,24 @@ class Kit:
     signing_fingerprint: str
 
 
-def load_kit(path: str | Path) -> Kit:
+def load_kit(path: str | Path, *, auth_private_key: Path | None = None) -> Kit:
     """Read and check a startup kit folder.
+
+    Parameters
+    ----------
+    path
+        The kit folder.
+    auth_private_key
+        The site's own authentication private key (``site.toml``'s ``auth-private-key``): needed
+        when the kit was enrolled with the site's public key only (its ``kit.toml`` names no
+        private key); it wins over the kit's key otherwise. It must belong to the kit's
+        ``site-auth.pub``, the key the coordinator registered.
 
     Raises
     ------
     SiteConfigError
-        Missing ``kit.toml`` or kit files, or a private key readable by others.
+        Missing ``kit.toml`` or kit files, no private key, a private key readable by others, or
+        one that does not belong to the kit's public key.
     """
     root = Path(path).expanduser().resolve()
     manifest = root / "kit.toml"
@@ -252,10 +277,16 @@ def load_kit(path: str | Path) -> Kit:
         error=SiteConfigError,
         what="kit manifest",
         if_missing=f"{root} is not a startup kit ({manifest.name} is missing). Pass the folder the "
-        "coordinator sent (it holds kit.toml, ca.crt, site-auth.key, app-signing.pub).",
+        "coordinator sent (it holds kit.toml, ca.crt, site-auth.pub, app-signing.pub).",
         if_invalid="Ask the coordinator for a fresh kit.",
     )
     try:
+        kit_key = str(raw["auth-private-key"])
+        if auth_private_key is None and not kit_key:
+            raise SiteConfigError(
+                f"startup kit {root} holds no private key: the coordinator enrolled this site's own key. "
+                "Set auth-private-key in site.toml to the site-auth.key that `medfed site keygen` wrote."
+            )
         kit = Kit(
             root=root,
             federation=str(raw["federation"]),
@@ -263,26 +294,44 @@ def load_kit(path: str | Path) -> Kit:
             site_index=int(raw["site-index"]),
             superlink=str(raw["superlink"]),
             ca_cert=root / str(raw["ca-certificate"]),
-            auth_private_key=root / str(raw["auth-private-key"]),
+            auth_private_key=Path(auth_private_key) if auth_private_key is not None else root / kit_key,
             auth_public_key=root / str(raw["auth-public-key"]),
             signing_public_key=root / str(raw["app-signing-public-key"]),
             signing_fingerprint=str(raw.get("app-signing-fingerprint", "")),
         )
     except (KeyError, TypeError, ValueError) as err:
+        if isinstance(err, SiteConfigError):
+            raise
         raise SiteConfigError(f"{manifest} lacks or garbles {err}; ask the coordinator for a fresh kit.") from None
     for label, file in (
         ("CA certificate", kit.ca_cert),
-        ("authentication key", kit.auth_private_key),
         ("authentication public key", kit.auth_public_key),
         ("app-signing public key", kit.signing_public_key),
     ):
         if not file.is_file():
             raise SiteConfigError(f"startup kit {root}: the {label} {file.name} is missing; ask for a fresh kit.")
+    if not kit.auth_private_key.is_file():
+        where = "auth-private-key in site.toml" if auth_private_key is not None else f"startup kit {root}"
+        raise SiteConfigError(
+            f"{where}: the authentication key {kit.auth_private_key} is missing. Give the file "
+            "`medfed site keygen` wrote, or ask the coordinator for a fresh kit."
+        )
     mode = stat.S_IMODE(kit.auth_private_key.stat().st_mode)
     if mode & 0o077:
         raise SiteConfigError(
-            f"startup kit {root}: {kit.auth_private_key.name} is readable by other users (mode "
+            f"{kit.auth_private_key} (the site's authentication key) is readable by other users (mode "
             f"{mode:o}). Run: chmod 600 {kit.auth_private_key}"
+        )
+    try:
+        public = public_key_text(kit.auth_public_key.read_text(), source=str(kit.auth_public_key))
+        matches = private_key_matches(kit.auth_private_key, public)
+    except AuthKeyError as err:
+        raise SiteConfigError(f"startup kit {root}: {err}") from None
+    if not matches:
+        raise SiteConfigError(
+            f"the authentication key {kit.auth_private_key} does not belong to {kit.auth_public_key} (the "
+            "key the coordinator enrolled): the SuperLink would refuse this site. Use the private key of "
+            "the public key you sent the coordinator, or send it the new public key."
         )
     return kit
 

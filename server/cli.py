@@ -33,9 +33,35 @@ def _logging(verbose: bool) -> None:
     logging.getLogger("medfed").setLevel(logging.INFO if verbose else logging.WARNING)
 
 
+def _site_public_keys(items: list[str]) -> dict[str, Path]:
+    """``--site-public-key NAME=FILE`` values -> ``{NAME: FILE}``."""
+    keys: dict[str, Path] = {}
+    for item in items:
+        site, sep, file = item.partition("=")
+        if not sep or not site.strip() or not file.strip():
+            raise ProvisionError(
+                f"--site-public-key {item!r} is invalid: write NAME=FILE, e.g. --site-public-key "
+                "charite=charite-site-auth.pub (the site-auth.pub from `medfed site keygen`)."
+            )
+        if site.strip() in keys:
+            raise ProvisionError(f"--site-public-key gives site {site.strip()!r} twice.")
+        keys[site.strip()] = Path(file.strip())
+    return keys
+
+
 def provision_command(
     folder: Annotated[Path, typer.Argument(help="The federation folder (created if missing).")],
-    site: Annotated[list[str], typer.Option("--site", "-s", help="A site to enroll (repeatable).")],
+    site: Annotated[
+        list[str] | None, typer.Option("--site", "-s", help="A site to enroll with a key generated here (repeatable; default: none, give --site or --site-public-key).")
+    ] = None,
+    site_public_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--site-public-key",
+            help="NAME=FILE: enroll site NAME with its own public key (`medfed site keygen`); its kit then "
+            "holds no private key (repeatable; default: none).",
+        ),
+    ] = None,
     address: Annotated[
         str, typer.Option("--address", help="HOST:PORT of the SuperLink, as the sites dial it.")
     ] = "localhost:8000",
@@ -44,15 +70,38 @@ def provision_command(
     ] = None,
     name: Annotated[str, typer.Option(help="Federation name.")] = "medfed",
     force: Annotated[
-        bool, typer.Option("--force", help="Replace existing keys and certificates (every kit must be resent).")
+        bool,
+        typer.Option(
+            "--force",
+            help="Replace existing keys and certificates (every kit must be resent); enroll exactly the given "
+            "sites. What is replaced or dropped is backed up first.",
+        ),
     ] = False,
+    ca_key: Annotated[
+        Path | None,
+        typer.Option("--ca-key", help="Where the CA private key is kept (default <folder>/ca/ca.key, with a warning)."),
+    ] = None,
 ) -> None:
     """Create a federation folder: CA, SuperLink certificate, one startup kit per site."""
     try:
-        result = provision(folder, sites=site, superlink_address=address, hosts=san or [], name=name, force=force)
+        result = provision(
+            folder, sites=site or [], superlink_address=address, hosts=san or [], name=name, force=force,
+            site_public_keys=_site_public_keys(site_public_key or []), ca_key=ca_key,
+        )
     except ProvisionError as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(code=2) from None
+    for dropped in result.dropped:
+        console.print(f"[bold yellow]dropped:[/] site {dropped} (its kit is in the backup)")
+    for rekeyed in result.rekeyed:
+        console.print(f"[bold yellow]re-keyed:[/] site {rekeyed} (send it its new kit)")
+    if result.dropped or result.rekeyed:
+        console.print(
+            "[bold yellow]note:[/] the old keys of these sites are unregistered from the SuperLink when "
+            "`medfed server start` next starts; until then they can still connect."
+        )
+    for warning in result.warnings:
+        console.print(f"[bold yellow]warning:[/] {warning}")
     typer.echo(main_describe(result))
 
 

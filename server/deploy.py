@@ -3,8 +3,13 @@
 * :func:`superlink_command` / :func:`run_superlink`: ``flower-superlink`` with TLS (the
   federation's certificate), SuperNode authentication, a SQLite state database (a restart
   keeps runs and registered sites) and runtime dependency installation disabled. Once it
-  answers, every enrolled site's public key is registered through Flower's Control API
-  (``flwr supernode register`` does the same); keys registered before are kept.
+  answers, the registrations are reconciled with the enrolment (``federation.toml``) through
+  Flower's Control API: every registered key no enrolled site has (a dropped site's, a re-keyed
+  site's old key) is unregistered (``flwr supernode unregister``), then every enrolled site's
+  key is registered under the site's name (``flwr supernode register``); keys registered
+  before are kept. The SuperLink's environment names the federation folder
+  (:data:`medfed.server.identity.ENROLMENT_ENV`), so the ServerApp processes it launches key
+  their records by each node's enrolled site (:mod:`medfed.server.identity`).
 * :func:`stage_app`, :func:`submit_run`: ``medfed run``. The medfed packages are copied into
   a fresh Flower app folder whose ``pyproject.toml`` holds the complete run config; the FAB is
   built from it with Flower's own builder, signed with the coordinator's key (see
@@ -46,7 +51,8 @@ from typing import Any
 
 import tomli_w
 
-from medfed.server.provision import Federation, parse_address
+from medfed.server.identity import ENROLMENT_ENV, flower_public_key
+from medfed.server.provision import Federation, ca_key_warning, parse_address
 from medfed.server.signing import SIGNATURE_KEY, fab_hash, load_private_key, sign_app
 from medfed.shared.config import RunConfig
 from medfed.shared.executables import installed_executable
@@ -276,31 +282,61 @@ def _control_client(fed: Federation, address: str | None = None) -> Any:
 
 
 def register_sites(fed: Federation, *, address: str | None = None) -> dict[str, str]:
-    """Register every enrolled site's public key at the SuperLink (Flower Control API).
+    """Reconcile the SuperLink's registered keys with the enrolment (Flower Control API).
+
+    First every registered node whose public key no enrolled site has is unregistered (a
+    dropped site, or the old key of a re-keyed one: it can no longer connect), then every
+    enrolled site's key is registered under the site's name.
 
     Returns
     -------
     dict
-        Site name -> ``"registered"`` or ``"already registered"``.
+        Site name -> ``"registered"`` or ``"already registered"``; and ``"node <id>"`` ->
+        ``"unregistered (<name>: key not enrolled)"`` for each key removed.
 
     Raises
     ------
     DeployError
-        Naming the site whose key could not be registered.
+        Naming the site or node whose key could not be registered or unregistered.
     """
-    from flwr.cli.supernode.register import try_load_public_key
-    from flwr.proto.control_pb2 import RegisterNodeRequest
+    from flwr.proto.control_pb2 import ListNodesRequest, RegisterNodeRequest, UnregisterNodeRequest
+    from flwr.supercore.constant import NodeStatus
     from flwr.supercore.error.base import ApiErrorCode
 
     client = _control_client(fed, address)
     outcome: dict[str, str] = {}
     try:
-        for site in fed.sites:
-            key = try_load_public_key(site.public_key)
+        missing = [site.name for site in fed.sites if not site.key]
+        if missing:
+            raise DeployError(
+                f"{fed.root / 'federation.toml'} records no public key for site(s) {', '.join(missing)}: "
+                "re-run `medfed provision` (with --site-public-key NAME=FILE for a site's own key)."
+            )
+        enrolled = {flower_public_key(site.key): site.name for site in fed.sites}
+        try:
+            nodes = client.ListNodes(request=ListNodesRequest()).nodes_info
+        except Exception as err:  # the HTTP client raises httpx errors carrying Flower's payload
+            raise DeployError(f"listing the SuperLink's registered sites failed: {err}") from None
+        for node in nodes:
+            if node.status == NodeStatus.UNREGISTERED or bytes(node.public_key) in enrolled:
+                continue
+            label = node.name or "unnamed"
             try:
-                client.RegisterNode(request=RegisterNodeRequest(public_key=key, name=site.name))
+                client.UnregisterNode(request=UnregisterNodeRequest(node_id=node.node_id))
+            except Exception as err:
+                raise DeployError(
+                    f"unregistering node {node.node_id} ({label}), whose key is no longer enrolled, failed: {err}"
+                ) from None
+            outcome[f"node {node.node_id}"] = f"unregistered ({label}: key not enrolled)"
+            logger.warning(
+                "unregistered node %d (%s): its key is not enrolled in %s (dropped or re-keyed site); it "
+                "can no longer connect", node.node_id, label, fed.root.name,
+            )
+        for site in fed.sites:
+            try:
+                client.RegisterNode(request=RegisterNodeRequest(public_key=flower_public_key(site.key), name=site.name))
                 outcome[site.name] = "registered"
-            except Exception as err:  # the HTTP client raises httpx errors carrying Flower's payload
+            except Exception as err:
                 if _flower_error_code(err) == ApiErrorCode.PUBLIC_KEY_ALREADY_IN_USE or "already in use" in str(err):
                     outcome[site.name] = "already registered"
                 else:
@@ -365,6 +401,10 @@ def run_superlink(
     allowed_networks(host, control_allow)  # validate before starting anything
     env = flwr_env(fed)
     env[CONTROL_ALLOW_ENV] = ",".join(control_allow)
+    env[ENROLMENT_ENV] = str(fed.root)  # the ServerApp's site identities (medfed.server.identity)
+    warning = ca_key_warning(fed.ca_key, fed.root)
+    if warning:
+        logger.warning("%s", warning)
     sink = open(log_file, "a", encoding="utf-8") if log_file else None  # noqa: SIM115
     proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT if sink else None, env=env)
     try:

@@ -2,7 +2,10 @@
 
 It delegates every decision to the wrapped Flower strategy (as Flower's own DP wrappers do) and
 only observes: per-site fit and evaluation metrics, the server-side evaluation, failures (which
-site, the error class Flower reports), round times, and the best and final global models. After
+site, the error class Flower reports), round times, and the best and final global models. Sites
+are keyed by the identity the server checks (:mod:`medfed.server.identity`), never by the index
+they report; a result from a node that claims another site's identity is refused (left out of
+the round, recorded as a rejection with reason ``identity``). After
 every completed round it saves the server's resume state (``medfed.server.resume``). Two decisions are
 its own: a round with fewer training results than ``min_results`` is not aggregated, a run
 whose sites all declined (privacy budgets spent) stops, and a run in which every site failed a
@@ -15,6 +18,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 from flwr.common import (
     EvaluateIns,
@@ -33,10 +37,11 @@ from torch import nn
 
 from medfed.server.delegating import DelegatingStrategy
 from medfed.server.failures import every_site_failed, no_round_completed
+from medfed.server.identity import IDENTITY_REASON, Identity, SiteIdentities
 from medfed.server.resume import ResumeState, capture_rng, chain_state, write_resume_state
 from medfed.server.rounds import SiteFailure
 from medfed.server.run_dir import RoundRecord, RunDirectory
-from medfed.server.validation import RoundValidation, site_key
+from medfed.server.validation import RoundValidation
 from medfed.shared.refusals import is_refusal, refused_keys
 from medfed.shared.weights import set_weights
 
@@ -57,12 +62,14 @@ def _refused(res: FitRes | EvaluateRes) -> bool:
     return is_refusal(res.metrics)
 
 
-def _site_order(result: tuple[ClientProxy, FitRes]) -> tuple[int, float]:
-    """Sort key: by ``site-index``; results with an unusable index last (a hostile site may send anything)."""
-    value = result[1].metrics.get("site-index", 0)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return (1, 0.0)
-    return (0, float(value))
+def _node_of(proxy: ClientProxy | None) -> int | None:
+    node = getattr(proxy, "node_id", None)
+    return int(node) if node is not None else None
+
+
+def _site_order(identity: Identity) -> tuple[int, int, str]:
+    """Sort key: by the site's index as the server knows it, then by key (deterministic sums)."""
+    return (0, identity.index, identity.key) if identity.index is not None else (1, 0, identity.key)
 
 
 def _scalars(metrics: dict[str, Scalar]) -> dict[str, float]:
@@ -94,6 +101,10 @@ class RecordingStrategy(DelegatingStrategy):
     resume
         The state saved after the last completed round of this run (``medfed.server.resume``): the
         strategy starts from its weights and records, and skips the initial evaluation.
+    identities
+        Who each node is (:class:`~medfed.server.identity.SiteIdentities`, built from the Grid
+        and the enrolment); default: no node information, each node owns the first index it
+        reports.
 
     Attributes
     ----------
@@ -113,8 +124,10 @@ class RecordingStrategy(DelegatingStrategy):
         on_round: RoundCallback | None = None,
         min_results: int = 1,
         resume: ResumeState | None = None,
+        identities: SiteIdentities | None = None,
     ) -> None:
         super().__init__(strategy)
+        self.identities = identities or SiteIdentities()
         self.run_dir = run_dir
         self.model = model
         self.primary_metric = primary_metric
@@ -240,10 +253,36 @@ class RecordingStrategy(DelegatingStrategy):
             self._fit_failures.setdefault(server_round, []).extend(failures)
             self._record(server_round)
 
-    def _learn_site(self, proxy: ClientProxy | None, key: str) -> None:
-        node = getattr(proxy, "node_id", None)
-        if node is not None:
-            self._site_of_node[int(node)] = key
+    def site_of(self, proxy: ClientProxy | None, res: FitRes, position: int) -> str:
+        """The record key of an accepted result (for :class:`~medfed.server.validation.ValidatingStrategy`)."""
+        node = _node_of(proxy)
+        if node is not None and node in self._site_of_node:
+            return self._site_of_node[node]
+        return self.identities.identify(node, res.metrics, position=position).key
+
+    def _identify(
+        self, server_round: int, results: list[tuple[ClientProxy, Any]], *, step: str
+    ) -> list[tuple[ClientProxy, Any, Identity]]:
+        """The accepted results with their identities, ordered by site; refused ones recorded."""
+        record = self._record(server_round)
+        accepted: list[tuple[ClientProxy, Any, Identity]] = []
+        for i, (proxy, res) in enumerate(results):
+            identity = self.identities.identify(_node_of(proxy), res.metrics, position=i)
+            if identity.refused is None:
+                accepted.append((proxy, res, identity))
+                if identity.node is not None:
+                    self._site_of_node[identity.node] = identity.key
+                continue
+            logger.error(
+                "round %d: %s result refused: %s. It is left out of the round; %s's records are unchanged.",
+                server_round, step, identity.refused, identity.key,
+            )
+            node = "" if identity.node is None else str(identity.node)
+            if not any(r.get("node") == node and r.get("reason") == IDENTITY_REASON for r in record.rejected):
+                record.rejected.append(
+                    {"site": identity.key, "node": node, "reason": IDENTITY_REASON, "detail": identity.refused}
+                )
+        return sorted(accepted, key=lambda item: _site_order(item[2]))
 
     def _record_fit(
         self,
@@ -251,20 +290,18 @@ class RecordingStrategy(DelegatingStrategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> list[tuple[ClientProxy, FitRes]]:
-        """Record the sites' fit metrics and counts; return the results ordered by site."""
-        results = sorted(results, key=_site_order)
+        """Record the sites' fit metrics and counts; return the accepted results ordered by site."""
+        accepted = self._identify(server_round, results, step="training")
         record = self._record(server_round)
         timeouts = sum(1 for f in self._fit_failures.get(server_round, []) if f.code == "TIMEOUT")
-        record.num_fit_results = len(results)
+        record.num_fit_results = len(accepted)
         record.num_fit_failures = len(failures) + timeouts
-        for i, (proxy, res) in enumerate(results):
-            key = site_key(res.metrics, fallback=i)
-            self._learn_site(proxy, key)
-            site = record.sites.setdefault(key, {})
+        for _, res, identity in accepted:
+            site = record.sites.setdefault(identity.key, {})
             site["fit"] = {"num_examples": float(res.num_examples), **_scalars(res.metrics)}
             if _refused(res):
-                self._note_refusal(server_round, key, res.metrics)
-        return results
+                self._note_refusal(server_round, identity.key, res.metrics)
+        return [(proxy, res) for proxy, res, _ in accepted]
 
     def _note_refusal(self, server_round: int, site: str, metrics: dict[str, Scalar]) -> None:
         keys = refused_keys(metrics)
@@ -327,21 +364,18 @@ class RecordingStrategy(DelegatingStrategy):
         record.num_eval_failures = len(failures)
         if failures:
             logger.warning("round %d: %d site(s) failed to evaluate", server_round, len(failures))
-        refused = [r for r in results if _refused(r[1])]
-        results = [r for r in results if not _refused(r[1])]  # no loss, no examples: nothing to average
-        for i, (_, res) in enumerate(refused):
-            record.sites.setdefault(site_key(res.metrics, fallback=len(results) + i), {})["eval"] = {
-                "num_examples": 0.0,
-                **_scalars(res.metrics),
-            }
-        if refused and not results:
+        accepted = self._identify(server_round, results, step="evaluation")
+        refused = [a for a in accepted if _refused(a[1])]
+        accepted = [a for a in accepted if not _refused(a[1])]  # no loss, no examples: nothing to average
+        for _, res, identity in refused:
+            record.sites.setdefault(identity.key, {})["eval"] = {"num_examples": 0.0, **_scalars(res.metrics)}
+        if refused and not accepted:
             self._flush()
             return None, {}
-        for i, (proxy, res) in enumerate(results):
-            key = site_key(res.metrics, fallback=i)
-            self._learn_site(proxy, key)
-            site = record.sites.setdefault(key, {})
+        for _, res, identity in accepted:
+            site = record.sites.setdefault(identity.key, {})
             site["eval"] = {"loss": float(res.loss), "num_examples": float(res.num_examples), **_scalars(res.metrics)}
+        results = [(proxy, res) for proxy, res, _ in accepted]
         loss, metrics = self.strategy.aggregate_evaluate(server_round, results, failures)
         record.eval_metrics = _scalars(metrics)
         if loss is not None:
@@ -394,7 +428,8 @@ class RecordingStrategy(DelegatingStrategy):
             return
         record.seconds = time.perf_counter() - self._round_start if record.round > 0 else 0.0
         record.failed_sites = [
-            f.to_json(site=self._site_of_node.get(f.node_id)) for f in self._fit_failures.pop(record.round, [])
+            f.to_json(site=self._site_of_node.get(f.node_id) or self.identities.key_of_node(f.node_id))
+            for f in self._fit_failures.pop(record.round, [])
         ]
         self._final_metrics = dict(record.global_metrics or record.eval_metrics)
         if record.round > 0 and record.round == self._latest_round:

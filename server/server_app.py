@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 
 from medfed.server.evaluation import make_evaluate_fn
 from medfed.server.failures import RunFailedError
+from medfed.server.identity import SiteIdentities, enrolment_from_env
 from medfed.server.recording import RecordingStrategy, RoundCallback
 from medfed.server.resume import ResumePoint, restore_chain_state, restore_rng, resume_point
 from medfed.server.rounds import RoundStep
@@ -119,9 +120,11 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         on_round=hooks.on_round,
         min_results=1 if cfg.secagg else min(cfg.min_fit_clients, num_sites),
         resume=point.state if point else None,
+        identities=SiteIdentities(nodes=grid.get_nodes, enrolled=enrolment_from_env()),
     )
     if validator is not None:
         validator.on_report = strategy.record_validation
+        validator.site_of = strategy.site_of
     done = point.state.round if point else 0
     workflow, outer = build_workflow(cfg, strategy, num_sites=num_sites, first_round=done + 1)
     strategy.outer = outer

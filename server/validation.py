@@ -76,6 +76,8 @@ REASONS: tuple[str, ...] = ("unreadable", "count", "shape", "dtype", "nan", "inf
 """Every reason a rejection can carry, in the order the checks run."""
 
 ReportCallback = Callable[["RoundValidation"], None]
+SiteOf = Callable[[ClientProxy, FitRes, int], str]
+"""``(proxy, result, position)`` -> the site's record key (:meth:`medfed.server.recording.RecordingStrategy.site_of`)."""
 
 
 @dataclass(frozen=True)
@@ -241,6 +243,9 @@ class ValidatingStrategy(DelegatingStrategy):
         The strategy's name, for messages.
     on_report
         Called with each round's :class:`RoundValidation` before this returns.
+    site_of
+        Names a result's site in the report (the server's identity of the node); default: the
+        ``site-index`` it reports (:func:`site_key`).
     """
 
     def __init__(
@@ -251,8 +256,10 @@ class ValidatingStrategy(DelegatingStrategy):
         min_updates: int = 1,
         rule: str = "",
         on_report: ReportCallback | None = None,
+        site_of: SiteOf | None = None,
     ) -> None:
         super().__init__(strategy)
+        self.site_of = site_of
         self.max_update_norm = float(max_update_norm)
         self.min_updates = max(1, int(min_updates))
         self.rule = rule or type(strategy).__name__
@@ -286,7 +293,7 @@ class ValidatingStrategy(DelegatingStrategy):
         report = RoundValidation(round=server_round)
         valid: list[tuple[ClientProxy, FitRes]] = []
         for i, (proxy, res) in enumerate(results):
-            site = site_key(res.metrics, fallback=i)
+            site = self.site_of(proxy, res, i) if self.site_of is not None else site_key(res.metrics, fallback=i)
             finding, norm = self._check(res, global_weights)
             if norm is not None and math.isfinite(norm):
                 report.norms[site] = norm

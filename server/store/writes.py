@@ -242,8 +242,10 @@ class RunStore(Database):
                     "than the site's policy allows; change these run-config keys", now,
                 )
             for rejection in record.get("rejected") or []:
+                identity = rejection.get("reason") == "identity"  # medfed.server.identity.IDENTITY_REASON
                 self._event(
-                    conn, run_id, "warning", "update-rejected", server_round,
+                    conn, run_id, "error" if identity else "warning",
+                    "identity-refused" if identity else "update-rejected", server_round,
                     f"round {server_round}: {rejection.get('site', '?')}'s update rejected "
                     f"({rejection.get('reason', '?')}: {rejection.get('detail', '')})", now,
                 )

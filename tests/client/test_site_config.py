@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -121,3 +122,81 @@ def test_site_start_with_a_bad_config_exits_with_a_clear_error(kit_dir: Path, tm
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "missing.json" in proc.stderr and "does not exist" in proc.stderr
+
+
+# --------------------------------------------------------------------------- the site's own key
+def test_keygen_writes_a_private_pair_and_refuses_to_overwrite_it(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+
+    from medfed.client.site_keys import KeygenError, keygen
+
+    key = keygen(tmp_path / "keys", comment="st-mary")
+    assert os.stat(key.private_key).st_mode & 0o777 == 0o600
+    private = load_ssh_private_key(key.private_key.read_bytes(), password=None)
+    assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
+    assert key.public_key.read_text().endswith(" st-mary\n") and key.fingerprint.startswith("SHA256:")
+    if shutil.which("ssh-keygen"):  # the fingerprint the coordinator reads back is OpenSSH's
+        ssh = subprocess.run(["ssh-keygen", "-lf", str(key.public_key)], capture_output=True, text=True, check=True)
+        assert key.fingerprint in ssh.stdout
+    before = key.private_key.read_bytes()
+    with pytest.raises(KeygenError, match="already has a key"):
+        keygen(tmp_path / "keys")
+    assert key.private_key.read_bytes() == before
+    again = keygen(tmp_path / "keys", overwrite=True)
+    assert again.private_key.read_bytes() != before
+    assert [p.read_bytes() for p in (tmp_path / "keys").glob("site-auth.key.*.old")] == [before]
+
+
+def test_keygen_cli_prints_the_public_key_and_fingerprint(tmp_path: Path) -> None:
+    from tests.support.deploy_support import MEDFED
+
+    out = subprocess.run([MEDFED, "site", "keygen", "--out", str(tmp_path / "k")], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert f"public key:  {tmp_path / 'k' / 'site-auth.pub'}" in out.stdout and "fingerprint: SHA256:" in out.stdout
+    again = subprocess.run([MEDFED, "site", "keygen", "--out", str(tmp_path / "k")], capture_output=True, text=True,
+                           timeout=120)
+    assert again.returncode == 2 and "--force" in again.stderr
+
+
+@pytest.fixture
+def own_key_kit(tmp_path: Path) -> tuple[Path, Path]:
+    from medfed.client.site_keys import keygen
+
+    key = keygen(tmp_path / "keys")
+    fed = provision(tmp_path / "fed", sites=[], superlink_address="127.0.0.1:9000",
+                    site_public_keys={"st-mary": key.public_key}).federation
+    return fed.sites[0].kit, key.private_key
+
+
+def test_a_kit_enrolled_with_the_sites_own_key_needs_it_from_site_toml(own_key_kit: tuple[Path, Path],
+                                                                        tmp_path: Path) -> None:
+    kit_dir, private = own_key_kit
+    assert not (kit_dir / "site-auth.key").exists()
+    with pytest.raises(SiteConfigError, match="Set auth-private-key in site.toml"):
+        load_kit(kit_dir)
+    path = _site(tmp_path, f'site-name = "st-mary"\ndatalist = "data dir/datalist.json"\nauth-private-key = "{private}"\n')
+    site = load_site_config(path)
+    kit = load_kit(kit_dir, auth_private_key=site.auth_key_path())
+    assert kit.auth_private_key == private
+    command = supernode_command(kit, site)
+    assert command[command.index("--auth-supernode-private-key") + 1] == str(private)
+    relative = _site(tmp_path, 'site-name = "st-mary"\ndatalist = "data dir/datalist.json"\nauth-private-key = "keys/site-auth.key"\n')
+    assert load_site_config(relative).auth_key_path() == private  # relative to site.toml's folder
+
+
+def test_a_site_key_that_is_not_the_enrolled_one_or_readable_by_others_is_rejected(
+    own_key_kit: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from medfed.client.site_keys import keygen
+
+    kit_dir, private = own_key_kit
+    other = keygen(tmp_path / "other").private_key
+    with pytest.raises(SiteConfigError, match="does not belong to .*site-auth.pub"):
+        load_kit(kit_dir, auth_private_key=other)
+    os.chmod(private, 0o640)
+    with pytest.raises(SiteConfigError, match=f"chmod 600 {private}"):
+        load_kit(kit_dir, auth_private_key=private)
+    with pytest.raises(SiteConfigError, match="is missing"):
+        load_kit(kit_dir, auth_private_key=tmp_path / "nowhere.key")

@@ -92,7 +92,7 @@ def test_three_sites_two_rounds_with_tls_and_node_authentication(live: LiveFeder
     assert [r["round"] for r in records] == [1, 2]
     for record in records:
         assert record["fit_results"] == 3 and record["fit_failures"] == 0
-        assert set(record["sites"]) == {"site-0", "site-1", "site-2"}
+        assert set(record["sites"]) == set(SITES)  # keyed by the enrolled site, not a reported index
         for site in record["sites"].values():
             assert site["fit"]["num_examples"] == 12 and "train-loss" in site["fit"]
             assert site["eval"]["num_examples"] == 4 and {"loss", "accuracy", "auc"} <= set(site["eval"])
@@ -253,7 +253,7 @@ def test_superlink_restart_keeps_runs_and_the_federation_usable(live: LiveFedera
                           capture_output=True, text=True, timeout=1000)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     records = read_metrics(_only_run_dir(live.root / "runs" / "after-restart"))
-    assert records[-1]["fit_results"] == 3 and set(records[-1]["sites"]) == {"site-0", "site-1", "site-2"}
+    assert records[-1]["fit_results"] == 3 and set(records[-1]["sites"]) == set(SITES)
     listing = subprocess.run([FLWR, "ls", live.fed.connection_name, "--format", "json"], capture_output=True,
                              text=True, env=flwr_env(live.fed), timeout=120)
     run_ids = {int(r["run-id"]) for r in json.loads(listing.stdout[listing.stdout.index("{"):])["runs"]}

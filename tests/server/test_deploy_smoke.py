@@ -45,7 +45,7 @@ def test_two_sites_one_signed_round(two_sites: LiveFederation) -> None:
     (run_dir,) = [p for p in (two_sites.root / "runs" / "smoke").iterdir() if p.is_dir()]
     (record,) = read_metrics(run_dir)
     assert record["round"] == 1 and record["fit_results"] == 2 and record["fit_failures"] == 0
-    assert set(record["sites"]) == {"site-0", "site-1"}
+    assert set(record["sites"]) == {"north", "south"}  # the enrolled names (medfed.server.identity)
     for site in record["sites"].values():
         assert site["fit"]["num_examples"] == 12 and "train-loss" in site["fit"]
     for name, site in two_sites.sites.items():

@@ -57,7 +57,9 @@ def write_nifti_datalist(folder: Path, *, seed: int, n_train: int = 12, n_val: i
     return path
 
 
-def write_site_toml(path: Path, *, name: str, datalist: Path, runtime_port: int, state_dir: Path) -> Path:
+def write_site_toml(
+    path: Path, *, name: str, datalist: Path, runtime_port: int, state_dir: Path, auth_private_key: Path | None = None
+) -> Path:
     path.write_text(
         f'site-name = "{name}"\n'
         f'datalist = "{datalist}"\n'
@@ -65,6 +67,7 @@ def write_site_toml(path: Path, *, name: str, datalist: Path, runtime_port: int,
         "dp-budget-epsilon = 8.0\n"
         f"runtime-port = {runtime_port}\n"
         f'state-dir = "{state_dir}"\n'
+        + (f'auth-private-key = "{auth_private_key}"\n' if auth_private_key is not None else "")
     )
     return path
 
@@ -140,14 +143,16 @@ class LiveFederation:
         assert self.server.wait_for("site keys at the SuperLink", 90), self.server.text()
         return self.server
 
-    def start_site(self, name: str, index: int) -> Proc:
+    def start_site(self, name: str, index: int, *, auth_private_key: Path | None = None, log: str = "") -> Proc:
+        """Start site ``name`` (``auth_private_key``: its own key, for a kit enrolled with its public key)."""
         folder = self.root / name
         datalist = write_nifti_datalist(folder / "data", seed=index)
         toml = write_site_toml(
-            folder / "site.toml", name=name, datalist=datalist, runtime_port=free_port(), state_dir=folder / "state"
+            folder / "site.toml", name=name, datalist=datalist, runtime_port=free_port(), state_dir=folder / "state",
+            auth_private_key=auth_private_key,
         )
         proc = Proc([MEDFED, "site", "start", "--kit", str(self.fed.site(name).kit), "--config", str(toml)],
-                    self.root / f"{name}.log")
+                    self.root / f"{log or name}.log")
         self.sites[name] = proc
         return proc
 
