@@ -87,7 +87,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
     else:
         splits = load_dataset(cfg)
         model, task = model_for(cfg, splits.train), splits.task
-        evaluate_fn = make_evaluate_fn(model_for(cfg, splits.train), splits.test)
+        evaluate_fn = make_evaluate_fn(model_for(cfg, splits.train), splits.test, val=splits.val)
     check_dp_model(cfg, model=model, task=task)  # before any site is asked to train
     run_dir = RunDirectory(
         run_path or new_run_path(cfg.run_dir, name=f"{cfg.strategy}-s{cfg.seed}"),

@@ -45,6 +45,7 @@ __all__ = [
     "partition_indices",
     "SiteSplits",
     "site_partitions",
+    "training_pool",
     "split_train_val_test",
     "TRAIN_MIN_PER_SITE",
     "VAL_MIN_PER_SITE",
@@ -164,6 +165,31 @@ def local_test_size(num_train: int, fraction: float) -> int:
     return max(1, int(round(fraction * num_train))) if num_train >= 3 else 0
 
 
+def training_pool(
+    train_labels: np.ndarray, *, seed: int, local_test_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The training split cut into the sites' training pool and their local test pool.
+
+    Step 1 of :func:`site_partitions`, alone: the pooled baseline trains on the same pool as
+    the sites together (``medfed.simulations.pooled``).
+
+    Returns
+    -------
+    tuple of np.ndarray
+        ``(pool, test_pool)``: sorted ``int64`` indices into the training split, disjoint,
+        covering it; ``test_pool`` holds :func:`local_test_size` samples, stratified by class
+        (seed ``seed + 2``).
+    """
+    train_labels = _check_labels(train_labels)
+    n_test = local_test_size(len(train_labels), local_test_fraction)
+    if not n_test:
+        return np.arange(len(train_labels), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    pool, _, test_pool = split_train_val_test(
+        train_labels, val_fraction=0.0, test_fraction=n_test / len(train_labels), seed=seed + 2
+    )
+    return pool, test_pool
+
+
 def site_partitions(
     train_labels: np.ndarray,
     val_labels: np.ndarray,
@@ -216,13 +242,7 @@ def site_partitions(
     train_labels, val_labels = _check_labels(train_labels), _check_labels(val_labels)
     if not 0.0 <= local_test_fraction < 1.0:
         raise ValueError(f"local-test-fraction = {local_test_fraction!r} is invalid: it must lie in [0, 1).")
-    n_test = local_test_size(len(train_labels), local_test_fraction)
-    if n_test:
-        pool, _, test_pool = split_train_val_test(
-            train_labels, val_fraction=0.0, test_fraction=n_test / len(train_labels), seed=seed + 2
-        )
-    else:
-        pool, test_pool = np.arange(len(train_labels), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    pool, test_pool = training_pool(train_labels, seed=seed, local_test_fraction=local_test_fraction)
     parts = partition_indices(
         train_labels[pool], num_sites=num_sites, method=method, alpha=alpha, seed=seed,
         min_per_site=TRAIN_MIN_PER_SITE,
