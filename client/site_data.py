@@ -16,7 +16,13 @@ from medfed.shared.data.datalist import UnusableEntriesError
 from medfed.shared.data.loading import load_dataset
 from medfed.shared.partition import SiteSplits, site_partitions
 
-__all__ = ["SiteData", "simulated_site_data", "simulated_partitions", "deployment_site_data"]
+__all__ = [
+    "SiteData",
+    "simulated_site_data",
+    "simulated_partitions",
+    "simulated_class_counts",
+    "deployment_site_data",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +69,32 @@ def simulated_site_data(cfg: RunConfig, *, site_index: int, num_sites: int) -> S
         skipped_files=splits.skipped_files,
         test=splits.train.subset(test) if len(test) else None,
     )
+
+
+def simulated_class_counts(cfg: RunConfig) -> list[tuple[str, dict[str, list[int]]]]:
+    """Every simulated site's class counts in its training, validation and local test splits.
+
+    Returns
+    -------
+    list
+        ``[("site-0", {"train": [n_0, n_1, ...], "val": [...], "test": [...]}), ...]``;
+        segmentation counts images with and without foreground; ``test`` only with
+        ``local-test-fraction > 0``.
+    """
+    parts = simulated_partitions(cfg, cfg.num_sites)
+    splits = load_dataset(cfg)
+    train, val = splits.train.class_labels(), splits.val.class_labels()
+    num_classes = splits.train.num_classes if splits.task == "classification" else 2
+    out = []
+    for k in range(cfg.num_sites):
+        counts = {
+            "train": np.bincount(train[parts.train[k]], minlength=num_classes).tolist(),
+            "val": np.bincount(val[parts.val[k]], minlength=num_classes).tolist(),
+        }
+        if cfg.local_test_fraction > 0:
+            counts["test"] = np.bincount(train[parts.test[k]], minlength=num_classes).tolist()
+        out.append((f"site-{k}", counts))
+    return out
 
 
 @functools.lru_cache(maxsize=4)

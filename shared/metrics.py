@@ -6,7 +6,13 @@ import torch
 from monai.metrics import DiceMetric, compute_roc_auc
 from monai.networks.utils import one_hot
 
-__all__ = ["classification_metrics", "decision_metrics", "segmentation_metrics", "youden_threshold"]
+__all__ = [
+    "classification_metrics",
+    "decision_metrics",
+    "predicts_single_class",
+    "segmentation_metrics",
+    "youden_threshold",
+]
 
 
 def classification_metrics(
@@ -125,6 +131,22 @@ def youden_threshold(scores: torch.Tensor, targets: torch.Tensor) -> float:
     if best == 0:
         return float(candidates[0]) / 2.0
     return float(candidates[best - 1] + candidates[best]) / 2.0
+
+
+def predicts_single_class(global_metrics: dict[str, float], site_metrics: dict[str, float] | None = None) -> bool:
+    """Whether a round's global model predicts a single class (the figures say so).
+
+    Parameters
+    ----------
+    global_metrics
+        The server's evaluation (``single-class``, else ``predicted-classes``).
+    site_metrics
+        The sites' aggregated validation metrics: ``predicted-classes-max = 1`` means every
+        site saw its validation split called one class.
+    """
+    if global_metrics.get("single-class", 0.0) >= 1.0 or global_metrics.get("predicted-classes", 2.0) == 1.0:
+        return True
+    return bool(site_metrics) and site_metrics.get("predicted-classes-max", 2.0) == 1.0  # type: ignore[union-attr]
 
 
 def segmentation_metrics(

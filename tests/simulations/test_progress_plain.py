@@ -14,7 +14,10 @@ from medfed.cli import app
 from medfed.server.run_dir import RoundRecord
 from medfed.simulations.progress import RunProgress
 
-LINE = re.compile(r"^round (\d+)/(\d+)  auc \d\.\d{4}  accuracy \d\.\d{4}  loss \d+\.\d{4}  sites (\d+)/(\d+)  \d+\.\d s$")
+LINE = re.compile(
+    r"^round (\d+)/(\d+)  auc \d\.\d{4}  accuracy \d\.\d{4}  balanced-accuracy \d\.\d{4}  loss \d+\.\d{4}  "
+    r"sites (\d+)/(\d+)  \d+\.\d s( \(single class\))?$"
+)
 
 
 class FlushLog(io.StringIO):
