@@ -72,9 +72,10 @@ def personalization_report(cfg: RunConfig, weights: list[np.ndarray]) -> dict[st
     -------
     dict
         ``{"personalization": {"mode", "epochs", "local_only", "sites": {"site-0": {...}},
-        "mean": {...}}}``: per site ``local-test-examples`` and ``local-test-<metric>-<model>``;
-        ``mean``: each key's mean over the sites that have it (AUC needs both classes in a
-        site's local test split). Empty when no site has a local test split.
+        "mean": {...}, "mean_over_sites": {...}}}``: per site ``local-test-examples`` and
+        ``local-test-<metric>-<model>``; ``mean``: each key's mean over the sites that have it
+        (AUC needs both classes in a site's local test split), ``mean_over_sites`` how many.
+        Empty when no site has a local test split.
     """
     device = select_device()
     sites: dict[str, dict[str, float]] = {}
@@ -103,12 +104,12 @@ def personalization_report(cfg: RunConfig, weights: list[np.ndarray]) -> dict[st
     if not any(row["local-test-examples"] for row in sites.values()):
         return {}
     keys = sorted({key for row in sites.values() for key in row if key != "local-test-examples"})
-    mean = {}
+    mean: dict[str, float] = {}
+    counted: dict[str, int] = {}
     for key in keys:
         values = [row[key] for row in sites.values() if key in row and math.isfinite(row[key])]
         if values:
-            mean[key] = float(np.mean(values))
-            mean[f"{key}-sites"] = float(len(values))
+            mean[key], counted[key] = float(np.mean(values)), len(values)
     return {
         "personalization": {
             "mode": cfg.personalize,
@@ -116,6 +117,7 @@ def personalization_report(cfg: RunConfig, weights: list[np.ndarray]) -> dict[st
             "local_only": cfg.local_only_baseline,
             "sites": sites,
             "mean": mean,
+            "mean_over_sites": counted,
         }
     }
 

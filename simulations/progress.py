@@ -201,7 +201,9 @@ def summary_lines(summary: dict[str, object]) -> list[tuple[str, str]]:
     for site, row in dict(report.get("sites") or {}).items():
         rows.append((f"{site} local test", _local_test_text(row)))
     if report.get("mean"):
-        rows.append(("mean local test", _local_test_text(report["mean"])))
+        counted = dict(report.get("mean_over_sites") or {})
+        sites = f" (AUC over {counted['local-test-auc-global']} sites)" if "local-test-auc-global" in counted else ""
+        rows.append((f"mean local test{sites}", _local_test_text(report["mean"])))
     return rows
 
 
