@@ -138,6 +138,8 @@ def _settings(cfg: RunConfig, *, site_index: int) -> TrainSettings:
 
 
 def _scores(model: nn.Module, data: SiteData, name: str, *, device: torch.device) -> dict[str, float]:
-    assert data.test is not None
+    """``model``'s figures on the site's local test split, at a threshold chosen on its validation split."""
+    if data.test is None:
+        raise ValueError("this site has no local test split (local-test-fraction = 0).")
     metrics = evaluate_at_validation_threshold(model, data.test, val=data.val, device=device)
     return {f"local-test-{m}-{name}": float(metrics[m]) for m in LOCAL_TEST_METRICS if m in metrics}
