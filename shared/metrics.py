@@ -37,8 +37,8 @@ def classification_metrics(
     -------
     dict
         ``accuracy`` (argmax); ``auc`` (binary: AUC of the class-1 probability; more classes:
-        macro one-vs-rest), omitted when ``targets`` holds a single class, where it is
-        undefined; at the threshold (binary) or argmax (more classes): ``balanced-accuracy``
+        macro one-vs-rest over the classes present in ``targets``), omitted when ``targets``
+        holds a single class, where it is undefined; at the threshold (binary) or argmax (more classes): ``balanced-accuracy``
         (the mean recall over the classes present), ``sensitivity`` and ``specificity``
         (binary: of class 1; more classes: macro means one-vs-rest over the classes with
         positives, respectively negatives; each omitted when undefined); ``threshold``
@@ -51,10 +51,14 @@ def classification_metrics(
     metrics = {"accuracy": float((probs.argmax(dim=1) == targets).float().mean())}
     if torch.unique(targets).numel() > 1:
         if num_classes == 2:
-            auc = compute_roc_auc(probs[:, 1], targets)
+            auc = float(compute_roc_auc(probs[:, 1], targets))
         else:
-            auc = compute_roc_auc(probs, one_hot(targets[:, None], num_classes), average="macro")
-        metrics["auc"] = float(auc)
+            # Macro one-vs-rest over the classes present (a site's split may lack a class, whose
+            # one-vs-rest AUC is undefined; with every class present this is MONAI's "macro").
+            truth = one_hot(targets[:, None], num_classes)
+            present = [c for c in range(num_classes) if 0 < int(truth[:, c].sum()) < len(targets)]
+            auc = sum(float(compute_roc_auc(probs[:, c], truth[:, c])) for c in present) / len(present)
+        metrics["auc"] = auc
     if num_classes == 2:
         cut = 0.5 if threshold is None else float(threshold)
         predicted = (probs[:, 1] >= cut).long()

@@ -12,7 +12,9 @@ patients (the model it would actually use):
 ``"bn+head"``
     Both: first the statistics, then the head on top of them.
 
-The site scores each model on its own local test split with the decision threshold chosen
+A site keeps the personalized model only where its own validation split scores it better than
+the global model (:func:`choose_on_validation`; on a small, skewed site a fine-tuned head can
+overfit), and scores the models on its own local test split with the decision threshold chosen
 on its own validation split (:func:`medfed.shared.training.evaluate_at_validation_threshold`).
 Pure PyTorch (no Flower): a deployed site calls :func:`personalize` on the final global model
 and its own :class:`~medfed.shared.data.base.ImageSet`; ``medfed simulate`` does it for every
@@ -31,10 +33,16 @@ from torch.utils.data import DataLoader
 
 from medfed.shared.config import PERSONALIZE_MODES
 from medfed.shared.data.base import ImageSet
-from medfed.shared.training import TrainSettings, make_loss, make_optimizer, make_train_loader
+from medfed.shared.training import TrainSettings, evaluate, make_loss, make_optimizer, make_train_loader
 from medfed.shared.transforms import ImageSetDataset
 
-__all__ = ["head_of", "personalize", "reestimate_batchnorm"]
+__all__ = [
+    "choose_on_validation",
+    "head_of",
+    "personalization_steps",
+    "personalize",
+    "reestimate_batchnorm",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +110,57 @@ def personalize(
     nn.Module
         The personalized model, in eval mode.
     """
+    return personalization_steps(model, data, mode=mode, epochs=epochs, settings=settings, device=device)[-1][1]
+
+
+def personalization_steps(
+    model: nn.Module,
+    data: ImageSet,
+    *,
+    mode: str,
+    epochs: int,
+    settings: TrainSettings,
+    device: torch.device,
+) -> list[tuple[str, nn.Module]]:
+    """The global model and each step of :func:`personalize` after it, as ``(name, model)``.
+
+    ``"bn+head"`` gives ``[("off", global copy), ("bn", ...), ("bn+head", ...)]``; ``"head"``
+    gives ``[("off", ...), ("head", ...)]``. Parameters as :func:`personalize`.
+    """
     if mode not in PERSONALIZE_MODES:
         raise ValueError(f"personalize = {mode!r} is invalid. Valid choices: {', '.join(map(repr, PERSONALIZE_MODES))}.")
-    personal = copy.deepcopy(model).to(device)
-    if "bn" in mode.split("+"):
-        reestimate_batchnorm(personal, data, device=device, batch_size=settings.batch_size)
-    if "head" in mode.split("+") and epochs > 0:
-        _fine_tune_head(personal, data, epochs=epochs, settings=settings, device=device)
-    return personal.eval()
+    current = copy.deepcopy(model).to(device).eval()
+    steps = [("off", current)]
+    parts = mode.split("+")
+    if "bn" in parts:
+        current = copy.deepcopy(current)
+        if reestimate_batchnorm(current, data, device=device, batch_size=settings.batch_size):
+            steps.append(("bn", current))
+    if "head" in parts and epochs > 0:
+        current = copy.deepcopy(current)
+        _fine_tune_head(current, data, epochs=epochs, settings=settings, device=device)
+        steps.append((mode, current.eval()))
+    return steps
+
+
+def choose_on_validation(
+    candidates: list[tuple[str, nn.Module]], val: ImageSet, *, device: torch.device
+) -> tuple[str, nn.Module]:
+    """The candidate a site keeps: the best on its own validation split, never on a test split.
+
+    The score is the AUC (classification; Dice for segmentation) when every candidate has one
+    (a validation split with one class has none), else the lowest loss. A later candidate must
+    score strictly better to win, so the first (the global model) keeps ties: a site adopts a
+    personalized model only where its own validation data say it helps.
+    """
+    best_name, best_model, best_score = candidates[0][0], candidates[0][1], -float("inf")
+    scores = [evaluate(m, val, device=device) for _, m in candidates]
+    key = next((k for k in ("auc", "dice") if all(k in s for s in scores)), None)
+    for (name, candidate), score in zip(candidates, scores, strict=True):
+        value = score[key] if key is not None else -score["loss"]
+        if value > best_score:
+            best_name, best_model, best_score = name, candidate, value
+    return best_name, best_model
 
 
 def _fine_tune_head(

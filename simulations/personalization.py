@@ -5,8 +5,11 @@ Each simulated site holds a local test split drawn with its own class mix
 :func:`personalization_report` scores on it, per site:
 
 * ``global``: the final global model;
-* ``personalized``: the global model adapted to the site (``personalize``:
-  :func:`medfed.shared.personalization.personalize`);
+* ``personalized``: the model the site keeps: of the global model and each step of its
+  adaptation (``personalize``: :func:`medfed.shared.personalization.personalization_steps`), the
+  best on the site's own validation split (``kept`` names it per site: ``"off"`` is the global
+  model);
+* ``adapted``: the last step (``personalize`` in full), whatever the validation split says;
 * ``local-only`` (``local-only-baseline = true``): the same model trained on the site's data
   alone, for the same rounds and local epochs with the same schedule.
 
@@ -27,7 +30,7 @@ from torch import nn
 from medfed.client.site_client import SiteClient
 from medfed.client.site_data import SiteData, simulated_site_data
 from medfed.shared.config import RunConfig
-from medfed.shared.personalization import personalize
+from medfed.shared.personalization import choose_on_validation, personalization_steps
 from medfed.shared.round_config import fit_config
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import model_for, round_settings, site_seed
@@ -40,7 +43,7 @@ logger = logging.getLogger(__name__)
 
 LOCAL_TEST_METRICS: tuple[str, ...] = ("auc", "accuracy", "balanced-accuracy", "sensitivity", "specificity", "dice")
 """The figures reported per model (those the task has)."""
-MODELS: tuple[str, ...] = ("global", "personalized", "local-only")
+MODELS: tuple[str, ...] = ("global", "personalized", "adapted", "local-only")
 
 
 def local_only_weights(cfg: RunConfig, data: SiteData, *, site_index: int) -> list[np.ndarray]:
@@ -71,7 +74,7 @@ def personalization_report(cfg: RunConfig, weights: list[np.ndarray]) -> dict[st
     Returns
     -------
     dict
-        ``{"personalization": {"mode", "epochs", "local_only", "sites": {"site-0": {...}},
+        ``{"personalization": {"mode", "epochs", "local_only", "kept", "sites": {"site-0": {...}},
         "mean": {...}, "mean_over_sites": {...}}}``: per site ``local-test-examples`` and
         ``local-test-<metric>-<model>``; ``mean``: each key's mean over the sites that have it
         (AUC needs both classes in a site's local test split), ``mean_over_sites`` how many.
@@ -79,6 +82,7 @@ def personalization_report(cfg: RunConfig, weights: list[np.ndarray]) -> dict[st
     """
     device = select_device()
     sites: dict[str, dict[str, float]] = {}
+    kept: dict[str, str] = {}
     for k in range(cfg.num_sites):
         data = simulated_site_data(cfg, site_index=k, num_sites=cfg.num_sites)
         row: dict[str, float] = {"local-test-examples": float(len(data.test) if data.test is not None else 0)}
@@ -92,10 +96,13 @@ def personalization_report(cfg: RunConfig, weights: list[np.ndarray]) -> dict[st
         if cfg.personalize != "off":
             settings = _settings(cfg, site_index=k)
             seed_everything(settings.seed)
-            personal = personalize(
+            steps = personalization_steps(
                 model, data.train, mode=cfg.personalize, epochs=cfg.personalize_epochs, settings=settings, device=device
             )
+            choice, personal = choose_on_validation(steps, data.val, device=device)
+            kept[f"site-{k}"] = choice
             row.update(_scores(personal, data, "personalized", device=device))
+            row.update(_scores(steps[-1][1], data, "adapted", device=device))
         if cfg.local_only_baseline:
             alone = model_for(cfg, data.train)
             set_weights(alone, local_only_weights(cfg, data, site_index=k))
@@ -115,6 +122,7 @@ def personalization_report(cfg: RunConfig, weights: list[np.ndarray]) -> dict[st
             "mode": cfg.personalize,
             "epochs": cfg.personalize_epochs,
             "local_only": cfg.local_only_baseline,
+            "kept": kept,
             "sites": sites,
             "mean": mean,
             "mean_over_sites": counted,

@@ -198,8 +198,12 @@ def summary_lines(summary: dict[str, object]) -> list[tuple[str, str]]:
              "single class on the test or validation data (accuracy = majority-rate)")
         )  # fmt: skip
     report = dict(summary.get("personalization") or {})  # type: ignore[call-overload]
+    kept = dict(report.get("kept") or {})
     for site, row in dict(report.get("sites") or {}).items():
-        rows.append((f"{site} local test", _local_test_text(row)))
+        text = _local_test_text(row)
+        if site in kept:  # which model the site's validation split chose to keep
+            text += f"  (kept: {'global' if kept[site] == 'off' else kept[site]})"
+        rows.append((f"{site} local test", text))
     if report.get("mean"):
         counted = dict(report.get("mean_over_sites") or {})
         sites = f" (AUC over {counted['local-test-auc-global']} sites)" if "local-test-auc-global" in counted else ""

@@ -131,3 +131,20 @@ def test_a_model_that_predicts_one_class_is_flagged(scale: float, bias: float, f
     if scale == 0.0:  # a constant predictor's accuracy is a class's rate
         assert got["accuracy"] in (pytest.approx(got["majority-rate"]), pytest.approx(1 - got["majority-rate"]))
         assert got["predicted-classes"] == 1 and got["balanced-accuracy"] == 0.5
+
+
+def test_multiclass_auc_is_the_macro_over_the_classes_present() -> None:
+    from monai.metrics import compute_roc_auc
+    from monai.networks.utils import one_hot
+
+    rng = torch.Generator().manual_seed(0)
+    logits = torch.randn(60, 4, generator=rng)
+    full = torch.arange(60) % 4
+    everything = classification_metrics(logits, full, num_classes=4)["auc"]
+    assert everything == pytest.approx(float(compute_roc_auc(torch.softmax(logits, 1), one_hot(full[:, None], 4))))
+    lacking = full.clone()
+    lacking[lacking == 3] = 0  # a site's split without class 3: MONAI's macro would be NaN
+    got = classification_metrics(logits, lacking, num_classes=4)["auc"]
+    probs = torch.softmax(logits, 1)
+    expected = np.mean([float(compute_roc_auc(probs[:, c], (lacking == c).long())) for c in range(3)])
+    assert got == pytest.approx(expected) and np.isfinite(got)

@@ -10,7 +10,7 @@ from torch import nn
 from medfed.shared.config import RunConfig
 from medfed.shared.data.base import ImageSet
 from medfed.shared.data.loading import load_dataset
-from medfed.shared.personalization import head_of, personalize
+from medfed.shared.personalization import choose_on_validation, head_of, personalization_steps, personalize
 from medfed.shared.task import model_for
 from medfed.shared.training import TrainSettings, evaluate
 
@@ -103,3 +103,21 @@ def test_an_unknown_mode_names_the_choices() -> None:
     with pytest.raises(ValueError, match="'off', 'bn', 'head', 'bn\\+head'"):
         personalize(_Tiny(), _site(np.ones(4) * 0.5, np.array([0, 1, 0, 1])), mode="all", epochs=1,
                     settings=SETTINGS, device=CPU)
+
+
+def test_a_site_keeps_the_personalized_model_only_where_its_validation_split_says_it_helps() -> None:
+    rng = np.random.default_rng(2)
+    bright = rng.uniform(0.4, 0.6, 200)
+    bright_site = _site(bright, bright > 0.5)
+    model = _global_model(bright_site)
+    dark_x = rng.uniform(0.05, 0.15, 100)
+    dark_train, dark_val = _site(dark_x[:60], dark_x[:60] > 0.1), _site(dark_x[60:], dark_x[60:] > 0.1)
+    steps = personalization_steps(model, dark_train, mode="bn+head", epochs=0, settings=SETTINGS, device=CPU)
+    assert [name for name, _ in steps] == ["off", "bn"]  # no head epochs: no head step
+    name, kept = choose_on_validation(steps, dark_val, device=CPU)
+    assert name == "bn" and kept is steps[1][1]
+    # a site like the bright one: the re-estimated statistics are no better there, so it keeps the global model
+    x = rng.uniform(0.4, 0.6, 100)
+    steps = personalization_steps(model, _site(x[:60], x[:60] > 0.5), mode="bn", epochs=0, settings=SETTINGS,
+                                  device=CPU)
+    assert choose_on_validation(steps, _site(x[60:], x[60:] > 0.5), device=CPU)[0] == "off"

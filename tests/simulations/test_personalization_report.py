@@ -32,7 +32,8 @@ def test_every_site_reports_all_three_models_on_its_local_test_split(report) -> 
     for k, (name, row) in enumerate(sorted(got["sites"].items())):
         site = simulated_site_data(cfg, site_index=k, num_sites=2)
         assert site.test is not None and row["local-test-examples"] == len(site.test)
-        for model in ("global", "personalized", "local-only"):
+        assert got["kept"][name] in {"off", "bn", "bn+head"}
+        for model in ("global", "personalized", "adapted", "local-only"):
             assert 0.0 <= row[f"local-test-balanced-accuracy-{model}"] <= 1.0
             assert (f"local-test-auc-{model}" in row) == (len(set(site.test.targets.tolist())) == 2)
     for key, value in got["mean"].items():
