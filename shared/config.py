@@ -152,8 +152,9 @@ class RunConfig:
         After the last round each site derives a personalized model from the global one
         (``medfed.shared.personalization``): ``"bn"`` re-estimates the BatchNorm statistics on
         the site's training data, ``"head"`` fine-tunes the last layer for
-        ``personalize_epochs`` epochs, ``"bn+head"`` both, ``"off"`` none. Simulation: it is
-        scored on each site's local test split beside the global model.
+        ``personalize_epochs`` epochs, ``"bn+head"`` both, ``"off"`` none; a site keeps it only
+        where its own validation split scores it better than the global model. Simulation: it
+        is scored on each site's local test split beside the global model (docs/evaluation.md).
     local_only_baseline
         Simulation: also train each site alone (same model, rounds and epochs) and score it on
         its local test split.
