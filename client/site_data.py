@@ -14,16 +14,22 @@ from medfed.shared.config import RunConfig
 from medfed.shared.data.base import DataError, ImageSet
 from medfed.shared.data.datalist import UnusableEntriesError
 from medfed.shared.data.loading import load_dataset
-from medfed.shared.partition import site_partitions
+from medfed.shared.partition import SiteSplits, site_partitions
 
-__all__ = ["SiteData", "simulated_site_data", "deployment_site_data"]
+__all__ = [
+    "SiteData",
+    "simulated_site_data",
+    "simulated_partitions",
+    "simulated_class_counts",
+    "deployment_site_data",
+]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class SiteData:
-    """The training and validation sets one site trains and evaluates on.
+    """The training and validation sets one site trains and evaluates on (and its local test set).
 
     Parameters
     ----------
@@ -38,28 +44,62 @@ class SiteData:
     train: ImageSet
     val: ImageSet
     skipped_files: int = 0
+    test: ImageSet | None = None
+    """The site's local test split (simulation: drawn with the site's class mix; deployment: the
+    datalist's ``test`` section), on which its personalized model is scored; ``None``: none."""
 
 
 def simulated_site_data(cfg: RunConfig, *, site_index: int, num_sites: int) -> SiteData:
     """Site ``site_index``'s share of the run's dataset.
 
     The training split is partitioned with ``cfg.partition`` (IID, Dirichlet label skew with
-    ``cfg.dirichlet_alpha``, or quantity skew); the validation split with the same method and
-    a derived seed. Every site computes the same partition independently from ``cfg.seed``.
+    ``cfg.dirichlet_alpha``, or quantity skew); the site's validation and local test splits
+    (``cfg.local_test_fraction`` of the training split) are drawn with the class mix of its
+    training share (:func:`medfed.shared.partition.site_partitions`). Every site computes the
+    same partition independently from ``cfg.seed``.
     """
     if not 0 <= site_index < num_sites:
         raise ValueError(f"site index {site_index} is outside [0, {num_sites}).")
-    train_parts, val_parts = _partitions(cfg, num_sites)
+    parts = simulated_partitions(cfg, num_sites)
     splits = load_dataset(cfg)
+    test = parts.test[site_index]
     return SiteData(
-        train=splits.train.subset(train_parts[site_index]),
-        val=splits.val.subset(val_parts[site_index]),
+        train=splits.train.subset(parts.train[site_index]),
+        val=splits.val.subset(parts.val[site_index]),
         skipped_files=splits.skipped_files,
+        test=splits.train.subset(test) if len(test) else None,
     )
 
 
+def simulated_class_counts(cfg: RunConfig) -> list[tuple[str, dict[str, list[int]]]]:
+    """Every simulated site's class counts in its training, validation and local test splits.
+
+    Returns
+    -------
+    list
+        ``[("site-0", {"train": [n_0, n_1, ...], "val": [...], "test": [...]}), ...]``;
+        segmentation counts images with and without foreground; ``test`` only with
+        ``local-test-fraction > 0``.
+    """
+    parts = simulated_partitions(cfg, cfg.num_sites)
+    splits = load_dataset(cfg)
+    train, val = splits.train.class_labels(), splits.val.class_labels()
+    num_classes = splits.train.num_classes if splits.task == "classification" else 2
+    out = []
+    for k in range(cfg.num_sites):
+        counts = {
+            "train": np.bincount(train[parts.train[k]], minlength=num_classes).tolist(),
+            "val": np.bincount(val[parts.val[k]], minlength=num_classes).tolist(),
+        }
+        if cfg.local_test_fraction > 0:
+            counts["test"] = np.bincount(train[parts.test[k]], minlength=num_classes).tolist()
+        out.append((f"site-{k}", counts))
+    return out
+
+
 @functools.lru_cache(maxsize=4)
-def _partitions(cfg: RunConfig, num_sites: int) -> tuple[list, list]:
+def simulated_partitions(cfg: RunConfig, num_sites: int) -> SiteSplits:
+    """Every simulated site's indices into the run's dataset (cached per config)."""
     splits = load_dataset(cfg)
     return site_partitions(
         splits.train.class_labels(),
@@ -68,6 +108,7 @@ def _partitions(cfg: RunConfig, num_sites: int) -> tuple[list, list]:
         method=cfg.partition,
         alpha=cfg.dirichlet_alpha,
         seed=cfg.seed,
+        local_test_fraction=cfg.local_test_fraction,
     )
 
 
@@ -136,8 +177,10 @@ def deployment_site_data(cfg: RunConfig, *, datalist: str) -> SiteData:
             f"num-classes = {cfg.num_classes}. Fix the labels (or the datalist's num_classes), "
             "or ask the coordinator to change num-classes."
         )
-    train = splits.train
-    if not _has_section(datalist, "test"):
+    train, test = splits.train, None
+    if _has_section(datalist, "test"):
+        test = _with_classes(splits.test, cfg.num_classes)  # the site's own local test split
+    else:
         # load_datalist carved a test split the site never uses: train on it instead.
         train = ImageSet(
             np.concatenate([train.images, splits.test.images]),
@@ -157,6 +200,7 @@ def deployment_site_data(cfg: RunConfig, *, datalist: str) -> SiteData:
         train=_with_classes(train, cfg.num_classes),
         val=_with_classes(splits.val, cfg.num_classes),
         skipped_files=splits.skipped_files,
+        test=test,
     )
 
 

@@ -8,22 +8,34 @@ from flwr.common import NDArrays, Scalar
 from torch import nn
 
 from medfed.shared.data.base import ImageSet
-from medfed.shared.training import evaluate, select_device
+from medfed.shared.training import evaluate_at_validation_threshold, select_device
 from medfed.shared.weights import set_weights
 
 __all__ = ["make_evaluate_fn"]
 
 
 def make_evaluate_fn(
-    model: nn.Module, data: ImageSet, *, device: str = "auto"
+    model: nn.Module, data: ImageSet, *, val: ImageSet | None = None, device: str = "auto"
 ) -> Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]]]:
-    """A Flower ``evaluate_fn`` that scores the global weights on ``data``.
+    """A Flower ``evaluate_fn`` that scores the global weights on ``data`` (the test split).
+
+    Parameters
+    ----------
+    val
+        Held-out validation data on which each round's decision threshold is chosen
+        (:func:`medfed.shared.training.evaluate_at_validation_threshold`), never the test split.
+        In simulation the server passes the dataset's validation split: the union of the
+        simulated sites' validation splits, scored centrally with the same global model (in
+        deployment the server holds no data and each site scores its own validation split).
+        ``None``: a 0.5 threshold.
 
     Returns
     -------
     callable
-        ``(server_round, weights, config) -> (loss, metrics)`` with ``accuracy`` / ``auc`` or
-        ``dice`` and ``num_examples``.
+        ``(server_round, weights, config) -> (loss, metrics)`` with ``accuracy`` / ``auc``,
+        ``balanced-accuracy``, ``sensitivity``, ``specificity``, ``threshold``,
+        ``majority-rate``, ``predicted-classes``, ``single-class`` or ``dice``, and
+        ``num_examples``.
     """
     torch_device = select_device(device)
 
@@ -31,7 +43,7 @@ def make_evaluate_fn(
         server_round: int, weights: NDArrays, config: dict[str, Scalar]
     ) -> tuple[float, dict[str, Scalar]]:
         set_weights(model, weights)
-        metrics = evaluate(model, data, device=torch_device)
+        metrics = evaluate_at_validation_threshold(model, data, val=val, device=torch_device)
         loss = float(metrics.pop("loss"))
         return loss, dict(metrics)
 

@@ -42,6 +42,7 @@ from medfed.server.resume import ResumeState, capture_rng, chain_state, write_re
 from medfed.server.rounds import SiteFailure
 from medfed.server.run_dir import RoundRecord, RunDirectory
 from medfed.server.validation import RoundValidation
+from medfed.shared.metrics import predicts_single_class
 from medfed.shared.refusals import is_refusal, refused_keys
 from medfed.shared.weights import set_weights
 
@@ -158,6 +159,7 @@ class RecordingStrategy(DelegatingStrategy):
         self._final_metrics: dict[str, float] = {}
         self._refusals: dict[str, dict[str, object]] = {}
         """Per site: the first round it refused the run and the run-config keys it named."""
+        self._final_site_metrics: dict[str, float] = {}
 
     # ---------------------------------------------------------------- delegation
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -432,6 +434,7 @@ class RecordingStrategy(DelegatingStrategy):
             for f in self._fit_failures.pop(record.round, [])
         ]
         self._final_metrics = dict(record.global_metrics or record.eval_metrics)
+        self._final_site_metrics = dict(record.eval_metrics)
         if record.round > 0 and record.round == self._latest_round:
             self._consider_best(record)
         self.records.append(record)
@@ -470,6 +473,7 @@ class RecordingStrategy(DelegatingStrategy):
             "stopped_round": self.stopped_round,
             "round_seconds": self._earlier_seconds + [r.seconds or 0.0 for r in self.records if r.round > 0],
             "final_metrics": dict(self._final_metrics),
+            "final_site_metrics": dict(self._final_site_metrics),
             "resumes": list(self._resumes),
             "policy_refused": {site: dict(info) for site, info in self._refusals.items()},
         }
@@ -489,6 +493,7 @@ class RecordingStrategy(DelegatingStrategy):
         self._earlier_seconds = [float(s) for s in state["round_seconds"]]  # type: ignore[union-attr]
         self._final_metrics = dict(state["final_metrics"])  # type: ignore[call-overload]
         self._refusals = {str(k): dict(v) for k, v in dict(state.get("policy_refused", {})).items()}  # type: ignore[call-overload]
+        self._final_site_metrics = dict(state.get("final_site_metrics", {}))  # type: ignore[call-overload]
         self._resumes = [*state["resumes"], {"after_round": self._resume.round, "time": time.time()}]  # type: ignore[misc]
 
     def _score(self, metrics: dict[str, float]) -> float | None:
@@ -533,9 +538,18 @@ class RecordingStrategy(DelegatingStrategy):
             ran = [r for r in self.records if r.round >= first_round]
             self.failure = no_round_completed(ran, min_results=self.min_results)
 
-    def finish(self) -> dict[str, object]:
+    def final_weights(self) -> list | None:
+        """The global model's weights after the last aggregated round (``None``: none yet)."""
+        return parameters_to_ndarrays(self._latest) if self._latest is not None else None
+
+    def finish(self, *, extra: dict[str, object] | None = None) -> dict[str, object]:
         """Write the final checkpoint and the summary (``"status"``: ``"finished"``, or ``"failed"``
-        with the ``"failure"``); return the summary."""
+        with the ``"failure"``); return the summary.
+
+        The summary's ``single_class`` says whether the final and the validation-selected global
+        models predict a single class (:func:`medfed.shared.metrics.predicts_single_class`);
+        ``extra`` adds fields (e.g. the sites' personalization report).
+        """
         self._flush()
         final_metrics = dict(self._final_metrics)
         if self._latest is not None:
@@ -552,7 +566,14 @@ class RecordingStrategy(DelegatingStrategy):
             "best_selected_by": f"{self._best_source} {self.primary_metric}" if self._best_round else None,
             "primary_metric": self.primary_metric,
             "round_seconds": self._earlier_seconds + [r.seconds for r in self.records if r.round > 0],
+            "single_class": {
+                "final": predicts_single_class(final_metrics, self._final_site_metrics),
+                "selected": predicts_single_class(
+                    self._best_metrics, {k[4:]: v for k, v in self._best_metrics.items() if k.startswith("val-")}
+                ) if self._best_round else None,
+            },
         }
+        summary.update(extra or {})
         if self._resumes:
             summary["resumed"] = list(self._resumes)
         if self.failure is not None:

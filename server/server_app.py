@@ -52,6 +52,9 @@ class ServerHooks:
     on_start: Callable[[RunDirectory], None] | None = None
     on_round: RoundCallback | None = None
     on_finish: Callable[[dict[str, object]], None] | None = None
+    on_final_model: Callable[[list], dict[str, object]] | None = None
+    """Called with the final global weights (a list of arrays) before the summary is written;
+    what it returns is added to the summary (``medfed simulate``: the sites' personalization)."""
 
 
 def primary_metric_for(task: str) -> str:
@@ -88,7 +91,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
     else:
         splits = load_dataset(cfg)
         model, task = model_for(cfg, splits.train), splits.task
-        evaluate_fn = make_evaluate_fn(model_for(cfg, splits.train), splits.test)
+        evaluate_fn = make_evaluate_fn(model_for(cfg, splits.train), splits.test, val=splits.val)
     check_dp_model(cfg, model=model, task=task)  # before any site is asked to train
     run_dir = RunDirectory(
         run_path or new_run_path(cfg.run_dir, name=f"{cfg.strategy}-s{cfg.seed}"),
@@ -140,7 +143,9 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
     try:
         workflow(grid, legacy)
         strategy.check_progress(first_round=done + 1, last_round=cfg.num_server_rounds)
-        summary = strategy.finish()  # a failed run's summary says so, and the run store too
+        weights = strategy.final_weights() if strategy.failure is None else None
+        extra = hooks.on_final_model(weights) if hooks.on_final_model and weights is not None else None
+        summary = strategy.finish(extra=extra)  # a failed run's summary says so, and the run store too
     except BaseException as err:
         run_dir.fail(err)  # the run store shows the run as failed
         raise

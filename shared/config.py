@@ -30,6 +30,7 @@ __all__ = [
     "NORMS",
     "OPTIMIZERS",
     "BAD_DATA_MODES",
+    "PERSONALIZE_MODES",
     "DEFAULT_MIN_FIT_CLIENTS",
     "close_matches",
     "coerce_value",
@@ -46,6 +47,7 @@ Accountant = Literal["rdp", "prv", "gdp"]
 GradSampleMode = Literal["hooks", "ghost", "functorch"]
 SecAggOnFailure = Literal["continue", "stop"]
 BadData = Literal["strict", "skip"]
+Personalize = Literal["off", "bn", "head", "bn+head"]
 
 TASKS: tuple[str, ...] = get_args(Task)
 PARTITIONS: tuple[str, ...] = get_args(Partition)
@@ -59,6 +61,7 @@ ACCOUNTANTS: tuple[str, ...] = get_args(Accountant)
 DP_GRAD_SAMPLE_MODES: tuple[str, ...] = get_args(GradSampleMode)
 SECAGG_ON_FAILURE: tuple[str, ...] = get_args(SecAggOnFailure)
 BAD_DATA_MODES: tuple[str, ...] = get_args(BadData)
+PERSONALIZE_MODES: tuple[str, ...] = get_args(Personalize)
 
 
 class ConfigError(ValueError):
@@ -141,6 +144,20 @@ class RunConfig:
         aggregate. See ``docs/faults.md``.
     partition, dirichlet_alpha
         How one dataset is split into simulated sites.
+    local_test_fraction
+        Simulation: share of the training split kept for the sites' local test splits, each
+        drawn with its site's class mix (``medfed.shared.partition.site_partitions``); 0: none.
+        The official test split stays the global test.
+    personalize, personalize_epochs
+        After the last round each site derives a personalized model from the global one
+        (``medfed.shared.personalization``): ``"bn"`` re-estimates the BatchNorm statistics on
+        the site's training data, ``"head"`` fine-tunes the last layer for
+        ``personalize_epochs`` epochs, ``"bn+head"`` both, ``"off"`` none; a site keeps it only
+        where its own validation split scores it better than the global model. Simulation: it
+        is scored on each site's local test split beside the global model (docs/evaluation.md).
+    local_only_baseline
+        Simulation: also train each site alone (same model, rounds and epochs) and score it on
+        its local test split.
     augment
         Random flips and small shifts while training.
     seed
@@ -218,6 +235,10 @@ class RunConfig:
     resume: str = ""
     partition: Partition = "iid"
     dirichlet_alpha: float = 0.5
+    local_test_fraction: float = 0.1
+    personalize: Personalize = "bn+head"
+    personalize_epochs: int = 2
+    local_only_baseline: bool = False
     augment: bool = True
     seed: int = 0
     run_dir: str = "runs"
@@ -261,6 +282,7 @@ class RunConfig:
         _check_choice("secagg-on-failure", self.secagg_on_failure, SECAGG_ON_FAILURE)
         _check_choice("spatial-dims", self.spatial_dims, (2, 3))
         _check_choice("bad-data", self.bad_data, BAD_DATA_MODES)
+        _check_choice("personalize", self.personalize, PERSONALIZE_MODES)
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
@@ -284,6 +306,7 @@ class RunConfig:
             ("seed", self.seed, 0),
             ("num-malicious-sites", self.num_malicious_sites, 0),
             ("num-sites-to-keep", self.num_sites_to_keep, 0),
+            ("personalize-epochs", self.personalize_epochs, 0),
         ):
             if value < low:
                 raise ConfigError(f"{key} = {value!r} is invalid: it must be an integer >= {low}.")
@@ -310,6 +333,11 @@ class RunConfig:
             raise ConfigError(
                 f"max-update-norm = {self.max_update_norm!r} is invalid: it must be a finite number >= 0 "
                 "(0 turns the norm check off)."
+            )
+        if not 0.0 <= self.local_test_fraction <= 0.5:
+            raise ConfigError(
+                f"local-test-fraction = {self.local_test_fraction!r} is invalid: it must lie in [0, 0.5] "
+                "(0: no local test splits; 0.1 keeps a tenth of the training split)."
             )
         if not 0.0 <= self.trim_beta < 0.5:
             raise ConfigError(f"trim-beta = {self.trim_beta!r} is invalid: it must lie in [0, 0.5).")

@@ -6,13 +6,19 @@ import torch
 from monai.metrics import DiceMetric, compute_roc_auc
 from monai.networks.utils import one_hot
 
-__all__ = ["classification_metrics", "segmentation_metrics"]
+__all__ = [
+    "classification_metrics",
+    "decision_metrics",
+    "predicts_single_class",
+    "segmentation_metrics",
+    "youden_threshold",
+]
 
 
 def classification_metrics(
-    logits: torch.Tensor, targets: torch.Tensor, *, num_classes: int
+    logits: torch.Tensor, targets: torch.Tensor, *, num_classes: int, threshold: float | None = None
 ) -> dict[str, float]:
-    """Accuracy and ROC AUC.
+    """Accuracy, ROC AUC and the figures a clinician reads at a decision threshold.
 
     Parameters
     ----------
@@ -20,22 +26,131 @@ def classification_metrics(
         ``(N, K)`` raw scores.
     targets
         ``(N,)`` integer labels in ``[0, K)``.
+    num_classes
+        ``K``.
+    threshold
+        Binary: the class-1 probability at or above which a sample is called positive
+        (choose it on validation data: :func:`youden_threshold`); ``None``: 0.5. Ignored for
+        more classes, where the prediction is the argmax.
 
     Returns
     -------
     dict
-        ``accuracy``; ``auc`` (binary: AUC of the class-1 probability; more classes: macro
-        one-vs-rest), omitted when ``targets`` holds a single class, where it is undefined.
+        ``accuracy`` (argmax); ``auc`` (binary: AUC of the class-1 probability; more classes:
+        macro one-vs-rest over the classes present in ``targets``), omitted when ``targets``
+        holds a single class, where it is undefined; at the threshold (binary) or argmax (more classes): ``balanced-accuracy``
+        (the mean recall over the classes present), ``sensitivity`` and ``specificity``
+        (binary: of class 1; more classes: macro means one-vs-rest over the classes with
+        positives, respectively negatives; each omitted when undefined); ``threshold``
+        (binary); ``majority-rate`` (the share of the most common class: the accuracy of a
+        constant predictor) and ``predicted-classes`` (how many classes the model predicts at
+        all: 1 flags a model that calls every sample the same class).
     """
     probs = torch.softmax(logits.float(), dim=1)
+    targets = targets.long()
     metrics = {"accuracy": float((probs.argmax(dim=1) == targets).float().mean())}
     if torch.unique(targets).numel() > 1:
         if num_classes == 2:
-            auc = compute_roc_auc(probs[:, 1], targets)
+            auc = float(compute_roc_auc(probs[:, 1], targets))
         else:
-            auc = compute_roc_auc(probs, one_hot(targets[:, None], num_classes), average="macro")
-        metrics["auc"] = float(auc)
+            # Macro one-vs-rest over the classes present (a site's split may lack a class, whose
+            # one-vs-rest AUC is undefined; with every class present this is MONAI's "macro").
+            truth = one_hot(targets[:, None], num_classes)
+            present = [c for c in range(num_classes) if 0 < int(truth[:, c].sum()) < len(targets)]
+            auc = sum(float(compute_roc_auc(probs[:, c], truth[:, c])) for c in present) / len(present)
+        metrics["auc"] = auc
+    if num_classes == 2:
+        cut = 0.5 if threshold is None else float(threshold)
+        predicted = (probs[:, 1] >= cut).long()
+        metrics["threshold"] = cut
+    else:
+        predicted = probs.argmax(dim=1)
+    metrics.update(decision_metrics(predicted, targets, num_classes=num_classes))
     return metrics
+
+
+def decision_metrics(predicted: torch.Tensor, targets: torch.Tensor, *, num_classes: int) -> dict[str, float]:
+    """Balanced accuracy, sensitivity, specificity, majority rate and predicted classes of hard predictions.
+
+    Parameters
+    ----------
+    predicted, targets
+        ``(N,)`` integer classes in ``[0, K)``.
+    num_classes
+        ``K``; for ``K = 2`` sensitivity and specificity are those of class 1 (the positive
+        class), for more the macro means one-vs-rest.
+    """
+    n = max(len(targets), 1)
+    present = [c for c in range(num_classes) if bool((targets == c).any())]
+    recall = {c: float((predicted[targets == c] == c).float().mean()) for c in present}
+    negatives = {c: targets != c for c in range(num_classes)}
+    true_negative = {c: float((predicted[m] != c).float().mean()) for c, m in negatives.items() if bool(m.any())}
+    out: dict[str, float] = {
+        "majority-rate": float(torch.bincount(targets, minlength=num_classes).max()) / n,
+        "predicted-classes": float(torch.unique(predicted).numel()),
+    }
+    if recall:
+        out["balanced-accuracy"] = sum(recall.values()) / len(recall)
+    if num_classes == 2:
+        if 1 in recall:
+            out["sensitivity"] = recall[1]
+        if 1 in true_negative:
+            out["specificity"] = true_negative[1]
+    else:
+        if recall:
+            out["sensitivity"] = sum(recall.values()) / len(recall)
+        if true_negative:
+            out["specificity"] = sum(true_negative.values()) / len(true_negative)
+    return out
+
+
+def youden_threshold(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """The class-1 probability threshold that maximises Youden's J (sensitivity + specificity - 1).
+
+    Choose it on validation data, never on the test split. A sample is positive when its score
+    is at or above the threshold; the threshold lies halfway between the chosen score and the
+    next lower one (ties of J go to the lower threshold: the more sensitive one).
+
+    Parameters
+    ----------
+    scores
+        ``(N,)`` class-1 probabilities.
+    targets
+        ``(N,)`` labels in ``{0, 1}``.
+
+    Returns
+    -------
+    float
+        The threshold; 0.5 when ``targets`` hold a single class (J is undefined).
+    """
+    scores = scores.detach().double().cpu()
+    targets = targets.detach().long().cpu()
+    pos, neg = torch.sort(scores[targets == 1]).values, torch.sort(scores[targets != 1]).values
+    if len(pos) == 0 or len(neg) == 0:
+        return 0.5
+    candidates = torch.unique(scores)  # sorted ascending
+    sensitivity = 1.0 - torch.searchsorted(pos, candidates, right=False).double() / len(pos)
+    specificity = torch.searchsorted(neg, candidates, right=False).double() / len(neg)
+    best = int(torch.argmax(sensitivity + specificity))  # the first (lowest) maximum
+    if best == 0:
+        return float(candidates[0]) / 2.0
+    return float(candidates[best - 1] + candidates[best]) / 2.0
+
+
+def predicts_single_class(global_metrics: dict[str, float], site_metrics: dict[str, float] | None = None) -> bool:
+    """Whether a round's global model predicts a single class (the figures say so).
+
+    Parameters
+    ----------
+    global_metrics
+        The server's evaluation (``single-class``, else ``predicted-classes``).
+    site_metrics
+        The sites' aggregated validation metrics: ``predicted-classes-max = 1`` means every
+        site saw its validation split called one class.
+    """
+    if global_metrics.get("single-class", 0.0) >= 1.0 or global_metrics.get("predicted-classes", 2.0) == 1.0:
+        return True
+    return bool(site_metrics) and site_metrics.get("predicted-classes-max", 2.0) == 1.0  # type: ignore[union-attr]
 
 
 def segmentation_metrics(

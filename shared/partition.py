@@ -31,6 +31,7 @@ sample to rounding, so they are not used for :func:`split_train_val_test` either
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -40,8 +41,11 @@ __all__ = [
     "MAX_DIRICHLET_ATTEMPTS",
     "METHODS",
     "class_counts",
+    "local_test_size",
     "partition_indices",
+    "SiteSplits",
     "site_partitions",
+    "training_pool",
     "split_train_val_test",
     "TRAIN_MIN_PER_SITE",
     "VAL_MIN_PER_SITE",
@@ -131,6 +135,61 @@ def partition_indices(
     return [np.sort(p).astype(np.int64) for p in parts]
 
 
+@dataclass(frozen=True)
+class SiteSplits:
+    """Every simulated site's training, validation and local test indices.
+
+    Attributes
+    ----------
+    train
+        Per site, indices into the dataset's training split, shapes ``(n_k,)``.
+    val
+        Per site, indices into the dataset's validation split; together they cover it.
+    test
+        Per site, indices into the dataset's *training* split (disjoint from every ``train``):
+        the site's local test split, drawn with the site's own class mix. Empty arrays when
+        ``local_test_fraction = 0``. The official test split stays the global test.
+    """
+
+    train: list[np.ndarray]
+    val: list[np.ndarray]
+    test: list[np.ndarray]
+
+
+def local_test_size(num_train: int, fraction: float) -> int:
+    """How many of ``num_train`` training samples :func:`site_partitions` keeps for the sites'
+    local test splits (``local-test-fraction``): ``round(fraction * num_train)``, at least one
+    when ``fraction > 0`` and ``num_train >= 3`` (as :func:`split_train_val_test`)."""
+    if fraction <= 0 or num_train == 0:
+        return 0
+    return max(1, int(round(fraction * num_train))) if num_train >= 3 else 0
+
+
+def training_pool(
+    train_labels: np.ndarray, *, seed: int, local_test_fraction: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The training split cut into the sites' training pool and their local test pool.
+
+    Step 1 of :func:`site_partitions`, alone: the pooled baseline trains on the same pool as
+    the sites together (``medfed.simulations.pooled``).
+
+    Returns
+    -------
+    tuple of np.ndarray
+        ``(pool, test_pool)``: sorted ``int64`` indices into the training split, disjoint,
+        covering it; ``test_pool`` holds :func:`local_test_size` samples, stratified by class
+        (seed ``seed + 2``).
+    """
+    train_labels = _check_labels(train_labels)
+    n_test = local_test_size(len(train_labels), local_test_fraction)
+    if not n_test:
+        return np.arange(len(train_labels), dtype=np.int64), np.zeros(0, dtype=np.int64)
+    pool, _, test_pool = split_train_val_test(
+        train_labels, val_fraction=0.0, test_fraction=n_test / len(train_labels), seed=seed + 2
+    )
+    return pool, test_pool
+
+
 def site_partitions(
     train_labels: np.ndarray,
     val_labels: np.ndarray,
@@ -139,13 +198,24 @@ def site_partitions(
     method: Method,
     alpha: float,
     seed: int,
-) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The simulated sites' shares of a dataset's training and validation splits.
+    local_test_fraction: float = 0.0,
+) -> SiteSplits:
+    """The simulated sites' shares of a dataset: training, validation and local test indices.
 
-    The one definition used by every simulated site (``medfed.client.site_data``) and by the run's
-    pre-flight check (``medfed.shared.preflight``): the training split with ``seed`` and at least
-    :data:`TRAIN_MIN_PER_SITE` samples per site, the validation split with ``seed + 1`` and at
-    least :data:`VAL_MIN_PER_SITE`.
+    The one definition used by every simulated site (``medfed.client.site_data``), the pooled
+    baseline and the run's pre-flight check (``medfed.shared.preflight``).
+
+    1. ``local_test_fraction`` of the training split (stratified, seed ``seed + 2``) is set
+       aside as the local test pool; the rest is the training pool.
+    2. The training pool is partitioned with ``method`` (:func:`partition_indices`, ``seed``,
+       at least :data:`TRAIN_MIN_PER_SITE` per site): the one draw that decides each site's
+       class mix.
+    3. The validation split and the local test pool are cut class by class in the same
+       proportions: site ``k`` gets the share ``n_train[k, c] / n_train[:, c].sum()`` of class
+       ``c`` (largest remainder rounding), so every site validates and tests on the class mix
+       it trains on (a site that trains on one class validates on that class). Every site gets
+       at least :data:`VAL_MIN_PER_SITE` validation samples: a site left without moves one
+       from the site with the most, of the class it trains on most.
 
     Parameters
     ----------
@@ -154,22 +224,41 @@ def site_partitions(
     num_sites, method, alpha
         As in :func:`partition_indices`.
     seed
-        The run's seed.
+        The run's seed (same seed, same splits).
+    local_test_fraction
+        Share of the training split kept for local test splits, in ``[0, 1)``.
 
     Returns
     -------
-    tuple of list of np.ndarray
-        ``(train_parts, val_parts)``, one index array per site each.
+    SiteSplits
+        One index array per site for each of ``train``, ``val`` and ``test``.
 
     Raises
     ------
     ValueError
-        As :func:`partition_indices` (for example more sites than samples).
+        As :func:`partition_indices` (for example more sites than samples), or fewer
+        validation samples than sites.
     """
-    kwargs = {"num_sites": num_sites, "method": method, "alpha": alpha}
-    train_parts = partition_indices(train_labels, seed=seed, min_per_site=TRAIN_MIN_PER_SITE, **kwargs)
-    val_parts = partition_indices(val_labels, seed=seed + 1, min_per_site=VAL_MIN_PER_SITE, **kwargs)
-    return train_parts, val_parts
+    train_labels, val_labels = _check_labels(train_labels), _check_labels(val_labels)
+    if not 0.0 <= local_test_fraction < 1.0:
+        raise ValueError(f"local-test-fraction = {local_test_fraction!r} is invalid: it must lie in [0, 1).")
+    pool, test_pool = training_pool(train_labels, seed=seed, local_test_fraction=local_test_fraction)
+    parts = partition_indices(
+        train_labels[pool], num_sites=num_sites, method=method, alpha=alpha, seed=seed,
+        min_per_site=TRAIN_MIN_PER_SITE,
+    )  # fmt: skip
+    train_parts = [np.sort(pool[p]).astype(np.int64) for p in parts]
+    num_classes = int(max(train_labels.max(initial=0), val_labels.max(initial=0))) + 1
+    counts = class_counts(train_labels, train_parts, num_classes)
+    if len(val_labels) < num_sites * VAL_MIN_PER_SITE:
+        raise ValueError(
+            f"{num_sites} sites (num-sites) need at least {VAL_MIN_PER_SITE} validation sample each but "
+            f"the validation split has {len(val_labels)}. Use fewer sites (--sites {len(val_labels)})."
+        )
+    val_parts = _cut_like(val_labels, counts, rng=np.random.default_rng(seed + 1), min_per_site=VAL_MIN_PER_SITE)
+    test_local = _cut_like(train_labels[test_pool], counts, rng=np.random.default_rng(seed + 3), min_per_site=0)
+    test_parts = [np.sort(test_pool[p]).astype(np.int64) for p in test_local]
+    return SiteSplits(train=train_parts, val=val_parts, test=test_parts)
 
 
 def class_counts(labels: np.ndarray, parts: list[np.ndarray], num_classes: int) -> np.ndarray:
@@ -325,3 +414,41 @@ def _dirichlet(
         f"{MAX_DIRICHLET_ATTEMPTS} draws. Increase dirichlet-alpha (--alpha 0.5), use fewer sites (--sites), "
         "or use partition = 'iid'."
     )
+
+
+def _cut_like(
+    labels: np.ndarray, train_counts: np.ndarray, *, rng: np.random.Generator, min_per_site: int
+) -> list[np.ndarray]:
+    """Cut ``labels``' indices class by class in the sites' training proportions.
+
+    ``train_counts`` is ``(K, C)``: site ``k`` gets ``train_counts[k, c] / train_counts[:, c].sum()``
+    of class ``c`` (largest remainder, ties in random order); a class no site trains on is cut
+    by the sites' sizes. Sites below ``min_per_site`` then take one sample at a time from the
+    site with the most (of the class they train on most, when the donor holds it).
+    """
+    num_sites = train_counts.shape[0]
+    sizes = train_counts.sum(axis=1).astype(np.float64)
+    site_parts: list[list[int]] = [[] for _ in range(num_sites)]
+    for c in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == c))
+        column = train_counts[:, c] if c < train_counts.shape[1] else np.zeros(num_sites)
+        shares = column / column.sum() if column.sum() > 0 else sizes / sizes.sum()
+        exact = shares * len(members)
+        take = np.floor(exact).astype(np.int64)
+        leftover = len(members) - int(take.sum())
+        if leftover:
+            order = np.lexsort((rng.random(num_sites), -(exact - take)))
+            take[order[:leftover]] += 1
+        for k, chunk in enumerate(np.split(members, np.cumsum(take)[:-1])):
+            site_parts[k].extend(int(i) for i in chunk)
+    for needy in range(num_sites):
+        while len(site_parts[needy]) < min_per_site:
+            donor = max(range(num_sites), key=lambda k: (len(site_parts[k]), -k))
+            if len(site_parts[donor]) <= min_per_site:
+                raise ValueError(f"cannot give each of {num_sites} sites {min_per_site} samples of {len(labels)}.")
+            held = labels[site_parts[donor]]
+            order = np.argsort(-train_counts[needy], kind="stable")
+            wanted = [c for c in order if train_counts[needy, c] > 0 and (held == c).any()]
+            pick = max(j for j, label in enumerate(held) if label == wanted[0]) if wanted else len(held) - 1
+            site_parts[needy].append(site_parts[donor].pop(pick))
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in site_parts]

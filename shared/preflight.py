@@ -37,7 +37,7 @@ from medfed.shared.config import ConfigError, RunConfig
 from medfed.shared.data.base import DataSplits
 from medfed.shared.data.loading import load_dataset
 from medfed.shared.models import DP_NORM, model_task, validate_for_dp
-from medfed.shared.partition import TRAIN_MIN_PER_SITE, VAL_MIN_PER_SITE, site_partitions
+from medfed.shared.partition import TRAIN_MIN_PER_SITE, VAL_MIN_PER_SITE, local_test_size, site_partitions
 from medfed.shared.task import deployment_model, model_for
 
 __all__ = ["PreflightError", "Preflight", "preflight", "check_dp_model", "dp_setup_problems", "max_sites"]
@@ -196,7 +196,9 @@ def max_sites(num_train: int, num_val: int) -> int:
 
 def _site_shares(cfg: RunConfig, splits: DataSplits) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Every simulated site's (training, validation) image counts, computed as the sites will."""
-    num_train, num_val = len(splits.train), len(splits.val)
+    num_val = len(splits.val)
+    kept = local_test_size(len(splits.train), cfg.local_test_fraction)  # the sites' local test splits
+    num_train = len(splits.train) - kept
     source = "the synthetic data" if cfg.is_synthetic else Path(cfg.dataset).name
     need = (
         f"every site needs at least {TRAIN_MIN_PER_SITE} training and {VAL_MIN_PER_SITE} "
@@ -209,19 +211,23 @@ def _site_shares(cfg: RunConfig, splits: DataSplits) -> tuple[tuple[int, ...], t
         )
         if cfg.is_synthetic:
             fix += " (--set synthetic-samples=N with a larger N)"
+        if kept:
+            fix += f" (or a smaller --set local-test-fraction={cfg.local_test_fraction})"
+        held = f" (after {kept} kept for the sites' local test splits, local-test-fraction)" if kept else ""
         raise PreflightError(
             f"num-sites = {cfg.num_sites} is more sites than {source} can fill: it has {num_train} "
-            f"training and {num_val} validation images and {need}, so at most {most} site"
+            f"training{held} and {num_val} validation images and {need}, so at most {most} site"
             f"{'s' if most != 1 else ''} fit. {fix}."
         )
     try:
-        train, val = site_partitions(
+        parts = site_partitions(
             splits.train.class_labels(),
             splits.val.class_labels(),
             num_sites=cfg.num_sites,
             method=cfg.partition,  # type: ignore[arg-type]
             alpha=cfg.dirichlet_alpha,
             seed=cfg.seed,
+            local_test_fraction=cfg.local_test_fraction,
         )
     except ValueError as err:  # RunConfig validated the keys: the draw itself failed
         raise PreflightError(
@@ -229,5 +235,5 @@ def _site_shares(cfg: RunConfig, splits: DataSplits) -> tuple[tuple[int, ...], t
             f"enough images ({need}): {err} Fix: a larger --alpha (--set dirichlet-alpha=...), "
             "fewer --sites, or --partition iid."
         ) from None
-    return tuple(len(p) for p in train), tuple(len(p) for p in val)
+    return tuple(len(p) for p in parts.train), tuple(len(p) for p in parts.val)
 

@@ -21,7 +21,7 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
 from medfed.shared.data.base import ImageSet
-from medfed.shared.metrics import classification_metrics, segmentation_metrics
+from medfed.shared.metrics import classification_metrics, segmentation_metrics, youden_threshold
 from medfed.shared.transforms import ImageSetDataset, train_transforms
 
 __all__ = [
@@ -33,6 +33,8 @@ __all__ = [
     "make_train_loader",
     "train_epochs",
     "evaluate",
+    "evaluate_at_validation_threshold",
+    "predict",
     "select_device",
 ]
 
@@ -281,21 +283,16 @@ def _private_step(
 
 
 @torch.no_grad()
-def evaluate(
-    model: nn.Module,
-    data: ImageSet,
-    *,
-    device: torch.device,
-    batch_size: int = 64,
-) -> dict[str, float]:
-    """Evaluate ``model`` on ``data`` without augmentation.
+def predict(
+    model: nn.Module, data: ImageSet, *, device: torch.device, batch_size: int = 64
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """``model``'s logits on ``data`` without augmentation (eval mode).
 
     Returns
     -------
-    dict
-        Classification: ``loss``, ``accuracy`` and ``auc`` (macro one-vs-rest ROC AUC from
-        MONAI; left out when ``data`` holds a single class). Segmentation: ``loss`` and
-        ``dice`` (mean foreground Dice from MONAI). Plus ``num_examples``.
+    tuple
+        ``(logits, targets, mean_loss)``: logits ``(N, K)`` or ``(N, K, *spatial)`` on the CPU,
+        the targets as stored, and the mean loss of :func:`make_loss`.
     """
     if len(data) == 0:
         raise ValueError("cannot evaluate on an empty data set.")
@@ -311,12 +308,70 @@ def evaluate(
         total_loss += float(loss_fn(logits, targets)) * len(images)
         logits_all.append(logits.float().cpu())
         targets_all.append(targets.cpu())
-    logits_cat = torch.cat(logits_all)
-    targets_cat = torch.cat(targets_all)
+    return torch.cat(logits_all), torch.cat(targets_all), total_loss / len(data)
+
+
+def evaluate(
+    model: nn.Module,
+    data: ImageSet,
+    *,
+    device: torch.device,
+    batch_size: int = 64,
+    threshold: float | None = None,
+) -> dict[str, float]:
+    """Evaluate ``model`` on ``data`` without augmentation.
+
+    Parameters
+    ----------
+    threshold
+        Binary classification: the class-1 probability threshold of the decision metrics
+        (``None``: 0.5); see :func:`medfed.shared.metrics.classification_metrics`.
+
+    Returns
+    -------
+    dict
+        Classification: ``loss`` and :func:`medfed.shared.metrics.classification_metrics`
+        (``accuracy``, ``auc`` (macro one-vs-rest ROC AUC from MONAI; left out when ``data``
+        holds a single class), ``balanced-accuracy``, ``sensitivity``, ``specificity``,
+        ``majority-rate``, ``predicted-classes``...). Segmentation: ``loss`` and ``dice``
+        (mean foreground Dice from MONAI). Plus ``num_examples``.
+    """
+    logits, targets, loss = predict(model, data, device=device, batch_size=batch_size)
     if data.task == "segmentation":
-        metrics = segmentation_metrics(logits_cat, targets_cat, num_classes=data.num_classes)
+        metrics = segmentation_metrics(logits, targets, num_classes=data.num_classes)
     else:
-        metrics = classification_metrics(logits_cat, targets_cat, num_classes=data.num_classes)
-    metrics["loss"] = total_loss / len(data)
+        metrics = classification_metrics(logits, targets, num_classes=data.num_classes, threshold=threshold)
+    metrics["loss"] = loss
     metrics["num_examples"] = float(len(data))
+    return metrics
+
+
+def evaluate_at_validation_threshold(
+    model: nn.Module, test: ImageSet, *, val: ImageSet | None, device: torch.device, batch_size: int = 64
+) -> dict[str, float]:
+    """:func:`evaluate` on ``test`` with the decision threshold chosen on ``val`` (never on ``test``).
+
+    Binary classification: the threshold maximises Youden's J on ``model``'s ``val``
+    predictions (:func:`medfed.shared.metrics.youden_threshold`); more classes: argmax.
+    Classification adds ``validation-predicted-classes`` (how many classes ``model`` predicts
+    on ``val`` at that threshold) and ``single-class``: 1.0 when ``model`` predicts a single
+    class on ``test`` or on ``val``, at its argmax or at the threshold (a model whose argmax
+    is one class for every sample, as an accuracy equal to the majority rate shows), else 0.0.
+    Segmentation, or no ``val``: plain :func:`evaluate`.
+    """
+    if val is None or len(val) == 0 or test.task == "segmentation":
+        return evaluate(model, test, device=device, batch_size=batch_size)
+    val_logits, val_targets, _ = predict(model, val, device=device, batch_size=batch_size)
+    threshold = None
+    if test.num_classes == 2:
+        threshold = youden_threshold(torch.softmax(val_logits, dim=1)[:, 1], val_targets)
+    val_metrics = classification_metrics(val_logits, val_targets, num_classes=test.num_classes, threshold=threshold)
+    logits, targets, loss = predict(model, test, device=device, batch_size=batch_size)
+    metrics = classification_metrics(logits, targets, num_classes=test.num_classes, threshold=threshold)
+    metrics["loss"] = loss
+    metrics["num_examples"] = float(len(test))
+    metrics["validation-predicted-classes"] = val_metrics["predicted-classes"]
+    argmax_classes = [torch.unique(x.argmax(dim=1)).numel() for x in (logits, val_logits)]
+    single = min(argmax_classes) == 1 or min(metrics["predicted-classes"], val_metrics["predicted-classes"]) == 1
+    metrics["single-class"] = float(single)
     return metrics

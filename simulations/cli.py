@@ -242,7 +242,7 @@ def _run_and_report(cfg: RunConfig, *, centralized: bool, verbose: bool) -> None
 
     preflight(cfg, federated=not centralized)  # a run that cannot work stops here, before Flower and Ray load
     from medfed.simulations.pooled import run_pooled
-    from medfed.simulations.progress import RunProgress
+    from medfed.simulations.progress import RunProgress, summary_lines
     from medfed.simulations.simulate import run_federated
 
     dataset = "synthetic (generated demo data)" if cfg.is_synthetic else Path(cfg.dataset).name
@@ -255,6 +255,8 @@ def _run_and_report(cfg: RunConfig, *, centralized: bool, verbose: bool) -> None
         )
         if cfg.resume:
             title += f", resuming {Path(cfg.resume).name}"
+    if not centralized and not cfg.resume:
+        _print_site_classes(cfg)
     view = RunProgress(title=title, rounds=cfg.num_server_rounds, console=console)
     with view:
         if centralized:
@@ -265,12 +267,8 @@ def _run_and_report(cfg: RunConfig, *, centralized: bool, verbose: bool) -> None
         _print_plain_summary(cfg, result)
         return
     summary = Table(title="summary", show_header=False)
-    for key, value in sorted(result.final_metrics.items()):
-        if key == "num_examples":
-            continue
-        summary.add_row(f"final {key}", f"{value:.4f}")
-    if result.summary.get("best_round") is not None:
-        summary.add_row("best round", str(result.summary["best_round"]))
+    for label, text in summary_lines(result.summary):
+        summary.add_row(label, f"[bold red]{escape(text)}[/]" if label == "warning" else escape(text))
     summary.add_row("wall time", f"{result.wall_seconds:.1f} s")
     summary.add_row("run directory", str(result.run_dir))
     if cfg.store_url:  # the run store: `medfed dashboard` shows it
@@ -279,12 +277,25 @@ def _run_and_report(cfg: RunConfig, *, centralized: bool, verbose: bool) -> None
     console.print(summary)
 
 
+def _print_site_classes(cfg: RunConfig) -> None:
+    """Each simulated site's class counts in its training, validation and local test splits."""
+    from medfed.client.site_data import simulated_class_counts
+    from medfed.simulations.progress import site_class_lines
+
+    if cfg.is_deployment:
+        return
+    lines = ["sites' class counts (0/1/...; segmentation: images without/with foreground), train / val / local test:"]
+    lines += [f"  {line}" for line in site_class_lines(simulated_class_counts(cfg))]
+    console.file.write("\n".join(lines) + "\n")
+    console.file.flush()
+
+
 def _print_plain_summary(cfg: RunConfig, result: Any) -> None:
     """The summary as ``key: value`` lines (for logs and pipes)."""
+    from medfed.simulations.progress import summary_lines
+
     lines = ["summary"]
-    lines += [f"  final {k}: {v:.4f}" for k, v in sorted(result.final_metrics.items()) if k != "num_examples"]
-    if result.summary.get("best_round") is not None:
-        lines.append(f"  best round: {result.summary['best_round']}")
+    lines += [f"  {label}: {text}" for label, text in summary_lines(result.summary)]
     lines.append(f"  wall time: {result.wall_seconds:.1f} s")
     lines.append(f"  run directory: {result.run_dir}")
     if cfg.store_url:

@@ -17,10 +17,18 @@ from medfed.server.run_dir import RoundRecord, RunDirectory, new_run_path
 from medfed.server.server_app import ServerHooks, primary_metric_for
 from medfed.server.store import open_sink
 from medfed.shared.config import RunConfig
+from medfed.shared.partition import training_pool
 from medfed.shared.preflight import preflight
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import model_for, round_settings
-from medfed.shared.training import evaluate, make_optimizer, make_train_loader, select_device, train_epochs
+from medfed.shared.training import (
+    evaluate,
+    evaluate_at_validation_threshold,
+    make_optimizer,
+    make_train_loader,
+    select_device,
+    train_epochs,
+)
 from medfed.simulations.interrupt import RunInterrupted, interruptible
 from medfed.simulations.simulate import SimulationResult
 
@@ -33,6 +41,10 @@ def run_pooled(
     cfg: RunConfig, *, hooks: ServerHooks | None = None, run_path: str | Path | None = None
 ) -> SimulationResult:
     """Train ``cfg.model`` on the pooled training split; evaluate on the test split each round.
+
+    The pooled training data is what the simulated sites train on together: the training split
+    less the sites' local test splits (``local-test-fraction``). Each round's decision
+    threshold is chosen on the validation split (``evaluate_at_validation_threshold``).
 
     Returns
     -------
@@ -58,6 +70,8 @@ def run_pooled(
         raise RuntimeError("the pooled baseline needs data")
     device = select_device()
     model = model_for(cfg, splits.train)
+    pool, _ = training_pool(splits.train.class_labels(), seed=cfg.seed, local_test_fraction=cfg.local_test_fraction)
+    train_data = splits.train.subset(pool)  # what the simulated sites train on together (no local tests)
     path = Path(run_path) if run_path else new_run_path(cfg.run_dir, name=f"pooled-s{cfg.seed}")
     run_dir = RunDirectory(path, config=cfg.to_run_config(), mode="pooled", sink=open_sink(cfg))
     if hooks.on_start:
@@ -78,7 +92,7 @@ def run_pooled(
     server_round = 0
     with interruptible() as interrupt:
         try:
-            initial = evaluate(model, splits.test, device=device)
+            initial = evaluate_at_validation_threshold(model, splits.test, val=splits.val, device=device)
             record_round(RoundRecord(round=0, seconds=0.0, global_metrics=initial))
             metrics = initial
             for server_round in range(1, cfg.num_server_rounds + 1):
@@ -94,13 +108,13 @@ def run_pooled(
                 )
                 train = train_epochs(
                     model,
-                    make_train_loader(splits.train, settings),
+                    make_train_loader(train_data, settings),
                     optimizer,
                     task=splits.task,
                     epochs=settings.epochs,
                     device=device,
                 )
-                metrics = evaluate(model, splits.test, device=device)
+                metrics = evaluate_at_validation_threshold(model, splits.test, val=splits.val, device=device)
                 val_metrics = evaluate(model, splits.val, device=device) if len(splits.val) else {}
                 record = RoundRecord(
                     round=server_round,

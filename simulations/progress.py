@@ -19,14 +19,25 @@ from rich.table import Table
 
 from medfed.server.run_dir import RoundRecord, RunDirectory
 from medfed.server.server_app import ServerHooks
+from medfed.shared.metrics import predicts_single_class
 
-__all__ = ["RunProgress"]
+__all__ = ["RunProgress", "SINGLE_CLASS", "flagged", "summary_lines", "site_class_lines"]
 
-_GLOBAL_COLUMNS = ("auc", "accuracy", "dice", "loss")
+_GLOBAL_COLUMNS = ("auc", "accuracy", "balanced-accuracy", "dice", "loss")
+SINGLE_CLASS = "single class"
+"""The flag of a round whose global model predicts one class for every test or validation sample."""
+_FLAG_KEYS = ("single-class", "predicted-classes", "validation-predicted-classes")
+"""Metrics shown as the flag, not as numbers, in the summary."""
 
 
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
+
+
+def flagged(record: RoundRecord) -> bool:
+    """Whether the round's global model predicts a single class on the test or validation data
+    (not said of the initial model, round 0, which is untrained)."""
+    return record.round > 0 and predicts_single_class(record.global_metrics, record.eval_metrics)
 
 
 class RunProgress:
@@ -108,6 +119,8 @@ class RunProgress:
             if record.skipped:
                 parts.append("(not aggregated)")
             parts.append(f"{record.seconds or 0:.1f} s")
+        if flagged(record):
+            parts.append(f"({SINGLE_CLASS})")
         return "  ".join(parts)
 
     def _write(self, text: str) -> None:
@@ -135,6 +148,7 @@ class RunProgress:
             table.add_column(f"site {site_metric} max", justify="right")
         table.add_column("sites", justify="right")
         table.add_column("s", justify="right")
+        table.add_column("flag")
         for r in self.records:
             source = r.global_metrics or r.eval_metrics
             row = [str(r.round), *(_fmt(source.get(n)) for n in names)]
@@ -148,9 +162,74 @@ class RunProgress:
                 sites += f" ({len(r.rejected)} rejected)"
             if r.skipped:
                 sites += " (not aggregated)"
-            row += [sites, f"{r.seconds or 0:.1f}"]
+            row += [sites, f"{r.seconds or 0:.1f}", f"[bold red]{SINGLE_CLASS}[/]" if flagged(r) else ""]
             table.add_row(*row)
         return table
 
     def _render(self) -> Group:
         return Group(self.table(), self._progress)
+
+
+def summary_lines(summary: dict[str, object]) -> list[tuple[str, str]]:
+    """The summary's figures as ``(label, value)`` pairs, for a table or plain lines.
+
+    Each final test metric with, beside it, the validation-selected round's
+    (``final auc: 0.8800  (selected round 7: 0.8900)``); the single-class flags of the final
+    and selected models; the sites' local test figures (personalization), one line per site.
+    """
+    final = dict(summary.get("final_metrics") or {})  # type: ignore[call-overload]
+    best = dict(summary.get("best_metrics") or {})  # type: ignore[call-overload]
+    best_round = summary.get("best_round")
+    rows: list[tuple[str, str]] = []
+    for key, value in sorted(final.items()):
+        if key == "num_examples" or key in _FLAG_KEYS:
+            continue
+        text = f"{value:.4f}"
+        if best_round is not None and key in best:
+            text += f"  (selected round {best_round}: {best[key]:.4f})"
+        rows.append((f"final {key}", text))
+    if best_round is not None:
+        rows.append(("best round", f"{best_round} (selected by {summary.get('best_selected_by')})"))
+    flags = dict(summary.get("single_class") or {})  # type: ignore[call-overload]
+    which = [name for name in ("final", "selected") if flags.get(name)]
+    if which:
+        rows.append(
+            ("warning", f"the {' and the '.join(which)} global model predict{'s' if len(which) == 1 else ''} a "
+             "single class on the test or validation data (accuracy = majority-rate)")
+        )  # fmt: skip
+    report = dict(summary.get("personalization") or {})  # type: ignore[call-overload]
+    kept = dict(report.get("kept") or {})
+    for site, row in dict(report.get("sites") or {}).items():
+        text = _local_test_text(row)
+        if site in kept:  # which model the site's validation split chose to keep
+            text += f"  (kept: {'global' if kept[site] == 'off' else kept[site]})"
+        rows.append((f"{site} local test", text))
+    if report.get("mean"):
+        counted = dict(report.get("mean_over_sites") or {})
+        sites = f" (AUC over {counted['local-test-auc-global']} sites)" if "local-test-auc-global" in counted else ""
+        rows.append((f"mean local test{sites}", _local_test_text(report["mean"])))
+    return rows
+
+
+def _local_test_text(row: dict[str, float]) -> str:
+    """``n 14  auc global 0.80 | personalized 0.86 | local-only 0.75`` (what the row has)."""
+    parts = [f"n {int(row['local-test-examples'])}"] if "local-test-examples" in row else []
+    for metric in ("auc", "balanced-accuracy", "dice"):
+        values = [
+            f"{model} {row[key]:.4f}"
+            for model in ("global", "personalized", "local-only")
+            if (key := f"local-test-{metric}-{model}") in row
+        ]
+        if values:
+            parts.append(f"{metric} " + " | ".join(values))
+    if len(parts) <= 1 and row.get("local-test-examples"):
+        parts.append("(one class in the local test split: no AUC)")
+    return "  ".join(parts) or "no local test split"
+
+
+def site_class_lines(sites: list[tuple[str, dict[str, list[int]]]]) -> list[str]:
+    """One line per site: its class counts in each split (``site-0  train 120/30  val 17/4  test 12/3``)."""
+    return [
+        f"{site}  " + "  ".join(f"{split} {'/'.join(map(str, counts))}" for split, counts in splits.items())
+        for site, splits in sites
+    ]

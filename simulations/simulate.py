@@ -54,6 +54,9 @@ def run_federated(
 
     With ``cfg.resume`` the run continues in that run directory after its last completed round
     (see ``medfed.server.resume``); :attr:`SimulationResult.rounds` then holds the rounds run now.
+    After the last round every site's global, personalized (``personalize``) and local-only
+    (``local-only-baseline``) models are scored on its local test split; the summary's
+    ``personalization`` holds the report (:mod:`medfed.simulations.personalization`).
 
     Parameters
     ----------
@@ -126,9 +129,16 @@ def run_federated(
         if user_hooks.on_start:
             user_hooks.on_start(run_dir)
 
-    server_app = make_server_app(
-        cfg, hooks=ServerHooks(on_start=on_start, on_round=on_round, on_finish=on_finish), run_path=str(path)
+    def on_final_model(weights: list) -> dict[str, object]:
+        from medfed.simulations.personalization import personalization_report
+
+        return personalization_report(cfg, weights)
+
+    report = not cfg.is_deployment and (cfg.personalize != "off" or cfg.local_only_baseline)
+    server_hooks = ServerHooks(
+        on_start=on_start, on_round=on_round, on_finish=on_finish, on_final_model=on_final_model if report else None
     )
+    server_app = make_server_app(cfg, hooks=server_hooks, run_path=str(path))
     client_app = client_app or make_client_app(cfg)
     # One CPU per site: Ray runs as many sites at once as there are cores, each torch single-threaded.
     backend_config = {

@@ -89,3 +89,14 @@ def test_unusable_entries_are_logged_at_the_site_but_not_put_in_the_error(tmp_pa
     assert "patient-4711" not in str(err.value) and str(tmp_path) not in str(err.value)
     assert "medfed site check" in str(err.value)
     assert "patient-4711" in caplog.text  # the site's operator sees which entry
+
+
+def test_a_datalists_test_section_is_the_sites_local_test_split(tmp_path: Path) -> None:
+    datalist = write_nifti_datalist(tmp_path, seed=0, n_train=12, n_val=4, size=20)
+    assert deployment_site_data(CFG, datalist=str(datalist)).test is None  # none without a test section
+    content = json.loads(datalist.read_text())
+    content["test"] = content["validation"][:3]  # the site's own held-out images
+    datalist.write_text(json.dumps(content))
+    data = deployment_site_data(CFG, datalist=str(datalist))
+    assert data.test is not None and len(data.test) == 3 and data.test.images.shape == (3, 1, 16, 16)
+    assert len(data.train) == 12 and len(data.val) == 4  # training keeps its own entries

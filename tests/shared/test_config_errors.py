@@ -76,6 +76,10 @@ RUN_CONFIG_TABLE: dict[str, tuple[Any, list[str]]] = {
     "trim-beta": (0.6, ["[0, 0.5)"]),
     "num-malicious-sites": (-1, [">= 0"]),
     "num-sites-to-keep": (-1, [">= 0"]),
+    "local-test-fraction": (0.7, ["[0, 0.5]"]),
+    "personalize": ("bn+heads", ["'off', 'bn', 'head', 'bn+head'", "Did you mean 'bn+head'"]),
+    "personalize-epochs": (-1, [">= 0"]),
+    "local-only-baseline": ("maybe", ["type bool"]),
 }
 
 

@@ -5,7 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medfed.shared.partition import class_counts, partition_indices, split_train_val_test
+from medfed.shared.partition import (
+    class_counts,
+    local_test_size,
+    partition_indices,
+    site_partitions,
+    split_train_val_test,
+)
 
 METHODS = ("iid", "dirichlet", "quantity")
 
@@ -149,3 +155,75 @@ def test_split_train_val_test(n: int, stratify: bool) -> None:
         labels, val_fraction=0.15, test_fraction=0.15, seed=0, stratify=stratify
     )
     assert all(np.array_equal(a, b) for a, b in zip((tr, va, te), again, strict=True))
+
+
+# ------------------------------------------------------------ the sites' validation and local test splits
+def _site_splits(method: str, alpha: float, seed: int, num_classes: int, fraction: float, sites: int = 4):
+    train = _labels(2000, num_classes, seed=seed)
+    val = _labels(500, num_classes, seed=seed + 100)
+    parts = site_partitions(
+        train, val, num_sites=sites, method=method, alpha=alpha, seed=seed, local_test_fraction=fraction
+    )
+    return train, val, parts
+
+
+@pytest.mark.parametrize(
+    ("method", "alpha", "seed", "num_classes", "fraction"),
+    [
+        ("dirichlet", 0.5, 0, 2, 0.1),
+        ("dirichlet", 0.5, 1, 2, 0.2),
+        ("dirichlet", 0.1, 2, 2, 0.1),
+        ("dirichlet", 0.1, 3, 5, 0.1),
+        ("dirichlet", 1.0, 4, 5, 0.0),
+        ("iid", 0.5, 0, 2, 0.1),
+        ("quantity", 0.5, 5, 3, 0.1),
+    ],
+)
+def test_every_site_validates_and_tests_on_its_training_class_mix(
+    method: str, alpha: float, seed: int, num_classes: int, fraction: float
+) -> None:
+    train, val, parts = _site_splits(method, alpha, seed, num_classes, fraction)
+    tr = class_counts(train, parts.train, num_classes)
+    for labels, split in ((val, parts.val), (train, parts.test)):
+        got = class_counts(labels, split, num_classes)
+        totals = got.sum(axis=0)
+        expected = tr / tr.sum(axis=0, keepdims=True) * totals  # the site's training share of each class
+        assert np.abs(got - expected).max() < 2, (got, expected)  # rounding (< 1), plus a top-up of a tiny site
+        assert not ((tr == 0) & (got > 0)).any()  # no site validates or tests on a class it never trains on
+        for k in range(len(split)):
+            if got[k].sum() >= 20:  # large enough for its class shares to be compared
+                share = got[k] / got[k].sum()
+                assert np.abs(share - tr[k] / tr[k].sum()).sum() < 0.15
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_local_test_splits_come_from_the_training_split_and_leave_training_disjoint(seed: int) -> None:
+    train, val, parts = _site_splits("dirichlet", 0.5, seed, 3, 0.1)
+    used = np.concatenate([*parts.train, *parts.test])
+    np.testing.assert_array_equal(np.sort(used), np.arange(len(train)))  # each training sample in one place
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts.val)), np.arange(len(val)))
+    assert sum(len(t) for t in parts.test) == local_test_size(len(train), 0.1) == 200
+    again = _site_splits("dirichlet", 0.5, seed, 3, 0.1)[2]
+    for a, b in zip([*parts.train, *parts.val, *parts.test], [*again.train, *again.val, *again.test], strict=True):
+        np.testing.assert_array_equal(a, b)
+    other = _site_splits("dirichlet", 0.5, seed + 10, 3, 0.1)[2]
+    assert not all(np.array_equal(a, b) for a, b in zip(parts.val, other.val, strict=True))
+
+
+def test_without_local_tests_the_training_shares_are_the_plain_partition() -> None:
+    train, val = _labels(600, 2, seed=1), _labels(100, 2, seed=2)
+    parts = site_partitions(train, val, num_sites=3, method="dirichlet", alpha=0.5, seed=4)
+    plain = partition_indices(train, num_sites=3, method="dirichlet", alpha=0.5, seed=4)
+    assert all(np.array_equal(a, b) for a, b in zip(parts.train, plain, strict=True))
+    assert all(len(t) == 0 for t in parts.test)
+
+
+def test_every_site_gets_a_validation_sample_of_a_class_it_trains_on() -> None:
+    train = np.array([0, 1] * 4)
+    val = np.array([0, 0, 1, 1])
+    parts = site_partitions(train, val, num_sites=4, method="iid", alpha=0.5, seed=0)
+    assert [len(v) for v in parts.val] == [1, 1, 1, 1]
+    for k in range(4):
+        assert set(val[parts.val[k]]) <= set(train[parts.train[k]])
+    with pytest.raises(ValueError, match="validation split has 3"):
+        site_partitions(train, val[:3], num_sites=4, method="iid", alpha=0.5, seed=0)

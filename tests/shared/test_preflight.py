@@ -26,7 +26,7 @@ def tiny_npz(path: Path, *, train: int = 8, val: int = 4, test: int = 4) -> Path
     return path
 
 
-SMALL = dict(model="simplecnn", image_size=16, synthetic_samples=96, store="off")
+SMALL = dict(model="simplecnn", image_size=16, synthetic_samples=96, store="off", local_test_fraction=0.0)
 
 
 def test_more_sites_than_the_data_fills_is_refused_with_the_most_that_fit(tmp_path: Path) -> None:

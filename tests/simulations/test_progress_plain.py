@@ -12,9 +12,12 @@ from typer.testing import CliRunner
 
 from medfed.cli import app
 from medfed.server.run_dir import RoundRecord
-from medfed.simulations.progress import RunProgress
+from medfed.simulations.progress import RunProgress, summary_lines
 
-LINE = re.compile(r"^round (\d+)/(\d+)  auc \d\.\d{4}  accuracy \d\.\d{4}  loss \d+\.\d{4}  sites (\d+)/(\d+)  \d+\.\d s$")
+LINE = re.compile(
+    r"^round (\d+)/(\d+)  auc \d\.\d{4}  accuracy \d\.\d{4}  balanced-accuracy \d\.\d{4}  loss \d+\.\d{4}  "
+    r"sites (\d+)/(\d+)  \d+\.\d s( \(single class\))?$"
+)
 
 
 class FlushLog(io.StringIO):
@@ -75,3 +78,37 @@ def test_a_run_written_to_a_pipe_has_plain_rounds_and_summary_lines(tmp_path: Pa
     assert lines[summary + 1].startswith("  final accuracy: ")
     assert any(line.startswith("  run directory: ") for line in lines[summary:])
     assert "━" not in result.output and "┃" not in result.output
+
+
+def test_a_global_model_that_predicts_one_class_is_flagged_in_the_line_and_the_table() -> None:
+    out = io.StringIO()
+    view = RunProgress(title="t", rounds=3, console=Console(file=out, width=200))
+    constant = RoundRecord(round=2, seconds=1.0, num_fit_results=2,
+                           global_metrics={"auc": 0.5, "accuracy": 0.625, "majority-rate": 0.625, "single-class": 1.0})
+    fine = RoundRecord(round=3, seconds=1.0, num_fit_results=2,
+                       global_metrics={"auc": 0.9, "accuracy": 0.8, "single-class": 0.0})
+    sites_constant = RoundRecord(round=1, seconds=1.0, num_fit_results=2,
+                                 eval_metrics={"auc": 0.5, "predicted-classes": 1.0, "predicted-classes-max": 1.0})
+    assert view.line(constant).endswith("(single class)")
+    assert not view.line(fine).endswith("(single class)")
+    assert view.line(sites_constant).endswith("(single class)")  # deployment: the sites' validation says so
+    view.records = [sites_constant, constant, fine]
+    Console(file=out, width=200).print(view.table())
+    rows = [line for line in out.getvalue().splitlines() if line.strip().startswith("│")]
+    assert ["single class" in row for row in rows] == [True, True, False]
+
+
+def test_the_summary_shows_the_selected_rounds_test_figures_beside_the_final_ones() -> None:
+    summary = {
+        "final_metrics": {"auc": 0.84, "accuracy": 0.625, "num_examples": 156.0, "single-class": 1.0},
+        "best_round": 3,
+        "best_metrics": {"auc": 0.91, "accuracy": 0.80, "val-auc": 0.95},
+        "best_selected_by": "validation auc",
+        "single_class": {"final": True, "selected": False},
+    }
+    lines = dict(summary_lines(summary))
+    assert lines["final auc"] == "0.8400  (selected round 3: 0.9100)"
+    assert lines["final accuracy"] == "0.6250  (selected round 3: 0.8000)"
+    assert lines["best round"] == "3 (selected by validation auc)"
+    assert lines["warning"].startswith("the final global model predicts a single class")
+    assert "final num_examples" not in lines and "final single-class" not in lines

@@ -73,3 +73,21 @@ def test_sites_send_only_model_shaped_arrays_and_scalar_metrics(two_site_run) ->
             else:
                 assert kind in {"int", "float", "bool"}, (name, kind)
         assert report["protocol_records"] == []
+
+
+def test_the_clinicians_figures_the_single_class_flag_and_the_sites_local_tests_are_recorded(two_site_run) -> None:
+    cfg, run_dir, _ = two_site_run
+    records = read_metrics(run_dir)
+    test = records[1]["global"]
+    assert {"balanced-accuracy", "sensitivity", "specificity", "threshold", "majority-rate", "single-class"} <= set(test)
+    assert 0.0 < test["threshold"] < 1.0  # chosen on the validation split
+    for site in records[1]["sites"].values():
+        assert {"balanced-accuracy", "predicted-classes"} <= set(site["eval"])
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["single_class"]["final"] == (test["single-class"] == 1.0)
+    report = summary["personalization"]
+    assert report["mode"] == cfg.personalize == "bn+head"
+    assert set(report["sites"]) == {"site-0", "site-1"}
+    for row in report["sites"].values():
+        assert row["local-test-examples"] > 0
+        assert {"local-test-balanced-accuracy-global", "local-test-balanced-accuracy-personalized"} <= set(row)

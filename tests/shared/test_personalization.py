@@ -1,0 +1,123 @@
+"""A site's personalized model: BatchNorm statistics re-estimated on its data, a fine-tuned head."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from medfed.shared.config import RunConfig
+from medfed.shared.data.base import ImageSet
+from medfed.shared.data.loading import load_dataset
+from medfed.shared.personalization import choose_on_validation, head_of, personalization_steps, personalize
+from medfed.shared.task import model_for
+from medfed.shared.training import TrainSettings, evaluate
+
+CPU = torch.device("cpu")
+SETTINGS = TrainSettings(epochs=1, batch_size=16, learning_rate=0.1, optimizer="sgd", augment=False, seed=0)
+
+
+def _site(brightness: np.ndarray, labels: np.ndarray) -> ImageSet:
+    images = np.repeat(brightness.astype(np.float32)[:, None, None, None], 4, axis=2).repeat(4, axis=3)
+    return ImageSet(images, labels.astype(np.int64), "classification", 2)
+
+
+class _Tiny(nn.Module):
+    """Mean intensity -> BatchNorm -> ReLU -> Linear(1 -> 2): a model whose BatchNorm statistics
+    decide whether a site's images reach the head at all."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.BatchNorm1d(1)
+        self.head = nn.Linear(1, 2)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.tensor([[-1.0], [1.0]]))
+            self.head.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.norm(x.flatten(1).mean(dim=1, keepdim=True))))
+
+
+def _global_model(train: ImageSet) -> _Tiny:
+    """BatchNorm statistics of the bright site only (as a federation dominated by it would keep)."""
+    model = _Tiny()
+    model.norm.momentum = None  # a cumulative average: one pass gives the batch's statistics exactly
+    model.train()
+    with torch.no_grad():
+        model(torch.from_numpy(train.images))
+    return model.eval()
+
+
+def test_local_batchnorm_statistics_recover_a_site_whose_images_the_global_statistics_silence() -> None:
+    rng = np.random.default_rng(0)
+    bright = rng.uniform(0.4, 0.6, 200)
+    model = _global_model(_site(bright, bright > 0.5))
+    dark_x = rng.uniform(0.05, 0.15, 200)  # a scanner that images darker: every value far below the global mean
+    dark = _site(dark_x, dark_x > 0.1)
+    before = evaluate(model, dark, device=CPU)
+    personal = personalize(model, dark, mode="bn", epochs=0, settings=SETTINGS, device=CPU)
+    after = evaluate(personal, dark, device=CPU)
+    assert before["auc"] == pytest.approx(0.5)  # the global statistics send every dark image to 0
+    assert after["auc"] > 0.9
+    assert torch.equal(personal.head.weight, model.head.weight)  # only statistics changed
+    assert model.norm.running_mean.item() == pytest.approx(float(bright.mean()), abs=1e-4)  # global model untouched
+
+
+def test_a_fine_tuned_head_learns_a_site_whose_labels_run_the_other_way() -> None:
+    rng = np.random.default_rng(1)
+    bright = rng.uniform(0.4, 0.6, 200)
+    model = _global_model(_site(bright, bright > 0.5))
+    x = rng.uniform(0.4, 0.6, 200)
+    site = _site(x, x < 0.5)  # here the darker images are the positives
+    assert evaluate(model, site, device=CPU)["auc"] < 0.3
+    settings = TrainSettings(epochs=1, batch_size=16, learning_rate=0.2, optimizer="sgd", augment=False, seed=0)
+    personal = personalize(model, site, mode="head", epochs=30, settings=settings, device=CPU)
+    assert evaluate(personal, site, device=CPU)["auc"] > 0.9
+    assert torch.equal(personal.norm.running_mean, model.norm.running_mean)  # the body stayed as it was
+    assert all(p.requires_grad for p in personal.parameters())  # nothing left frozen
+
+
+@pytest.mark.parametrize(("mode", "weights_change", "stats_change"), [
+    ("off", False, False), ("bn", False, True), ("head", True, False), ("bn+head", True, True),
+])  # fmt: skip
+def test_simplecnn_modes_change_what_they_say(mode: str, weights_change: bool, stats_change: bool) -> None:
+    cfg = RunConfig(dataset="synthetic", model="simplecnn", image_size=16, synthetic_samples=96, store="off")
+    data = load_dataset(cfg).train
+    torch.manual_seed(0)
+    model = model_for(cfg, data)
+    personal = personalize(model, data, mode=mode, epochs=1, settings=SETTINGS, device=CPU)
+    head = head_of(personal)
+    assert head is personal.head
+    before, after = model.state_dict(), personal.state_dict()
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    head_keys = [k for k in before if k.startswith("head.")]
+    body = [k for k in before if k not in stats and k not in head_keys and not k.endswith("num_batches_tracked")]
+    assert stats and head_keys and body
+    assert any(not torch.equal(before[k], after[k]) for k in stats) == stats_change
+    assert any(not torch.equal(before[k], after[k]) for k in head_keys) == weights_change
+    assert all(torch.equal(before[k], after[k]) for k in body)  # convolutions never change
+
+
+def test_an_unknown_mode_names_the_choices() -> None:
+    with pytest.raises(ValueError, match="'off', 'bn', 'head', 'bn\\+head'"):
+        personalize(_Tiny(), _site(np.ones(4) * 0.5, np.array([0, 1, 0, 1])), mode="all", epochs=1,
+                    settings=SETTINGS, device=CPU)
+
+
+def test_a_site_keeps_the_personalized_model_only_where_its_validation_split_says_it_helps() -> None:
+    rng = np.random.default_rng(2)
+    bright = rng.uniform(0.4, 0.6, 200)
+    bright_site = _site(bright, bright > 0.5)
+    model = _global_model(bright_site)
+    dark_x = rng.uniform(0.05, 0.15, 100)
+    dark_train, dark_val = _site(dark_x[:60], dark_x[:60] > 0.1), _site(dark_x[60:], dark_x[60:] > 0.1)
+    steps = personalization_steps(model, dark_train, mode="bn+head", epochs=0, settings=SETTINGS, device=CPU)
+    assert [name for name, _ in steps] == ["off", "bn"]  # no head epochs: no head step
+    name, kept = choose_on_validation(steps, dark_val, device=CPU)
+    assert name == "bn" and kept is steps[1][1]
+    # a site like the bright one: the re-estimated statistics are no better there, so it keeps the global model
+    x = rng.uniform(0.4, 0.6, 100)
+    steps = personalization_steps(model, _site(x[:60], x[:60] > 0.5), mode="bn", epochs=0, settings=SETTINGS,
+                                  device=CPU)
+    assert choose_on_validation(steps, _site(x[60:], x[60:] > 0.5), device=CPU)[0] == "off"
