@@ -134,6 +134,12 @@ SITE_TABLE: dict[str, tuple[str, list[str]]] = {
     "image-size": ('image-size = "big"', ["image-size = 'big' is invalid", "integer >= 0"]),
     "num-classes": ("num-classes = -2", ["num-classes = -2 is invalid", ">= 0"]),
     "bad-data": ('bad-data = "lenient"', ["bad-data = 'lenient' is invalid", '"strict", "skip"']),
+    "require-dp": ('require-dp = "yes"', ["require-dp = 'yes' is invalid", "true or false"]),
+    "dp-max-delta": ("dp-max-delta = 2", ["dp-max-delta = 2.0 is invalid", "(0, 1)"]),
+    "dp-min-noise-multiplier": ("dp-min-noise-multiplier = -1", ["dp-min-noise-multiplier = -1.0 is invalid", ">= 0"]),
+    "dp-require-secure-noise": ("dp-require-secure-noise = 1", ["dp-require-secure-noise = 1 is invalid", "true or false"]),
+    "ledger-dir": ("ledger-dir = 5", ["ledger-dir = 5 is invalid", "folder path"]),
+    "auth-private-key": ("auth-private-key = 5", ["auth-private-key = 5 is invalid", "key file path"]),
 }
 
 
