@@ -35,14 +35,14 @@ REQUIRED = (
 METHODS = ["default", "fedprox", "pooled", "local-only"]
 
 
-def write_medmnist(path: Path, *, sizes: tuple[int, int, int] = (64, 24, 32), seed: int = 0) -> Path:
+def write_medmnist(path: Path, *, sizes: tuple[int, int, int] = (48, 16, 24), side: int = 14, seed: int = 0) -> Path:
     """A learnable 2-class 2D set in the MedMNIST layout: class 1 images are brighter."""
     rng = np.random.default_rng(seed)
     arrays: dict[str, np.ndarray] = {}
     for split, n in zip(("train", "val", "test"), sizes, strict=True):
         labels = rng.integers(0, 2, size=(n, 1)).astype(np.uint8)
         labels[:2, 0] = [0, 1]  # both classes in every split
-        images = rng.integers(0, 120, size=(n, 28, 28)) + 100 * labels[:, :, None]
+        images = rng.integers(0, 120, size=(n, side, side)) + 100 * labels[:, :, None]
         arrays[f"{split}_images"] = images.astype(np.uint8)
         arrays[f"{split}_labels"] = labels
     np.savez(path, **arrays)
@@ -248,3 +248,31 @@ def test_prediction_figures(logits: list[list[float]], targets: list[int], expec
                                  num_classes=len(logits[0]))
     assert {k: figures[k] for k in expected} == expected
     assert math.isfinite(figures["loss"])
+
+
+@pytest.mark.slow
+def test_two_worker_processes_give_the_rows_of_one(study: dict[str, Any], tmp_path: Path) -> None:
+    root = study["root"]
+    plan = plan_study(
+        data_dir=root, datasets=["breastmnist"], partitions=["dirichlet"], seeds=[0], methods=["default", "local-only"],
+        alternative="fedprox", run_dir=str(tmp_path / "runs"), extra={"num-server-rounds": 1, "batch-size": 16},
+    )
+    rows = run_study(plan, results=tmp_path / "results.json", workers=2)
+    serial = {(r["partition"], r["method"]): r for r in study["rows"]}
+    assert len(rows) == 2
+    for row in rows:
+        same = serial[(row["partition"], row["method"])]
+        assert (row["test_auc"], row["test_accuracy"]) == (same["test_auc"], same["test_accuracy"])
+
+
+@pytest.mark.data("breastmnist.npz")
+def test_one_real_cell(medmnist: Path, tmp_path: Path) -> None:
+    plan = plan_study(
+        data_dir=medmnist, datasets=["breastmnist"], partitions=["dirichlet"], seeds=[0], methods=["default"],
+        alternative="fedprox", run_dir=str(tmp_path / "runs"), extra={"num-server-rounds": 1},
+    )
+    (row,) = run_study(plan, results=tmp_path / "results.json")
+    assert row["dataset"] == "breastmnist" and row["model"] == "simplecnn"
+    assert row["majority_rate"] == round(114 / 156, 4)  # the official test split: 42 malignant, 114 benign
+    assert 0.0 <= row["test_auc"] <= 1.0 and len(row["site_train_class_counts"]) == 4
+    assert sum(map(sum, row["site_train_class_counts"])) == 546
