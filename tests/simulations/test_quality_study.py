@@ -276,3 +276,21 @@ def test_one_real_cell(medmnist: Path, tmp_path: Path) -> None:
     assert row["majority_rate"] == round(114 / 156, 4)  # the official test split: 42 malignant, 114 benign
     assert 0.0 <= row["test_auc"] <= 1.0 and len(row["site_train_class_counts"]) == 4
     assert sum(map(sum, row["site_train_class_counts"])) == 546
+
+
+def test_resnet18_rows_cover_the_2d_sets_seeds_0_to_2_default_and_pooled(tmp_path: Path) -> None:
+    for name in ("breastmnist", "adrenalmnist3d"):
+        write_medmnist(tmp_path / f"{name}.npz")
+    plan = plan_study(
+        data_dir=tmp_path, datasets=["breastmnist", "adrenalmnist3d"], partitions=["iid", "dirichlet"],
+        seeds=[0, 3], methods=METHODS, alternative="fedprox", run_dir=str(tmp_path / "runs"), resnet18_rows=True,
+    )
+    resnet = [c for c in plan.cells if c.schedule_name == "resnet18"]
+    assert sorted((c.dataset, c.partitions, c.seed, c.method.name) for c in resnet) == [
+        ("breastmnist", ("dirichlet",), 0, "default"), ("breastmnist", ("dirichlet",), 0, "pooled"),
+    ]
+    assert all(c.config("dirichlet").model == "resnet18" and c.config("dirichlet").image_size == 0 for c in resnet)
+    study = [c for c in plan.cells if c.schedule_name == "study"]
+    assert len(study) == 2 * 2 * (3 * 2 + 1)  # datasets x seeds x (3 methods x 2 partitions + 1 pooled)
+    assert {c.config(c.partitions[0]).image_size for c in study if c.dataset == "adrenalmnist3d"} == {16}
+    assert plan.cells[0].method.kind == "pooled"  # pooled first: the other rows quote it
