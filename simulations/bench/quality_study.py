@@ -390,11 +390,23 @@ def run_cell(cell: Cell) -> list[dict[str, Any]]:
     return [_row(cell, partition, cfg, figures, seconds) for partition in cell.partitions]
 
 
+_DETAILS = ("reported_final_metrics", "site_test_auc", "site_train_class_counts", "site_val_class_counts")
+"""Per-cell details a row carries when its method produced them."""
+
+
+def _clean(value: Any) -> Any:
+    """``value`` for JSON: floats rounded to 4 decimals, non-finite ones ``None``, containers walked."""
+    if isinstance(value, float):
+        return round(value, 4) if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_clean(v) for v in value]
+    return value
+
+
 def _row(cell: Cell, partition: str, cfg: RunConfig, figures: Mapping[str, Any], seconds: float) -> dict[str, Any]:
-    def clean(v: Any) -> Any:
-        if isinstance(v, float):
-            return round(v, 4) if math.isfinite(v) else None
-        return v
+    clean = _clean
 
     return {
         "dataset": cell.dataset,
@@ -423,10 +435,7 @@ def _row(cell: Cell, partition: str, cfg: RunConfig, figures: Mapping[str, Any],
         "cpu_seconds": round(float(figures["cpu_seconds"]), 1),
         "threads": torch.get_num_threads(),
         "pooled_shared_by_partitions": list(cell.partitions) if cell.method.kind == "pooled" else None,
-        **{k: ({m: clean(x) for m, x in v.items()} if isinstance(v, dict) else [clean(x) for x in v]
-               if isinstance(v, list) and v and not isinstance(v[0], list) else v)
-           for k, v in figures.items() if k in ("reported_final_metrics", "site_test_auc", "site_train_class_counts",
-                                                "site_val_class_counts")},
+        **{k: clean(figures[k]) for k in _DETAILS if k in figures},
         "measured_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
 
