@@ -52,7 +52,7 @@ from medfed.simulations.bench.support import line_plot, read_results_section, wr
 
 __all__ = [
     "ALTERNATIVES", "DATASETS", "PUBLISHED_AUC", "RESNET18_SCHEDULE", "SCHEDULES", "Cell", "Check", "Method",
-    "StudyPlan", "acceptance_checks", "checks_table", "merge_rows", "methods_for", "plan_study", "predict",
+    "StudyCellError", "StudyPlan", "acceptance_checks", "checks_table", "merge_rows", "methods_for", "plan_study", "predict",
     "prediction_figures", "render_study", "run_cell", "run_study", "main",
 ]
 
@@ -441,6 +441,10 @@ def _row(cell: Cell, partition: str, cfg: RunConfig, figures: Mapping[str, Any],
 
 
 # --------------------------------------------------------------------------- the plan
+class StudyCellError(RuntimeError):
+    """A cell raised; the message names the cell and says the rows so far are kept."""
+
+
 @dataclass
 class StudyPlan:
     """The cells to run and the rows already there."""
@@ -586,9 +590,19 @@ def run_study(
             on_cell(cell, [r for r in rows if row_key(r) in {row_key(n) for n in new}], i, total,
                     time.perf_counter() - start)
 
+    def failed(cell: Cell, err: BaseException) -> StudyCellError:
+        return StudyCellError(
+            f"cell {cell.label()} failed: {type(err).__name__}: {err}. The rows measured so far are in {results}; "
+            "the same command resumes after the cause is fixed."
+        )
+
     if workers <= 1:
         for i, cell in enumerate(plan.cells, start=1):
-            done(i, cell, run_cell(cell))
+            try:
+                new = run_cell(cell)
+            except Exception as err:
+                raise failed(cell, err) from err
+            done(i, cell, new)
         return rows
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -597,7 +611,13 @@ def run_study(
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
         futures = {pool.submit(run_cell, cell): cell for cell in plan.cells}
         for i, future in enumerate(as_completed(futures), start=1):
-            done(i, futures[future], future.result())
+            try:
+                new = future.result()
+            except Exception as err:
+                for other in futures:
+                    other.cancel()
+                raise failed(futures[future], err) from err
+            done(i, futures[future], new)
     return rows
 
 
@@ -845,7 +865,7 @@ def _progress(cell: Cell, rows: list[dict[str, Any]], i: int, total: int, elapse
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m medfed.simulations.bench.quality --study``; returns 0, or 2 on bad input."""
+    """``python -m medfed.simulations.bench.quality --study``; returns 0, 1 when a cell fails, 2 on bad input."""
     from medfed.simulations.bench.suite import default_data_dir, quiet_logs, write_regions
 
     parser = argparse.ArgumentParser(prog="python -m medfed.simulations.bench.quality --study",
@@ -897,6 +917,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except StudyCellError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     finally:
         if args.workdir is None:
             import shutil

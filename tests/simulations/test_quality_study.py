@@ -294,3 +294,21 @@ def test_resnet18_rows_cover_the_2d_sets_seeds_0_to_2_default_and_pooled(tmp_pat
     assert len(study) == 2 * 2 * (3 * 2 + 1)  # datasets x seeds x (3 methods x 2 partitions + 1 pooled)
     assert {c.config(c.partitions[0]).image_size for c in study if c.dataset == "adrenalmnist3d"} == {16}
     assert plan.cells[0].method.kind == "pooled"  # pooled first: the other rows quote it
+
+
+def test_a_failing_cell_stops_the_study_naming_it_and_keeps_the_rows_so_far(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_medmnist(tmp_path / "breastmnist.npz")
+    with np.load(write_medmnist(tmp_path / "retinamnist.npz")) as data:  # a file without its test split
+        np.savez(tmp_path / "retinamnist.npz", **{k: data[k] for k in data.files if not k.startswith("test_")})
+    results = tmp_path / "results.json"
+    code = main(["--data-dir", str(tmp_path), "--datasets", "breastmnist", "retinamnist", "--seeds", "0",
+                 "--partitions", "iid", "--methods", "pooled", "--set", "num-server-rounds=1", "--workers", "1",
+                 "--results", str(results), "--out", str(tmp_path / "B.md"), "--plots", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "cell retinamnist iid seed 0 pooled (study) failed" in err and "resumes" in err
+    assert [(r["dataset"], r["method"]) for r in json.loads(results.read_text())["quality"]] == [
+        ("breastmnist", "pooled")
+    ]
