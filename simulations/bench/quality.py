@@ -62,7 +62,8 @@ if TYPE_CHECKING:
     from medfed.simulations.bench import BenchContext, SectionResult
 
 __all__ = [
-    "RECIPES", "PUBLISHED", "compare", "Curve", "federate_in_process", "local_models", "local_only", "quality_section", "seed_study",
+    "RECIPES", "PUBLISHED", "compare", "Curve", "federate_in_process", "local_models", "local_only", "quality_section",
+    "seed_study",
 ]
 
 logger = logging.getLogger(__name__)

@@ -52,7 +52,8 @@ from medfed.simulations.bench.support import line_plot, read_results_section, wr
 
 __all__ = [
     "ALTERNATIVES", "DATASETS", "PUBLISHED_AUC", "RESNET18_SCHEDULE", "SCHEDULES", "Cell", "Check", "Method",
-    "StudyCellError", "StudyPlan", "acceptance_checks", "checks_table", "merge_rows", "methods_for", "plan_study", "predict",
+    "StudyCellError", "StudyPlan", "acceptance_checks", "checks_table", "merge_rows", "methods_for", "plan_study",
+    "predict",
     "prediction_figures", "render_study", "run_cell", "run_study", "main",
 ]
 
@@ -665,8 +666,10 @@ def acceptance_checks(
     checks: list[Check] = []
     names = list(datasets) if datasets is not None else [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
     for d in names:
-        mine = [r for r in rows if r["dataset"] == d and r["method"] == method and r.get("schedule", "study") == schedule]
-        by_part = {p: sorted((r for r in mine if r["partition"] == p), key=lambda r: int(r["seed"])) for p in PARTITIONS}
+        mine = [r for r in rows
+                if r["dataset"] == d and r["method"] == method and r.get("schedule", "study") == schedule]
+        by_part = {p: sorted((r for r in mine if r["partition"] == p), key=lambda r: int(r["seed"]))
+                   for p in PARTITIONS}
         dir_ratios = [(int(r["seed"]), _ratio(r)) for r in by_part["dirichlet"] if _ratio(r) is not None]
         iid_ratios = [(int(r["seed"]), _ratio(r)) for r in by_part["iid"] if _ratio(r) is not None]
         model = f"{mine[0]['model']}, {mine[0]['epochs']} epochs" if mine else ""
@@ -751,15 +754,16 @@ def checks_table(checks: Sequence[Check]) -> str:
     lines = ["| dataset | check | target | measured | met? | what limits it |", "| --- | --- | --- | --- | --- | --- |"]
     for c in checks:
         met = {True: "met", False: "**not met**", None: "not measured"}[c.met]
-        lines.append(f"| {c.dataset} | {_md(c.name)} | {_md(c.goal)} | {_md(c.measured)} | {met} | {_md(c.limits) or '-'} |")
+        lines.append(f"| {c.dataset} | {_md(c.name)} | {_md(c.goal)} | {_md(c.measured)} | {met} | "
+                     f"{_md(c.limits) or '-'} |")
     return "\n".join(lines)
 
 
 def results_table(rows: Sequence[Mapping[str, Any]]) -> str:
     """Mean ± sd over seeds per dataset, schedule, partition and method."""
     lines = [
-        "| dataset | model, epochs | split | method | seeds | test AUC | / pooled (lowest) | accuracy | balanced accuracy "
-        "| majority rate | selected-round AUC | s per run (CPU s) |",
+        "| dataset | model, epochs | split | method | seeds | test AUC | / pooled (lowest) | accuracy "
+        "| balanced accuracy | majority rate | selected-round AUC | s per run (CPU s) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
@@ -770,8 +774,9 @@ def results_table(rows: Sequence[Mapping[str, Any]]) -> str:
         ratio = f"{statistics.mean(ratios):.3f} ({min(ratios):.3f})" if ratios and method != "pooled" else "-"
         lines.append(
             f"| {dataset} | {rs[0]['model']}, {rs[0]['epochs']} | {'IID' if partition == 'iid' else 'Dirichlet 0.5'} | "
-            f"{method} | {','.join(str(r['seed']) for r in rs)} | {_spread([r.get('test_auc') for r in rs])} | {ratio} | "
-            f"{_spread([r.get('test_accuracy') for r in rs])} | {_spread([r.get('test_balanced_accuracy') for r in rs])} | "
+            f"{method} | {','.join(str(r['seed']) for r in rs)} | {_spread([r.get('test_auc') for r in rs])} | "
+            f"{ratio} | {_spread([r.get('test_accuracy') for r in rs])} | "
+            f"{_spread([r.get('test_balanced_accuracy') for r in rs])} | "
             f"{_spread([r.get('majority_rate') for r in rs])} | "
             f"{_spread([r.get('selected_round_test_auc') for r in rs]) if method != 'local-only' else '-'} | "
             f"{_mean([r.get('seconds') for r in rs]):.0f} ({_mean([r.get('cpu_seconds') for r in rs]):.0f}) |"
@@ -793,7 +798,8 @@ def ratio_plot(rows: Sequence[Mapping[str, Any]], path: Path, *, method: str = "
     for d in DATASETS:
         for p in PARTITIONS:
             rs = sorted((r for r in rows if r["dataset"] == d and r["partition"] == p and r["method"] == method
-                         and r.get("schedule", "study") == "study" and _ratio(r) is not None), key=lambda r: int(r["seed"]))
+                         and r.get("schedule", "study") == "study" and _ratio(r) is not None),
+                        key=lambda r: int(r["seed"]))
             if rs:
                 series[f"{d} {'IID' if p == 'iid' else 'Dir 0.5'}"] = (
                     [float(r["seed"]) for r in rs], [float(_ratio(r)) for r in rs])  # type: ignore[arg-type]
@@ -814,7 +820,8 @@ def render_study(rows: Sequence[Mapping[str, Any]], checks: Sequence[Check], *, 
         schedules += (f"; ResNet-18 rows (`--resnet18-rows`, {', '.join(RESNET18_DATASETS)}, Dirichlet, seeds "
                       f"{', '.join(map(str, RESNET18_SEEDS))}): {RESNET18_SCHEDULE['num-server-rounds']} rounds x "
                       f"{RESNET18_SCHEDULE['local-epochs']} local epoch at 28 px")
-    once = [r for r in rows if not r.get("pooled_shared_by_partitions") or r["partition"] == r["pooled_shared_by_partitions"][0]]
+    once = [r for r in rows  # a pooled run serving both splits counts once
+            if not r.get("pooled_shared_by_partitions") or r["partition"] == r["pooled_shared_by_partitions"][0]]
     seconds = sum(float(r.get("seconds") or 0) for r in once)
     cpu = sum(float(r.get("cpu_seconds") or 0) for r in once)
     known = {**BASE_METHODS, **ALTERNATIVES}
@@ -880,7 +887,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--alternative", default=DEFAULT_ALTERNATIVE,
                         help=f"the alternative method: one of {', '.join(ALTERNATIVES)}")
     parser.add_argument("--resnet18-rows", action="store_true",
-                        help="also ResNet-18 on the 2D sets: seeds 0-2, Dirichlet, default and pooled (hours on 2 cores)")
+                        help="also ResNet-18 on the 2D sets: seeds 0-2, Dirichlet, default and pooled "
+                        "(hours on 2 cores)")
     parser.add_argument("--workers", type=int, default=2, help="worker processes, one torch thread each")
     parser.add_argument("--results", type=Path, default=Path("docs/bench/results.json"))
     parser.add_argument("--out", type=Path, default=Path("BENCHMARKS.md"))
