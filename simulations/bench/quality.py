@@ -16,6 +16,11 @@ printing each site's training class counts beside the test AUC::
     python -m medfed.simulations.bench.quality --recipe breastmnist --seeds 0 1 2 3 4
     python -m medfed.simulations.bench.quality --recipe breastmnist --seeds 2 3 --federated-only
 
+The quality study of issue 14 (four datasets, IID and Dirichlet splits, five seeds, federated vs
+pooled vs local-only, rows into ``docs/bench/results.json``; :mod:`.quality_study`)::
+
+    python -m medfed.simulations.bench.quality --study
+
 ``--data-dir`` points at the MedMNIST folder (default ``../shared/data/medmnist`` from the
 repository root, or ``$MEDFED_DATA_DIR``).
 """
@@ -27,7 +32,9 @@ import json
 import logging
 import os
 import statistics
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -55,7 +62,8 @@ if TYPE_CHECKING:
     from medfed.simulations.bench import BenchContext, SectionResult
 
 __all__ = [
-    "RECIPES", "PUBLISHED", "compare", "Curve", "federate_in_process", "local_only", "quality_section", "seed_study",
+    "RECIPES", "PUBLISHED", "compare", "Curve", "federate_in_process", "local_models", "local_only", "quality_section",
+    "seed_study",
 ]
 
 logger = logging.getLogger(__name__)
@@ -154,7 +162,9 @@ class Curve:
         return [float(m.get(metric, float("nan"))) for m in self.global_metrics]
 
 
-def federate_in_process(cfg: RunConfig) -> Curve:
+def federate_in_process(
+    cfg: RunConfig, *, on_round: Callable[[int, list[np.ndarray]], None] | None = None
+) -> Curve:
     """Federated training of ``cfg`` with medfed's sites and Flower's strategy, in this process.
 
     The same pieces as a simulation, without the transport: every site is a
@@ -165,6 +175,12 @@ def federate_in_process(cfg: RunConfig) -> Curve:
     model on the test split after each round. Sites run one after the other; no Ray, no
     messages, so hundreds of runs fit in a benchmark (the transport's cost is measured by the
     ``overhead`` and ``peers`` sections).
+
+    Parameters
+    ----------
+    on_round
+        Called after each round's aggregation with the round number and the global weights
+        (``get_weights`` order), e.g. to score them on validation data.
 
     Returns
     -------
@@ -200,6 +216,8 @@ def federate_in_process(cfg: RunConfig) -> Curve:
         if aggregated is not None:  # None: every site declined (DP budget); the model stays
             parameters = aggregated
         curve.global_metrics.append(_server_evaluate(strategy, server_round, parameters))
+        if on_round is not None:
+            on_round(server_round, parameters_to_ndarrays(parameters))
     curve.final_weights = parameters_to_ndarrays(parameters)
     curve.seconds = time.perf_counter() - start
     return curve
@@ -213,23 +231,31 @@ def _server_evaluate(strategy: Any, server_round: int, parameters: Parameters) -
     return {"loss": float(loss), **{k: float(v) for k, v in metrics.items()}}
 
 
-def local_only(cfg: RunConfig) -> list[dict[str, float]]:
+def local_models(cfg: RunConfig) -> list[list[np.ndarray]]:
     """Each site trains alone on its own data (the same rounds, epochs and schedule, no averaging).
 
     Returns
     -------
-    list of dict
-        Per site (in site order), the test-split metrics of its own model after the last round.
+    list
+        Per site (in site order), its own model's weights after the last round (``get_weights`` order).
     """
     seed_everything(cfg.seed)
-    splits = load_dataset(cfg)
-    evaluate_fn = make_evaluate_fn(model_for(cfg, splits.train), splits.test)
-    out: list[dict[str, float]] = []
+    out: list[list[np.ndarray]] = []
     for i in range(cfg.num_sites):
         site = SiteClient(cfg=cfg, data=simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites), site_index=i)
         weights = get_weights(site.model)
         for server_round in range(1, cfg.num_server_rounds + 1):
             weights, _, _ = site.fit(weights, fit_config(server_round))
+        out.append(weights)
+    return out
+
+
+def local_only(cfg: RunConfig) -> list[dict[str, float]]:
+    """The test-split metrics of each site's own model (:func:`local_models`), in site order."""
+    splits = load_dataset(cfg)
+    evaluate_fn = make_evaluate_fn(model_for(cfg, splits.train), splits.test)
+    out: list[dict[str, float]] = []
+    for weights in local_models(cfg):
         loss, metrics = evaluate_fn(cfg.num_server_rounds, weights, {})
         out.append({"loss": loss, **{k: float(v) for k, v in metrics.items()}})
     return out
@@ -384,10 +410,19 @@ def _mean(values: list[float]) -> float:
     return statistics.mean(finite) if finite else float("nan")
 
 
-def main() -> None:
-    """Command-line entry point."""
+def main(argv: list[str] | None = None) -> None:
+    """Command-line entry point (``--study``: the quality study, :mod:`.quality_study`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--study" in argv:
+        from medfed.simulations.bench.quality_study import main as study_main
+
+        raise SystemExit(study_main([a for a in argv if a != "--study"]))
     default_dir = os.environ.get("MEDFED_DATA_DIR", str(Path("..") / "shared" / "data" / "medmnist"))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--study", action="store_true",
+        help="run the quality study instead (four datasets, splits, seeds, methods; see --study --help)",
+    )
     parser.add_argument("--recipe", choices=sorted(RECIPES), required=True)
     parser.add_argument("--data-dir", default=default_dir)
     parser.add_argument("--seed", type=int, default=None, help="the run's seed (default: the run config's, 0)")
@@ -401,7 +436,7 @@ def main() -> None:
     )
     parser.add_argument("--run-dir", default="runs/bench-quality")
     parser.add_argument("--set", action="append", default=[], help="any run-config key: --set key=value (repeatable)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     recipe = dict(RECIPES[args.recipe])
     recipe["dataset"] = str(Path(args.data_dir) / recipe["dataset"])

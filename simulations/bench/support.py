@@ -5,16 +5,23 @@ Never imports Flower; matplotlib is imported only when a plot is drawn (Agg back
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import statistics
 import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-__all__ = ["fmt", "mean_spread", "ratio", "slice_npz", "medmnist_file", "line_plot", "NOT_MEASURED"]
+from medfed.shared.files import write_atomically
+
+__all__ = [
+    "fmt", "mean_spread", "ratio", "slice_npz", "medmnist_file", "line_plot", "read_results_section",
+    "write_results_section", "NOT_MEASURED",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -154,4 +161,48 @@ def line_plot(
         fig.savefig(path, dpi=100)
     finally:
         plt.close(fig)
+    return path
+
+
+def _read_results(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"{path} is not valid JSON ({err.msg} at line {err.lineno}): fix it or move it aside; "
+            "nothing was written."
+        ) from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object of sections; move it aside to start a new one.")
+    return data
+
+
+def read_results_section(path: Path, section: str) -> Any:
+    """Section ``section`` of the results file ``path`` (``docs/bench/results.json``), ``None`` if absent.
+
+    Raises
+    ------
+    ValueError
+        The file is not a JSON object (naming the file).
+    """
+    return _read_results(path).get(section)
+
+
+def write_results_section(path: Path, section: str, value: Any) -> Path:
+    """Set ``section`` of the results file ``path`` to ``value``; the other sections are kept as they are.
+
+    The file is one JSON object, section name -> that section's data, written atomically
+    (sorted sections, two-space indent).
+
+    Raises
+    ------
+    ValueError
+        The existing file is not a JSON object (it is left untouched).
+    """
+    data = _read_results(path)
+    data[section] = value
+    text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    write_atomically(path, lambda fh: fh.write(text.encode()), mode=0o644)
     return path

@@ -1,0 +1,314 @@
+"""``medfed.simulations.bench.quality_study``: the rerunnable quality study (issue 14).
+
+The study runs on tiny synthetic files in the MedMNIST layout (``{train,val,test}_{images,labels}``)
+with one round, so every method trains for real in a few seconds; the acceptance checks are
+tested on hand-made rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from medfed.simulations.bench.quality_study import (
+    Check,
+    acceptance_checks,
+    main,
+    merge_rows,
+    plan_study,
+    prediction_figures,
+    run_study,
+)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+REQUIRED = (
+    "dataset", "partition", "seed", "method", "test_auc", "test_accuracy", "test_balanced_accuracy",
+    "majority_rate", "pooled_test_auc", "selected_round_test_auc", "model", "epochs", "rounds", "seconds",
+)
+METHODS = ["default", "fedprox", "pooled", "local-only"]
+
+
+def write_medmnist(path: Path, *, sizes: tuple[int, int, int] = (48, 16, 24), side: int = 14, seed: int = 0) -> Path:
+    """A learnable 2-class 2D set in the MedMNIST layout: class 1 images are brighter."""
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, np.ndarray] = {}
+    for split, n in zip(("train", "val", "test"), sizes, strict=True):
+        labels = rng.integers(0, 2, size=(n, 1)).astype(np.uint8)
+        labels[:2, 0] = [0, 1]  # both classes in every split
+        images = rng.integers(0, 120, size=(n, side, side)) + 100 * labels[:, :, None]
+        arrays[f"{split}_images"] = images.astype(np.uint8)
+        arrays[f"{split}_labels"] = labels
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One dataset x one seed x two partitions x four methods, one round each, written to results.json."""
+    root = tmp_path_factory.mktemp("study")
+    write_medmnist(root / "breastmnist.npz")
+    results = root / "results.json"
+    results.write_text(json.dumps({"overhead": {"ratio": 1.1}}))  # another section, which must survive
+    plan = plan_study(
+        data_dir=root, datasets=["breastmnist"], partitions=["iid", "dirichlet"], seeds=[0], methods=METHODS,
+        alternative="fedprox", run_dir=str(root / "runs"), extra={"num-server-rounds": 1, "batch-size": 16},
+    )
+    before = torch.get_num_threads()
+    seen: list[int] = []
+    rows = run_study(plan, results=results, workers=1, on_cell=lambda cell, rows, i, total, s: seen.append(i))
+    torch.set_num_threads(before)
+    return {"root": root, "results": results, "plan": plan, "rows": rows, "seen": seen}
+
+
+def test_every_method_and_partition_gets_a_row_with_every_field(study: dict[str, Any]) -> None:
+    rows = study["rows"]
+    # pooled is one run serving both partitions: 7 cells, 8 rows
+    assert len(study["plan"].cells) == 7 and study["seen"] == list(range(1, 8))
+    assert sorted((r["partition"], r["method"]) for r in rows) == sorted(
+        (p, m) for p in ("iid", "dirichlet") for m in METHODS
+    )
+    for row in rows:
+        missing = [k for k in REQUIRED if k not in row]
+        assert not missing, f"{row['method']} {row['partition']}: missing {missing}"
+        assert row["dataset"] == "breastmnist" and row["seed"] == 0 and row["model"] == "simplecnn"
+        assert row["epochs"] == row["rounds"] * row["local_epochs"] == 1
+        for key in ("test_auc", "test_accuracy", "test_balanced_accuracy", "majority_rate", "pooled_test_auc"):
+            assert 0.0 <= row[key] <= 1.0, (row["method"], key, row[key])
+    pooled = {r["partition"]: r for r in rows if r["method"] == "pooled"}
+    assert pooled["iid"]["test_auc"] == pooled["dirichlet"]["test_auc"]
+    assert all(r["pooled_test_auc"] == pooled["iid"]["test_auc"] for r in rows)
+    # the test split's class mix, computed from its labels
+    with np.load(study["root"] / "breastmnist.npz") as data:
+        labels = data["test_labels"][:, 0]
+    assert all(r["majority_rate"] == round(max(np.bincount(labels)) / len(labels), 4) for r in rows)
+    federated = [r for r in rows if r["kind"] == "federated"]
+    assert all(r["selected_round"] == 1 and r["selected_round_test_auc"] is not None for r in federated)
+    local = [r for r in rows if r["method"] == "local-only"]
+    assert all(len(r["site_test_auc"]) == 4 and r["selected_round_test_auc"] is None for r in local)
+    assert all(r["test_auc"] == pytest.approx(np.mean(r["site_test_auc"]), abs=1e-3) for r in local)
+    assert {r["overrides"].get("strategy") for r in rows if r["method"] == "fedprox"} == {"fedprox"}
+
+
+def test_rows_go_to_the_quality_section_and_other_sections_stay(study: dict[str, Any]) -> None:
+    data = json.loads(study["results"].read_text())
+    assert data["overhead"] == {"ratio": 1.1}
+    assert len(data["quality"]) == 8
+
+
+def test_a_second_run_skips_the_cells_already_written(study: dict[str, Any]) -> None:
+    root, rows = study["root"], json.loads(study["results"].read_text())["quality"]
+    args: dict[str, Any] = dict(data_dir=root, datasets=["breastmnist"], partitions=["iid", "dirichlet"], seeds=[0],
+                                methods=METHODS, alternative="fedprox", run_dir=str(root / "runs"))
+    again = plan_study(**args, existing=rows, extra={"num-server-rounds": 1, "batch-size": 16})
+    assert again.cells == [] and len(again.skipped) == 7
+    # a lost row is measured again, and only that one
+    kept = [r for r in rows if not (r["method"] == "default" and r["partition"] == "iid")]
+    partial = plan_study(**args, existing=kept, extra={"num-server-rounds": 1, "batch-size": 16})
+    assert [(c.method.name, c.partitions) for c in partial.cells] == [("default", ("iid",))]
+    # other settings (two rounds) are another measurement: every cell runs again
+    changed = plan_study(**args, existing=rows, extra={"num-server-rounds": 2, "batch-size": 16})
+    assert len(changed.cells) == 7
+    assert len(plan_study(**args, existing=rows, extra={"num-server-rounds": 1, "batch-size": 16},
+                          fresh=True).cells) == 7
+
+
+def test_the_command_refuses_missing_files_naming_each(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    write_medmnist(tmp_path / "breastmnist.npz")
+    code = main(["--data-dir", str(tmp_path), "--results", str(tmp_path / "r.json"), "--out", str(tmp_path / "B.md")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "retinamnist.npz" in err and "adrenalmnist3d.npz" in err and "vesselmnist3d.npz" in err
+    assert "breastmnist.npz" not in err and "--datasets" in err
+    assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "names"),
+    [
+        (["--methods", "default", "fedavgx"], "fedavgx"),
+        (["--alternative", "nope"], "nope"),
+        (["--partitions", "quantity"], "quantity"),
+        (["--set", "learning-rat=0.1"], "learning-rat"),
+    ],
+)
+def test_the_command_refuses_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str],
+                                       names: str) -> None:
+    write_medmnist(tmp_path / "breastmnist.npz")
+    code = main(["--data-dir", str(tmp_path), "--datasets", "breastmnist", "--results", str(tmp_path / "r.json"),
+                 "--out", str(tmp_path / "B.md"), *argv])
+    assert code == 2 and names in capsys.readouterr().err
+    assert not (tmp_path / "r.json").exists()
+
+
+# --------------------------------------------------------------------------- acceptance from rows
+def _row(dataset: str, partition: str, seed: int, method: str, auc: float, *, accuracy: float = 0.8,
+         majority: float = 0.7, selected: float | None = None, pooled: float = 0.9) -> dict[str, Any]:
+    return {
+        "dataset": dataset, "partition": partition, "seed": seed, "method": method, "schedule": "study",
+        "model": "simplecnn", "rounds": 20, "local_epochs": 1, "epochs": 20, "test_auc": auc,
+        "test_accuracy": accuracy, "test_balanced_accuracy": accuracy, "majority_rate": majority,
+        "selected_round_test_auc": auc if selected is None else selected, "selected_round": 20,
+        "pooled_test_auc": pooled, "predicted_classes": 2, "seconds": 1.0,
+        "site_train_class_counts": [[5, 5], [0, 9], [4, 1], [3, 3]],
+    }
+
+
+def _rows(dir_aucs: list[float], iid_aucs: list[float], *, pooled: float = 0.9, **kw: Any) -> list[dict[str, Any]]:
+    rows = [_row("breastmnist", "dirichlet", s, "default", a, pooled=pooled, **kw) for s, a in enumerate(dir_aucs)]
+    rows += [_row("breastmnist", "iid", s, "default", a, pooled=pooled, **kw) for s, a in enumerate(iid_aucs)]
+    rows += [_row("breastmnist", p, s, "pooled", pooled, pooled=pooled) for p in ("iid", "dirichlet")
+             for s in range(len(dir_aucs))]
+    return rows
+
+
+def _by_name(checks: list[Check]) -> dict[str, Check]:
+    return {"pooled" if c.name.startswith("pooled") else c.name: c for c in checks}
+
+
+MEAN = "federated / pooled test AUC, Dirichlet 0.5, mean over seeds"
+FLOOR = "federated / pooled test AUC, Dirichlet 0.5, lowest split"
+IID = "federated / pooled test AUC, IID, mean over seeds"
+ACC = "final-round test accuracy above the majority-class rate, every split"
+GAP = "|final-round - validation-selected round| test AUC, every split"
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        # every ratio 0.99: all met (pooled 0.9 < 0.901: the published check is not met)
+        (_rows([0.891] * 5, [0.891] * 5), {MEAN: True, FLOOR: True, IID: True, ACC: True, GAP: True, "pooled": False}),
+        # mean 0.968 (< 0.97) though no split is below 0.90
+        (_rows([0.9, 0.9, 0.9, 0.837, 0.819], [0.9] * 5), {MEAN: False, FLOOR: True, IID: True}),
+        # mean 0.974 meets, but one split at 0.889 (< 0.90)
+        (_rows([0.9, 0.9, 0.9, 0.883, 0.8], [0.9] * 5), {MEAN: True, FLOOR: False}),
+        # IID mean 0.979 (< 0.98)
+        (_rows([0.9] * 5, [0.881] * 5), {IID: False, MEAN: True}),
+        # accuracy equal to the majority rate is not above it
+        (_rows([0.9] * 5, [0.9] * 5, accuracy=0.7, majority=0.7), {ACC: False}),
+        # selected round 0.031 away from the final one
+        (_rows([0.9] * 5, [0.9] * 5, selected=0.869), {GAP: False}),
+        (_rows([0.9] * 5, [0.9] * 5, selected=0.871), {GAP: True}),
+        # pooled at the published figure meets it
+        (_rows([0.9] * 5, [0.9] * 5, pooled=0.901), {"pooled": True}),
+        # no rows of the default method: nothing measured, nothing met
+        ([_row("breastmnist", "iid", 0, "pooled", 0.95)], {MEAN: None, FLOOR: None, IID: None, ACC: None, GAP: None,
+                                                           "pooled": True}),
+    ],
+)
+def test_acceptance_checks_from_rows(rows: list[dict[str, Any]], expected: dict[str, bool | None]) -> None:
+    checks = _by_name(acceptance_checks(merge_rows([], rows)))
+    assert {name: checks[name].met for name in expected} == expected
+
+
+def test_a_low_split_names_its_seed_and_its_single_class_sites() -> None:
+    checks = _by_name(acceptance_checks(merge_rows([], _rows([0.9, 0.9, 0.9, 0.7, 0.9], [0.9] * 5))))
+    assert checks[FLOOR].met is False
+    assert "seed 3: 0.778" in checks[FLOOR].limits and "1 of 4 sites train on one class" in checks[FLOOR].limits
+    assert checks[FLOOR].measured == "0.778 (n=5)"
+
+
+def test_summary_only_writes_the_region_and_keeps_the_notes(tmp_path: Path) -> None:
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps({"quality": _rows([0.85] * 5, [0.9] * 5)}))
+    out = tmp_path / "BENCHMARKS.md"
+    out.write_text("# notes\n\nhand-written\n\n<!-- bench:quality-study -->\nold\n<!-- /bench -->\n\nafter\n")
+    code = main(["--summary-only", "--results", str(results), "--out", str(out), "--plots", str(tmp_path / "plots"),
+                 "--data-dir", str(tmp_path), "--datasets", "breastmnist"])
+    text = out.read_text()
+    assert code == 0
+    assert text.startswith("# notes\n\nhand-written\n") and text.rstrip().endswith("after") and "\nold\n" not in text
+    assert "**not met**" in text and "0.944 (n=5)" in text  # 0.85 / 0.9, mean over the Dirichlet seeds
+    assert "](plots/quality-study.png)" in text and (tmp_path / "plots" / "quality-study.png").stat().st_size > 0
+    assert json.loads(results.read_text())["quality"][0]["dataset"] == "breastmnist"  # rows kept
+
+
+@pytest.mark.parametrize(
+    ("logits", "targets", "expected"),
+    [
+        # always class 1 on a 3:1 set: accuracy 0.25, balanced 0.5, majority 0.75, one class predicted
+        ([[0, 1], [0, 1], [0, 1], [0, 1]], [0, 0, 0, 1], {"accuracy": 0.25, "balanced_accuracy": 0.5,
+                                                          "majority_rate": 0.75, "predicted_classes": 1}),
+        # perfect
+        ([[1, 0], [1, 0], [0, 1], [0, 1]], [0, 0, 1, 1], {"accuracy": 1.0, "balanced_accuracy": 1.0, "auc": 1.0,
+                                                          "majority_rate": 0.5, "predicted_classes": 2}),
+        # 3 classes, one recall 0: balanced (1 + 1 + 0) / 3
+        ([[5, 0, 0], [0, 5, 0], [5, 0, 0], [5, 0, 0]], [0, 1, 2, 2],
+         {"accuracy": 0.5, "balanced_accuracy": pytest.approx(2 / 3), "majority_rate": 0.5, "predicted_classes": 2}),
+    ],
+)
+def test_prediction_figures(logits: list[list[float]], targets: list[int], expected: dict[str, float]) -> None:
+    figures = prediction_figures(torch.tensor(logits, dtype=torch.float32), torch.tensor(targets),
+                                 num_classes=len(logits[0]))
+    assert {k: figures[k] for k in expected} == expected
+    assert math.isfinite(figures["loss"])
+
+
+@pytest.mark.slow
+def test_two_worker_processes_give_the_rows_of_one(study: dict[str, Any], tmp_path: Path) -> None:
+    root = study["root"]
+    plan = plan_study(
+        data_dir=root, datasets=["breastmnist"], partitions=["dirichlet"], seeds=[0], methods=["default", "local-only"],
+        alternative="fedprox", run_dir=str(tmp_path / "runs"), extra={"num-server-rounds": 1, "batch-size": 16},
+    )
+    rows = run_study(plan, results=tmp_path / "results.json", workers=2)
+    serial = {(r["partition"], r["method"]): r for r in study["rows"]}
+    assert len(rows) == 2
+    for row in rows:
+        same = serial[(row["partition"], row["method"])]
+        assert (row["test_auc"], row["test_accuracy"]) == (same["test_auc"], same["test_accuracy"])
+
+
+@pytest.mark.data("breastmnist.npz")
+def test_one_real_cell(medmnist: Path, tmp_path: Path) -> None:
+    plan = plan_study(
+        data_dir=medmnist, datasets=["breastmnist"], partitions=["dirichlet"], seeds=[0], methods=["default"],
+        alternative="fedprox", run_dir=str(tmp_path / "runs"), extra={"num-server-rounds": 1},
+    )
+    (row,) = run_study(plan, results=tmp_path / "results.json")
+    assert row["dataset"] == "breastmnist" and row["model"] == "simplecnn"
+    assert row["majority_rate"] == round(114 / 156, 4)  # the official test split: 42 malignant, 114 benign
+    assert 0.0 <= row["test_auc"] <= 1.0 and len(row["site_train_class_counts"]) == 4
+    assert sum(map(sum, row["site_train_class_counts"])) == 546
+
+
+def test_resnet18_rows_cover_the_2d_sets_seeds_0_to_2_default_and_pooled(tmp_path: Path) -> None:
+    for name in ("breastmnist", "adrenalmnist3d"):
+        write_medmnist(tmp_path / f"{name}.npz")
+    plan = plan_study(
+        data_dir=tmp_path, datasets=["breastmnist", "adrenalmnist3d"], partitions=["iid", "dirichlet"],
+        seeds=[0, 3], methods=METHODS, alternative="fedprox", run_dir=str(tmp_path / "runs"), resnet18_rows=True,
+    )
+    resnet = [c for c in plan.cells if c.schedule_name == "resnet18"]
+    assert sorted((c.dataset, c.partitions, c.seed, c.method.name) for c in resnet) == [
+        ("breastmnist", ("dirichlet",), 0, "default"), ("breastmnist", ("dirichlet",), 0, "pooled"),
+    ]
+    assert all(c.config("dirichlet").model == "resnet18" and c.config("dirichlet").image_size == 0 for c in resnet)
+    study = [c for c in plan.cells if c.schedule_name == "study"]
+    assert len(study) == 2 * 2 * (3 * 2 + 1)  # datasets x seeds x (3 methods x 2 partitions + 1 pooled)
+    assert {c.config(c.partitions[0]).image_size for c in study if c.dataset == "adrenalmnist3d"} == {16}
+    assert plan.cells[0].method.kind == "pooled"  # pooled first: the other rows quote it
+
+
+def test_a_failing_cell_stops_the_study_naming_it_and_keeps_the_rows_so_far(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    write_medmnist(tmp_path / "breastmnist.npz")
+    with np.load(write_medmnist(tmp_path / "retinamnist.npz")) as data:  # a file without its test split
+        np.savez(tmp_path / "retinamnist.npz", **{k: data[k] for k in data.files if not k.startswith("test_")})
+    results = tmp_path / "results.json"
+    code = main(["--data-dir", str(tmp_path), "--datasets", "breastmnist", "retinamnist", "--seeds", "0",
+                 "--partitions", "iid", "--methods", "pooled", "--set", "num-server-rounds=1", "--workers", "1",
+                 "--results", str(results), "--out", str(tmp_path / "B.md"), "--plots", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "cell retinamnist iid seed 0 pooled (study) failed" in err and "resumes" in err
+    assert [(r["dataset"], r["method"]) for r in json.loads(results.read_text())["quality"]] == [
+        ("breastmnist", "pooled")
+    ]
