@@ -37,10 +37,10 @@ def _medfed(tmp_path: Path, *args: str) -> tuple[subprocess.CompletedProcess[str
 
 @pytest.mark.parametrize(("args", "expected"), [
     (["--dataset", "tiny.npz", "--sites", "12"],
-     ["num-sites (--sites) = 12 is more sites than tiny.npz can fill", "8 training", "Fix: --sites 4"]),
+     ["num-sites (--sites) = 12 is more sites than tiny.npz can fill", "7 training (after 1 kept for the sites'", "Fix: --sites 3"]),
     (["--set", "dp=true", "--set", "norm=batch"],
      ['norm = "batch"', "dp = true", "Fix: --norm group (or --set norm=group"]),
-], ids=["sites-12-on-8-images", "dp-with-batchnorm"])
+], ids=["sites-12-on-7-training-images", "dp-with-batchnorm"])
 def test_impossible_runs_are_refused_before_ray_starts(tmp_path: Path, args: list[str], expected: list[str]) -> None:
     tiny_npz(tmp_path / "tiny.npz")
     done, wall, cpu = _medfed(tmp_path, *args)
