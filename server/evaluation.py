@@ -8,16 +8,24 @@ from flwr.common import NDArrays, Scalar
 from torch import nn
 
 from medfed.shared.data.base import ImageSet
-from medfed.shared.training import evaluate, select_device
+from medfed.shared.training import evaluate, reestimate_bn, select_device
 from medfed.shared.weights import set_weights
 
 __all__ = ["make_evaluate_fn"]
 
 
 def make_evaluate_fn(
-    model: nn.Module, data: ImageSet, *, device: str = "auto"
+    model: nn.Module, data: ImageSet, *, device: str = "auto", bn_data: ImageSet | None = None
 ) -> Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]]]:
     """A Flower ``evaluate_fn`` that scores the global weights on ``data``.
+
+    Parameters
+    ----------
+    bn_data
+        Re-estimate the global model's BatchNorm statistics on these images before scoring
+        (``bn-mode`` ``"local-stats"`` / ``"fedbn"``, whose sites keep their statistics; in
+        simulation the pooled training split: the statistics a federated pass over the sites,
+        averaged by example count, would give). ``None``: score the weights as they are.
 
     Returns
     -------
@@ -31,6 +39,8 @@ def make_evaluate_fn(
         server_round: int, weights: NDArrays, config: dict[str, Scalar]
     ) -> tuple[float, dict[str, Scalar]]:
         set_weights(model, weights)
+        if bn_data is not None:
+            reestimate_bn(model, bn_data, device=torch_device)
         metrics = evaluate(model, data, device=torch_device)
         loss = float(metrics.pop("loss"))
         return loss, dict(metrics)

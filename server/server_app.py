@@ -37,7 +37,7 @@ from medfed.shared.models import model_task
 from medfed.shared.preflight import check_dp_model
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import deployment_model, model_for
-from medfed.shared.weights import get_weights
+from medfed.shared.weights import get_weights, trainable_mask
 
 __all__ = ["app", "make_server_app", "ServerHooks", "primary_metric_for", "build_workflow", "run_server"]
 
@@ -87,7 +87,9 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
     else:
         splits = load_dataset(cfg)
         model, task = model_for(cfg, splits.train), splits.task
-        evaluate_fn = make_evaluate_fn(model_for(cfg, splits.train), splits.test)
+        evaluate_fn = make_evaluate_fn(
+            model_for(cfg, splits.train), splits.test, bn_data=splits.train if cfg.bn_mode != "global" else None
+        )
     check_dp_model(cfg, model=model, task=task)  # before any site is asked to train
     run_dir = RunDirectory(
         run_path or new_run_path(cfg.run_dir, name=f"{cfg.strategy}-s{cfg.seed}"),
@@ -105,6 +107,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         initial_weights=get_weights(model),
         evaluate_fn=evaluate_fn,
         min_available_clients=num_sites,
+        trainable=trainable_mask(model),
     )
     validator: ValidatingStrategy | None = None
     if not cfg.secagg:  # under SecAgg+ the sites validate; the server checks the aggregate
