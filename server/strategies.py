@@ -219,9 +219,13 @@ class _AveragedBuffers:
         params, metrics = super().aggregate_fit(server_round, results, failures)  # type: ignore[misc]
         if params is None or all(self.trainable):
             return params, metrics
-        mean = aggregate([(parameters_to_ndarrays(res.parameters), res.num_examples) for _, res in results])
+        sites = [(parameters_to_ndarrays(res.parameters), res.num_examples) for _, res in results]
+        mean = aggregate(sites)
         stepped = parameters_to_ndarrays(params)
-        merged = [s if keep else np.asarray(m, dtype=s.dtype) for s, m, keep in zip(stepped, mean, self.trainable, strict=True)]
+        merged = [
+            s if keep else _like(m, reference=ref)
+            for s, m, ref, keep in zip(stepped, mean, sites[0][0], self.trainable, strict=True)
+        ]
         self._set_current(merged)
         return ndarrays_to_parameters(merged), metrics
 
@@ -270,6 +274,14 @@ class _FedAvgM(_AveragedBuffers, FedAvgM):
         if state["current_weights"] is not None:
             self.initial_parameters = ndarrays_to_parameters(_arrays(state["current_weights"]))  # type: ignore[arg-type]
         self.momentum_vector = _arrays(state["momentum"]) if state["momentum"] is not None else None  # type: ignore[arg-type]
+
+
+def _like(value: np.ndarray, *, reference: np.ndarray) -> np.ndarray:
+    """``value`` in ``reference``'s dtype (an integer counter's mean rounded)."""
+    value = np.asarray(value)
+    if not np.issubdtype(reference.dtype, np.floating):
+        value = np.rint(value)
+    return value.astype(reference.dtype)
 
 
 def _tensors(arrays: NDArrays) -> list[torch.Tensor]:
