@@ -239,8 +239,9 @@ class SiteClient(NumPyClient):
     def _criterion(self) -> torch.nn.Module:
         """The training loss of ``loss`` (label-skew corrections use this site's class counts)."""
         task = self.data.train.task
-        counts = class_counts(self.data.train) if task == "classification" and self.cfg.loss != "ce" else None
-        return make_loss(task, name=self.cfg.loss, counts=counts, tau=self.cfg.fedlc_tau)
+        name = self.cfg.loss_for(task)
+        counts = class_counts(self.data.train) if name != "ce" else None
+        return make_loss(task, name=name, counts=counts, tau=self.cfg.fedlc_tau)
 
     def _load_local_entries(self, state: dict[str, list[np.ndarray]]) -> bool:
         """Put this site's own values of the ``bn-mode`` local entries into the model; whether

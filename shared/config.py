@@ -33,6 +33,7 @@ __all__ = [
     "DEFAULT_SERVER_LEARNING_RATES",
     "BN_MODES",
     "LOSSES",
+    "AUTO_LOSS",
     "BAD_DATA_MODES",
     "DEFAULT_MIN_FIT_CLIENTS",
     "close_matches",
@@ -47,7 +48,7 @@ StrategyName = Literal[
     "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
 ]
 BnMode = Literal["global", "local-stats", "fedbn"]
-LossName = Literal["ce", "balanced-softmax", "fedlc"]
+LossName = Literal["auto", "ce", "balanced-softmax", "fedlc"]
 Norm = Literal["batch", "group", "instance"]
 Optimizer = Literal["sgd", "adam"]
 ClientDP = Literal["off", "fixed", "adaptive"]
@@ -68,6 +69,8 @@ DEFAULT_SERVER_LEARNING_RATES: dict[str, float] = {
 """The server step ``server-learning-rate = 0`` stands for, per strategy (FedAvgM: Hsu et al.
 2019; FedAdam / FedYogi / FedAdagrad: Reddi et al. 2021's grid; SCAFFOLD: Karimireddy et al.
 2020's global step 1)."""
+AUTO_LOSS = "balanced-softmax"
+"""The classification loss of ``loss = "auto"`` (measured in BENCHMARKS.md, issue 14)."""
 BN_MODES: tuple[str, ...] = get_args(BnMode)
 LOSSES: tuple[str, ...] = get_args(LossName)
 ROBUST_STRATEGIES: tuple[str, ...] = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
@@ -152,6 +155,9 @@ class RunConfig:
         log of the site's class prior) or ``"fedlc"`` (Zhang et al. 2022: logits minus
         ``fedlc_tau * n_c^(-1/4)`` for the site's class counts ``n_c``). Both use the site's own
         training class counts and change training only; evaluation uses plain logits.
+        ``"auto"`` (the default) is :data:`AUTO_LOSS` for classification, and plain
+        cross-entropy under DP-SGD; segmentation always trains with Dice + cross-entropy
+        (:meth:`RunConfig.loss_for`).
     round_timeout
         Seconds the server waits for the sites' replies in each round's training and
         evaluation step; sites that have not answered by then count as failed for that round
@@ -258,7 +264,7 @@ class RunConfig:
     server_beta_2: float = 0.99
     server_tau: float = 1e-3
     bn_mode: BnMode = "global"
-    loss: LossName = "ce"
+    loss: LossName = "auto"
     fedlc_tau: float = 1.0
     fraction_fit: float = 1.0
     fraction_evaluate: float = 1.0
@@ -450,6 +456,13 @@ class RunConfig:
         }
 
     # ------------------------------------------------------------------ derived
+    def loss_for(self, task: str) -> str:
+        """The training loss a site of ``task`` uses: ``loss``, with ``"auto"`` resolved
+        (:data:`AUTO_LOSS` for classification, ``"ce"`` for segmentation or under ``dp``)."""
+        if self.loss != "auto":
+            return self.loss
+        return "ce" if task == "segmentation" or self.dp else AUTO_LOSS
+
     @property
     def server_step(self) -> float:
         """The server step size: ``server-learning-rate``, or the strategy's default for ``0``."""
@@ -558,7 +571,7 @@ def _check_server_optimizer(cfg: RunConfig) -> None:
     ):
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key} = {value!r} is invalid: it must lie in [0, 1).")
-    if cfg.loss != "ce" and cfg.dp:
+    if cfg.loss not in ("ce", "auto") and cfg.dp:
         raise ConfigError(
             f"loss = {cfg.loss!r} cannot run with dp = true: it uses the site's training class counts, which "
             "DP-SGD's accounting does not cover. Set loss = 'ce' with dp."

@@ -154,7 +154,7 @@ class Curve:
         return [float(m.get(metric, float("nan"))) for m in self.global_metrics]
 
 
-def federate_in_process(cfg: RunConfig) -> Curve:
+def federate_in_process(cfg: RunConfig, *, sites: list[SiteClient] | None = None) -> Curve:
     """Federated training of ``cfg`` with medfed's sites and Flower's strategy, in this process.
 
     The same pieces as a simulation, without the transport: every site is a
@@ -165,6 +165,12 @@ def federate_in_process(cfg: RunConfig) -> Curve:
     model on the test split after each round. Sites run one after the other; no Ray, no
     messages, so hundreds of runs fit in a benchmark (the transport's cost is measured by the
     ``overhead`` and ``peers`` sections).
+
+    Parameters
+    ----------
+    sites
+        The sites (default: ``cfg``'s simulated sites, :func:`medfed.client.site_data.simulated_site_data`);
+        tests pass sites cut their own way.
 
     Returns
     -------
@@ -185,10 +191,11 @@ def federate_in_process(cfg: RunConfig) -> Curve:
         min_available_clients=cfg.num_sites,
         trainable=trainable_mask(model),
     )
-    sites = [
-        SiteClient(cfg=cfg, data=simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites), site_index=i)
-        for i in range(cfg.num_sites)
-    ]
+    if sites is None:
+        sites = [
+            SiteClient(cfg=cfg, data=simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites), site_index=i)
+            for i in range(cfg.num_sites)
+        ]
     parameters: Parameters = ndarrays_to_parameters(initial)
     curve = Curve()
     curve.global_metrics.append(_server_evaluate(strategy, 0, parameters))
