@@ -571,6 +571,11 @@ def _check_server_optimizer(cfg: RunConfig) -> None:
     ):
         if not 0.0 <= value < 1.0:
             raise ConfigError(f"{key} = {value!r} is invalid: it must lie in [0, 1).")
+    if cfg.bn_mode != "global" and cfg.norm != "batch":
+        raise ConfigError(
+            f"bn-mode = {cfg.bn_mode!r} keeps BatchNorm entries at the sites, but norm = {cfg.norm!r} has no "
+            "BatchNorm: set norm = 'batch' or bn-mode = 'global'."
+        )
     if cfg.loss not in ("ce", "auto") and cfg.dp:
         raise ConfigError(
             f"loss = {cfg.loss!r} cannot run with dp = true: it uses the site's training class counts, which "

@@ -67,6 +67,14 @@ def test_scaffold_refuses_what_it_cannot_honour(changes: dict, fragment: str) ->
     assert fragment in str(err.value)
 
 
-def test_a_label_skew_loss_is_refused_under_dp() -> None:
+def test_a_label_skew_loss_is_refused_under_dp_and_auto_falls_back_to_ce() -> None:
     with pytest.raises(ConfigError, match="loss = 'fedlc' cannot run with dp"):
         RunConfig(loss="fedlc", dp=True, norm="group")
+    assert RunConfig(dp=True, norm="group").loss_for("classification") == "ce"
+    assert RunConfig().loss_for("segmentation") == "ce"
+    assert RunConfig().loss_for("classification") == "balanced-softmax"
+
+
+def test_a_local_bn_mode_without_batchnorm_is_refused() -> None:
+    with pytest.raises(ConfigError, match="norm = 'group' has no BatchNorm"):
+        RunConfig(bn_mode="fedbn", norm="group")
