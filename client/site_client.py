@@ -31,7 +31,7 @@ from medfed.shared.privacy import (
     site_ledger_path,
 )
 from medfed.shared.round_config import server_round_of
-from medfed.shared.scaffold import effective_step, site_control_update
+from medfed.shared.scaffold import TRAIN_STEPS, effective_step, site_control_update
 from medfed.shared.seeding import seed_everything
 from medfed.shared.site_state import SiteState, site_state_path
 from medfed.shared.task import model_for, round_settings
@@ -49,9 +49,6 @@ from medfed.shared.training import (
 from medfed.shared.weights import batchnorm_entries, get_weights, set_weights, trainable_mask
 
 __all__ = ["SiteClient", "DP_DECLINED", "SKIPPED_FILES", "TRAIN_STEPS"]
-
-TRAIN_STEPS = "train-steps"
-"""Fit metric: optimizer steps taken this round (SCAFFOLD's server needs them; a count)."""
 
 SKIPPED_FILES = "skipped-files"
 """Fit metric: unusable datalist entries the site left out (``bad-data = "skip"``); a count,

@@ -7,7 +7,6 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
-import torch
 from flwr.common import (
     FitIns,
     FitRes,
@@ -38,9 +37,10 @@ from flwr.server.strategy.aggregate import aggregate, aggregate_krum
 from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.differential_privacy import add_gaussian_noise_to_params
 
+from medfed.server.resume import state_arrays, state_tensors
 from medfed.shared.config import SERVER_OPTIMIZERS, STRATEGIES, RunConfig
 from medfed.shared.round_config import evaluate_config, fit_config
-from medfed.shared.scaffold import control_delta, effective_step, server_control_update
+from medfed.shared.scaffold import TRAIN_STEPS, control_delta, effective_step, server_control_update
 from medfed.shared.training import cosine_lr
 
 __all__ = [
@@ -62,9 +62,6 @@ logger = logging.getLogger(__name__)
 
 EvaluateFn = Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]] | None]
 
-
-TRAIN_STEPS = "train-steps"
-"""Fit metric: the optimizer steps a site took this round (SCAFFOLD's ``K``)."""
 
 SUMMED_METRICS: frozenset[str] = frozenset({"skipped-files"})
 """Site metrics that are counts: the federation's figure is their sum, not a mean."""
@@ -265,15 +262,15 @@ class _FedAvgM(_AveragedBuffers, FedAvgM):
         """The current weights and the momentum (see ``medfed.server.resume``)."""
         current = parameters_to_ndarrays(self.initial_parameters) if self.initial_parameters else None
         return {
-            "current_weights": _tensors(current) if current is not None else None,
-            "momentum": _tensors(self.momentum_vector) if self.momentum_vector else None,
+            "current_weights": state_tensors(current) if current is not None else None,
+            "momentum": state_tensors(self.momentum_vector) if self.momentum_vector else None,
         }
 
     def load_resume_state(self, state: dict[str, object]) -> None:
         """Continue from :meth:`resume_state`."""
         if state["current_weights"] is not None:
-            self.initial_parameters = ndarrays_to_parameters(_arrays(state["current_weights"]))  # type: ignore[arg-type]
-        self.momentum_vector = _arrays(state["momentum"]) if state["momentum"] is not None else None  # type: ignore[arg-type]
+            self.initial_parameters = ndarrays_to_parameters(state_arrays(state["current_weights"]))  # type: ignore[arg-type]
+        self.momentum_vector = state_arrays(state["momentum"]) if state["momentum"] is not None else None  # type: ignore[arg-type]
 
 
 def _like(value: np.ndarray, *, reference: np.ndarray) -> np.ndarray:
@@ -282,14 +279,6 @@ def _like(value: np.ndarray, *, reference: np.ndarray) -> np.ndarray:
     if not np.issubdtype(reference.dtype, np.floating):
         value = np.rint(value)
     return value.astype(reference.dtype)
-
-
-def _tensors(arrays: NDArrays) -> list[torch.Tensor]:
-    return [torch.as_tensor(np.asarray(a).copy()) for a in arrays]
-
-
-def _arrays(tensors: list[torch.Tensor]) -> NDArrays:
-    return [t.numpy() for t in tensors]
 
 
 # --------------------------------------------------------------------------- SCAFFOLD
@@ -382,11 +371,11 @@ class Scaffold(FedAvg):
 
     def resume_state(self) -> dict[str, object]:
         """The server control variate (see ``medfed.server.resume``)."""
-        return {"control": _tensors(self.control)}
+        return {"control": state_tensors(self.control)}
 
     def load_resume_state(self, state: dict[str, object]) -> None:
         """Continue from :meth:`resume_state`."""
-        self.control = _arrays(state["control"])  # type: ignore[arg-type]
+        self.control = state_arrays(state["control"])  # type: ignore[arg-type]
 
 
 class MultiKrum(Krum):

@@ -18,7 +18,10 @@ from collections.abc import Sequence
 
 import numpy as np
 
-__all__ = ["SGD_MOMENTUM", "effective_step", "site_control_update", "control_delta", "server_control_update"]
+__all__ = ["TRAIN_STEPS", "SGD_MOMENTUM", "effective_step", "site_control_update", "control_delta", "server_control_update"]
+
+TRAIN_STEPS = "train-steps"
+"""Fit metric: the optimizer steps a site took this round (``K``; a count, sent by every site)."""
 
 SGD_MOMENTUM = 0.9
 """The momentum of :func:`medfed.shared.training.make_optimizer`'s SGD."""
