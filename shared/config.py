@@ -371,7 +371,7 @@ class RunConfig:
         if not 0.0 <= self.trim_beta < 0.5:
             raise ConfigError(f"trim-beta = {self.trim_beta!r} is invalid: it must lie in [0, 0.5).")
         _check_robust(self)
-        _check_server_optimizer(self)
+        _check_recipe(self)
         if not (self.round_timeout >= 0 and math.isfinite(self.round_timeout)):
             raise ConfigError(
                 f"round-timeout = {self.round_timeout!r} is invalid: give the seconds to wait for "
@@ -562,8 +562,9 @@ def _check_robust(cfg: RunConfig) -> None:
         )
 
 
-def _check_server_optimizer(cfg: RunConfig) -> None:
-    """Moment decays in [0, 1); SCAFFOLD only where the server sees single updates."""
+def _check_recipe(cfg: RunConfig) -> None:
+    """Server moment decays in [0, 1); ``bn-mode`` needs BatchNorm; a label-skew loss is not for
+    DP-SGD; SCAFFOLD needs SGD and single updates in the clear (no SecAgg+, no DP)."""
     for key, value in (
         ("server-momentum", cfg.server_momentum),
         ("server-beta-1", cfg.server_beta_1),
