@@ -148,8 +148,10 @@ class RunConfig:
         entries stay at the site). A site keeps its local entries in its site state between
         rounds (:mod:`medfed.shared.site_state`) and sends back the global values it received
         for them, so they never leave the site; the server re-estimates the global model's
-        statistics on the data it evaluates with (simulation: the pooled training split, the
-        figure a federated statistics pass over the sites would give).
+        statistics on the data it evaluates with, also before writing its checkpoints
+        (simulation: the pooled training split, the figure a federated statistics pass over the
+        sites would give). In deployment the server holds no data: its checkpoints keep the
+        initial statistics, and each site evaluates with its own.
     loss, fedlc_tau
         Classification loss: ``"ce"``, ``"balanced-softmax"`` (Ren et al. 2020: logits plus the
         log of the site's class prior) or ``"fedlc"`` (Zhang et al. 2022: logits minus
