@@ -101,14 +101,16 @@ def build_strategy(
     With ``client-dp`` on, it comes wrapped in Flower's client-side-clipping DP wrapper (see
     :func:`with_client_dp`).
 
-    All are Flower's own: ``fedavg`` (``FedAvg``), ``fedprox`` (``FedAvg``'s aggregation; each
-    site adds the proximal term ``proximal-mu`` from the run config), ``fedadam``, and the robust
+    Flower's own: ``fedavg`` (``FedAvg``), ``fedprox`` (``FedAvg``'s aggregation; each
+    site adds the proximal term ``proximal-mu`` from the run config), the server optimizers
+    ``fedavgm``, ``fedadam``, ``fedyogi``, ``fedadagrad`` (:func:`server_optimizer`: Flower's, with
+    the buffers averaged), and the robust
     rules ``fedmedian`` (``FedMedian``: coordinate-wise median), ``fedtrimmedavg``
     (``FedTrimmedAvg(beta=trim-beta)``), ``krum`` (``Krum(num_malicious_clients=f)``: the one
     update closest to its ``n - f - 2`` nearest), ``multikrum`` (:class:`MultiKrum`: Flower's
     ``Krum`` with ``num_clients_to_keep``) and ``bulyan`` (``Bulyan`` over Krum). The robust
     rules ignore example counts (a weighted rule would let a site win by claiming many
-    examples).
+    examples). medfed's own: ``scaffold`` (:class:`Scaffold`, SCAFFOLD with Option II).
 
     Parameters
     ----------
