@@ -33,20 +33,24 @@ from medfed.shared.privacy import (
     site_ledger_path,
 )
 from medfed.shared.round_config import server_round_of
+from medfed.shared.scaffold import TRAIN_STEPS, effective_step, site_control_update
 from medfed.shared.seeding import seed_everything
+from medfed.shared.site_state import SiteState, site_state_path
 from medfed.shared.task import model_for, round_settings
 from medfed.shared.training import (
     TrainSettings,
+    class_counts,
     evaluate,
     make_loss,
     make_optimizer,
     make_train_loader,
+    reestimate_bn,
     select_device,
     train_epochs,
 )
-from medfed.shared.weights import get_weights, set_weights
+from medfed.shared.weights import batchnorm_entries, get_weights, set_weights, trainable_mask
 
-__all__ = ["SiteClient", "DP_DECLINED", "SKIPPED_FILES"]
+__all__ = ["SiteClient", "DP_DECLINED", "SKIPPED_FILES", "TRAIN_STEPS"]
 
 SKIPPED_FILES = "skipped-files"
 """Fit metric: unusable datalist entries the site left out (``bad-data = "skip"``); a count,
@@ -127,6 +131,11 @@ class SiteClient(NumPyClient):
             ledger_path = site_ledger_path(cfg, site_index=site_index)
         self.ledger_path = ledger_path if cfg.dp else None
         self._noise_multiplier: float | None = None
+        stats, affine = batchnorm_entries(self.model)
+        self.local_entries: list[int] = {"global": [], "local-stats": stats, "fedbn": sorted(stats + affine)}[cfg.bn_mode]
+        """State entries that stay at the site (``bn-mode``): the site sends back the received values."""
+        needs_state = bool(self.local_entries) or cfg.strategy == "scaffold"
+        self.state_path = site_state_path(cfg, site_index=site_index) if needs_state else None
         if cfg.dp:
             validate_for_dp(self.model)  # fail at start-up, not in round 1
             problems = dp_setup_problems(cfg.replace(dp_grad_sample_mode=self.grad_sample_mode), task=data.train.task)
@@ -180,6 +189,14 @@ class SiteClient(NumPyClient):
         ``dp-steps`` and ``dp-declined = 0``. Under DP the training loss and time are not sent (they
         are not private); the number of examples is, as Opacus's sample rate treats it as public.
         """
+        num_entries = len(self.model.state_dict())
+        control = None
+        if self.cfg.strategy == "scaffold":
+            # the server sends the weights, then its control variate (none in a direct call: c = 0)
+            if len(parameters) == 2 * num_entries:
+                parameters, control = list(parameters[:num_entries]), list(parameters[num_entries:])
+            else:
+                control = [np.zeros(np.shape(p), dtype=np.float32) for p in parameters]
         server_round = server_round_of(config)
         violations = self.policy_violations(server_round=server_round)
         if violations:
@@ -190,6 +207,18 @@ class SiteClient(NumPyClient):
         loader = make_train_loader(self.data.train, settings)
         if self.cfg.dp:
             return self._fit_private(parameters, loader=loader, settings=settings, server_round=server_round)
+        state = SiteState(self.state_path).before(server_round) if self.state_path else {}
+        self._load_local_entries(state)
+        corrections = None
+        site_control: list[np.ndarray] = []
+        if control is not None:
+            site_control = state.get("control") or [np.zeros(np.shape(c), dtype=np.float32) for c in control]
+            mask = trainable_mask(self.model)
+            corrections = [
+                torch.as_tensor(np.asarray(c, dtype=np.float32) - ci)
+                for c, ci, keep in zip(control, site_control, mask, strict=True)
+                if keep
+            ]
         optimizer = make_optimizer(
             self.model.parameters(),
             name=settings.optimizer,
@@ -206,6 +235,8 @@ class SiteClient(NumPyClient):
             device=self.device,
             proximal_mu=settings.proximal_mu,
             global_params=global_params,
+            criterion=self._criterion(),
+            gradient_correction=corrections,
         )
         logger.info(
             "site %d round %d: trained %d steps, loss %.4f", self.site_index, server_round, result.steps, result.loss
@@ -216,8 +247,40 @@ class SiteClient(NumPyClient):
             "train-loss": result.loss,
             "train-seconds": result.seconds,
             "learning-rate": settings.learning_rate,
+            TRAIN_STEPS: result.steps,
         }
-        return get_weights(self.model), result.num_examples, metrics
+        trained = get_weights(self.model)
+        if self.state_path is not None:
+            saved: dict[str, list[np.ndarray]] = {"local": [trained[i] for i in self.local_entries]}
+            if control is not None:
+                saved["control"] = site_control_update(
+                    site_control=site_control, control=control, global_weights=parameters, local_weights=trained,
+                    steps=result.steps,
+                    step_size=effective_step(optimizer=settings.optimizer, learning_rate=settings.learning_rate),
+                )
+            SiteState(self.state_path).save(server_round, saved)
+        for i in self.local_entries:  # kept at the site: the received values go back
+            trained[i] = np.asarray(parameters[i]).copy()
+        return trained, result.num_examples, metrics
+
+    def _criterion(self) -> torch.nn.Module:
+        """The training loss of ``loss`` (label-skew corrections use this site's class counts)."""
+        task = self.data.train.task
+        name = self.cfg.loss_for(task)
+        counts = class_counts(self.data.train) if name != "ce" else None
+        return make_loss(task, name=name, counts=counts, tau=self.cfg.fedlc_tau)
+
+    def _load_local_entries(self, state: dict[str, list[np.ndarray]]) -> bool:
+        """Put this site's own values of the ``bn-mode`` local entries into the model; whether
+        it had any (none before its first round)."""
+        local = state.get("local")
+        if not self.local_entries or not local:
+            return False
+        weights = get_weights(self.model)
+        for i, value in zip(self.local_entries, local, strict=True):
+            weights[i] = value
+        set_weights(self.model, weights)
+        return True
 
     # ------------------------------------------------------------------ DP-SGD
     def noise_multiplier(self, *, steps_per_round: int, sample_rate: float) -> float:
@@ -396,11 +459,19 @@ class SiteClient(NumPyClient):
 
         A run the site's policy refuses is not evaluated either: loss 0, no examples, the
         refusal metrics (see :meth:`fit`).
+
+        With ``bn-mode`` other than ``"global"`` the site evaluates with its own BatchNorm
+        entries (from its site state; before it has trained, statistics re-estimated on its
+        training data), as SiloBN and FedBN do.
         """
         violations = self.policy_violations(server_round=1)  # the round changes no privacy setting
         if violations:
             return 0.0, 0, self._refuse(violations, step="evaluation")
         set_weights(self.model, parameters)
+        if self.local_entries and self.state_path is not None:
+            state = SiteState(self.state_path).before(10**9)
+            if not self._load_local_entries(state):
+                reestimate_bn(self.model, self.data.train, device=self.device)
         metrics = evaluate(self.model, self.data.val, device=self.device)
         loss = float(metrics.pop("loss"))
         num_examples = int(metrics.pop("num_examples"))

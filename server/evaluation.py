@@ -8,14 +8,19 @@ from flwr.common import NDArrays, Scalar
 from torch import nn
 
 from medfed.shared.data.base import ImageSet
-from medfed.shared.training import evaluate_at_validation_threshold, select_device
+from medfed.shared.training import evaluate_at_validation_threshold, reestimate_bn, select_device
 from medfed.shared.weights import set_weights
 
 __all__ = ["make_evaluate_fn"]
 
 
 def make_evaluate_fn(
-    model: nn.Module, data: ImageSet, *, val: ImageSet | None = None, device: str = "auto"
+    model: nn.Module,
+    data: ImageSet,
+    *,
+    val: ImageSet | None = None,
+    device: str = "auto",
+    bn_data: ImageSet | None = None,
 ) -> Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]]]:
     """A Flower ``evaluate_fn`` that scores the global weights on ``data`` (the test split).
 
@@ -28,6 +33,11 @@ def make_evaluate_fn(
         simulated sites' validation splits, scored centrally with the same global model (in
         deployment the server holds no data and each site scores its own validation split).
         ``None``: a 0.5 threshold.
+    bn_data
+        Re-estimate the global model's BatchNorm statistics on these images before scoring
+        (``bn-mode`` ``"local-stats"`` / ``"fedbn"``, whose sites keep their statistics; in
+        simulation the pooled training split: the statistics a federated pass over the sites,
+        averaged by example count, would give). ``None``: score the weights as they are.
 
     Returns
     -------
@@ -43,6 +53,8 @@ def make_evaluate_fn(
         server_round: int, weights: NDArrays, config: dict[str, Scalar]
     ) -> tuple[float, dict[str, Scalar]]:
         set_weights(model, weights)
+        if bn_data is not None:
+            reestimate_bn(model, bn_data, device=torch_device)
         metrics = evaluate_at_validation_threshold(model, data, val=val, device=torch_device)
         loss = float(metrics.pop("loss"))
         return loss, dict(metrics)

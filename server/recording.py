@@ -106,6 +106,9 @@ class RecordingStrategy(DelegatingStrategy):
         Who each node is (:class:`~medfed.server.identity.SiteIdentities`, built from the Grid
         and the enrolment); default: no node information, each node owns the first index it
         reports.
+    prepare_checkpoint
+        Called on ``model`` after the global weights are loaded and before a checkpoint is
+        written (``bn-mode`` local: re-estimate the BatchNorm statistics, which the sites keep).
 
     Attributes
     ----------
@@ -126,11 +129,13 @@ class RecordingStrategy(DelegatingStrategy):
         min_results: int = 1,
         resume: ResumeState | None = None,
         identities: SiteIdentities | None = None,
+        prepare_checkpoint: Callable[[nn.Module], object] | None = None,
     ) -> None:
         super().__init__(strategy)
         self.identities = identities or SiteIdentities()
         self.run_dir = run_dir
         self.model = model
+        self.prepare_checkpoint = prepare_checkpoint
         self.primary_metric = primary_metric
         self.on_round = on_round
         self.records: list[RoundRecord] = []
@@ -445,6 +450,8 @@ class RecordingStrategy(DelegatingStrategy):
             best_round, metrics, params = self._best_pending
             self._best_pending = None
             set_weights(self.model, parameters_to_ndarrays(params))
+            if self.prepare_checkpoint is not None:
+                self.prepare_checkpoint(self.model)
             self.run_dir.save_checkpoint("best", self.model, server_round=best_round, metrics=metrics)
         if self.on_round is not None:
             self.on_round(record)
@@ -554,6 +561,8 @@ class RecordingStrategy(DelegatingStrategy):
         final_metrics = dict(self._final_metrics)
         if self._latest is not None:
             set_weights(self.model, parameters_to_ndarrays(self._latest))
+            if self.prepare_checkpoint is not None:
+                self.prepare_checkpoint(self.model)
             self.run_dir.save_checkpoint(
                 "final", self.model, server_round=self._latest_round, metrics=final_metrics
             )

@@ -52,6 +52,8 @@ __all__ = [
     "config_of_run",
     "resolve_run_config",
     "read_resume_state",
+    "state_arrays",
+    "state_tensors",
     "restore_chain_state",
     "restore_rng",
     "resume_point",
@@ -150,9 +152,9 @@ def _state_of(strategy: Strategy) -> dict[str, Any]:
         return own()
     out: dict[str, Any] = {}
     if isinstance(strategy, FedOpt):
-        out["current_weights"] = _tensors(strategy.current_weights)
-        out["m_t"] = _tensors(strategy.m_t) if strategy.m_t else None
-        out["v_t"] = _tensors(strategy.v_t) if strategy.v_t else None
+        out["current_weights"] = state_tensors(strategy.current_weights)
+        out["m_t"] = state_tensors(strategy.m_t) if strategy.m_t else None
+        out["v_t"] = state_tensors(strategy.v_t) if strategy.v_t else None
     if isinstance(strategy, DifferentialPrivacyClientSideAdaptiveClipping):
         out["clipping_norm"] = float(strategy.clipping_norm)
     return out
@@ -190,19 +192,20 @@ def restore_chain_state(strategy: Strategy, states: list[dict[str, Any]], *, sou
             own(state)
             continue
         if isinstance(s, FedOpt):
-            s.current_weights = _arrays(state["current_weights"])
-            s.m_t = _arrays(state["m_t"]) if state["m_t"] is not None else None
-            s.v_t = _arrays(state["v_t"]) if state["v_t"] is not None else None
+            s.current_weights = state_arrays(state["current_weights"])
+            s.m_t = state_arrays(state["m_t"]) if state["m_t"] is not None else None
+            s.v_t = state_arrays(state["v_t"]) if state["v_t"] is not None else None
         if isinstance(s, DifferentialPrivacyClientSideAdaptiveClipping):
             s.clipping_norm = float(state["clipping_norm"])
 
 
-def _tensors(arrays: NDArrays) -> list[torch.Tensor]:
+def state_tensors(arrays: NDArrays) -> list[torch.Tensor]:
     """Arrays as CPU tensors (exact, dtype kept) so the file loads with ``weights_only=True``."""
     return [torch.from_numpy(np.array(a, copy=True)) for a in arrays]
 
 
-def _arrays(tensors: list[torch.Tensor]) -> NDArrays:
+def state_arrays(tensors: list[torch.Tensor]) -> NDArrays:
+    """The inverse of :func:`state_tensors`."""
     return [t.numpy().copy() for t in tensors]
 
 
@@ -214,7 +217,7 @@ def write_resume_state(run_dir: str | Path, state: ResumeState) -> Path:
         "format": RESUME_FORMAT,
         "version": RESUME_VERSION,
         "round": int(state.round),
-        "weights": _tensors(state.weights),
+        "weights": state_tensors(state.weights),
         "strategies": state.strategies,
         "rng": state.rng,
         "run_id": state.run_id,
@@ -245,7 +248,7 @@ def read_resume_state(run_dir: str | Path) -> ResumeState:
         raise ResumeError(f"{path} is not a medfed resume state of version {RESUME_VERSION}; start a new run.")
     return ResumeState(
         round=int(payload["round"]),
-        weights=_arrays(payload["weights"]),
+        weights=state_arrays(payload["weights"]),
         strategies=list(payload["strategies"]),
         rng=dict(payload["rng"]),
         run_id=payload["run_id"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 from flwr.app import Context
@@ -19,6 +20,7 @@ from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow
 from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
 from flwr.serverapp import Grid
+from torch import nn
 
 from medfed.server.evaluation import make_evaluate_fn
 from medfed.server.failures import RunFailedError
@@ -38,7 +40,8 @@ from medfed.shared.models import model_task
 from medfed.shared.preflight import check_dp_model
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import deployment_model, model_for
-from medfed.shared.weights import get_weights
+from medfed.shared.training import reestimate_bn, select_device
+from medfed.shared.weights import get_weights, trainable_mask
 
 __all__ = ["app", "make_server_app", "ServerHooks", "primary_metric_for", "build_workflow", "run_server"]
 
@@ -86,12 +89,17 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
             raise ValueError(f"resume = {cfg.resume!r} but the run directory was given as {run_path!r}: they must agree.")
         point = resume_point(cfg)
         run_path = str(point.path)
+    prepare: Callable[[nn.Module], object] | None = None
     if cfg.is_deployment:  # the server holds no data: shape from the config, sites evaluate
         model, evaluate_fn, task = deployment_model(cfg), None, model_task(cfg.model)
     else:
         splits = load_dataset(cfg)
         model, task = model_for(cfg, splits.train), splits.task
-        evaluate_fn = make_evaluate_fn(model_for(cfg, splits.train), splits.test, val=splits.val)
+        bn_data = splits.train if cfg.bn_mode != "global" else None
+        evaluate_fn = make_evaluate_fn(model_for(cfg, splits.train), splits.test, val=splits.val, bn_data=bn_data)
+        if bn_data is not None:  # the sites keep their statistics: the checkpoints get pooled ones
+            device = select_device("auto")
+            prepare = partial(reestimate_bn, data=bn_data, device=device)
     check_dp_model(cfg, model=model, task=task)  # before any site is asked to train
     run_dir = RunDirectory(
         run_path or new_run_path(cfg.run_dir, name=f"{cfg.strategy}-s{cfg.seed}"),
@@ -109,6 +117,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         initial_weights=get_weights(model),
         evaluate_fn=evaluate_fn,
         min_available_clients=num_sites,
+        trainable=trainable_mask(model),
     )
     validator: ValidatingStrategy | None = None
     if not cfg.secagg:  # under SecAgg+ the sites validate; the server checks the aggregate
@@ -124,6 +133,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         min_results=1 if cfg.secagg else min(cfg.min_fit_clients, num_sites),
         resume=point.state if point else None,
         identities=SiteIdentities(nodes=grid.get_nodes, enrolled=enrolment_from_env()),
+        prepare_checkpoint=prepare,
     )
     if validator is not None:
         validator.on_report = strategy.record_validation

@@ -6,29 +6,49 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from flwr.common import FitRes, Metrics, NDArrays, Parameters, Scalar, ndarrays_to_parameters
+import numpy as np
+from flwr.common import (
+    FitIns,
+    FitRes,
+    Metrics,
+    NDArrays,
+    Parameters,
+    Scalar,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import (
     Bulyan,
     DifferentialPrivacyClientSideAdaptiveClipping,
     DifferentialPrivacyClientSideFixedClipping,
+    FedAdagrad,
     FedAdam,
     FedAvg,
+    FedAvgM,
     FedMedian,
     FedTrimmedAvg,
+    FedYogi,
     Krum,
     Strategy,
 )
-from flwr.server.strategy.aggregate import aggregate_krum
+from flwr.server.strategy.aggregate import aggregate, aggregate_krum
 from flwr.serverapp import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, SamplingMethod
 from flwr.supercore.differential_privacy import add_gaussian_noise_to_params
 
-from medfed.shared.config import STRATEGIES, RunConfig
+from medfed.server.resume import state_arrays, state_tensors
+from medfed.shared.config import SERVER_OPTIMIZERS, STRATEGIES, RunConfig
 from medfed.shared.round_config import evaluate_config, fit_config
+from medfed.shared.scaffold import TRAIN_STEPS, control_delta, effective_step, server_control_update
+from medfed.shared.training import cosine_lr
 
 __all__ = [
     "build_strategy",
     "MultiKrum",
+    "Scaffold",
+    "TRAIN_STEPS",
+    "server_optimizer",
     "weighted_average",
     "SUMMED_METRICS",
     "with_client_dp",
@@ -74,20 +94,23 @@ def build_strategy(
     initial_weights: NDArrays,
     evaluate_fn: EvaluateFn | None,
     min_available_clients: int,
+    trainable: list[bool] | None = None,
 ) -> Strategy:
     """The strategy ``cfg.strategy`` with medfed's round configs and metric aggregation.
 
     With ``client-dp`` on, it comes wrapped in Flower's client-side-clipping DP wrapper (see
     :func:`with_client_dp`).
 
-    All are Flower's own: ``fedavg`` (``FedAvg``), ``fedprox`` (``FedAvg``'s aggregation; each
-    site adds the proximal term ``proximal-mu`` from the run config), ``fedadam``, and the robust
+    Flower's own: ``fedavg`` (``FedAvg``), ``fedprox`` (``FedAvg``'s aggregation; each
+    site adds the proximal term ``proximal-mu`` from the run config), the server optimizers
+    ``fedavgm``, ``fedadam``, ``fedyogi``, ``fedadagrad`` (:func:`server_optimizer`: Flower's, with
+    the buffers averaged), and the robust
     rules ``fedmedian`` (``FedMedian``: coordinate-wise median), ``fedtrimmedavg``
     (``FedTrimmedAvg(beta=trim-beta)``), ``krum`` (``Krum(num_malicious_clients=f)``: the one
     update closest to its ``n - f - 2`` nearest), ``multikrum`` (:class:`MultiKrum`: Flower's
     ``Krum`` with ``num_clients_to_keep``) and ``bulyan`` (``Bulyan`` over Krum). The robust
     rules ignore example counts (a weighted rule would let a site win by claiming many
-    examples).
+    examples). medfed's own: ``scaffold`` (:class:`Scaffold`, SCAFFOLD with Option II).
 
     Parameters
     ----------
@@ -101,6 +124,13 @@ def build_strategy(
         Server-side evaluation on held-out data (``None`` where the server has none).
     min_available_clients
         How many sites must be connected before a round starts.
+    trainable
+        Per entry of ``initial_weights``: whether it is a trainable parameter
+        (:func:`medfed.shared.weights.trainable_mask`). The server optimizers (``fedavgm``,
+        ``fedadam``, ``fedyogi``, ``fedadagrad``) step on those only and average the rest
+        (BatchNorm statistics, counters) as FedAvg does: an adaptive step of size ``eta`` on a
+        running variance would move it by about ``eta`` whatever the sites measured. Default:
+        the floating-point entries.
     """
 
     min_fit = min(cfg.min_fit_clients, min_available_clients)
@@ -125,8 +155,11 @@ def build_strategy(
         # adds from the run config's proximal-mu (shared.task.round_settings). Flower's FedProx
         # would also send "proximal_mu" each round, which the sites do not read (shared.round_config).
         base = FedAvg(**common)
-    elif cfg.strategy == "fedadam":
-        base = FedAdam(eta=cfg.server_learning_rate, eta_l=cfg.learning_rate, tau=1e-3, **common)
+    elif cfg.strategy in SERVER_OPTIMIZERS:
+        mask = trainable if trainable is not None else [np.issubdtype(w.dtype, np.floating) for w in initial_weights]
+        base = server_optimizer(cfg, trainable=mask, **common)
+    elif cfg.strategy == "scaffold":
+        base = Scaffold(cfg, num_sites=min_available_clients, **common)
     elif cfg.strategy == "fedmedian":
         base = FedMedian(**common)
     elif cfg.strategy == "fedtrimmedavg":
@@ -144,6 +177,207 @@ def build_strategy(
         valid = ", ".join(STRATEGIES)
         raise ValueError(f"strategy = {cfg.strategy!r} is invalid. Valid choices: {valid}.")
     return with_client_dp(cfg, base, num_sites=min_available_clients)
+
+
+# --------------------------------------------------------------------------- server optimizers
+def server_optimizer(cfg: RunConfig, *, trainable: list[bool], **common: Any) -> Strategy:
+    """Flower's ``FedAvgM`` / ``FedAdam`` / ``FedYogi`` / ``FedAdagrad`` with ``cfg``'s server keys,
+    stepping on the ``trainable`` entries and averaging the others (:class:`_AveragedBuffers`)."""
+    eta, tau = cfg.server_step, cfg.server_tau
+    if cfg.strategy == "fedavgm":
+        return _FedAvgM(trainable, server_learning_rate=eta, server_momentum=cfg.server_momentum, **common)
+    if cfg.strategy == "fedadam":
+        return _FedAdam(
+            trainable, eta=eta, eta_l=cfg.learning_rate, beta_1=cfg.server_beta_1, beta_2=cfg.server_beta_2,
+            tau=tau, **common,
+        )
+    if cfg.strategy == "fedyogi":
+        return _FedYogi(
+            trainable, eta=eta, eta_l=cfg.learning_rate, beta_1=cfg.server_beta_1, beta_2=cfg.server_beta_2,
+            tau=tau, **common,
+        )
+    if cfg.strategy == "fedadagrad":
+        return _FedAdagrad(trainable, eta=eta, eta_l=cfg.learning_rate, tau=tau, **common)
+    raise ValueError(f"strategy = {cfg.strategy!r} is no server optimizer. Valid choices: {', '.join(SERVER_OPTIMIZERS)}.")
+
+
+class _AveragedBuffers:
+    """Mixin: after the server optimizer's step, the non-trainable entries take the example-
+    weighted mean of the sites' values (FedAvg), in the result and in the optimizer's own
+    current weights."""
+
+    trainable: list[bool]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """The optimizer's step on the parameters; FedAvg on the buffers."""
+        params, metrics = super().aggregate_fit(server_round, results, failures)  # type: ignore[misc]
+        if params is None or all(self.trainable):
+            return params, metrics
+        sites = [(parameters_to_ndarrays(res.parameters), res.num_examples) for _, res in results]
+        mean = aggregate(sites)
+        stepped = parameters_to_ndarrays(params)
+        merged = [
+            s if keep else _like(m, reference=ref)
+            for s, m, ref, keep in zip(stepped, mean, sites[0][0], self.trainable, strict=True)
+        ]
+        self._set_current(merged)
+        return ndarrays_to_parameters(merged), metrics
+
+    def _set_current(self, weights: NDArrays) -> None:
+        self.current_weights = weights  # type: ignore[attr-defined]
+
+
+class _FedAdam(_AveragedBuffers, FedAdam):
+    def __init__(self, trainable: list[bool], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.trainable = list(trainable)
+
+
+class _FedYogi(_AveragedBuffers, FedYogi):
+    def __init__(self, trainable: list[bool], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.trainable = list(trainable)
+
+
+class _FedAdagrad(_AveragedBuffers, FedAdagrad):
+    def __init__(self, trainable: list[bool], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.trainable = list(trainable)
+
+
+class _FedAvgM(_AveragedBuffers, FedAvgM):
+    """Flower's ``FedAvgM`` (Hsu et al. 2019) with averaged buffers and resumable state."""
+
+    def __init__(self, trainable: list[bool], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.trainable = list(trainable)
+
+    def _set_current(self, weights: NDArrays) -> None:
+        self.initial_parameters = ndarrays_to_parameters(weights)
+
+    def resume_state(self) -> dict[str, object]:
+        """The current weights and the momentum (see ``medfed.server.resume``)."""
+        current = parameters_to_ndarrays(self.initial_parameters) if self.initial_parameters else None
+        return {
+            "current_weights": state_tensors(current) if current is not None else None,
+            "momentum": state_tensors(self.momentum_vector) if self.momentum_vector else None,
+        }
+
+    def load_resume_state(self, state: dict[str, object]) -> None:
+        """Continue from :meth:`resume_state`."""
+        if state["current_weights"] is not None:
+            self.initial_parameters = ndarrays_to_parameters(state_arrays(state["current_weights"]))  # type: ignore[arg-type]
+        self.momentum_vector = state_arrays(state["momentum"]) if state["momentum"] is not None else None  # type: ignore[arg-type]
+
+
+def _like(value: np.ndarray, *, reference: np.ndarray) -> np.ndarray:
+    """``value`` in ``reference``'s dtype (an integer counter's mean rounded)."""
+    value = np.asarray(value)
+    if not np.issubdtype(reference.dtype, np.floating):
+        value = np.rint(value)
+    return value.astype(reference.dtype)
+
+
+# --------------------------------------------------------------------------- SCAFFOLD
+class Scaffold(FedAvg):
+    """SCAFFOLD (Karimireddy et al. 2020) with Option II control variates.
+
+    Each round the sites receive the global weights followed by the server control variate
+    ``c`` (one array per state entry, so twice as many arrays as the model has entries); they
+    return their weights and their step count (fit metric :data:`TRAIN_STEPS`). The global model
+    moves by ``server-learning-rate`` (default 1) times the example-weighted mean update, and
+    ``c`` by ``(1 / N) * sum_i (c_i+ - c_i)``, computed from each site's weights and steps by
+    :func:`medfed.shared.scaffold.control_delta` (the same formula the site applies to its own
+    ``c_i``, which it keeps in its site state).
+
+    Parameters
+    ----------
+    cfg
+        Uses ``learning-rate`` (the round's cosine step), ``num-server-rounds``, ``optimizer``
+        and ``server-learning-rate``.
+    num_sites
+        ``N``, the sites in the federation.
+    **kwargs
+        Flower's ``FedAvg`` arguments (``initial_parameters`` is required).
+    """
+
+    def __init__(self, cfg: RunConfig, *, num_sites: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        if self.initial_parameters is None:
+            raise ValueError("Scaffold needs initial_parameters (the round-0 model shapes its control variate).")
+        effective_step(optimizer=cfg.optimizer, learning_rate=cfg.learning_rate)  # refuses Adam early
+        self.cfg = cfg
+        self.num_sites = num_sites
+        self.server_step = cfg.server_step
+        self.control: NDArrays = [
+            np.zeros(w.shape, dtype=np.float32) for w in parameters_to_ndarrays(self.initial_parameters)
+        ]
+        self._sent: dict[int, NDArrays] = {}
+
+    def __repr__(self) -> str:
+        return f"Scaffold(server_step={self.server_step:g}, sites={self.num_sites})"
+
+    def fit_parameters(self, server_round: int, weights: NDArrays) -> NDArrays:
+        """What a site receives in round ``server_round``: ``weights`` then the control variate."""
+        self._sent[server_round] = [np.asarray(w) for w in weights]
+        return [*weights, *self.control]
+
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        """FedAvg's site sampling, with the control variate appended to the parameters."""
+        instructions = super().configure_fit(server_round, parameters, client_manager)
+        sent = ndarrays_to_parameters(self.fit_parameters(server_round, parameters_to_ndarrays(parameters)))
+        return [(proxy, FitIns(sent, ins.config)) for proxy, ins in instructions]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        """Move the model and ``c`` by the round's updates (see the class docstring)."""
+        sent = self._sent.pop(server_round, None)
+        mean, metrics = super().aggregate_fit(server_round, results, failures)
+        if mean is None or not results:
+            return mean, metrics
+        if sent is None:
+            raise RuntimeError(f"round {server_round}: SCAFFOLD aggregates results of a round it did not configure.")
+        step = effective_step(
+            optimizer=self.cfg.optimizer,
+            learning_rate=cosine_lr(self.cfg.learning_rate, step=server_round, total=self.cfg.num_server_rounds),
+        )
+        deltas = []
+        for _, res in results:
+            steps = int(res.metrics.get(TRAIN_STEPS, 0))
+            if res.num_examples == 0 or steps == 0:
+                continue
+            deltas.append(
+                control_delta(
+                    control=self.control, global_weights=sent, local_weights=parameters_to_ndarrays(res.parameters),
+                    steps=steps, step_size=step,
+                )
+            )
+        self.control = server_control_update(control=self.control, deltas=deltas, num_sites=self.num_sites)
+        averaged = parameters_to_ndarrays(mean)
+        moved = [
+            (x + self.server_step * (m - x)).astype(x.dtype) if np.issubdtype(x.dtype, np.floating) else np.asarray(m)
+            for x, m in zip(sent, averaged, strict=True)
+        ]
+        return ndarrays_to_parameters(moved), metrics
+
+    def resume_state(self) -> dict[str, object]:
+        """The server control variate (see ``medfed.server.resume``)."""
+        return {"control": state_tensors(self.control)}
+
+    def load_resume_state(self, state: dict[str, object]) -> None:
+        """Continue from :meth:`resume_state`."""
+        self.control = state_arrays(state["control"])  # type: ignore[arg-type]
 
 
 class MultiKrum(Krum):

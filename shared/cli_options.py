@@ -75,6 +75,7 @@ def config_option(
     help: str,
     *param_decls: str,
     choices: Sequence[str] | Callable[[], Sequence[str]] | None = None,
+    metavar: str | None = None,
 ) -> Any:
     """A Typer option that sets run-config ``key``; give it the default ``RunConfig.<field>``.
 
@@ -88,6 +89,8 @@ def config_option(
         The flag names (default: ``--<key>``).
     choices
         Valid values as click choices (a function: computed when first needed).
+    metavar
+        Shown instead of the list of choices (a long list widens every line of ``--help``).
     """
     config_default(key)  # a typo in a declaration fails at import
     return typer.Option(
@@ -95,6 +98,7 @@ def config_option(
         help=escape(f"{help} [key: {key}]"),  # escaped: rich would read [key: ...] as markup
         show_default=True,
         click_type=HintedChoice(choices) if choices is not None else None,
+        metavar=metavar,
     )
 
 

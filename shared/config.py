@@ -29,6 +29,11 @@ __all__ = [
     "robust_min_sites",
     "NORMS",
     "OPTIMIZERS",
+    "SERVER_OPTIMIZERS",
+    "DEFAULT_SERVER_LEARNING_RATES",
+    "BN_MODES",
+    "LOSSES",
+    "AUTO_LOSS",
     "BAD_DATA_MODES",
     "PERSONALIZE_MODES",
     "DEFAULT_MIN_FIT_CLIENTS",
@@ -39,7 +44,12 @@ __all__ = [
 
 Task = Literal["classification", "segmentation"]
 Partition = Literal["iid", "dirichlet", "quantity"]
-StrategyName = Literal["fedavg", "fedprox", "fedadam", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan"]
+StrategyName = Literal[
+    "fedavg", "fedprox", "fedadam", "fedavgm", "fedyogi", "fedadagrad", "scaffold",
+    "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
+]
+BnMode = Literal["global", "local-stats", "fedbn"]
+LossName = Literal["auto", "ce", "balanced-softmax", "fedlc"]
 Norm = Literal["batch", "group", "instance"]
 Optimizer = Literal["sgd", "adam"]
 ClientDP = Literal["off", "fixed", "adaptive"]
@@ -52,6 +62,19 @@ Personalize = Literal["off", "bn", "head", "bn+head"]
 TASKS: tuple[str, ...] = get_args(Task)
 PARTITIONS: tuple[str, ...] = get_args(Partition)
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)
+SERVER_OPTIMIZERS: tuple[str, ...] = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
+"""Server-side optimizers (Reddi et al. 2021, Hsu et al. 2019): they step on the trainable
+parameters with the mean update as pseudo-gradient; buffers (BatchNorm statistics) are averaged."""
+DEFAULT_SERVER_LEARNING_RATES: dict[str, float] = {
+    "fedavgm": 1.0, "fedadam": 0.01, "fedyogi": 0.01, "fedadagrad": 0.1, "scaffold": 1.0,
+}
+"""The server step ``server-learning-rate = 0`` stands for, per strategy (FedAvgM: Hsu et al.
+2019; FedAdam / FedYogi / FedAdagrad: Reddi et al. 2021's grid; SCAFFOLD: Karimireddy et al.
+2020's global step 1)."""
+AUTO_LOSS = "balanced-softmax"
+"""The classification loss of ``loss = "auto"`` (measured in BENCHMARKS.md, issue 14)."""
+BN_MODES: tuple[str, ...] = get_args(BnMode)
+LOSSES: tuple[str, ...] = get_args(LossName)
 ROBUST_STRATEGIES: tuple[str, ...] = ("fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
 """Byzantine-robust aggregation rules (Flower's own): they need every site's update in the clear."""
 NORMS: tuple[str, ...] = get_args(Norm)
@@ -103,7 +126,8 @@ class RunConfig:
         Registry name (see ``medfed.shared.models.MODELS``) and normalisation layer.
     strategy, proximal_mu, server_learning_rate, fraction_fit, fraction_evaluate,
     min_fit_clients
-        Flower strategy and its knobs. Besides ``fedavg``, ``fedprox`` and ``fedadam``, the
+        Flower strategy and its knobs. Besides ``fedavg``, ``fedprox``, the server optimizers
+        of :data:`SERVER_OPTIMIZERS` and ``scaffold`` (below), the
         Byzantine-robust rules of :data:`ROBUST_STRATEGIES` (Flower's ``FedMedian``,
         ``FedTrimmedAvg``, ``Krum`` without and with ``num_clients_to_keep`` (``multikrum``),
         ``Bulyan``); they ignore example counts, and they need each site's update in the clear,
@@ -113,6 +137,32 @@ class RunConfig:
         unchanged (recorded, and the next round runs). It must not exceed ``num_sites``; only the
         default (:data:`DEFAULT_MIN_FIT_CLIENTS`) is capped to it, for a one-site run (a value a
         user gave is never lowered: ``medfed.shared.config_sources.resolve_config`` names both keys).
+    server_learning_rate, server_momentum, server_beta_1, server_beta_2, server_tau
+        Server optimizers (Flower's ``FedAvgM``, ``FedAdam``, ``FedYogi``, ``FedAdagrad``) and
+        SCAFFOLD's global step: the server step size (``eta``; ``0``, the default, takes the
+        strategy's own: :data:`DEFAULT_SERVER_LEARNING_RATES`), FedAvgM's momentum, the Adam /
+        Yogi moment decays and the adaptivity ``tau`` (Reddi et al. 2021 tune ``eta`` in
+        [1e-2, 1] and ``tau`` in [1e-3, 1e-1]). The server optimizers step on the trainable
+        parameters only; BatchNorm statistics and counters are averaged as in FedAvg.
+    bn_mode
+        BatchNorm under federation: ``"global"`` (every BatchNorm entry is averaged),
+        ``"local-stats"`` (SiloBN, Andreux et al. 2020: running statistics stay at the site;
+        affine weights are averaged) or ``"fedbn"`` (FedBN, Li et al. 2021: all BatchNorm
+        entries stay at the site). A site keeps its local entries in its site state between
+        rounds (:mod:`medfed.shared.site_state`) and sends back the global values it received
+        for them, so they never leave the site; the server re-estimates the global model's
+        statistics on the data it evaluates with, also before writing its checkpoints
+        (simulation: the pooled training split, the figure a federated statistics pass over the
+        sites would give). In deployment the server holds no data: its checkpoints keep the
+        initial statistics, and each site evaluates with its own.
+    loss, fedlc_tau
+        Classification loss: ``"ce"``, ``"balanced-softmax"`` (Ren et al. 2020: logits plus the
+        log of the site's class prior) or ``"fedlc"`` (Zhang et al. 2022: logits minus
+        ``fedlc_tau * n_c^(-1/4)`` for the site's class counts ``n_c``). Both use the site's own
+        training class counts and change training only; evaluation uses plain logits.
+        ``"auto"`` (the default) is :data:`AUTO_LOSS` for classification, and plain
+        cross-entropy under DP-SGD; segmentation always trains with Dice + cross-entropy
+        (:meth:`RunConfig.loss_for`).
     round_timeout
         Seconds the server waits for the sites' replies in each round's training and
         evaluation step; sites that have not answered by then count as failed for that round
@@ -227,7 +277,14 @@ class RunConfig:
     num_sites_to_keep: int = 0
     max_update_norm: float = 0.0
     proximal_mu: float = 0.01
-    server_learning_rate: float = 0.01
+    server_learning_rate: float = 0.0
+    server_momentum: float = 0.9
+    server_beta_1: float = 0.9
+    server_beta_2: float = 0.99
+    server_tau: float = 1e-3
+    bn_mode: BnMode = "global"
+    loss: LossName = "auto"
+    fedlc_tau: float = 1.0
     fraction_fit: float = 1.0
     fraction_evaluate: float = 1.0
     min_fit_clients: int = DEFAULT_MIN_FIT_CLIENTS
@@ -274,6 +331,8 @@ class RunConfig:
         _check_choice("partition", self.partition, PARTITIONS)
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("norm", self.norm, NORMS)
+        _check_choice("bn-mode", self.bn_mode, BN_MODES)
+        _check_choice("loss", self.loss, LOSSES)
         _check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_choice("synthetic-dims", self.synthetic_dims, (2, 3))
         _check_choice("client-dp", self.client_dp, CLIENT_DP_MODES)
@@ -313,7 +372,7 @@ class RunConfig:
         for key, value in (
             ("learning-rate", self.learning_rate),
             ("dirichlet-alpha", self.dirichlet_alpha),
-            ("server-learning-rate", self.server_learning_rate),
+            ("server-tau", self.server_tau),
             ("dp-max-grad-norm", self.dp_max_grad_norm),
             ("dp-budget-epsilon", self.dp_budget_epsilon),
             ("client-dp-clipping-norm", self.client_dp_clipping_norm),
@@ -342,6 +401,7 @@ class RunConfig:
         if not 0.0 <= self.trim_beta < 0.5:
             raise ConfigError(f"trim-beta = {self.trim_beta!r} is invalid: it must lie in [0, 0.5).")
         _check_robust(self)
+        _check_recipe(self)
         if not (self.round_timeout >= 0 and math.isfinite(self.round_timeout)):
             raise ConfigError(
                 f"round-timeout = {self.round_timeout!r} is invalid: give the seconds to wait for "
@@ -349,6 +409,8 @@ class RunConfig:
             )
         for key, value in (
             ("proximal-mu", self.proximal_mu),
+            ("fedlc-tau", self.fedlc_tau),
+            ("server-learning-rate", self.server_learning_rate),
             ("weight-decay", self.weight_decay),
             ("dp-noise-multiplier", self.dp_noise_multiplier),
             ("dp-target-epsilon", self.dp_target_epsilon),
@@ -424,6 +486,18 @@ class RunConfig:
         }
 
     # ------------------------------------------------------------------ derived
+    def loss_for(self, task: str) -> str:
+        """The training loss a site of ``task`` uses: ``loss``, with ``"auto"`` resolved
+        (:data:`AUTO_LOSS` for classification, ``"ce"`` for segmentation or under ``dp``)."""
+        if self.loss != "auto":
+            return self.loss
+        return "ce" if task == "segmentation" or self.dp else AUTO_LOSS
+
+    @property
+    def server_step(self) -> float:
+        """The server step size: ``server-learning-rate``, or the strategy's default for ``0``."""
+        return self.server_learning_rate or DEFAULT_SERVER_LEARNING_RATES.get(self.strategy, 1.0)
+
     @property
     def is_synthetic(self) -> bool:
         """Whether the dataset is the generated demo dataset."""
@@ -516,6 +590,43 @@ def _check_robust(cfg: RunConfig) -> None:
             f"round, but num-sites = {cfg.num_sites}, fraction-fit = {cfg.fraction_fit} and "
             f"min-fit-clients = {cfg.min_fit_clients} select {m}: add sites or lower num-malicious-sites."
         )
+
+
+def _check_recipe(cfg: RunConfig) -> None:
+    """Server moment decays in [0, 1); ``bn-mode`` needs BatchNorm; a label-skew loss is not for
+    DP-SGD; SCAFFOLD needs SGD and single updates in the clear (no SecAgg+, no DP)."""
+    for key, value in (
+        ("server-momentum", cfg.server_momentum),
+        ("server-beta-1", cfg.server_beta_1),
+        ("server-beta-2", cfg.server_beta_2),
+    ):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"{key} = {value!r} is invalid: it must lie in [0, 1).")
+    if cfg.bn_mode != "global" and cfg.norm != "batch":
+        raise ConfigError(
+            f"bn-mode = {cfg.bn_mode!r} keeps BatchNorm entries at the sites, but norm = {cfg.norm!r} has no "
+            "BatchNorm: set norm = 'batch' or bn-mode = 'global'."
+        )
+    if cfg.loss not in ("ce", "auto") and cfg.dp:
+        raise ConfigError(
+            f"loss = {cfg.loss!r} cannot run with dp = true: it uses the site's training class counts, which "
+            "DP-SGD's accounting does not cover. Set loss = 'ce' with dp."
+        )
+    if cfg.strategy != "scaffold":
+        return
+    if cfg.optimizer != "sgd":
+        raise ConfigError(
+            f"strategy = 'scaffold' needs optimizer = 'sgd' (got {cfg.optimizer!r}): its control variates "
+            "estimate gradients from SGD steps (Option II). Set optimizer = 'sgd'."
+        )
+    for key, on in (("secagg", cfg.secagg), ("dp", cfg.dp), ("client-dp", cfg.client_dp != "off")):
+        if on:
+            raise ConfigError(
+                f"strategy = 'scaffold' cannot run with {key} on: SCAFFOLD's control variates are "
+                "computed from each site's own update in the clear and are not covered by "
+                f"{'SecAgg+ masking' if key == 'secagg' else 'the DP accounting'}. Turn {key} off "
+                "or use strategy = 'fedprox' (whose correction is local)."
+            )
 
 
 def _check_store(value: str) -> None:

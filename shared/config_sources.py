@@ -261,6 +261,12 @@ def resolve_config(
         if len(given) == 1 and not given[0].labels:  # one source: say it once
             raise ConfigError(f"{given[0].source}: {err}") from None
         raise ConfigError(_name_sources(str(err), sources)) from None
+    if cfg.loss == "auto":
+        notes.append(
+            f"loss: 'auto' trains classification sites with {cfg.loss_for('classification')!r} over their own "
+            "class counts (label skew across hospitals, issue 14; see BENCHMARKS.md), segmentation with Dice + CE, "
+            "DP-SGD with plain CE; set loss to 'ce' for plain cross-entropy."
+        )
     if Path(cfg.run_dir).expanduser().is_file():
         raise ConfigError(
             f"run-dir ({_shown(sources['run-dir'])}) = {cfg.run_dir!r} is a file: give a folder (created if missing)."

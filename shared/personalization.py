@@ -28,20 +28,16 @@ import logging
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import update_bn
-from torch.utils.data import DataLoader
 
 from medfed.shared.config import PERSONALIZE_MODES
 from medfed.shared.data.base import ImageSet
-from medfed.shared.training import TrainSettings, evaluate, make_loss, make_optimizer, make_train_loader
-from medfed.shared.transforms import ImageSetDataset
+from medfed.shared.training import TrainSettings, evaluate, make_loss, make_optimizer, make_train_loader, reestimate_bn
 
 __all__ = [
     "choose_on_validation",
     "head_of",
     "personalization_steps",
     "personalize",
-    "reestimate_batchnorm",
 ]
 
 logger = logging.getLogger(__name__)
@@ -61,21 +57,6 @@ def head_of(model: nn.Module) -> nn.Module:
     if not layers:
         raise ValueError(f"{type(model).__name__} has no linear or convolution layer to fine-tune as its head.")
     return layers[-1]
-
-
-def reestimate_batchnorm(model: nn.Module, data: ImageSet, *, device: torch.device, batch_size: int = 64) -> bool:
-    """Replace ``model``'s BatchNorm running statistics by those of ``data`` (in place).
-
-    The images pass once, unaugmented, in training mode with a cumulative average
-    (``torch.optim.swa_utils.update_bn``); weights do not change. Returns whether the model
-    has BatchNorm layers (without, nothing happens).
-    """
-    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-        return False
-    loader = DataLoader(ImageSetDataset(data), batch_size=min(batch_size, max(len(data), 2)), shuffle=False)
-    update_bn(loader, model.to(device), device=device)
-    model.eval()
-    return True
 
 
 def personalize(
@@ -134,7 +115,7 @@ def personalization_steps(
     parts = mode.split("+")
     if "bn" in parts:
         current = copy.deepcopy(current)
-        if reestimate_batchnorm(current, data, device=device, batch_size=settings.batch_size):
+        if reestimate_bn(current, data, device=device, batch_size=settings.batch_size):
             steps.append(("bn", current))
     if "head" in parts and epochs > 0:
         current = copy.deepcopy(current)

@@ -29,12 +29,15 @@ __all__ = [
     "TrainResult",
     "cosine_lr",
     "make_loss",
+    "LogitAdjustedLoss",
+    "class_counts",
     "make_optimizer",
     "make_train_loader",
     "train_epochs",
     "evaluate",
     "evaluate_at_validation_threshold",
     "predict",
+    "reestimate_bn",
     "select_device",
 ]
 
@@ -101,11 +104,68 @@ def cosine_lr(base_lr: float, *, step: int, total: int) -> float:
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * (step - 1) / total))
 
 
-def make_loss(task: str) -> nn.Module:
-    """Cross-entropy for classification; Dice + cross-entropy for segmentation."""
+class LogitAdjustedLoss(nn.Module):
+    """Cross-entropy on ``logits + offset``: label-skew corrections with a per-class offset.
+
+    ``"balanced-softmax"`` (Ren et al. 2020): ``offset_c = log(n_c / sum(n))``; ``"fedlc"``
+    (Zhang et al. 2022, federated logit calibration): ``offset_c = -tau * n_c^(-1/4)``. ``n_c``
+    are the site's own training class counts, each taken as at least 1 (a class the site never
+    saw gets the offset of one example instead of an infinite one). Both lower a rare class's
+    logit during training only, so the model has to raise it: the trained model's plain logits
+    are what is evaluated and sent.
+
+    Parameters
+    ----------
+    name
+        ``"balanced-softmax"`` or ``"fedlc"``.
+    counts
+        Training examples per class, shape ``(K,)``.
+    tau
+        FedLC's calibration strength (ignored by balanced softmax).
+    """
+
+    def __init__(self, *, name: str, counts: Sequence[float], tau: float = 1.0) -> None:
+        super().__init__()
+        n = torch.as_tensor(list(counts), dtype=torch.float32).clamp(min=1.0)
+        if name == "balanced-softmax":
+            offset = torch.log(n / n.sum())
+        elif name == "fedlc":
+            offset = -tau * n.pow(-0.25)
+        else:
+            raise ValueError(f"loss = {name!r} is invalid here. Valid choices: 'balanced-softmax', 'fedlc'.")
+        self.name = name
+        self.register_buffer("offset", offset)
+
+    def forward(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of ``logits`` ``(B, K)`` plus the offset against ``targets`` ``(B,)``."""
+        return nn.functional.cross_entropy(logits + self.offset.to(logits.device, logits.dtype), targets)
+
+
+def class_counts(data: ImageSet) -> list[int]:
+    """Training examples per class of a classification set, length ``num_classes``."""
+    return [int(c) for c in torch.bincount(torch.as_tensor(data.targets).long().flatten(), minlength=data.num_classes)]
+
+
+def make_loss(
+    task: str, *, name: str = "ce", counts: Sequence[float] | None = None, tau: float = 1.0
+) -> nn.Module:
+    """The training loss: Dice + cross-entropy for segmentation; for classification
+    cross-entropy (``name = "ce"``) or a :class:`LogitAdjustedLoss` over the site's ``counts``.
+
+    Raises
+    ------
+    ValueError
+        A label-skew loss for segmentation, or without ``counts``.
+    """
     if task == "segmentation":
+        if name != "ce":
+            raise ValueError(f"loss = {name!r} is for classification; segmentation trains with Dice + CE (loss = 'ce').")
         return DiceCELoss(to_onehot_y=True, softmax=True)
-    return nn.CrossEntropyLoss()
+    if name == "ce":
+        return nn.CrossEntropyLoss()
+    if counts is None:
+        raise ValueError(f"loss = {name!r} needs the site's training class counts.")
+    return LogitAdjustedLoss(name=name, counts=counts, tau=tau)
 
 
 def make_optimizer(
@@ -146,6 +206,8 @@ def train_epochs(
     proximal_mu: float = 0.0,
     global_params: Sequence[torch.Tensor] | None = None,
     criterion: Callable[..., Any] | None = None,
+    gradient_correction: Sequence[torch.Tensor] | None = None,
+    reestimate_bn: bool = True,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``loader``.
 
@@ -168,6 +230,12 @@ def train_epochs(
     criterion
         The loss to call as ``criterion(logits, targets)``; default :func:`make_loss` of
         ``task``. Opacus ghost clipping passes its wrapped loss here.
+    gradient_correction
+        SCAFFOLD: ``c - c_i`` (server minus site control variate), one tensor per trainable
+        parameter in the order of ``model.parameters()``, added to every step's gradient
+        (Karimireddy et al. 2020, eq. (3)). Not with a ``DPOptimizer``.
+    reestimate_bn
+        Re-estimate BatchNorm running statistics on ``loader`` after training (see below).
 
     Returns
     -------
@@ -189,14 +257,23 @@ def train_epochs(
         if global_params is None:
             raise ValueError("proximal_mu > 0 needs global_params (the round's global model).")
         anchors = [g.detach().to(device) for g in global_params]
+    corrections = None
+    if gradient_correction is not None:
+        if private:
+            raise ValueError("gradient_correction (SCAFFOLD) cannot be used with DP-SGD.")
+        corrections = [c.detach().to(device) for c in gradient_correction]
+        if len(corrections) != len(trainable):
+            raise ValueError(
+                f"gradient_correction has {len(corrections)} tensors, the model {len(trainable)} trainable parameters."
+            )
     with warnings.catch_warnings():
         if private:  # Opacus's hooks on the first layer, whose input needs no gradient
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
         total_loss, total_items, steps = _run_epochs(
             model, loader, optimizer, loss_fn, epochs=epochs, device=device, private=private,
-            trainable=trainable, anchors=anchors, proximal_mu=proximal_mu,
+            trainable=trainable, anchors=anchors, proximal_mu=proximal_mu, corrections=corrections,
         )
-    if not private and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+    if reestimate_bn and not private and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         # A few local steps leave BatchNorm running statistics lagging behind the weights; re-
         # estimate them on the site's data for the final weights (as SWA does), so the averaged
         # statistics the server keeps match the averaged model.
@@ -225,6 +302,7 @@ def _run_epochs(
     trainable: Sequence[torch.Tensor],
     anchors: Sequence[torch.Tensor] | None,
     proximal_mu: float,
+    corrections: Sequence[torch.Tensor] | None = None,
 ) -> tuple[float, int, int]:
     """The loop of :func:`train_epochs`; returns (summed loss, examples, optimizer steps)."""
     total_loss, total_items, steps = 0.0, 0, 0
@@ -244,6 +322,11 @@ def _run_epochs(
                 prox = sum(((p - a) ** 2).sum() for p, a in zip(trainable, anchors, strict=True))
                 loss = loss + 0.5 * proximal_mu * prox
             loss.backward()
+            if corrections is not None:
+                with torch.no_grad():
+                    for p, c in zip(trainable, corrections, strict=True):
+                        if p.grad is not None:
+                            p.grad.add_(c)
             if private:
                 _private_step(optimizer, trainable, anchors, proximal_mu)  # type: ignore[arg-type]
             else:
@@ -280,6 +363,18 @@ def _private_step(
                 if p.grad is not None:
                     p.grad.add_(p.detach() - a, alpha=proximal_mu)
         optimizer.original_optimizer.step()
+
+
+def reestimate_bn(model: nn.Module, data: ImageSet, *, device: torch.device, batch_size: int = 64) -> bool:
+    """Re-estimate ``model``'s BatchNorm running statistics on ``data`` (no augmentation, no
+    labels used), the cumulative average of one forward pass as ``torch.optim.swa_utils.update_bn``
+    computes it. Returns whether ``model`` has BatchNorm layers."""
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        return False
+    loader = DataLoader(ImageSetDataset(data), batch_size=min(batch_size, max(len(data), 2)), shuffle=False)
+    update_bn(loader, model.to(device), device=device)
+    model.eval()
+    return True
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["unwrap", "get_weights", "set_weights", "weight_names"]
+__all__ = ["unwrap", "get_weights", "set_weights", "weight_names", "trainable_mask", "batchnorm_entries"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -57,3 +57,32 @@ def set_weights(model: nn.Module, weights: list[np.ndarray]) -> None:
             value = value.round()
         new_state[name] = value.to(dtype=current.dtype)
     module.load_state_dict(new_state, strict=True)
+
+
+def trainable_mask(model: nn.Module) -> list[bool]:
+    """Per state-dict entry (in :func:`weight_names` order): whether it is a trainable parameter
+    (``False`` for buffers such as BatchNorm running statistics and counters)."""
+    module = unwrap(model)
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    return [name in trainable for name in module.state_dict()]
+
+
+def batchnorm_entries(model: nn.Module) -> tuple[list[int], list[int]]:
+    """Indices (in :func:`weight_names` order) of the BatchNorm entries of ``model``.
+
+    Returns
+    -------
+    tuple of list of int
+        ``(statistics, affine)``: the running mean, variance and batch counter of every
+        BatchNorm layer, and their weight and bias.
+    """
+    module = unwrap(model)
+    names = list(module.state_dict())
+    stats: set[str] = set()
+    affine: set[str] = set()
+    for prefix, layer in module.named_modules():
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            dot = f"{prefix}." if prefix else ""
+            stats.update(f"{dot}{b}" for b in ("running_mean", "running_var", "num_batches_tracked"))
+            affine.update(f"{dot}{w}" for w in ("weight", "bias"))
+    return [i for i, n in enumerate(names) if n in stats], [i for i, n in enumerate(names) if n in affine]

@@ -99,8 +99,8 @@ def build_config(config_file: Path | None, overrides: dict[str, Any], sets: list
     return resolve_simulate_config(config_file, overrides, sets).config
 
 
-def _flag(key: str, help: str, *, choices: Any = None) -> Any:
-    return config_option(key, help, SIMULATE_FLAGS[key], choices=choices)
+def _flag(key: str, help: str, *, choices: Any = None, metavar: str | None = None) -> Any:
+    return config_option(key, help, SIMULATE_FLAGS[key], choices=choices, metavar=metavar)
 
 
 @app.command()
@@ -127,7 +127,9 @@ def simulate(
     norm: Annotated[
         str, _flag("norm", "Normalisation layers (group or instance for --set dp=true).", choices=NORMS)
     ] = RunConfig.norm,
-    strategy: Annotated[str, _flag("strategy", "Aggregation strategy.", choices=STRATEGIES)] = RunConfig.strategy,
+    strategy: Annotated[
+        str, _flag("strategy", f"Aggregation strategy: {', '.join(STRATEGIES)}.", choices=STRATEGIES, metavar="NAME")
+    ] = RunConfig.strategy,
     lr: Annotated[
         float, _flag("learning-rate", "Local learning rate (cosine-decayed over rounds).")
     ] = RunConfig.learning_rate,

@@ -53,7 +53,7 @@ from medfed.shared.data.loading import load_dataset
 from medfed.shared.round_config import fit_config
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import model_for
-from medfed.shared.weights import get_weights
+from medfed.shared.weights import get_weights, trainable_mask
 from medfed.simulations.bench.support import line_plot, mean_spread, medmnist_file, ratio
 from medfed.simulations.pooled import run_pooled
 from medfed.simulations.simulate import SimulationResult, run_federated
@@ -163,7 +163,10 @@ class Curve:
 
 
 def federate_in_process(
-    cfg: RunConfig, *, on_round: Callable[[int, list[np.ndarray]], None] | None = None
+    cfg: RunConfig,
+    *,
+    sites: list[SiteClient] | None = None,
+    on_round: Callable[[int, list[np.ndarray]], None] | None = None,
 ) -> Curve:
     """Federated training of ``cfg`` with medfed's sites and Flower's strategy, in this process.
 
@@ -178,6 +181,9 @@ def federate_in_process(
 
     Parameters
     ----------
+    sites
+        The sites (default: ``cfg``'s simulated sites, :func:`medfed.client.site_data.simulated_site_data`);
+        tests pass sites cut their own way.
     on_round
         Called after each round's aggregation with the round number and the global weights
         (``get_weights`` order), e.g. to score them on validation data.
@@ -190,26 +196,35 @@ def federate_in_process(
     start = time.perf_counter()
     seed_everything(cfg.seed)
     splits = load_dataset(cfg)
-    initial = get_weights(model_for(cfg, splits.train))
+    model = model_for(cfg, splits.train)
+    initial = get_weights(model)
     strategy = build_strategy(
         cfg,
         initial_weights=initial,
-        evaluate_fn=make_evaluate_fn(model_for(cfg, splits.train), splits.test),
+        evaluate_fn=make_evaluate_fn(
+            model_for(cfg, splits.train),
+            splits.test,
+            val=splits.val,
+            bn_data=splits.train if cfg.bn_mode != "global" else None,
+        ),
         min_available_clients=cfg.num_sites,
+        trainable=trainable_mask(model),
     )
-    sites = [
-        SiteClient(cfg=cfg, data=simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites), site_index=i)
-        for i in range(cfg.num_sites)
-    ]
+    if sites is None:
+        sites = [
+            SiteClient(cfg=cfg, data=simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites), site_index=i)
+            for i in range(cfg.num_sites)
+        ]
     parameters: Parameters = ndarrays_to_parameters(initial)
     curve = Curve()
     curve.global_metrics.append(_server_evaluate(strategy, 0, parameters))
     no_proxy = cast(ClientProxy, None)  # Flower's aggregation reads only the FitRes
     for server_round in range(1, cfg.num_server_rounds + 1):
         weights = parameters_to_ndarrays(parameters)
+        sent = strategy.fit_parameters(server_round, weights) if hasattr(strategy, "fit_parameters") else weights
         results = []
         for site in sites:
-            new, num_examples, metrics = site.fit(weights, fit_config(server_round))
+            new, num_examples, metrics = site.fit(sent, fit_config(server_round))
             res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(new), num_examples, metrics)
             results.append((no_proxy, res))
         aggregated, _ = strategy.aggregate_fit(server_round, results, [])

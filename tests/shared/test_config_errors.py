@@ -35,7 +35,7 @@ RUN_CONFIG_TABLE: dict[str, tuple[Any, list[str]]] = {
     "norm": ("layer", ["'batch', 'group', 'instance'"]),
     "strategy": ("fedsgd", ["'fedavg', 'fedprox', 'fedadam'"]),
     "proximal-mu": (-1, [">= 0"]),
-    "server-learning-rate": (0, ["> 0"]),
+    "server-learning-rate": (-1, [">= 0"]),
     "fraction-fit": (1.5, ["[0, 1]"]),
     "fraction-evaluate": (-0.1, ["[0, 1]"]),
     "min-fit-clients": (0, [">= 1"]),
@@ -80,6 +80,13 @@ RUN_CONFIG_TABLE: dict[str, tuple[Any, list[str]]] = {
     "personalize": ("bn+heads", ["'off', 'bn', 'head', 'bn+head'", "Did you mean 'bn+head'"]),
     "personalize-epochs": (-1, [">= 0"]),
     "local-only-baseline": ("maybe", ["type bool"]),
+    "server-momentum": (1.0, ["[0, 1)"]),
+    "server-beta-1": (-0.1, ["[0, 1)"]),
+    "server-beta-2": (1.5, ["[0, 1)"]),
+    "server-tau": (0, ["> 0"]),
+    "bn-mode": ("silobn", ["'global', 'local-stats', 'fedbn'"]),
+    "loss": ("focal", ["'ce', 'balanced-softmax', 'fedlc'"]),
+    "fedlc-tau": (-1, [">= 0"]),
 }
 
 
@@ -187,7 +194,7 @@ SIMULATE_TABLE: dict[str, tuple[list[str], list[str]]] = {
     "local_epochs": (["--local-epochs", "x"], ["--local-epochs", "not a valid integer"]),
     "model": (["--model", "densenet"], ["'--model'", "'densenet' is not one of", "Did you mean 'densenet121'"]),
     "norm": (["--norm", "batchnorm"], ["'--norm'", "'batchnorm' is not one of", "Did you mean 'batch'"]),
-    "strategy": (["--strategy", "fedavgm"], ["'--strategy'", "'fedavgm' is not one of", "'fedprox'"]),
+    "strategy": (["--strategy", "fedsgd"], ["'--strategy'", "'fedsgd' is not one of", "'fedprox'"]),
     "lr": (["--lr", "-1"], ["learning-rate (--lr) = -1.0", "> 0"]),
     "batch_size": (["--batch-size", "0"], ["batch-size (--batch-size) = 0", ">= 1"]),
     "image_size": (["--image-size", "-3"], ["image-size (--image-size) = -3", ">= 0"]),
