@@ -152,8 +152,10 @@ BASE_METHODS: dict[str, Method] = {
 ALTERNATIVES: dict[str, Method] = {
     "fedprox": Method("fedprox", "federated", {"strategy": "fedprox", "proximal-mu": 0.01}, "FedProx, mu 0.01"),
     "fedadam": Method(
-        "fedadam", "federated", {"strategy": "fedadam", "server-learning-rate": 0.01}, "FedAdam, server lr 0.01"
+        "fedadam", "federated", {"strategy": "fedadam"}, "FedAdam (server lr 0.01, tau 1e-3: the config defaults)"
     ),
+    "fedbn": Method("fedbn", "federated", {"bn-mode": "fedbn"}, "FedBN: BatchNorm layers stay at the sites"),
+    "scaffold": Method("scaffold", "federated", {"strategy": "scaffold"}, "SCAFFOLD (option II control variates)"),
     "adam": Method(
         "adam", "federated", {"optimizer": "adam", "learning-rate": 0.001, "augment": False},
         "FedAvg with Adam 1e-3 at the sites, no augmentation (the BreastMNIST recipe of issue 2)",
@@ -162,7 +164,8 @@ ALTERNATIVES: dict[str, Method] = {
 """``--alternative NAME``: the best alternative to the default recipe, as overrides. Add an entry
 to compare another option (FedBN, a server optimizer, SCAFFOLD, ...)."""
 
-DEFAULT_ALTERNATIVE = "fedprox"
+DEFAULT_ALTERNATIVE = "fedadam"
+"""FedAdam with the default balanced-softmax loss: the best mean AUC of the label-skew study (BENCHMARKS.md)."""
 
 
 def methods_for(alternative: str) -> dict[str, Method]:
@@ -316,6 +319,7 @@ def _federated(cell: Cell, cfg: RunConfig) -> dict[str, Any]:
         "reported_final_metrics": curve.global_metrics[-1] if curve.global_metrics else {},
         "site_train_class_counts": [_class_counts(site.train) for site in sites],
         "site_val_class_counts": [_class_counts(site.val) for site in sites],
+        "site_local_test_class_counts": [_class_counts(site.test) for site in sites if site.test is not None],
     }
 
 
@@ -391,7 +395,10 @@ def run_cell(cell: Cell) -> list[dict[str, Any]]:
     return [_row(cell, partition, cfg, figures, seconds) for partition in cell.partitions]
 
 
-_DETAILS = ("reported_final_metrics", "site_test_auc", "site_train_class_counts", "site_val_class_counts")
+_DETAILS = (
+    "reported_final_metrics", "site_test_auc", "site_train_class_counts", "site_val_class_counts",
+    "site_local_test_class_counts",
+)
 """Per-cell details a row carries when its method produced them."""
 
 

@@ -275,7 +275,9 @@ def test_one_real_cell(medmnist: Path, tmp_path: Path) -> None:
     assert row["dataset"] == "breastmnist" and row["model"] == "simplecnn"
     assert row["majority_rate"] == round(114 / 156, 4)  # the official test split: 42 malignant, 114 benign
     assert 0.0 <= row["test_auc"] <= 1.0 and len(row["site_train_class_counts"]) == 4
-    assert sum(map(sum, row["site_train_class_counts"])) == 546
+    # the 546 official training images: the sites' training splits and their local test splits
+    assert sum(map(sum, row["site_train_class_counts"])) + sum(map(sum, row["site_local_test_class_counts"])) == 546
+    assert sum(map(sum, row["site_local_test_class_counts"])) > 0
 
 
 def test_resnet18_rows_cover_the_2d_sets_seeds_0_to_2_default_and_pooled(tmp_path: Path) -> None:
