@@ -123,14 +123,14 @@ def test_a_run_weaker_than_the_sites_policy_is_refused_by_every_site(live: LiveF
     run_dir = _only_run_dir(live.root / "runs" / "weak")
     records = read_metrics(run_dir)
     assert [r["round"] for r in records] == [1]  # stopped: no site trained
-    assert set(records[0]["sites"]) == {"site-0", "site-1", "site-2"}
+    assert set(records[0]["sites"]) == set(SITES)  # keyed by the enrolled site
     for site in records[0]["sites"].values():
         fit = site["fit"]
         assert fit["num_examples"] == 0 and fit["policy-refused"] == 1
         assert fit["policy-refused-dp-delta"] == 1 and fit["policy-refused-dp-secure-noise"] == 1
     summary = json.loads((run_dir / "summary.json").read_text())
     assert {k: v["keys"] for k, v in summary["policy_refused"].items()} == {
-        f"site-{i}": ["dp-delta", "dp-secure-noise"] for i in range(3)
+        name: ["dp-delta", "dp-secure-noise"] for name in SITES
     }
     assert not elsewhere.exists()
     for name, site in live.sites.items():
