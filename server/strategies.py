@@ -208,6 +208,10 @@ class _AveragedBuffers:
 
     trainable: list[bool]
 
+    def __init__(self, trainable: list[bool], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.trainable = list(trainable)
+
     def aggregate_fit(
         self,
         server_round: int,
@@ -233,29 +237,19 @@ class _AveragedBuffers:
 
 
 class _FedAdam(_AveragedBuffers, FedAdam):
-    def __init__(self, trainable: list[bool], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.trainable = list(trainable)
+    """Flower's ``FedAdam`` stepping on the trainable entries only."""
 
 
 class _FedYogi(_AveragedBuffers, FedYogi):
-    def __init__(self, trainable: list[bool], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.trainable = list(trainable)
+    """Flower's ``FedYogi`` stepping on the trainable entries only."""
 
 
 class _FedAdagrad(_AveragedBuffers, FedAdagrad):
-    def __init__(self, trainable: list[bool], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.trainable = list(trainable)
+    """Flower's ``FedAdagrad`` stepping on the trainable entries only."""
 
 
 class _FedAvgM(_AveragedBuffers, FedAvgM):
     """Flower's ``FedAvgM`` (Hsu et al. 2019) with averaged buffers and resumable state."""
-
-    def __init__(self, trainable: list[bool], **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.trainable = list(trainable)
 
     def _set_current(self, weights: NDArrays) -> None:
         self.initial_parameters = ndarrays_to_parameters(weights)
