@@ -471,7 +471,6 @@ def render_overlay(image: np.ndarray, heat_map: np.ndarray, path: str | Path, *,
     if title:
         ax.set_title(title, fontsize=9)
     fig.colorbar(layer, ax=ax, fraction=0.046, pad=0.04, label="relative importance")
-    fig.tight_layout()
     path = Path(path)
     fig.savefig(path)
     return path
