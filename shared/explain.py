@@ -245,7 +245,12 @@ def _occlusion_maps(
     if mask > min(spatial):
         raise ValueError(f"--occlusion-mask {mask} is larger than the image ({tuple(spatial)}): give a smaller one.")
     occlusion = OcclusionSensitivity(
-        nn_module=model, mask_size=mask, n_batch=32, verbose=False, activate=lambda out: out.softmax(1)
+        nn_module=model,
+        mask_size=mask,
+        n_batch=32,
+        overlap=OCCLUSION_OVERLAP,
+        verbose=False,
+        activate=lambda out: out.softmax(1),
     )
     maps = []
     with torch.no_grad():
@@ -255,6 +260,10 @@ def _occlusion_maps(
             occluded, _ = occlusion(image)  # (1, K, *spatial) probabilities with the patch occluded
             maps.append(base - occluded[:, int(cls) : int(cls) + 1].as_tensor())
     return _normalise(torch.cat(maps))
+
+
+OCCLUSION_OVERLAP: float = 0.5
+"""Overlap of neighbouring occlusion patches (MONAI's default 0.6 costs about 2.4x more passes in 3D)."""
 
 
 @dataclass(frozen=True)
