@@ -3,7 +3,7 @@
 * researcher: ``simulate``, ``models``, ``bench`` (:mod:`medfed.simulations.cli`);
 * coordinator: ``provision``, ``run``, ``server``, ``dashboard`` (:mod:`medfed.server.cli`,
   :mod:`medfed.server.dashboard_cli`);
-* hospital site: ``site`` (:mod:`medfed.client.cli`).
+* hospital site: ``site`` (:mod:`medfed.client.cli`), ``explain`` (:mod:`medfed.client.explain_cli`).
 
 This module is the composition root: the only place that imports all of them.
 """
@@ -16,6 +16,7 @@ import typer
 
 from medfed import __version__
 from medfed.client.cli import site_app
+from medfed.client.explain_cli import explain_command
 from medfed.server.cli import provision_command, run_command, server_app
 from medfed.server.dashboard_cli import dashboard_command
 from medfed.simulations.cli import bench, models, simulate
@@ -61,6 +62,7 @@ app.command("bench")(bench)
 app.command("provision")(provision_command)
 app.command("run")(run_command)
 app.command("dashboard")(dashboard_command)
+app.command("explain")(explain_command)
 app.add_typer(server_app, name="server")
 app.add_typer(site_app, name="site")
 

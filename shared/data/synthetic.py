@@ -18,6 +18,9 @@ segmentation
     Images with 2-6 blobs on noise whose intensity range overlaps the blobs'; targets are the
     blob masks (binary for ``num_classes = 2``; with more classes each blob gets a label in
     ``1 .. num_classes - 1`` and a matching intensity level).
+bright blob (:func:`make_bright_blob`, for explanation sanity checks; not a run-config choice)
+    Class 1 images hold one bright blob among dim ones, class 0 images only dim ones; the bright
+    blob's mask is returned so that a heat map can be checked to point at it.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ from monai.data.synthetic import create_test_image_2d, create_test_image_3d
 from medfed.shared.config import TASKS
 from medfed.shared.data.base import DataSplits, ImageSet, Task
 
-__all__ = ["make_synthetic", "SPLIT_FRACTIONS"]
+__all__ = ["make_synthetic", "make_bright_blob", "SPLIT_FRACTIONS"]
 
 logger = logging.getLogger(__name__)
 
@@ -203,3 +206,65 @@ def _segmentation_pair(
         rs=rs,
     )
     return image, mask
+
+
+def make_bright_blob(
+    *, spatial_dims: int, num_samples: int, image_size: int, seed: int, distractors: int = 2
+) -> tuple[ImageSet, np.ndarray]:
+    """SYNTHETIC images whose class is set by one bright blob: class 1 has it, class 0 does not.
+
+    Every image is uniform noise in ``[0, 0.25]`` with ``distractors`` dim blobs (intensity
+    ``0.35-0.5``); class 1 images also hold one bright blob (intensity 1) of the same radius range,
+    drawn last. Radii are ``image_size / 8`` to ``image_size / 6`` (at least 2). The bright blob is
+    the only cue, so a model that learned the task must look at it.
+
+    Parameters
+    ----------
+    spatial_dims
+        2 (discs) or 3 (balls).
+    num_samples
+        Number of images (balanced, in random order; at least 2).
+    image_size
+        Side length (``>= 12``).
+    seed
+        Same seed, same data.
+    distractors
+        Dim blobs per image.
+
+    Returns
+    -------
+    tuple
+        ``(ImageSet, masks)``: images ``float32`` ``(N, 1, *spatial)`` in ``[0, 1]`` with labels
+        ``(N,)`` (two classes), and ``bool`` masks ``(N, 1, *spatial)`` of the bright blob (all
+        ``False`` for class 0).
+    """
+    if spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims = {spatial_dims!r} is invalid: use 2 or 3.")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size = {image_size} is invalid: it must be >= {MIN_IMAGE_SIZE}.")
+    if num_samples < 2:
+        raise ValueError(f"num_samples = {num_samples} is invalid: it must be >= 2.")
+    rs = np.random.RandomState(seed % (2**32))
+    labels = rs.permutation(np.arange(num_samples) % 2).astype(np.int64)
+    shape = (image_size,) * spatial_dims
+    grid = np.stack(np.meshgrid(*[np.arange(image_size)] * spatial_dims, indexing="ij"))
+    rad_min, rad_max = max(2, image_size // 8), max(3, image_size // 6)
+    images = np.empty((num_samples, 1, *shape), dtype=np.float32)
+    masks = np.zeros((num_samples, 1, *shape), dtype=bool)
+
+    def disc() -> np.ndarray:
+        radius = rs.uniform(rad_min, rad_max)
+        centre = rs.uniform(radius, image_size - 1 - radius, size=spatial_dims)
+        offsets = grid - centre.reshape(-1, *([1] * spatial_dims))
+        return (offsets**2).sum(0) <= radius**2
+
+    for i, label in enumerate(labels):
+        image = rs.uniform(0.0, 0.25, size=shape).astype(np.float32)
+        for _ in range(distractors):
+            image[disc()] = rs.uniform(0.35, 0.5)
+        if label == 1:
+            blob = disc()
+            image[blob] = 1.0
+            masks[i, 0] = blob
+        images[i, 0] = image
+    return ImageSet(images, labels, "classification", 2), masks

@@ -1,0 +1,178 @@
+"""``medfed explain``: heat-map explanations of a checkpoint's predictions on one split, at the site.
+
+Reads a checkpoint (``<run dir>/checkpoints/best.pt`` or ``final.pt``) and a dataset the site holds,
+and writes one PNG overlay per image (the middle slice for 3D, plus a NIfTI map), and
+``index.json`` (see :func:`medfed.shared.explain.write_explanations`). It opens no network
+connection: nothing leaves the site.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from medfed.shared.cli_options import HintedChoice
+
+__all__ = ["explain_command", "SPLITS"]
+
+console = Console(stderr=True)
+
+SPLITS: dict[str, str] = {"test": "test", "validation": "val", "training": "train"}
+"""``--split`` choices (datalist section names) -> :class:`~medfed.shared.data.base.DataSplits` fields."""
+
+
+class ExplainError(ValueError):
+    """A bad checkpoint, dataset or option; the message says which and how to fix it."""
+
+
+def _method_names() -> list[str]:
+    from medfed.shared.explain import METHODS
+
+    return list(METHODS)
+
+
+def _load_checkpoint(path: Path) -> tuple[dict[str, Any], Any, int | None]:
+    """``(state_dict, RunConfig, round)`` of a checkpoint ``{"state_dict", "config", "round", "metrics"}``.
+
+    The one place that reads checkpoints here (to be replaced by the shared checkpoint loader).
+
+    Raises
+    ------
+    ExplainError
+        Missing or unreadable file, or a payload without ``state_dict`` / ``config``.
+    """
+    import torch
+
+    from medfed.shared.config import ConfigError, RunConfig
+
+    if not path.is_file():
+        raise ExplainError(
+            f"--model {path}: no such file. Give a checkpoint such as <run dir>/checkpoints/best.pt."
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 (any unreadable file: one clear message)
+        raise ExplainError(f"--model {path}: not a readable checkpoint ({type(err).__name__}).") from None
+    if not isinstance(payload, dict) or not {"state_dict", "config"} <= set(payload):
+        raise ExplainError(
+            f"--model {path}: not a medfed checkpoint (it needs the keys 'state_dict' and 'config'; "
+            "use <run dir>/checkpoints/best.pt or final.pt)."
+        )
+    try:
+        cfg = RunConfig.from_mapping(payload["config"], source=f"{path} (config)")
+    except ConfigError as err:
+        raise ExplainError(f"--model {path}: its run config is invalid: {err}") from None
+    return payload["state_dict"], cfg, payload.get("round")
+
+
+def explain_command(
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="The checkpoint (<run dir>/checkpoints/best.pt or final.pt).")
+    ],
+    dataset: Annotated[
+        str,
+        typer.Option(
+            "--dataset",
+            "-d",
+            help="The site's data: a MedMNIST .npz file, a datalist .json, or 'synthetic' (the checkpoint's "
+            "synthetic settings).",
+        ),
+    ],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the PNGs, NIfTI maps and index.json.")],
+    split: Annotated[
+        str, typer.Option(help="Which split to explain.", click_type=HintedChoice(tuple(SPLITS)), show_default=True)
+    ] = "test",
+    method: Annotated[
+        str,
+        typer.Option(help="Explanation method.", click_type=HintedChoice(_method_names), show_default=True),
+    ] = "gradcam",
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="Explain only the first N images of the split (default: all).")
+    ] = None,
+    target_layer: Annotated[
+        str | None,
+        typer.Option(
+            help="Grad-CAM layer (a name from model.named_modules()); default: the last layer with a spatial "
+            "feature map."
+        ),
+    ] = None,
+    class_index: Annotated[
+        int | None,
+        typer.Option("--class", min=0, help="The class to explain for every image (default: each image's prediction)."),
+    ] = None,
+    occlusion_mask: Annotated[
+        int | None,
+        typer.Option(min=1, help="Occlusion patch side in pixels (default: a quarter of the smallest side)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per batch.", show_default=True)] = 16,
+) -> None:
+    """Write heat-map explanations of a checkpoint's predictions on one split (PNG overlays; NIfTI maps for 3D).
+
+    Runs locally and contacts nobody: the maps show the site's images and never leave the site.
+    index.json holds one row per image (its index in the split, predicted class, probability,
+    method, file names) and no file paths or patient identifiers.
+    """
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from medfed.shared.data.base import DataError
+    from medfed.shared.data.loading import load_dataset
+    from medfed.shared.explain import write_explanations
+    from medfed.shared.task import model_for
+
+    logging.basicConfig(level=logging.WARNING, force=True)
+    try:
+        state_dict, cfg, server_round = _load_checkpoint(model)
+        if dataset != "synthetic" and Path(dataset).suffix not in (".npz", ".json"):
+            raise ExplainError(
+                f"--dataset {Path(dataset).name}: give a MedMNIST .npz file, a datalist .json or 'synthetic'."
+            )
+        splits = load_dataset(cfg.replace(dataset=dataset))
+        data = getattr(splits, SPLITS[split])
+        if data.task != "classification":
+            raise ExplainError(
+                f"--dataset holds {data.task} data: explanations are for classifiers (a segmentation "
+                "model's output already is a map)."
+            )
+        if len(data) == 0:
+            raise ExplainError(f"--split {split} is empty in this dataset: choose another split.")
+        network = model_for(cfg, data)
+        try:
+            network.load_state_dict(state_dict)
+        except RuntimeError as err:
+            first = str(err).strip().splitlines()[0]
+            raise ExplainError(
+                f"--model {model.name} does not fit --dataset: {first} The dataset must have the channels, "
+                "classes and image size the model was trained on."
+            ) from None
+        network.eval()
+        count = len(data) if limit is None else min(limit, len(data))
+        with Progress(
+            TextColumn("[bold]explain[/] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+            disable=not console.is_terminal,
+        ) as progress:
+            task = progress.add_task(f"{method} on {split}", total=count)
+            index = write_explanations(
+                network,
+                data.images[:count],
+                method=method,
+                out_dir=out,
+                labels=data.targets[:count],
+                target_layer=target_layer,
+                class_index=class_index,
+                occlusion_mask=occlusion_mask,
+                batch_size=batch_size,
+                on_batch=lambda n: progress.advance(task, n),
+                extra={"split": split, "model": cfg.model, "checkpoint_round": server_round},
+            )
+    except (ExplainError, DataError, ValueError) as err:
+        console.print(f"[bold red]error:[/] {err}")
+        raise typer.Exit(code=2) from None
+    console.print(f"Wrote {count} {method} explanations ({split}) to {out} (index: {index.name}).")
