@@ -265,14 +265,32 @@ def _untilt(
     Slice ``k``'s pixel ``(i, j)`` lies at ``offsets[k] + i dx row + j dy col`` (plus the normal
     part); on the orthogonal grid it belongs at ``i + offsets[k].row / dx``, ``j + offsets[k].col / dy``.
     """
-    from scipy.ndimage import shift
-
     fill = float(volume.min())
     out = np.empty_like(volume)
     for k in range(volume.shape[2]):
-        di, dj = float(offsets[k] @ row_dir) / dx, float(offsets[k] @ col_dir) / dy
-        out[:, :, k] = shift(volume[:, :, k], (di, dj), order=1, mode="constant", cval=fill)
+        plane = _shift(volume[:, :, k], float(offsets[k] @ row_dir) / dx, axis=0, fill=fill)
+        out[:, :, k] = _shift(plane, float(offsets[k] @ col_dir) / dy, axis=1, fill=fill)
     return out
+
+
+def _shift(plane: np.ndarray, by: float, *, axis: int, fill: float) -> np.ndarray:
+    """``out[x] = plane[x - by]`` along ``axis``, linearly interpolated; ``fill`` outside."""
+    if abs(by) < 1e-6:
+        return plane
+    size = plane.shape[axis]
+    source = np.arange(size) - by
+    low = np.floor(source).astype(np.int64)
+    frac = (source - low).astype(np.float32)
+    padded = np.concatenate(
+        [np.full_like(np.take(plane, [0], axis=axis), fill), plane, np.full_like(np.take(plane, [0], axis=axis), fill)],
+        axis=axis,
+    )
+    lo = np.clip(low, -1, size) + 1  # -1 and size read the fill
+    hi = np.clip(low + 1, -1, size) + 1
+    shape = [1, 1]
+    shape[axis] = size
+    frac = frac.reshape(shape)
+    return np.take(padded, lo, axis=axis) * (1 - frac) + np.take(padded, hi, axis=axis) * frac
 
 
 def _even_slices(volume: np.ndarray, depth: np.ndarray, spacing: float) -> np.ndarray:
