@@ -138,7 +138,8 @@ class EntryInfo:
     index, section, file
         Where the entry is and its image file as written in the datalist.
     shape
-        Spatial shape of the image file (``(H, W)`` or ``(D, H, W)``).
+        Spatial shape of the image file as stored, in the file's axis order (``(H, W)`` or
+        ``(D, H, W)``; before reorientation, resampling and resizing).
     channels
         Image channels.
     spacing
@@ -487,8 +488,9 @@ def _read(
     NIfTI files and DICOM volumes are brought to RAS and, with ``spacing``, resampled to it
     (:func:`medfed.shared.data.geometry.to_canonical`; ``mask``: nearest neighbour); a DICOM
     folder is read as one series (:func:`medfed.shared.data.dicom_series.read_dicom_series`).
-    ``info``, when given, receives the file's ``"spacing"`` and ``"orientation"`` as stored (from
-    its header, ``None`` when it has none) and ``"notes"`` on corrections made while reading.
+    ``info``, when given, receives the file's ``"shape"``, ``"spacing"`` and ``"orientation"`` as
+    stored (from its header, ``None`` when it has none) and ``"notes"`` on corrections made while
+    reading (a DICOM series: the shape and spacing of the corrected volume).
     """
     file = Path(written)
     full = file if file.is_absolute() else base / file
@@ -529,6 +531,7 @@ def _read(
     pixdim = getattr(img, "pixdim", None)
     stored_spacing = tuple(float(v) for v in np.asarray(pixdim).ravel()) if pixdim is not None else None
     spatial = img.ndim - 1
+    stored_shape = tuple(int(s) for s in img.shape[1:])
     # Patient axes: every NIfTI, and DICOM volumes; 2D DICOM and PNG/JPEG are used as stored.
     patient_axes = kind == "NIfTI" or (kind == "DICOM" and spatial == 3)
     orientation = axis_codes(img.affine) if patient_axes and spatial in (2, 3) else None
@@ -551,6 +554,7 @@ def _read(
     if stored_spacing is not None and len(stored_spacing) > arr.ndim - 1:
         stored_spacing = stored_spacing[: arr.ndim - 1]  # a slice stored as a volume: its in-plane size
     if info is not None:
+        info["shape"] = stored_shape[: arr.ndim - 1]  # a slice stored as a volume: its in-plane size
         info["spacing"] = stored_spacing
         info["orientation"] = orientation
         info["notes"] = notes
@@ -705,7 +709,7 @@ class _Scanner:
             index=-1,
             section="",
             file=image_written,
-            shape=tuple(int(s) for s in image.shape[1:]),
+            shape=read_info.get("shape", tuple(int(s) for s in image.shape[1:])),
             channels=int(image.shape[0]),
             spacing=read_info.get("spacing"),
             label=int(label) if self.task == "classification" else None,
