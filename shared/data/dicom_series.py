@@ -164,8 +164,8 @@ def read_dicom_series(folder: str | Path) -> tuple[np.ndarray, np.ndarray, Serie
     datasets, ignored = _read_headers(folder)
     if not datasets:
         raise DicomSeriesError(
-            f"DICOM series {folder}: no DICOM image file found ({ignored} other file(s)). Give the "
-            "folder of one exported series."
+            f"DICOM series {folder}: no DICOM image file found ({ignored} other file(s); subfolders are "
+            "not searched). Give the folder that holds the slice files of one exported series."
         )
     series = {str(getattr(ds, "SeriesInstanceUID", "")) for ds in datasets}
     if len(series) > 1:
