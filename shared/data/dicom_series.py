@@ -9,7 +9,8 @@ RAS affine, ready for MONAI's ``Orientation`` / ``Spacing``:
 * **gantry tilt** (the slices' offset not parallel to their normal, a sheared grid) is corrected
   the way dcm2niix does: each slice is shifted in its own plane onto an orthogonal grid (linear
   interpolation; what moves out of the field of view is lost, what moves in is filled with the
-  series' minimum). The angle is reported (:attr:`SeriesInfo.tilt_degrees`) and logged;
+  series' minimum). The angle is reported (:attr:`SeriesInfo.tilt_degrees`; the datalist reader
+  counts corrected entries in its log and ``medfed site check`` names them with the angle);
 * **unequal slice spacing** (e.g. 4 mm slices through the skull base, 7 mm above) is resampled
   linearly along the normal to the median spacing, and reported (:attr:`SeriesInfo.slice_gaps`).
 
@@ -24,7 +25,6 @@ Privacy: messages name the folder (for the site's operator) and tag names, never
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,8 +32,6 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["DicomSeriesError", "SeriesInfo", "read_dicom_series", "TILT_TOLERANCE_DEGREES"]
-
-logger = logging.getLogger(__name__)
 
 TILT_TOLERANCE_DEGREES = 0.1
 """Below this angle between slice offset and slice normal a series counts as untilted."""
