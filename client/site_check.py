@@ -273,6 +273,14 @@ def _geometry(report: SiteCheckReport, entries: list[EntryInfo]) -> None:
                 f"DICOM series {e.file!r} was corrected while reading: {'; '.join(e.notes)}. Check the volume "
                 "looks right (or re-export it untilted / with even slices from the scanner or PACS).",
             ))
+    pictures = [e for e in entries if e.file.lower().endswith((".png", ".jpg", ".jpeg"))]
+    if report.spacing and pictures:
+        report.findings.append(Finding(
+            "warning", "spacing_not_applied", "datalist", "",
+            f"spacing is set but {len(pictures)} PNG/JPEG image(s) carry no physical pixel size: they are used "
+            "as stored (only NIfTI/DICOM images are resampled). Convert them to NIfTI/DICOM with their "
+            "spacing if the scale matters.",
+        ))
     if len(report.orientations) > 1:
         common = next(iter(report.orientations))
         for e in entries:

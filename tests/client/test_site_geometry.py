@@ -93,6 +93,20 @@ def test_the_sites_spacing_reaches_its_client_and_wins_over_the_runs(site: Path,
                           run_config=cfg.to_run_config()))
 
 
+def test_pictures_are_used_as_stored_and_spacing_says_so(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for i in range(2):
+        Image.fromarray(np.full((12, 10), 40 * (i + 1), dtype=np.uint8)).save(tmp_path / f"p{i}.png")
+    (tmp_path / "d.json").write_text(json.dumps({"training": [{"image": f"p{i}.png", "label": i} for i in range(2)]}))
+    report = check_site(tmp_path / "d.json", spacing=(0.5,))
+    assert report.ok and report.orientations == {"as stored": 2}
+    assert [i["orientation"] for i in report.images] == [None, None]
+    (finding,) = [f for f in report.findings if f.kind == "spacing_not_applied"]
+    assert "2 PNG/JPEG image(s)" in finding.message
+    assert not [f for f in check_site(tmp_path / "d.json").findings if f.kind == "spacing_not_applied"]
+
+
 @pytest.mark.parametrize(
     ("text", "parsed"),
     [("", ()), ("0", ()), (0, ()), ("1.5", (1.5,)), (2, (2.0,)), ("1,1,2", (1.0, 1.0, 2.0)), ("0.8 0.8", (0.8, 0.8))],
