@@ -61,7 +61,7 @@ from monai.utils import convert_to_numpy
 
 from medfed.shared.config import TASKS
 from medfed.shared.data.base import DataError, DataSplits, ImageSet, Task
-from medfed.shared.data.dicom_series import DicomSeriesError, read_dicom_series
+from medfed.shared.data.dicom_series import DicomSeriesError, dicom_image_files, read_dicom_series
 from medfed.shared.data.geometry import axis_codes, to_canonical
 from medfed.shared.partition import split_train_val_test
 
@@ -511,6 +511,10 @@ def _read(
         )
     notes: tuple[str, ...] = ()
     try:
+        if kind == "DICOM" and full.is_dir():
+            images, _ = dicom_image_files(full)
+            if len(images) == 1:  # one image in the folder (a radiograph, a slice): read as that file is
+                full = images[0]
         if kind == "DICOM" and full.is_dir():
             volume, affine, series = read_dicom_series(full)
             img = MetaTensor(torch.from_numpy(volume[None]), affine=torch.as_tensor(affine))

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["DicomSeriesError", "SeriesInfo", "read_dicom_series", "TILT_TOLERANCE_DEGREES"]
+__all__ = ["DicomSeriesError", "SeriesInfo", "dicom_image_files", "read_dicom_series", "TILT_TOLERANCE_DEGREES"]
 
 TILT_TOLERANCE_DEGREES = 0.1
 """Below this angle between slice offset and slice normal a series counts as untilted."""
@@ -101,26 +101,38 @@ class SeriesInfo:
         return out
 
 
-def _read_headers(folder: Path) -> tuple[list[object], int]:
-    """The folder's DICOM datasets (with pixels) and how many files were not DICOM."""
+def dicom_image_files(folder: str | Path) -> tuple[list[Path], int]:
+    """The DICOM image files directly in ``folder`` (headers only are read) and how many other files.
+
+    ``DICOMDIR``, files pydicom cannot parse as DICOM, and DICOM files without pixel data count
+    as other files; subfolders are not searched.
+    """
     import pydicom
     from pydicom.errors import InvalidDicomError
 
-    datasets, ignored = [], 0
-    for file in sorted(p for p in folder.iterdir() if p.is_file()):
+    images, ignored = [], 0
+    for file in sorted(p for p in Path(folder).iterdir() if p.is_file()):
         if file.name.upper() == "DICOMDIR":
             ignored += 1
             continue
         try:
-            ds = pydicom.dcmread(file)
+            ds = pydicom.dcmread(file, defer_size=1024)  # large values (the pixels) stay on disk
         except (InvalidDicomError, OSError):
             ignored += 1
             continue
         if "PixelData" not in ds:
             ignored += 1
             continue
-        datasets.append(ds)
-    return datasets, ignored
+        images.append(file)
+    return images, ignored
+
+
+def _read_headers(folder: Path) -> tuple[list[object], int]:
+    """The folder's DICOM datasets (with pixels) and how many files were not DICOM images."""
+    import pydicom
+
+    files, ignored = dicom_image_files(folder)
+    return [pydicom.dcmread(file) for file in files], ignored
 
 
 def _vector(ds: object, tag: str, size: int, folder: Path) -> np.ndarray:

@@ -150,6 +150,19 @@ def test_a_datalist_entry_names_a_series_folder_and_the_report_says_what_was_cor
     assert entry.notes and "gantry tilt 10.0 degrees" in entry.notes[0]
 
 
+def test_a_folder_with_one_image_reads_as_that_file(tmp_path: Path) -> None:
+    """A 2D DICOM is used as stored, in a folder or not (no reorientation of a radiograph or one slice)."""
+    (tmp_path / "one").mkdir()
+    pixels = np.arange(ROWS * COLS, dtype=np.uint16).reshape(ROWS, COLS)
+    _slice(tmp_path / "one" / "x.dcm", pixels, position=(0, 0, 0), instance=1, series=generate_uid())
+    _slice(tmp_path / "x.dcm", pixels, position=(0, 0, 0), instance=1, series=generate_uid())
+    datalist = tmp_path / "d.json"
+    datalist.write_text(json.dumps({"training": [{"image": "one", "label": 0}, {"image": "x.dcm", "label": 1}]}))
+    report = scan_datalist(datalist)
+    assert report.ok and report.spatial_dims == 2
+    assert [(e.shape, e.orientation) for e in report.entries] == [((COLS, ROWS), None)] * 2
+
+
 @pytest.mark.data
 def test_the_real_ge_head_ct_loads_as_one_volume_in_hu_with_its_tilt_reported() -> None:
     folder = medmnist_dir().parent / "dicom" / "ct-head-ge"
