@@ -27,7 +27,7 @@ CASES = [
     # file, spatial dims, channels, classes, training / test images used (3D kept small: CPU seconds)
     pytest.param("retinamnist.npz", 2, 3, 5, 192, 400, marks=pytest.mark.data("retinamnist.npz"), id="retinamnist"),
     pytest.param(
-        "vesselmnist3d.npz", 3, 1, 2, 48, 96, marks=pytest.mark.data("vesselmnist3d.npz"), id="vesselmnist3d"
+        "vesselmnist3d.npz", 3, 1, 2, 32, 64, marks=pytest.mark.data("vesselmnist3d.npz"), id="vesselmnist3d"
     ),
 ]
 
