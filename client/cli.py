@@ -69,6 +69,13 @@ def site_check(
             click_type=HintedChoice(BAD_DATA_MODES),
         ),
     ] = None,
+    spacing: Annotated[
+        str | None,
+        typer.Option(
+            help='Override the voxel size (mm) NIfTI/DICOM images are resampled to ("1.5", "1,1,2"; "0" = native); '
+            "default: site.toml's spacing, else the --run-config's.",
+        ),
+    ] = None,
     run_config: Annotated[
         Path | None,
         typer.Option(
@@ -87,7 +94,7 @@ def site_check(
     import json
 
     from medfed.client.site_check import check_run_policy, check_site, format_policy, format_report, training_entries
-    from medfed.shared.config import ConfigError
+    from medfed.shared.config import ConfigError, parse_spacing
     from medfed.shared.config_sources import file_layer, mapping_layer, resolve_config
 
     logging.basicConfig(level=logging.WARNING, force=True)
@@ -101,6 +108,9 @@ def site_check(
             run = resolve_config(
                 mapping_layer({"dataset": "deployment"}, source="deployment default"), file_layer(run_config)
             ).config
+        # Training's order: the site's spacing wins over the run's (the site knows its scanners).
+        spacing_text = spacing if spacing is not None else site.spacing or (run.spacing if run is not None else "")
+        spacing_mm = parse_spacing(spacing_text, key="--spacing" if spacing is not None else "spacing")
     except (SiteConfigError, ConfigError) as err:
         console.print(f"[bold red]error:[/] {err}")
         raise typer.Exit(code=2) from None
@@ -111,6 +121,7 @@ def site_check(
         image_size=run_image_size if image_size is None else image_size,
         num_classes=run_classes if num_classes is None else num_classes,
         bad_data=site.bad_data if bad_data is None else bad_data,
+        spacing=spacing_mm,
     )
     policy = None
     if run is not None:

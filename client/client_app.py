@@ -16,7 +16,7 @@ from medfed.client.site_client import SiteClient
 from medfed.client.site_data import deployment_site_data, simulated_site_data
 from medfed.client.site_policy import SitePolicy
 from medfed.client.update_mods import freeze_counters_mod, make_update_mod
-from medfed.shared.config import BAD_DATA_MODES, ConfigError, RunConfig
+from medfed.shared.config import BAD_DATA_MODES, ConfigError, RunConfig, parse_spacing
 from medfed.shared.config_sources import config_from_run_config
 from medfed.shared.privacy import deployment_ledger_path
 
@@ -60,7 +60,8 @@ def _deployment_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> Client
     ``dp-budget-epsilon``, ``dp-max-delta``, ``dp-min-noise-multiplier``,
     ``dp-require-secure-noise``, ``ledger-dir``) and ``bad-data`` (optional, ``"strict"`` or
     ``"skip"``: the site's choice for its own unusable datalist entries, which wins over the
-    run's ``bad-data``).
+    run's ``bad-data``) and ``spacing`` (optional: the voxel size in mm the site resamples its
+    NIfTI/DICOM images to, which wins over the run's ``spacing``: the site knows its scanners).
 
     The policy is the site's, whatever the run config says: the site's client refuses a run
     that asks for less privacy (see :meth:`SiteClient.fit`), the run's ``dp-budget-epsilon``
@@ -92,6 +93,13 @@ def _deployment_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> Client
                 + " (set it in site.toml)."
             )
         cfg = cfg.replace(bad_data=str(bad_data))
+    spacing = node_config.get("spacing")
+    if spacing is not None:
+        try:
+            parse_spacing(spacing, key="node config spacing")
+        except ConfigError as err:
+            raise ConfigError(f"{err} (set it in site.toml).") from None
+        cfg = cfg.replace(spacing=str(spacing))
     datalist = str(node_config["datalist"])
     ledger_path = None
     if cfg.dp:

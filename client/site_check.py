@@ -4,7 +4,10 @@ Nothing is contacted: the check reads the datalist and every image (and mask) wi
 reader the training uses (:func:`medfed.shared.data.datalist.scan_datalist`) and reports
 
 * counts per split and per class (classification) or mask presence (segmentation),
-* image shapes and spacings (from the file headers) and how many files share each,
+* image shapes, orientations and spacings (from the file headers) and how many files share each,
+  and every image's own (stored orientation codes such as ``RAS`` / ``LPS``, spacing in mm,
+  corrections made while reading a DICOM series); mixtures are flagged (every NIfTI/DICOM volume
+  is loaded in RAS, and resampled to ``spacing`` when the site or run sets one),
 * every unusable entry by name: missing file, corrupt or unreadable file, label out of range,
   mask that does not match its image, inconsistent shapes, dimensions or channels,
 * label inconsistencies: the same image listed twice with different labels, labels above the
@@ -93,7 +96,10 @@ class SiteCheckReport:
     splits: dict[str, dict[str, int]] = field(default_factory=dict)
     shapes: dict[str, int] = field(default_factory=dict)
     spacings: dict[str, int] = field(default_factory=dict)
+    orientations: dict[str, int] = field(default_factory=dict)
     channels: dict[str, int] = field(default_factory=dict)
+    images: list[dict[str, object]] = field(default_factory=list)
+    spacing: list[float] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     bad_data: str = ""
     skipped_files: int = 0
@@ -124,7 +130,12 @@ def _fmt_spacing(spacing: tuple[float, ...] | None) -> str:
 
 
 def check_site(
-    datalist: str | Path, *, image_size: int = 0, num_classes: int = 0, bad_data: str = ""
+    datalist: str | Path,
+    *,
+    image_size: int = 0,
+    num_classes: int = 0,
+    bad_data: str = "",
+    spacing: tuple[float, ...] = (),
 ) -> SiteCheckReport:
     """Check a site's datalist without contacting anyone.
 
@@ -141,6 +152,9 @@ def check_site(
     bad_data
         The site's ``bad-data`` (``"strict"``, ``"skip"`` or ``""`` for the run's); the report
         says what training will do with the unusable entries.
+    spacing
+        The voxel size (mm) training resamples NIfTI/DICOM images to (the site's ``spacing``,
+        else the run's); ``()``: native spacing.
 
     Returns
     -------
@@ -149,9 +163,9 @@ def check_site(
         training leaves out under ``bad-data = "skip"``.
     """
     path = Path(datalist).expanduser()
-    report = SiteCheckReport(datalist=str(path), bad_data=bad_data)
+    report = SiteCheckReport(datalist=str(path), bad_data=bad_data, spacing=list(spacing))
     try:
-        scan = scan_datalist(path, image_size=image_size)
+        scan = scan_datalist(path, image_size=image_size, spacing=spacing)
     except DataError as err:
         report.findings.append(Finding("error", "datalist", "datalist", str(path), str(err)))
         return report
@@ -173,6 +187,7 @@ def _fill(report: SiteCheckReport, scan: DatalistReport, *, image_size: int, num
     report.spacings = dict(Counter(_fmt_spacing(e.spacing) for e in entries).most_common())
     report.channels = dict(Counter(str(e.channels) for e in entries).most_common())
     _count_splits(report, entries)
+    _geometry(report, entries)
 
     # Shapes that differ from the most common one (an error already when image_size == 0).
     if image_size and len(report.shapes) > 1:
@@ -186,12 +201,17 @@ def _fill(report: SiteCheckReport, scan: DatalistReport, *, image_size: int, num
                 ))
     if len(report.spacings) > 1:
         common_spacing = next(iter(report.spacings))
+        fix = (
+            f"training resamples NIfTI/DICOM images to {_fmt_spacing(tuple(report.spacing))} mm (spacing)"
+            if report.spacing
+            else 'set spacing in site.toml (e.g. spacing = "1.0") to resample NIfTI/DICOM images to one voxel size'
+        )
         for e in entries:
             if _fmt_spacing(e.spacing) != common_spacing:
                 report.findings.append(Finding(
                     "warning", "inconsistent_spacing", f"{e.section}[{e.index}]", e.file,
                     f"image {e.file!r} has spacing {_fmt_spacing(e.spacing)} while most images have "
-                    f"{common_spacing}. Resample if the images should share a physical scale.",
+                    f"{common_spacing}: {fix}.",
                 ))
 
     # Labels: above the federation's classes, conflicting duplicates, classes absent from a split.
@@ -235,6 +255,47 @@ def _fill(report: SiteCheckReport, scan: DatalistReport, *, image_size: int, num
                 ))
 
 
+def _geometry(report: SiteCheckReport, entries: list[EntryInfo]) -> None:
+    """Every image's stored orientation and spacing; a mixture of orientations; DICOM corrections."""
+    report.orientations = dict(Counter(e.orientation or "as stored" for e in entries).most_common())
+    for e in entries:
+        report.images.append({
+            "where": f"{e.section}[{e.index}]",
+            "file": e.file,
+            "shape": _fmt_shape(e.shape),
+            "orientation": e.orientation,
+            "spacing": list(e.spacing) if e.spacing is not None else None,
+            "notes": list(e.notes),
+        })
+        if e.notes:
+            report.findings.append(Finding(
+                "warning", "dicom_corrected", f"{e.section}[{e.index}]", e.file,
+                f"DICOM series {e.file!r} was corrected while reading: {'; '.join(e.notes)}. Check the volume "
+                "looks right (or re-export it untilted / with even slices from the scanner or PACS).",
+            ))
+    pictures = [e for e in entries if e.file.lower().endswith((".png", ".jpg", ".jpeg"))]
+    if report.spacing and pictures:
+        report.findings.append(Finding(
+            "warning", "spacing_not_applied", "datalist", "",
+            f"spacing is set but {len(pictures)} PNG/JPEG image(s) carry no physical pixel size: they are used "
+            "as stored (only NIfTI/DICOM images are resampled). Convert them to NIfTI/DICOM with their "
+            "spacing if the scale matters.",
+        ))
+    if len(report.orientations) > 1:
+        common = next(iter(report.orientations))
+        for e in entries:
+            stored = e.orientation or "as stored"
+            if stored != common:
+                loaded = "loaded in RAS like every NIfTI/DICOM volume" if e.orientation else (
+                    "PNG/JPEG and 2D DICOM have no patient axes and are used as stored"
+                )
+                report.findings.append(Finding(
+                    "warning", "mixed_orientation", f"{e.section}[{e.index}]", e.file,
+                    f"image {e.file!r} is stored {stored} while most images are {common}: {loaded}. Check "
+                    "that it shows the same anatomy the same way up.",
+                ))
+
+
 def _count_splits(report: SiteCheckReport, entries: list[EntryInfo]) -> None:
     for section in SECTIONS:
         chosen = [e for e in entries if e.section == section]
@@ -266,6 +327,19 @@ def format_report(report: SiteCheckReport) -> str:
         lines.append("shapes: " + ", ".join(f"{k} ({v})" for k, v in report.shapes.items()))
     if report.spacings:
         lines.append("spacings: " + ", ".join(f"{k} ({v})" for k, v in report.spacings.items()))
+    if report.orientations:
+        lines.append("orientations: " + ", ".join(f"{k} ({v})" for k, v in report.orientations.items()))
+    if report.images:
+        target = f", resampled to {_fmt_spacing(tuple(report.spacing))} mm" if report.spacing else ""
+        lines.append(f"images (as stored: shape, orientation, spacing in mm; NIfTI/DICOM loaded in RAS{target}):")
+        for image in report.images:
+            spacing = image["spacing"]
+            notes = image["notes"]
+            lines.append(
+                f"  {image['where']} {image['file']}: {image['shape']}, {image['orientation'] or 'as stored'}, "
+                f"{_fmt_spacing(tuple(spacing)) if isinstance(spacing, list) else 'no spacing'}"
+                + (f" ({'; '.join(notes)})" if isinstance(notes, list) and notes else "")
+            )
     if report.channels:
         lines.append("channels: " + ", ".join(f"{k} ({v})" for k, v in report.channels.items()))
     errors = report.errors

@@ -16,7 +16,7 @@ from typing import Any
 
 from medfed.client.site_policy import SitePolicy, policy_problems
 from medfed.shared.auth_keys import AuthKeyError, private_key_matches, public_key_text
-from medfed.shared.config import BAD_DATA_MODES, close_matches
+from medfed.shared.config import BAD_DATA_MODES, ConfigError, close_matches, parse_spacing
 from medfed.shared.files import read_toml
 
 __all__ = ["SiteConfigError", "SiteConfig", "Kit", "load_site_config", "load_kit", "node_config_arg"]
@@ -67,6 +67,12 @@ class SiteConfig:
         naming them in the site's log), ``"skip"`` (train on the usable ones, report their
         count as ``skipped-files``), or ``""`` (follow the run's ``bad-data``). The site's
         choice wins over the run's: the data is the site's.
+    spacing
+        The voxel size in mm this site resamples its NIfTI/DICOM images to after bringing them
+        to RAS (``"1.5"``, ``"1,1,2"``, or a number); ``""`` follows the run's ``spacing``. The
+        site's choice wins over the run's: the site knows its scanners (which spacing its
+        volumes come in, which resampling is sound for them); the model's input size stays the
+        run's ``image-size`` either way. ``medfed site check`` uses it too.
     auth_private_key
         The site's own SuperNode authentication private key (``medfed site keygen``), for a kit
         enrolled with only its public key; relative to ``site.toml``'s folder; empty: the kit's.
@@ -88,6 +94,7 @@ class SiteConfig:
     image_size: int = 0
     num_classes: int = 0
     bad_data: str = ""
+    spacing: str = ""
     auth_private_key: str = ""
     source: Path | None = None
 
@@ -214,6 +221,12 @@ def load_site_config(path: str | Path, *, require_datalist: bool = True) -> Site
             + ", ".join(f'"{c}"' for c in choices)
             + ' ("" follows the run).'
         )
+    spacing_raw = _expect(source, "spacing", raw.get("spacing", ""), (str, int, float), 'a voxel size in mm ("1.5", "1,1,2")')
+    spacing = spacing_raw if isinstance(spacing_raw, str) else f"{spacing_raw:g}"
+    try:
+        parse_spacing(spacing_raw)
+    except ConfigError as err:
+        raise SiteConfigError(f"{source}: {err}") from None
     auth_key = _expect(source, "auth-private-key", raw.get("auth-private-key", ""), str, 'a key file path (or "")')
     return SiteConfig(
         site_name=name,
@@ -230,6 +243,7 @@ def load_site_config(path: str | Path, *, require_datalist: bool = True) -> Site
         image_size=image_size,
         num_classes=num_classes,
         bad_data=bad_data,
+        spacing=spacing,
         auth_private_key=auth_key,
         source=source,
     )
@@ -346,7 +360,7 @@ def node_config_arg(kit: Kit, site: SiteConfig) -> str:
     Keys: ``site-name``, ``site-index``, ``datalist``, ``device``, the privacy policy
     (:data:`medfed.client.site_policy.POLICY_NODE_KEYS`: ``require-dp``, ``dp-budget-epsilon``,
     ``dp-max-delta``, ``dp-min-noise-multiplier``, ``dp-require-secure-noise`` and the absolute
-    ``ledger-dir``), and ``bad-data`` when the site sets it. The node config stays on the site
+    ``ledger-dir``), and ``bad-data`` and ``spacing`` when the site sets them. The node config stays on the site
     (the ClientApp reads it from its local Context); the coordinator never sees it.
     """
     for label, value in (("site-name", site.site_name), ("datalist", str(site.datalist))):
@@ -364,4 +378,6 @@ def node_config_arg(kit: Kit, site: SiteConfig) -> str:
         raise SiteConfigError(f"{site.source}: {err}") from None
     if site.bad_data:
         items["bad-data"] = _toml_string(site.bad_data)
+    if site.spacing:
+        items["spacing"] = _toml_string(site.spacing)
     return " ".join(f"{k}={v}" for k, v in items.items())

@@ -115,7 +115,10 @@ def simulated_partitions(cfg: RunConfig, num_sites: int) -> SiteSplits:
 def deployment_site_data(cfg: RunConfig, *, datalist: str) -> SiteData:
     """A hospital's own data for a deployed run: its datalist's train and validation splits.
 
-    Images are resized to ``cfg.image_size`` per side with ``cfg.spatial_dims`` axes. The
+    NIfTI and DICOM volumes are brought to RAS and, with ``cfg.spacing``, resampled to it
+    (the site's own ``spacing`` from ``site.toml`` has replaced the run's by then, see
+    ``medfed.client.client_app``); then images are resized to
+    ``cfg.image_size`` per side with ``cfg.spatial_dims`` axes. The
     model is built from the run config (the server has no data), so the site's data must
     match it: same channel count, and labels (mask values) below ``cfg.num_classes``; a
     site that holds only some of the classes is fine. Entries that break these rules, or
@@ -149,6 +152,7 @@ def deployment_site_data(cfg: RunConfig, *, datalist: str) -> SiteData:
             on_error="skip" if cfg.bad_data == "skip" else "raise",
             num_classes=cfg.num_classes,
             in_channels=cfg.in_channels,
+            spacing=cfg.spacing_mm,
         )
     except DataError as err:
         # The details name the site's files: they go to the site's own log only. Flower sends an

@@ -779,6 +779,11 @@ image-size = 0
 # ones and reports only their count. "" follows the run's bad-data (strict by default).
 bad-data = ""
 
+# Voxel size in mm NIfTI/DICOM images are resampled to after reorientation to RAS ("1.5" every
+# axis, "1,1,2" per axis); "" follows the run's spacing (native by default). This site's value
+# wins: it knows its scanners. See docs/images.md.
+spacing = ""
+
 # This site's own SuperNode authentication private key (written by `medfed site keygen`), when
 # the coordinator enrolled only its public key. "" = the kit's site-auth.key.
 auth-private-key = ""

@@ -39,6 +39,7 @@ __all__ = [
     "DEFAULT_MIN_FIT_CLIENTS",
     "close_matches",
     "coerce_value",
+    "parse_spacing",
     "sites_per_round",
 ]
 
@@ -117,6 +118,12 @@ class RunConfig:
         ``bad-data`` overrides the run's. Strict is the default because a silently smaller
         dataset can drop a class or a scanner's cases and bias the federated model unnoticed;
         skipping is a decision the site makes on purpose.
+    spacing
+        Voxel size in mm that datalist images with patient axes (NIfTI, DICOM volumes) are
+        resampled to after they are brought to RAS: ``""`` or ``"0"`` keeps each file's own
+        spacing; one number (``"1.5"``) for every axis, or one per axis (``"1.0,1.0,2.0"``).
+        A site's ``site.toml`` ``spacing`` overrides the run's (the site knows its scanners);
+        MedMNIST ``.npz`` files have no spacing and ignore it. See ``docs/images.md``.
     num_sites
         Number of simulated hospitals (simulation only; deployment uses the real sites).
     num_server_rounds, local_epochs, batch_size, learning_rate, optimizer, weight_decay
@@ -262,6 +269,7 @@ class RunConfig:
     synthetic_samples: int = 240
     image_size: int = 0
     bad_data: BadData = "strict"
+    spacing: str = ""
     num_sites: int = 3
     num_server_rounds: int = 3
     local_epochs: int = 2
@@ -349,6 +357,7 @@ class RunConfig:
                     f"{f.name.replace('_', '-')} = {value!r} is invalid: it must be a finite number."
                 )
         _check_store(self.store)
+        parse_spacing(self.spacing)
         for key, value, low in (
             ("num-sites", self.num_sites, 1),
             ("num-server-rounds", self.num_server_rounds, 1),
@@ -499,6 +508,11 @@ class RunConfig:
         return self.server_learning_rate or DEFAULT_SERVER_LEARNING_RATES.get(self.strategy, 1.0)
 
     @property
+    def spacing_mm(self) -> tuple[float, ...]:
+        """``spacing`` as millimetres per axis (:func:`parse_spacing`); ``()`` keeps the native spacing."""
+        return parse_spacing(self.spacing)
+
+    @property
     def is_synthetic(self) -> bool:
         """Whether the dataset is the generated demo dataset."""
         return self.dataset == "synthetic"
@@ -639,6 +653,38 @@ def _check_store(value: str) -> None:
     )
 
 
+def parse_spacing(value: str | float, *, key: str = "spacing") -> tuple[float, ...]:
+    """A ``spacing`` setting as millimetres per axis.
+
+    ``""``, ``"0"`` or ``0`` -> ``()`` (keep each image's own spacing); ``"1.5"`` or ``1.5`` ->
+    ``(1.5,)`` (every axis); ``"1,1,2"`` (or ``"1 1 2"``) -> ``(1.0, 1.0, 2.0)`` (per axis: 2
+    values for 2D images, 3 for volumes).
+
+    Raises
+    ------
+    ConfigError
+        Not numbers, more than 3 values, or a value <= 0 or not finite (naming ``key``).
+    """
+    if isinstance(value, bool):
+        parts: list[str] = ["bad"]
+    elif isinstance(value, (int, float)):
+        parts = [repr(float(value))]
+    else:
+        parts = [p for p in str(value).replace(",", " ").split() if p]
+    try:
+        numbers = tuple(float(p) for p in parts)
+    except ValueError:
+        numbers = (math.nan,)
+    if numbers in ((), (0.0,)):
+        return ()
+    if len(numbers) > 3 or not all(0 < v < math.inf for v in numbers):
+        raise ConfigError(
+            f"{key} = {value!r} is invalid: give the voxel size in mm, one number for every axis "
+            '("1.5") or one per axis ("1.0,1.0,2.0"), each > 0; "" or 0 keeps the images\' own spacing.'
+        )
+    return numbers
+
+
 def close_matches(word: str, choices: tuple[str, ...] | list[str]) -> str:
     """``" Did you mean 'x'?"`` for the nearest of ``choices``, or ``""``.
 
@@ -657,6 +703,10 @@ def _check_choice(key: str, value: object, choices: tuple[object, ...]) -> None:
         valid = ", ".join(repr(c) for c in choices)
         hint = close_matches(value, [str(c) for c in choices]) if isinstance(value, str) else ""
         raise ConfigError(f"{key} = {value!r} is invalid.{hint} Valid choices: {valid}.")
+
+
+_NUMBER_AS_TEXT = frozenset({"spacing"})
+"""Text keys that also take a plain number (a TOML ``spacing = 1.5`` is ``"1.5"``)."""
 
 
 def coerce_value(key: str, value: Any, default: Any, source: str) -> Any:
@@ -691,6 +741,8 @@ def coerce_value(key: str, value: Any, default: Any, source: str) -> Any:
                 raise ValueError(value)
             return float(value)
         if isinstance(default, str):
+            if key in _NUMBER_AS_TEXT and isinstance(value, (int, float)) and not isinstance(value, bool):
+                return f"{value:g}"  # spacing = 1.5 in TOML or Flower's --run-config
             if not isinstance(value, str):
                 raise ValueError(value)
             return value

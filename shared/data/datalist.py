@@ -18,10 +18,16 @@ A datalist looks like::
 * A missing (or empty) ``"validation"`` / ``"test"`` section is carved out of ``"training"``
   with a seeded, class-stratified split.
 
-Images are read with MONAI ``LoadImage(image_only=True, ensure_channel_first=True)`` and go
-through a MONAI dictionary ``Compose``: ``ScaleIntensityd`` (per image, to ``[0, 1]``) and
-``Resized`` to ``image_size`` per side (masks with ``mode="nearest"``). A 3D file holding a
-single slice (``H x W x 1``) counts as 2D, as does a single DICOM slice.
+Images are read with MONAI ``LoadImage(image_only=True, ensure_channel_first=True)`` (a DICOM
+folder with :func:`~medfed.shared.data.dicom_series.read_dicom_series`: slices ordered along
+their normal, rescaled to HU, gantry tilt and uneven slice spacing corrected and reported).
+NIfTI files and DICOM volumes are then brought to one geometry
+(:func:`~medfed.shared.data.geometry.to_canonical`): MONAI ``Orientation`` to RAS, always, and
+``Spacing`` to ``spacing`` mm when asked (masks nearest-neighbour); PNG/JPEG and 2D DICOM are
+used as stored (``docs/images.md``). Then a MONAI dictionary ``Compose``: ``ScaleIntensityd``
+(per image, to ``[0, 1]``) and ``Resized`` to ``image_size`` per side (masks with
+``mode="nearest"``). A 3D file holding a single slice (``H x W x 1``) counts as 2D, as does a
+single DICOM slice.
 
 Every entry is checked (:func:`scan_datalist`): missing or unreadable files, labels that are
 not integers or out of range, masks that do not match their image, inconsistent spatial
@@ -47,13 +53,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from monai.data import NibabelReader, PILReader, PydicomReader
+import torch
+from monai.data import MetaTensor, NibabelReader, PILReader, PydicomReader
 from monai.data.image_reader import ImageReader
-from monai.transforms import Compose, LoadImage, Resized, ScaleIntensityd
+from monai.transforms import Compose, LoadImage, Resized, ScaleIntensityd, Spacing
 from monai.utils import convert_to_numpy
 
 from medfed.shared.config import TASKS
 from medfed.shared.data.base import DataError, DataSplits, ImageSet, Task
+from medfed.shared.data.dicom_series import DicomSeriesError, dicom_image_files, read_dicom_series
+from medfed.shared.data.geometry import axis_codes, to_canonical
 from medfed.shared.partition import split_train_val_test
 
 __all__ = [
@@ -129,15 +138,23 @@ class EntryInfo:
     index, section, file
         Where the entry is and its image file as written in the datalist.
     shape
-        Spatial shape of the image file (``(H, W)`` or ``(D, H, W)``).
+        Spatial shape of the image file as stored, in the file's axis order (``(H, W)`` or
+        ``(D, H, W)``; before reorientation, resampling and resizing).
     channels
         Image channels.
     spacing
-        Voxel / pixel spacing from the file's header (``None`` when it has none).
+        Voxel / pixel spacing from the file's header, in the file's axis order (``None`` when
+        it has none).
     label
         Classification: the class. Segmentation: ``None``.
     mask_classes
         Segmentation: the class indices present in the mask (0 = background). Else ``()``.
+    orientation
+        The file's axis codes as stored (``"LPS"``, ``"RAS"``, ...; a slice has three too):
+        NIfTI and DICOM volumes, which are loaded in RAS. ``None``: no patient axes (PNG/JPEG,
+        2D DICOM), used as stored.
+    notes
+        Corrections made while reading (a DICOM series' gantry tilt or uneven slice spacing).
     """
 
     index: int
@@ -148,6 +165,8 @@ class EntryInfo:
     spacing: tuple[float, ...] | None = None
     label: int | None = None
     mask_classes: tuple[int, ...] = ()
+    orientation: str | None = None
+    notes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -224,6 +243,7 @@ def scan_datalist(
     task: Task | None = None,
     num_classes: int | None = None,
     in_channels: int | None = None,
+    spacing: Sequence[float] = (),
 ) -> DatalistReport:
     """Load and check every entry of a datalist; report the problems instead of raising.
 
@@ -231,7 +251,7 @@ def scan_datalist(
     ----------
     path
         The datalist JSON file.
-    image_size, spatial_dims, task, num_classes, in_channels
+    image_size, spatial_dims, task, num_classes, in_channels, spacing
         As in :func:`load_datalist` (``image_size = 0``: images keep their size and must all
         share it).
 
@@ -252,6 +272,7 @@ def scan_datalist(
         task=task,
         num_classes=num_classes,
         in_channels=in_channels,
+        spacing=spacing,
     )
     return report
 
@@ -268,6 +289,7 @@ def load_datalist(
     on_error: Literal["raise", "skip"] = "raise",
     num_classes: int | None = None,
     in_channels: int | None = None,
+    spacing: Sequence[float] = (),
 ) -> DataSplits:
     """Read a MONAI-style datalist into train/val/test image sets.
 
@@ -300,6 +322,11 @@ def load_datalist(
     in_channels
         The channel count every image must have (a federation's ``in-channels``). ``None``:
         the first readable image's.
+    spacing
+        Voxel size in mm to resample NIfTI and DICOM images to, after they are brought to RAS
+        (one value for every axis, or one per axis); ``()`` keeps each file's own spacing.
+        PNG/JPEG images have no physical spacing and are left as they are. See
+        ``docs/images.md``.
 
     Returns
     -------
@@ -324,6 +351,7 @@ def load_datalist(
         task=task,
         num_classes=num_classes,
         in_channels=in_channels,
+        spacing=spacing,
     )
 
     if report.problems and on_error == "raise":
@@ -346,6 +374,15 @@ def load_datalist(
             report.summary(),
         )
 
+    corrected = [f"{e.section}[{e.index}]" for e in report.entries if e.notes]
+    if corrected:
+        logger.warning(
+            "Datalist %s: %d DICOM series corrected while reading (gantry tilt or uneven slice spacing) at %s; "
+            "`medfed site check` says how.",
+            path.name,
+            len(corrected),
+            ", ".join(corrected[:_MAX_LISTED]) + (" ..." if len(corrected) > _MAX_LISTED else ""),
+        )
     assert report.task is not None and report.spatial_dims is not None
     split_task: Task = report.task
     sections: dict[str, list[_Item]] = {s: loaded.get(s, []) for s in SECTIONS}
@@ -437,10 +474,23 @@ def _file_kind(path: Path) -> str | None:
     return None
 
 
-def _read(base: Path, written: str, role: str, info: dict[str, Any] | None = None) -> np.ndarray:
-    """Load one file as ``float32`` ``(C, *spatial)`` with 2 or 3 spatial axes.
+def _read(
+    base: Path,
+    written: str,
+    role: str,
+    info: dict[str, Any] | None = None,
+    *,
+    spacing: tuple[float, ...] = (),
+    mask: bool = False,
+) -> np.ndarray:
+    """Load one file as ``float32`` ``(C, *spatial)`` with 2 or 3 spatial axes, in one geometry.
 
-    ``info``, when given, receives the file's ``"spacing"`` (from its header, or ``None``).
+    NIfTI files and DICOM volumes are brought to RAS and, with ``spacing``, resampled to it
+    (:func:`medfed.shared.data.geometry.to_canonical`; ``mask``: nearest neighbour); a DICOM
+    folder is read as one series (:func:`medfed.shared.data.dicom_series.read_dicom_series`).
+    ``info``, when given, receives the file's ``"shape"``, ``"spacing"`` and ``"orientation"`` as
+    stored (from its header, ``None`` when it has none) and ``"notes"`` on corrections made while
+    reading (a DICOM series: the shape and spacing of the corrected volume).
     """
     file = Path(written)
     full = file if file.is_absolute() else base / file
@@ -459,8 +509,20 @@ def _read(base: Path, written: str, role: str, info: dict[str, Any] | None = Non
             f"{role} file {written!r} has an unsupported type. Use NIfTI (.nii, .nii.gz), "
             "DICOM (.dcm or a series folder) or PNG/JPEG.",
         )
+    notes: tuple[str, ...] = ()
     try:
-        img = _loader()(str(full), reader=_reader(kind))
+        if kind == "DICOM" and full.is_dir():
+            images, _ = dicom_image_files(full)
+            if len(images) == 1:  # one image in the folder (a radiograph, a slice): read as that file is
+                full = images[0]
+        if kind == "DICOM" and full.is_dir():
+            volume, affine, series = read_dicom_series(full)
+            img = MetaTensor(torch.from_numpy(volume[None]), affine=torch.as_tensor(affine))
+            notes = tuple(series.notes())
+        else:
+            img = _loader()(str(full), reader=_reader(kind))
+    except DicomSeriesError as err:
+        raise _EntryProblem("unreadable", written, f"{role} {written!r}: {err}") from None
     except Exception as err:  # readers raise many types; the message names the file
         detail = str(err).strip().splitlines()
         raise _EntryProblem(
@@ -470,14 +532,36 @@ def _read(base: Path, written: str, role: str, info: dict[str, Any] | None = Non
             f"{': ' + detail[0][:160] if detail else ''}). It is corrupt, truncated or not "
             f"{kind}: re-export it.",
         ) from None
+    pixdim = getattr(img, "pixdim", None)
+    stored_spacing = tuple(float(v) for v in np.asarray(pixdim).ravel()) if pixdim is not None else None
+    spatial = img.ndim - 1
+    stored_shape = tuple(int(s) for s in img.shape[1:])
+    # Patient axes: every NIfTI, and DICOM volumes; 2D DICOM and PNG/JPEG are used as stored.
+    patient_axes = kind == "NIfTI" or (kind == "DICOM" and spatial == 3)
+    orientation = axis_codes(img.affine) if patient_axes and spatial in (2, 3) else None
+    try:
+        if patient_axes and spatial in (2, 3):
+            if spatial == 2:  # a 2D NIfTI: the slice of a volume, its third axis implied
+                img = img.unsqueeze(-1)
+            img = to_canonical(img, spacing=spacing, slice_axis=2 if img.shape[-1] == 1 else None, mask=mask)
+        elif spacing and kind == "DICOM" and spatial == 2:
+            if len(spacing) not in (1, 2):
+                raise ValueError(f"spacing has {len(spacing)} values but the image is 2D: give one value or 2.")
+            img = Spacing(pixdim=list(spacing), mode="nearest" if mask else "bilinear")(img)
+    except ValueError as err:
+        raise _EntryProblem(
+            "spatial_dims", written, f"{role} file {written!r}: {err} (the run's or site's spacing)."
+        ) from None
     arr = convert_to_numpy(img, dtype=np.float32)
-    if info is not None:
-        pixdim = getattr(img, "pixdim", None)
-        info["spacing"] = tuple(float(v) for v in np.asarray(pixdim).ravel()) if pixdim is not None else None
-    if arr.ndim == 4 and arr.shape[-1] == 1:  # a single slice stored as a volume
+    if arr.ndim == 4 and arr.shape[-1] == 1:  # a single slice stored as a volume (no patient axes)
         arr = arr[..., 0]
-        if info is not None and info["spacing"] is not None:
-            info["spacing"] = info["spacing"][:2]
+    if stored_spacing is not None and len(stored_spacing) > arr.ndim - 1:
+        stored_spacing = stored_spacing[: arr.ndim - 1]  # a slice stored as a volume: its in-plane size
+    if info is not None:
+        info["shape"] = stored_shape[: arr.ndim - 1]  # a slice stored as a volume: its in-plane size
+        info["spacing"] = stored_spacing
+        info["orientation"] = orientation
+        info["notes"] = notes
     if arr.ndim not in (3, 4) or 0 in arr.shape:
         raise _EntryProblem(
             "spatial_dims",
@@ -501,8 +585,10 @@ class _Scanner:
         num_classes: int | None,
         declared: bool = True,
         in_channels: int | None = None,
+        spacing: tuple[float, ...] = (),
     ) -> None:
         self.base = path.parent
+        self.spacing = spacing  # mm per axis after reorientation to RAS; () keeps the native spacing
         self.image_size = image_size
         self.spatial_dims = spatial_dims
         self.task = task
@@ -580,12 +666,12 @@ class _Scanner:
                 )
 
         read_info: dict[str, Any] = {}
-        image = _read(self.base, image_written, "image", read_info)
+        image = _read(self.base, image_written, "image", read_info, spacing=self.spacing)
         self._check_geometry(image, image_written)
         mask_classes: tuple[int, ...] = ()
 
         if self.task == "segmentation":
-            mask = _read(self.base, label, "mask")
+            mask = _read(self.base, label, "mask", spacing=self.spacing, mask=True)
             if mask.shape[0] != 1:
                 raise _EntryProblem(
                     "bad_mask",
@@ -627,11 +713,13 @@ class _Scanner:
             index=-1,
             section="",
             file=image_written,
-            shape=tuple(int(s) for s in image.shape[1:]),
+            shape=read_info.get("shape", tuple(int(s) for s in image.shape[1:])),
             channels=int(image.shape[0]),
             spacing=read_info.get("spacing"),
             label=int(label) if self.task == "classification" else None,
             mask_classes=mask_classes,
+            orientation=read_info.get("orientation"),
+            notes=read_info.get("notes", ()),
         )
         return np.clip(out, 0.0, 1.0), target
 
@@ -689,6 +777,17 @@ class _Scanner:
                 )
 
 
+def _check_spacing(spacing: Sequence[float]) -> tuple[float, ...]:
+    values = tuple(spacing)
+    if len(values) > 3 or any(
+        isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf") for v in values
+    ):
+        raise DataError(
+            f"spacing = {values!r} is invalid: give () to keep each image's spacing, or 1 to 3 sizes in mm (> 0)."
+        )
+    return tuple(float(v) for v in values)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"Datalist {path} does not exist. Check the dataset path.")
@@ -729,6 +828,7 @@ def _scan(
     task: Task | None,
     num_classes: int | None = None,
     in_channels: int | None = None,
+    spacing: Sequence[float] = (),
 ) -> tuple[DatalistReport, dict[str, list[_Item]]]:
     """Check and load every entry: the report plus the usable items of each section."""
     if image_size < 0:
@@ -760,6 +860,7 @@ def _scan(
         num_classes=declared if declared is not None else num_classes,
         declared=declared is not None,
         in_channels=in_channels,
+        spacing=_check_spacing(spacing),
     )
     problems: list[DatalistProblem] = []
     infos: list[EntryInfo] = []

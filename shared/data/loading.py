@@ -24,7 +24,8 @@ def load_dataset(cfg: RunConfig) -> DataSplits:
     ----------
     cfg
         Uses ``dataset``, ``image_size``, ``seed``, ``bad_data`` (datalists: ``"skip"`` leaves
-        unusable entries out and counts them in ``DataSplits.skipped_files``) and, for
+        unusable entries out and counts them in ``DataSplits.skipped_files``), ``spacing``
+        (datalists: NIfTI/DICOM voxel size after reorientation to RAS) and, for
         synthetic data, the ``synthetic_*`` fields.
 
     Raises
@@ -41,6 +42,7 @@ def load_dataset(cfg: RunConfig) -> DataSplits:
         cfg.synthetic_dims,
         cfg.synthetic_samples,
         cfg.bad_data,
+        cfg.spacing_mm,
     )
 
 
@@ -53,6 +55,7 @@ def _load_cached(
     synthetic_dims: int,
     synthetic_samples: int,
     bad_data: str = "strict",
+    spacing: tuple[float, ...] = (),
 ) -> DataSplits:
     if dataset == "synthetic":
         from medfed.shared.data.synthetic import make_synthetic
@@ -82,7 +85,11 @@ def _load_cached(
                 f"dataset {path.name}: a datalist needs image-size > 0 (every image is resized to it)."
             )
         return load_datalist(
-            path, image_size=image_size, seed=seed, on_error="skip" if bad_data == "skip" else "raise"
+            path,
+            image_size=image_size,
+            seed=seed,
+            on_error="skip" if bad_data == "skip" else "raise",
+            spacing=spacing,
         )
     raise DataError(
         f"dataset {path.name}: unknown file type {path.suffix!r}. Valid: .npz (MedMNIST) or .json (datalist)."
