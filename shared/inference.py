@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
+from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
 from monai.transforms import MapTransform, Resize
 from torch import nn
 
@@ -45,6 +45,7 @@ __all__ = [
     "Prediction",
     "Preprocessing",
     "load_checkpoint",
+    "make_inferer",
     "model_shape_for",
     "predict_image",
 ]
@@ -57,11 +58,9 @@ CHECKPOINT_KEYS: tuple[str, ...] = ("state_dict", "config", "round", "metrics")
 DEFAULT_THRESHOLD = 0.5
 """Binary decision threshold when a checkpoint records none."""
 
-SW_OVERLAP = 0.25
-"""Overlap of neighbouring windows in sliding-window inference."""
-
-SW_BATCH_SIZE = 4
-"""Windows per forward pass in sliding-window inference."""
+SLIDING_WINDOW: dict[str, Any] = {"sw_batch_size": 4, "overlap": 0.25, "mode": "gaussian"}
+"""Settings of segmentation's ``SlidingWindowInferer`` (windows of the training shape), also
+written into exported bundles."""
 
 
 class CheckpointError(ValueError):
@@ -335,6 +334,7 @@ def predict_image(
     shape: ModelShape,
     threshold: float | None,
     device: torch.device | str = "cpu",
+    inferer: Inferer | None = None,
 ) -> Prediction:
     """Predict one preprocessed image.
 
@@ -351,29 +351,34 @@ def predict_image(
         Binary classification threshold (``None``: argmax).
     device
         Where ``forward`` runs.
+    inferer
+        How ``forward`` is applied; default :func:`make_inferer` of ``shape``.
     """
     image = torch.from_numpy(np.ascontiguousarray(item.image))[None].to(device)
     if shape.task == "classification":
-        probs = torch.softmax(forward(image).float(), dim=1)[0].cpu()
+        logits = (inferer or make_inferer(shape))(image, forward)
+        probs = torch.softmax(torch.as_tensor(logits).float(), dim=1)[0].cpu()
         if shape.num_classes == 2 and threshold is not None:
             label = int(float(probs[1]) >= threshold)
         else:
             label = int(probs.argmax())
         return Prediction(probabilities=probs.numpy().astype(np.float64), label=label)
-    logits = sliding_window_inference(
-        image,
-        roi_size=shape.spatial_shape,
-        sw_batch_size=SW_BATCH_SIZE,
-        predictor=forward,
-        overlap=SW_OVERLAP,
-        mode="gaussian",
-    )
+    logits = (inferer or make_inferer(shape))(image, forward)
     probs = torch.softmax(torch.as_tensor(logits).float(), dim=1)[0].cpu()
     if tuple(probs.shape[1:]) != item.read_shape:  # back to the file's grid
         mode = "bilinear" if shape.spatial_dims == 2 else "trilinear"
         probs = torch.as_tensor(Resize(item.read_shape, mode=mode, anti_aliasing=False)(probs))
     mask = probs.argmax(dim=0).numpy().astype(np.int64)
     return Prediction(probabilities=probs.numpy(), mask=mask, affine=item.affine)
+
+
+def make_inferer(shape: ModelShape) -> Inferer:
+    """Classification: ``SimpleInferer`` (the whole resized image). Segmentation:
+    ``SlidingWindowInferer`` with windows of the training shape (:data:`SLIDING_WINDOW`); on an
+    image of that shape it is one window, exactly the training forward pass."""
+    if shape.task == "classification":
+        return SimpleInferer()
+    return SlidingWindowInferer(roi_size=shape.spatial_shape, **SLIDING_WINDOW)
 
 
 class ModelInputd(MapTransform):
