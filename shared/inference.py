@@ -443,10 +443,9 @@ def _read_payload(file: Path) -> dict[str, Any]:
     try:
         payload = torch.load(file, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
-        detail = str(err).strip().splitlines()
         raise CheckpointError(
-            f"{file} is not a medfed checkpoint: torch.load could not read it as tensors and plain values "
-            f"({type(err).__name__}: {detail[0][:160] if detail else ''}). Give a run's checkpoints/best.pt or final.pt."
+            f"{file} is not a medfed checkpoint: torch.load cannot read it as tensors and plain values "
+            f"({type(err).__name__}). Give a run's checkpoints/best.pt or final.pt."
         ) from None
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(payload, dict) or k not in payload]
     if missing:
