@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import json
 import logging
+import warnings
 from collections.abc import Mapping
 from importlib import metadata
 from pathlib import Path
@@ -73,14 +74,20 @@ def export_torchscript(loaded: LoadedModel, out_dir: str | Path) -> Path:
     example = torch.rand((1, shape.in_channels, *shape.spatial_shape), generator=torch.Generator().manual_seed(0))
     example = example.to(loaded.device)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # torch 2.13 deprecates TorchScript (still supported; issue 18 asks for it); the tracer's
+            # warnings are about shape checks, constant at the one input shape the model takes.
+            warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             traced = torch.jit.trace(model, example, check_trace=False)
     except Exception as err:  # tracing raises many types; say which model
         raise ExportError(f"TorchScript tracing of {loaded.config.model!r} failed ({type(err).__name__}: {err}).") from None
     _check_same(model, traced, shape, loaded.device, what="traced TorchScript")
     target = out / TORCHSCRIPT_FILE
     extra = {METADATA_NAME: json.dumps(_medfed_info(loaded), sort_keys=True)}
-    torch.jit.save(traced, str(target), _extra_files=extra)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=r".*torch\.jit")
+        torch.jit.save(traced, str(target), _extra_files=extra)
     logger.info("Exported TorchScript model (%s, input %s).", loaded.config.model, list(example.shape))
     return target
 
