@@ -273,8 +273,8 @@ def _folder_inputs(folder: Path) -> list[InputImage]:
             return [InputImage(0, folder, str(folder))]  # the folder is one DICOM series
         if len(set(uids)) != len(uids):
             raise DataError(
-                f"input folder {folder} holds {len(set(uids))} DICOM series mixed with single images. Put each "
-                "series in its own subfolder (each subfolder is then one image)."
+                f"input folder {folder} holds {len(set(uids))} DICOM series in {len(uids)} files. Put each series "
+                "in its own subfolder (each subfolder is then one image), or give one series folder."
             )
     skipped = [p for p in files if image_file_kind(p) is None]
     if skipped:
