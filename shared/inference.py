@@ -7,10 +7,12 @@ takes and gives, the validation-chosen decision threshold and the preprocessing.
 predicts with a medfed model (``medfed predict``, explanations, cross-site evaluation, the exported
 MONAI bundle) goes through it and through :func:`predict_image`.
 
-Preprocessing is training's own: :func:`medfed.shared.data.datalist.read_model_image` (the datalist
-reader, ``ScaleIntensityd`` per image, ``Resized`` to the training side length). Classification
-models see the resized image; segmentation models go through
-``monai.inferers.sliding_window_inference`` with windows of the training shape: on the resized
+Preprocessing is training's own (:class:`Preprocessing`): the datalist reader with ``ScaleIntensityd``
+per image and ``Resized`` to the training side length
+(:func:`medfed.shared.data.datalist.read_model_image`), or, for a model trained on a MedMNIST npz file,
+the same reader with the npz reader's division by 255 and resizing. Classification models see the
+resized image; segmentation models go through MONAI's ``SlidingWindowInferer``
+(``sliding_window_inference``) with windows of the training shape: on the resized
 image (the default, one window, exactly as trained) or, with ``sliding_window=True``, on the image
 at its own resolution; their class probabilities are brought back to the file's grid before the
 argmax, so masks carry the input's affine.
@@ -33,12 +35,13 @@ from torch import nn
 
 from medfed.shared.config import ConfigError, RunConfig, Task
 from medfed.shared.data.base import DataError, ImageSet
-from medfed.shared.data.datalist import ModelImage, read_model_image
+from medfed.shared.data.datalist import ModelImage, image_file_kind, read_model_image
 from medfed.shared.models import build_model, model_task
 
 __all__ = [
     "CHECKPOINT_KEYS",
     "CheckpointError",
+    "INTENSITIES",
     "LoadedModel",
     "ModelInputd",
     "ModelShape",
@@ -126,9 +129,14 @@ class ModelShape:
         return shape
 
 
+INTENSITIES: tuple[str, ...] = ("scale", "uint8")
+"""How training scaled intensities: ``"scale"`` (datalists, deployment sites, synthetic data: per
+image to ``[0, 1]`` with ``ScaleIntensityd``) or ``"uint8"`` (MedMNIST npz files: divided by 255)."""
+
+
 @dataclass(frozen=True)
 class Preprocessing:
-    """How an image file becomes a model input: training's datalist preprocessing.
+    """How an image file becomes a model input: the preprocessing the model was trained with.
 
     Parameters
     ----------
@@ -136,28 +144,60 @@ class Preprocessing:
         Side length every image is resized to (the training images' side).
     spatial_dims, in_channels
         What the model takes.
+    intensity
+        One of :data:`INTENSITIES`: ``"scale"`` reads as a datalist entry is read for training
+        (:func:`medfed.shared.data.datalist.read_model_image`); ``"uint8"`` as the npz reader
+        scales and resizes (:func:`medfed.shared.data.npz.scale_and_resize`), for files holding
+        8-bit values.
     """
 
     image_size: int
     spatial_dims: int
     in_channels: int
+    intensity: str = "scale"
+
+    def __post_init__(self) -> None:
+        if self.intensity not in INTENSITIES:
+            raise ValueError(f"intensity = {self.intensity!r} is invalid. Valid choices: {', '.join(INTENSITIES)}.")
 
     def read(self, path: str | Path, *, keep_size: bool = False, with_affine: bool = False) -> ModelImage:
-        """Read and preprocess one file (:func:`medfed.shared.data.datalist.read_model_image`).
+        """Read and preprocess one file: ``image`` ``float32`` ``(C, *spatial)`` in ``[0, 1]``.
 
         ``keep_size``: scale intensities only (sliding-window inference at the file's resolution).
+
+        Raises
+        ------
+        DataError
+            Naming the file: unreadable, of another dimensionality or channel count than the model
+            takes, or (``"uint8"``) with values outside ``[0, 255]``.
         """
-        return read_model_image(
-            path,
-            image_size=0 if keep_size else self.image_size,
-            spatial_dims=self.spatial_dims,
-            in_channels=self.in_channels,
-            with_affine=with_affine,
+        size = 0 if keep_size else self.image_size
+        raw = self.intensity == "uint8"
+        item = read_model_image(
+            path, image_size=size, spatial_dims=self.spatial_dims, in_channels=self.in_channels,
+            with_affine=with_affine, raw=raw,
         )
+        if not raw:
+            return item
+        from medfed.shared.data.npz import scale_and_resize
+
+        if image_file_kind(path) == "PNG/JPEG":  # MONAI reads PNG/JPEG as (C, W, H); npz arrays are (H, W)
+            item = ModelImage(np.swapaxes(item.image, -1, -2), item.read_shape[::-1], item.affine)
+        low, high = float(item.image.min()), float(item.image.max())
+        if low < 0 or high > 255:
+            raise DataError(
+                f"image {str(path)!r} holds values {low:g}..{high:g}, but the model was trained on 8-bit images "
+                "(an npz file, values 0-255, divided by 255). Convert the image to 8 bits (e.g. PNG) first."
+            )
+        image = scale_and_resize(item.image[None], image_size=size)[0]
+        return ModelImage(image=image, read_shape=item.read_shape, affine=item.affine)
 
     def to_json(self) -> dict[str, Any]:
         """The keyword arguments of :class:`ModelInputd` (besides ``keys``)."""
-        return {"image_size": self.image_size, "spatial_dims": self.spatial_dims, "in_channels": self.in_channels}
+        return {
+            "image_size": self.image_size, "spatial_dims": self.spatial_dims, "in_channels": self.in_channels,
+            "intensity": self.intensity,
+        }
 
 
 @dataclass(frozen=True)
@@ -292,7 +332,9 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
         model=model,
         config=cfg,
         shape=shape,
-        preprocessing=Preprocessing(sides.pop(), shape.spatial_dims, shape.in_channels),
+        preprocessing=Preprocessing(
+            sides.pop(), shape.spatial_dims, shape.in_channels, "uint8" if cfg.dataset.endswith(".npz") else "scale"
+        ),
         threshold=threshold,
         threshold_source=source,
         round=int(payload["round"]),
@@ -391,10 +433,17 @@ class ModelInputd(MapTransform):
     """
 
     def __init__(
-        self, keys: Any, *, image_size: int, spatial_dims: int, in_channels: int, keep_size: bool = False
+        self,
+        keys: Any,
+        *,
+        image_size: int,
+        spatial_dims: int,
+        in_channels: int,
+        intensity: str = "scale",
+        keep_size: bool = False,
     ) -> None:
         super().__init__(keys)
-        self.preprocessing = Preprocessing(image_size, spatial_dims, in_channels)
+        self.preprocessing = Preprocessing(image_size, spatial_dims, in_channels, intensity)
         self.keep_size = keep_size
 
     def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:

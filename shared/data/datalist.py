@@ -887,6 +887,7 @@ def read_model_image(
     spatial_dims: int,
     in_channels: int,
     with_affine: bool = False,
+    raw: bool = False,
 ) -> ModelImage:
     """Read one image file (NIfTI, DICOM file or series folder, PNG/JPEG) the way training reads
     a datalist entry: the same reader, ``ScaleIntensityd`` then ``Resized`` (``image_size = 0``:
@@ -900,6 +901,9 @@ def read_model_image(
         What the model takes: side length, 2 or 3, channels ``C``.
     with_affine
         Also return the file's affine (reads the file a second time).
+    raw
+        Return the values as read (``float32``, no scaling, no resizing; ``image_size`` is
+        ignored): for models whose training scaled otherwise (MedMNIST npz files).
 
     Raises
     ------
@@ -923,11 +927,14 @@ def read_model_image(
             f"image {written!r} has {channels} channel(s) but the model takes {in_channels}. "
             "Convert the image to the channels the model was trained on (e.g. greyscale)."
         )
-    scanner = _Scanner(
-        Path(written), image_size=image_size, spatial_dims=spatial_dims, task="classification", num_classes=None
-    )
-    data = scanner.transforms()({"image": image})
-    out = np.clip(convert_to_numpy(data["image"], dtype=np.float32), 0.0, 1.0)
+    if raw:
+        out = image
+    else:
+        scanner = _Scanner(
+            Path(written), image_size=image_size, spatial_dims=spatial_dims, task="classification", num_classes=None
+        )
+        data = scanner.transforms()({"image": image})
+        out = np.clip(convert_to_numpy(data["image"], dtype=np.float32), 0.0, 1.0)
     affine = None
     if with_affine:
         full = Path(written)

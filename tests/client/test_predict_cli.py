@@ -19,7 +19,13 @@ from medfed.cli import app
 from medfed.shared.config import RunConfig
 from medfed.shared.data.datalist import load_datalist
 from medfed.shared.task import model_for
-from tests.support.trained_runs import SEG_AFFINE, classification_run, dicom_series, segmentation_run, segmentation_volume
+from tests.support.trained_runs import (
+    SEG_AFFINE,
+    classification_run,
+    dicom_series,
+    segmentation_run,
+    segmentation_volume,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -146,3 +152,31 @@ def test_logs_name_no_input_files(tmp_path: Path, caplog: pytest.LogCaptureFixtu
     logged = " ".join(r.getMessage() for r in caplog.records)
     assert "1 file(s) in the input folder are not images" in logged and "image 2 of 3" in logged
     assert not any(name in logged for name in ("c0.nii", "zz-rgb", "notes", str(tmp_path)))  # ... the logs do not
+
+
+@pytest.mark.data("breastmnist.npz")
+def test_a_medmnist_model_predicts_8bit_png_files_as_the_npz_reader_scales_them(medmnist: Path, tmp_path: Path) -> None:
+    """An npz-trained model: files are divided by 255 and resized as load_npz does (not scaled per image)."""
+    from medfed.shared.data.npz import load_npz
+    from medfed.simulations.pooled import run_pooled
+
+    npz = medmnist / "breastmnist.npz"
+    cfg = RunConfig(
+        dataset=str(npz), model="simplecnn", num_server_rounds=1, local_epochs=1, batch_size=64, store="off",
+        run_dir=str(tmp_path), image_size=0, local_test_fraction=0.0,
+    )
+    run_dir = run_pooled(cfg, run_path=tmp_path / "run").run_dir
+    with np.load(npz) as arrays:
+        raw = arrays["test_images"][:6]
+    (tmp_path / "png").mkdir()
+    for i, image in enumerate(raw):
+        Image.fromarray(image).save(tmp_path / "png" / f"{i}.png")
+    rows = _predict(run_dir / "checkpoints" / "final.pt", tmp_path / "png", tmp_path / "out")
+    checkpoint = torch.load(run_dir / "checkpoints" / "final.pt", weights_only=True)
+    test = load_npz(npz).test
+    model = model_for(cfg, test)
+    model.load_state_dict(checkpoint["state_dict"])
+    model.eval()
+    with torch.no_grad():
+        direct = torch.softmax(model(torch.from_numpy(test.images[:6])), dim=1)[:, 1].numpy()
+    np.testing.assert_allclose([float(r["probability-1"]) for r in rows], direct, atol=1e-5)
