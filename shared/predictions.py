@@ -84,7 +84,9 @@ def find_inputs(path: str | Path) -> list[InputImage]:
         A datalist ``.json`` (the ``"image"`` of every entry of ``"training"``, ``"validation"``
         and ``"test"``, in that order; labels are not needed), one image file, a DICOM series folder
         (all its files one series), or a folder of images: each NIfTI / PNG / JPEG / single-image
-        DICOM file is one image, each subfolder of DICOM files one series.
+        DICOM file is one image, each subfolder of DICOM files one series. Extensionless files
+        count as DICOM when they have the ``DICM`` preamble (as for MONAI's series reader); other
+        files are left out, with a warning giving their number.
 
     Raises
     ------
@@ -264,7 +266,7 @@ def _datalist_inputs(path: Path) -> list[InputImage]:
 def _folder_inputs(folder: Path) -> list[InputImage]:
     children = sorted(p for p in folder.iterdir() if not p.name.startswith("."))
     files = [p for p in children if p.is_file()]
-    dicom = [p for p in files if image_file_kind(p) == "DICOM"]
+    dicom = [p for p in files if image_file_kind(p) == "DICOM" and (p.suffix or _is_dicom(p))]
     others = [p for p in files if image_file_kind(p) not in (None, "DICOM")]
     series_dirs = [d for d in children if d.is_dir() and any(image_file_kind(f) == "DICOM" for f in d.iterdir() if f.is_file())]
     if dicom and not others and not series_dirs and len(dicom) > 1:
@@ -276,7 +278,7 @@ def _folder_inputs(folder: Path) -> list[InputImage]:
                 f"input folder {folder} holds {len(set(uids))} DICOM series in {len(uids)} files. Put each series "
                 "in its own subfolder (each subfolder is then one image), or give one series folder."
             )
-    skipped = [p for p in files if image_file_kind(p) is None]
+    skipped = [p for p in files if p not in dicom and p not in others]  # e.g. README.txt, an MD5SUMS file
     if skipped:
         logger.warning("predict: %d file(s) in the input folder are not images and were left out.", len(skipped))
     chosen = sorted([*dicom, *others, *series_dirs])
@@ -285,6 +287,13 @@ def _folder_inputs(folder: Path) -> list[InputImage]:
             f"input folder {folder} holds no images (NIfTI, DICOM, PNG/JPEG) nor DICOM series subfolders."
         )
     return [InputImage(i, p, str(p.relative_to(folder))) for i, p in enumerate(chosen)]
+
+
+def _is_dicom(file: Path) -> bool:
+    """Whether an extensionless file is DICOM (has the ``DICM`` preamble), as MONAI's series reader decides."""
+    import pydicom
+
+    return bool(pydicom.misc.is_dicom(file))
 
 
 def _series_uids(files: Sequence[Path]) -> list[str]:

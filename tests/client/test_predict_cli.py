@@ -180,3 +180,22 @@ def test_a_medmnist_model_predicts_8bit_png_files_as_the_npz_reader_scales_them(
     with torch.no_grad():
         direct = torch.softmax(model(torch.from_numpy(test.images[:6])), dim=1)[:, 1].numpy()
     np.testing.assert_allclose([float(r["probability-1"]) for r in rows], direct, atol=1e-5)
+
+
+@pytest.mark.data
+def test_a_real_pacs_ct_series_gets_a_mask_on_its_own_grid(medmnist: Path, tmp_path: Path) -> None:
+    """Six slices of the real head CT series (GE, 512x512, gantry tilt) and its MD5SUMS file through the 3D
+    model: one row, a mask with the series' shape and the affine MONAI reads for it."""
+    source = medmnist.parent / "dicom" / "ct-head-ge"
+    if not source.is_dir():
+        pytest.skip(f"needs the real DICOM series {source} (beside the clone, as ../shared/data)")
+    series = tmp_path / "series"  # a temporary subset (the whole series takes 40 s to resize on 2 cores)
+    series.mkdir()
+    for name in ("10.dcm", "11.dcm", "12.dcm", "13.dcm", "14.dcm", "15.dcm", "MD5SUMS"):
+        (series / name).write_bytes((source / name).read_bytes())
+    rows = _predict(segmentation_run().run_dir, series, tmp_path / "out")
+    assert len(rows) == 1
+    mask = nib.load(tmp_path / "out" / rows[0]["mask"])
+    read = LoadImage(image_only=True, ensure_channel_first=True)(str(series))
+    assert mask.shape == tuple(read.shape[1:]) == (512, 512, 6)
+    np.testing.assert_allclose(mask.affine, np.asarray(read.affine), atol=1e-4)
