@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
-from monai.bundle import ConfigParser, run
+from monai.bundle import ConfigParser, run, verify_net_in_out
 from typer.testing import CliRunner
 
 from medfed.cli import app
@@ -74,6 +74,11 @@ def test_bundle_runs_with_monai_bundle_and_matches_predict(trained, tmp_path: Pa
     assert {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file()} == {
         "configs/metadata.json", "configs/inference.json", "models/model.pt",
     }
+    # MONAI's own check: the network of network_def takes and gives metadata.json's network_data_format.
+    verify_net_in_out(
+        net_id="network_def", meta_file=str(bundle / "configs" / "metadata.json"),
+        config_file=str(bundle / "configs" / "inference.json"), device="cpu", bundle_root=str(bundle),
+    )
     run(
         config_file=str(bundle / "configs" / "inference.json"),
         meta_file=str(bundle / "configs" / "metadata.json"),
