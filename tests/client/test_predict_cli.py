@@ -97,9 +97,10 @@ def test_segmentation_masks_keep_the_inputs_grid_and_affine_nifti_and_dicom_seri
 
 def test_sliding_window_segments_at_the_files_resolution(tmp_path: Path) -> None:
     run = segmentation_run()
-    rows = _predict(run.run_dir, run.datalist, tmp_path, "--sliding-window")
+    rows = _predict(run.run_dir, run.datalist.parent / "v1.nii.gz", tmp_path, "--sliding-window")
     mask = nib.load(tmp_path / rows[0]["mask"])
-    assert mask.shape == (20, 18, 22)
+    assert len(rows) == 1 and mask.shape == (20, 18, 22)
+    np.testing.assert_allclose(mask.affine, SEG_AFFINE, atol=1e-6)
     assert json.loads((tmp_path / "predictions.json").read_text())["model"]["inference"] == "sliding-window"
 
 

@@ -56,7 +56,7 @@ def _inputs(trained, tmp_path: Path) -> Path:
     if trained is classification_run:
         return trained().datalist
     folder = tmp_path / "inputs"
-    volume, _ = segmentation_volume(np.random.default_rng(3), (10, 20, 18))
+    volume, _ = segmentation_volume(np.random.default_rng(3), (8, 20, 18))
     dicom_series(folder / "series", volume * 10)
     (folder / "v0.nii.gz").write_bytes((trained().datalist.parent / "v0.nii.gz").read_bytes())
     return folder

@@ -32,6 +32,13 @@ def test_load_checkpoint_gives_an_eval_model_its_shape_threshold_and_preprocessi
         torch.testing.assert_close(loaded.model.state_dict()[name], value)
     assert load_checkpoint(run.run_dir).path.name == "best.pt"  # a run directory: its best checkpoint
 
+    one = loaded.predict_file(run.datalist.parent / "c1.nii.gz")
+    image = loaded.preprocessing.read(run.datalist.parent / "c1.nii.gz").image
+    with torch.no_grad():
+        expected = torch.softmax(loaded.model(torch.from_numpy(image)[None]), dim=1)[0].numpy()
+    np.testing.assert_allclose(one.probabilities, expected, atol=1e-6)
+    assert one.label == int(expected[1] >= loaded.threshold) and one.mask is None
+
 
 def test_a_checkpoint_without_model_shape_is_rebuilt_from_its_config(tmp_path: Path) -> None:
     run = classification_run()
