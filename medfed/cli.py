@@ -3,7 +3,8 @@
 * researcher: ``simulate``, ``models``, ``bench`` (:mod:`medfed.simulations.cli`);
 * coordinator: ``provision``, ``run``, ``server``, ``dashboard`` (:mod:`medfed.server.cli`,
   :mod:`medfed.server.dashboard_cli`);
-* hospital site: ``site`` (:mod:`medfed.client.cli`), ``explain`` (:mod:`medfed.client.explain_cli`).
+* hospital site: ``site`` (:mod:`medfed.client.cli`), ``predict``, ``export``
+  (:mod:`medfed.client.predict_cli`), ``explain`` (:mod:`medfed.client.explain_cli`).
 
 This module is the composition root: the only place that imports all of them.
 """
@@ -17,6 +18,7 @@ import typer
 from medfed import __version__
 from medfed.client.cli import site_app
 from medfed.client.explain_cli import explain_command
+from medfed.client.predict_cli import export_command, predict_command
 from medfed.server.cli import provision_command, run_command, server_app
 from medfed.server.dashboard_cli import dashboard_command
 from medfed.simulations.cli import bench, models, simulate
@@ -63,6 +65,8 @@ app.command("provision")(provision_command)
 app.command("run")(run_command)
 app.command("dashboard")(dashboard_command)
 app.command("explain")(explain_command)
+app.command("predict")(predict_command)
+app.command("export")(export_command)
 app.add_typer(server_app, name="server")
 app.add_typer(site_app, name="site")
 

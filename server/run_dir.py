@@ -5,9 +5,13 @@ Layout (other tools read it)::
     <run_dir>/config.json          run config + versions + mode
     <run_dir>/metrics.jsonl        one JSON object per round (round 0 = initial model)
     <run_dir>/summary.json         status (finished | failed | interrupted), final and best rounds, wall time
-    <run_dir>/checkpoints/best.pt  {"state_dict", "config", "round", "metrics"}
+    <run_dir>/checkpoints/best.pt  {"state_dict", "config", "round", "metrics", "model_shape"}
     <run_dir>/checkpoints/final.pt same keys
     <run_dir>/checkpoints/resume.pt the server's state after the last completed round (server.resume)
+
+``"model_shape"`` (:meth:`medfed.shared.inference.ModelShape.to_json`: task, dims, channels, classes,
+training image shape) is there when the run set :attr:`RunDirectory.model_shape`; ``medfed predict``
+and ``medfed export`` read it (``medfed.shared.inference.load_checkpoint``).
 """
 
 from __future__ import annotations
@@ -147,6 +151,8 @@ class RunDirectory:
     ) -> None:
         self.path = Path(path)
         self.sink = sink
+        self.model_shape: dict[str, Any] | None = None
+        """Stored in every checkpoint as ``"model_shape"`` when set (``ModelShape.to_json()``)."""
         if resume_after is not None:
             self._reopen(resume_after, run_id=run_id)
             return
@@ -254,6 +260,8 @@ class RunDirectory:
             "round": server_round,
             "metrics": dict(metrics),
         }
+        if self.model_shape is not None:
+            payload["model_shape"] = dict(self.model_shape)
         write_atomically(target, lambda fh: torch.save(payload, fh), mode=_FILE_MODE)
         if self.sink is not None:
             self.sink.checkpoint(kind, server_round=server_round, metrics=metrics)

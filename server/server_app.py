@@ -36,6 +36,7 @@ from medfed.server.validation import ValidatingStrategy
 from medfed.shared.config import RunConfig, robust_min_sites
 from medfed.shared.config_sources import config_from_run_config
 from medfed.shared.data.loading import load_dataset
+from medfed.shared.inference import model_shape_for
 from medfed.shared.models import model_task
 from medfed.shared.preflight import check_dp_model
 from medfed.shared.seeding import seed_everything
@@ -109,6 +110,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         resume_after=point.state.round if point else None,
         run_id=point.state.run_id if point else None,
     )
+    run_dir.model_shape = model_shape_for(cfg, None if cfg.is_deployment else splits.train).to_json()
     if hooks.on_start:
         hooks.on_start(run_dir)
     num_sites = cfg.num_sites

@@ -949,3 +949,98 @@ def _carve_missing(
     if need_test:
         out["test"] = [train[i] for i in te]
     return out
+
+
+# ---------------------------------------------------------------------------- one image, for a trained model
+__all__ += ["ModelImage", "image_file_kind", "read_model_image"]
+
+
+@dataclass(frozen=True)
+class ModelImage:
+    """One image file read and preprocessed as :func:`load_datalist` does for training.
+
+    Parameters
+    ----------
+    image
+        ``float32`` ``(C, *spatial)`` in ``[0, 1]``: scaled per image, resized to ``image_size``
+        per side (unless that is 0).
+    read_shape
+        Spatial shape of the file as read (before resizing).
+    affine
+        ``(4, 4)`` affine of the file as MONAI reads it (``None`` unless asked for).
+    """
+
+    image: np.ndarray
+    read_shape: tuple[int, ...]
+    affine: np.ndarray | None = None
+
+
+def image_file_kind(path: str | Path) -> str | None:
+    """``"NIfTI"``, ``"DICOM"`` (a ``.dcm`` file, an extensionless file or a series folder),
+    ``"PNG/JPEG"``, or ``None`` for a file type the datalist reader does not take."""
+    return _file_kind(Path(path))
+
+
+def read_model_image(
+    path: str | Path,
+    *,
+    image_size: int,
+    spatial_dims: int,
+    in_channels: int,
+    with_affine: bool = False,
+    raw: bool = False,
+) -> ModelImage:
+    """Read one image file (NIfTI, DICOM file or series folder, PNG/JPEG) the way training reads
+    a datalist entry: the same reader, ``ScaleIntensityd`` then ``Resized`` (``image_size = 0``:
+    no resizing), clipped to ``[0, 1]``.
+
+    Parameters
+    ----------
+    path
+        The file (or DICOM series folder); a relative path is taken from the working folder.
+    image_size, spatial_dims, in_channels
+        What the model takes: side length, 2 or 3, channels ``C``.
+    with_affine
+        Also return the file's affine (reads the file a second time).
+    raw
+        Return the values as read (``float32``, no scaling, no resizing; ``image_size`` is
+        ignored): for models whose training scaled otherwise (MedMNIST npz files).
+
+    Raises
+    ------
+    DataError
+        Naming the file: missing, unreadable, of another dimensionality or channel count than
+        the model takes.
+    """
+    written = str(path)
+    try:
+        image = _read(Path.cwd(), written, "image")
+    except _EntryProblem as prob:
+        raise DataError(prob.reason) from None
+    dims, channels = image.ndim - 1, int(image.shape[0])
+    if dims != spatial_dims:
+        raise DataError(
+            f"image {written!r} is {dims}D but the model takes {spatial_dims}D images. Give "
+            f"{spatial_dims}D files{' (a DICOM series folder or a NIfTI volume)' if spatial_dims == 3 else ''}."
+        )
+    if channels != in_channels:
+        raise DataError(
+            f"image {written!r} has {channels} channel(s) but the model takes {in_channels}. "
+            "Convert the image to the channels the model was trained on (e.g. greyscale)."
+        )
+    if raw:
+        out = image
+    else:
+        scanner = _Scanner(
+            Path(written), image_size=image_size, spatial_dims=spatial_dims, task="classification", num_classes=None
+        )
+        data = scanner.transforms()({"image": image})
+        out = np.clip(convert_to_numpy(data["image"], dtype=np.float32), 0.0, 1.0)
+    affine = None
+    if with_affine:
+        full = Path(written)
+        kind = _file_kind(full)
+        assert kind is not None  # _read checked it
+        loaded = _loader()(str(full), reader=_reader(kind))
+        affine = np.asarray(convert_to_numpy(loaded.affine), dtype=np.float64)
+    return ModelImage(image=out, read_shape=tuple(int(s) for s in image.shape[1:]), affine=affine)

@@ -196,3 +196,15 @@ def _scale_and_resize(x: np.ndarray, size: int) -> np.ndarray:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0][:200] if text else ""
+
+
+__all__ += ["scale_and_resize"]
+
+
+def scale_and_resize(images: np.ndarray, *, image_size: int) -> np.ndarray:
+    """The npz reader's preprocessing of 8-bit images: ``(N, C, *spatial)`` values in ``[0, 255]``
+    -> ``float32`` in ``[0, 1]`` (divided by 255), resized to ``image_size`` per side (``0``: kept).
+
+    ``medfed predict`` applies it to image files for models trained on an npz file.
+    """
+    return _scale_and_resize(images, image_size)
