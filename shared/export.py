@@ -127,7 +127,12 @@ def run_bundle(
     def read(path: Path) -> ModelImage:
         data = preprocessing({"image": str(path)})
         image = torch.as_tensor(data["image"]).numpy().astype(np.float32, copy=False)
-        return ModelImage(image=image, read_shape=tuple(data["image_read_shape"]), affine=data.get("image_affine"))
+        source_shape = data.get("image_source_shape")
+        return ModelImage(
+            image=image, read_shape=tuple(data["image_read_shape"]), affine=data.get("image_affine"),
+            source_affine=data.get("image_source_affine"),
+            source_shape=tuple(source_shape) if source_shape is not None else None,
+        )
 
     network.eval()
     info = {"bundle": True, "model_shape": dict(model_shape), "threshold": threshold}

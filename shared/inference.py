@@ -22,15 +22,16 @@ from __future__ import annotations
 
 import logging
 import pickle
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from monai.data import MetaTensor
 from monai.inferers import Inferer, SimpleInferer, SlidingWindowInferer
-from monai.transforms import MapTransform, Resize
+from monai.transforms import MapTransform, Resize, SpatialResample
 from torch import nn
 
 from medfed.shared.config import ConfigError, RunConfig, Task
@@ -155,6 +156,7 @@ class Preprocessing:
     spatial_dims: int
     in_channels: int
     intensity: str = "scale"
+    spacing: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         if self.intensity not in INTENSITIES:
@@ -175,14 +177,14 @@ class Preprocessing:
         raw = self.intensity == "uint8"
         item = read_model_image(
             path, image_size=size, spatial_dims=self.spatial_dims, in_channels=self.in_channels,
-            with_affine=with_affine, raw=raw,
+            with_affine=with_affine, raw=raw, spacing=self.spacing,
         )
         if not raw:
             return item
         from medfed.shared.data.npz import scale_and_resize
 
         if image_file_kind(path) == "PNG/JPEG":  # MONAI reads PNG/JPEG as (C, W, H); npz arrays are (H, W)
-            item = ModelImage(np.swapaxes(item.image, -1, -2), item.read_shape[::-1], item.affine)
+            item = replace(item, image=np.swapaxes(item.image, -1, -2), read_shape=item.read_shape[::-1])
         low, high = float(item.image.min()), float(item.image.max())
         if low < 0 or high > 255:
             raise DataError(
@@ -190,13 +192,13 @@ class Preprocessing:
                 "(an npz file, values 0-255, divided by 255). Convert the image to 8 bits (e.g. PNG) first."
             )
         image = scale_and_resize(item.image[None], image_size=size)[0]
-        return ModelImage(image=image, read_shape=item.read_shape, affine=item.affine)
+        return replace(item, image=image)
 
     def to_json(self) -> dict[str, Any]:
         """The keyword arguments of :class:`ModelInputd` (besides ``keys``)."""
         return {
             "image_size": self.image_size, "spatial_dims": self.spatial_dims, "in_channels": self.in_channels,
-            "intensity": self.intensity,
+            "intensity": self.intensity, "spacing": list(self.spacing),
         }
 
 
@@ -333,7 +335,8 @@ def load_checkpoint(path: str | Path, *, device: str | torch.device = "cpu") -> 
         config=cfg,
         shape=shape,
         preprocessing=Preprocessing(
-            sides.pop(), shape.spatial_dims, shape.in_channels, "uint8" if cfg.dataset.endswith(".npz") else "scale"
+            sides.pop(), shape.spatial_dims, shape.in_channels, "uint8" if cfg.dataset.endswith(".npz") else "scale",
+            cfg.spacing_mm,
         ),
         threshold=threshold,
         threshold_source=source,
@@ -410,8 +413,27 @@ def predict_image(
     if tuple(probs.shape[1:]) != item.read_shape:  # back to the file's grid
         mode = "bilinear" if shape.spatial_dims == 2 else "trilinear"
         probs = torch.as_tensor(Resize(item.read_shape, mode=mode, anti_aliasing=False)(probs))
+    probs, affine = _to_source_grid(probs, item)
     mask = probs.argmax(dim=0).numpy().astype(np.int64)
-    return Prediction(probabilities=probs.numpy(), mask=mask, affine=item.affine)
+    return Prediction(probabilities=probs.numpy(), mask=mask, affine=affine)
+
+
+def _to_source_grid(probs: torch.Tensor, item: ModelImage) -> tuple[torch.Tensor, np.ndarray | None]:
+    """Resample ``(K, *read_shape)`` probabilities from the training grid (RAS, the run's
+    spacing) back to the file's grid as stored, so that the mask overlays the file; returns them
+    with that grid's affine. Unchanged when the two grids are the same."""
+    if item.affine is None or item.source_affine is None or item.source_shape is None:
+        return probs, item.affine
+    if tuple(item.source_shape) == tuple(probs.shape[1:]) and np.allclose(item.affine, item.source_affine, atol=1e-6):
+        return probs, item.affine
+    flat = probs.ndim == 3  # a 2D slice: resampled as a one-slice volume
+    image = MetaTensor(probs[..., None] if flat else probs, affine=torch.as_tensor(item.affine))
+    size = (*item.source_shape, 1) if flat else item.source_shape
+    out = SpatialResample(mode="bilinear", padding_mode="border", dtype=torch.float32)(
+        image, dst_affine=torch.as_tensor(item.source_affine), spatial_size=size
+    )
+    out = torch.as_tensor(out).float()
+    return (out[..., 0] if flat else out), item.source_affine
 
 
 def make_inferer(shape: ModelShape) -> Inferer:
@@ -441,9 +463,12 @@ class ModelInputd(MapTransform):
         in_channels: int,
         intensity: str = "scale",
         keep_size: bool = False,
+        spacing: Sequence[float] = (),
     ) -> None:
         super().__init__(keys)
-        self.preprocessing = Preprocessing(image_size, spatial_dims, in_channels, intensity)
+        self.preprocessing = Preprocessing(
+            image_size, spatial_dims, in_channels, intensity, tuple(float(v) for v in spacing)
+        )
         self.keep_size = keep_size
 
     def __call__(self, data: Mapping[Any, Any]) -> dict[Any, Any]:
@@ -453,6 +478,8 @@ class ModelInputd(MapTransform):
             out[key] = torch.from_numpy(item.image)
             out[f"{key}_read_shape"] = item.read_shape
             out[f"{key}_affine"] = item.affine
+            out[f"{key}_source_affine"] = item.source_affine
+            out[f"{key}_source_shape"] = item.source_shape
         return out
 
 

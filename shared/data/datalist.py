@@ -539,6 +539,7 @@ def _read(
     # Patient axes: every NIfTI, and DICOM volumes; 2D DICOM and PNG/JPEG are used as stored.
     patient_axes = kind == "NIfTI" or (kind == "DICOM" and spatial == 3)
     orientation = axis_codes(img.affine) if patient_axes and spatial in (2, 3) else None
+    source_affine = np.asarray(convert_to_numpy(img.affine), dtype=np.float64) if hasattr(img, "affine") else None
     try:
         if patient_axes and spatial in (2, 3):
             if spatial == 2:  # a 2D NIfTI: the slice of a volume, its third axis implied
@@ -562,6 +563,10 @@ def _read(
         info["spacing"] = stored_spacing
         info["orientation"] = orientation
         info["notes"] = notes
+        info["source_affine"] = source_affine  # the file's grid as stored
+        info["affine"] = (  # the grid of the array returned (after reorientation / resampling)
+            np.asarray(convert_to_numpy(img.affine), dtype=np.float64) if hasattr(img, "affine") else None
+        )
     if arr.ndim not in (3, 4) or 0 in arr.shape:
         raise _EntryProblem(
             "spatial_dims",
@@ -965,14 +970,20 @@ class ModelImage:
         ``float32`` ``(C, *spatial)`` in ``[0, 1]``: scaled per image, resized to ``image_size``
         per side (unless that is 0).
     read_shape
-        Spatial shape of the file as read (before resizing).
+        Spatial shape of the image as read, in the training geometry (RAS, the run's spacing),
+        before resizing.
     affine
-        ``(4, 4)`` affine of the file as MONAI reads it (``None`` unless asked for).
+        ``(4, 4)`` affine of that grid (``None`` unless asked for).
+    source_affine, source_shape
+        The file's own grid as stored (before reorientation and resampling): masks go back to
+        it so that they overlay the file in any viewer (``None`` unless asked for).
     """
 
     image: np.ndarray
     read_shape: tuple[int, ...]
     affine: np.ndarray | None = None
+    source_affine: np.ndarray | None = None
+    source_shape: tuple[int, ...] | None = None
 
 
 def image_file_kind(path: str | Path) -> str | None:
@@ -989,6 +1000,7 @@ def read_model_image(
     in_channels: int,
     with_affine: bool = False,
     raw: bool = False,
+    spacing: tuple[float, ...] = (),
 ) -> ModelImage:
     """Read one image file (NIfTI, DICOM file or series folder, PNG/JPEG) the way training reads
     a datalist entry: the same reader, ``ScaleIntensityd`` then ``Resized`` (``image_size = 0``:
@@ -1001,10 +1013,13 @@ def read_model_image(
     image_size, spatial_dims, in_channels
         What the model takes: side length, 2 or 3, channels ``C``.
     with_affine
-        Also return the file's affine (reads the file a second time).
+        Also return the affines of the training grid and of the file as stored.
     raw
         Return the values as read (``float32``, no scaling, no resizing; ``image_size`` is
         ignored): for models whose training scaled otherwise (MedMNIST npz files).
+    spacing
+        Millimetres per axis after reorientation to RAS, as in training (the run's ``spacing``);
+        ``()`` keeps the file's own.
 
     Raises
     ------
@@ -1013,8 +1028,9 @@ def read_model_image(
         the model takes.
     """
     written = str(path)
+    info: dict[str, Any] = {}
     try:
-        image = _read(Path.cwd(), written, "image")
+        image = _read(Path.cwd(), written, "image", info, spacing=spacing)
     except _EntryProblem as prob:
         raise DataError(prob.reason) from None
     dims, channels = image.ndim - 1, int(image.shape[0])
@@ -1036,11 +1052,11 @@ def read_model_image(
         )
         data = scanner.transforms()({"image": image})
         out = np.clip(convert_to_numpy(data["image"], dtype=np.float32), 0.0, 1.0)
-    affine = None
-    if with_affine:
-        full = Path(written)
-        kind = _file_kind(full)
-        assert kind is not None  # _read checked it
-        loaded = _loader()(str(full), reader=_reader(kind))
-        affine = np.asarray(convert_to_numpy(loaded.affine), dtype=np.float64)
-    return ModelImage(image=out, read_shape=tuple(int(s) for s in image.shape[1:]), affine=affine)
+    read_shape = tuple(int(s) for s in image.shape[1:])
+    if not with_affine:
+        return ModelImage(image=out, read_shape=read_shape)
+    stored = info.get("shape")
+    return ModelImage(
+        image=out, read_shape=read_shape, affine=info.get("affine"), source_affine=info.get("source_affine"),
+        source_shape=tuple(int(v) for v in stored) if stored is not None else read_shape,
+    )
