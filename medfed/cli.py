@@ -1,8 +1,8 @@
 """The ``medfed`` command: one Typer app composed from each side's commands.
 
 * researcher: ``simulate``, ``models``, ``bench`` (:mod:`medfed.simulations.cli`);
-* coordinator: ``provision``, ``run``, ``server``, ``dashboard`` (:mod:`medfed.server.cli`,
-  :mod:`medfed.server.dashboard_cli`);
+* coordinator: ``provision``, ``run``, ``server``, ``dashboard``, ``report``, ``export-run``
+  (:mod:`medfed.server.cli`, :mod:`medfed.server.dashboard_cli`, :mod:`medfed.server.report_cli`);
 * hospital site: ``site`` (:mod:`medfed.client.cli`).
 
 This module is the composition root: the only place that imports all of them.
@@ -18,6 +18,7 @@ from medfed import __version__
 from medfed.client.cli import site_app
 from medfed.server.cli import provision_command, run_command, server_app
 from medfed.server.dashboard_cli import dashboard_command
+from medfed.server.report_cli import export_run_command, report_command
 from medfed.simulations.cli import bench, models, simulate
 
 __all__ = ["app", "main"]
@@ -61,6 +62,8 @@ app.command("bench")(bench)
 app.command("provision")(provision_command)
 app.command("run")(run_command)
 app.command("dashboard")(dashboard_command)
+app.command("report")(report_command)
+app.command("export-run")(export_run_command)
 app.add_typer(server_app, name="server")
 app.add_typer(site_app, name="site")
 

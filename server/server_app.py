@@ -109,6 +109,8 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         resume_after=point.state.round if point else None,
         run_id=point.state.run_id if point else None,
     )
+    if cfg.is_deployment:
+        _record_app_bundle(grid, run_dir, signed=bool(cfg.app_signature))
     if hooks.on_start:
         hooks.on_start(run_dir)
     num_sites = cfg.num_sites
@@ -165,6 +167,18 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
     if hooks.on_finish:
         hooks.on_finish(summary)
 
+
+
+def _record_app_bundle(grid: Grid, run_dir: RunDirectory, *, signed: bool) -> None:
+    """Write the deployed app bundle's hash (Flower's ``Run.fab_hash``) into the run directory."""
+    try:
+        fab_hash = str(grid.run.fab_hash or "")
+    except (AttributeError, RuntimeError, ValueError):  # a Grid without a run (tests)
+        fab_hash = ""
+    if fab_hash:
+        run_dir.write_app_bundle(fab_hash, signed=signed)
+    else:
+        logger.warning("the app bundle's hash is unknown (Flower gave none): the model card cannot show it.")
 
 
 def build_workflow(
