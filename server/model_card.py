@@ -485,9 +485,7 @@ def _data_and_calibration(
         return
     if card.mode == "federated":
         try:
-            from medfed.client.site_data import simulated_class_counts
-
-            mixes = dict(simulated_class_counts(cfg))
+            mixes = _simulated_class_mix(cfg)
         except Exception as err:  # noqa: BLE001 - a card without the mix beats no card
             card.data_note = f"Class mix per site not shown: the partition could not be recomputed ({type(err).__name__})."
         else:
@@ -519,6 +517,24 @@ def _data_and_calibration(
     except Exception as err:  # noqa: BLE001 - a card without calibration beats no card
         logger.warning("calibration failed: %s", type(err).__name__)
         card.calibration_note = f"Calibration not computed: evaluating the final checkpoint failed ({type(err).__name__})."
+
+
+def _simulated_class_mix(cfg: Any) -> dict[str, dict[str, list[int]]]:
+    """Each simulated site's class counts, ``{"site-k": {"train": [...], "val": [...]}}``: the split
+    :func:`medfed.shared.partition.site_partitions` gives every simulated site (as
+    ``medfed.client.site_data.simulated_class_counts``, which the server may not import)."""
+    from medfed.shared.data.loading import load_dataset
+    from medfed.shared.partition import class_counts, site_partitions
+
+    splits = load_dataset(cfg)
+    train, val = splits.train.class_labels(), splits.val.class_labels()
+    parts = site_partitions(train, val, num_sites=cfg.num_sites, method=cfg.partition, alpha=cfg.dirichlet_alpha,
+                            seed=cfg.seed, local_test_fraction=cfg.local_test_fraction)
+    num_classes = splits.num_classes if splits.task == "classification" else 2
+    train_counts = class_counts(train, parts.train, num_classes)
+    val_counts = class_counts(val, parts.val, num_classes)
+    return {f"site-{k}": {"train": train_counts[k].tolist(), "val": val_counts[k].tolist()}
+            for k in range(cfg.num_sites)}
 
 
 def _reachable_config(config: dict[str, Any], *, dataset: str | None) -> tuple[Any, str]:

@@ -30,8 +30,8 @@ from medfed.server.resume import ResumePoint, restore_chain_state, restore_rng, 
 from medfed.server.rounds import RoundStep
 from medfed.server.run_dir import RunDirectory, new_run_path
 from medfed.server.secure import MedfedSecAggPlusWorkflow, SecAggOutcome, SecAggUpdateStrategy, secagg_settings
-from medfed.server.store import open_sink
 from medfed.server.strategies import build_strategy
+from medfed.server.tracking import open_run_sink
 from medfed.server.validation import ValidatingStrategy
 from medfed.shared.config import RunConfig, robust_min_sites
 from medfed.shared.config_sources import config_from_run_config
@@ -105,7 +105,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         run_path or new_run_path(cfg.run_dir, name=f"{cfg.strategy}-s{cfg.seed}"),
         config=cfg.to_run_config(),
         mode="federated",
-        sink=open_sink(cfg),
+        sink=open_run_sink(cfg),
         resume_after=point.state.round if point else None,
         run_id=point.state.run_id if point else None,
     )

@@ -42,6 +42,8 @@ __all__ = [
     "TrackingSink",
     "export_run",
     "mlflow_uri",
+    "RunSinks",
+    "open_run_sink",
     "open_tracking_sinks",
     "round_scalars",
 ]
@@ -387,6 +389,46 @@ class TrackingSink:
         targets, self.targets = self.targets, []
         for target in targets:
             self._guard("the run's end", lambda t=target: t.close(status=status))
+
+
+class RunSinks:
+    """Several run sinks as one (:class:`medfed.server.run_dir.RunDirectory` takes one): the run
+    store's first, then live tracking. ``run_id`` is the run store's."""
+
+    def __init__(self, sinks: list[Any]) -> None:
+        self.sinks = sinks
+
+    @property
+    def run_id(self) -> str | None:
+        return next((s.run_id for s in self.sinks if getattr(s, "run_id", None) is not None), None)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name == "sinks":
+            raise AttributeError(name)
+
+        def call(*args: Any, **kwargs: Any) -> None:
+            for sink in self.sinks:
+                getattr(sink, name)(*args, **kwargs)
+
+        return call
+
+
+def open_run_sink(cfg: Any) -> Any:
+    """Where a run is recorded besides its directory: the run store (``store``) and live tracking
+    (``tracking-mlflow``, ``tracking-tensorboard``); ``None`` when all are off.
+
+    Raises
+    ------
+    medfed.server.store.StoreError
+        As :func:`medfed.server.store.open_sink`.
+    """
+    from medfed.server.store import open_sink
+
+    store = open_sink(cfg)
+    sinks = [s for s in (store, *open_tracking_sinks(cfg)) if s is not None]
+    if not sinks:
+        return None
+    return sinks[0] if len(sinks) == 1 else RunSinks(sinks)
 
 
 def open_tracking_sinks(cfg: Any) -> list[TrackingSink]:

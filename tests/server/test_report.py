@@ -76,7 +76,8 @@ def test_class_mix_is_the_simulated_partition(run: Path) -> None:
     from medfed.client.site_data import simulated_class_counts
 
     card = gather_model_card(run, calibrate=False)
-    expected = dict(simulated_class_counts(small_config(run.parent)))
+    expected = {site: {k: counts[k] for k in ("train", "val")}
+                for site, counts in simulated_class_counts(small_config(run.parent))}
     assert {row["site"]: row["class_mix"] for row in card.data_sites} == expected
     data = _section(render_html(card), "data")
     assert " / ".join(str(n) for n in expected["site-0"]["train"]) in data
