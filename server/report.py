@@ -140,6 +140,13 @@ def _num(value: object, digits: int = 3) -> str:
     return _e(value)
 
 
+def _value(value: object) -> str:
+    """A config value as TOML writes it (``true``, not ``True``)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return _e(value)
+
+
 def _count(value: object) -> str:
     return "–" if value is None else f"{float(value):,.0f}"  # type: ignore[arg-type]
 
@@ -200,7 +207,7 @@ def _plot_reliability(bins: Any) -> str:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.6, 4.6), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
+    fig, (ax, hist) = plt.subplots(2, 1, figsize=(4.0, 4.0), gridspec_kw={"height_ratios": [3, 1]}, sharex=True)
     centres = [(a + b) / 2 for a, b in zip(bins.edges[:-1], bins.edges[1:], strict=True)]
     width = bins.edges[1] - bins.edges[0]
     observed = [0.0 if math.isnan(v) else v for v in bins.observed]
@@ -334,7 +341,8 @@ def _section_sites(card: ModelCard) -> str:
 def _section_subgroups(card: ModelCard) -> str:
     if card.cross_site is None:
         return _note("Not run. " + card.cross_site_note)
-    names = _names(card)
+    groups = [g for site in card.cross_site.get("sites", []) for g in site.get("subgroups", [])]
+    names = tuple(n for n in _names(card) if any(n in g.get("metrics", {}) for g in groups)) or _names(card)
     rows, suppressed = [], 0
     for site in card.cross_site.get("sites", []):
         suppressed += int(site.get("suppressed") or 0)
@@ -432,12 +440,12 @@ def _section_secagg(card: ModelCard) -> str:
 
 
 def _section_recipe(card: ModelCard) -> str:
-    rows = [[f"<code>{_e(k)}</code>", _e(v)] for k, v in card.recipe]
+    rows = [[f"<code>{_e(k)}</code>", _value(v)] for k, v in card.recipe]
     dp = card.config
     if dp.get("dp"):
         rows.append(["<code>dp</code>", _e(f"true (noise {dp.get('dp-noise-multiplier')}, clip {dp.get('dp-max-grad-norm')}, "
                                             f"target ε {dp.get('dp-target-epsilon')}, δ {dp.get('dp-delta')})")])
-    full = _table(["Key", "Value"], ([f"<code>{_e(k)}</code>", _e(v)] for k, v in sorted(card.config.items())
+    full = _table(["Key", "Value"], ([f"<code>{_e(k)}</code>", _value(v)] for k, v in sorted(card.config.items())
                                      if k != "app-signature"), numeric_from=9, cls="kv")
     pairs = [rows[i : i + 2] for i in range(0, len(rows), 2)]
     grid = "".join("<tr>" + "".join(f"<td>{k}</td><td>{v}</td>" for k, v in pair) + "</tr>" for pair in pairs)
@@ -525,6 +533,7 @@ def render_html(card: ModelCard, *, generated: float | None = None) -> str:
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="generator" content="medfed {_e(card.versions.get('medfed', ''))}">
 <title>Model card: {_e(card.run_id)}</title>
+<link rel="icon" href="data:,">
 <style>{_CSS}</style>
 </head>
 <body>
