@@ -340,7 +340,7 @@ def _section_sites(card: ModelCard) -> str:
 
 def _section_subgroups(card: ModelCard) -> str:
     if card.cross_site is None:
-        return _note("Not run. " + card.cross_site_note)
+        return _note("Not run: the cross-site evaluation (cross_site.json) has not been run on this run.")
     groups = [g for site in card.cross_site.get("sites", []) for g in site.get("subgroups", [])]
     names = tuple(n for n in _names(card) if any(n in g.get("metrics", {}) for g in groups)) or _names(card)
     rows, suppressed = [], 0

@@ -28,7 +28,8 @@ NO_DEFAULT = {"config", "set_", "san", "resume", "section", "workdir"}
 
 
 def test_every_documented_command_is_covered() -> None:
-    expected = {"simulate", "run", "provision", "server start", "site check", "site start", "dashboard", "bench"}
+    expected = {"simulate", "run", "provision", "server start", "site check", "site start", "dashboard", "bench",
+                "report", "export-run"}
     assert expected <= set(COMMANDS)
 
 

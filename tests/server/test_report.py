@@ -100,7 +100,7 @@ def test_calibration_is_the_final_checkpoints_on_the_test_split(run: Path) -> No
 
 def test_without_cross_site_or_maps_the_sections_say_so(run: Path) -> None:
     page = render_html(gather_model_card(run, calibrate=False))
-    assert "Not run." in _section(page, "subgroup-metrics")
+    assert "Not run: the cross-site evaluation" in _section(page, "subgroup-metrics")
     assert "Cross-site evaluation not run" in _section(page, "site-metrics")
     assert "not run (no cross-site evaluation)" in _section(page, "fairness")
     assert "No site shared explanation maps" in _section(page, "explanations")
