@@ -440,10 +440,11 @@ def _explanations(card: ModelCard, folder: Path, *, given: bool) -> None:
             )
         return
     rows = _read_json(index, what="the explanation index")
-    if isinstance(rows, dict):
-        rows = rows.get("items", rows.get("rows", []))
+    if isinstance(rows, dict):  # medfed explain: {"method", "target_layer", "count", "rows": [...], ...}
+        rows = rows.get("rows")
     if not isinstance(rows, list):
-        raise ReportError(f"{index} must hold a list of rows {{index, predicted, probability, method, png}}.")
+        raise ReportError(f"{index} must hold rows {{index, predicted, probability, method, png}} (as `medfed explain` "
+                          "writes them): run it again.")
     for row in rows[:MAX_EXPLANATIONS]:
         png = folder / str(row.get("png", ""))
         if not row.get("png") or not png.is_file() or png.resolve().parent != folder.resolve():
@@ -454,6 +455,7 @@ def _explanations(card: ModelCard, folder: Path, *, given: bool) -> None:
             "predicted": row.get("predicted"),
             "probability": _finite(row.get("probability")),
             "method": str(row.get("method", "")),
+            "explained": row.get("explained"),
             "png_base64": base64.b64encode(png.read_bytes()).decode("ascii"),
         })
     shown = len(card.explanations)

@@ -467,16 +467,20 @@ def _section_software(card: ModelCard) -> str:
 
 
 def _section_explanations(card: ModelCard) -> str:
+    missing = "".join(f'<div class="warning">{_e(w)}</div>' for w in card.warnings if w.startswith("explanation map"))
     if not card.explanations:
-        return _note(card.explanations_note)
+        return missing + _note(card.explanations_note)
     figures = []
     for item in card.explanations:
         prob = f", p = {item['probability']:.2f}" if item.get("probability") is not None else ""
-        caption = f"#{_e(item.get('index'))}: predicted {_e(item.get('predicted'))}{prob} · {_e(item.get('method'))}"
+        explained = item.get("explained")
+        target = f" · map of class {_e(explained)}" if explained is not None and explained != item.get("predicted") else ""
+        caption = (f"#{_e(item.get('index'))}: predicted {_e(item.get('predicted'))}{prob}{target} · "
+                   f"{_e(item.get('method'))}")
         figures.append(f'<figure><img alt="explanation map {_e(item.get("index"))}" '
                        f'src="data:image/png;base64,{item["png_base64"]}"><figcaption>{caption}</figcaption></figure>')
     return (_note("Maps a site chose to share (it ran `medfed explain` on its own data).")
-            + f'<div class="maps">{"".join(figures)}</div>' + _note(card.explanations_note))
+            + f'<div class="maps">{"".join(figures)}</div>' + missing + _note(card.explanations_note))
 
 
 _RENDERERS = {

@@ -177,3 +177,16 @@ def test_the_command_writes_the_card_and_exits_nonzero_on_a_bad_run(run: Path, t
     assert bad.exit_code == 2 and "is not a run directory" in bad.output
     no_maps = runner.invoke(app, ["report", str(run), "--out", str(out), "--explanations", str(tmp_path)])
     assert no_maps.exit_code == 2 and "no index.json" in no_maps.output
+
+
+def test_explanation_indexes_without_rows_are_refused_and_missing_maps_are_named(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "runs", rounds=1)
+    folder = tmp_path / "maps"
+    rows = write_explanations(folder, count=2)
+    (folder / rows[1]["png"]).unlink()
+    card = gather_model_card(run, explanations=folder, calibrate=False)
+    assert len(card.explanations) == 1
+    assert "explanation map &#x27;map-1.png&#x27; listed in index.json is missing" in _section(render_html(card), "explanations")
+    (folder / "index.json").write_text(json.dumps({"method": "gradcam"}))
+    with pytest.raises(ReportError, match="must hold rows"):
+        gather_model_card(run, explanations=folder, calibrate=False)

@@ -105,7 +105,7 @@ def write_cross_site(run: Path) -> None:
 
 
 def write_explanations(folder: Path, *, count: int = 3) -> list[dict[str, Any]]:
-    """A ``medfed explain --out`` folder: ``count`` small PNG maps and ``index.json``."""
+    """A ``medfed explain --out`` folder: ``count`` small PNG maps and ``index.json`` (docs/explain.md's shape)."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -113,7 +113,9 @@ def write_explanations(folder: Path, *, count: int = 3) -> list[dict[str, Any]]:
     for i in range(count):
         ramp = (np.linspace(0, 255, 32 * 32).reshape(32, 32) * (i + 1) % 256).astype(np.uint8)
         Image.fromarray(ramp).convert("RGB").save(folder / f"map-{i}.png")
-        rows.append({"index": i, "predicted": i % 2, "probability": 0.6 + i / 10, "method": "gradcam",
-                     "png": f"map-{i}.png"})
-    (folder / "index.json").write_text(json.dumps(rows))
+        rows.append({"index": i, "predicted": i % 2, "probability": 0.6 + i / 10, "explained": i % 2, "label": 1,
+                     "method": "gradcam", "png": f"map-{i}.png", "nifti": None})
+    index = {"method": "gradcam", "target_layer": "features.conv2", "count": count, "split": "test",
+             "model": "simplecnn", "checkpoint_round": 2, "rows": rows}  # as medfed.shared.explain writes it
+    (folder / "index.json").write_text(json.dumps(index))
     return rows
