@@ -190,3 +190,11 @@ def test_explanation_indexes_without_rows_are_refused_and_missing_maps_are_named
     (folder / "index.json").write_text(json.dumps({"method": "gradcam"}))
     with pytest.raises(ReportError, match="must hold rows"):
         gather_model_card(run, explanations=folder, calibrate=False)
+
+
+def test_the_intended_use_comes_from_the_run_config_unless_the_flag_gives_it(tmp_path: Path) -> None:
+    run = make_run(tmp_path / "runs", rounds=1, intended_use="Screening research at two hospitals")
+    card = gather_model_card(run, calibrate=False)
+    assert (card.intended_use, card.intended_use_source) == ("Screening research at two hospitals", "run config")
+    flagged = gather_model_card(run, intended_use="Teaching only", calibrate=False)
+    assert (flagged.intended_use, flagged.intended_use_source) == ("Teaching only", "--intended-use")
