@@ -159,3 +159,20 @@ def test_the_config_keys_add_live_tracking_beside_the_run_store(tmp_path: Path) 
         store.close()
     _, found = _mlflow_run((tmp_path / "mlruns").as_uri(), run.name)
     assert len(found) == 1 and found[0].info.status == "FINISHED"
+
+
+def test_a_resumed_run_is_tracked_again_from_its_first_round(tmp_path: Path) -> None:
+    import json
+
+    from medfed.server.run_dir import RoundRecord, RunDirectory
+
+    target = str(tmp_path / "mlruns")
+    run = make_run(tmp_path / "runs", rounds=1, finish=False, sink=TrackingSink(mlflow=target))
+    config = json.loads((run / "config.json").read_text())["config"]
+    resumed = RunDirectory(run, config=config, mode="federated", sink=TrackingSink(mlflow=target), resume_after=1)
+    resumed.write_round(RoundRecord(round=2, global_metrics={"auc": 0.9}))
+    resumed.write_summary({"status": "finished"})
+    client, found = _mlflow_run((tmp_path / "mlruns").as_uri(), run.name)
+    assert len(found) == 1 and found[0].info.status == "FINISHED"  # the interrupted one was replaced
+    history = client.get_metric_history(found[0].info.run_id, "global/auc")
+    assert [(m.step, m.value) for m in history] == [(0, GLOBAL_AUC[0]), (1, GLOBAL_AUC[1]), (2, 0.9)]
