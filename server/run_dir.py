@@ -8,6 +8,7 @@ Layout (other tools read it)::
     <run_dir>/checkpoints/best.pt  {"state_dict", "config", "round", "metrics", "model_shape"}
     <run_dir>/checkpoints/final.pt same keys
     <run_dir>/checkpoints/resume.pt the server's state after the last completed round (server.resume)
+    <run_dir>/app_bundle.json      a deployment's app bundle: {"fab_sha256", "signed"}
 
 ``"model_shape"`` (:meth:`medfed.shared.inference.ModelShape.to_json`: task, dims, channels, classes,
 training image shape) is there when the run set :attr:`RunDirectory.model_shape`; ``medfed predict``
@@ -266,6 +267,12 @@ class RunDirectory:
         if self.sink is not None:
             self.sink.checkpoint(kind, server_round=server_round, metrics=metrics)
         return target
+
+    def write_app_bundle(self, fab_sha256: str, *, signed: bool) -> None:
+        """Record the app bundle (FAB) a deployed run runs: its SHA-256 and whether it was signed
+        (``app_bundle.json``; ``medfed report`` shows it)."""
+        data = {"fab_sha256": fab_sha256, "signed": signed}
+        _write_text(self.path / "app_bundle.json", json.dumps(data, indent=2, sort_keys=True))
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write ``summary.json`` and close the metrics file.

@@ -30,8 +30,8 @@ from medfed.server.resume import ResumePoint, restore_chain_state, restore_rng, 
 from medfed.server.rounds import RoundStep
 from medfed.server.run_dir import RunDirectory, new_run_path
 from medfed.server.secure import MedfedSecAggPlusWorkflow, SecAggOutcome, SecAggUpdateStrategy, secagg_settings
-from medfed.server.store import open_sink
 from medfed.server.strategies import build_strategy
+from medfed.server.tracking import open_run_sink
 from medfed.server.validation import ValidatingStrategy
 from medfed.shared.config import RunConfig, robust_min_sites
 from medfed.shared.config_sources import config_from_run_config
@@ -106,11 +106,13 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         run_path or new_run_path(cfg.run_dir, name=f"{cfg.strategy}-s{cfg.seed}"),
         config=cfg.to_run_config(),
         mode="federated",
-        sink=open_sink(cfg),
+        sink=open_run_sink(cfg),
         resume_after=point.state.round if point else None,
         run_id=point.state.run_id if point else None,
     )
     run_dir.model_shape = model_shape_for(cfg, None if cfg.is_deployment else splits.train).to_json()
+    if cfg.is_deployment:
+        _record_app_bundle(grid, run_dir, signed=bool(cfg.app_signature))
     if hooks.on_start:
         hooks.on_start(run_dir)
     num_sites = cfg.num_sites
@@ -167,6 +169,18 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
     if hooks.on_finish:
         hooks.on_finish(summary)
 
+
+
+def _record_app_bundle(grid: Grid, run_dir: RunDirectory, *, signed: bool) -> None:
+    """Write the deployed app bundle's hash (Flower's ``Run.fab_hash``) into the run directory."""
+    try:
+        fab_hash = str(grid.run.fab_hash or "")
+    except (AttributeError, RuntimeError, ValueError):  # a Grid without a run (tests)
+        fab_hash = ""
+    if fab_hash:
+        run_dir.write_app_bundle(fab_hash, signed=signed)
+    else:
+        logger.warning("the app bundle's hash is unknown (Flower gave none): the model card cannot show it.")
 
 
 def build_workflow(

@@ -238,6 +238,12 @@ class RunConfig:
         speed and memory (see ``python -m medfed.simulations.bench.dp``).
     ledger_dir
         Where each site keeps its privacy ledger (empty: ``<run directory>/ledgers``).
+    tracking_mlflow, tracking_tensorboard
+        Live experiment tracking (``medfed.server.tracking``): the server writes each round, as
+        it ends, into this MLflow tracking URI or local folder, and/or this TensorBoard log folder
+        (empty: off; ``medfed export-run`` exports a run afterwards).
+    intended_use
+        The model's intended use, shown on its model card (``medfed report``); not used in training.
     client_dp, client_dp_noise_multiplier, client_dp_clipping_norm
         Client-level DP with Flower's wrappers: ``"fixed"`` or ``"adaptive"`` clipping at the
         sites and Gaussian noise added by the server.
@@ -318,6 +324,9 @@ class RunConfig:
     dp_secure_noise: bool = True
     dp_grad_sample_mode: GradSampleMode = "hooks"
     ledger_dir: str = ""
+    tracking_mlflow: str = ""
+    tracking_tensorboard: str = ""
+    intended_use: str = ""
     client_dp: ClientDP = "off"
     client_dp_noise_multiplier: float = 0.1
     client_dp_clipping_norm: float = 1.0

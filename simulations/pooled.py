@@ -15,7 +15,7 @@ from pathlib import Path
 from medfed.server.failures import RunFailedError
 from medfed.server.run_dir import RoundRecord, RunDirectory, new_run_path
 from medfed.server.server_app import ServerHooks, primary_metric_for
-from medfed.server.store import open_sink
+from medfed.server.tracking import open_run_sink
 from medfed.shared.config import RunConfig
 from medfed.shared.inference import model_shape_for
 from medfed.shared.partition import training_pool
@@ -74,7 +74,7 @@ def run_pooled(
     pool, _ = training_pool(splits.train.class_labels(), seed=cfg.seed, local_test_fraction=cfg.local_test_fraction)
     train_data = splits.train.subset(pool)  # what the simulated sites train on together (no local tests)
     path = Path(run_path) if run_path else new_run_path(cfg.run_dir, name=f"pooled-s{cfg.seed}")
-    run_dir = RunDirectory(path, config=cfg.to_run_config(), mode="pooled", sink=open_sink(cfg))
+    run_dir = RunDirectory(path, config=cfg.to_run_config(), mode="pooled", sink=open_run_sink(cfg))
     run_dir.model_shape = model_shape_for(cfg, splits.train).to_json()
     if hooks.on_start:
         hooks.on_start(run_dir)

@@ -29,7 +29,7 @@ NO_DEFAULT = {"config", "set_", "san", "resume", "section", "workdir"}
 
 def test_every_documented_command_is_covered() -> None:
     expected = {"simulate", "run", "provision", "server start", "site check", "site start", "dashboard", "bench",
-                "predict", "export"}
+                "predict", "export", "report", "export-run"}
     assert expected <= set(COMMANDS)
 
 

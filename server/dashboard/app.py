@@ -1,6 +1,7 @@
 """The coordinator dashboard: a FastAPI app over the run store.
 
-Pages (``/`` the runs, ``/runs/{id}`` one run) are static HTML whose JavaScript polls the JSON
+Pages (``/`` the runs, ``/runs/{id}`` one run, ``/runs/{id}/report`` its model card, written by
+:mod:`medfed.server.report` from the run directory) are static HTML whose JavaScript polls the JSON
 API under ``/api`` every 1.5 s and redraws in place; the chart library (plotly.js) is served
 from the installed ``plotly`` package, so the dashboard works with no internet. The OpenAPI
 schema is at ``/api/openapi.json``.
@@ -29,12 +30,13 @@ from urllib.parse import urlencode
 import uvicorn
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, HTMLResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from sqlalchemy.engine import make_url
 
 from medfed.server.dashboard.read_models import RunReader
+from medfed.server.dashboard.run_reports import RunReports
 from medfed.server.store import RunStore
 
 __all__ = [
@@ -242,7 +244,15 @@ class EventOut(BaseModel):
 
 
 # --------------------------------------------------------------------------- app
-def create_app(*, store: RunStore, token: str) -> FastAPI:
+def _store_folder(store: RunStore) -> list[Path]:
+    """The folder of an SQLite store (where ``medfed simulate`` writes its run directories too)."""
+    url = make_url(str(store.url))
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        return [Path(url.database).parent]
+    return []
+
+
+def create_app(*, store: RunStore, token: str, runs_roots: list[Path] | None = None) -> FastAPI:
     """The dashboard app over ``store``, guarded by ``token``.
 
     Parameters
@@ -251,6 +261,9 @@ def create_app(*, store: RunStore, token: str) -> FastAPI:
         An open run store (only read).
     token
         The bearer token every request must carry (header or cookie).
+    runs_roots
+        Folders holding run directories, for the model cards (``/runs/{id}/report``); each run's
+        recorded ``run-dir`` is tried first. Default: the folder of an SQLite store.
     """
     if len(token) < 16:
         raise ValueError("the dashboard token must be at least 16 characters long.")
@@ -293,6 +306,7 @@ def create_app(*, store: RunStore, token: str) -> FastAPI:
         return response
 
     reader = RunReader(store)
+    reports = RunReports(_store_folder(store) if runs_roots is None else runs_roots)
 
     def get_store() -> RunReader:
         return reader
@@ -361,6 +375,23 @@ def create_app(*, store: RunStore, token: str) -> FastAPI:
     @app.get("/runs/{run_id}", include_in_schema=False)
     def page_run(run_id: RunId) -> FileResponse:
         return FileResponse(_PAGES / "run.html", media_type="text/html")
+
+    @app.get("/runs/{run_id}/report", include_in_schema=False)
+    def page_report(run_id: RunId, s: StoreDep) -> HTMLResponse:
+        from medfed.server.model_card import ReportError
+
+        run = _run_or_404(s, run_id)
+        run_dir = reports.locate(run_id, run.get("config") or {})
+        if run_dir is None:
+            raise HTTPException(
+                status_code=404,
+                detail=f"run {run_id}'s directory is not on this machine (looked under its run-dir and "
+                       "the store's folder): run `medfed report RUN_DIR` where it is.",
+            )
+        try:
+            return HTMLResponse(reports.html(run_dir))
+        except ReportError as err:
+            raise HTTPException(status_code=500, detail=f"the model card cannot be written: {err}") from None
 
     plotly_js = plotly_js_path()
 

@@ -74,7 +74,7 @@ def test_a_live_run_in_chromium(tmp_path: Path) -> None:
         on_runs_page.set()
         row = page.locator("tr.run-row")
         expect(row).to_have_count(1, timeout=WAIT_S * 1000)  # the new run appears on the live list
-        row.locator("a").click()
+        row.locator("td:first-child a").click()  # the run (the last cell links its model card)
         page.wait_for_url("**/runs/**")
         page.evaluate("window.__sameDocument = true")  # lost if the page ever reloads
         deadline = time.monotonic() + WAIT_S

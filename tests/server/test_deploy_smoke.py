@@ -6,12 +6,14 @@ isolation with the signature check, NIfTI datalists), smaller so it fits the def
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
+from medfed.server.model_card import gather_model_card
 from medfed.server.provision import provision
 from medfed.server.run_dir import read_metrics
 from tests.support.deploy_support import MEDFED, LiveFederation, free_port
@@ -48,6 +50,10 @@ def test_two_sites_one_signed_round(two_sites: LiveFederation) -> None:
     assert set(record["sites"]) == {"north", "south"}  # the enrolled names (medfed.server.identity)
     for site in record["sites"].values():
         assert site["fit"]["num_examples"] == 12 and "train-loss" in site["fit"]
+    # The server records the bundle every site verified; the model card shows its hash.
+    bundle = json.loads((run_dir / "app_bundle.json").read_text())
+    assert bundle["signed"] is True and f"app bundle {bundle['fab_sha256'][:12]}..." in proc.stdout
+    assert gather_model_card(run_dir, calibrate=False).app_bundle["fab_sha256"] == bundle["fab_sha256"]
     for name, site in two_sites.sites.items():
         assert "verified app bundle" in site.text(), name
         # ... and the ClientApp that trained is the bundle's code (docs/deploy.md, "Which code a site runs").

@@ -15,6 +15,7 @@
   let lastRun = null;
 
   document.getElementById("run-id").textContent = runId;
+  document.getElementById("report-link").href = `/runs/${encodeURIComponent(runId)}/report`;
   document.title = `medfed dashboard: ${runId}`;
 
   function setText(id, text) { document.getElementById(id).textContent = text; }

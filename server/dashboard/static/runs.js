@@ -20,6 +20,7 @@
       el("td", { class: "num" }, rounds),
       el("td", {}, clock(run.started)),
       el("td", {}, ago(run.last_update)),
+      el("td", {}, el("a", { class: "report-link", href: `/runs/${encodeURIComponent(run.id)}/report` }, "model card")),
     ]);
   }
 
