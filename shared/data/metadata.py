@@ -37,6 +37,7 @@ __all__ = [
     "entry_metadata",
     "subgroup_code",
     "subgroup_label",
+    "subgroup_rank",
 ]
 
 METADATA_KEYS: tuple[str, ...] = ("sex", "age", "scanner", "manufacturer", "ethnicity")
@@ -126,3 +127,11 @@ def subgroup_label(key: str, code: str) -> str:
     if key == "age":
         return next((label for _, c, label in AGE_BANDS if c == code), code)
     return code
+
+
+def subgroup_rank(key: str, label: str) -> tuple[int, int, str]:
+    """Sort key of a shown subgroup: metadata keys in :data:`METADATA_KEYS` order, age bands
+    youngest first, ``F`` before ``M`` before ``other``, other values alphabetically."""
+    key_rank = METADATA_KEYS.index(key) if key in METADATA_KEYS else len(METADATA_KEYS)
+    fixed = {"age": [b[2] for b in AGE_BANDS], "sex": list(_SEX_LABELS.values())}.get(key, [])
+    return (key_rank, fixed.index(label) if label in fixed else len(fixed), label)
