@@ -19,91 +19,30 @@ count of fewer than ``min_count`` images can be derived from the total. A key wi
 :data:`MAX_GROUPS_PER_KEY` distinct values at the site looks like a per-patient field and is
 left out whole. The site's log says what was left out (keys and counts, never values).
 
-Metric names (all pass the egress rules of :mod:`medfed.client.egress`):
-
-* ``xsite-n``: test images; ``xsite-<metric>``: the site's figures (:data:`REPORTED_METRICS`);
-  ``xsite-suppressed``: how many subgroups were left out;
-* ``xsite-sg-<i>-<key>-<code>``: subgroup ``i`` (0, 1, ...) is ``key = code`` and holds this
-  many images (:func:`medfed.shared.data.metadata.subgroup_code`);
-  ``xsite-sg-<i>-<metric>``: its figures.
+The metric names a site sends are those of :mod:`medfed.shared.cross_site` (they pass the egress
+rules of :mod:`medfed.client.egress`).
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from medfed.shared.cross_site import PREFIX, REPORTED_METRICS, THRESHOLD, SiteCrossSite, Subgroup, encode_metrics
 from medfed.shared.data.base import ImageSet
 from medfed.shared.data.metadata import METADATA_KEYS, subgroup_code
 from medfed.shared.metrics import classification_metrics, segmentation_metrics, youden_threshold
 from medfed.shared.training import predict
 
-__all__ = [
-    "CROSS_SITE",
-    "MAX_GROUPS_PER_KEY",
-    "MIN_COUNT",
-    "PREFIX",
-    "REPORTED_METRICS",
-    "THRESHOLD",
-    "SiteCrossSite",
-    "Subgroup",
-    "cross_site_metrics",
-    "decode_metrics",
-    "encode_metrics",
-    "is_cross_site",
-    "site_cross_site",
-]
+__all__ = ["MAX_GROUPS_PER_KEY", "cross_site_metrics", "site_cross_site"]
 
 logger = logging.getLogger(__name__)
 
-CROSS_SITE = "cross-site"
-"""Evaluate-config key: ``1`` asks for cross-site evaluation instead of validation."""
-THRESHOLD = "cross-site-threshold"
-"""Evaluate-config key: the global decision threshold (binary classification; optional)."""
-MIN_COUNT = "cross-site-min-count"
-"""Evaluate-config key: the run's smallest reported subgroup (a site's policy may raise it)."""
-PREFIX = "xsite"
-REPORTED_METRICS: tuple[str, ...] = (
-    "auc", "accuracy", "balanced-accuracy", "sensitivity", "specificity", "threshold", "dice",
-)  # fmt: skip
-"""The figures sent per site and per subgroup (those the task has)."""
 MAX_GROUPS_PER_KEY = 8
 """A metadata key with more distinct values at a site is left out (it looks per-patient)."""
-
-_GROUP_NAME = re.compile(rf"{PREFIX}-sg-(\d{{1,3}})-({'|'.join(METADATA_KEYS)})-([a-z0-9]+(?:-[a-z0-9]+)*)")
-_GROUP_METRIC = re.compile(rf"{PREFIX}-sg-(\d{{1,3}})-({'|'.join(REPORTED_METRICS)})")
-
-
-@dataclass(frozen=True)
-class Subgroup:
-    """One reported subgroup: ``key = code`` with ``n`` images and its ``metrics``."""
-
-    key: str
-    code: str
-    n: int
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class SiteCrossSite:
-    """A site's cross-site figures: ``n`` test images, its ``metrics``, the reported ``subgroups``
-    and how many were ``suppressed``."""
-
-    n: int
-    metrics: dict[str, float]
-    subgroups: list[Subgroup] = field(default_factory=list)
-    suppressed: int = 0
-
-
-def is_cross_site(config: Mapping[str, object]) -> bool:
-    """Whether an evaluate config asks for cross-site evaluation."""
-    value = config.get(CROSS_SITE, 0)
-    return not isinstance(value, str) and bool(value)
 
 
 def _figures(logits: torch.Tensor, targets: torch.Tensor, *, task: str, num_classes: int,
@@ -206,44 +145,6 @@ def cross_site_metrics(
         index = torch.as_tensor(idx, dtype=torch.long)
         subgroups.append(Subgroup(key, code, len(idx), _figures(logits[index], targets[index], **score)))
     return loss, SiteCrossSite(len(test), _figures(logits, targets, **score), subgroups, suppressed)
-
-
-def encode_metrics(result: SiteCrossSite) -> dict[str, float]:
-    """The metric names and values a site sends for ``result`` (see the module text)."""
-    out: dict[str, float] = {f"{PREFIX}-n": float(result.n), f"{PREFIX}-suppressed": float(result.suppressed)}
-    out.update({f"{PREFIX}-{k}": v for k, v in result.metrics.items()})
-    for i, group in enumerate(result.subgroups):
-        out[f"{PREFIX}-sg-{i}-{group.key}-{group.code}"] = float(group.n)
-        out.update({f"{PREFIX}-sg-{i}-{k}": v for k, v in group.metrics.items()})
-    return out
-
-
-def decode_metrics(metrics: Mapping[str, object]) -> SiteCrossSite | None:
-    """The inverse of :func:`encode_metrics` (the server's side); ``None`` without ``xsite-n``.
-
-    Names that match none of the patterns are ignored (``site-index``, say).
-    """
-    if f"{PREFIX}-n" not in metrics:
-        return None
-
-    def number(value: object) -> float:
-        return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else float("nan")
-
-    site = {k: number(metrics[f"{PREFIX}-{k}"]) for k in REPORTED_METRICS if f"{PREFIX}-{k}" in metrics}
-    heads: dict[int, tuple[str, str, int]] = {}
-    figures: dict[int, dict[str, float]] = {}
-    for name, value in metrics.items():
-        if match := _GROUP_NAME.fullmatch(name):
-            heads[int(match.group(1))] = (match.group(2), match.group(3), int(number(value)))
-        elif match := _GROUP_METRIC.fullmatch(name):
-            figures.setdefault(int(match.group(1)), {})[match.group(2)] = number(value)
-    subgroups = [Subgroup(key, code, n, figures.get(i, {})) for i, (key, code, n) in sorted(heads.items())]
-    return SiteCrossSite(
-        n=int(number(metrics[f"{PREFIX}-n"])),
-        metrics=site,
-        subgroups=subgroups,
-        suppressed=int(number(metrics.get(f"{PREFIX}-suppressed", 0))),
-    )
 
 
 def site_cross_site(

@@ -18,10 +18,11 @@ import numpy as np
 import torch
 from flwr.client import NumPyClient
 
-from medfed.client.cross_site import MIN_COUNT, is_cross_site, site_cross_site
+from medfed.client.cross_site import site_cross_site
 from medfed.client.site_data import SiteData
 from medfed.client.site_policy import SitePolicy, Violation, check_run, violation_metrics
 from medfed.shared.config import RunConfig
+from medfed.shared.cross_site import MIN_COUNT, is_cross_site
 from medfed.shared.models import validate_for_dp
 from medfed.shared.preflight import dp_setup_problems
 from medfed.shared.privacy import (

@@ -106,15 +106,17 @@ class SitePolicy:
         for char in ('"', "'"):
             if char in self.ledger_dir:
                 raise ConfigError("ledger-dir must not contain quotes (Flower's node config cannot hold them).")
-        return {
+        items = {
             "require-dp": "true" if self.require_dp else "false",
             "dp-budget-epsilon": repr(float(self.budget_epsilon)),
             "dp-max-delta": repr(float(self.max_delta)),
             "dp-min-noise-multiplier": repr(float(self.min_noise_multiplier)),
             "dp-require-secure-noise": "true" if self.require_secure_noise else "false",
             "ledger-dir": f'"{self.ledger_dir}"',
-            "cross-site-min-count": str(int(self.cross_site_min_count)),
         }
+        if self.cross_site_min_count:  # 0: the run's (the key's absence says so)
+            items["cross-site-min-count"] = str(int(self.cross_site_min_count))
+        return items
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SitePolicy:

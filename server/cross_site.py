@@ -6,7 +6,7 @@ After the last round (``cross-site = true``, the default) the ServerApp sends ev
 with ``cross-site = 1``, the run's ``cross-site-min-count`` and, in binary classification, the
 decision threshold chosen on the validation split by the server's evaluation of the final model
 (``cross-site-threshold``; deployment has none and each site chooses its own on its validation
-split). Each site answers with metrics only (:mod:`medfed.client.cross_site`); no data leaves it.
+split). Each site answers with metrics only (:mod:`medfed.client.cross_site`; names: :mod:`medfed.shared.cross_site`); no data leaves it.
 
 The server writes ``<run_dir>/cross_site.json``::
 
@@ -36,11 +36,11 @@ from flwr.app.message_type import MessageType
 from flwr.common import Code, EvaluateIns, ndarrays_to_parameters
 from flwr.serverapp import Grid
 
-from medfed.client.cross_site import CROSS_SITE, MIN_COUNT, REPORTED_METRICS, THRESHOLD, SiteCrossSite, decode_metrics
 from medfed.server.identity import SiteIdentities
 from medfed.server.rounds import error_class
 from medfed.server.run_dir import CROSS_SITE_FILE, RunDirectory
 from medfed.shared.config import RunConfig
+from medfed.shared.cross_site import CROSS_SITE, MIN_COUNT, REPORTED_METRICS, THRESHOLD, SiteCrossSite, decode_metrics
 from medfed.shared.data.metadata import METADATA_KEYS, subgroup_label, subgroup_rank
 
 __all__ = [

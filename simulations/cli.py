@@ -162,7 +162,7 @@ def simulate(
             help=escape(
                 "Train nothing: every simulated site of this checkpoint's run scores it on its local "
                 "test split (per subgroup too), written to the run directory's cross_site[_<name>].json "
-                "and the run store. Takes no other config option."
+                "and the run store. Takes no other config option. Default: off (train a run)."
             ),
         ),
     ] = None,

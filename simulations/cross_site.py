@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from medfed.client.cross_site import decode_metrics
 from medfed.client.egress import allowed_name
 from medfed.client.site_client import SiteClient
 from medfed.client.site_data import simulated_site_data
@@ -29,6 +28,7 @@ from medfed.server.cross_site import build_report, cross_site_config
 from medfed.server.run_dir import write_cross_site_file
 from medfed.server.store import RunStore
 from medfed.shared.config import RunConfig
+from medfed.shared.cross_site import decode_metrics
 
 __all__ = ["cross_site_of_checkpoint"]
 

@@ -12,21 +12,21 @@ import pytest
 import torch
 from torch import nn
 
-from medfed.client.cross_site import (
-    CROSS_SITE,
-    MIN_COUNT,
-    THRESHOLD,
-    SiteCrossSite,
-    Subgroup,
-    cross_site_metrics,
-    decode_metrics,
-    encode_metrics,
-)
+from medfed.client.cross_site import cross_site_metrics
 from medfed.client.egress import allowed_name
 from medfed.client.site_client import SiteClient
 from medfed.client.site_data import simulated_site_data
 from medfed.client.site_policy import SitePolicy
 from medfed.shared.config import ConfigError, RunConfig
+from medfed.shared.cross_site import (
+    CROSS_SITE,
+    MIN_COUNT,
+    THRESHOLD,
+    SiteCrossSite,
+    Subgroup,
+    decode_metrics,
+    encode_metrics,
+)
 from medfed.shared.data.base import ImageSet
 from medfed.shared.metrics import classification_metrics
 
@@ -118,6 +118,9 @@ def test_names_pass_the_egress_rules_and_decode_back() -> None:
     assert all(allowed_name(name) for name in sent), [n for n in sent if not allowed_name(n)]
     assert decode_metrics({**sent, "site-index": 2}) == result
     assert decode_metrics({"accuracy": 0.5}) is None
+    assert decode_metrics({"xsite-n": float("nan")}) is None  # a bad count from a site is not a row
+    odd = decode_metrics({"xsite-n": 5, "xsite-sg-0-sex-f": -1.0, "xsite-sg-1-sex-m": 5, "xsite-sg-1-auc": 0.5})
+    assert odd is not None and [(g.code, g.n) for g in odd.subgroups] == [("m", 5)]
 
 
 def _site(policy: SitePolicy | None = None) -> SiteClient:

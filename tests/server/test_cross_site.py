@@ -6,9 +6,9 @@ from typing import Any
 
 import pytest
 
-from medfed.client.cross_site import SiteCrossSite, Subgroup
 from medfed.server.cross_site import build_report, cross_site_config, subgroup_gaps
 from medfed.shared.config import RunConfig
+from medfed.shared.cross_site import SiteCrossSite, Subgroup
 
 
 def _site(name: str, *groups: tuple[str, str, int, dict[str, float]]) -> dict[str, Any]:

@@ -189,6 +189,7 @@ def test_unknown_site_key_suggests_the_closest(tmp_path: Path) -> None:
 SIMULATE_TABLE: dict[str, tuple[list[str], list[str]]] = {
     "config": (["--config", "missing.toml"], ["missing.toml", "does not exist"]),
     "resume": (["--resume", "nowhere"], ["resume = 'nowhere'", "no such run directory"]),
+    "cross_site_only": (["--cross-site-only", "nowhere.pt"], ["--cross-site-only nowhere.pt", "no such checkpoint file"]),
     "dataset": (["--dataset", "nope.json"], ["dataset 'nope.json' does not exist"]),
     "sites": (["--sites", "0"], ["num-sites (--sites) = 0", ">= 1"]),
     "partition": (["--partition", "random"], ["'--partition'", "'random' is not one of", "'dirichlet'"]),
