@@ -83,7 +83,8 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         and the run store say so, and the run directory is resumable from its last completed
         round.
 
-    With ``cfg.cross_site`` every site then scores the final model on its local test split
+    With ``cfg.cross_site`` (and ``fraction-evaluate > 0``: at 0 no site evaluates anything)
+    every site then scores the final model on its local test split
     (:mod:`medfed.server.cross_site`: ``cross_site.json``, the run store, ``summary.json``'s
     ``cross_site``).
     """
@@ -160,7 +161,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         strategy.check_progress(first_round=done + 1, last_round=cfg.num_server_rounds)
         weights = strategy.final_weights() if strategy.failure is None else None
         extra = hooks.on_final_model(weights) if hooks.on_final_model and weights is not None else None
-        if cfg.cross_site and weights is not None:
+        if cfg.cross_site and cfg.fraction_evaluate > 0 and weights is not None:  # no site evaluates at 0
             # the server's evaluation chose it on validation data (deployment: none, each site chooses its own)
             threshold = None if cfg.is_deployment else strategy.final_metrics.get("threshold")
             extra = {**(extra or {}), **run_cross_site(

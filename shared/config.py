@@ -213,7 +213,8 @@ class RunConfig:
         split and reports its metrics, and per subgroup (datalist metadata ``sex``, ``age``,
         ``scanner``...) those of each subgroup with at least ``cross_site_min_count`` images
         (>= 2; a site's policy may raise it); smaller subgroups send nothing
-        (``medfed.client.cross_site``, ``docs/evaluation.md``).
+        (``medfed.client.cross_site``, ``docs/evaluation.md``). ``fraction-evaluate = 0`` (no
+        site evaluates) turns it off too.
     augment
         Random flips and small shifts while training.
     seed
