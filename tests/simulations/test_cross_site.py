@@ -26,6 +26,7 @@ from medfed.server.store import RunStore
 from medfed.shared.config import RunConfig
 from medfed.shared.data.metadata import subgroup_code
 from medfed.simulations.cross_site import cross_site_of_checkpoint
+from medfed.simulations.progress import summary_lines
 from tests.support.dashboard_support import TOKEN
 from tests.support.local_grid import LocalGrid, server_identity
 
@@ -89,6 +90,9 @@ def test_one_row_per_site_with_its_local_test_figures(run: dict[str, Any]) -> No
         assert {"auc", "accuracy", "balanced-accuracy", "sensitivity", "specificity", "threshold"} <= set(site["metrics"])
         assert site["metrics"]["threshold"] == pytest.approx(final["final_metrics"]["threshold"])  # the global one
     assert final["cross_site"]["sites"] == 2 and final["cross_site"]["file"] == "cross_site.json"
+    subgroups = sum(len(s["subgroups"]) for s in report["sites"])
+    line = dict(summary_lines(final))["cross-site"]
+    assert line.startswith(f"2 site(s), {subgroups} subgroup row(s)") and line.endswith("cross_site.json")
 
 
 def test_subgroup_rows_and_suppression(run: dict[str, Any]) -> None:
