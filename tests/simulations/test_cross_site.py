@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 from flwr.app import Context, RecordDict
 from PIL import Image
+from typer.testing import CliRunner
 
+from medfed.cli import app
 from medfed.client.client_app import make_client_app
 from medfed.client.egress import allowed_name, inspect_message
 from medfed.client.site_data import simulated_site_data
@@ -156,3 +158,14 @@ def test_on_demand_evaluation_of_the_checkpoint_gives_the_same_rows(run: dict[st
     with RunStore(run["cfg"].store_url) as store:
         [listed] = RunReader(store).list_runs()
         assert _same(RunReader(store).cross_site(listed["id"], checkpoint="best"), best)
+
+
+def test_the_command_prints_the_rows_and_refuses_other_options(run: dict[str, Any]) -> None:
+    checkpoint = str(run["dir"] / "checkpoints" / "final.pt")
+    result = CliRunner().invoke(app, ["simulate", "--cross-site-only", checkpoint])
+    assert result.exit_code == 0, result.output
+    output = " ".join(result.output.split())
+    assert "site-0" in output and "site-1" in output and "sex = F" in output and "gap sex" in output
+    assert "cross_site.json" in output.replace(" ", "")  # rich may wrap the path
+    refused = CliRunner().invoke(app, ["simulate", "--cross-site-only", checkpoint, "--sites", "3"])
+    assert refused.exit_code == 2 and "leave out the other options (given: --sites)" in " ".join(refused.output.split())
