@@ -18,9 +18,11 @@ import numpy as np
 import torch
 from flwr.client import NumPyClient
 
+from medfed.client.cross_site import site_cross_site
 from medfed.client.site_data import SiteData
 from medfed.client.site_policy import SitePolicy, Violation, check_run, violation_metrics
 from medfed.shared.config import RunConfig
+from medfed.shared.cross_site import MIN_COUNT, is_cross_site
 from medfed.shared.models import validate_for_dp
 from medfed.shared.preflight import dp_setup_problems
 from medfed.shared.privacy import (
@@ -263,6 +265,14 @@ class SiteClient(NumPyClient):
             trained[i] = np.asarray(parameters[i]).copy()
         return trained, result.num_examples, metrics
 
+    def cross_site_min_count(self, config: dict[str, Any]) -> int:
+        """The smallest subgroup this site reports: the largest of the run's ``cross-site-min-count``
+        (config and the evaluate message) and its policy's."""
+        asked = config.get(MIN_COUNT, 0)
+        asked = int(asked) if isinstance(asked, (int, float)) and not isinstance(asked, bool) else 0
+        policy = self.policy.cross_site_min_count if self.policy is not None else 0
+        return max(self.cfg.cross_site_min_count, asked, policy)
+
     def _criterion(self) -> torch.nn.Module:
         """The training loss of ``loss`` (label-skew corrections use this site's class counts)."""
         task = self.data.train.task
@@ -463,6 +473,11 @@ class SiteClient(NumPyClient):
         With ``bn-mode`` other than ``"global"`` the site evaluates with its own BatchNorm
         entries (from its site state; before it has trained, statistics re-estimated on its
         training data), as SiloBN and FedBN do.
+
+        With ``cross-site = 1`` in ``config`` the site scores the model on its local test split
+        instead, as a whole and per metadata subgroup (:mod:`medfed.client.cross_site`), with
+        subgroups below the largest of the run's ``cross-site-min-count`` and the site policy's
+        left out.
         """
         violations = self.policy_violations(server_round=1)  # the round changes no privacy setting
         if violations:
@@ -472,6 +487,12 @@ class SiteClient(NumPyClient):
             state = SiteState(self.state_path).before(10**9)
             if not self._load_local_entries(state):
                 reestimate_bn(self.model, self.data.train, device=self.device)
+        if is_cross_site(config):
+            loss, count, sent = site_cross_site(
+                self.model, test=self.data.test, val=self.data.val, config=config,
+                min_count=self.cross_site_min_count(config), device=self.device,
+            )
+            return loss, count, {"site-index": self.site_index, **sent}
         metrics = evaluate(self.model, self.data.val, device=self.device)
         loss = float(metrics.pop("loss"))
         num_examples = int(metrics.pop("num_examples"))

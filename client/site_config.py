@@ -54,6 +54,9 @@ class SiteConfig:
     ledger_dir
         The site's folder for its privacy ledgers (``""``: ``<state>/ledgers``; relative paths
         resolve against ``site.toml``'s folder). The coordinator's ``ledger-dir`` is ignored.
+    cross_site_min_count
+        The smallest subgroup this site reports in cross-site evaluation (``0``: the run's
+        ``cross-site-min-count``; else >= 2, and the larger of the two applies).
     runtime_port
         Port of the SuperNode's local runtime API (bound to 127.0.0.1).
     state_dir
@@ -89,6 +92,7 @@ class SiteConfig:
     dp_min_noise_multiplier: float = 0.0
     dp_require_secure_noise: bool = True
     ledger_dir: str = ""
+    cross_site_min_count: int = 0
     runtime_port: int = 9094
     state_dir: str = ""
     image_size: int = 0
@@ -128,6 +132,7 @@ class SiteConfig:
             min_noise_multiplier=self.dp_min_noise_multiplier,
             require_secure_noise=self.dp_require_secure_noise,
             ledger_dir=str(self.ledger_path_dir(kit)) if kit is not None else "",
+            cross_site_min_count=self.cross_site_min_count,
         )
     def auth_key_path(self) -> Path | None:
         """:attr:`auth_private_key` resolved against ``site.toml``'s folder (``None``: not set)."""
@@ -203,6 +208,9 @@ def load_site_config(path: str | Path, *, require_datalist: bool = True) -> Site
     require_dp = _expect(source, "require-dp", raw.get("require-dp", False), bool, "true or false")
     secure = _expect(source, "dp-require-secure-noise", raw.get("dp-require-secure-noise", True), bool, "true or false")
     ledger_dir = _expect(source, "ledger-dir", raw.get("ledger-dir", ""), str, 'a folder path (or "")')
+    min_count = _expect(source, "cross-site-min-count", raw.get("cross-site-min-count", 0), int, "0 or an integer >= 2")
+    if min_count == 1 or min_count < 0:
+        raise SiteConfigError(f"{source}: cross-site-min-count = {min_count} is invalid: use 0 (the run's) or an integer >= 2.")
     port = _expect(source, "runtime-port", raw.get("runtime-port", 9094), int, "an integer port")
     if not 1024 <= port <= 65535:
         raise SiteConfigError(f"{source}: runtime-port = {port} is invalid: use 1024-65535.")
@@ -238,6 +246,7 @@ def load_site_config(path: str | Path, *, require_datalist: bool = True) -> Site
         dp_min_noise_multiplier=min_noise,
         dp_require_secure_noise=secure,
         ledger_dir=ledger_dir,
+        cross_site_min_count=min_count,
         runtime_port=port,
         state_dir=state_dir,
         image_size=image_size,

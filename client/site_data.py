@@ -186,11 +186,15 @@ def deployment_site_data(cfg: RunConfig, *, datalist: str) -> SiteData:
         test = _with_classes(splits.test, cfg.num_classes)  # the site's own local test split
     else:
         # load_datalist carved a test split the site never uses: train on it instead.
+        meta = None
+        if train.metadata is not None or splits.test.metadata is not None:
+            meta = tuple(train.metadata or ({},) * len(train)) + tuple(splits.test.metadata or ({},) * len(splits.test))
         train = ImageSet(
             np.concatenate([train.images, splits.test.images]),
             np.concatenate([train.targets, splits.test.targets]),
             train.task,
             train.num_classes,
+            meta,
         )
     logger.info("site data: %d training and %d validation samples", len(train), len(splits.val))
     if splits.skipped_files:
@@ -226,4 +230,4 @@ def _has_section(datalist: str, section: str) -> bool:
 
 
 def _with_classes(data: ImageSet, num_classes: int) -> ImageSet:
-    return ImageSet(data.images, data.targets, data.task, num_classes)
+    return data.with_num_classes(num_classes)

@@ -24,6 +24,9 @@ What the policy covers:
 ``ledger-dir``
     The site's folder for its privacy ledgers (the run's ``ledger-dir`` and ``run-dir`` are
     ignored at a deployed site).
+``cross-site-min-count``
+    The smallest subgroup the site reports in cross-site evaluation (``0``: the run's
+    ``cross-site-min-count``); it only ever raises the run's (:mod:`medfed.client.cross_site`).
 
 A run with ``dp-accountant = "gdp"`` is also refused: Opacus's GDP accountant may under-estimate
 epsilon and cannot compose the different noise levels of several runs in one ledger.
@@ -50,6 +53,7 @@ POLICY_NODE_KEYS: tuple[str, ...] = (
     "dp-min-noise-multiplier",
     "dp-require-secure-noise",
     "ledger-dir",
+    "cross-site-min-count",
 )
 """The node-config (and ``site.toml``) keys of a site's policy."""
 
@@ -75,6 +79,9 @@ class SitePolicy:
         Refuse ``dp-secure-noise = false``.
     ledger_dir
         Absolute folder of the site's ledgers (``""``: none given, e.g. a dry run).
+    cross_site_min_count
+        The smallest subgroup the site reports in cross-site evaluation (``0``: the run's
+        ``cross-site-min-count``; otherwise >= 2); the larger of the two applies.
     """
 
     require_dp: bool = False
@@ -83,11 +90,14 @@ class SitePolicy:
     min_noise_multiplier: float = 0.0
     require_secure_noise: bool = True
     ledger_dir: str = ""
+    cross_site_min_count: int = 0
 
     def __post_init__(self) -> None:
         problems = policy_problems(
             budget_epsilon=self.budget_epsilon, max_delta=self.max_delta, min_noise_multiplier=self.min_noise_multiplier
         )
+        if self.cross_site_min_count == 1 or self.cross_site_min_count < 0:
+            problems.append(("cross-site-min-count", f"{self.cross_site_min_count!r} is invalid: use 0 (the run's) or an integer >= 2."))
         if problems:
             raise ConfigError(" ".join(f"{key}: {text}" for key, text in problems))
 
@@ -96,7 +106,7 @@ class SitePolicy:
         for char in ('"', "'"):
             if char in self.ledger_dir:
                 raise ConfigError("ledger-dir must not contain quotes (Flower's node config cannot hold them).")
-        return {
+        items = {
             "require-dp": "true" if self.require_dp else "false",
             "dp-budget-epsilon": repr(float(self.budget_epsilon)),
             "dp-max-delta": repr(float(self.max_delta)),
@@ -104,6 +114,9 @@ class SitePolicy:
             "dp-require-secure-noise": "true" if self.require_secure_noise else "false",
             "ledger-dir": f'"{self.ledger_dir}"',
         }
+        if self.cross_site_min_count:  # 0: the run's (the key's absence says so)
+            items["cross-site-min-count"] = str(int(self.cross_site_min_count))
+        return items
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> SitePolicy:
@@ -139,6 +152,7 @@ class SitePolicy:
                 min_noise_multiplier=number("dp-min-noise-multiplier", default.min_noise_multiplier),
                 require_secure_noise=flag("dp-require-secure-noise", default.require_secure_noise),
                 ledger_dir=ledger_dir,
+                cross_site_min_count=int(number("cross-site-min-count", default.cross_site_min_count)),
             )
         except ConfigError as err:
             raise ConfigError(f"node config: {err} (set it in site.toml).") from None

@@ -545,6 +545,14 @@ class RecordingStrategy(DelegatingStrategy):
             ran = [r for r in self.records if r.round >= first_round]
             self.failure = no_round_completed(ran, min_results=self.min_results)
 
+    @property
+    def final_metrics(self) -> dict[str, float]:
+        """The last recorded round's global metrics (the server's evaluation, else the sites'
+        aggregated validation): in binary classification its ``threshold`` is the one chosen on
+        validation data, which cross-site evaluation applies."""
+        self._flush()
+        return dict(self._final_metrics)
+
     def final_weights(self) -> list | None:
         """The global model's weights after the last aggregated round (``None``: none yet)."""
         return parameters_to_ndarrays(self._latest) if self._latest is not None else None

@@ -5,6 +5,8 @@ Layout (other tools read it)::
     <run_dir>/config.json          run config + versions + mode
     <run_dir>/metrics.jsonl        one JSON object per round (round 0 = initial model)
     <run_dir>/summary.json         status (finished | failed | interrupted), final and best rounds, wall time
+    <run_dir>/cross_site.json      the sites' evaluation of the final model on their local test splits
+                                   (server.cross_site; cross_site_<checkpoint>.json for another checkpoint)
     <run_dir>/checkpoints/best.pt  {"state_dict", "config", "round", "metrics", "model_shape"}
     <run_dir>/checkpoints/final.pt same keys
     <run_dir>/checkpoints/resume.pt the server's state after the last completed round (server.resume)
@@ -35,7 +37,7 @@ from medfed.shared.files import write_atomically
 if TYPE_CHECKING:
     from medfed.server.store import RunSink
 
-__all__ = ["RunDirectory", "RoundRecord", "new_run_path", "read_metrics"]
+__all__ = ["CROSS_SITE_FILE", "RunDirectory", "RoundRecord", "cross_site_path", "new_run_path", "read_metrics", "write_cross_site_file"]
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +116,24 @@ def new_run_path(base: str | Path, *, name: str) -> Path:
         except FileExistsError:
             suffix += 1
             path = Path(base) / f"{stamp}-{name}-{suffix}"
+
+
+CROSS_SITE_FILE = "cross_site.json"
+"""The cross-site report of the final model (:mod:`medfed.server.cross_site`)."""
+
+
+def cross_site_path(run_path: str | Path, checkpoint: str) -> Path:
+    """Where the cross-site report of ``checkpoint`` goes: ``cross_site.json`` for ``"final"``,
+    else ``cross_site_<checkpoint>.json``."""
+    name = CROSS_SITE_FILE if checkpoint == "final" else f"cross_site_{checkpoint}.json"
+    return Path(run_path) / name
+
+
+def write_cross_site_file(run_path: str | Path, report: Mapping[str, Any]) -> Path:
+    """Write a cross-site report (its ``"checkpoint"`` names the file: :func:`cross_site_path`)."""
+    target = cross_site_path(run_path, str(report["checkpoint"]))
+    _write_text(target, json.dumps(report, indent=2, sort_keys=False) + "\n")
+    return target
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
@@ -290,6 +310,16 @@ class RunDirectory:
                 self.sink.run_failed(RuntimeError(str(data.get("failure", "the run failed"))))
             else:
                 self.sink.run_finished(data)
+
+    def write_cross_site(self, report: Mapping[str, Any]) -> Path:
+        """Write the cross-site report (:func:`write_cross_site_file`) and record it in the sink."""
+        target = cross_site_path(self.path, str(report["checkpoint"]))
+        if self.stopped:
+            return target
+        write_cross_site_file(self.path, report)
+        if self.sink is not None:
+            self.sink.cross_site(report)
+        return target
 
     @property
     def stopped(self) -> bool:

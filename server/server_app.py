@@ -22,6 +22,7 @@ from flwr.server.workflow.default_workflows import default_evaluate_workflow, de
 from flwr.serverapp import Grid
 from torch import nn
 
+from medfed.server.cross_site import run_cross_site
 from medfed.server.evaluation import make_evaluate_fn
 from medfed.server.failures import RunFailedError
 from medfed.server.identity import SiteIdentities, enrolment_from_env
@@ -82,6 +83,11 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         Every site failed a round, or no round completed (``medfed.server.failures``); the summary
         and the run store say so, and the run directory is resumable from its last completed
         round.
+
+    With ``cfg.cross_site`` (and ``fraction-evaluate > 0``: at 0 no site evaluates anything)
+    every site then scores the final model on its local test split
+    (:mod:`medfed.server.cross_site`: ``cross_site.json``, the run store, ``summary.json``'s
+    ``cross_site``).
     """
     seed_everything(cfg.seed)
     point: ResumePoint | None = None
@@ -159,6 +165,13 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         strategy.check_progress(first_round=done + 1, last_round=cfg.num_server_rounds)
         weights = strategy.final_weights() if strategy.failure is None else None
         extra = hooks.on_final_model(weights) if hooks.on_final_model and weights is not None else None
+        if cfg.cross_site and cfg.fraction_evaluate > 0 and weights is not None:  # no site evaluates at 0
+            # the server's evaluation chose it on validation data (deployment: none, each site chooses its own)
+            threshold = None if cfg.is_deployment else strategy.final_metrics.get("threshold")
+            extra = {**(extra or {}), **run_cross_site(
+                grid, cfg=cfg, weights=weights, threshold=threshold, identities=strategy.identities, task=task,
+                run_dir=run_dir, server_round=strategy.latest_round,
+            )}
         summary = strategy.finish(extra=extra)  # a failed run's summary says so, and the run store too
     except BaseException as err:
         run_dir.fail(err)  # the run store shows the run as failed

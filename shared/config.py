@@ -215,6 +215,13 @@ class RunConfig:
     local_only_baseline
         Simulation: also train each site alone (same model, rounds and epochs) and score it on
         its local test split.
+    cross_site, cross_site_min_count
+        After the last round every site scores the final global model on its own local test
+        split and reports its metrics, and per subgroup (datalist metadata ``sex``, ``age``,
+        ``scanner``...) those of each subgroup with at least ``cross_site_min_count`` images
+        (>= 2; a site's policy may raise it); smaller subgroups send nothing
+        (``medfed.client.cross_site``, ``docs/evaluation.md``). ``fraction-evaluate = 0`` (no
+        site evaluates) turns it off too.
     augment
         Random flips and small shifts while training.
     seed
@@ -310,6 +317,8 @@ class RunConfig:
     personalize: Personalize = "bn+head"
     personalize_epochs: int = 2
     local_only_baseline: bool = False
+    cross_site: bool = True
+    cross_site_min_count: int = 10
     augment: bool = True
     seed: int = 0
     run_dir: str = "runs"
@@ -384,6 +393,7 @@ class RunConfig:
             ("num-malicious-sites", self.num_malicious_sites, 0),
             ("num-sites-to-keep", self.num_sites_to_keep, 0),
             ("personalize-epochs", self.personalize_epochs, 0),
+            ("cross-site-min-count", self.cross_site_min_count, 2),
         ):
             if value < low:
                 raise ConfigError(f"{key} = {value!r} is invalid: it must be an integer >= {low}.")

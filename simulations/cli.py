@@ -154,6 +154,18 @@ def simulate(
             ),
         ),
     ] = None,
+    cross_site_only: Annotated[
+        Path | None,
+        typer.Option(
+            "--cross-site-only",
+            metavar="CHECKPOINT",
+            help=escape(
+                "Train nothing: every simulated site of this checkpoint's run scores it on its local "
+                "test split (per subgroup too), written to the run directory's cross_site[_<name>].json "
+                "and the run store. Takes no other config option. Default: off (train a run)."
+            ),
+        ),
+    ] = None,
     dry_run: Annotated[bool, dry_run_option(instead="without training")] = False,
     verbose: Annotated[bool, verbose_option(what="Flower's and medfed's logs")] = False,
 ) -> None:
@@ -165,6 +177,17 @@ def simulate(
     _setup_logging(verbose)
     overrides = given_values(ctx, flags=SIMULATE_FLAGS)  # key -> value typed, None if not given
     try:
+        if cross_site_only is not None:
+            given = [SIMULATE_FLAGS[k] for k, v in overrides.items() if v is not None]
+            given += ["--config"] * (config is not None) + ["--set"] * bool(set_) + ["--centralized"] * centralized
+            given += ["--resume"] * (resume is not None) + ["--dry-run"] * dry_run
+            if given:
+                raise ConfigError(
+                    f"--cross-site-only evaluates the checkpoint with its run's own config; leave out the "
+                    f"other options (given: {', '.join(given)})."
+                )
+            _cross_site_only(cross_site_only)
+            return
         if resume is not None:
             given = [SIMULATE_FLAGS[k] for k, v in overrides.items() if v is not None]
             given += ["--config"] * (config is not None) + ["--set"] * bool(set_) + ["--centralized"] * centralized
@@ -204,6 +227,33 @@ def simulate(
             logging.getLogger(__name__).error("the run failed", exc_info=err.__cause__)
         console.print(f"[bold red]error:[/] {escape(str(err))}")
         raise typer.Exit(code=1) from None
+
+
+def _cross_site_only(checkpoint: Path) -> None:
+    """``--cross-site-only``: the sites' evaluation of ``checkpoint``, printed as a table."""
+    from medfed.simulations.cross_site import cross_site_of_checkpoint
+
+    path, report = cross_site_of_checkpoint(checkpoint)
+    table = Table(title=f"cross-site evaluation: {report['checkpoint']} model (round {report['round']})")
+    for column in ("site", "subgroup", "n", "metrics"):
+        table.add_column(column)
+
+    def figures(metrics: dict[str, float]) -> str:
+        return ", ".join(f"{k} {v:.3f}" for k, v in metrics.items())
+
+    for site in report["sites"]:
+        table.add_row(site["site"], "all", str(site["n"]), figures(site["metrics"]))
+        for group in site["subgroups"]:
+            table.add_row("", f"{group['key']} = {group['value']}", str(group["n"]), figures(group["metrics"]))
+    console.print(table)
+    for gap in report["gaps"]:
+        console.print(
+            f"gap {gap['key']} {gap['metric']}: {gap['best_value']} {gap['best']:.3f} - "
+            f"{gap['worst_value']} {gap['worst']:.3f} = {gap['gap']:.3f}", markup=False,
+        )
+    suppressed = sum(s["suppressed"] for s in report["sites"])
+    console.print(f"{suppressed} subgroup(s) below cross-site-min-count = {report['min_count']} not reported; "
+                  f"report: {path}", markup=False)
 
 
 def _stop(code: int, line: str) -> NoReturn:

@@ -175,7 +175,8 @@ def summary_lines(summary: dict[str, object]) -> list[tuple[str, str]]:
 
     Each final test metric with, beside it, the validation-selected round's
     (``final auc: 0.8800  (selected round 7: 0.8900)``); the single-class flags of the final
-    and selected models; the sites' local test figures (personalization), one line per site.
+    and selected models; the sites' local test figures (personalization), one line per site;
+    the cross-site evaluation's row counts (:mod:`medfed.server.cross_site`).
     """
     final = dict(summary.get("final_metrics") or {})  # type: ignore[call-overload]
     best = dict(summary.get("best_metrics") or {})  # type: ignore[call-overload]
@@ -208,6 +209,11 @@ def summary_lines(summary: dict[str, object]) -> list[tuple[str, str]]:
         counted = dict(report.get("mean_over_sites") or {})
         sites = f" (AUC over {counted['local-test-auc-global']} sites)" if "local-test-auc-global" in counted else ""
         rows.append((f"mean local test{sites}", _local_test_text(report["mean"])))
+    cross = dict(summary.get("cross_site") or {})  # type: ignore[call-overload]
+    if cross:
+        rows.append(("cross-site", f"{cross.get('sites', 0)} site(s), {cross.get('subgroups', 0)} subgroup row(s), "
+                     f"{cross.get('suppressed', 0)} below {cross.get('min_count')} images not reported: "
+                     f"{cross.get('file')}"))
     return rows
 
 

@@ -234,6 +234,42 @@ class SecAggRoundOut(BaseModel):
     secagg: SecAggOut | None
 
 
+class CrossSiteGroupOut(BaseModel):
+    key: str = Field(description="Metadata key (sex, age, scanner...)")
+    value: str = Field(description="The subgroup (F, M, <40, 40-59, 60+, a scanner...)")
+    n: int
+    metrics: dict[str, float]
+
+
+class CrossSiteSiteOut(BaseModel):
+    site: str
+    n: int = Field(description="Images in the site's local test split")
+    metrics: dict[str, float]
+    subgroups: list[CrossSiteGroupOut]
+    suppressed: int = Field(description="Subgroups below the minimum count: not reported")
+
+
+class CrossSiteGapOut(BaseModel):
+    key: str
+    metric: str
+    best_value: str
+    best: float
+    worst_value: str
+    worst: float
+    gap: float
+
+
+class CrossSiteOut(BaseModel):
+    """Every site's evaluation of a checkpoint on its own local test split (``cross_site.json``)."""
+
+    checkpoint: str
+    round: int
+    task: str
+    min_count: int
+    sites: list[CrossSiteSiteOut]
+    gaps: list[CrossSiteGapOut] = Field(description="Per key and metric: best and worst subgroup, pooled over sites")
+
+
 class EventOut(BaseModel):
     id: int
     time: float
@@ -345,6 +381,16 @@ def create_app(*, store: RunStore, token: str, runs_roots: list[Path] | None = N
     def api_fairness(run_id: RunId, s: StoreDep) -> dict[str, Any]:
         _run_or_404(s, run_id)
         return s.fairness(run_id)
+
+    @app.get("/api/runs/{run_id}/cross-site", response_model=CrossSiteOut | None, tags=["runs"],
+             summary="Cross-site evaluation: one row per site and subgroup, subgroup gaps (null: none yet)")
+    def api_cross_site(
+        run_id: RunId,
+        s: StoreDep,
+        checkpoint: Annotated[str, Query(max_length=40, description="final, best, ...")] = "final",
+    ) -> dict[str, Any] | None:
+        _run_or_404(s, run_id)
+        return s.cross_site(run_id, checkpoint=checkpoint)
 
     @app.get("/api/runs/{run_id}/secagg", response_model=list[SecAggRoundOut], tags=["runs"],
              summary="SecAgg+ status per round")

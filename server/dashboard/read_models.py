@@ -14,7 +14,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from medfed.server.store.database import Database
-from medfed.server.store.schema import checkpoints, events, rounds, runs, site_rounds
+from medfed.server.store.schema import checkpoints, cross_site, events, rounds, runs, site_rounds
 from medfed.shared.refusals import is_refusal
 
 __all__ = ["STALE_AFTER_S", "RunReader"]
@@ -145,6 +145,32 @@ class RunReader:
                 }
             )
         return {"metric": metric, "higher_is_better": higher, "rounds": points}
+
+    def cross_site(self, run_id: str, *, checkpoint: str = "final") -> dict[str, Any] | None:
+        """The cross-site report of ``checkpoint`` as ``cross_site.json`` holds it (gaps recomputed
+        from the stored subgroup rows); ``None`` when there is none."""
+        from medfed.server.cross_site import subgroup_gaps, subgroup_order  # the one place for both
+
+        with self.store.reading() as conn:
+            rows = conn.execute(
+                sa.select(cross_site).where(cross_site.c.run_id == run_id, cross_site.c.checkpoint == checkpoint)
+            ).mappings().all()
+        if not rows:
+            return None
+        sites: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            if row["key"] == "":
+                sites[row["site"]] = {"site": row["site"], "n": row["n"], "metrics": dict(row["metrics"]),
+                                      "subgroups": [], "suppressed": int(row["suppressed"] or 0)}
+        for row in sorted((r for r in rows if r["key"] != ""), key=subgroup_order):
+            if row["site"] in sites:
+                sites[row["site"]]["subgroups"].append(
+                    {"key": row["key"], "value": row["value"], "n": row["n"], "metrics": dict(row["metrics"])}
+                )
+        ordered = [sites[name] for name in sorted(sites, key=_site_sort_key)]
+        first = rows[0]
+        return {"checkpoint": checkpoint, "round": first["round"], "task": first["task"],
+                "min_count": first["min_count"], "sites": ordered, "gaps": subgroup_gaps(ordered)}
 
     def events(self, run_id: str, *, after: int = 0, limit: int = 500) -> list[dict[str, Any]]:
         """The run's events with ``id > after``, oldest first, at most ``limit``."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sqlalchemy as sa
 
-__all__ = ["checkpoints", "events", "metadata", "rounds", "runs", "site_rounds"]
+__all__ = ["checkpoints", "cross_site", "events", "metadata", "rounds", "runs", "site_rounds"]
 
 metadata = sa.MetaData()
 
@@ -94,3 +94,20 @@ checkpoints = sa.Table(
     sa.Column("metrics", sa.JSON, nullable=False),
     sa.Column("saved", sa.Float, nullable=False),
 )
+
+cross_site = sa.Table(
+    "cross_site",
+    metadata,
+    _run_id("cross_site", primary_key=True),
+    sa.Column("checkpoint", sa.String(40), primary_key=True),  # final | best | ...
+    sa.Column("site", sa.String(100), primary_key=True),
+    sa.Column("key", sa.String(40), primary_key=True),  # "" for the site's own row, else the metadata key
+    sa.Column("value", sa.String(40), primary_key=True),  # "" for the site's own row, else the subgroup
+    sa.Column("round", sa.Integer, nullable=False),
+    sa.Column("task", sa.String(20), nullable=False),
+    sa.Column("min_count", sa.Integer, nullable=False),
+    sa.Column("n", sa.Integer, nullable=False),
+    sa.Column("suppressed", sa.Integer),  # the site's row: subgroups it left out
+    sa.Column("metrics", sa.JSON, nullable=False),
+    sa.Column("recorded", sa.Float, nullable=False),
+)  # migration 0004: one row per site and per reported subgroup (medfed.server.cross_site)

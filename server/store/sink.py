@@ -37,6 +37,8 @@ class RunSink(Protocol):
 
     def checkpoint(self, kind: str, *, server_round: int, metrics: Mapping[str, float]) -> None: ...
 
+    def cross_site(self, report: Mapping[str, Any]) -> None: ...
+
     def run_finished(self, summary: Mapping[str, Any]) -> None: ...
 
     def run_failed(self, error: BaseException) -> None: ...
@@ -101,6 +103,10 @@ class StoreSink:
         self._guard(
             "a checkpoint", lambda: self.store.checkpoint(self.run_id, kind, server_round=server_round, metrics=metrics)
         )
+
+    def cross_site(self, report: Mapping[str, Any]) -> None:
+        """A cross-site report (:mod:`medfed.server.cross_site`)."""
+        self._guard("the cross-site evaluation", lambda: self.store.cross_site(self.run_id, report))
 
     def event(self, *, level: str, kind: str, message: str, server_round: int | None = None) -> None:
         """Append an event to the run's log."""

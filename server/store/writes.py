@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 
 from medfed.server.store.database import Database
 from medfed.server.store.redaction import redact_config, scrub
-from medfed.server.store.schema import checkpoints, events, rounds, runs, site_rounds
+from medfed.server.store.schema import checkpoints, cross_site, events, rounds, runs, site_rounds
 from medfed.shared.refusals import is_refusal, refused_keys
 
 __all__ = ["RunStore"]
@@ -280,6 +280,41 @@ class RunStore(Database):
                 conn.execute(checkpoints.insert().values(run_id=run_id, kind=kind, **values))
             conn.execute(runs.update().where(runs.c.id == run_id).values(last_update=now))
             self._event(conn, run_id, "info", "checkpoint", server_round, f"{kind} checkpoint: round {server_round}", now)
+
+    def cross_site(self, run_id: str, report: Mapping[str, Any]) -> None:
+        """Record a cross-site report (``cross_site.json``, :mod:`medfed.server.cross_site`).
+
+        One row per site (``key`` and ``value`` empty) and per reported subgroup; the rows of an
+        earlier report of the same checkpoint are replaced. Adds a ``cross-site`` event.
+        """
+        now = time.time()
+        checkpoint = str(report["checkpoint"])
+        common = {
+            "run_id": run_id,
+            "checkpoint": checkpoint,
+            "round": int(report["round"]),
+            "task": str(report["task"]),
+            "min_count": int(report["min_count"]),
+            "recorded": now,
+        }
+        rows: list[dict[str, Any]] = []
+        for site in report.get("sites") or []:
+            rows.append({**common, "site": str(site["site"]), "key": "", "value": "", "n": int(site["n"]),
+                         "suppressed": int(site.get("suppressed", 0)), "metrics": _clean(site.get("metrics"))})
+            for group in site.get("subgroups") or []:
+                rows.append({**common, "site": str(site["site"]), "key": str(group["key"]), "value": str(group["value"]),
+                             "n": int(group["n"]), "suppressed": None, "metrics": _clean(group.get("metrics"))})
+        with self._write() as conn:
+            conn.execute(cross_site.delete().where(cross_site.c.run_id == run_id, cross_site.c.checkpoint == checkpoint))
+            if rows:
+                conn.execute(cross_site.insert(), rows)
+            conn.execute(runs.update().where(runs.c.id == run_id).values(last_update=now))
+            sites = len(report.get("sites") or [])
+            self._event(
+                conn, run_id, "info", "cross-site", int(report["round"]),
+                f"cross-site evaluation of the {checkpoint} model: {sites} site(s), "
+                f"{len(rows) - sites} subgroup row(s)", now,
+            )
 
     def add_event(
         self, run_id: str, *, level: str, kind: str, message: str, server_round: int | None = None

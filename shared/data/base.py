@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -36,12 +38,19 @@ class ImageSet:
         ``"classification"`` or ``"segmentation"``.
     num_classes
         Number of classes (segmentation: including background).
+    metadata
+        Optional per-sample metadata from a datalist (``sex``, ``age``, ``scanner``...:
+        :data:`medfed.shared.data.metadata.METADATA_KEYS`), one mapping per sample, in sample
+        order (an empty mapping: none given); ``None``: no metadata at all (npz, synthetic).
+        It stays at the site: only subgroup metrics derived from it may leave
+        (:mod:`medfed.client.cross_site`).
     """
 
     images: np.ndarray
     targets: np.ndarray
     task: Task
     num_classes: int
+    metadata: tuple[Mapping[str, Any], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim not in (4, 5):
@@ -60,6 +69,10 @@ class ImageSet:
             )
         if self.num_classes < 2:
             raise DataError(f"num_classes must be >= 2; got {self.num_classes}.")
+        if self.metadata is not None and len(self.metadata) != len(self.images):
+            raise DataError(
+                f"{len(self.images)} images but {len(self.metadata)} metadata entries: they must match."
+            )
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -82,7 +95,12 @@ class ImageSet:
     def subset(self, indices: np.ndarray) -> ImageSet:
         """The samples at ``indices`` (a 1-D integer array), in that order."""
         idx = np.asarray(indices, dtype=np.int64)
-        return ImageSet(self.images[idx], self.targets[idx], self.task, self.num_classes)
+        meta = None if self.metadata is None else tuple(self.metadata[int(i)] for i in idx)
+        return ImageSet(self.images[idx], self.targets[idx], self.task, self.num_classes, meta)
+
+    def with_num_classes(self, num_classes: int) -> ImageSet:
+        """The same samples (and metadata) declared with ``num_classes`` classes."""
+        return ImageSet(self.images, self.targets, self.task, num_classes, self.metadata)
 
     def class_labels(self) -> np.ndarray:
         """Per-sample labels used for partitioning, shape ``(N,)``.

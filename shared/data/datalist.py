@@ -63,6 +63,7 @@ from medfed.shared.config import TASKS
 from medfed.shared.data.base import DataError, DataSplits, ImageSet, Task
 from medfed.shared.data.dicom_series import DicomSeriesError, dicom_image_files, read_dicom_series
 from medfed.shared.data.geometry import axis_codes, to_canonical
+from medfed.shared.data.metadata import entry_metadata
 from medfed.shared.partition import split_train_val_test
 
 __all__ = [
@@ -405,7 +406,8 @@ def load_datalist(
             targets = np.asarray([it.target for it in items], dtype=np.int64)
         else:
             targets = np.stack([it.target for it in items]).astype(np.int64, copy=False)
-        sets[section] = ImageSet(images, targets, split_task, report.num_classes)
+        meta = tuple(it.metadata for it in items) if any(it.metadata for it in items) else None
+        sets[section] = ImageSet(images, targets, split_task, report.num_classes, meta)
 
     logger.info(
         "Loaded datalist %s: %s, %dD, %d classes, %d/%d/%d train/val/test samples.",
@@ -430,6 +432,8 @@ class _Item:
     index: int
     image: np.ndarray
     target: Any
+    metadata: dict[str, Any] = field(default_factory=dict)
+    """The entry's optional ``sex``, ``age``, ``scanner``... (:mod:`medfed.shared.data.metadata`)."""
 
 
 class _EntryProblem(Exception):
@@ -880,7 +884,7 @@ def _scan(
             except _EntryProblem as prob:
                 problems.append(DatalistProblem(index, section, prob.file, prob.reason, prob.kind))
                 continue
-            items.append(_Item(index, image, target))
+            items.append(_Item(index, image, target, entry_metadata(entry)))
             if scanner.last is not None:
                 infos.append(dataclasses.replace(scanner.last, index=index, section=section))
 

@@ -8,6 +8,7 @@ the API says with the run directory the same run wrote.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import re
 import signal
@@ -174,6 +175,17 @@ def test_the_event_log_has_the_run_story_in_order(live: LiveRun, client: httpx.C
     assert [e["id"] for e in tail] == ids[-2:]
 
 
+def test_the_cross_site_evaluation_has_one_row_per_site(live: LiveRun, client: httpx.Client) -> None:
+    report = client.get(f"/api/runs/{live.run_id}/cross-site").json()
+    on_disk = json.loads((live.run_dir / "cross_site.json").read_text())
+    assert [s["site"] for s in report["sites"]] == [s["site"] for s in on_disk["sites"]] == ["site-0", "site-1"]
+    assert (report["checkpoint"], report["round"]) == ("final", ROUNDS)
+    for site, saved in zip(report["sites"], on_disk["sites"], strict=True):
+        assert site["n"] == saved["n"] > 0 and site["metrics"] == pytest.approx(saved["metrics"])
+        assert site["subgroups"] == [] and site["suppressed"] == 0  # synthetic data carries no metadata
+    assert report["gaps"] == []
+
+
 def test_unknown_runs_are_404_naming_the_run(client: httpx.Client) -> None:
     for path in ("/api/runs/nope", "/api/runs/nope/rounds", "/api/runs/nope/sites", "/api/runs/nope/events"):
         response = client.get(path)
@@ -186,6 +198,7 @@ def test_the_openapi_schema_describes_every_api_view(client: httpx.Client) -> No
     assert paths == {
         "/api/runs", "/api/runs/{run_id}", "/api/runs/{run_id}/rounds", "/api/runs/{run_id}/sites",
         "/api/runs/{run_id}/fairness", "/api/runs/{run_id}/secagg", "/api/runs/{run_id}/events",
+        "/api/runs/{run_id}/cross-site",
     }
     assert "SiteOut" in schema["components"]["schemas"]
     assert "epsilon" in schema["components"]["schemas"]["SiteOut"]["properties"]

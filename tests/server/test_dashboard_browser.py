@@ -112,6 +112,11 @@ def test_a_live_run_in_chromium(tmp_path: Path) -> None:
             assert fill["width"] == pytest.approx(ratio * bar["width"], abs=2.0)
 
         expect(page.locator("#chart-fairness .scatterlayer .trace")).to_have_count(2)
+        # The sites' cross-site evaluation of the final model: one row per site (no metadata: no subgroups).
+        cross = page.locator("tr.cross-site-row")
+        expect(cross).to_have_count(2)
+        assert [cross.nth(i).get_attribute("data-site") for i in range(2)] == ["site-0", "site-1"]
+        expect(page.locator("tr.cross-site-subgroup")).to_have_count(0)
         expect(page.locator("tr.event-row[data-kind='run-finished']")).to_have_count(1)
         page.screenshot(path=str(ARTIFACTS / "dashboard-run.png"), full_page=True)
         page.goto(f"{url}/")

@@ -72,7 +72,7 @@ def _differences(store: RunStore) -> list[Any]:
 def test_a_new_store_has_the_newest_revision_in_wal_mode(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'runs' / 'medfed.db'}"
     with RunStore(url) as store:
-        assert store.schema_revision == head_revision() == "0003"
+        assert store.schema_revision == head_revision() == "0004"
         assert store.journal_mode == "wal"
         assert RunReader(store).list_runs() == []
     with RunStore(url) as again:  # opening an up-to-date store changes nothing

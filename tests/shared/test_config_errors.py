@@ -84,6 +84,8 @@ RUN_CONFIG_TABLE: dict[str, tuple[Any, list[str]]] = {
     "personalize": ("bn+heads", ["'off', 'bn', 'head', 'bn+head'", "Did you mean 'bn+head'"]),
     "personalize-epochs": (-1, [">= 0"]),
     "local-only-baseline": ("maybe", ["type bool"]),
+    "cross-site": ("maybe", ["type bool"]),
+    "cross-site-min-count": (1, [">= 2"]),
     "server-momentum": (1.0, ["[0, 1)"]),
     "server-beta-1": (-0.1, ["[0, 1)"]),
     "server-beta-2": (1.5, ["[0, 1)"]),
@@ -151,6 +153,7 @@ SITE_TABLE: dict[str, tuple[str, list[str]]] = {
     "dp-min-noise-multiplier": ("dp-min-noise-multiplier = -1", ["dp-min-noise-multiplier = -1.0 is invalid", ">= 0"]),
     "dp-require-secure-noise": ("dp-require-secure-noise = 1", ["dp-require-secure-noise = 1 is invalid", "true or false"]),
     "ledger-dir": ("ledger-dir = 5", ["ledger-dir = 5 is invalid", "folder path"]),
+    "cross-site-min-count": ("cross-site-min-count = 1", ["cross-site-min-count = 1 is invalid", ">= 2"]),
     "auth-private-key": ("auth-private-key = 5", ["auth-private-key = 5 is invalid", "key file path"]),
 }
 
@@ -191,6 +194,7 @@ def test_unknown_site_key_suggests_the_closest(tmp_path: Path) -> None:
 SIMULATE_TABLE: dict[str, tuple[list[str], list[str]]] = {
     "config": (["--config", "missing.toml"], ["missing.toml", "does not exist"]),
     "resume": (["--resume", "nowhere"], ["resume = 'nowhere'", "no such run directory"]),
+    "cross_site_only": (["--cross-site-only", "nowhere.pt"], ["--cross-site-only nowhere.pt", "no such checkpoint file"]),
     "dataset": (["--dataset", "nope.json"], ["dataset 'nope.json' does not exist"]),
     "sites": (["--sites", "0"], ["num-sites (--sites) = 0", ">= 1"]),
     "partition": (["--partition", "random"], ["'--partition'", "'random' is not one of", "'dirichlet'"]),

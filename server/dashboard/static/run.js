@@ -181,6 +181,52 @@
     setText("fairness-sub", `${fair.metric}, round ${last.round}: ${last.best_site} vs ${last.worst_site}`);
   }
 
+  // ------------------------------------------------------------------ cross-site evaluation
+  const CROSS_METRICS = [
+    ["auc", "AUC"], ["accuracy", "Accuracy"], ["balanced-accuracy", "Bal. acc."], ["sensitivity", "Sens."],
+    ["specificity", "Spec."], ["threshold", "Threshold"], ["dice", "Dice"],
+  ];
+
+  function crossCell(metrics) {
+    const parts = [];
+    for (const [key, label] of CROSS_METRICS) {
+      if (metrics[key] !== undefined) parts.push(el("span", { class: "metric" }, [el("b", {}, `${label} `), num(metrics[key])]));
+    }
+    return parts.length ? parts : ["–"];
+  }
+
+  function renderCrossSite(report) {
+    const table = document.getElementById("cross-site-table");
+    const gapsTable = document.getElementById("cross-site-gaps");
+    if (!report) {
+      table.hidden = true;
+      gapsTable.hidden = true;
+      return;
+    }
+    const suppressed = report.sites.reduce((sum, s) => sum + s.suppressed, 0);
+    setText("cross-site-note", `The ${report.checkpoint} model (round ${report.round}) on each site's own local test split. ` +
+      `Subgroups with fewer than ${report.min_count} images are not reported (${suppressed} left out).`);
+    const rows = [];
+    for (const s of report.sites) {
+      rows.push(el("tr", { class: "cross-site-row", "data-site": s.site }, [
+        el("td", {}, s.site), el("td", {}, "all"), el("td", { class: "num" }, String(s.n)), el("td", {}, crossCell(s.metrics)),
+      ]));
+      for (const g of s.subgroups) {
+        rows.push(el("tr", { class: "cross-site-subgroup", "data-site": s.site, "data-key": g.key }, [
+          el("td", {}, ""), el("td", {}, `${g.key} = ${g.value}`), el("td", { class: "num" }, String(g.n)), el("td", {}, crossCell(g.metrics)),
+        ]));
+      }
+    }
+    table.querySelector("tbody").replaceChildren(...rows);
+    table.hidden = false;
+    gapsTable.querySelector("tbody").replaceChildren(...report.gaps.map((g) => el("tr", { class: "cross-site-gap" }, [
+      el("td", {}, g.key), el("td", {}, g.metric),
+      el("td", {}, `${g.best_value} (${num(g.best)})`), el("td", {}, `${g.worst_value} (${num(g.worst)})`),
+      el("td", { class: "num" }, num(g.gap)),
+    ])));
+    gapsTable.hidden = report.gaps.length === 0;
+  }
+
   // ------------------------------------------------------------------ SecAgg+
   function renderSecagg(rows) {
     const on = rows.filter((r) => r.enabled);
@@ -244,15 +290,16 @@
     setText("last-update", ago(run.last_update));
     const key = [run.status, run.last_update, run.last_event_id, run.rounds_done, run.current_round].join("|");
     if (key === lastKey) return;
-    const [rounds, sites, fairness, secagg, events] = await Promise.all([
+    const [rounds, sites, fairness, secagg, events, crossSite] = await Promise.all([
       api(`${base}/rounds`), api(`${base}/sites`), api(`${base}/fairness`), api(`${base}/secagg`),
-      api(`${base}/events?after=${lastEventId}`),
+      api(`${base}/events?after=${lastEventId}`), api(`${base}/cross-site`),
     ]);
     renderProgress(run, rounds);
     renderCharts(rounds);
     renderSites(sites);
     renderFairness(fairness);
     renderSecagg(secagg);
+    renderCrossSite(crossSite);
     renderEvents(events);
     if (!lastRun) renderConfig(run);
     lastRun = run;
