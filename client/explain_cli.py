@@ -35,40 +35,6 @@ def _method_names() -> list[str]:
     return list(METHODS)
 
 
-def _load_checkpoint(path: Path) -> tuple[dict[str, Any], Any, int | None]:
-    """``(state_dict, RunConfig, round)`` of a checkpoint ``{"state_dict", "config", "round", "metrics"}``.
-
-    The one place that reads checkpoints here (to be replaced by the shared checkpoint loader).
-
-    Raises
-    ------
-    ExplainError
-        Missing or unreadable file, or a payload without ``state_dict`` / ``config``.
-    """
-    import torch
-
-    from medfed.shared.config import ConfigError, RunConfig
-
-    if not path.is_file():
-        raise ExplainError(
-            f"--model {path}: no such file. Give a checkpoint such as <run dir>/checkpoints/best.pt."
-        )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 (any unreadable file: one clear message)
-        raise ExplainError(f"--model {path}: not a readable checkpoint ({type(err).__name__}).") from None
-    if not isinstance(payload, dict) or not {"state_dict", "config"} <= set(payload):
-        raise ExplainError(
-            f"--model {path}: not a medfed checkpoint (it needs the keys 'state_dict' and 'config'; "
-            "use <run dir>/checkpoints/best.pt or final.pt)."
-        )
-    try:
-        cfg = RunConfig.from_mapping(payload["config"], source=f"{path} (config)")
-    except ConfigError as err:
-        raise ExplainError(f"--model {path}: its run config is invalid: {err}") from None
-    return payload["state_dict"], cfg, payload.get("round")
-
-
 def explain_command(
     model: Annotated[
         Path, typer.Option("--model", "-m", help="The checkpoint (<run dir>/checkpoints/best.pt or final.pt).")
@@ -121,11 +87,15 @@ def explain_command(
     from medfed.shared.data.base import DataError
     from medfed.shared.data.loading import load_dataset
     from medfed.shared.explain import write_explanations
-    from medfed.shared.task import model_for
+    from medfed.shared.inference import CheckpointError, load_checkpoint
 
     logging.basicConfig(level=logging.WARNING, force=True)
     try:
-        state_dict, cfg, server_round = _load_checkpoint(model)
+        try:
+            loaded = load_checkpoint(model)
+        except CheckpointError as err:
+            raise ExplainError(f"--model: {err}") from None
+        cfg, server_round = loaded.config, loaded.round
         if dataset != "synthetic" and Path(dataset).suffix not in (".npz", ".json"):
             raise ExplainError(
                 f"--dataset {Path(dataset).name}: give a MedMNIST .npz file, a datalist .json or 'synthetic'."
@@ -139,15 +109,16 @@ def explain_command(
             )
         if len(data) == 0:
             raise ExplainError(f"--split {split} is empty in this dataset: choose another split.")
-        network = model_for(cfg, data)
-        try:
-            network.load_state_dict(state_dict)
-        except RuntimeError as err:
-            first = str(err).strip().splitlines()[0]
+        shape = loaded.shape
+        held = (data.in_channels, tuple(data.spatial_shape), splits.num_classes)
+        if held != (shape.in_channels, tuple(shape.spatial_shape), shape.num_classes):
             raise ExplainError(
-                f"--model {model.name} does not fit --dataset: {first} The dataset must have the channels, "
-                "classes and image size the model was trained on."
-            ) from None
+                f"--model {model.name} does not fit --dataset: the model takes {shape.in_channels} channel(s) "
+                f"of {tuple(shape.spatial_shape)} with {shape.num_classes} classes, the dataset holds "
+                f"{held[0]} of {held[1]} with {held[2]} classes. The dataset must have the channels, classes "
+                "and image size the model was trained on."
+            )
+        network = loaded.model.requires_grad_(True)  # Grad-CAM needs the activations' gradients
         network.eval()
         count = len(data) if limit is None else min(limit, len(data))
         with Progress(

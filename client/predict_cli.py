@@ -63,9 +63,20 @@ def predict_command(
     device: Annotated[
         str, typer.Option(help="Where the model runs: auto (a GPU if there is one), cpu, cuda.", show_default=True)
     ] = "auto",
+    explain: Annotated[
+        str | None,
+        typer.Option(
+            "--explain",
+            help="Classification: also write a heat map per image (gradcam, gradcampp or occlusion) as PNG "
+            "overlays (3D: the middle slice and a NIfTI map) into OUT/explanations, named by row index "
+            "(medfed explain, docs/explain.md). Nothing leaves the site.",
+            click_type=HintedChoice(_explain_methods),
+        ),
+    ] = None,
 ) -> None:
     """Predict images with a trained model: one CSV/JSON row per image (class probabilities, the label at the
-    validation-chosen threshold) and, for segmentation, NIfTI masks with the input's affine."""
+    validation-chosen threshold) and, for segmentation, NIfTI masks on the input's grid and affine;
+    ``--explain`` adds heat maps for a classifier."""
     from medfed.shared.data.base import DataError
     from medfed.shared.inference import CheckpointError, load_checkpoint
     from medfed.shared.predictions import find_inputs, predict_with
@@ -74,8 +85,15 @@ def predict_command(
     try:
         loaded = load_checkpoint(model, device=device)
         inputs = find_inputs(input_path)
+        if explain is not None and loaded.task != "classification":
+            raise ValueError(
+                f"--explain is for classifiers; this is a {loaded.task} model, whose masks already are maps. "
+                "Leave out --explain."
+            )
         with _progress(len(inputs)) as advance:
             run = predict_with(loaded, inputs, out, sliding_window=sliding_window, on_image=advance)
+        if explain is not None:
+            explained = _explain(loaded, inputs, method=explain, out_dir=Path(out) / "explanations")
     except (CheckpointError, DataError, ValueError, RuntimeError) as err:
         console.print(f"[bold red]error:[/] {escape(str(err))}")
         raise typer.Exit(code=2) from None
@@ -87,6 +105,32 @@ def predict_command(
         f"{threshold}): {escape(str(run.csv_path))}, {escape(str(run.json_path))}"
         + (f", masks in {escape(str(Path(out) / 'masks'))}" if loaded.task == "segmentation" else "")
     )
+    if explain is not None:
+        console.print(f"{explain} heat maps: {escape(str(explained))}")
+
+
+def _explain_methods() -> list[str]:
+    """:data:`medfed.shared.explain.METHODS`, imported when first needed (it imports torch and MONAI)."""
+    from medfed.shared.explain import METHODS
+
+    return list(METHODS)
+
+
+def _explain(loaded, inputs, *, method: str, out_dir: Path) -> Path:  # noqa: ANN001 - LoadedModel, InputImage
+    """Heat maps for every input, read exactly as predict read it, named by its row index; returns
+    the ``index.json`` path (:func:`medfed.shared.explain.write_explanations`)."""
+    import numpy as np
+
+    from medfed.shared.explain import write_explanations
+
+    images = np.stack([loaded.preprocessing.read(item.path).image for item in inputs])
+    model = loaded.model.requires_grad_(True)  # Grad-CAM needs the activations' gradients
+    with _progress(len(inputs)) as advance:
+        return write_explanations(
+            model, images, method=method, out_dir=out_dir, ids=[item.index for item in inputs],
+            on_batch=lambda n: [advance(0) for _ in range(n)],
+            extra={"checkpoint": loaded.path.name, "round": loaded.round},
+        )
 
 
 def export_command(

@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from medfed.cli import app
 from medfed.shared.config import RunConfig
+from medfed.shared.inference import ModelShape
 from medfed.shared.models import build_model
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using a non-tuple sequence:UserWarning")  # MONAI occlusion code
@@ -22,7 +23,9 @@ def _checkpoint(path: Path, cfg: RunConfig, *, dims: int, channels: int, classes
     """A checkpoint as server/run_dir.py writes it, of an untrained model."""
     torch.manual_seed(0)
     model = build_model(cfg.model, spatial_dims=dims, in_channels=channels, out_channels=classes, image_size=side)
-    torch.save({"state_dict": model.state_dict(), "config": cfg.to_run_config(), "round": 3, "metrics": {"auc": 0.5}}, path)
+    shape = ModelShape("classification", dims, channels, classes, (side,) * dims).to_json()
+    torch.save({"state_dict": model.state_dict(), "config": cfg.to_run_config(), "round": 3, "metrics": {"auc": 0.5},
+                "model_shape": shape}, path)
     return path
 
 
@@ -86,10 +89,10 @@ def test_bad_choices_list_the_valid_ones(tmp_path: Path, args: list[str], messag
 def test_bad_inputs_exit_non_zero_naming_the_flag(tmp_path: Path) -> None:
     data = _npz(tmp_path / "site.npz", classes=3)
     missing = _invoke("--model", tmp_path / "nope.pt", "--dataset", data, "--out", tmp_path / "o")
-    assert missing.exit_code == 2 and "--model" in missing.output and "no such file" in missing.output
+    assert missing.exit_code == 2 and "--model" in missing.output and "does not exist" in missing.output
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     junk = _invoke("--model", tmp_path / "junk.pt", "--dataset", data, "--out", tmp_path / "o")
-    assert junk.exit_code == 2 and "not a readable checkpoint" in junk.output
+    assert junk.exit_code == 2 and "is not a medfed checkpoint" in junk.output
     wrong = _checkpoint(tmp_path / "five.pt", RunConfig(model="simplecnn"), dims=2, channels=1, classes=5, side=16)
     mismatch = _invoke("--model", wrong, "--dataset", data, "--out", tmp_path / "o")
     assert mismatch.exit_code == 2 and "does not fit --dataset" in " ".join(mismatch.output.split())

@@ -105,6 +105,29 @@ def test_sliding_window_segments_at_the_files_resolution(tmp_path: Path) -> None
     assert json.loads((tmp_path / "predictions.json").read_text())["model"]["inference"] == "sliding-window"
 
 
+def test_explain_writes_one_heat_map_per_predicted_row(tmp_path: Path) -> None:
+    """``--explain gradcam``: an overlay per row, named by the row's index, each map read from the
+    same preprocessed image the row's probabilities came from (the index's predicted class agrees)."""
+    run = classification_run()
+    rows = _predict(run.run_dir / "checkpoints" / "final.pt", run.datalist, tmp_path, "--explain", "gradcam")
+    index = json.loads((tmp_path / "explanations" / "index.json").read_text())
+    listed = index["rows"] if isinstance(index, dict) else index
+    assert [str(r["index"]) for r in listed] == [r["index"] for r in rows]
+    for entry, row in zip(listed, rows, strict=True):
+        assert (tmp_path / "explanations" / entry["png"]).is_file()
+        assert entry["method"] == "gradcam"
+        probs = [float(row["probability-0"]), float(row["probability-1"])]
+        assert int(entry["predicted"]) == int(np.argmax(probs))
+        assert float(entry["probability"]) == pytest.approx(max(probs), abs=1e-5)
+
+
+def test_explain_is_refused_for_a_segmentation_model(tmp_path: Path) -> None:
+    run = segmentation_run()
+    message = _fail(["predict", "--model", str(run.run_dir), "--input", str(run.datalist), "--out",
+                     str(tmp_path), "--explain", "gradcam"])
+    assert "--explain is for classifiers" in message
+
+
 def _fail(args: list[str]) -> str:
     result = runner.invoke(app, args)
     assert result.exit_code == 2, result.output
