@@ -169,3 +169,21 @@ def test_the_command_prints_the_rows_and_refuses_other_options(run: dict[str, An
     assert "cross_site.json" in output.replace(" ", "")  # rich may wrap the path
     refused = CliRunner().invoke(app, ["simulate", "--cross-site-only", checkpoint, "--sites", "3"])
     assert refused.exit_code == 2 and "leave out the other options (given: --sites)" in " ".join(refused.output.split())
+
+
+def test_the_model_card_shows_the_runs_cross_site_rows_subgroups_and_gaps(run: dict[str, Any], tmp_path: Path) -> None:
+    """``medfed report`` on this real run: every site's row, every reported subgroup and every gap of
+    cross_site.json is in the page; the suppressed rare scanner is not."""
+    from html import escape
+
+    from medfed.server.report import write_report
+
+    html = write_report(run["dir"], out=tmp_path / "card.html", calibrate=False).read_text()
+    report = run["report"]
+    subgroups = html[html.index("Per-subgroup metrics"):]
+    for site in report["sites"]:
+        assert f"<td>{site['site']}</td>" in html
+        for group in site["subgroups"]:
+            assert f"<td>{escape(group['value'])}</td>" in subgroups
+    assert report["gaps"] and all(f"{gap['gap']:.3f}" in html for gap in report["gaps"])
+    assert subgroup_code("scanner", RARE) not in subgroups
