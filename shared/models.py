@@ -25,6 +25,16 @@ Decisions worth knowing
       get the MedMNIST-style stem (3x3 convolution, stride 1, no max pool); larger or unknown
       sizes get the standard ImageNet stem (7x7, stride 2, max pool).
     * ``unet`` downsamples four times by 2, so every side must be divisible by 16.
+    * ``vit``, ``unetr`` and ``swinunetr`` are MONAI transformers made DP-safe in
+      :mod:`medfed.shared.transformer_blocks` (fixed sin-cos position embeddings, mean-pooled
+      head instead of a class token, Swin window attention computed per image, no in-place
+      ops); their per-sample gradients are tested to equal single-image gradients. ``vit``
+      has LayerNorm only, so ``norm`` changes nothing; in ``unetr`` / ``swinunetr`` it selects
+      the convolutional decoder's norm. ``vit`` and ``unetr`` need the image size (position
+      embeddings); ``vit`` picks the patch size from it (:func:`vit_patch_size`); ``unetr``
+      needs sides divisible by 16 and ``swinunetr`` by 32. docs/models.md has the choices.
+    * Importing this module registers :mod:`medfed.shared.opacus_fixes` (Opacus's
+      convolution per-sample gradients for non-contiguous inputs).
 """
 
 from __future__ import annotations
@@ -45,6 +55,7 @@ from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from medfed.shared import opacus_fixes  # noqa: F401  (registers the fixed conv grad sampler)
 from medfed.shared.config import NORMS, Task
 from medfed.shared.transformer_blocks import (
     ViTClassifier,
@@ -63,6 +74,7 @@ __all__ = [
     "model_task",
     "validate_for_dp",
     "count_parameters",
+    "vit_patch_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -94,12 +106,15 @@ class ModelSpec:
         unknown. Arguments are already validated by :func:`build_model`.
     description
         One line for listings and error messages.
+    notes
+        Measured facts for ``medfed models`` (parameters, CPU speed, DP-SGD), or empty.
     """
 
     name: str
     task: Task
     builder: Callable[..., nn.Module]
     description: str
+    notes: str = ""
 
 
 # --------------------------------------------------------------------------- norm helpers
@@ -542,6 +557,8 @@ SWINUNETR_DIVISOR: int = 32
 SWINUNETR_FEATURE_SIZE: int = 12
 SWINUNETR_NUM_HEADS: tuple[int, ...] = (1, 2, 4, 8)
 SWINUNETR_WINDOW: int = 4
+SWINUNETR_MIN_SIDE_INSTANCE: int = 64
+"""Minimum side with ``norm="instance"``: the 1/32 bottleneck needs more than one pixel."""
 
 
 def _build_swinunetr(
@@ -554,6 +571,12 @@ def _build_swinunetr(
 ) -> nn.Module:
     if image_size is not None:
         _check_divisible("swinunetr", image_size, SWINUNETR_DIVISOR, "halves the resolution 5 times")
+        if norm == "instance" and min(image_size) < SWINUNETR_MIN_SIDE_INSTANCE:
+            raise ValueError(
+                f"swinunetr with norm = 'instance' needs every image side >= {SWINUNETR_MIN_SIDE_INSTANCE} "
+                f"(instance norm needs more than one pixel at the 1/32 bottleneck); the images are "
+                f"{image_size}. Use --norm group (--set norm=group), or --image-size {SWINUNETR_MIN_SIDE_INSTANCE}."
+            )
     model = SwinUNETR(
         in_channels=in_channels,
         out_channels=out_channels,

@@ -19,6 +19,10 @@ without changing what the network computes:
   LayerNorm (for checkpoint compatibility) that it only calls with cross-attention; it never
   gets a gradient, which Opacus's optimizer rejects. :func:`freeze_unused_cross_attention`
   freezes it (the state dict is unchanged).
+* **Non-contiguous convolution inputs.** SwinUNETR feeds its decoder convolutions
+  channel-permuted views, for which Opacus 1.6.0's convolution per-sample gradients come out
+  wrong without an error; :mod:`medfed.shared.opacus_fixes` (imported by the model registry)
+  fixes that for every model.
 * **In-place operations.** MONAI's UNETR blocks use in-place LeakyReLU and ``out += residual``;
   Opacus's backward hooks fail on a layer output that is later modified in place.
   :func:`make_out_of_place` switches every residual block to :class:`DPUnetResBlock` and every
@@ -228,7 +232,8 @@ class DPSwinTransformerBlock(SwinTransformerBlock):
 
 
 def make_swin_dp_safe(model: nn.Module) -> nn.Module:
-    """Switch every Swin block of ``model`` (in place) to the DP-safe attention; return ``model``."""
+    """Switch every Swin block of ``model`` (in place) to :class:`DPSwinTransformerBlock` with
+    :class:`DPWindowAttention`; return ``model``."""
     for module in list(model.modules()):
         if type(module) is SwinTransformerBlock:
             if module.use_checkpoint:
