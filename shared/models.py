@@ -33,8 +33,9 @@ Decisions worth knowing
       the convolutional decoder's norm. ``vit`` and ``unetr`` need the image size (position
       embeddings); ``vit`` picks the patch size from it (:func:`vit_patch_size`); ``unetr``
       needs sides divisible by 16 and ``swinunetr`` by 32. docs/models.md has the choices.
-    * Importing this module registers :mod:`medfed.shared.opacus_fixes` (Opacus's
-      convolution per-sample gradients for non-contiguous inputs).
+    * Importing this module registers :mod:`medfed.shared.opacus_fixes`: correct convolution
+      per-sample gradients for non-contiguous inputs and a closed-form grad sampler for
+      transposed convolutions (Opacus 1.6.0 falls back to slow functorch for them).
 """
 
 from __future__ import annotations
@@ -55,13 +56,14 @@ from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch import nn
 
-from medfed.shared import opacus_fixes  # noqa: F401  (registers the fixed conv grad sampler)
+from medfed.shared import opacus_fixes  # noqa: F401  (registers its grad samplers with Opacus)
 from medfed.shared.config import NORMS, Task
 from medfed.shared.transformer_blocks import (
     ViTClassifier,
     freeze_unused_cross_attention,
     make_out_of_place,
     make_swin_dp_safe,
+    quiet_meshgrid,
 )
 
 __all__ = [
@@ -548,7 +550,8 @@ def _build_unetr(
     # Learnable position embeddings are a loose parameter Opacus cannot handle; use sin-cos.
     embedding = model.vit.patch_embedding
     grid = [s // UNETR_DIVISOR for s in sizes]
-    embedding.position_embeddings = build_sincos_position_embedding(grid, UNETR_HIDDEN_SIZE, spatial_dims)
+    with quiet_meshgrid():
+        embedding.position_embeddings = build_sincos_position_embedding(grid, UNETR_HIDDEN_SIZE, spatial_dims)
     return make_out_of_place(freeze_unused_cross_attention(model))
 
 

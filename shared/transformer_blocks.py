@@ -34,7 +34,9 @@ for it; MONAI's ``SABlock`` runs its einsum path (``use_flash_attention=False``,
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import warnings
+from collections.abc import Iterator, Sequence
 
 import torch
 from monai.networks.blocks.dynunet_block import UnetResBlock
@@ -45,6 +47,7 @@ from torch import nn
 
 __all__ = [
     "ViTClassifier",
+    "quiet_meshgrid",
     "DPUnetResBlock",
     "DPWindowAttention",
     "DPSwinTransformerBlock",
@@ -52,6 +55,15 @@ __all__ = [
     "freeze_unused_cross_attention",
     "make_swin_dp_safe",
 ]
+
+
+@contextlib.contextmanager
+def quiet_meshgrid() -> Iterator[None]:
+    """Silence torch's ``meshgrid`` indexing warning, raised by MONAI 1.6.1's sin-cos position
+    embeddings (``pos_embed_utils``) at build time; it says nothing about the user's run."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.meshgrid: in an upcoming release")
+        yield
 
 
 class ViTClassifier(nn.Module):
@@ -93,19 +105,20 @@ class ViTClassifier(nn.Module):
         num_heads: int,
     ) -> None:
         super().__init__()
-        self.vit = ViT(
-            in_channels=in_channels,
-            img_size=tuple(image_size),
-            patch_size=tuple(patch_size),
-            hidden_size=hidden_size,
-            mlp_dim=mlp_dim,
-            num_layers=num_layers,
-            num_heads=num_heads,
-            pos_embed_type="sincos",
-            classification=False,
-            spatial_dims=spatial_dims,
-            qkv_bias=True,
-        )
+        with quiet_meshgrid():
+            self.vit = ViT(
+                in_channels=in_channels,
+                img_size=tuple(image_size),
+                patch_size=tuple(patch_size),
+                hidden_size=hidden_size,
+                mlp_dim=mlp_dim,
+                num_layers=num_layers,
+                num_heads=num_heads,
+                pos_embed_type="sincos",
+                classification=False,
+                spatial_dims=spatial_dims,
+                qkv_bias=True,
+            )
         freeze_unused_cross_attention(self.vit)
         self.head = nn.Linear(hidden_size, out_channels)
 

@@ -439,26 +439,20 @@ def test_vit_has_layernorm_only_and_validates_for_any_norm(norm: str) -> None:
 
 @pytest.mark.parametrize("name", TRANSFORMERS)
 def test_transformers_have_no_inplace_ops_and_no_loose_trainable_parameters(name: str) -> None:
-    """Every trainable parameter sits in a layer Opacus has a grad sampler for, or in a leaf
-    layer without buffers (``ConvTranspose``: Opacus's functorch path); never in a container,
-    which Opacus would hand to functorch whole."""
+    """Every trainable parameter sits in a layer Opacus has a grad sampler for (transposed
+    convolutions: medfed.shared.opacus_fixes), never in a container that Opacus would hand to
+    functorch whole."""
     from opacus.grad_sample import GradSampleModule
 
     side = 28 if name == "vit" else 32
     model = build_model(name, spatial_dims=2, in_channels=1, out_channels=2, norm="group", image_size=side)
     assert [n for n, m in model.named_modules() if getattr(m, "inplace", False)] == []
-    owners = [
-        (n, m)
-        for n, m in model.named_modules()
+    owners = {
+        type(m)
+        for m in model.modules()
         if any(p.requires_grad for p in m.parameters(recurse=False))
-    ]
-    unsupported = [
-        n
-        for n, m in owners
-        if type(m) not in GradSampleModule.GRAD_SAMPLERS
-        and (list(m.children()) or list(m.buffers(recurse=False)))
-    ]
-    assert owners and unsupported == []
+    }
+    assert owners <= set(GradSampleModule.GRAD_SAMPLERS), owners - set(GradSampleModule.GRAD_SAMPLERS)
 
 
 @pytest.mark.parametrize("name", TRANSFORMERS)
