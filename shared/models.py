@@ -47,8 +47,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from monai.networks.layers.utils import get_norm_layer
 from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
+from monai.networks.layers.utils import get_norm_layer
 from monai.networks.nets import UNETR, SwinUNETR, UNet
 from monai.networks.nets.densenet import DenseNet121
 from monai.networks.nets.resnet import ResNet, ResNetBlock

@@ -4,10 +4,12 @@ Not a section of ``medfed bench``: a quick measurement behind the figures in ``m
 notes and ``docs/models.md``. Each case trains a few batches of random images through the
 project's own loop (:func:`medfed.shared.training.train_epochs`; DP-SGD through
 :func:`medfed.shared.privacy.make_private_training`, Opacus hooks mode) and reports the median
-time per batch after a warm-up batch. Rows go to ``docs/bench/results.json``, section
+time per batch after a warm-up batch, both wall-clock and CPU time of this process (on a
+shared machine the CPU time is the steadier figure: with ``OMP_NUM_THREADS=1`` it is the
+single-core compute time). Rows go to ``docs/bench/results.json``, section
 ``"model-speed"``::
 
-    OMP_NUM_THREADS=2 python -m medfed.simulations.bench.model_speed --models vit unetr swinunetr
+    OMP_NUM_THREADS=1 python -m medfed.simulations.bench.model_speed --models vit unetr swinunetr
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import logging
 import os
 import statistics
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -59,7 +62,8 @@ def measure(name: str, *, spatial_dims: int, side: int, batch_size: int, batches
     Returns
     -------
     dict
-        ``parameters``, ``trainable``, ``seconds_per_batch`` and ``images_per_second``.
+        ``parameters``, ``trainable``, ``seconds_per_batch`` (wall), ``cpu_seconds_per_batch``
+        (this process's CPU time) and ``images_per_cpu_second``.
     """
     torch.manual_seed(0)
     task = model_task(name)
@@ -79,23 +83,26 @@ def measure(name: str, *, spatial_dims: int, side: int, batch_size: int, batches
         net, loader, optimizer = private.model, private.loader, private.optimizer
     else:
         net = model
-    times: list[float] = []
+    wall: list[float] = []
+    cpu: list[float] = []
     try:
         for _ in range(batches + 1):
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 train_epochs(net, loader, optimizer, task=task, epochs=1, device=torch.device("cpu"), criterion=criterion)
-            times.append(time.perf_counter() - start)
+            wall.append(time.perf_counter() - start)
+            cpu.append(time.process_time() - start_cpu)
     finally:
         if private is not None:
             private.close()
-    seconds = statistics.median(times[1:])
+    cpu_seconds = statistics.median(cpu[1:])
     return {
         "parameters": count_parameters(model),
         "trainable": count_parameters(model, trainable_only=True),
-        "seconds_per_batch": round(seconds, 3),
-        "images_per_second": round(batch_size / seconds, 1),
+        "seconds_per_batch": round(statistics.median(wall[1:]), 3),
+        "cpu_seconds_per_batch": round(cpu_seconds, 3),
+        "images_per_cpu_second": round(batch_size / cpu_seconds, 1),
     }
 
 
@@ -118,11 +125,15 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 print(
                     f"{name:10s} {dims}D {side:3d}px dp={dp!s:5s} params={row['parameters'] / 1e6:5.2f}M "
-                    f"{row['seconds_per_batch']:7.3f} s/batch {row['images_per_second']:7.1f} img/s",
+                    f"wall {row['seconds_per_batch']:7.3f} s/batch  cpu {row['cpu_seconds_per_batch']:7.3f} s/batch "
+                    f"{row['images_per_cpu_second']:7.1f} img/cpu-s",
                     flush=True,
                 )
     results = json.loads(args.results.read_text()) if args.results.exists() else {}
     results[SECTION] = {
+        "command": "python -m medfed.simulations.bench.model_speed " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "load_average_1min": round(os.getloadavg()[0], 1),
+        "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
         "rows": rows,
