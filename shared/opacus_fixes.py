@@ -3,19 +3,17 @@
 Importing this module (``medfed.shared.models`` does) registers both with Opacus.
 
 Convolutions fed non-contiguous inputs
-
-Opacus computes a convolution's per-sample weight gradient from the layer's input unfolded by
-``opacus.utils.tensor_utils.unfold2d`` / ``unfold3d``, which call ``as_strided`` with strides
-computed as if the (padded) input were in standard contiguous layout. A channel-permuted view
-(for example ``x.permute(0, 3, 1, 2)`` of a channels-last tensor, as MONAI's SwinUNETR feeds its
-decoder) has other strides, and ``F.pad`` keeps that layout, so the unfolded patches are wrong
-and so are the clipped, noised DP-SGD updates, with no error raised. ``.contiguous()`` is not
-enough: a tensor whose spatial sides are 1 counts as contiguous whatever its strides.
-
-:func:`conv_grad_sample` re-registers Opacus's own convolution grad sampler for
-``Conv1d``/``Conv2d``/``Conv3d`` behind a step that copies such inputs to standard strides
-first. Inputs that already have standard strides are passed through untouched, so the result is
-bit-identical to Opacus's for every other model.
+    Opacus computes a convolution's per-sample weight gradient from the layer's input unfolded
+    by ``opacus.utils.tensor_utils.unfold2d`` / ``unfold3d``, which call ``as_strided`` with
+    strides computed as if the (padded) input were in standard contiguous layout. A
+    channel-permuted view (for example ``x.permute(0, 3, 1, 2)`` of a channels-last tensor, as
+    MONAI's SwinUNETR feeds its decoder) has other strides, and ``F.pad`` keeps that layout, so
+    the unfolded patches are wrong and so are the clipped, noised DP-SGD updates, with no error
+    raised. ``.contiguous()`` is not enough: a tensor whose spatial sides are 1 counts as
+    contiguous whatever its strides. :func:`conv_grad_sample` re-registers Opacus's own
+    convolution grad sampler for ``Conv1d``/``Conv2d``/``Conv3d`` behind a step that copies such
+    inputs to standard strides first. Inputs that already have standard strides are passed
+    through untouched, so the result is bit-identical to Opacus's for every other model.
 
 Transposed convolutions
     Opacus has no grad sampler for ``ConvTranspose2d``/``ConvTranspose3d`` (UNETR's and

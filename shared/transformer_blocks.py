@@ -1,14 +1,16 @@
 """DP-safe transformer building blocks: MONAI ViT, UNETR and SwinUNETR made trainable by Opacus.
 
 Opacus computes per-sample gradients layer by layer and assumes that the first dimension of every
-layer's input is the batch. MONAI's transformers break that in three places; each is fixed here
-without changing what the network computes:
+layer's input is the batch. MONAI 1.6.1's transformers break Opacus 1.6.0 in five ways, each fixed
+here; the Swin, decoder and convolution fixes compute exactly what MONAI computes (tested), the
+ViT one changes the architecture slightly (fixed positions, pooled head):
 
 * **Loose parameters.** A parameter owned directly by a module that has children (MONAI ViT's
   ``cls_token``, ``PatchEmbeddingBlock.position_embeddings``) makes Opacus hand the *whole*
   module to functorch. :class:`ViTClassifier` therefore uses fixed sin-cos position embeddings
   (not trainable) and global average pooling over the tokens instead of a class token, so every
-  trainable parameter belongs to a ``Conv``, ``Linear`` or ``LayerNorm`` that Opacus supports.
+  trainable parameter belongs to a ``Conv``, ``Linear`` or ``LayerNorm`` that Opacus supports
+  (the model registry gives UNETR's ViT sin-cos embeddings the same way).
 * **Windows in the batch dimension.** Swin's window attention folds the windows into the batch
   (``(B * nW, N, C)``), so Opacus would clip per *window* and scale the mean-reduced loss by
   ``B * nW``: wrong gradients and a wrong privacy guarantee. :class:`DPWindowAttention` computes
