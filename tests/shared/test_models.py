@@ -359,7 +359,9 @@ def test_one_real_dp_sgd_step(name: str, spatial_dims: int, side: int) -> None:
 
 
 @ignore_hook_warning
-@pytest.mark.parametrize(("name", "spatial_dims", "side"), [("unet", 2, 32), ("resnet18", 2, 28)])
+@pytest.mark.parametrize(
+    ("name", "spatial_dims", "side"), [("unet", 2, 32), ("resnet18", 2, 28), ("unetr", 2, 16)]
+)
 def test_one_real_dp_sgd_step_with_instance_norm(name: str, spatial_dims: int, side: int) -> None:
     _dp_sgd_step(name, spatial_dims, side, "instance")
 
