@@ -25,6 +25,17 @@ Decisions worth knowing
       get the MedMNIST-style stem (3x3 convolution, stride 1, no max pool); larger or unknown
       sizes get the standard ImageNet stem (7x7, stride 2, max pool).
     * ``unet`` downsamples four times by 2, so every side must be divisible by 16.
+    * ``vit``, ``unetr`` and ``swinunetr`` are MONAI transformers made DP-safe in
+      :mod:`medfed.shared.transformer_blocks` (fixed sin-cos position embeddings, mean-pooled
+      head instead of a class token, Swin window attention computed per image, no in-place
+      ops); their per-sample gradients are tested to equal single-image gradients. ``vit``
+      has LayerNorm only, so ``norm`` changes nothing; in ``unetr`` / ``swinunetr`` it selects
+      the convolutional decoder's norm. ``vit`` and ``unetr`` need the image size (position
+      embeddings); ``vit`` picks the patch size from it (:func:`vit_patch_size`); ``unetr``
+      needs sides divisible by 16 and ``swinunetr`` by 32. docs/models.md has the choices.
+    * Importing this module registers :mod:`medfed.shared.opacus_fixes`: correct convolution
+      per-sample gradients for non-contiguous inputs and a closed-form grad sampler for
+      transposed convolutions (Opacus 1.6.0 falls back to slow functorch for them).
 """
 
 from __future__ import annotations
@@ -36,15 +47,24 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from monai.networks.blocks.pos_embed_utils import build_sincos_position_embedding
 from monai.networks.layers.utils import get_norm_layer
-from monai.networks.nets import UNet
+from monai.networks.nets import UNETR, SwinUNETR, UNet
 from monai.networks.nets.densenet import DenseNet121
 from monai.networks.nets.resnet import ResNet, ResNetBlock
 from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from medfed.shared import opacus_fixes  # noqa: F401  (registers its grad samplers with Opacus)
 from medfed.shared.config import NORMS, Task
+from medfed.shared.transformer_blocks import (
+    ViTClassifier,
+    freeze_unused_cross_attention,
+    make_out_of_place,
+    make_swin_dp_safe,
+    quiet_meshgrid,
+)
 
 __all__ = [
     "MODELS",
@@ -56,6 +76,7 @@ __all__ = [
     "model_task",
     "validate_for_dp",
     "count_parameters",
+    "vit_patch_size",
 ]
 
 logger = logging.getLogger(__name__)
@@ -87,12 +108,16 @@ class ModelSpec:
         unknown. Arguments are already validated by :func:`build_model`.
     description
         One line for listings and error messages.
+    notes
+        Measured facts for ``medfed models`` (parameters, CPU speed, DP-SGD), or empty. Speeds
+        come from ``python -m medfed.simulations.bench.model_speed`` (CPU time, one thread).
     """
 
     name: str
     task: Task
     builder: Callable[..., nn.Module]
     description: str
+    notes: str = ""
 
 
 # --------------------------------------------------------------------------- norm helpers
@@ -418,6 +443,157 @@ def _build_unet(
     return _instance_to_group(model) if norm == "group" else model
 
 
+# --------------------------------------------------------------------------- transformers
+VIT_HIDDEN_SIZE: int = 192
+VIT_MLP_DIM: int = 768
+VIT_NUM_LAYERS: int = 6
+VIT_NUM_HEADS: int = 3
+VIT_MAX_GRID: dict[int, int] = {2: 8, 3: 4}
+"""Most patches per side: at most 64 tokens in 2D (8 x 8) and in 3D (4 x 4 x 4)."""
+
+
+def _needs_image_size(name: str, image_size: ImageSize | None, example: int) -> ImageSize:
+    if image_size is None:
+        raise ValueError(
+            f"{name} needs the image size to build its position embeddings, but it is unknown. "
+            f"Set image-size (--image-size {example}, or --set image-size={example}) or pass "
+            f"build_model(..., image_size={example})."
+        )
+    return image_size
+
+
+def vit_patch_size(image_size: ImageSize) -> ImageSize:
+    """Patch sides for :func:`build_model` ``("vit", ...)``: per side, the smallest divisor ``p``
+    with ``side / p <= VIT_MAX_GRID[spatial_dims]`` (28 -> 4 in 2D, 7 in 3D; 64 -> 8 / 16).
+
+    Raises
+    ------
+    ValueError
+        A side (a prime such as 29) that only a single patch divides evenly.
+    """
+    grid = VIT_MAX_GRID[len(image_size)]
+    patches = tuple(next(p for p in range(1, side + 1) if side % p == 0 and side // p <= grid) for side in image_size)
+    bad = [side for side, p in zip(image_size, patches) if side > grid and side == p]
+    if bad:
+        good = tuple(max(grid, side - side % grid) for side in image_size)
+        raise ValueError(
+            f"vit cuts each image side into 2-{grid} patches of equal size, but side(s) {bad} of the "
+            f"images {image_size} have no such divisor. Set image-size to a multiple of {grid} "
+            f"(--image-size {good[0]}), or resize the images (for example to {good})."
+        )
+    return patches
+
+
+def _build_vit(
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    norm: str,
+    image_size: ImageSize | None,
+) -> nn.Module:
+    # ``norm`` does not apply: the ViT has LayerNorm only (no BatchNorm), which Opacus supports.
+    sizes = _needs_image_size("vit", image_size, 28)
+    return ViTClassifier(
+        spatial_dims=spatial_dims,
+        in_channels=in_channels,
+        out_channels=out_channels,
+        image_size=sizes,
+        patch_size=vit_patch_size(sizes),
+        hidden_size=VIT_HIDDEN_SIZE,
+        mlp_dim=VIT_MLP_DIM,
+        num_layers=VIT_NUM_LAYERS,
+        num_heads=VIT_NUM_HEADS,
+    )
+
+
+UNETR_DIVISOR: int = 16
+"""UNETR's patch side (fixed by MONAI); every image side must be a multiple."""
+UNETR_FEATURE_SIZE: int = 16
+UNETR_HIDDEN_SIZE: int = 192
+UNETR_MLP_DIM: int = 768
+UNETR_NUM_HEADS: int = 3
+
+
+def _check_divisible(name: str, image_size: ImageSize, divisor: int, why: str) -> None:
+    if any(s % divisor for s in image_size):
+        rounded = tuple(-(-s // divisor) * divisor for s in image_size)
+        raise ValueError(
+            f"{name} {why}, so every image side must be divisible by {divisor}; the images are "
+            f"{image_size}. Set image-size to a multiple of {divisor} (--image-size {max(rounded)}), "
+            f"or resize or pad the images (for example to {rounded})."
+        )
+
+
+def _build_unetr(
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    norm: str,
+    image_size: ImageSize | None,
+) -> nn.Module:
+    sizes = _needs_image_size("unetr", image_size, 32)
+    _check_divisible("unetr", sizes, UNETR_DIVISOR, f"cuts the images into {UNETR_DIVISOR}-pixel patches")
+    model = UNETR(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        img_size=sizes,
+        feature_size=UNETR_FEATURE_SIZE,
+        hidden_size=UNETR_HIDDEN_SIZE,
+        mlp_dim=UNETR_MLP_DIM,
+        num_heads=UNETR_NUM_HEADS,
+        norm_name=_monai_norm(norm, UNETR_FEATURE_SIZE),  # decoder channels: multiples of 16
+        res_block=True,
+        spatial_dims=spatial_dims,
+        qkv_bias=True,
+    )
+    # Learnable position embeddings are a loose parameter Opacus cannot handle; use sin-cos.
+    embedding = model.vit.patch_embedding
+    grid = [s // UNETR_DIVISOR for s in sizes]
+    with quiet_meshgrid():
+        embedding.position_embeddings = build_sincos_position_embedding(grid, UNETR_HIDDEN_SIZE, spatial_dims)
+    return make_out_of_place(freeze_unused_cross_attention(model))
+
+
+SWINUNETR_DIVISOR: int = 32
+"""SwinUNETR halves the resolution five times (patch 2, then 4 patch mergings)."""
+SWINUNETR_FEATURE_SIZE: int = 12
+SWINUNETR_NUM_HEADS: tuple[int, ...] = (1, 2, 4, 8)
+SWINUNETR_WINDOW: int = 4
+SWINUNETR_MIN_SIDE_INSTANCE: int = 64
+"""Minimum side with ``norm="instance"``: the 1/32 bottleneck needs more than one pixel."""
+
+
+def _build_swinunetr(
+    *,
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    norm: str,
+    image_size: ImageSize | None,
+) -> nn.Module:
+    if image_size is not None:
+        _check_divisible("swinunetr", image_size, SWINUNETR_DIVISOR, "halves the resolution 5 times")
+        if norm == "instance" and min(image_size) < SWINUNETR_MIN_SIDE_INSTANCE:
+            raise ValueError(
+                f"swinunetr with norm = 'instance' needs every image side >= {SWINUNETR_MIN_SIDE_INSTANCE} "
+                f"(instance norm needs more than one pixel at the 1/32 bottleneck); the images are "
+                f"{image_size}. Use --norm group (--set norm=group), or --image-size {SWINUNETR_MIN_SIDE_INSTANCE}."
+            )
+    model = SwinUNETR(
+        in_channels=in_channels,
+        out_channels=out_channels,
+        feature_size=SWINUNETR_FEATURE_SIZE,
+        depths=(2, 2, 2, 2),
+        num_heads=SWINUNETR_NUM_HEADS,
+        window_size=SWINUNETR_WINDOW,
+        norm_name=_monai_norm(norm, SWINUNETR_FEATURE_SIZE),  # decoder channels: multiples of 12
+        spatial_dims=spatial_dims,
+    )
+    return make_swin_dp_safe(make_out_of_place(model))
+
+
 # --------------------------------------------------------------------------- registry
 MODELS: dict[str, ModelSpec] = {
     spec.name: spec
@@ -451,6 +627,33 @@ MODELS: dict[str, ModelSpec] = {
             "segmentation",
             _build_unet,
             "MONAI UNet, channels 16-256, 2 residual units; sides must be divisible by 16.",
+        ),
+        ModelSpec(
+            "vit",
+            "classification",
+            _build_vit,
+            "MONAI ViT, 6 layers, hidden 192, 3 heads, sin-cos positions, mean-pooled head; "
+            "<= 8 patches per side (2D), <= 4 (3D).",
+            "2.7M params. Per CPU core, batch 16: 2D 28 px 84 img/s (DP-SGD 34); 3D 28^3 67 img/s "
+            "(DP-SGD 30). DP-SGD: yes (LayerNorm only).",
+        ),
+        ModelSpec(
+            "unetr",
+            "segmentation",
+            _build_unetr,
+            "MONAI UNETR, 12 layers, hidden 192, 16-pixel patches, decoder features 16; "
+            "sides divisible by 16.",
+            "6.5M params (2D), 9.0M (3D). Per CPU core, batch 16: 2D 32 px 100 img/s (DP-SGD 22); "
+            "3D 32^3 5.2 img/s (DP-SGD 1.4). DP-SGD: yes, --norm group or instance.",
+        ),
+        ModelSpec(
+            "swinunetr",
+            "segmentation",
+            _build_swinunetr,
+            "MONAI SwinUNETR (v1), features 12, window 4, DP-safe window attention; "
+            "sides divisible by 32.",
+            "1.6M params (2D), 3.9M (3D). Per CPU core, batch 16: 2D 32 px 155 img/s (DP-SGD 56); "
+            "3D 32^3 6.6 img/s (DP-SGD 2.1). DP-SGD: yes, --norm group (instance: sides >= 64).",
         ),
     )
 }

@@ -366,8 +366,9 @@ def models() -> None:
     table.add_column("name")
     table.add_column("task")
     table.add_column("description")
+    table.add_column("notes")
     for name, spec in MODELS.items():
-        table.add_row(name, spec.task, spec.description)
+        table.add_row(name, spec.task, spec.description, spec.notes)
     console.print(table)
 
 

@@ -42,10 +42,17 @@ SHAPE_CASES = [
     ("resnet34", 3, 16),
     ("unet", 2, 32),
     ("unet", 3, 32),
+    ("vit", 2, 28),
+    ("vit", 3, 16),
+    ("unetr", 2, 16),
+    ("unetr", 3, 16),
+    ("swinunetr", 2, 32),
+    ("swinunetr", 3, 32),
 ]
 
 # The same table for the DP-SGD step. 3D ResNet-34 (63M parameters) only runs with ``-m slow``:
-# 3D ResNet-18 exercises the same code.
+# 3D ResNet-18 exercises the same code. 3D UNETR / SwinUNETR DP steps (about 3-7 s each) are
+# ``slow`` too: 3D ViT runs the same transformer code, and their 2D steps the same decoders.
 DP_STEP_CASES = [
     ("simplecnn", 2, 28),
     ("simplecnn", 3, 28),
@@ -57,7 +64,17 @@ DP_STEP_CASES = [
     pytest.param("resnet34", 3, 16, marks=slow),
     ("unet", 2, 32),
     ("unet", 3, 32),
+    ("vit", 2, 28),
+    ("vit", 3, 16),
+    ("unetr", 2, 16),
+    pytest.param("unetr", 3, 16, marks=slow),
+    ("swinunetr", 2, 32),
+    pytest.param("swinunetr", 3, 32, marks=slow),
 ]
+
+TRANSFORMERS = ("vit", "unetr", "swinunetr")
+NORM_FREE = {"vit"}
+"""Models with no norm layer that ``norm`` selects (LayerNorm only): any ``norm`` suits DP-SGD."""
 
 
 def _batch(
@@ -212,7 +229,7 @@ def test_densenet121_3d_instance_norm_small_input() -> None:
 
 
 # --------------------------------------------------------------------------- BatchNorm, ResNet
-@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("name", sorted(set(MODELS) - NORM_FREE))
 def test_batchnorm_model_fails_validation_naming_the_fix(name: str) -> None:
     model = build_model(
         name, spatial_dims=2, in_channels=1, out_channels=2, norm="batch", image_size=32
@@ -342,6 +359,147 @@ def test_one_real_dp_sgd_step(name: str, spatial_dims: int, side: int) -> None:
 
 
 @ignore_hook_warning
-@pytest.mark.parametrize(("name", "spatial_dims", "side"), [("unet", 2, 32), ("resnet18", 2, 28)])
+@pytest.mark.parametrize(
+    ("name", "spatial_dims", "side"), [("unet", 2, 32), ("resnet18", 2, 28), ("unetr", 2, 16)]
+)
 def test_one_real_dp_sgd_step_with_instance_norm(name: str, spatial_dims: int, side: int) -> None:
     _dp_sgd_step(name, spatial_dims, side, "instance")
+
+
+# --------------------------------------------------------------------------- transformers
+@pytest.mark.parametrize(
+    ("name", "image_size", "fragment"),
+    [
+        ("vit", None, "needs the image size"),
+        ("vit", 0, "--image-size 28"),
+        ("vit", 29, "no such divisor"),
+        ("vit", (28, 31), r"side\(s\) \[31\]"),
+        ("unetr", None, "--image-size 32"),
+        ("unetr", 24, "divisible by 16"),
+        ("unetr", (32, 40), r"\(32, 48\)"),
+        ("swinunetr", 48, "divisible by 32"),
+        ("swinunetr", (64, 16), "--image-size 64"),
+        ("swinunetr", 32, "--norm group"),  # with norm = "instance" (below)
+    ],
+)
+def test_transformer_image_size_errors_name_the_fix(
+    name: str, image_size: int | tuple[int, ...] | None, fragment: str
+) -> None:
+    norm = "instance" if fragment == "--norm group" else "batch"
+    with pytest.raises(ValueError, match=fragment) as info:
+        build_model(name, spatial_dims=2, in_channels=1, out_channels=2, norm=norm, image_size=image_size)
+    assert name in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("image_size", "patch"),
+    [((28, 28), (4, 4)), ((64, 64), (8, 8)), ((32, 48), (4, 6)), ((28, 28, 28), (7, 7, 7)), ((16, 32, 64), (4, 8, 16))],
+)
+def test_vit_patch_size(image_size: tuple[int, ...], patch: tuple[int, ...]) -> None:
+    model = build_model("vit", spatial_dims=len(image_size), in_channels=1, out_channels=2, image_size=image_size)
+    conv = model.vit.patch_embedding.patch_embeddings
+    assert tuple(conv.kernel_size) == patch and tuple(conv.stride) == patch
+    assert model.vit.patch_embedding.n_patches <= 64
+
+
+def test_swinunetr_unknown_size_checks_at_run_time() -> None:
+    model = build_model("swinunetr", spatial_dims=2, in_channels=1, out_channels=2, norm="group")
+    assert tuple(model(torch.rand(1, 1, 64, 32)).shape) == (1, 2, 64, 32)
+    with pytest.raises(ValueError, match="32"):
+        model(torch.rand(1, 1, 48, 32))
+
+
+@pytest.mark.parametrize("name", ["unetr", "swinunetr"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_transformer_decoder_norm_follows_norm(name: str, norm: str) -> None:
+    side = 64 if (name, norm) == ("swinunetr", "instance") else 32
+    model = build_model(name, spatial_dims=2, in_channels=1, out_channels=2, norm=norm, image_size=side)
+    kinds = {
+        "batch": nn.modules.batchnorm._BatchNorm,
+        "group": nn.GroupNorm,
+        "instance": nn.modules.instancenorm._InstanceNorm,
+    }
+    feature_norms = [m for m in model.modules() if isinstance(m, tuple(kinds.values()))]
+    assert feature_norms and all(isinstance(m, kinds[norm]) for m in feature_norms)
+    assert all(m.affine for m in feature_norms if not isinstance(m, nn.GroupNorm))
+    out = model.train()(torch.rand(2, 1, side, side))
+    assert tuple(out.shape) == (2, 2, side, side)
+    if norm == "batch":
+        with pytest.raises(ValueError, match="BatchNorm"):
+            validate_for_dp(model)
+    else:
+        validate_for_dp(model)
+
+
+@pytest.mark.parametrize("norm", NORMS)
+def test_vit_has_layernorm_only_and_validates_for_any_norm(norm: str) -> None:
+    model = build_model("vit", spatial_dims=2, in_channels=1, out_channels=2, norm=norm, image_size=28)
+    norms = {type(m) for m in model.modules() if "Norm" in type(m).__name__}
+    assert norms == {nn.LayerNorm}
+    validate_for_dp(model)
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_transformers_have_no_inplace_ops_and_no_loose_trainable_parameters(name: str) -> None:
+    """Every trainable parameter sits in a layer Opacus has a grad sampler for (transposed
+    convolutions: medfed.shared.opacus_fixes), never in a container that Opacus would hand to
+    functorch whole."""
+    from opacus.grad_sample import GradSampleModule
+
+    side = 28 if name == "vit" else 32
+    model = build_model(name, spatial_dims=2, in_channels=1, out_channels=2, norm="group", image_size=side)
+    assert [n for n, m in model.named_modules() if getattr(m, "inplace", False)] == []
+    owners = {
+        type(m)
+        for m in model.modules()
+        if any(p.requires_grad for p in m.parameters(recurse=False))
+    }
+    assert owners <= set(GradSampleModule.GRAD_SAMPLERS), owners - set(GradSampleModule.GRAD_SAMPLERS)
+
+
+@pytest.mark.parametrize("name", TRANSFORMERS)
+def test_transformers_pickle(name: str) -> None:
+    side = 28 if name == "vit" else 32
+    model = build_model(name, spatial_dims=2, in_channels=1, out_channels=2, norm="group", image_size=side)
+    clone = pickle.loads(pickle.dumps(model))
+    images = torch.rand(1, 1, side, side)
+    with torch.no_grad():
+        assert torch.equal(clone.eval()(images), model.eval()(images))
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize(
+    ("name", "spatial_dims", "side"),
+    [
+        ("vit", 2, 28),
+        ("unetr", 2, 16),
+        ("swinunetr", 2, 32),
+        pytest.param("vit", 3, 16, marks=slow),
+        pytest.param("unetr", 3, 16, marks=slow),
+        pytest.param("swinunetr", 3, 32, marks=slow),
+    ],
+)
+def test_per_sample_gradients_equal_single_image_gradients(name: str, spatial_dims: int, side: int) -> None:
+    """Opacus's per-sample gradients are the gradients of each image alone (clipping is per
+    image, not per Swin window or token), for every trainable parameter."""
+    from opacus import GradSampleModule
+
+    torch.manual_seed(0)
+    model = build_model(name, spatial_dims=spatial_dims, in_channels=1, out_channels=2, norm="group", image_size=side)
+    images = torch.rand(3, 1, *(side,) * spatial_dims)
+    wrapped = GradSampleModule(model, loss_reduction="sum")
+    wrapped(images).square().sum().backward()
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    per_sample = {n: p.grad_sample.detach().clone() for n, p in trainable}
+    wrapped._close()
+    errors = {}
+    for i in range(len(images)):
+        model.zero_grad()
+        model(images[i : i + 1]).square().sum().backward()
+        for n, p in trainable:
+            assert p.grad is not None, n
+            error = (per_sample[n][i] - p.grad).abs().max() / p.grad.abs().max().clamp_min(1e-12)
+            errors[n] = max(errors.get(n, 0.0), error.item())
+    # float32 rounding through the network stays ~1e-3 of the largest entry (3D SwinUNETR);
+    # a per-window or wrongly unfolded gradient is off by ~1.
+    assert {n: e for n, e in errors.items() if e > 1e-2} == {}
