@@ -19,6 +19,7 @@ from medfed.server.secure import secagg_settings
 from medfed.server.server_app import ServerHooks, make_server_app
 from medfed.shared.config import RunConfig
 from medfed.shared.preflight import preflight
+from medfed.simulations.engine_tuning import SIM_POLL_INTERVAL, engine_polls, server_threads
 from medfed.simulations.interrupt import Interrupt, RunInterrupted, descendants, end_processes, interruptible
 from medfed.simulations.site_errors import SiteErrorLog, site_error_log
 
@@ -138,7 +139,7 @@ def run_federated(
     server_hooks = ServerHooks(
         on_start=on_start, on_round=on_round, on_finish=on_finish, on_final_model=on_final_model if report else None
     )
-    server_app = make_server_app(cfg, hooks=server_hooks, run_path=str(path))
+    server_app = make_server_app(cfg, hooks=server_hooks, run_path=str(path), pull_interval=SIM_POLL_INTERVAL)
     client_app = client_app or make_client_app(cfg)
     # One CPU per site: Ray runs as many sites at once as there are cores, each torch single-threaded.
     backend_config = {
@@ -147,7 +148,7 @@ def run_federated(
     }
     ray_environment()
     start = time.perf_counter()
-    with interruptible() as interrupt, site_error_log() as site_errors:
+    with engine_polls(), server_threads(), interruptible() as interrupt, site_error_log() as site_errors:
         try:
             run_simulation(
                 server_app=server_app,
@@ -225,8 +226,12 @@ def ray_environment() -> None:
       simulation, and its timings say more about that job than about the federation).
     * ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO = 0``: a site given no GPU keeps the process's
       ``CUDA_VISIBLE_DEVICES`` rather than Ray blanking it (Ray's future default).
+    * ``OMP_WAIT_POLICY = PASSIVE``: an OpenMP thread that waits sleeps instead of spinning. With
+      more than one thread per site and other work on the cores, spinning threads made torch
+      about 4x slower than one thread (see BENCHMARKS.md, "Performance close to the limit").
     """
     os.environ.setdefault("RAY_worker_niceness", "0")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 
