@@ -12,9 +12,9 @@ from flwr.client.mod import adaptiveclipping_mod, fixedclipping_mod, make_ffn
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from medfed.client.egress import egress_guard
+from medfed.client.secagg_packed import packed_secaggplus_mod
 from medfed.client.site_client import SiteClient
 from medfed.client.site_data import deployment_site_data, simulated_site_data
-from medfed.client.secagg_packed import packed_secaggplus_mod
 from medfed.client.site_policy import SitePolicy
 from medfed.client.update_mods import freeze_counters_mod, make_update_mod
 from medfed.shared.config import BAD_DATA_MODES, ConfigError, RunConfig

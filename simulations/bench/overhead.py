@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -124,6 +125,14 @@ def overhead_section(ctx: BenchContext) -> SectionResult:
             fmt(row["later_round_mean_s"], 2, reason="n/a: a single round has no later rounds"), fmt(plain_round, 2),
             ratio(row["later_round_mean_s"], plain_round),
         )
+        result.figures.setdefault("overhead", []).append({
+            "model": row_cfg.model, "sites": row_cfg.num_sites, "rounds": row_cfg.num_server_rounds,
+            "ratio_wall": round(row["overhead_ratio"], 3),
+            "ratio_later_rounds": round(row["later_round_mean_s"] / plain_round, 3),
+            "simulation_s": round(row["simulation_s"], 2), "plain_loop_s": round(row["plain_loop_s"], 2),
+            "later_round_mean_s": round(row["later_round_mean_s"], 3), "plain_round_s": round(plain_round, 3),
+            "load": os.getloadavg()[0],
+        })
     target_cfg, target = rows[-1]
     target_round = target["plain_loop_s"] / target_cfg.num_server_rounds
     result.targets.append(Target.check(

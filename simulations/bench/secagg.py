@@ -350,6 +350,26 @@ def run_bench(
     return result
 
 
+def _figure_row(plain: BenchResult, secure: BenchResult, *, training: bool, model: str = "") -> dict[str, Any]:
+    """One ``results.json`` row (section ``secagg``) from a plain and a SecAgg+ measurement."""
+    fp32 = 4 * plain.num_params
+    row: dict[str, Any] = {
+        "sites": plain.sites,
+        "params": plain.num_params,
+        "time_ratio": round(secure.median_round / plain.median_round, 3),
+        "upload_ratio": round(secure.upload_per_site / fp32, 4),
+        "upload_ratio_plain": round(plain.upload_per_site / fp32, 4),
+        "plain_s": round(plain.median_round, 4),
+        "secagg_s": round(secure.median_round, 4),
+        "added_s_per_million_params": round((secure.median_round - plain.median_round) / (plain.num_params / 1e6), 4),
+        "training": training,
+        "load": os.getloadavg()[0],
+    }
+    if model:
+        row["model"] = model
+    return row
+
+
 def secagg_section(ctx: BenchContext) -> SectionResult:
     """Section ``secagg`` of ``medfed bench``: SecAgg+ / plain round time and upload per site.
 
@@ -366,6 +386,8 @@ def secagg_section(ctx: BenchContext) -> SectionResult:
                  "SecAgg+ upload per site (MB)"],
     )
     result = SectionResult(tables=[table])
+    rows: list[dict[str, Any]] = []
+    result.figures["secagg"] = rows
     for num_params in p.secagg_params:
         plain_s: list[float] = []
         secure_s: list[float] = []
@@ -375,11 +397,16 @@ def secagg_section(ctx: BenchContext) -> SectionResult:
             fp32 = 4 * num_params
             if sites == (8 if 8 in p.secagg_sites else max(p.secagg_sites)) and num_params == p.secagg_params[0]:
                 result.targets.append(Target.check(
-                    f"SecAgg+ / plain round time ({sites} sites, {num_params / 1e6:g}M parameters)", "issue 3",
-                    value=secure.median_round / plain.median_round, at_most=1.5,
-                    limits="Flower's own SecAgg+ protocol (key agreement, secret sharing, int64 masked vectors); "
-                    "medfed's additions cost 1-3 % of it (bench.secagg --flower-only)",
+                    f"SecAgg+ / plain round time ({sites} sites, {num_params / 1e6:g}M parameters)", "issue 19",
+                    value=secure.median_round / plain.median_round, at_most=2.0,
+                    limits="issue 19's target (issue 3 asked 1.5): four message exchanges against the plain round's "
+                    "one, key agreement, Shamir shares, mask expansion; see BENCHMARKS.md for the profile",
                 ))
+                result.targets.append(Target.check(
+                    f"SecAgg+ upload per site / fp32 model ({sites} sites, {num_params / 1e6:g}M parameters)",
+                    "issue 19", value=secure.upload_per_site / fp32, at_most=1.1,
+                ))
+            rows.append(_figure_row(plain, secure, training=False))
             plain_s.append(plain.median_round)
             secure_s.append(secure.median_round)
             table.add(
@@ -410,6 +437,7 @@ def secagg_section(ctx: BenchContext) -> SectionResult:
                            train_model=p.secagg_train_model)
         train_table.add(p.secagg_train_model, f"{plain.num_params:,d}", sites, fmt(plain.median_round, 2),
                         fmt(secure.median_round, 2), ratio(secure.median_round, plain.median_round))
+        rows.append(_figure_row(plain, secure, training=True, model=p.secagg_train_model))
     train_table.notes.append(
         "Synthetic 32x32 data, about 64 training images per site, one local epoch per round: the cost SecAgg+ adds "
         "to a round that trains, beside the protocol-only figures above."
