@@ -11,6 +11,9 @@ A simulated round waits on two fixed polls of 0.1 s per message exchange, whatev
   (``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue``) waits a hard-coded 0.1 s
   between passes over the nodes. No setting reaches it, so :func:`engine_polls` swaps in a copy
   of that function with a shorter wait while a simulation runs, and puts Flower's back after.
+  The copy also asks the link state only about nodes with an undelivered message (Flower asks
+  every node every pass, and each question scans every stored message: O(nodes x messages)
+  a pass, which dominates a simulation of 1,000 sites).
 
 SecAgg+ exchanges messages four times a round, so these polls cost it about 0.8 s a round
 before any work; a plain round pays them twice (fit, evaluate).
@@ -79,12 +82,29 @@ def tune_grid(grid: Any, *, interval: float = SIM_POLL_INTERVAL) -> None:
         grid.pull_interval = interval
 
 
+def _nodes_with_mail(state: Any, nodes_mapping: Any) -> Any:
+    """The nodes that have an undelivered message, in ``nodes_mapping``'s order (all when unknown).
+
+    Flower's loop asks the link state for every node each pass, and the in-memory state scans
+    every stored message per question: with 1,000 nodes and 100 messages in flight that is
+    100,000 checks a pass. One scan of the store under its lock finds the few nodes to ask.
+    """
+    store = getattr(state, "message_ins_store", None)
+    lock = getattr(state, "lock", None)
+    if not isinstance(store, dict) or lock is None:
+        return nodes_mapping.keys()
+    with lock:
+        pending = {m.metadata.dst_node_id for m in store.values() if m.metadata.delivered_at == ""}
+    return [node_id for node_id in nodes_mapping.keys() if node_id in pending]
+
+
 def _add_messages_every(interval: float) -> Any:
-    """Flower 1.42's ``add_messages_to_queue`` with ``interval`` instead of its fixed 0.1 s wait."""
+    """Flower 1.42's ``add_messages_to_queue`` with ``interval`` instead of its fixed 0.1 s wait,
+    asking only the nodes that have mail (:func:`_nodes_with_mail`)."""
 
     def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: Any, f_stop: threading.Event) -> None:
         while not f_stop.is_set():
-            for node_id in nodes_mapping.keys():
+            for node_id in _nodes_with_mail(state, nodes_mapping):
                 message_ins_list = state.get_message_ins(node_id=node_id, limit=1)
                 for msg in message_ins_list:
                     queue.put(msg)

@@ -104,3 +104,30 @@ def test_ray_workers_get_a_passive_openmp_wait_policy_unless_set(monkeypatch) ->
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     ray_environment()
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_the_patched_engine_asks_only_nodes_with_undelivered_mail() -> None:
+    """One scan of the store finds the nodes to ask; a state without a store gets Flower's every-node loop."""
+    from types import SimpleNamespace
+
+    from medfed.simulations.engine_tuning import _nodes_with_mail
+
+    def msg(dst: int, delivered: str = "") -> SimpleNamespace:
+        return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=dst, delivered_at=delivered))
+
+    state = SimpleNamespace(lock=threading.RLock(),
+                            message_ins_store={"a": msg(7), "b": msg(3, "2026-01-01"), "c": msg(9), "d": msg(7)})
+    assert list(_nodes_with_mail(state, {n: 0 for n in range(1000)})) == [7, 9]
+    bare = _State({1: ["x"]})  # a state without a store: every node is asked, as in Flower
+    assert list(_nodes_with_mail(bare, {1: 0, 2: 0})) == [1, 2]
+
+
+def test_flowers_in_memory_link_state_keeps_the_store_and_lock_the_patch_reads() -> None:
+    """Fails when Flower renames them (the patch would then silently fall back to asking every node)."""
+    import inspect
+
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+    source = inspect.getsource(InMemoryLinkState.__init__)
+    assert "self.message_ins_store: dict[str, Message] = {}" in source
+    assert "self.lock = threading.RLock()" in source
