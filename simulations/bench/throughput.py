@@ -140,13 +140,15 @@ def measure(
 
 
 def bench_section(ctx: BenchContext) -> SectionResult:
-    """Section ``throughput`` of ``medfed bench``: ResNet-18 at 28 px (2D) and 3D, fp32 and bf16, 1 and 2 threads."""
+    """Section ``throughput`` of ``medfed bench``: ResNet-18 at 28 px (2D) and at the profile's 3D size,
+    fp32 and bf16, 1 thread (quick) or 1 and 2 threads (full)."""
     from medfed.simulations.bench import SectionResult, Table
     from medfed.simulations.bench.support import fmt
 
     quick = ctx.profile.name == "quick"
-    configs = [("resnet18", 2, 28), ("resnet18", 3, ctx.profile.image_size_3d if quick else 28)]
-    batch, steps = (8, 2) if quick else (32, 5)
+    side_3d = ctx.profile.image_size_3d or 28  # the 3D quality runs' size (16^3 in both profiles)
+    configs = [("resnet18", 2, 28), ("resnet18", 3, side_3d)]
+    batch, steps = (8, 2) if quick else (16, 4)
     threads_list = (1,) if quick else (1, 2)
     table = Table(
         title="Training throughput on CPU (random tensors in memory, SGD, one warm-up step)",
