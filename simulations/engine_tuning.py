@@ -31,9 +31,9 @@ single-threaded site (Ray sets ``OMP_NUM_THREADS=1`` in its workers). torch's de
 server process is one thread per core, which then competes with the sites for the cores
 during the server's evaluation and spins while it waits. :func:`server_threads` runs the
 simulation with :data:`SERVER_THREADS` torch threads in the server process and restores the
-count after. ``OMP_WAIT_POLICY=PASSIVE`` (set for the Ray workers by
-:func:`medfed.simulations.simulate.ray_environment`) makes idle OpenMP threads sleep instead
-of spinning, so a busy machine does not lose cores to waiting threads.
+count after. ``OMP_WAIT_POLICY=PASSIVE`` (set when ``medfed`` is imported, so in the Ray
+workers too) makes idle OpenMP threads sleep instead of spinning, so a busy machine does not
+lose cores to waiting threads.
 """
 
 from __future__ import annotations

@@ -235,12 +235,10 @@ def ray_environment() -> None:
       simulation, and its timings say more about that job than about the federation).
     * ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO = 0``: a site given no GPU keeps the process's
       ``CUDA_VISIBLE_DEVICES`` rather than Ray blanking it (Ray's future default).
-    * ``OMP_WAIT_POLICY = PASSIVE``: an OpenMP thread that waits sleeps instead of spinning. With
-      more than one thread per site and other work on the cores, spinning threads made torch
-      about 4x slower than one thread (see BENCHMARKS.md, "Performance close to the limit").
+
+    (``OMP_WAIT_POLICY = PASSIVE``, which the workers inherit, is set when ``medfed`` is imported.)
     """
     os.environ.setdefault("RAY_worker_niceness", "0")
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
 
 

@@ -1,10 +1,11 @@
-"""The poll settings of a simulation: the grid's public setting and the one patch of Flower's engine."""
+"""Simulation engine settings: the grid's poll, the one patch of Flower's engine, threads, OpenMP waits."""
 
 from __future__ import annotations
 
 import threading
 from queue import Queue
 
+import pytest
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.superlink.grid import InMemoryGrid
 
@@ -93,19 +94,6 @@ def test_server_threads_are_set_inside_and_restored(monkeypatch) -> None:
     assert torch.get_num_threads() == before
 
 
-def test_ray_workers_get_a_passive_openmp_wait_policy_unless_set(monkeypatch) -> None:
-    import os
-
-    from medfed.simulations.simulate import ray_environment
-
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    ray_environment()
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    ray_environment()
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
-
-
 def test_the_patched_engine_asks_only_nodes_with_undelivered_mail() -> None:
     """One scan of the store finds the nodes to ask; a state without a store gets Flower's every-node loop."""
     from types import SimpleNamespace
@@ -131,3 +119,17 @@ def test_flowers_in_memory_link_state_keeps_the_store_and_lock_the_patch_reads()
     source = inspect.getsource(InMemoryLinkState.__init__)
     assert "self.message_ins_store: dict[str, Message] = {}" in source
     assert "self.lock = threading.RLock()" in source
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_importing_medfed_makes_idle_openmp_threads_sleep_unless_set(preset, expected) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    out = subprocess.run([sys.executable, "-c", "import os, medfed; print(os.environ['OMP_WAIT_POLICY'])"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
