@@ -148,7 +148,7 @@ def bench_section(ctx: BenchContext) -> SectionResult:
     quick = ctx.profile.name == "quick"
     side_3d = ctx.profile.image_size_3d or 28  # the 3D quality runs' size (16^3 in both profiles)
     configs = [("resnet18", 2, 28), ("resnet18", 3, side_3d)]
-    batch, steps = (8, 2) if quick else (16, 4)
+    batch, steps = (2, 1) if quick else (16, 4)  # quick: a smoke test of the section, seconds
     threads_list = (1,) if quick else (1, 2)
     table = Table(
         title="Training throughput on CPU (random tensors in memory, SGD, one warm-up step)",
