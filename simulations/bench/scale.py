@@ -51,7 +51,10 @@ if TYPE_CHECKING:
     from medfed.shared.config import RunConfig
     from medfed.simulations.bench import BenchContext, SectionResult
 
-__all__ = ["TreeMemory", "tree_memory", "ScaleResult", "scale_config", "measure_scale", "markdown_table", "bench_section", "main"]
+__all__ = [
+    "TreeMemory", "tree_memory", "ScaleResult", "scale_config", "measure_scale", "markdown_table", "figure_row",
+    "bench_section", "main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -204,11 +207,15 @@ def scale_config(*, sites: int, rounds: int, samples_per_site: int, run_dir: str
     )
 
 
-def _one_run(*, sites: int, rounds: int, samples_per_site: int, run_dir: str, fraction: float = 1.0) -> dict[str, object]:
+def _one_run(
+    *, sites: int, rounds: int, samples_per_site: int, run_dir: str, fraction: float = 1.0
+) -> dict[str, object]:
     """Run one simulation in this process; return its raw figures (child-process side)."""
     from medfed.simulations.simulate import run_federated
 
-    cfg = scale_config(sites=sites, rounds=rounds, samples_per_site=samples_per_site, run_dir=run_dir, fraction=fraction)
+    cfg = scale_config(
+        sites=sites, rounds=rounds, samples_per_site=samples_per_site, run_dir=run_dir, fraction=fraction
+    )
     result = run_federated(cfg)
     last = result.rounds[-1] if result.rounds else None
     return {
@@ -219,7 +226,9 @@ def _one_run(*, sites: int, rounds: int, samples_per_site: int, run_dir: str, fr
     }
 
 
-def measure_scale(*, sites: int, rounds: int, samples_per_site: int, run_dir: str, fraction: float = 1.0) -> ScaleResult:
+def measure_scale(
+    *, sites: int, rounds: int, samples_per_site: int, run_dir: str, fraction: float = 1.0
+) -> ScaleResult:
     """Run one site count in a child process and sample its process tree's memory.
 
     Raises
@@ -270,13 +279,15 @@ def measure_scale(*, sites: int, rounds: int, samples_per_site: int, run_dir: st
 def markdown_table(results: Sequence[ScaleResult]) -> str:
     """The figures as a Markdown table for BENCHMARKS.md."""
     lines = [
-        "| sites | sites per round | rounds | wall s | start-up s | s / round (mean) | s / round (rounds 2..R) | rounds s "
+        "| sites | sites per round | rounds | wall s | start-up s | s / round (mean) | s / round (rounds 2..R) "
+        "| rounds s "
         "| peak RSS sum MiB | peak PSS sum MiB | peak driver RSS MiB | processes | sites answering (last round) |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
-            f"| {r.sites} | {r.sites_per_round} | {r.rounds} | {r.wall_s:.1f} | {r.startup_s:.1f} | {r.mean_round_s:.2f} | "
+            f"| {r.sites} | {r.sites_per_round} | {r.rounds} | {r.wall_s:.1f} | {r.startup_s:.1f} | "
+            f"{r.mean_round_s:.2f} | "
             f"{r.later_round_mean_s:.2f} | {', '.join(f'{s:.1f}' for s in r.round_s)} | {r.peak_rss_mib:.0f} | {r.peak_pss_mib:.0f} | "
             f"{r.peak_driver_rss_mib:.0f} | {r.peak_processes} | {r.fit_results_last_round} |"
         )

@@ -70,8 +70,10 @@ class _Capture(FedAvg):
 
 def _run(mod, *, sites: int, rounds: int = 1, on_grid: bool = True, threshold: int = 3, plan=None):
     mods = ([dying_mod(plan)] if plan else []) + [mod]
-    app = ClientApp(client_fn=lambda ctx: _UpdateClient(int(ctx.node_config["partition-id"]), on_grid=on_grid).to_client(),
-                    mods=mods)
+    def client_fn(ctx: Context):
+        return _UpdateClient(int(ctx.node_config["partition-id"]), on_grid=on_grid).to_client()
+
+    app = ClientApp(client_fn=client_fn, mods=mods)
     grid = LocalGrid(app, num_nodes=sites)
     strategy = _Capture()
     workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
