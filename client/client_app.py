@@ -8,10 +8,11 @@ from typing import Any
 
 from flwr.app import Context, Message
 from flwr.client import Client, ClientApp
-from flwr.client.mod import adaptiveclipping_mod, fixedclipping_mod, make_ffn, secaggplus_mod
+from flwr.client.mod import adaptiveclipping_mod, fixedclipping_mod, make_ffn
 from flwr.clientapp.typing import ClientAppCallable, Mod
 
 from medfed.client.egress import egress_guard
+from medfed.client.secagg_packed import packed_secaggplus_mod
 from medfed.client.site_client import SiteClient
 from medfed.client.site_data import deployment_site_data, simulated_site_data
 from medfed.client.site_policy import SitePolicy
@@ -119,14 +120,15 @@ def _deployment_client(cfg: RunConfig, node_config: Mapping[str, Any]) -> Client
 def privacy_mods(cfg: RunConfig) -> list[Mod]:
     """The mods ``cfg`` asks for, outermost first (the egress guard goes before them).
 
-    ``secaggplus_mod`` (``secagg``), medfed's update mod (``secagg`` or ``client-dp``: updates
+    Flower's ``secaggplus_mod`` with medfed's 32-bit masked vectors
+    (:func:`~medfed.client.secagg_packed.packed_secaggplus_mod`, ``secagg``), medfed's update mod (``secagg`` or ``client-dp``: updates
     instead of weights under SecAgg+, integer entries clippable under DP; see
     :mod:`medfed.client.update_mods`), then Flower's ``fixedclipping_mod`` / ``adaptiveclipping_mod``
     with :func:`~medfed.client.update_mods.freeze_counters_mod` inside it (``client-dp``).
     """
     mods: list[Mod] = []
     if cfg.secagg:
-        mods.append(secaggplus_mod)
+        mods.append(packed_secaggplus_mod)
     if cfg.secagg or cfg.client_dp != "off":
         mods.append(make_update_mod(cfg))
     if cfg.client_dp == "fixed":

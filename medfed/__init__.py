@@ -18,8 +18,15 @@ carries is the code that runs. Nothing but ``medfed`` is importable at the top l
 
 from __future__ import annotations
 
+import os as _os
 from importlib import metadata as _metadata
 from pathlib import Path as _Path
+
+# Idle OpenMP threads sleep instead of spinning (a value already set wins). Read once, when torch
+# loads its OpenMP runtime, so it is set here, before any medfed module imports torch: with
+# another process on the cores, torch's spinning threads made two-thread training about 4x slower
+# than one thread (BENCHMARKS.md, "Performance close to the limit").
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 SUBPACKAGES: tuple[str, ...] = ("shared", "client", "server", "simulations")
 """medfed's subpackages, in layer order (each may import only those before it; ``simulations``

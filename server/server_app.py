@@ -245,13 +245,23 @@ def build_workflow(
 
 
 def make_server_app(
-    cfg: RunConfig | None = None, *, hooks: ServerHooks | None = None, run_path: str | None = None
+    cfg: RunConfig | None = None,
+    *,
+    hooks: ServerHooks | None = None,
+    run_path: str | None = None,
+    pull_interval: float | None = None,
 ) -> ServerApp:
-    """A ServerApp bound to ``cfg`` (simulation), or reading the run config (``flwr run``)."""
+    """A ServerApp bound to ``cfg`` (simulation), or reading the run config (``flwr run``).
+
+    ``pull_interval``: seconds the grid sleeps between pulls for replies, for a grid with that
+    setting (Flower's in-memory simulation grid: 0.1 s by default); ``None`` leaves it alone.
+    """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        if pull_interval is not None and hasattr(grid, "pull_interval"):
+            grid.pull_interval = pull_interval
         run_cfg = cfg or config_from_run_config(context.run_config)
         run_server(grid, context, run_cfg, hooks or ServerHooks(), run_path)
 

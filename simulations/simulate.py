@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from medfed.server.secure import secagg_settings
 from medfed.server.server_app import ServerHooks, make_server_app
 from medfed.shared.config import RunConfig
 from medfed.shared.preflight import preflight
+from medfed.simulations.engine_tuning import SIM_POLL_INTERVAL, engine_polls, server_threads
 from medfed.simulations.interrupt import Interrupt, RunInterrupted, descendants, end_processes, interruptible
 from medfed.simulations.site_errors import SiteErrorLog, site_error_log
 
@@ -49,6 +51,7 @@ def run_federated(
     run_path: str | Path | None = None,
     verbose: bool = False,
     client_app: ClientApp | None = None,
+    tuned: bool = True,
 ) -> SimulationResult:
     """Simulate ``cfg.num_sites`` hospitals training ``cfg.model`` for ``cfg.num_server_rounds``.
 
@@ -72,6 +75,9 @@ def run_federated(
     client_app
         The sites' ClientApp (default: :func:`medfed.client.client_app.make_client_app` of ``cfg``);
         tests and benchmarks pass one with faulty sites (:mod:`medfed.simulations.faults`).
+    tuned
+        Run with :mod:`medfed.simulations.engine_tuning`'s settings (0.02 s polls, one torch
+        thread in this process); ``False`` keeps Flower's defaults (benchmarks compare the two).
 
     Raises
     ------
@@ -138,7 +144,9 @@ def run_federated(
     server_hooks = ServerHooks(
         on_start=on_start, on_round=on_round, on_finish=on_finish, on_final_model=on_final_model if report else None
     )
-    server_app = make_server_app(cfg, hooks=server_hooks, run_path=str(path))
+    server_app = make_server_app(
+        cfg, hooks=server_hooks, run_path=str(path), pull_interval=SIM_POLL_INTERVAL if tuned else None
+    )
     client_app = client_app or make_client_app(cfg)
     # One CPU per site: Ray runs as many sites at once as there are cores, each torch single-threaded.
     backend_config = {
@@ -147,7 +155,9 @@ def run_federated(
     }
     ray_environment()
     start = time.perf_counter()
-    with interruptible() as interrupt, site_error_log() as site_errors:
+    polls = engine_polls() if tuned else nullcontext()
+    threads = server_threads() if tuned else nullcontext()
+    with polls, threads, interruptible() as interrupt, site_error_log() as site_errors:
         try:
             run_simulation(
                 server_app=server_app,
@@ -225,6 +235,8 @@ def ray_environment() -> None:
       simulation, and its timings say more about that job than about the federation).
     * ``RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO = 0``: a site given no GPU keeps the process's
       ``CUDA_VISIBLE_DEVICES`` rather than Ray blanking it (Ray's future default).
+
+    (``OMP_WAIT_POLICY = PASSIVE``, which the workers inherit, is set when ``medfed`` is imported.)
     """
     os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")

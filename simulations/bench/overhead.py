@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -69,12 +70,13 @@ def plain_loop(cfg: RunConfig) -> float:
     return time.perf_counter() - start
 
 
-def measure_overhead(cfg: RunConfig, *, sim: SimulationResult | None = None) -> dict[str, float]:
+def measure_overhead(cfg: RunConfig, *, sim: SimulationResult | None = None, tuned: bool = True) -> dict[str, float]:
     """Simulation and plain-loop wall times for ``cfg``, and their ratio.
 
-    ``sim``: a finished simulation of ``cfg`` to time against (default: run one now).
+    ``sim``: a finished simulation of ``cfg`` to time against (default: run one now, with
+    medfed's engine settings, or Flower's defaults when ``tuned`` is false).
     """
-    sim = sim if sim is not None else run_federated(cfg)
+    sim = sim if sim is not None else run_federated(cfg, tuned=tuned)
     threads = torch.get_num_threads()
     plain = plain_loop(cfg)
     rounds = [s for s in sim.summary.get("round_seconds", []) if s is not None]  # type: ignore[union-attr]
@@ -124,6 +126,14 @@ def overhead_section(ctx: BenchContext) -> SectionResult:
             fmt(row["later_round_mean_s"], 2, reason="n/a: a single round has no later rounds"), fmt(plain_round, 2),
             ratio(row["later_round_mean_s"], plain_round),
         )
+        result.figures.setdefault("overhead", []).append({
+            "model": row_cfg.model, "sites": row_cfg.num_sites, "rounds": row_cfg.num_server_rounds,
+            "ratio_wall": round(row["overhead_ratio"], 3),
+            "ratio_later_rounds": round(row["later_round_mean_s"] / plain_round, 3),
+            "simulation_s": round(row["simulation_s"], 2), "plain_loop_s": round(row["plain_loop_s"], 2),
+            "later_round_mean_s": round(row["later_round_mean_s"], 3), "plain_round_s": round(plain_round, 3),
+            "load": os.getloadavg()[0],
+        })
     target_cfg, target = rows[-1]
     target_round = target["plain_loop_s"] / target_cfg.num_server_rounds
     result.targets.append(Target.check(
@@ -155,6 +165,8 @@ def main() -> None:
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--samples", type=int, default=480)
     parser.add_argument("--run-dir", default="runs/bench-overhead")
+    parser.add_argument("--before", action="store_true",
+                        help="also run the simulation with Flower's default engine settings, in this process")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     cfg = RunConfig(
@@ -166,7 +178,11 @@ def main() -> None:
         synthetic_samples=args.samples,
         run_dir=args.run_dir,
     )
-    print(json.dumps(measure_overhead(cfg), indent=2))
+    out = {"tuned": measure_overhead(cfg), "load": os.getloadavg()[0]}
+    if args.before:
+        out["flower_defaults"] = measure_overhead(cfg, tuned=False)
+        out["tuned_again"] = measure_overhead(cfg)  # interleaved: load changes between runs
+    print(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -45,10 +45,16 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING
 
+from medfed.shared.config import sites_per_round
+
 if TYPE_CHECKING:
+    from medfed.shared.config import RunConfig
     from medfed.simulations.bench import BenchContext, SectionResult
 
-__all__ = ["TreeMemory", "tree_memory", "ScaleResult", "measure_scale", "markdown_table", "bench_section", "main"]
+__all__ = [
+    "TreeMemory", "tree_memory", "ScaleResult", "scale_config", "measure_scale", "markdown_table", "figure_row",
+    "bench_section", "main",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -163,6 +169,7 @@ class ScaleResult:
     sites: int
     rounds: int
     samples_per_site: int
+    sites_per_round: int
     wall_s: float
     startup_s: float
     round_s: list[float]
@@ -176,12 +183,15 @@ class ScaleResult:
     final_accuracy: float | None
 
 
-def _one_run(*, sites: int, rounds: int, samples_per_site: int, run_dir: str) -> dict[str, object]:
-    """Run one simulation in this process; return its raw figures (child-process side)."""
-    from medfed.shared.config import RunConfig
-    from medfed.simulations.simulate import run_federated
+def scale_config(*, sites: int, rounds: int, samples_per_site: int, run_dir: str, fraction: float = 1.0) -> RunConfig:
+    """The run of one size: simplecnn on the synthetic set, ``fraction`` of the sites sampled per round.
 
-    cfg = RunConfig(
+    With ``fraction < 1`` the same fraction of sites validates each round (as a real federation
+    samples, e.g. 10 %), and at least 2 sites train.
+    """
+    from medfed.shared.config import RunConfig
+
+    return RunConfig(
         dataset="synthetic",
         synthetic_samples=sites * samples_per_site,
         model="simplecnn",
@@ -191,6 +201,20 @@ def _one_run(*, sites: int, rounds: int, samples_per_site: int, run_dir: str) ->
         batch_size=16,
         run_dir=run_dir,
         store="off",
+        fraction_fit=fraction,
+        fraction_evaluate=fraction,
+        min_fit_clients=min(sites, 2) if fraction < 1 else sites,
+    )
+
+
+def _one_run(
+    *, sites: int, rounds: int, samples_per_site: int, run_dir: str, fraction: float = 1.0
+) -> dict[str, object]:
+    """Run one simulation in this process; return its raw figures (child-process side)."""
+    from medfed.simulations.simulate import run_federated
+
+    cfg = scale_config(
+        sites=sites, rounds=rounds, samples_per_site=samples_per_site, run_dir=run_dir, fraction=fraction
     )
     result = run_federated(cfg)
     last = result.rounds[-1] if result.rounds else None
@@ -202,7 +226,9 @@ def _one_run(*, sites: int, rounds: int, samples_per_site: int, run_dir: str) ->
     }
 
 
-def measure_scale(*, sites: int, rounds: int, samples_per_site: int, run_dir: str) -> ScaleResult:
+def measure_scale(
+    *, sites: int, rounds: int, samples_per_site: int, run_dir: str, fraction: float = 1.0
+) -> ScaleResult:
     """Run one site count in a child process and sample its process tree's memory.
 
     Raises
@@ -213,7 +239,7 @@ def measure_scale(*, sites: int, rounds: int, samples_per_site: int, run_dir: st
     command = [
         sys.executable, "-m", "medfed.simulations.bench.scale", "--child",
         "--sites", str(sites), "--rounds", str(rounds),
-        "--samples-per-site", str(samples_per_site), "--run-dir", run_dir,
+        "--samples-per-site", str(samples_per_site), "--run-dir", run_dir, "--fraction", str(fraction),
     ]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -232,6 +258,10 @@ def measure_scale(*, sites: int, rounds: int, samples_per_site: int, run_dir: st
         sites=sites,
         rounds=rounds,
         samples_per_site=samples_per_site,
+        sites_per_round=sites_per_round(
+            scale_config(sites=sites, rounds=rounds, samples_per_site=samples_per_site, run_dir=run_dir,
+                         fraction=fraction)
+        ),
         wall_s=round(wall, 1),
         startup_s=round(wall - sum(round_s), 1),
         round_s=[round(s, 2) for s in round_s],
@@ -249,24 +279,38 @@ def measure_scale(*, sites: int, rounds: int, samples_per_site: int, run_dir: st
 def markdown_table(results: Sequence[ScaleResult]) -> str:
     """The figures as a Markdown table for BENCHMARKS.md."""
     lines = [
-        "| sites | rounds | wall s | start-up s | s / round (mean) | s / round (rounds 2..R) | rounds s "
+        "| sites | sites per round | rounds | wall s | start-up s | s / round (mean) | s / round (rounds 2..R) "
+        "| rounds s "
         "| peak RSS sum MiB | peak PSS sum MiB | peak driver RSS MiB | processes | sites answering (last round) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         lines.append(
-            f"| {r.sites} | {r.rounds} | {r.wall_s:.1f} | {r.startup_s:.1f} | {r.mean_round_s:.2f} | "
+            f"| {r.sites} | {r.sites_per_round} | {r.rounds} | {r.wall_s:.1f} | {r.startup_s:.1f} | "
+            f"{r.mean_round_s:.2f} | "
             f"{r.later_round_mean_s:.2f} | {', '.join(f'{s:.1f}' for s in r.round_s)} | {r.peak_rss_mib:.0f} | {r.peak_pss_mib:.0f} | "
             f"{r.peak_driver_rss_mib:.0f} | {r.peak_processes} | {r.fit_results_last_round} |"
         )
     return "\n".join(lines)
 
 
+def figure_row(r: ScaleResult) -> dict[str, object]:
+    """One ``results.json`` row (section ``scale``); ``seconds_per_round`` is the rounds-2..R mean."""
+    later = r.later_round_mean_s if r.later_round_mean_s == r.later_round_mean_s else r.mean_round_s
+    return {
+        "sites": r.sites, "sites_per_round": r.sites_per_round, "seconds_per_round": later,
+        "peak_mib": r.peak_pss_mib, "peak_rss_mib": r.peak_rss_mib, "peak_driver_rss_mib": r.peak_driver_rss_mib,
+        "rounds": r.rounds, "round_s": r.round_s, "startup_s": r.startup_s, "load": os.getloadavg()[0],
+    }
+
+
 def bench_section(ctx: BenchContext) -> SectionResult:
     """Section ``scale`` of ``medfed bench``: :func:`measure_scale` for each of ``ctx.profile.scale_sites``.
 
-    Three rounds each (two in the quick profile), 10 synthetic samples per site; plot: seconds
-    per round (rounds 2..R) against the number of sites.
+    Three rounds each (two in the quick profile), 10 synthetic samples per site, every site
+    sampled; then ``scale_large_sites`` (full profile: 1,000) with ``scale_fraction`` (10 %) of
+    the sites sampled per round, three rounds. Plot: seconds per round (rounds 2..R) against
+    the number of sites (every site sampled).
     """
     from medfed.simulations.bench import SectionResult, Table
     from medfed.simulations.bench.support import fmt, line_plot
@@ -275,16 +319,22 @@ def bench_section(ctx: BenchContext) -> SectionResult:
     rounds = 2 if p.name == "quick" else 3
     table = Table(
         title="Seconds per round and peak memory vs simulated sites (simplecnn, synthetic 32x32, 10 samples per site)",
-        columns=["sites", "rounds", "s per round (mean)", "s per round (rounds 2..R)", "start-up s",
+        columns=["sites", "sites per round", "rounds", "s per round (mean)", "s per round (rounds 2..R)", "start-up s",
                  "peak PSS sum MiB", "peak RSS sum MiB", "sites answering (last round)"],
     )
     result = SectionResult(tables=[table])
     measured: list[ScaleResult] = []
-    for sites in p.scale_sites:
-        r = measure_scale(sites=sites, rounds=rounds, samples_per_site=10, run_dir=str(ctx.workdir / "runs" / "scale"))
-        measured.append(r)
-        table.add(r.sites, r.rounds, fmt(r.mean_round_s, 2), fmt(r.later_round_mean_s, 2), fmt(r.startup_s, 1),
-                  fmt(r.peak_pss_mib, 0), fmt(r.peak_rss_mib, 0), r.fit_results_last_round)
+    runs = [(sites, 1.0) for sites in p.scale_sites]
+    if p.scale_large_sites:
+        runs.append((p.scale_large_sites, p.scale_fraction))
+    for sites, fraction in runs:
+        r = measure_scale(sites=sites, rounds=rounds if fraction == 1.0 else 3, samples_per_site=10,
+                          run_dir=str(ctx.workdir / "runs" / "scale"), fraction=fraction)
+        table.add(r.sites, r.sites_per_round, r.rounds, fmt(r.mean_round_s, 2), fmt(r.later_round_mean_s, 2),
+                  fmt(r.startup_s, 1), fmt(r.peak_pss_mib, 0), fmt(r.peak_rss_mib, 0), r.fit_results_last_round)
+        result.figures.setdefault("scale", []).append(figure_row(r))
+        if fraction == 1.0:
+            measured.append(r)
     table.notes.append(
         "Each size runs as its own simulation in a child process whose whole process tree (driver, Ray's GCS, "
         "raylet, workers) is sampled from /proc four times a second; PSS splits shared pages, RSS counts them once "
@@ -312,11 +362,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--samples-per-site", type=int, default=10, help="synthetic samples per site (all splits)")
     parser.add_argument("--run-dir", default="runs/bench-scale")
+    parser.add_argument("--fraction", type=float, default=1.0,
+                        help="fraction of the sites sampled to train (and to validate) each round, e.g. 0.1")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for flag, value, low in (("--rounds", args.rounds, 1), ("--samples-per-site", args.samples_per_site, 8)):
         if value < low:
             parser.error(f"{flag} = {value} is invalid: it must be >= {low}.")
+    if not 0.0 < args.fraction <= 1.0:
+        parser.error(f"--fraction = {args.fraction} is invalid: it must lie in (0, 1].")
     if any(s < 1 for s in args.sites):
         parser.error(f"--sites {args.sites} is invalid: every site count must be >= 1.")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
@@ -324,13 +378,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         if len(args.sites) != 1:
             parser.error("--child runs exactly one site count.")
         print(json.dumps(_one_run(
-            sites=args.sites[0], rounds=args.rounds, samples_per_site=args.samples_per_site, run_dir=args.run_dir
+            sites=args.sites[0], rounds=args.rounds, samples_per_site=args.samples_per_site, run_dir=args.run_dir,
+            fraction=args.fraction,
         )), flush=True)  # fmt: skip
         return
     results = []
     for sites in args.sites:
         result = measure_scale(
-            sites=sites, rounds=args.rounds, samples_per_site=args.samples_per_site, run_dir=args.run_dir
+            sites=sites, rounds=args.rounds, samples_per_site=args.samples_per_site, run_dir=args.run_dir,
+            fraction=args.fraction,
         )
         results.append(result)
         print(json.dumps(asdict(result)), flush=True)

@@ -29,6 +29,7 @@ import statistics
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -45,7 +46,9 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import Grid
 from flwr.simulation import run_simulation
 
-from medfed.client.client_app import make_client_app
+from medfed.client.client_app import make_client_app, privacy_mods, site_client_fn
+from medfed.client.egress import egress_guard
+from medfed.client.secagg_packed import packed_secaggplus_mod
 from medfed.server.secure import MedfedSecAggPlusWorkflow, SecAggUpdateStrategy, secagg_settings
 from medfed.shared.config import RunConfig
 from medfed.shared.data.loading import load_dataset
@@ -54,6 +57,7 @@ from medfed.shared.seeding import seed_everything
 from medfed.shared.task import model_for
 from medfed.shared.weights import get_weights
 from medfed.simulations.bench.support import fmt, line_plot, ratio
+from medfed.simulations.engine_tuning import engine_polls, server_threads, tune_grid
 from medfed.simulations.simulate import ray_environment
 
 if TYPE_CHECKING:
@@ -250,6 +254,8 @@ def run_bench(
     flower_only: bool = False,
     train_model: str | None = None,
     samples_per_site: int = 64,
+    tuned: bool = True,
+    packed: bool = True,
 ) -> BenchResult:
     """Simulate ``rounds`` rounds of ``sites`` :class:`NoiseClient` sites; time the rounds.
 
@@ -260,6 +266,10 @@ def run_bench(
     ``secaggplus_mod`` alone: no update mod, no egress guard), to separate medfed's own cost.
     ``train_model`` replaces the noise sites by medfed's real ones training that model (see
     :func:`training_config`); ``num_params`` is then the model's own size.
+    ``tuned`` (default) runs the simulation as ``medfed simulate`` does (0.02 s polls, one torch
+    thread in the server process: :mod:`medfed.simulations.engine_tuning`); ``False`` keeps
+    Flower's 0.1 s polls. ``packed=False`` (with ``secagg``) swaps medfed's 32-bit site stage
+    for Flower's own ``secaggplus_mod`` (int64 masked vectors), everything else unchanged.
     """
     if train_model:
         cfg = training_config(
@@ -291,6 +301,8 @@ def run_bench(
 
     @server.main()
     def main(grid: Grid, context: Context) -> None:
+        if tuned:
+            tune_grid(grid)
         wrapped = UploadCountingGrid(grid)
         counting.append(wrapped)
         if secagg and flower_only:
@@ -310,22 +322,25 @@ def run_bench(
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=outer)
         workflow(wrapped, legacy)  # type: ignore[arg-type]
 
-    if train_model:
-        client_app = make_client_app(cfg)
-    elif flower_only:
-        client_app = ClientApp(client_fn=noise_client_fn(num_examples), mods=[secaggplus_mod])
-    else:
-        client_app = make_client_app(cfg, client_fn=noise_client_fn(num_examples))
+    client_fn = site_client_fn(cfg) if train_model else noise_client_fn(num_examples)
+    if flower_only:
+        client_app = ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+    elif packed:
+        client_app = make_client_app(cfg, client_fn=client_fn)
+    else:  # medfed's mods with Flower's own SecAgg+ site stage
+        mods = [secaggplus_mod if m is packed_secaggplus_mod else m for m in privacy_mods(cfg)]
+        client_app = ClientApp(client_fn=client_fn, mods=[egress_guard, *mods])
     ray_environment()
-    run_simulation(
-        server_app=server,
-        client_app=client_app,
-        num_supernodes=sites,
-        backend_config={
-            "client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0},
-            "init_args": {"logging_level": "ERROR", "log_to_driver": False},
-        },
-    )
+    with engine_polls() if tuned else nullcontext(), server_threads() if tuned else nullcontext():
+        run_simulation(
+            server_app=server,
+            client_app=client_app,
+            num_supernodes=sites,
+            backend_config={
+                "client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0},
+                "init_args": {"logging_level": "ERROR", "log_to_driver": False},
+            },
+        )
     result.round_seconds = [timer.seconds[r] for r in sorted(timer.seconds)]
     if len(result.round_seconds) != rounds:
         raise RuntimeError(f"only {len(result.round_seconds)} of {rounds} rounds finished; see the log above.")
@@ -333,6 +348,26 @@ def run_bench(
     per_round = [grid.uploads[g] / max(len(grid.replies[g]), 1) for g in sorted(grid.uploads)]
     result.upload_per_site = statistics.mean(per_round)
     return result
+
+
+def _figure_row(plain: BenchResult, secure: BenchResult, *, training: bool, model: str = "") -> dict[str, Any]:
+    """One ``results.json`` row (section ``secagg``) from a plain and a SecAgg+ measurement."""
+    fp32 = 4 * plain.num_params
+    row: dict[str, Any] = {
+        "sites": plain.sites,
+        "params": plain.num_params,
+        "time_ratio": round(secure.median_round / plain.median_round, 3),
+        "upload_ratio": round(secure.upload_per_site / fp32, 4),
+        "upload_ratio_plain": round(plain.upload_per_site / fp32, 4),
+        "plain_s": round(plain.median_round, 4),
+        "secagg_s": round(secure.median_round, 4),
+        "added_s_per_million_params": round((secure.median_round - plain.median_round) / (plain.num_params / 1e6), 4),
+        "training": training,
+        "load": os.getloadavg()[0],
+    }
+    if model:
+        row["model"] = model
+    return row
 
 
 def secagg_section(ctx: BenchContext) -> SectionResult:
@@ -351,6 +386,8 @@ def secagg_section(ctx: BenchContext) -> SectionResult:
                  "SecAgg+ upload per site (MB)"],
     )
     result = SectionResult(tables=[table])
+    rows: list[dict[str, Any]] = []
+    result.figures["secagg"] = rows
     for num_params in p.secagg_params:
         plain_s: list[float] = []
         secure_s: list[float] = []
@@ -360,11 +397,16 @@ def secagg_section(ctx: BenchContext) -> SectionResult:
             fp32 = 4 * num_params
             if sites == (8 if 8 in p.secagg_sites else max(p.secagg_sites)) and num_params == p.secagg_params[0]:
                 result.targets.append(Target.check(
-                    f"SecAgg+ / plain round time ({sites} sites, {num_params / 1e6:g}M parameters)", "issue 3",
-                    value=secure.median_round / plain.median_round, at_most=1.5,
-                    limits="Flower's own SecAgg+ protocol (key agreement, secret sharing, int64 masked vectors); "
-                    "medfed's additions cost 1-3 % of it (bench.secagg --flower-only)",
+                    f"SecAgg+ / plain round time ({sites} sites, {num_params / 1e6:g}M parameters)", "issue 19",
+                    value=secure.median_round / plain.median_round, at_most=2.0,
+                    limits="issue 19's target (issue 3 asked 1.5): four message exchanges against the plain round's "
+                    "one, key agreement, Shamir shares, mask expansion; see BENCHMARKS.md for the profile",
                 ))
+                result.targets.append(Target.check(
+                    f"SecAgg+ upload per site / fp32 model ({sites} sites, {num_params / 1e6:g}M parameters)",
+                    "issue 19", value=secure.upload_per_site / fp32, at_most=1.1,
+                ))
+            rows.append(_figure_row(plain, secure, training=False))
             plain_s.append(plain.median_round)
             secure_s.append(secure.median_round)
             table.add(
@@ -395,6 +437,7 @@ def secagg_section(ctx: BenchContext) -> SectionResult:
                            train_model=p.secagg_train_model)
         train_table.add(p.secagg_train_model, f"{plain.num_params:,d}", sites, fmt(plain.median_round, 2),
                         fmt(secure.median_round, 2), ratio(secure.median_round, plain.median_round))
+        rows.append(_figure_row(plain, secure, training=True, model=p.secagg_train_model))
     train_table.notes.append(
         "Synthetic 32x32 data, about 64 training images per site, one local epoch per round: the cost SecAgg+ adds "
         "to a round that trains, beside the protocol-only figures above."
@@ -425,6 +468,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="real sites training these registry models 1 local epoch (replaces --params), e.g. unet densenet121",
     )
     parser.add_argument("--samples-per-site", type=int, default=64, help="training images per site (--train-model)")
+    parser.add_argument(
+        "--before", action="store_true",
+        help="also run the untuned pair (Flower's 0.1 s polls, Flower's int64 site stage) in the same process",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("flwr").setLevel(logging.WARNING)
@@ -448,6 +495,11 @@ def main(argv: Sequence[str] | None = None) -> None:
             if args.flower_only:
                 bare = run_bench(sites=sites, num_params=num_params, secagg=True, rounds=args.rounds, flower_only=True)
                 row += f"  {bare.median_round:8.2f}  {bare.median_round / plain.median_round:6.2f}"
+            if args.before:
+                plain0 = run_bench(secagg=False, tuned=False, **common)  # type: ignore[arg-type]
+                secure0 = run_bench(secagg=True, tuned=False, packed=False, **common)  # type: ignore[arg-type]
+                row += (f"  {plain0.median_round:8.2f}  {secure0.median_round:8.2f}  "
+                        f"{secure0.median_round / plain0.median_round:6.2f}  {secure0.upload_per_site / fp32:7.2f}")
             rows.append(row)
             print(row, flush=True)
     print()
@@ -458,7 +510,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"SecAgg+ benchmark ({args.rounds} rounds; median round time over rounds 2..{args.rounds}; "
           f"{os.cpu_count()} CPUs; {sites_kind}, FedAvg, no evaluation)")
     header = "sites_do  model  sites  plain_s  secagg_s  ratio  plain_up/fp32  secagg_up/fp32"
-    print(header + ("  flower_secagg_s  flower_ratio" if args.flower_only else ""))
+    print(header + ("  flower_secagg_s  flower_ratio" if args.flower_only else "")
+          + ("  before_plain_s  before_secagg_s  before_ratio  before_up/fp32" if args.before else ""))
     for row in rows:
         print(row)
 

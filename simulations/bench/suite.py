@@ -63,6 +63,8 @@ from pathlib import Path
 from typing import Any
 
 from medfed.shared.files import write_atomically
+from medfed.simulations.bench.figures import check_rows
+from medfed.simulations.bench.support import write_results_section
 
 __all__ = [
     "BenchContext",
@@ -127,7 +129,10 @@ class Profile:
     nvflare
         Install NVIDIA FLARE into a separate virtual environment and run its simulator.
     scale_sites
-        Site counts for the ``scale`` section (its module reads them).
+        Site counts for the ``scale`` section (its module reads them), every site sampled.
+    scale_large_sites, scale_fraction
+        One more ``scale`` run with this many sites, ``scale_fraction`` of them sampled per
+        round (``0``: skipped).
     robust_strategies, robust_sites, robust_rounds, robust_samples
         The poisoning benchmark (:func:`medfed.simulations.bench.robust.run_bench`).
     """
@@ -161,6 +166,8 @@ class Profile:
     peer_local_epochs: int
     nvflare: bool
     scale_sites: tuple[int, ...] = (4, 16, 64)
+    scale_large_sites: int = 0
+    scale_fraction: float = 0.1
     robust_strategies: tuple[str, ...] = ("fedavg", "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan")
     robust_sites: int = 7
     robust_rounds: int = 3
@@ -233,6 +240,7 @@ PROFILES: dict[str, Profile] = {
         peer_local_epochs=1,
         nvflare=True,
         scale_sites=(4, 16, 64),
+        scale_large_sites=1000,
     ),
 }
 """The two profiles. ``full`` is sized for about 45-60 minutes on 2 idle CPU cores."""
@@ -333,6 +341,9 @@ class SectionResult:
     targets
         Targets of other issues this section's figures are checked against (gathered into
         one table, region ``targets``).
+    figures
+        ``results.json`` section -> rows: the section's figures, machine-readable (schema:
+        :mod:`medfed.simulations.bench.figures`), written to ``results.json`` in the plots folder.
     seconds
         Wall time of the section (set by the orchestrator).
     """
@@ -342,6 +353,7 @@ class SectionResult:
     commands: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
+    figures: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     seconds: float = 0.0
 
 
@@ -454,6 +466,12 @@ SECTIONS: dict[str, SectionSpec] = {
         module="medfed.simulations.bench.scale",
         function="bench_section",
         columns=("sites", "model", "seconds per round", "peak memory (MiB)"),
+    ),
+    "throughput": SectionSpec(
+        title="Training throughput on CPU: images per second per core",
+        module="medfed.simulations.bench.throughput",
+        function="bench_section",
+        columns=("model", "dtype", "threads", "train images/s"),
     ),
     "robustness": SectionSpec(
         title="Robustness: poisoned sites",
@@ -786,6 +804,9 @@ def run_bench(
         if gaps and "conditions" in regions:
             regions["conditions"] += "\n**Incomplete cells** (no value, no reason): " + "; ".join(gaps) + "\n"
         write_regions(out, regions)
+        for result in results.values():
+            for key, rows in result.figures.items():
+                write_results_section(plots_dir / "results.json", key, check_rows(key, rows))
 
     try:
         for name in names:

@@ -7,12 +7,13 @@ import time
 import numpy as np
 import pytest
 from flwr.app import Context, Message, Metadata, RecordDict
-from flwr.client.mod import adaptiveclipping_mod, fixedclipping_mod, secaggplus_mod
+from flwr.client.mod import adaptiveclipping_mod, fixedclipping_mod
 from flwr.common import Code, FitIns, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common import recorddict_compat as compat
 
 from medfed.client.client_app import make_client_app, privacy_mods, run_config_privacy_mod
 from medfed.client.egress import egress_guard
+from medfed.client.secagg_packed import packed_secaggplus_mod
 from medfed.client.update_mods import CLIPPED_METRIC, SecAggWeightError, freeze_counters_mod, make_update_mod
 from medfed.shared.config import RunConfig
 from medfed.shared.models import build_model
@@ -29,9 +30,9 @@ def _names(mods: list) -> list[str]:
     ("secagg", "client_dp", "expected"),
     [
         (False, "off", []),
-        (True, "off", ["secaggplus_mod", "make_update_mod"]),
+        (True, "off", ["packed_secaggplus_mod", "make_update_mod"]),
         (False, "fixed", ["make_update_mod", "fixedclipping_mod", "freeze_counters_mod"]),
-        (True, "adaptive", ["secaggplus_mod", "make_update_mod", "adaptiveclipping_mod", "freeze_counters_mod"]),
+        (True, "adaptive", ["packed_secaggplus_mod", "make_update_mod", "adaptiveclipping_mod", "freeze_counters_mod"]),
     ],
 )
 def test_privacy_mods_follow_the_config_in_order(secagg: bool, client_dp: str, expected: list[str]) -> None:
@@ -145,7 +146,7 @@ def test_update_mod_counts_what_secagg_will_clip_and_refuses_oversized_sites() -
 
 
 def test_run_config_mod_runs_secagg_when_the_run_config_asks() -> None:
-    """``flwr run`` path: the SecAgg+ setup message is answered by secaggplus_mod, not the client."""
+    """``flwr run`` path: the SecAgg+ setup message is answered by the SecAgg+ mod, not the client."""
     from flwr.app import ConfigRecord
     from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
@@ -161,4 +162,4 @@ def test_run_config_mod_runs_secagg_when_the_run_config_asks() -> None:
     assert set(on.content.config_records[RECORD_KEY_CONFIGS]) == {Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2}
     off = run_config_privacy_mod(_train_message(_model_state(), {}), _context(RunConfig().to_run_config()), _trainer(0.01))
     assert RECORD_KEY_CONFIGS not in off.content.config_records and off.content.array_records["fitres.parameters"]
-    assert secaggplus_mod in privacy_mods(RunConfig(secagg=True))
+    assert packed_secaggplus_mod in privacy_mods(RunConfig(secagg=True))

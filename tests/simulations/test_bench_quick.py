@@ -9,12 +9,14 @@ of this module.
 
 from __future__ import annotations
 
+import json
 import types
 from pathlib import Path
 
 import pytest
 
 from medfed.simulations.bench import suite as bench
+from medfed.simulations.bench.figures import SCHEMAS, check_rows
 from medfed.simulations.bench.suite import (
     PROFILES,
     SECTIONS,
@@ -111,6 +113,41 @@ def test_quick_profile_plots_exist_small_and_are_linked(quick_run) -> None:
 
 
 # --------------------------------------------------------------------------- orchestrator (no training)
+def test_quick_profile_writes_every_figure_to_results_json_in_its_schema(quick_run) -> None:
+    """Issue 19: results.json beside the plots holds the secagg, overhead, scale and throughput rows."""
+    _, plots, results = quick_run
+    data = json.loads((plots / "results.json").read_text())
+    for section, schema in SCHEMAS.items():
+        rows = data[section]
+        assert rows and check_rows(section, rows) == rows, section
+        assert rows == results[section].figures[section], section
+        assert all(set(schema) <= set(row) for row in rows)
+    secagg = data["secagg"][0]
+    assert secagg["training"] is False and secagg["upload_ratio"] <= 1.1  # 32-bit masked vectors
+    assert {row["dtype"] for row in data["throughput"]} == {"fp32", "bf16"}
+
+
+@pytest.mark.parametrize(
+    ("section", "row", "fragment"),
+    [
+        ("secagg", {"sites": 8, "params": 10, "time_ratio": 2.0, "upload_ratio": 1.0}, "'training' is missing"),
+        ("secagg", {"sites": 8, "params": 10, "time_ratio": 2.0, "upload_ratio": 1.0, "training": 1}, "'training' = 1"),
+        ("scale", {"sites": True, "sites_per_round": 1, "seconds_per_round": 1.0, "peak_mib": 2.0}, "'sites' = True"),
+        ("overhead", {"model": "m", "sites": 2, "ratio_wall": float("nan"), "ratio_later_rounds": 1}, "'ratio_wall'"),
+        ("speed", {}, "known sections: secagg, overhead, scale, throughput"),
+    ],
+)
+def test_results_schema_names_the_bad_field(section: str, row: dict, fragment: str) -> None:
+    with pytest.raises(ValueError) as err:
+        check_rows(section, [row])
+    assert fragment in str(err.value)
+
+
+def test_results_schema_accepts_extra_fields_and_ints_for_floats() -> None:
+    row = {"model": "resnet18", "images_per_s": 12, "dtype": "fp32", "threads": 2, "load": 0.5}
+    assert check_rows("throughput", [row]) == [row]
+
+
 def test_incomplete_cells_accepts_values_and_reasons_only() -> None:
     table = Table(title="t", columns=["a", "b"])
     table.add("0.91", "not available: module x is missing")

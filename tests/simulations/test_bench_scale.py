@@ -9,7 +9,8 @@ import time
 
 import pytest
 
-from medfed.simulations.bench.scale import ScaleResult, markdown_table, measure_scale, tree_memory
+from medfed.shared.config import sites_per_round
+from medfed.simulations.bench.scale import ScaleResult, markdown_table, measure_scale, scale_config, tree_memory
 
 
 def test_tree_memory_counts_descendants() -> None:
@@ -34,13 +35,13 @@ def test_tree_memory_counts_descendants() -> None:
 
 def test_markdown_table_has_one_row_per_size() -> None:
     row = ScaleResult(
-        sites=64, rounds=3, samples_per_site=10, wall_s=32.0, startup_s=11.8, round_s=[14.9, 3.0, 2.3],
+        sites=64, rounds=3, samples_per_site=10, sites_per_round=64, wall_s=32.0, startup_s=11.8, round_s=[14.9, 3.0, 2.3],
         mean_round_s=6.73, later_round_mean_s=2.64, peak_rss_mib=2294.5, peak_pss_mib=1746.2,
         peak_driver_rss_mib=604.0, peak_processes=12, fit_results_last_round=64, final_accuracy=0.5,
     )  # fmt: skip
     lines = markdown_table([row]).splitlines()
     assert len(lines) == 3 and lines[0].count("|") == lines[1].count("|") == lines[2].count("|")
-    assert lines[2].startswith("| 64 | 3 | 32.0 | 11.8 | 6.73 | 2.64 | 14.9, 3.0, 2.3 | 2294 | 1746 | 604 | 12 | 64 |")
+    assert lines[2].startswith("| 64 | 64 | 3 | 32.0 | 11.8 | 6.73 | 2.64 | 14.9, 3.0, 2.3 | 2294 | 1746 | 604 | 12 | 64 |")
 
 
 @pytest.mark.slow
@@ -48,3 +49,10 @@ def test_a_small_scale_run_reports_every_site_and_its_memory(tmp_path) -> None:
     result = measure_scale(sites=4, rounds=2, samples_per_site=10, run_dir=str(tmp_path))
     assert result.fit_results_last_round == 4 and len(result.round_s) == 2
     assert result.peak_pss_mib > 100 and result.peak_processes >= 4  # driver, GCS, raylet, workers
+
+
+@pytest.mark.parametrize(("sites", "fraction", "expected"), [(1000, 0.1, 100), (4, 1.0, 4), (10, 0.1, 2), (1, 0.5, 1)])
+def test_scale_runs_sample_a_fraction_of_the_sites_per_round(sites: int, fraction: float, expected: int) -> None:
+    cfg = scale_config(sites=sites, rounds=3, samples_per_site=10, run_dir="runs", fraction=fraction)
+    assert sites_per_round(cfg) == expected
+    assert cfg.fraction_evaluate == fraction and cfg.synthetic_samples == 10 * sites

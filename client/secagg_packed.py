@@ -1,0 +1,256 @@
+"""SecAgg+ at the sites with masked vectors packed in 32 bits: Flower's protocol, medfed's arithmetic.
+
+:func:`packed_secaggplus_mod` replaces Flower's ``secaggplus_mod`` in medfed's ClientApp. It hands
+the setup, share-keys and unmask stages to Flower's mod unchanged and runs the
+collect-masked-vectors stage itself, with the same state (Flower's ``SecAggPlusState`` in the
+site's context), the same checks, the same keys, seeds and pseudo-random masks, so Flower's
+server workflow (``SecAggPlusWorkflow``) aggregates and unmasks its replies unchanged, dropouts
+included. What differs is how the masked vector is computed and sent:
+
+* **32-bit upload.** The modulus is ``2^32``, so every masked entry fits in ``uint32``; Flower
+  sends them as ``int64`` (twice the fp32 model). The server adds the vectors and reduces them
+  modulo ``2^32`` as before (``uint32`` sums wrap modulo ``2^32``, and its ``& (2^32 - 1)``
+  keeps the value).
+* **One flat buffer.** Quantisation, stochastic rounding and the masks run over one
+  contiguous vector, in place (Flower allocates a new array per operation and per layer, and
+  applies the rounding through a boolean-mask index).
+* **Masks drawn as 32-bit words.** Flower's mask generator (``pseudo_rand_gen``: NumPy's legacy
+  ``RandomState`` seeded with the XOR of the seed's 4-byte words, ``randint(0, 2^32 - 1)``) draws
+  32-bit words and rejects ``0xFFFFFFFF``. :func:`expand_mask` draws the same words directly as
+  ``uint32`` and applies the same rejection, so its masks equal Flower's bit for bit (tested
+  against ``pseudo_rand_gen``).
+* **Stochastic rounding** rounds ``y`` up with probability ``y - floor(y)`` as Flower's does,
+  with its uniform numbers from a fresh ``numpy.random.Generator`` per message instead of NumPy's
+  global legacy state. The rounding is not a secret (the masks are), but it must be unbiased:
+  values on the quantisation grid come out exactly as with Flower's mod, and the aggregate
+  stays within :func:`medfed.server.secure.quantization_error_bound` of the exact mean.
+
+Security properties are Flower's: the masked vector is the quantised update plus a private mask
+(seeded by a fresh 32-byte secret shared by Shamir's scheme in the share-keys stage) plus the
+pairwise masks (ECDH shared keys with every neighbour), modulo ``2^32``. Only the
+representation on the wire changes.
+
+When the protocol's ``modulus_range`` is not ``2^32`` (not a medfed configuration) the stage
+goes to Flower's mod as well.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+from collections.abc import Sequence
+from typing import cast
+
+import numpy as np
+from flwr.app import ConfigRecord, Context, Message
+from flwr.app.message_type import MessageType
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common import Parameters, ndarray_to_bytes, parameters_to_ndarrays
+from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, generate_shared_key
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
+from flwr.compat.common import recorddict_compat as compat
+from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
+
+__all__ = ["PACKED_MODULUS", "packed_secaggplus_mod", "collect_masked_vectors", "expand_mask", "mask_seed"]
+
+logger = logging.getLogger(__name__)
+
+# ``flwr.client.mod.secure_aggregation`` re-exports the mod function under its module's name.
+_flower = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
+SecAggPlusState = _flower.SecAggPlusState
+flower_secaggplus_mod = _flower.secaggplus_mod
+
+PACKED_MODULUS = 2**32
+"""The only ``modulus_range`` this mod packs (medfed's; Flower's default and largest)."""
+
+_REJECTED = np.uint32(0xFFFFFFFF)
+"""Flower draws masks in ``[0, 2^32 - 2]``: a 32-bit word equal to this is rejected and redrawn."""
+
+
+def mask_seed(seed: bytes) -> int:
+    """The 32-bit ``RandomState`` seed Flower's ``pseudo_rand_gen`` derives from ``seed``: XOR of its words."""
+    if len(seed) % 4:
+        raise ValueError(f"a SecAgg+ mask seed has a multiple of 4 bytes, got {len(seed)}.")
+    out = 0
+    for i in range(0, len(seed), 4):
+        out ^= int.from_bytes(seed[i : i + 4], "little")
+    return out
+
+
+def expand_mask(seed: bytes, size: int) -> np.ndarray:
+    """Flower's SecAgg+ mask for ``size`` entries, as one flat ``uint32`` vector.
+
+    Equals ``np.concatenate([m.ravel() for m in pseudo_rand_gen(seed, 2**32, shapes)])`` for any
+    shapes of ``size`` entries in total (Flower draws consecutive 32-bit words from one
+    generator, array after array, rejecting ``0xFFFFFFFF``).
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``(size,)``, dtype ``uint32``, values in ``[0, 2^32 - 2]``.
+    """
+    gen = np.random.RandomState(mask_seed(seed))
+    words = gen.randint(0, PACKED_MODULUS, size=size, dtype=np.uint32)
+    rejected = np.flatnonzero(words == _REJECTED)
+    while rejected.size:  # about size / 2^32 per mask: keep the stream of accepted words
+        kept = np.delete(words, rejected)
+        more = gen.randint(0, PACKED_MODULUS, size=rejected.size, dtype=np.uint32)
+        words = np.concatenate([kept, more])
+        rejected = np.flatnonzero(more == _REJECTED) + kept.size
+    return words
+
+
+def _stochastic_round(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Round ``values`` (float64, ``>= 0``, overwritten) up with probability ``frac(values)``.
+
+    Returns ``uint32`` of the same shape (values must be below ``2^32``).
+    """
+    up = np.ceil(values)
+    np.subtract(up, values, out=values)  # values := up - values, in [0, 1)
+    out = up.astype(np.uint32)
+    down = rng.random(values.shape) < values  # P(down) = up - values: unbiased
+    np.subtract(out, down, out=out, casting="unsafe")
+    return out
+
+
+def collect_masked_vectors(
+    state: object, configs: ConfigRecord, num_examples: int, updated_parameters: Parameters
+) -> dict[str, list[bytes]]:
+    """The collect-masked-vectors stage of Flower's SecAgg+ site, packed in ``uint32``.
+
+    Same inputs and state changes as Flower's ``secaggplus_mod._collect_masked_vectors``: stores
+    the decrypted shares of the neighbours in ``state``; returns the masked vector (the factor
+    ``q_ratio`` first, then one array per entry of ``updated_parameters``, shapes unchanged).
+
+    Parameters
+    ----------
+    state
+        Flower's ``SecAggPlusState`` after the share-keys stage (``mod_range`` must be ``2^32``).
+    configs
+        The stage's config record (ciphertexts and their sources).
+    num_examples
+        The site's FedAvg weight.
+    updated_parameters
+        The site's vector (medfed: the update ``local - global``, float64).
+
+    Returns
+    -------
+    dict
+        ``{Key.MASKED_PARAMETERS: [bytes, ...]}``, each a ``uint32`` array saved by
+        ``flwr.common.ndarray_to_bytes``.
+    """
+    st = cast(_flower.SecAggPlusState, state)
+    if st.mod_range != PACKED_MODULUS:
+        raise ValueError(f"packed SecAgg+ needs modulus_range 2^32, got {st.mod_range}.")
+    ciphertexts = cast(list[bytes], configs[Key.CIPHERTEXT_LIST])
+    srcs = cast(list[int], configs[Key.SOURCE_LIST])
+    if len(ciphertexts) + 1 < st.threshold:
+        raise ValueError("Not enough available neighbour clients.")
+    available: list[int] = []
+    for src, ciphertext in zip(srcs, ciphertexts, strict=True):
+        plaintext = decrypt(st.ss2_dict[src], ciphertext)
+        actual_src, dst, rd_seed_share, sk1_share = share_keys_plaintext_separate(plaintext)
+        available.append(src)
+        if src != actual_src:
+            raise ValueError(f"Node {st.nid}: received ciphertext from {actual_src} instead of {src}.")
+        if dst != st.nid:
+            raise ValueError(f"Node {st.nid}: received an encrypted message for Node {dst} from Node {src}.")
+        st.rd_seed_share_dict[src] = rd_seed_share
+        st.sk1_share_dict[src] = sk1_share
+
+    ratio = num_examples / st.max_weight
+    if ratio > 1:
+        logger.warning(
+            "the site's weight (%s) exceeds max_weight (%s): the aggregate may overflow.", num_examples, st.max_weight
+        )
+    q_ratio = round(ratio * st.target_range)
+    dq_ratio = q_ratio / st.target_range
+    arrays = parameters_to_ndarrays(updated_parameters)
+    masked = quantized_vector(
+        arrays, dq_ratio=dq_ratio, clipping_range=st.clipping_range, target_range=st.target_range, q_ratio=q_ratio
+    )
+    masked += expand_mask(st.rd_seed, masked.size)  # uint32: wraps modulo 2^32
+    private_key = bytes_to_private_key(st.sk1)
+    for node_id in available:
+        shared_key = generate_shared_key(private_key, bytes_to_public_key(st.public_keys_dict[node_id][0]))
+        pairwise = expand_mask(shared_key, masked.size)
+        if st.nid > node_id:
+            masked += pairwise
+        else:
+            masked -= pairwise
+    return {Key.MASKED_PARAMETERS: [ndarray_to_bytes(a) for a in split_like(masked, arrays)]}
+
+
+def quantized_vector(
+    arrays: Sequence[np.ndarray], *, dq_ratio: float, clipping_range: float, target_range: int, q_ratio: int
+) -> np.ndarray:
+    """``[q_ratio] + quantize(arrays * dq_ratio)`` as one flat ``uint32`` vector (Flower's arithmetic).
+
+    Per entry ``x``: ``y = (clip(x * dq_ratio, -c, c) + c) * Q / (2 c)``, stochastically rounded.
+
+    Returns
+    -------
+    numpy.ndarray
+        Shape ``(1 + sum of sizes,)``, ``uint32``.
+    """
+    sizes = [int(np.asarray(a).size) for a in arrays]
+    flat = np.empty(sum(sizes), dtype=np.float64)
+    start = 0
+    for a, size in zip(arrays, sizes, strict=True):
+        a = np.asarray(a)
+        if a.dtype == np.float64:
+            np.multiply(a.ravel(), dq_ratio, out=flat[start : start + size])
+        else:  # in the array's own dtype first, as Flower's parameters_multiply
+            flat[start : start + size] = a.ravel() * dq_ratio
+        start += size
+    np.clip(flat, -clipping_range, clipping_range, out=flat)
+    flat += clipping_range
+    flat *= target_range / (2 * clipping_range)
+    out = np.empty(flat.size + 1, dtype=np.uint32)
+    out[0] = q_ratio
+    out[1:] = _stochastic_round(flat, np.random.default_rng())
+    return out
+
+
+def split_like(flat: np.ndarray, arrays: Sequence[np.ndarray]) -> list[np.ndarray]:
+    """``flat`` (the factor, then every array's entries) as ``[factor (1,), *arrays' shapes]`` views."""
+    out = [flat[:1]]
+    start = 1
+    for a in arrays:
+        a = np.asarray(a)
+        out.append(flat[start : start + a.size].reshape(a.shape))
+        start += a.size
+    if start != flat.size:
+        raise ValueError(f"the flat vector has {flat.size} entries, the arrays {start}.")
+    return out
+
+
+def packed_secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``secaggplus_mod`` with the masked vector computed by :func:`collect_masked_vectors`.
+
+    Every stage but collect-masked-vectors, and every message that is not a SecAgg+ training
+    message, goes to Flower's mod; so do rounds whose ``modulus_range`` is not ``2^32``.
+    """
+    if msg.metadata.message_type != MessageType.TRAIN or RECORD_KEY_CONFIGS not in msg.content.config_records:
+        return flower_secaggplus_mod(msg, ctxt, call_next)
+    configs = msg.content.config_records[RECORD_KEY_CONFIGS]
+    stored = ctxt.state.config_records.get(RECORD_KEY_STATE)
+    if configs.get(Key.STAGE) != Stage.COLLECT_MASKED_VECTORS or stored is None:
+        return flower_secaggplus_mod(msg, ctxt, call_next)
+    state = SecAggPlusState(**stored)
+    if state.mod_range != PACKED_MODULUS:
+        return flower_secaggplus_mod(msg, ctxt, call_next)
+    # From here on as Flower's mod does for this stage (secaggplus_mod.secaggplus_mod).
+    _flower.check_stage(state.current_stage, configs)
+    state.current_stage = cast(str, configs.pop(Key.STAGE))
+    _flower.check_configs(state.current_stage, configs)
+    out_msg = call_next(msg, ctxt)
+    out_content = out_msg.content
+    fitres = compat.recorddict_to_fitres(out_content, keep_input=True)
+    res = collect_masked_vectors(state, configs, fitres.num_examples, fitres.parameters)
+    for arr_record in out_content.array_records.values():
+        arr_record.clear()
+    ctxt.state.config_records[RECORD_KEY_STATE] = ConfigRecord(state.to_dict())
+    out_content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord(res, False)  # type: ignore[arg-type]
+    return Message(out_content, reply_to=msg)

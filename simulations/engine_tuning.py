@@ -1,0 +1,151 @@
+"""Simulation engine settings: shorter polls (the one place medfed patches Flower), server threads.
+
+Polls
+-----
+
+A simulated round waits on two fixed polls of 0.1 s per message exchange, whatever the work:
+
+* the ServerApp's ``InMemoryGrid`` sleeps ``pull_interval`` (0.1 s, a public attribute) between
+  pulls for replies: :func:`tune_grid` sets it;
+* the simulation engine's thread that hands messages to the sites
+  (``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue``) waits a hard-coded 0.1 s
+  between passes over the nodes. No setting reaches it, so :func:`engine_polls` swaps in a copy
+  of that function with a shorter wait while a simulation runs, and puts Flower's back after.
+  The copy also asks the link state only about nodes with an undelivered message (Flower asks
+  every node every pass, and each question scans every stored message: O(nodes x messages)
+  a pass, which dominates a simulation of 1,000 sites).
+
+SecAgg+ exchanges messages four times a round, so these polls cost it about 0.8 s a round
+before any work; a plain round pays them twice (fit, evaluate).
+
+The copy is only used when Flower's function is the one it was copied from (flwr 1.42.0: the
+SHA-256 of its source is :data:`FLOWER_SOURCE_SHA256`); otherwise :func:`engine_polls` logs a
+warning and leaves Flower alone (the test ``tests/simulations/test_engine_tuning.py`` fails then,
+so the copy is reviewed). Deployment is untouched: the patch only applies inside
+:func:`engine_polls` and the grid setting only to the in-memory grid of a simulation.
+
+Threads
+-------
+In a simulation the server process shares the machine with one Ray worker per CPU, each a
+single-threaded site (Ray sets ``OMP_NUM_THREADS=1`` in its workers). torch's default in the
+server process is one thread per core, which then competes with the sites for the cores
+during the server's evaluation and spins while it waits. :func:`server_threads` runs the
+simulation with :data:`SERVER_THREADS` torch threads in the server process and restores the
+count after. ``OMP_WAIT_POLICY=PASSIVE`` (set when ``medfed`` is imported, so in the Ray
+workers too) makes idle OpenMP threads sleep instead of spinning, so a busy machine does not
+lose cores to waiting threads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from queue import Queue
+from typing import Any
+
+from flwr.server.superlink.fleet.vce import vce_api
+from flwr.superlink.grid import InMemoryGrid
+
+__all__ = [
+    "SIM_POLL_INTERVAL", "SERVER_THREADS", "FLOWER_SOURCE_SHA256", "engine_polls", "tune_grid",
+    "flower_source_matches", "server_threads",
+]
+
+logger = logging.getLogger(__name__)
+
+SIM_POLL_INTERVAL = 0.02
+"""Seconds between polls of the grid and of the engine in a simulation (Flower: 0.1)."""
+
+SERVER_THREADS = 1
+"""torch threads in the server process of a simulation (the sites have the other cores)."""
+
+FLOWER_SOURCE_SHA256 = "953f4bd41a931a7779a4a670ab17b633f6e20b08a0128535328674466419777a"
+"""SHA-256 of ``inspect.getsource(vce_api.add_messages_to_queue)`` in flwr 1.42.0."""
+
+_FLOWER_ADD_MESSAGES = vce_api.add_messages_to_queue
+_lock = threading.RLock()
+
+
+def flower_source_matches() -> bool:
+    """Whether Flower's ``add_messages_to_queue`` is the 1.42.0 function the copy below replaces."""
+    source = inspect.getsource(_FLOWER_ADD_MESSAGES)
+    return hashlib.sha256(source.encode()).hexdigest() == FLOWER_SOURCE_SHA256
+
+
+def tune_grid(grid: Any, *, interval: float = SIM_POLL_INTERVAL) -> None:
+    """Set a simulation grid's ``pull_interval`` (seconds between pulls for replies); others unchanged."""
+    if isinstance(grid, InMemoryGrid):
+        grid.pull_interval = interval
+
+
+def _nodes_with_mail(state: Any, nodes_mapping: Any) -> Any:
+    """The nodes that have an undelivered message, in ``nodes_mapping``'s order (all when unknown).
+
+    Flower's loop asks the link state for every node each pass, and the in-memory state scans
+    every stored message per question: with 1,000 nodes and 100 messages in flight that is
+    100,000 checks a pass. One scan of the store under its lock finds the few nodes to ask.
+    """
+    store = getattr(state, "message_ins_store", None)
+    lock = getattr(state, "lock", None)
+    if not isinstance(store, dict) or lock is None:
+        return nodes_mapping.keys()
+    with lock:
+        pending = {m.metadata.dst_node_id for m in store.values() if m.metadata.delivered_at == ""}
+    return [node_id for node_id in nodes_mapping.keys() if node_id in pending]
+
+
+def _add_messages_every(interval: float) -> Any:
+    """Flower 1.42's ``add_messages_to_queue`` with ``interval`` instead of its fixed 0.1 s wait,
+    asking only the nodes that have mail (:func:`_nodes_with_mail`)."""
+
+    def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: Any, f_stop: threading.Event) -> None:
+        while not f_stop.is_set():
+            for node_id in _nodes_with_mail(state, nodes_mapping):
+                message_ins_list = state.get_message_ins(node_id=node_id, limit=1)
+                for msg in message_ins_list:
+                    queue.put(msg)
+            f_stop.wait(interval)
+
+    return add_messages_to_queue
+
+
+@contextmanager
+def engine_polls(interval: float = SIM_POLL_INTERVAL) -> Iterator[bool]:
+    """While inside, Flower's simulation engine polls for new messages every ``interval`` seconds.
+
+    Yields
+    ------
+    bool
+        Whether the shorter wait is in effect (``False``: Flower's code changed, see the module
+        docstring; the simulation then runs with Flower's own 0.1 s).
+    """
+    if not flower_source_matches():
+        logger.warning(
+            "Flower's simulation engine (vce_api.add_messages_to_queue) is not the 1.42.0 code medfed's "
+            "shorter polls were written for: running with Flower's own 0.1 s polls."
+        )
+        yield False
+        return
+    with _lock:
+        vce_api.add_messages_to_queue = _add_messages_every(interval)
+        try:
+            yield True
+        finally:
+            vce_api.add_messages_to_queue = _FLOWER_ADD_MESSAGES
+
+
+@contextmanager
+def server_threads(threads: int = SERVER_THREADS) -> Iterator[None]:
+    """While inside, this process runs torch with ``threads`` threads (restored after)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

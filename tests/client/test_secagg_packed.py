@@ -1,0 +1,208 @@
+"""medfed's packed SecAgg+ site stage against Flower's own: same masks, same aggregate, same dropouts.
+
+The protocol runs in-process (``tests/support/local_grid.py``: every message serialised, a
+Context per site) under Flower's unchanged server workflow (``SecAggPlusWorkflow``), once with
+Flower's ``secaggplus_mod`` at the sites and once with :func:`packed_secaggplus_mod`.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+from flwr.client import ClientApp, NumPyClient
+from flwr.common import bytes_to_ndarray, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
+from flwr.server import LegacyContext, ServerConfig
+from flwr.server.strategy import FedAvg
+from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+
+from medfed.client.secagg_packed import (
+    _flower,
+    collect_masked_vectors,
+    expand_mask,
+    packed_secaggplus_mod,
+    quantized_vector,
+)
+from medfed.server.secure import quantization_error_bound
+from tests.support.local_grid import LocalGrid, server_identity
+from tests.support.secagg_sites import dying_mod
+
+SHAPES = [(3, 4, 5), (7,), (1,), (2, 2)]
+C, Q, W = 1.0, 2**22, 64.0
+SIZES = [64, 40, 50, 30, 20]  # examples per site; the first has max-weight, so its factor is exactly 1
+
+
+def _update(partition: int, server_round: int, *, on_grid: bool) -> list[np.ndarray]:
+    """Site ``partition``'s update: on the quantisation grid of a site with W examples, or not."""
+    rng = np.random.default_rng([partition, server_round])
+    if on_grid:  # (x + c) * Q / (2c) is an integer: rounding is deterministic for the first site
+        return [rng.integers(-(2**20), 2**20, s).astype(np.float64) / 2**21 for s in SHAPES]
+    return [rng.normal(0.0, 0.05, s) for s in SHAPES]
+
+
+class _UpdateClient(NumPyClient):
+    def __init__(self, partition: int, *, on_grid: bool) -> None:
+        self.partition, self.on_grid = partition, on_grid
+
+    def fit(self, parameters, config):
+        return _update(self.partition, int(config["round"]), on_grid=self.on_grid), SIZES[self.partition], {}
+
+
+class _Capture(FedAvg):
+    """FedAvg that records the securely aggregated vector of each round."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            fraction_fit=1.0, fraction_evaluate=0.0, min_available_clients=2, min_fit_clients=2,
+            initial_parameters=ndarrays_to_parameters([np.zeros(s) for s in SHAPES]),
+            on_fit_config_fn=lambda r: {"round": r},
+        )
+        self.aggregates: dict[int, list[np.ndarray]] = {}
+
+    def aggregate_fit(self, server_round, results, failures):
+        self.aggregates[server_round] = parameters_to_ndarrays(results[0][1].parameters)
+        return super().aggregate_fit(server_round, results, failures)
+
+
+def _run(mod, *, sites: int, rounds: int = 1, on_grid: bool = True, threshold: int = 3, plan=None):
+    mods = ([dying_mod(plan)] if plan else []) + [mod]
+    def client_fn(ctx: Context):
+        return _UpdateClient(int(ctx.node_config["partition-id"]), on_grid=on_grid).to_client()
+
+    app = ClientApp(client_fn=client_fn, mods=mods)
+    grid = LocalGrid(app, num_nodes=sites)
+    strategy = _Capture()
+    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
+        num_shares=1.0, reconstruction_threshold=threshold, clipping_range=C, quantization_range=Q, max_weight=W,
+    ))
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    with server_identity():
+        workflow(grid, LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy))
+    masked = {}
+    for reply in grid.received:
+        configs = reply.content.config_records.get(RECORD_KEY_CONFIGS) if reply.has_content() else None
+        if configs is not None and Key.MASKED_PARAMETERS in configs:
+            masked[(int(reply.metadata.group_id), reply.metadata.src_node_id)] = [
+                bytes_to_ndarray(b) for b in configs[Key.MASKED_PARAMETERS]]
+    return strategy.aggregates, masked
+
+
+@pytest.mark.parametrize("shapes", [[(10,), (3, 4), ()], [(0,), (1,), (5, 6, 7)], [(1000,)]])
+def test_mask_expansion_equals_flowers_generator(shapes: list[tuple[int, ...]]) -> None:
+    for seed in (bytes(range(32)), b"\xff" * 44, np.random.default_rng(3).bytes(32)):
+        flower = np.concatenate([np.ravel(m) for m in pseudo_rand_gen(seed, 2**32, shapes)] + [np.zeros(0, np.int64)])
+        ours = expand_mask(seed, int(sum(np.prod(s, dtype=int) for s in shapes)))
+        assert ours.dtype == np.uint32 and np.array_equal(ours.astype(np.int64), flower)
+
+
+def test_mask_expansion_rejects_the_word_flower_rejects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Flower draws in [0, 2^32 - 2]: a drawn 0xFFFFFFFF is skipped and the stream goes on."""
+    top = 0xFFFFFFFF
+    stream = np.array([5, top, 7, top, top, 9, 11, 13], dtype=np.uint32)
+
+    class Scripted:
+        def __init__(self, seed: int) -> None:
+            self.pos = 0
+
+        def randint(self, low, high, size, dtype):
+            assert (low, high, dtype) == (0, 2**32, np.uint32)
+            out = stream[self.pos : self.pos + size]
+            self.pos += size
+            return out.copy()
+
+    monkeypatch.setattr(np.random, "RandomState", Scripted)
+    assert expand_mask(b"\0" * 4, 4).tolist() == [5, 7, 9, 11]
+
+
+def _protocol_states(sites: int) -> tuple[list[object], dict[int, tuple[list[int], list[bytes]]]]:
+    """Flower's own setup and share-keys stages for ``sites`` sites; each site's incoming ciphertexts."""
+    setup = {Key.SAMPLE_NUMBER: sites, Key.SHARE_NUMBER: sites, Key.THRESHOLD: 2, Key.CLIPPING_RANGE: C,
+             Key.TARGET_RANGE: Q, Key.MOD_RANGE: 2**32, Key.MAX_WEIGHT: W}
+    states = []
+    for nid in range(1, sites + 1):
+        state = _flower.SecAggPlusState()
+        state.nid = nid
+        states.append(state)
+    keys = {s.nid: _flower._setup(s, dict(setup)) for s in states}
+    public = {str(nid): [k[Key.PUBLIC_KEY_1], k[Key.PUBLIC_KEY_2]] for nid, k in keys.items()}
+    incoming: dict[int, tuple[list[int], list[bytes]]] = {s.nid: ([], []) for s in states}
+    for s in states:
+        out = _flower._share_keys(s, dict(public))
+        for dst, ciphertext in zip(out[Key.DESTINATION_LIST], out[Key.CIPHERTEXT_LIST], strict=True):
+            incoming[dst][0].append(s.nid)
+            incoming[dst][1].append(ciphertext)
+    return states, incoming
+
+
+@pytest.mark.parametrize("site", [0, 1, 2])
+def test_masked_vector_is_flowers_bit_for_bit_when_rounding_is_exact(site: int) -> None:
+    """Same state, same keys and seeds, an update on the quantisation grid at max-weight examples:
+    the packed stage's uint32 vector equals Flower's int64 vector entry by entry (private and
+    pairwise masks, both signs, the weight factor), and both store the same shares."""
+    states, incoming = _protocol_states(3)
+    state = states[site]
+    srcs, ciphertexts = incoming[state.nid]
+    configs = {Key.CIPHERTEXT_LIST: ciphertexts, Key.SOURCE_LIST: srcs}
+    update = _update(site, 1, on_grid=True)
+    mine_state, flower_state = copy.deepcopy(state), copy.deepcopy(state)
+    ours = collect_masked_vectors(mine_state, dict(configs), int(W), ndarrays_to_parameters(update))
+    theirs = _flower._collect_masked_vectors(flower_state, dict(configs), int(W), ndarrays_to_parameters(update))
+    ours_arrays = [bytes_to_ndarray(b) for b in ours[Key.MASKED_PARAMETERS]]
+    theirs_arrays = [bytes_to_ndarray(b) for b in theirs[Key.MASKED_PARAMETERS]]
+    assert [a.shape for a in ours_arrays] == [a.shape for a in theirs_arrays] == [(1,), *SHAPES]
+    for a, b in zip(ours_arrays, theirs_arrays, strict=True):
+        assert a.dtype == np.uint32 and b.dtype == np.int64
+        assert np.array_equal(a.astype(np.int64), b)
+    assert mine_state.to_dict() == flower_state.to_dict()
+
+
+def _exact_mean(survivors: list[int], server_round: int = 1, *, on_grid: bool) -> list[np.ndarray]:
+    total = sum(SIZES[p] for p in survivors)
+    return [sum(SIZES[p] * _update(p, server_round, on_grid=on_grid)[k] for p in survivors) / total
+            for k in range(len(SHAPES))]
+
+
+@pytest.mark.parametrize("dead", [set(), {3, 4}])
+def test_aggregate_is_the_weighted_mean_of_the_survivors_like_flowers(dead: set[int]) -> None:
+    """Five sites, threshold 3; two die after key sharing: Flower's server rebuilds their masks."""
+    plan = {1: (Stage.COLLECT_MASKED_VECTORS, dead)} if dead else None
+    survivors = [p for p in range(5) if p not in dead]
+    exact = _exact_mean(survivors, on_grid=False)
+    bound = quantization_error_bound(num_examples=[SIZES[p] for p in survivors], clipping_range=C,
+                                     quantization_range=Q, max_weight=W, max_abs_update=0.5)
+    for mod in (_flower.secaggplus_mod, packed_secaggplus_mod):
+        agg, masked = _run(mod, sites=5, on_grid=False, plan=plan)
+        assert len(masked) == len(survivors)
+        dtypes = {v.dtype for vectors in masked.values() for v in vectors}
+        assert dtypes == ({np.dtype(np.uint32)} if mod is packed_secaggplus_mod else {np.dtype(np.int64)})
+        for a, e in zip(agg[1], exact, strict=True):
+            assert a.shape == e.shape and np.max(np.abs(a - e)) <= bound, mod
+
+
+def test_dropouts_below_the_threshold_fail_the_round_as_with_flower() -> None:
+    plan = {1: (Stage.COLLECT_MASKED_VECTORS, {2, 3, 4})}
+    for mod in (_flower.secaggplus_mod, packed_secaggplus_mod):
+        agg, masked = _run(mod, sites=5, on_grid=False, plan=plan)
+        assert agg == {} and len(masked) == 2, mod
+
+
+def test_masked_vectors_are_uniform_and_uncorrelated_with_the_update() -> None:
+    agg, masked = _run(packed_secaggplus_mod, sites=3, on_grid=False)
+    for (_, node), vectors in masked.items():
+        flat = np.concatenate([v.ravel() for v in vectors[1:]]).astype(np.float64) / 2**32
+        partition = node - 101
+        update = np.concatenate([u.ravel() for u in _update(partition, 1, on_grid=False)])
+        assert abs(np.corrcoef(flat, update)[0, 1]) < 0.3
+        assert 0.35 < flat.mean() < 0.65
+
+
+def test_stochastic_rounding_is_unbiased() -> None:
+    """Each entry rounds up with probability frac(y): the mean of many roundings of y is y."""
+    x = np.full(200_000, 0.3 / 2**21)  # y = (x + c) * Q / (2c) = 2^21 + 0.3
+    q = quantized_vector([x], dq_ratio=1.0, clipping_range=C, target_range=Q, q_ratio=Q)
+    assert q[0] == Q and set(np.unique(q[1:]).tolist()) == {2**21, 2**21 + 1}
+    assert abs(float(q[1:].mean()) - (2**21 + 0.3)) < 0.005  # 4.9 standard errors

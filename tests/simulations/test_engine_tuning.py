@@ -1,0 +1,135 @@
+"""Simulation engine settings: the grid's poll, the one patch of Flower's engine, threads, OpenMP waits."""
+
+from __future__ import annotations
+
+import threading
+from queue import Queue
+
+import pytest
+from flwr.server.superlink.fleet.vce import vce_api
+from flwr.superlink.grid import InMemoryGrid
+
+from medfed.simulations.engine_tuning import (
+    SIM_POLL_INTERVAL,
+    engine_polls,
+    flower_source_matches,
+    server_threads,
+    tune_grid,
+)
+
+
+def test_flowers_engine_is_the_code_the_patch_replaces() -> None:
+    """Fails when Flower's add_messages_to_queue changes: review the copy in engine_polls, then its hash."""
+    assert flower_source_matches()
+
+
+def test_the_patch_applies_only_inside_the_context_and_is_restored() -> None:
+    flower = vce_api.add_messages_to_queue
+    with engine_polls(0.01) as active:
+        assert active and vce_api.add_messages_to_queue is not flower
+        with engine_polls(0.01):  # nesting keeps the outer patch and restores Flower's at the end
+            pass
+    assert vce_api.add_messages_to_queue is flower
+
+
+class _State:
+    """Flower's LinkState interface used by the engine: one undelivered message per node, once."""
+
+    def __init__(self, pending: dict[int, list[str]]) -> None:
+        self.pending = {node: list(msgs) for node, msgs in pending.items()}
+        self.calls: list[tuple[int, int]] = []
+
+    def get_message_ins(self, *, node_id: int, limit: int) -> list[str]:
+        self.calls.append((node_id, limit))
+        msgs = self.pending.get(node_id, [])
+        out, self.pending[node_id] = msgs[:limit], msgs[limit:]
+        return out
+
+
+class _Stop(threading.Event):
+    """Stops the loop after ``passes`` waits and records their timeouts."""
+
+    def __init__(self, passes: int) -> None:
+        super().__init__()
+        self.passes, self.waits = passes, []
+
+    def wait(self, timeout=None) -> bool:
+        self.waits.append(timeout)
+        if len(self.waits) >= self.passes:
+            self.set()
+        return self.is_set()
+
+
+def test_the_patched_engine_hands_every_message_over_and_waits_the_shorter_interval() -> None:
+    state = _State({1: ["a1", "a2"], 2: ["b1"], 3: []})
+    queue: Queue = Queue()
+    stop = _Stop(passes=3)
+    with engine_polls(0.005):
+        vce_api.add_messages_to_queue(state, queue, {1: 0, 2: 1, 3: 2}, stop)
+    assert stop.waits == [0.005] * 3
+    assert [queue.get_nowait() for _ in range(queue.qsize())] == ["a1", "b1", "a2"]  # one per node per pass
+    assert {limit for _, limit in state.calls} == {1}
+
+
+def test_tune_grid_sets_the_simulation_grids_pull_interval_only() -> None:
+    class _Factory:
+        def state(self) -> object:
+            return object()
+
+    grid = InMemoryGrid(state_factory=_Factory())
+    assert grid.pull_interval == 0.1  # Flower's default
+    tune_grid(grid)
+    assert grid.pull_interval == SIM_POLL_INTERVAL
+    other = type("OtherGrid", (), {"pull_interval": 0.5})()
+    tune_grid(other)
+    assert other.pull_interval == 0.5
+
+
+def test_server_threads_are_set_inside_and_restored(monkeypatch) -> None:
+    import torch
+
+    before = torch.get_num_threads()
+    with server_threads(3):
+        assert torch.get_num_threads() == 3
+    assert torch.get_num_threads() == before
+
+
+def test_the_patched_engine_asks_only_nodes_with_undelivered_mail() -> None:
+    """One scan of the store finds the nodes to ask; a state without a store gets Flower's every-node loop."""
+    from types import SimpleNamespace
+
+    from medfed.simulations.engine_tuning import _nodes_with_mail
+
+    def msg(dst: int, delivered: str = "") -> SimpleNamespace:
+        return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=dst, delivered_at=delivered))
+
+    state = SimpleNamespace(lock=threading.RLock(),
+                            message_ins_store={"a": msg(7), "b": msg(3, "2026-01-01"), "c": msg(9), "d": msg(7)})
+    assert list(_nodes_with_mail(state, {n: 0 for n in range(1000)})) == [7, 9]
+    bare = _State({1: ["x"]})  # a state without a store: every node is asked, as in Flower
+    assert list(_nodes_with_mail(bare, {1: 0, 2: 0})) == [1, 2]
+
+
+def test_flowers_in_memory_link_state_keeps_the_store_and_lock_the_patch_reads() -> None:
+    """Fails when Flower renames them (the patch would then silently fall back to asking every node)."""
+    import inspect
+
+    from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
+
+    source = inspect.getsource(InMemoryLinkState.__init__)
+    assert "self.message_ins_store: dict[str, Message] = {}" in source
+    assert "self.lock = threading.RLock()" in source
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_importing_medfed_makes_idle_openmp_threads_sleep_unless_set(preset, expected) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    out = subprocess.run([sys.executable, "-c", "import os, medfed; print(os.environ['OMP_WAIT_POLICY'])"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
