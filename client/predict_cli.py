@@ -69,7 +69,7 @@ def predict_command(
             "--explain",
             help="Classification: also write a heat map per image (gradcam, gradcampp or occlusion) as PNG "
             "overlays (3D: the middle slice and a NIfTI map) into OUT/explanations, named by row index "
-            "(medfed explain, docs/explain.md). Nothing leaves the site.",
+            "(medfed explain, docs/explain.md). Nothing leaves the site. Default: no heat maps.",
             click_type=HintedChoice(_explain_methods),
         ),
     ] = None,

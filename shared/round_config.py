@@ -18,7 +18,12 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["SERVER_ROUND", "FIT_CONFIG_KEYS", "EVALUATE_CONFIG_KEYS", "fit_config", "evaluate_config", "server_round_of"]
+from medfed.shared.cross_site import CROSS_SITE
+
+__all__ = [
+    "SERVER_ROUND", "FIT_CONFIG_KEYS", "EVALUATE_CONFIG_KEYS", "EVALUATE_REQUEST_FLAGS", "fit_config",
+    "evaluate_config", "server_round_of",
+]
 
 SERVER_ROUND = "server-round"
 """The round number (1-based; a resumed run continues the count). Sets the site's seed and its
@@ -29,6 +34,11 @@ FIT_CONFIG_KEYS: tuple[str, ...] = (SERVER_ROUND,)
 
 EVALUATE_CONFIG_KEYS: tuple[str, ...] = ()
 """Keys of the per-round evaluate config: none."""
+
+EVALUATE_REQUEST_FLAGS: tuple[str, ...] = (CROSS_SITE,)
+"""Keys a site looks for in every evaluate config to tell another request from a round's
+evaluation; a round's config never holds them. ``cross-site``: the evaluation of the final model
+on each site's local test split after the last round (:mod:`medfed.shared.cross_site`)."""
 
 
 def fit_config(server_round: int) -> dict[str, int]:

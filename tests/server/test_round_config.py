@@ -21,7 +21,7 @@ from medfed.client.site_client import SiteClient
 from medfed.client.site_data import simulated_site_data
 from medfed.server.strategies import build_strategy
 from medfed.shared.config import STRATEGIES, RunConfig
-from medfed.shared.round_config import EVALUATE_CONFIG_KEYS, FIT_CONFIG_KEYS
+from medfed.shared.round_config import EVALUATE_CONFIG_KEYS, EVALUATE_REQUEST_FLAGS, FIT_CONFIG_KEYS
 from medfed.shared.task import round_settings
 from medfed.shared.training import cosine_lr
 from medfed.shared.weights import get_weights
@@ -110,7 +110,9 @@ def test_the_keys_sent_each_round_are_the_keys_the_site_reads(site: SiteClient, 
     fit_sent, evaluate_sent = _sent(cfg, get_weights(site.model))
     fit_read, evaluate_read = _read(site, dict.fromkeys(fit_sent, 2), dict.fromkeys(evaluate_sent, 2))
     assert fit_sent == fit_read == set(FIT_CONFIG_KEYS)
-    assert evaluate_sent == evaluate_read == set(EVALUATE_CONFIG_KEYS)
+    assert evaluate_sent == set(EVALUATE_CONFIG_KEYS)
+    # the site also looks for the flags of other evaluate requests (cross-site), absent in a round's config
+    assert evaluate_read == set(EVALUATE_CONFIG_KEYS) | set(EVALUATE_REQUEST_FLAGS)
 
 
 @pytest.mark.parametrize("mode", ["fixed", "adaptive"])
