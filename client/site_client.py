@@ -472,7 +472,7 @@ class SiteClient(NumPyClient):
             state = SiteState(self.state_path).before(10**9)
             if not self._load_local_entries(state):
                 reestimate_bn(self.model, self.data.train, device=self.device)
-        metrics = evaluate(self.model, self.data.val, device=self.device)
+        metrics = evaluate(self.model, self.data.val, device=self.device, roi_size=self.cfg.patch_size)
         loss = float(metrics.pop("loss"))
         num_examples = int(metrics.pop("num_examples"))
         return loss, num_examples, {"site-index": self.site_index, **metrics}

@@ -36,12 +36,17 @@ class ImageSet:
         ``"classification"`` or ``"segmentation"``.
     num_classes
         Number of classes (segmentation: including background).
+    sources
+        Optional per-sample source (the datalist's ``"site"`` attribute: the scanner, hospital or
+        slice range an image comes from), shape ``(N,)`` of strings; ``None`` when the data
+        has none. ``partition = "source"`` gives each simulated site one source.
     """
 
     images: np.ndarray
     targets: np.ndarray
     task: Task
     num_classes: int
+    sources: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim not in (4, 5):
@@ -60,6 +65,8 @@ class ImageSet:
             )
         if self.num_classes < 2:
             raise DataError(f"num_classes must be >= 2; got {self.num_classes}.")
+        if self.sources is not None and len(self.sources) != len(self.images):
+            raise DataError(f"{len(self.images)} images but {len(self.sources)} sources: they must match.")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -82,7 +89,8 @@ class ImageSet:
     def subset(self, indices: np.ndarray) -> ImageSet:
         """The samples at ``indices`` (a 1-D integer array), in that order."""
         idx = np.asarray(indices, dtype=np.int64)
-        return ImageSet(self.images[idx], self.targets[idx], self.task, self.num_classes)
+        sources = self.sources[idx] if self.sources is not None else None
+        return ImageSet(self.images[idx], self.targets[idx], self.task, self.num_classes, sources)
 
     def class_labels(self) -> np.ndarray:
         """Per-sample labels used for partitioning, shape ``(N,)``.

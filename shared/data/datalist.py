@@ -11,7 +11,16 @@ A datalist looks like::
 
 * ``"image"`` is a path relative to the JSON file's folder (absolute paths work too): NIfTI
   (``.nii``, ``.nii.gz``), DICOM (one ``.dcm`` file, or a folder holding one series), or
-  PNG/JPEG.
+  PNG/JPEG. A list of paths (``["flair.nii.gz", "t1c.nii.gz"]``) is one multi-channel image:
+  the files' channels are stacked in list order; they must share one spatial shape.
+* ``"site"`` (optional, a string) names the source of the entry (scanner, hospital, slice
+  range); ``partition = "source"`` gives each simulated site one source
+  (:attr:`~medfed.shared.data.base.ImageSet.sources`).
+* ``"mask_binarize"`` (optional, top level): ``{"threshold": 128, "foreground": "above"}``
+  turns masks that are not stored as class indices (JPEG masks, 0/255 label images) into
+  binary class masks: foreground (1) where the value (averaged over the mask's channels) is at
+  or above the threshold (``"above"``) or below it (``"below"``, e.g. dark membranes on a
+  white label image).
 * ``"label"`` is an integer class (classification) or the path of a mask file with integer
   class indices, 0 = background (segmentation). The task is inferred from the first training
   entry unless given.
@@ -368,7 +377,10 @@ def load_datalist(
             targets = np.asarray([it.target for it in items], dtype=np.int64)
         else:
             targets = np.stack([it.target for it in items]).astype(np.int64, copy=False)
-        sets[section] = ImageSet(images, targets, split_task, report.num_classes)
+        sources = None
+        if any(it.source is not None for it in items):
+            sources = np.asarray([it.source or "" for it in items], dtype=object)
+        sets[section] = ImageSet(images, targets, split_task, report.num_classes, sources)
 
     logger.info(
         "Loaded datalist %s: %s, %dD, %d classes, %d/%d/%d train/val/test samples.",
@@ -393,6 +405,7 @@ class _Item:
     index: int
     image: np.ndarray
     target: Any
+    source: str | None = None
 
 
 class _EntryProblem(Exception):
@@ -501,8 +514,11 @@ class _Scanner:
         num_classes: int | None,
         declared: bool = True,
         in_channels: int | None = None,
+        binarize: Any = None,
     ) -> None:
         self.base = path.parent
+        self.binarize = binarize  # mask -> binary class mask (the datalist's "mask_binarize")
+        self.last_source: str | None = None
         self.image_size = image_size
         self.spatial_dims = spatial_dims
         self.task = task
@@ -547,12 +563,20 @@ class _Scanner:
                 'entry must be an object with "image" and "label" keys'
                 + (f" (the entry of {named!r} has no label)." if isinstance(named, str) else "."),
             )
-        image_written = entry["image"]
-        if not isinstance(image_written, str) or not image_written:
+        image_field = entry["image"]
+        image_files = image_field if isinstance(image_field, list) else [image_field]
+        if not image_files or not all(isinstance(f, str) and f for f in image_files):
             raise _EntryProblem(
                 "bad_entry",
                 "",
-                f'"image" must be one file path (a string); got {image_written!r:.60}.',
+                f'"image" must be a file path (a string) or a list of them (the channels of one '
+                f"image); got {image_field!r:.60}.",
+            )
+        image_written: str = image_files[0]
+        source = entry.get("site")
+        if source is not None and (not isinstance(source, str) or not source):
+            raise _EntryProblem(
+                "bad_entry", image_written, f'"site" of {image_written!r} must be a non-empty string; got {source!r:.40}.'
             )
         label = entry["label"]
         target: Any
@@ -581,11 +605,27 @@ class _Scanner:
 
         read_info: dict[str, Any] = {}
         image = _read(self.base, image_written, "image", read_info)
+        if len(image_files) > 1:
+            channels = [image]
+            for other in image_files[1:]:
+                extra = _read(self.base, other, "image")
+                if extra.shape[1:] != image.shape[1:]:
+                    raise _EntryProblem(
+                        "shape_mismatch",
+                        other,
+                        f"image channel file {other!r} has spatial shape {extra.shape[1:]} but "
+                        f"{image_written!r} has {image.shape[1:]}. The files of one image must "
+                        "share one grid.",
+                    )
+                channels.append(extra)
+            image = np.concatenate(channels, axis=0)
         self._check_geometry(image, image_written)
         mask_classes: tuple[int, ...] = ()
 
         if self.task == "segmentation":
             mask = _read(self.base, label, "mask")
+            if self.binarize is not None:
+                mask = self.binarize(mask)
             if mask.shape[0] != 1:
                 raise _EntryProblem(
                     "bad_mask",
@@ -623,6 +663,7 @@ class _Scanner:
         else:
             data = self.transforms()({"image": image})
         out = convert_to_numpy(data["image"], dtype=np.float32)
+        self.last_source = source
         self.last = EntryInfo(
             index=-1,
             section="",
@@ -707,6 +748,25 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _binarizer(path: Path, spec: Any) -> Any:
+    """The datalist's ``"mask_binarize"`` as a function ``mask (C, *spatial) -> (1, *spatial)``."""
+    if spec is None:
+        return None
+    fix = 'use {"threshold": 128, "foreground": "above"} (or "below").'
+    if not isinstance(spec, dict) or set(spec) - {"threshold", "foreground"} or "threshold" not in spec:
+        raise DataError(f'Datalist {path}: "mask_binarize" = {spec!r:.80} is invalid: {fix}')
+    threshold, side = spec["threshold"], spec.get("foreground", "above")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or side not in ("above", "below"):
+        raise DataError(f'Datalist {path}: "mask_binarize" = {spec!r:.80} is invalid: {fix}')
+
+    def binarize(mask: np.ndarray) -> np.ndarray:
+        value = mask.mean(axis=0, keepdims=True)
+        fg = value >= threshold if side == "above" else value < threshold
+        return fg.astype(np.float32)
+
+    return binarize
+
+
 def _infer_task(path: Path, entries: Sequence[Any]) -> Task:
     for entry in entries:
         label = entry.get("label") if isinstance(entry, dict) else None
@@ -760,6 +820,7 @@ def _scan(
         num_classes=declared if declared is not None else num_classes,
         declared=declared is not None,
         in_channels=in_channels,
+        binarize=_binarizer(path, data.get("mask_binarize")),
     )
     problems: list[DatalistProblem] = []
     infos: list[EntryInfo] = []
@@ -774,7 +835,7 @@ def _scan(
             except _EntryProblem as prob:
                 problems.append(DatalistProblem(index, section, prob.file, prob.reason, prob.kind))
                 continue
-            items.append(_Item(index, image, target))
+            items.append(_Item(index, image, target, scanner.last_source))
             if scanner.last is not None:
                 infos.append(dataclasses.replace(scanner.last, index=index, section=section))
 
