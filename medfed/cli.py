@@ -1,6 +1,7 @@
 """The ``medfed`` command: one Typer app composed from each side's commands.
 
-* researcher: ``simulate``, ``models``, ``bench`` (:mod:`medfed.simulations.cli`);
+* researcher: ``simulate``, ``models``, ``bench`` (:mod:`medfed.simulations.cli`), ``data``
+  (:mod:`medfed.simulations.data_cli`);
 * coordinator: ``provision``, ``run``, ``server``, ``dashboard`` (:mod:`medfed.server.cli`,
   :mod:`medfed.server.dashboard_cli`);
 * hospital site: ``site`` (:mod:`medfed.client.cli`).
@@ -19,6 +20,7 @@ from medfed.client.cli import site_app
 from medfed.server.cli import provision_command, run_command, server_app
 from medfed.server.dashboard_cli import dashboard_command
 from medfed.simulations.cli import bench, models, simulate
+from medfed.simulations.data_cli import data_app
 
 __all__ = ["app", "main"]
 
@@ -63,6 +65,7 @@ app.command("run")(run_command)
 app.command("dashboard")(dashboard_command)
 app.add_typer(server_app, name="server")
 app.add_typer(site_app, name="site")
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:

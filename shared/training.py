@@ -399,8 +399,8 @@ def predict(
     roi_size
         Segmentation: score each whole image by ``monai.inferers.sliding_window_inference``
         with windows of this side (the training patch, ``patch-size``), overlap
-        :data:`SLIDING_WINDOW_OVERLAP`, windows averaged with equal weight; 0, or images no
-        larger than the window: one forward pass per batch.
+        :data:`SLIDING_WINDOW_OVERLAP`, windows averaged with equal weight (an image no larger
+        than the window is one window: the plain forward pass); 0: one forward pass per batch.
 
     Returns
     -------
@@ -416,7 +416,7 @@ def predict(
     logits_all: list[torch.Tensor] = []
     targets_all: list[torch.Tensor] = []
     total_loss = 0.0
-    window = data.task == "segmentation" and 0 < roi_size < max(data.spatial_shape)
+    window = data.task == "segmentation" and roi_size > 0
     for images, targets in loader:
         images, targets = images.to(device), targets.to(device)
         if window:
