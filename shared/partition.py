@@ -127,6 +127,8 @@ def partition_indices(
         raise ValueError(f"partition = {method!r} is invalid. Valid choices: {', '.join(METHODS)} (--partition iid).")
     if min_per_site < 0:
         raise ValueError(f"min_per_site = {min_per_site!r} is invalid: it must be >= 0.")
+    if method == "source":  # the sources decide the sizes (a site may hold one patient): no min_per_site
+        return source_parts(sources, num_sites=num_sites)
     if min_per_site * num_sites > n:
         raise ValueError(
             f"{num_sites} sites (num-sites) with at least {min_per_site} samples each (min_per_site) need "
@@ -134,15 +136,6 @@ def partition_indices(
             f"(--sites {max(1, n // max(min_per_site, 1))}) or a larger dataset."
         )
 
-    if method == "source":
-        parts = source_parts(sources, num_sites=num_sites)
-        small = [k for k, p in enumerate(parts) if len(p) < min_per_site]
-        if small:
-            raise ValueError(
-                f"partition = 'source': site {small[0]} ({source_names(sources)[small[0]]}) has "
-                f"{len(parts[small[0]])} samples, fewer than {min_per_site}. Merge small sources in the datalist."
-            )
-        return parts
     rng = np.random.default_rng(seed)
     if method == "iid":
         parts = np.array_split(rng.permutation(n), num_sites)

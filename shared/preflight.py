@@ -205,7 +205,7 @@ def _site_shares(cfg: RunConfig, splits: DataSplits) -> tuple[tuple[int, ...], t
         f"validation image{'s' if VAL_MIN_PER_SITE > 1 else ''}"
     )
     most = max_sites(num_train, num_val)
-    if cfg.num_sites > most:
+    if cfg.num_sites > most and cfg.partition != "source":  # "source": the sources decide (below)
         fix = f"Fix: --sites {most} (or --set num-sites={most}), or a larger dataset" if most >= 1 else (
             "Fix: a dataset with more images"
         )
