@@ -1,12 +1,13 @@
 """The ``medfed`` command: one Typer app composed from each side's commands.
 
-* researcher: ``simulate``, ``models``, ``bench`` (:mod:`medfed.simulations.cli`), ``data``
-  (:mod:`medfed.simulations.data_cli`);
+* researcher: ``simulate``, ``models``, ``bench`` (:mod:`medfed.simulations.cli`);
 * coordinator: ``provision``, ``run``, ``server``, ``dashboard`` (:mod:`medfed.server.cli`,
   :mod:`medfed.server.dashboard_cli`);
 * hospital site: ``site`` (:mod:`medfed.client.cli`).
 
 This module is the composition root: the only place that imports all of them.
+
+``data`` (:mod:`medfed.simulations.data_cli`) writes datalists for public data sets, read in place.
 """
 
 from __future__ import annotations
