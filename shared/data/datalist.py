@@ -514,11 +514,8 @@ class _Scanner:
         num_classes: int | None,
         declared: bool = True,
         in_channels: int | None = None,
-        binarize: Any = None,
     ) -> None:
         self.base = path.parent
-        self.binarize = binarize  # mask -> binary class mask (the datalist's "mask_binarize")
-        self.last_source: str | None = None
         self.image_size = image_size
         self.spatial_dims = spatial_dims
         self.task = task
@@ -529,6 +526,8 @@ class _Scanner:
         self.shape: tuple[int, ...] | None = None  # reference size when image_size == 0
         self._compose: Compose | None = None
         self.last: EntryInfo | None = None  # the last entry that passed every check
+        self.last_source: str | None = None  # and its "site"
+        self.binarize: Any = None  # mask -> binary class mask (the datalist's "mask_binarize")
 
     def transforms(self) -> Compose:
         """``ScaleIntensityd`` then ``Resized`` (built once the spatial dims are known)."""
@@ -820,8 +819,8 @@ def _scan(
         num_classes=declared if declared is not None else num_classes,
         declared=declared is not None,
         in_channels=in_channels,
-        binarize=_binarizer(path, data.get("mask_binarize")),
     )
+    scanner.binarize = _binarizer(path, data.get("mask_binarize"))
     problems: list[DatalistProblem] = []
     infos: list[EntryInfo] = []
     loaded: dict[str, list[_Item]] = {}
