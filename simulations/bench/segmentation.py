@@ -75,8 +75,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 """Per data set: its folder under ``--data-dir``, datalist layout and image limit, and the run
 config every method shares. ISBI's federated run uses FedAvgM (server momentum 0.9): its sites
-hold 6 slices each, and plain FedAvg stayed about 0.05 below pooled (BENCHMARKS.md). Sized so that the three recipes take about 25-40 minutes together on
-a shared 2-core CPU (``OMP_NUM_THREADS=1``; the measured times are in BENCHMARKS.md)."""
+hold 6 slices each, and plain FedAvg stayed about 0.05 below pooled (BENCHMARKS.md). Sized so
+that the three recipes take about 10 minutes on an idle 2-core CPU (``OMP_NUM_THREADS=1``) and
+about half an hour each on a busy one (BENCHMARKS.md)."""
 
 PUBLISHED: dict[str, dict[str, Any]] = {
     "isbi2012": {
