@@ -90,7 +90,7 @@ class ImageSet:
         """The samples at ``indices`` (a 1-D integer array), in that order."""
         idx = np.asarray(indices, dtype=np.int64)
         sources = self.sources[idx] if self.sources is not None else None
-        return ImageSet(self.images[idx], self.targets[idx], self.task, self.num_classes, sources)
+        return ImageSet(self.images[idx], self.targets[idx], self.task, self.num_classes, sources=sources)
 
     def class_labels(self) -> np.ndarray:
         """Per-sample labels used for partitioning, shape ``(N,)``.

@@ -380,7 +380,7 @@ def load_datalist(
         sources = None
         if any(it.source is not None for it in items):
             sources = np.asarray([it.source or "" for it in items], dtype=object)
-        sets[section] = ImageSet(images, targets, split_task, report.num_classes, sources)
+        sets[section] = ImageSet(images, targets, split_task, report.num_classes, sources=sources)
 
     logger.info(
         "Loaded datalist %s: %s, %dD, %d classes, %d/%d/%d train/val/test samples.",
@@ -834,7 +834,7 @@ def _scan(
             except _EntryProblem as prob:
                 problems.append(DatalistProblem(index, section, prob.file, prob.reason, prob.kind))
                 continue
-            items.append(_Item(index, image, target, scanner.last_source))
+            items.append(_Item(index, image, target, source=scanner.last_source))
             if scanner.last is not None:
                 infos.append(dataclasses.replace(scanner.last, index=index, section=section))
 
