@@ -109,6 +109,8 @@ def simulated_partitions(cfg: RunConfig, num_sites: int) -> SiteSplits:
         alpha=cfg.dirichlet_alpha,
         seed=cfg.seed,
         local_test_fraction=cfg.local_test_fraction,
+        train_sources=splits.train.sources,
+        val_sources=splits.val.sources,
     )
 
 

@@ -7,6 +7,8 @@
   (:mod:`medfed.client.predict_cli`), ``explain`` (:mod:`medfed.client.explain_cli`).
 
 This module is the composition root: the only place that imports all of them.
+
+``data`` (:mod:`medfed.simulations.data_cli`) writes datalists for public data sets, read in place.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from medfed.server.cli import provision_command, run_command, server_app
 from medfed.server.dashboard_cli import dashboard_command
 from medfed.server.report_cli import export_run_command, report_command
 from medfed.simulations.cli import bench, models, simulate
+from medfed.simulations.data_cli import data_app
 
 __all__ = ["app", "main"]
 
@@ -72,6 +75,7 @@ app.command("report")(report_command)
 app.command("export-run")(export_run_command)
 app.add_typer(server_app, name="server")
 app.add_typer(site_app, name="site")
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:

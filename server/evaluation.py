@@ -21,6 +21,7 @@ def make_evaluate_fn(
     val: ImageSet | None = None,
     device: str = "auto",
     bn_data: ImageSet | None = None,
+    roi_size: int = 0,
 ) -> Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]]]:
     """A Flower ``evaluate_fn`` that scores the global weights on ``data`` (the test split).
 
@@ -38,6 +39,9 @@ def make_evaluate_fn(
         (``bn-mode`` ``"local-stats"`` / ``"fedbn"``, whose sites keep their statistics; in
         simulation the pooled training split: the statistics a federated pass over the sites,
         averaged by example count, would give). ``None``: score the weights as they are.
+    roi_size
+        Segmentation: score whole images by sliding-window inference with this window (the
+        run's ``patch-size``); 0: one forward pass per image.
 
     Returns
     -------
@@ -55,7 +59,7 @@ def make_evaluate_fn(
         set_weights(model, weights)
         if bn_data is not None:
             reestimate_bn(model, bn_data, device=torch_device)
-        metrics = evaluate_at_validation_threshold(model, data, val=val, device=torch_device)
+        metrics = evaluate_at_validation_threshold(model, data, val=val, device=torch_device, roi_size=roi_size)
         loss = float(metrics.pop("loss"))
         return loss, dict(metrics)
 

@@ -103,7 +103,9 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         splits = load_dataset(cfg)
         model, task = model_for(cfg, splits.train), splits.task
         bn_data = splits.train if cfg.bn_mode != "global" else None
-        evaluate_fn = make_evaluate_fn(model_for(cfg, splits.train), splits.test, val=splits.val, bn_data=bn_data)
+        evaluate_fn = make_evaluate_fn(
+            model_for(cfg, splits.train), splits.test, val=splits.val, bn_data=bn_data, roi_size=cfg.patch_size
+        )
         if bn_data is not None:  # the sites keep their statistics: the checkpoints get pooled ones
             device = select_device("auto")
             prepare = partial(reestimate_bn, data=bn_data, device=device)

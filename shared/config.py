@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 Task = Literal["classification", "segmentation"]
-Partition = Literal["iid", "dirichlet", "quantity"]
+Partition = Literal["iid", "dirichlet", "quantity", "source"]
 StrategyName = Literal[
     "fedavg", "fedprox", "fedadam", "fedavgm", "fedyogi", "fedadagrad", "scaffold",
     "fedmedian", "fedtrimmedavg", "krum", "multikrum", "bulyan",
@@ -200,7 +200,13 @@ class RunConfig:
         to this norm before masking (``client/update_mods.py``), and the server checks the
         aggregate. See ``docs/faults.md``.
     partition, dirichlet_alpha
-        How one dataset is split into simulated sites.
+        How one dataset is split into simulated sites (``"source"``: one site per source, the
+        datalist entries' ``"site"`` attribute; see ``docs/segmentation.md``).
+    patch_size
+        Segmentation: train on random patches of this side (``RandCropByPosNegLabeld``, half
+        centred on foreground) and evaluate whole images by sliding-window inference
+        (``monai.inferers.sliding_window_inference``) with this window; 0: whole images both
+        ways. At most ``image-size``; a UNet needs a multiple of 16.
     local_test_fraction
         Simulation: share of the training split kept for the sites' local test splits, each
         drawn with its site's class mix (``medfed.shared.partition.site_partitions``); 0: none.
@@ -281,6 +287,7 @@ class RunConfig:
     synthetic_dims: int = 2
     synthetic_samples: int = 240
     image_size: int = 0
+    patch_size: int = 0
     bad_data: BadData = "strict"
     spacing: str = ""
     num_sites: int = 3
@@ -384,6 +391,7 @@ class RunConfig:
             ("min-fit-clients", self.min_fit_clients, 1),
             ("synthetic-samples", self.synthetic_samples, 8),
             ("image-size", self.image_size, 0),
+            ("patch-size", self.patch_size, 0),
             ("secagg-num-shares", self.secagg_num_shares, 2),
             ("secagg-reconstruction-threshold", self.secagg_reconstruction_threshold, 1),
             ("secagg-quantization-range", self.secagg_quantization_range, 2),
@@ -452,6 +460,11 @@ class RunConfig:
             raise ConfigError(
                 "secagg-reconstruction-threshold must be <= secagg-num-shares "
                 f"(got {self.secagg_reconstruction_threshold} > {self.secagg_num_shares})."
+            )
+        if self.patch_size and self.image_size and self.patch_size > self.image_size:
+            raise ConfigError(
+                f"patch-size = {self.patch_size} is larger than image-size = {self.image_size}: use a patch "
+                f"no larger than the images (--set patch-size={self.image_size}), or 0 for whole images."
             )
         if self.is_deployment and self.image_size <= 0:
             raise ConfigError(

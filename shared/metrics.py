@@ -156,7 +156,7 @@ def predicts_single_class(global_metrics: dict[str, float], site_metrics: dict[s
 def segmentation_metrics(
     logits: torch.Tensor, targets: torch.Tensor, *, num_classes: int
 ) -> dict[str, float]:
-    """Mean foreground Dice.
+    """Dice per foreground class and their mean (MONAI ``DiceMetric``).
 
     Parameters
     ----------
@@ -168,10 +168,27 @@ def segmentation_metrics(
     Returns
     -------
     dict
-        ``dice``: Dice of the argmax prediction per foreground class, averaged over images
-        and classes (an image with empty ground truth and empty prediction counts as 1).
+        ``dice-class-k`` for each foreground class ``k`` (``1..K-1``) present in ``targets``:
+        the Dice of the argmax prediction, averaged over the images whose ground truth holds
+        class ``k`` (``DiceMetric(include_background=False, reduction="mean_batch",
+        ignore_empty=True)``); a class absent from every image is left out (its Dice is
+        undefined, and a prediction of it shows in the other classes). ``dice``: the mean of
+        the ``dice-class-k`` given. With no foreground in any image, ``dice`` is 1.0 when
+        nothing is predicted either, else 0.0 (``ignore_empty=False``).
     """
     pred = one_hot(logits.argmax(dim=1, keepdim=True), num_classes)
-    truth = one_hot(targets, num_classes)
-    metric = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
-    return {"dice": float(metric(pred, truth).nanmean())}
+    truth = one_hot(targets.long(), num_classes)
+    metric = DiceMetric(include_background=False, reduction="mean_batch", ignore_empty=True, get_not_nans=True)
+    metric(pred, truth)
+    per_class, images = metric.aggregate()  # (K - 1,) each; images = 0: no ground truth of the class
+    out = {
+        f"dice-class-{k}": float(v)
+        for k, (v, n) in enumerate(zip(per_class.tolist(), images.tolist(), strict=True), start=1)
+        if n > 0
+    }
+    if out:
+        out["dice"] = sum(out.values()) / len(out)
+    else:
+        empty = DiceMetric(include_background=False, reduction="mean", ignore_empty=False)
+        out["dice"] = float(empty(pred, truth).nanmean())
+    return out

@@ -13,6 +13,10 @@ Three ways to spread ``N`` samples over ``num_sites`` sites:
 ``"quantity"``
     Quantity skew: site sizes follow ``min_per_site + Dir(alpha * 1_K)`` shares of the rest;
     labels are IID within each site.
+``"source"``
+    One site per source (a datalist entry's ``"site"`` attribute: scanner, hospital, slice
+    range): the realistic split where the data says where each image comes from. The number of
+    sources must equal ``num_sites``; site ``k`` holds the ``k``-th source in sorted order.
 
 Why not ``flwr_datasets``
 -------------------------
@@ -45,6 +49,8 @@ __all__ = [
     "partition_indices",
     "SiteSplits",
     "site_partitions",
+    "source_names",
+    "source_parts",
     "training_pool",
     "split_train_val_test",
     "TRAIN_MIN_PER_SITE",
@@ -71,6 +77,7 @@ def partition_indices(
     alpha: float = 0.5,
     seed: int,
     min_per_site: int = 2,
+    sources: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Assign every sample index to exactly one site.
 
@@ -90,6 +97,8 @@ def partition_indices(
         Same seed, same split.
     min_per_site
         Minimum number of samples on every site (``>= 0``).
+    sources
+        ``"source"``: each sample's source, shape ``(N,)`` (see :func:`source_parts`).
 
     Returns
     -------
@@ -118,6 +127,8 @@ def partition_indices(
         raise ValueError(f"partition = {method!r} is invalid. Valid choices: {', '.join(METHODS)} (--partition iid).")
     if min_per_site < 0:
         raise ValueError(f"min_per_site = {min_per_site!r} is invalid: it must be >= 0.")
+    if method == "source":  # the sources decide the sizes (a site may hold one patient): no min_per_site
+        return source_parts(sources, num_sites=num_sites)
     if min_per_site * num_sites > n:
         raise ValueError(
             f"{num_sites} sites (num-sites) with at least {min_per_site} samples each (min_per_site) need "
@@ -133,6 +144,54 @@ def partition_indices(
     else:
         parts = _dirichlet(labels, num_sites, alpha, min_per_site, rng)
     return [np.sort(p).astype(np.int64) for p in parts]
+
+
+def source_names(sources: np.ndarray | None) -> list[str]:
+    """The distinct sources in sorted order: site ``k`` of ``partition = "source"`` holds the ``k``-th."""
+    if sources is None:
+        return []
+    return sorted({str(s) for s in np.asarray(sources, dtype=object).tolist()})
+
+
+def source_parts(
+    sources: np.ndarray | None, *, num_sites: int, names: list[str] | None = None
+) -> list[np.ndarray]:
+    """Indices of each source's samples, one array per site (``partition = "source"``).
+
+    Parameters
+    ----------
+    sources
+        Each sample's source, shape ``(N,)`` (the datalist's ``"site"`` attributes).
+    num_sites
+        Must equal the number of distinct sources in ``names``.
+    names
+        The sources in site order (default: :func:`source_names` of ``sources``); a sample
+        whose source is not among them raises.
+
+    Raises
+    ------
+    ValueError
+        No sources, or a number of sources other than ``num_sites`` (the message names them).
+    """
+    if sources is None:
+        raise ValueError(
+            "partition = 'source' needs each image's source: give every datalist entry a \"site\" "
+            "(medfed data segmentation-datalist writes one), or use --partition iid."
+        )
+    values = np.asarray([str(s) for s in np.asarray(sources, dtype=object).tolist()], dtype=object)
+    names = names if names is not None else source_names(values)
+    if len(names) != num_sites:
+        raise ValueError(
+            f"partition = 'source': the data has {len(names)} sources ({', '.join(names)}) but num-sites = "
+            f"{num_sites}. Use --sites {len(names)}."
+        )
+    unknown = sorted(set(values.tolist()) - set(names))
+    if unknown:
+        raise ValueError(
+            f"partition = 'source': source(s) {', '.join(unknown)} of the validation or test entries are not "
+            f"among the training sources ({', '.join(names)}). Give them the training entries' site names."
+        )
+    return [np.flatnonzero(values == name).astype(np.int64) for name in names]
 
 
 @dataclass(frozen=True)
@@ -199,6 +258,8 @@ def site_partitions(
     alpha: float,
     seed: int,
     local_test_fraction: float = 0.0,
+    train_sources: np.ndarray | None = None,
+    val_sources: np.ndarray | None = None,
 ) -> SiteSplits:
     """The simulated sites' shares of a dataset: training, validation and local test indices.
 
@@ -227,6 +288,10 @@ def site_partitions(
         The run's seed (same seed, same splits).
     local_test_fraction
         Share of the training split kept for local test splits, in ``[0, 1)``.
+    train_sources, val_sources
+        ``method = "source"``: each sample's source (:func:`source_parts`). The training pool
+        and the local test pool are cut by source; the validation split too when
+        ``val_sources`` is given, else in the sites' training proportions (step 3).
 
     Returns
     -------
@@ -245,9 +310,11 @@ def site_partitions(
     pool, test_pool = training_pool(train_labels, seed=seed, local_test_fraction=local_test_fraction)
     parts = partition_indices(
         train_labels[pool], num_sites=num_sites, method=method, alpha=alpha, seed=seed,
-        min_per_site=TRAIN_MIN_PER_SITE,
+        min_per_site=TRAIN_MIN_PER_SITE, sources=None if train_sources is None else train_sources[pool],
     )  # fmt: skip
     train_parts = [np.sort(pool[p]).astype(np.int64) for p in parts]
+    if method == "source":
+        return _by_source(train_parts, train_sources, val_labels, val_sources, test_pool, num_sites=num_sites)
     num_classes = int(max(train_labels.max(initial=0), val_labels.max(initial=0))) + 1
     counts = class_counts(train_labels, train_parts, num_classes)
     if len(val_labels) < num_sites * VAL_MIN_PER_SITE:
@@ -258,6 +325,35 @@ def site_partitions(
     val_parts = _cut_like(val_labels, counts, rng=np.random.default_rng(seed + 1), min_per_site=VAL_MIN_PER_SITE)
     test_local = _cut_like(train_labels[test_pool], counts, rng=np.random.default_rng(seed + 3), min_per_site=0)
     test_parts = [np.sort(test_pool[p]).astype(np.int64) for p in test_local]
+    return SiteSplits(train=train_parts, val=val_parts, test=test_parts)
+
+
+def _by_source(
+    train_parts: list[np.ndarray],
+    train_sources: np.ndarray | None,
+    val_labels: np.ndarray,
+    val_sources: np.ndarray | None,
+    test_pool: np.ndarray,
+    *,
+    num_sites: int,
+) -> SiteSplits:
+    """:func:`site_partitions` for ``"source"``: validation and local test splits by source too."""
+    assert train_sources is not None  # partition_indices raised otherwise
+    names = source_names(train_sources)
+    if val_sources is not None:
+        val_parts = source_parts(val_sources, num_sites=num_sites, names=names)
+        empty = [names[k] for k, p in enumerate(val_parts) if len(p) < VAL_MIN_PER_SITE]
+        if empty:
+            raise ValueError(
+                f"partition = 'source': source(s) {', '.join(empty)} have no validation images. Give each "
+                "source validation entries, or leave the validation section out to split it off training."
+            )
+    else:
+        sizes = np.asarray([[len(p)] for p in train_parts], dtype=np.int64)
+        val_parts = _cut_like(np.zeros(len(val_labels), dtype=np.int64), sizes, rng=np.random.default_rng(0),
+                              min_per_site=VAL_MIN_PER_SITE)  # fmt: skip
+    local = source_parts(train_sources[test_pool], num_sites=num_sites, names=names) if len(test_pool) else []
+    test_parts = [np.sort(test_pool[p]).astype(np.int64) for p in local] or [np.zeros(0, np.int64)] * num_sites
     return SiteSplits(train=train_parts, val=val_parts, test=test_parts)
 
 

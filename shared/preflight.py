@@ -205,7 +205,7 @@ def _site_shares(cfg: RunConfig, splits: DataSplits) -> tuple[tuple[int, ...], t
         f"validation image{'s' if VAL_MIN_PER_SITE > 1 else ''}"
     )
     most = max_sites(num_train, num_val)
-    if cfg.num_sites > most:
+    if cfg.num_sites > most and cfg.partition != "source":  # "source": the sources decide (below)
         fix = f"Fix: --sites {most} (or --set num-sites={most}), or a larger dataset" if most >= 1 else (
             "Fix: a dataset with more images"
         )
@@ -228,8 +228,12 @@ def _site_shares(cfg: RunConfig, splits: DataSplits) -> tuple[tuple[int, ...], t
             alpha=cfg.dirichlet_alpha,
             seed=cfg.seed,
             local_test_fraction=cfg.local_test_fraction,
+            train_sources=splits.train.sources,
+            val_sources=splits.val.sources,
         )
     except ValueError as err:  # RunConfig validated the keys: the draw itself failed
+        if cfg.partition == "source":
+            raise PreflightError(f"{source}: {err}") from None
         raise PreflightError(
             f"partition = {cfg.partition!r} cannot give {cfg.num_sites} sites of {source} "
             f"enough images ({need}): {err} Fix: a larger --alpha (--set dirichlet-alpha=...), "

@@ -60,6 +60,7 @@ def round_settings(cfg: RunConfig, *, server_round: int, site_index: int) -> Tra
         proximal_mu=cfg.proximal_mu if cfg.strategy == "fedprox" else 0.0,
         augment=cfg.augment,
         seed=site_seed(cfg.seed, site_index=site_index, server_round=server_round),
+        patch_size=cfg.patch_size,
     )
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
@@ -66,6 +67,8 @@ class TrainSettings:
         Random flips and shifts (see :func:`medfed.shared.transforms.train_transforms`).
     seed
         Seeds shuffling and augmentation of this round at this site.
+    patch_size
+        Segmentation: train on random patches of this side (``patch-size``); 0: whole images.
     """
 
     epochs: int
@@ -76,6 +79,7 @@ class TrainSettings:
     proximal_mu: float = 0.0
     augment: bool = True
     seed: int = 0
+    patch_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -181,8 +185,11 @@ def make_optimizer(
 
 def make_train_loader(data: ImageSet, settings: TrainSettings) -> DataLoader:
     """A shuffling, seeded loader over ``data`` with augmentation if asked for."""
+    patch = settings.patch_size if data.task == "segmentation" else 0
     transform = (
-        train_transforms(task=data.task, spatial_dims=data.spatial_dims) if settings.augment else None
+        train_transforms(task=data.task, spatial_dims=data.spatial_dims, patch_size=patch, augment=settings.augment)
+        if settings.augment or patch
+        else None
     )
     dataset = ImageSetDataset(data, transform=transform, seed=settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
@@ -377,11 +384,23 @@ def reestimate_bn(model: nn.Module, data: ImageSet, *, device: torch.device, bat
     return True
 
 
+SLIDING_WINDOW_OVERLAP = 0.25
+"""Overlap of neighbouring windows in :func:`predict`'s sliding-window inference (MONAI's default)."""
+
+
 @torch.no_grad()
 def predict(
-    model: nn.Module, data: ImageSet, *, device: torch.device, batch_size: int = 64
+    model: nn.Module, data: ImageSet, *, device: torch.device, batch_size: int = 64, roi_size: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``model``'s logits on ``data`` without augmentation (eval mode).
+
+    Parameters
+    ----------
+    roi_size
+        Segmentation: score each whole image by ``monai.inferers.sliding_window_inference``
+        with windows of this side (the training patch, ``patch-size``), overlap
+        :data:`SLIDING_WINDOW_OVERLAP`, windows averaged with equal weight (an image no larger
+        than the window is one window: the plain forward pass); 0: one forward pass per batch.
 
     Returns
     -------
@@ -397,9 +416,16 @@ def predict(
     logits_all: list[torch.Tensor] = []
     targets_all: list[torch.Tensor] = []
     total_loss = 0.0
+    window = data.task == "segmentation" and roi_size > 0
     for images, targets in loader:
         images, targets = images.to(device), targets.to(device)
-        logits = model(images)
+        if window:
+            logits = sliding_window_inference(
+                images, roi_size=[roi_size] * data.spatial_dims, sw_batch_size=batch_size, predictor=model,
+                overlap=SLIDING_WINDOW_OVERLAP, mode="constant",
+            )
+        else:
+            logits = model(images)
         total_loss += float(loss_fn(logits, targets)) * len(images)
         logits_all.append(logits.float().cpu())
         targets_all.append(targets.cpu())
@@ -413,11 +439,14 @@ def evaluate(
     device: torch.device,
     batch_size: int = 64,
     threshold: float | None = None,
+    roi_size: int = 0,
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``data`` without augmentation.
 
     Parameters
     ----------
+    roi_size
+        Segmentation: the sliding window of :func:`predict` (0: whole images at once).
     threshold
         Binary classification: the class-1 probability threshold of the decision metrics
         (``None``: 0.5); see :func:`medfed.shared.metrics.classification_metrics`.
@@ -429,9 +458,10 @@ def evaluate(
         (``accuracy``, ``auc`` (macro one-vs-rest ROC AUC from MONAI; left out when ``data``
         holds a single class), ``balanced-accuracy``, ``sensitivity``, ``specificity``,
         ``majority-rate``, ``predicted-classes``...). Segmentation: ``loss`` and ``dice``
-        (mean foreground Dice from MONAI). Plus ``num_examples``.
+        (the mean of the per-class ``dice-class-k``: :func:`medfed.shared.metrics.segmentation_metrics`).
+        Plus ``num_examples``.
     """
-    logits, targets, loss = predict(model, data, device=device, batch_size=batch_size)
+    logits, targets, loss = predict(model, data, device=device, batch_size=batch_size, roi_size=roi_size)
     if data.task == "segmentation":
         metrics = segmentation_metrics(logits, targets, num_classes=data.num_classes)
     else:
@@ -442,7 +472,13 @@ def evaluate(
 
 
 def evaluate_at_validation_threshold(
-    model: nn.Module, test: ImageSet, *, val: ImageSet | None, device: torch.device, batch_size: int = 64
+    model: nn.Module,
+    test: ImageSet,
+    *,
+    val: ImageSet | None,
+    device: torch.device,
+    batch_size: int = 64,
+    roi_size: int = 0,
 ) -> dict[str, float]:
     """:func:`evaluate` on ``test`` with the decision threshold chosen on ``val`` (never on ``test``).
 
@@ -452,10 +488,11 @@ def evaluate_at_validation_threshold(
     on ``val`` at that threshold) and ``single-class``: 1.0 when ``model`` predicts a single
     class on ``test`` or on ``val``, at its argmax or at the threshold (a model whose argmax
     is one class for every sample, as an accuracy equal to the majority rate shows), else 0.0.
-    Segmentation, or no ``val``: plain :func:`evaluate`.
+    Segmentation, or no ``val``: plain :func:`evaluate` (segmentation with the sliding window
+    ``roi_size``).
     """
     if val is None or len(val) == 0 or test.task == "segmentation":
-        return evaluate(model, test, device=device, batch_size=batch_size)
+        return evaluate(model, test, device=device, batch_size=batch_size, roi_size=roi_size)
     val_logits, val_targets, _ = predict(model, val, device=device, batch_size=batch_size)
     threshold = None
     if test.num_classes == 2:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from monai.transforms import Compose, RandAffined, RandFlipd, Randomizable
+from monai.transforms import Compose, RandAffined, RandCropByPosNegLabeld, RandFlipd, Randomizable
 from monai.utils import convert_to_tensor
 from torch.utils.data import Dataset
 
@@ -13,8 +13,10 @@ from medfed.shared.data.base import ImageSet
 __all__ = ["train_transforms", "ImageSetDataset"]
 
 
-def train_transforms(*, task: str, spatial_dims: int, shift_pixels: int = 2) -> Compose:
-    """Random flips along every spatial axis and small translations.
+def train_transforms(
+    *, task: str, spatial_dims: int, shift_pixels: int = 2, patch_size: int = 0, augment: bool = True
+) -> Compose:
+    """Random flips along every spatial axis and small translations; random patches (segmentation).
 
     Parameters
     ----------
@@ -24,6 +26,12 @@ def train_transforms(*, task: str, spatial_dims: int, shift_pixels: int = 2) -> 
         2 or 3.
     shift_pixels
         Largest translation, in pixels, along each spatial axis.
+    patch_size
+        Segmentation: first crop a random ``patch_size`` patch per axis
+        (``RandCropByPosNegLabeld``: its centre is a foreground voxel or a background one, with
+        equal odds), so a CPU trains on images larger than it could take whole; 0: no crop.
+    augment
+        Flips and translations (``False``: the crop alone).
 
     Returns
     -------
@@ -32,6 +40,16 @@ def train_transforms(*, task: str, spatial_dims: int, shift_pixels: int = 2) -> 
     """
     keys = ["image", "label"] if task == "segmentation" else ["image"]
     modes = ["bilinear", "nearest"] if task == "segmentation" else ["bilinear"]
+    crop: list[RandCropByPosNegLabeld] = []
+    if patch_size and task == "segmentation":
+        crop = [
+            RandCropByPosNegLabeld(
+                keys=keys, label_key="label", spatial_size=[patch_size] * spatial_dims, pos=1.0, neg=1.0,
+                num_samples=1, allow_smaller=True,
+            )
+        ]
+    if not augment:
+        return Compose(crop)
     flips = [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)]
     shift = RandAffined(
         keys=keys,
@@ -40,7 +58,7 @@ def train_transforms(*, task: str, spatial_dims: int, shift_pixels: int = 2) -> 
         mode=modes,
         padding_mode="zeros",
     )
-    return Compose([*flips, shift])
+    return Compose([*crop, *flips, shift])
 
 
 class ImageSetDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
@@ -77,6 +95,8 @@ class ImageSetDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             if self.data.task == "segmentation":
                 item["label"] = target.astype(np.float32)
             item = self.transform(item)
+            if isinstance(item, list):  # a patch sampler returns a list of (here one) samples
+                item = item[0]
             image = item["image"]
             if self.data.task == "segmentation":
                 target = item["label"]

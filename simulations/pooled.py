@@ -94,7 +94,8 @@ def run_pooled(
     server_round = 0
     with interruptible() as interrupt:
         try:
-            initial = evaluate_at_validation_threshold(model, splits.test, val=splits.val, device=device)
+            window = cfg.patch_size
+            initial = evaluate_at_validation_threshold(model, splits.test, val=splits.val, device=device, roi_size=window)
             record_round(RoundRecord(round=0, seconds=0.0, global_metrics=initial))
             metrics = initial
             for server_round in range(1, cfg.num_server_rounds + 1):
@@ -116,8 +117,10 @@ def run_pooled(
                     epochs=settings.epochs,
                     device=device,
                 )
-                metrics = evaluate_at_validation_threshold(model, splits.test, val=splits.val, device=device)
-                val_metrics = evaluate(model, splits.val, device=device) if len(splits.val) else {}
+                metrics = evaluate_at_validation_threshold(
+                    model, splits.test, val=splits.val, device=device, roi_size=window
+                )
+                val_metrics = evaluate(model, splits.val, device=device, roi_size=window) if len(splits.val) else {}
                 record = RoundRecord(
                     round=server_round,
                     seconds=time.perf_counter() - round_start,

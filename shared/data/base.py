@@ -44,6 +44,10 @@ class ImageSet:
         order (an empty mapping: none given); ``None``: no metadata at all (npz, synthetic).
         It stays at the site: only subgroup metrics derived from it may leave
         (:mod:`medfed.client.cross_site`).
+    sources
+        Optional per-sample source (the datalist's ``"site"`` attribute: the scanner, hospital or
+        slice range an image comes from), shape ``(N,)`` of strings; ``None`` when the data
+        has none. ``partition = "source"`` gives each simulated site one source.
     """
 
     images: np.ndarray
@@ -51,6 +55,7 @@ class ImageSet:
     task: Task
     num_classes: int
     metadata: tuple[Mapping[str, Any], ...] | None = None
+    sources: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.images.ndim not in (4, 5):
@@ -73,6 +78,8 @@ class ImageSet:
             raise DataError(
                 f"{len(self.images)} images but {len(self.metadata)} metadata entries: they must match."
             )
+        if self.sources is not None and len(self.sources) != len(self.images):
+            raise DataError(f"{len(self.images)} images but {len(self.sources)} sources: they must match.")
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -96,11 +103,12 @@ class ImageSet:
         """The samples at ``indices`` (a 1-D integer array), in that order."""
         idx = np.asarray(indices, dtype=np.int64)
         meta = None if self.metadata is None else tuple(self.metadata[int(i)] for i in idx)
-        return ImageSet(self.images[idx], self.targets[idx], self.task, self.num_classes, meta)
+        sources = self.sources[idx] if self.sources is not None else None
+        return ImageSet(self.images[idx], self.targets[idx], self.task, self.num_classes, meta, sources=sources)
 
     def with_num_classes(self, num_classes: int) -> ImageSet:
-        """The same samples (and metadata) declared with ``num_classes`` classes."""
-        return ImageSet(self.images, self.targets, self.task, num_classes, self.metadata)
+        """The same samples (and metadata, sources) declared with ``num_classes`` classes."""
+        return ImageSet(self.images, self.targets, self.task, num_classes, self.metadata, sources=self.sources)
 
     def class_labels(self) -> np.ndarray:
         """Per-sample labels used for partitioning, shape ``(N,)``.

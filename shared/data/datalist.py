@@ -11,7 +11,16 @@ A datalist looks like::
 
 * ``"image"`` is a path relative to the JSON file's folder (absolute paths work too): NIfTI
   (``.nii``, ``.nii.gz``), DICOM (one ``.dcm`` file, or a folder holding one series), or
-  PNG/JPEG.
+  PNG/JPEG. A list of paths (``["flair.nii.gz", "t1c.nii.gz"]``) is one multi-channel image:
+  the files' channels are stacked in list order; they must share one spatial shape.
+* ``"site"`` (optional, a string) names the source of the entry (scanner, hospital, slice
+  range); ``partition = "source"`` gives each simulated site one source
+  (:attr:`~medfed.shared.data.base.ImageSet.sources`).
+* ``"mask_binarize"`` (optional, top level): ``{"threshold": 128, "foreground": "above"}``
+  turns masks that are not stored as class indices (JPEG masks, 0/255 label images) into
+  binary class masks: foreground (1) where the value (averaged over the mask's channels) is at
+  or above the threshold (``"above"``) or below it (``"below"``, e.g. dark membranes on a
+  white label image).
 * ``"label"`` is an integer class (classification) or the path of a mask file with integer
   class indices, 0 = background (segmentation). The task is inferred from the first training
   entry unless given.
@@ -407,7 +416,10 @@ def load_datalist(
         else:
             targets = np.stack([it.target for it in items]).astype(np.int64, copy=False)
         meta = tuple(it.metadata for it in items) if any(it.metadata for it in items) else None
-        sets[section] = ImageSet(images, targets, split_task, report.num_classes, meta)
+        sources = None
+        if any(it.source is not None for it in items):
+            sources = np.asarray([it.source or "" for it in items], dtype=object)
+        sets[section] = ImageSet(images, targets, split_task, report.num_classes, meta, sources=sources)
 
     logger.info(
         "Loaded datalist %s: %s, %dD, %d classes, %d/%d/%d train/val/test samples.",
@@ -434,6 +446,7 @@ class _Item:
     target: Any
     metadata: dict[str, Any] = field(default_factory=dict)
     """The entry's optional ``sex``, ``age``, ``scanner``... (:mod:`medfed.shared.data.metadata`)."""
+    source: str | None = None
 
 
 class _EntryProblem(Exception):
@@ -608,6 +621,8 @@ class _Scanner:
         self.shape: tuple[int, ...] | None = None  # reference size when image_size == 0
         self._compose: Compose | None = None
         self.last: EntryInfo | None = None  # the last entry that passed every check
+        self.last_source: str | None = None  # and its "site"
+        self.binarize: Any = None  # mask -> binary class mask (the datalist's "mask_binarize")
 
     def transforms(self) -> Compose:
         """``ScaleIntensityd`` then ``Resized`` (built once the spatial dims are known)."""
@@ -642,12 +657,20 @@ class _Scanner:
                 'entry must be an object with "image" and "label" keys'
                 + (f" (the entry of {named!r} has no label)." if isinstance(named, str) else "."),
             )
-        image_written = entry["image"]
-        if not isinstance(image_written, str) or not image_written:
+        image_field = entry["image"]
+        image_files = image_field if isinstance(image_field, list) else [image_field]
+        if not image_files or not all(isinstance(f, str) and f for f in image_files):
             raise _EntryProblem(
                 "bad_entry",
                 "",
-                f'"image" must be one file path (a string); got {image_written!r:.60}.',
+                f'"image" must be a file path (a string) or a list of them (the channels of one '
+                f"image); got {image_field!r:.60}.",
+            )
+        image_written: str = image_files[0]
+        source = entry.get("site")
+        if source is not None and (not isinstance(source, str) or not source):
+            raise _EntryProblem(
+                "bad_entry", image_written, f'"site" of {image_written!r} must be a non-empty string; got {source!r:.40}.'
             )
         label = entry["label"]
         target: Any
@@ -676,11 +699,27 @@ class _Scanner:
 
         read_info: dict[str, Any] = {}
         image = _read(self.base, image_written, "image", read_info, spacing=self.spacing)
+        if len(image_files) > 1:
+            channels = [image]
+            for other in image_files[1:]:
+                extra = _read(self.base, other, "image", spacing=self.spacing)
+                if extra.shape[1:] != image.shape[1:]:
+                    raise _EntryProblem(
+                        "shape_mismatch",
+                        other,
+                        f"image channel file {other!r} has spatial shape {extra.shape[1:]} but "
+                        f"{image_written!r} has {image.shape[1:]}. The files of one image must "
+                        "share one grid.",
+                    )
+                channels.append(extra)
+            image = np.concatenate(channels, axis=0)
         self._check_geometry(image, image_written)
         mask_classes: tuple[int, ...] = ()
 
         if self.task == "segmentation":
             mask = _read(self.base, label, "mask", spacing=self.spacing, mask=True)
+            if self.binarize is not None:
+                mask = self.binarize(mask)
             if mask.shape[0] != 1:
                 raise _EntryProblem(
                     "bad_mask",
@@ -718,6 +757,7 @@ class _Scanner:
         else:
             data = self.transforms()({"image": image})
         out = convert_to_numpy(data["image"], dtype=np.float32)
+        self.last_source = source
         self.last = EntryInfo(
             index=-1,
             section="",
@@ -815,6 +855,25 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _binarizer(path: Path, spec: Any) -> Any:
+    """The datalist's ``"mask_binarize"`` as a function ``mask (C, *spatial) -> (1, *spatial)``."""
+    if spec is None:
+        return None
+    fix = 'use {"threshold": 128, "foreground": "above"} (or "below").'
+    if not isinstance(spec, dict) or set(spec) - {"threshold", "foreground"} or "threshold" not in spec:
+        raise DataError(f'Datalist {path}: "mask_binarize" = {spec!r:.80} is invalid: {fix}')
+    threshold, side = spec["threshold"], spec.get("foreground", "above")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or side not in ("above", "below"):
+        raise DataError(f'Datalist {path}: "mask_binarize" = {spec!r:.80} is invalid: {fix}')
+
+    def binarize(mask: np.ndarray) -> np.ndarray:
+        value = mask.mean(axis=0, keepdims=True)
+        fg = value >= threshold if side == "above" else value < threshold
+        return fg.astype(np.float32)
+
+    return binarize
+
+
 def _infer_task(path: Path, entries: Sequence[Any]) -> Task:
     for entry in entries:
         label = entry.get("label") if isinstance(entry, dict) else None
@@ -871,6 +930,7 @@ def _scan(
         in_channels=in_channels,
         spacing=_check_spacing(spacing),
     )
+    scanner.binarize = _binarizer(path, data.get("mask_binarize"))
     problems: list[DatalistProblem] = []
     infos: list[EntryInfo] = []
     loaded: dict[str, list[_Item]] = {}
@@ -884,7 +944,7 @@ def _scan(
             except _EntryProblem as prob:
                 problems.append(DatalistProblem(index, section, prob.file, prob.reason, prob.kind))
                 continue
-            items.append(_Item(index, image, target, entry_metadata(entry)))
+            items.append(_Item(index, image, target, entry_metadata(entry), source=scanner.last_source))
             if scanner.last is not None:
                 infos.append(dataclasses.replace(scanner.last, index=index, section=section))
 

@@ -23,6 +23,7 @@ RUN_CONFIG_TABLE: dict[str, tuple[Any, list[str]]] = {
     "synthetic-dims": (4, ["2, 3"]),
     "synthetic-samples": (7, [">= 8"]),
     "image-size": (-1, [">= 0"]),
+    "patch-size": (-1, [">= 0"]),
     "bad-data": ("skipp", ["Did you mean 'skip'", "'strict', 'skip'"]),
     "spacing": ("1,-2", ["voxel size in mm", "each > 0"]),
     "num-sites": (0, [">= 1"]),
