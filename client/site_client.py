@@ -493,7 +493,7 @@ class SiteClient(NumPyClient):
                 min_count=self.cross_site_min_count(config), device=self.device,
             )
             return loss, count, {"site-index": self.site_index, **sent}
-                metrics = evaluate(self.model, self.data.val, device=self.device, roi_size=self.cfg.patch_size)
+        metrics = evaluate(self.model, self.data.val, device=self.device, roi_size=self.cfg.patch_size)
         loss = float(metrics.pop("loss"))
         num_examples = int(metrics.pop("num_examples"))
         return loss, num_examples, {"site-index": self.site_index, **metrics}
