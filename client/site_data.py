@@ -78,13 +78,14 @@ def simulated_class_counts(cfg: RunConfig) -> list[tuple[str, dict[str, list[int
     -------
     list
         ``[("site-0", {"train": [n_0, n_1, ...], "val": [...], "test": [...]}), ...]``;
-        segmentation counts images with and without foreground; ``test`` only with
+        segmentation counts images with and without foreground, detection images by their most
+        frequent box class; ``test`` only with
         ``local-test-fraction > 0``.
     """
     parts = simulated_partitions(cfg, cfg.num_sites)
     splits = load_dataset(cfg)
     train, val = splits.train.class_labels(), splits.val.class_labels()
-    num_classes = splits.train.num_classes if splits.task == "classification" else 2
+    num_classes = 2 if splits.task == "segmentation" else splits.train.num_classes
     out = []
     for k in range(cfg.num_sites):
         counts = {

@@ -452,6 +452,12 @@ MODELS: dict[str, ModelSpec] = {
             _build_unet,
             "MONAI UNet, channels 16-256, 2 residual units; sides must be divisible by 16.",
         ),
+        ModelSpec(
+            "retinanet",
+            "detection",
+            lambda **kw: __import__("medfed.shared.detection", fromlist=["build_retinanet"]).build_retinanet(**kw),
+            "MONAI RetinaNet, 2D: small ResNet-FPN (strides 8-32), per-image loss; sides multiples of 32.",
+        ),
     )
 }
 """Registered models by name."""
