@@ -3,7 +3,7 @@
 * researcher: ``simulate``, ``models``, ``bench`` (:mod:`medfed.simulations.cli`);
 * coordinator: ``provision``, ``run``, ``server``, ``dashboard`` (:mod:`medfed.server.cli`,
   :mod:`medfed.server.dashboard_cli`);
-* hospital site: ``site`` (:mod:`medfed.client.cli`).
+* hospital site: ``site`` (:mod:`medfed.client.cli`), ``data`` (:mod:`medfed.client.data_cli`).
 
 This module is the composition root: the only place that imports all of them.
 """
@@ -16,6 +16,7 @@ import typer
 
 from medfed import __version__
 from medfed.client.cli import site_app
+from medfed.client.data_cli import data_app
 from medfed.server.cli import provision_command, run_command, server_app
 from medfed.server.dashboard_cli import dashboard_command
 from medfed.simulations.cli import bench, models, simulate
@@ -63,6 +64,7 @@ app.command("run")(run_command)
 app.command("dashboard")(dashboard_command)
 app.add_typer(server_app, name="server")
 app.add_typer(site_app, name="site")
+app.add_typer(data_app, name="data")
 
 
 def main() -> None:

@@ -1,0 +1,76 @@
+"""``medfed data``: turn annotations a site already has into medfed datalists.
+
+* ``medfed data voc-to-datalist VOC_DIR --out boxes.json``: a Pascal VOC folder (``JPEGImages/``,
+  ``Annotations/*.xml``, ``ImageSets/Main/{train,val,test}.txt``);
+* ``medfed data kvasir-boxes-to-datalist kavsir_bboxes.json --images images/ --out boxes.json``.
+
+Both write a box datalist (:mod:`medfed.shared.data.boxes`) whose image paths are relative to the
+written file: the images stay where they are. Boxes outside an image are clipped and boxes with
+no area dropped; both counts are printed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+__all__ = ["data_app"]
+
+console = Console(stderr=True)
+
+data_app = typer.Typer(
+    help="Convert annotations into medfed datalists (object detection boxes).",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+
+
+def _report(out: Path, datalist: dict, counts: object) -> None:
+    sections = ", ".join(f"{s} {len(datalist[s])}" for s in ("training", "validation", "test") if s in datalist)
+    console.print(
+        f"wrote {out}: classes {datalist['classes']}; images {sections}; boxes {counts.boxes} "  # type: ignore[attr-defined]
+        f"({counts.clipped} clipped to their image, {counts.dropped} without area dropped)"  # type: ignore[attr-defined]
+    )
+
+
+@data_app.command("voc-to-datalist")
+def voc_to_datalist_command(
+    voc_dir: Annotated[Path, typer.Argument(help="The Pascal VOC folder (JPEGImages/, Annotations/, ImageSets/Main/).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The box datalist JSON to write.")],
+    classes: Annotated[
+        list[str] | None,
+        typer.Option("--classes", help="Class names in label order, repeated; default: the names found, sorted."),
+    ] = None,
+) -> None:
+    """Write a box datalist from a Pascal VOC folder (train/val/test from ImageSets/Main)."""
+    from medfed.shared.data.base import DataError
+    from medfed.shared.data.boxes import voc_to_datalist
+
+    try:
+        datalist, counts = voc_to_datalist(voc_dir, out, classes=classes or None)
+    except DataError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
+    _report(out, datalist, counts)
+
+
+@data_app.command("kvasir-boxes-to-datalist")
+def kvasir_boxes_command(
+    boxes_json: Annotated[Path, typer.Argument(help="Kvasir-SEG's kavsir_bboxes.json.")],
+    images: Annotated[Path, typer.Option("--images", help="The folder of <id>.jpg images.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The box datalist JSON to write.")],
+) -> None:
+    """Write a box datalist from Kvasir-SEG's box JSON (one training section; validation and test
+    are split off by the run's seed when it is loaded)."""
+    from medfed.shared.data.base import DataError
+    from medfed.shared.data.boxes import kvasir_boxes_to_datalist
+
+    try:
+        datalist, counts = kvasir_boxes_to_datalist(boxes_json, images, out)
+    except DataError as err:
+        console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
+    _report(out, datalist, counts)
