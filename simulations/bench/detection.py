@@ -53,6 +53,7 @@ def bench_config(args: argparse.Namespace, dataset: Path) -> RunConfig:
         norm=args.norm,
         num_sites=args.sites,
         partition="iid",
+        strategy=args.strategy,
         num_server_rounds=args.rounds,
         local_epochs=1,
         batch_size=args.batch_size,
@@ -110,7 +111,8 @@ def run_method(method: str, cfg: RunConfig) -> dict[str, Any]:
 
 
 def collect(work: Path, results: Path) -> list[dict[str, Any]] | None:
-    """Write the ``detection`` section of ``results`` from ``work/<method>.json`` (all three needed)."""
+    """Write the ``detection`` section of ``results`` from ``work/<method>.json`` (all three
+    needed), then any variants (``work/<method>-<label>.json``)."""
     rows = []
     for method in METHODS:
         part = work / f"{method}.json"
@@ -118,6 +120,10 @@ def collect(work: Path, results: Path) -> list[dict[str, Any]] | None:
             logger.warning("no %s yet: results.json is not updated", part)
             return None
         rows.append(json.loads(part.read_text()))
+    for part in sorted(work.glob("*-*.json")):  # variants (--label), after the three methods
+        row = json.loads(part.read_text())
+        if part.stem not in METHODS and isinstance(row, dict) and "method" in row:
+            rows.append(row)
     data = json.loads(results.read_text()) if results.exists() else {}
     data[SECTION] = rows
     results.write_text(json.dumps(data, indent=2) + "\n")
@@ -148,6 +154,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--norm", default="group")
+    parser.add_argument("--strategy", default="fedavg", help="federated strategy (default fedavg)")
+    parser.add_argument("--label", default="", help="suffix of the method name in the rows (a variant's name)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
@@ -159,7 +167,10 @@ def main(argv: list[str] | None = None) -> None:
         cfg = bench_config(args, dataset)
         for method in args.methods:
             row = run_method(method, cfg)
-            (args.work / f"{method}.json").write_text(json.dumps(row, indent=2) + "\n")
+            row["batch_size"], row["strategy"] = cfg.batch_size, cfg.strategy if method != "pooled" else None
+            name = f"{method}-{args.label}" if args.label else method
+            row["method"] = name
+            (args.work / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
             print(json.dumps(row), flush=True)
     rows = collect(args.work, args.results)
     if rows:
