@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = bench_config(args, dataset)
         for method in args.methods:
             row = run_method(method, cfg)
-            row["batch_size"], row["strategy"] = cfg.batch_size, cfg.strategy if method != "pooled" else None
+            row["batch_size"], row["strategy"] = cfg.batch_size, cfg.strategy if method == "federated" else None
             name = f"{method}-{args.label}" if args.label else method
             row["method"] = name
             (args.work / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
