@@ -262,12 +262,13 @@ def kvasir_boxes_to_datalist(boxes_json: Path, images_dir: Path, out: Path) -> t
 
 # --------------------------------------------------------------------------- reader
 def is_box_datalist(path: Path) -> bool:
-    """Whether ``path`` is a JSON object with a top-level ``"classes"`` list (a box datalist)."""
+    """Whether ``path`` is a JSON object with a top-level ``"classes"`` list or ``"task":
+    "detection"`` (a box datalist; without ``"classes"`` its reader says what is missing)."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, ValueError):
         return False
-    return isinstance(data, dict) and isinstance(data.get("classes"), list)
+    return isinstance(data, dict) and (isinstance(data.get("classes"), list) or data.get("task") == "detection")
 
 
 def _read_image(path: Path, image_size: int) -> tuple[np.ndarray, int, int]:

@@ -126,6 +126,14 @@ def test_bad_entries_listed_or_skipped(tmp_path: Path) -> None:
     assert len(splits.train) == 2 and splits.skipped_files == 2
 
 
+def test_detection_task_without_classes_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"task": "detection", "training": [{"image": "a.png", "boxes": [], "labels": []}]}))
+    assert is_box_datalist(path)
+    with pytest.raises(DataError, match=r"needs a non-empty top-level \"classes\" list"):
+        load_box_datalist(path, image_size=32)
+
+
 def test_load_dataset_routes_box_datalists(tmp_path: Path) -> None:
     from medfed.shared.config import RunConfig
 
