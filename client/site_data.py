@@ -78,13 +78,14 @@ def simulated_class_counts(cfg: RunConfig) -> list[tuple[str, dict[str, list[int
     -------
     list
         ``[("site-0", {"train": [n_0, n_1, ...], "val": [...], "test": [...]}), ...]``;
-        segmentation counts images with and without foreground; ``test`` only with
+        segmentation counts images with and without foreground, detection images by their most
+        frequent box class; ``test`` only with
         ``local-test-fraction > 0``.
     """
     parts = simulated_partitions(cfg, cfg.num_sites)
     splits = load_dataset(cfg)
     train, val = splits.train.class_labels(), splits.val.class_labels()
-    num_classes = splits.train.num_classes if splits.task == "classification" else 2
+    num_classes = 2 if splits.task == "segmentation" else splits.train.num_classes
     out = []
     for k in range(cfg.num_sites):
         counts = {
@@ -143,8 +144,11 @@ def deployment_site_data(cfg: RunConfig, *, datalist: str) -> SiteData:
         Flower returns exception texts to the server), or data that does not match the run's
         model shape (the message names the setting to change).
     """
+    from medfed.shared.data.boxes import is_box_datalist
     from medfed.shared.data.datalist import load_datalist
 
+    if is_box_datalist(Path(datalist)):
+        return _deployment_boxes(cfg, datalist=datalist)
     try:
         splits = load_datalist(
             datalist,
@@ -211,6 +215,34 @@ def deployment_site_data(cfg: RunConfig, *, datalist: str) -> SiteData:
         val=_with_classes(splits.val, cfg.num_classes),
         skipped_files=splits.skipped_files,
         test=test,
+    )
+
+
+def _deployment_boxes(cfg: RunConfig, *, datalist: str) -> SiteData:
+    """A site's box datalist (object detection): as :func:`deployment_site_data`, with boxes."""
+    from medfed.shared.data.boxes import load_box_datalist
+
+    try:
+        splits = load_box_datalist(
+            Path(datalist), image_size=cfg.image_size, seed=cfg.seed, on_error="skip" if cfg.bad_data == "skip" else "raise"
+        )
+    except DataError as err:
+        logger.error("this site's box datalist cannot be used: %s", err)
+        raise DataError(
+            "this site's box datalist cannot be used for this run; the site's log names the entries "
+            "(bad-data = \"skip\" in site.toml trains on the usable ones). No details are sent."
+        ) from None
+    if splits.num_classes > cfg.num_classes:
+        raise DataError(
+            f"this site's box datalist has {splits.num_classes} classes but the run's model has "
+            f"num-classes = {cfg.num_classes}; ask the coordinator to change num-classes."
+        )
+    test = splits.test if _has_section(datalist, "test") else None
+    return SiteData(
+        train=_with_classes(splits.train, cfg.num_classes),
+        val=_with_classes(splits.val, cfg.num_classes),
+        skipped_files=splits.skipped_files,
+        test=_with_classes(test, cfg.num_classes) if test is not None else None,
     )
 
 

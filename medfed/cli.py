@@ -4,11 +4,10 @@
 * coordinator: ``provision``, ``run``, ``server``, ``dashboard``, ``report``, ``export-run``
   (:mod:`medfed.server.cli`, :mod:`medfed.server.dashboard_cli`, :mod:`medfed.server.report_cli`);
 * hospital site: ``site`` (:mod:`medfed.client.cli`), ``predict``, ``export``
-  (:mod:`medfed.client.predict_cli`), ``explain`` (:mod:`medfed.client.explain_cli`).
+  (:mod:`medfed.client.predict_cli`), ``explain`` (:mod:`medfed.client.explain_cli`), ``data``
+  (:mod:`medfed.client.data_cli`).
 
 This module is the composition root: the only place that imports all of them.
-
-``data`` (:mod:`medfed.simulations.data_cli`) writes datalists for public data sets, read in place.
 """
 
 from __future__ import annotations
@@ -19,13 +18,13 @@ import typer
 
 from medfed import __version__
 from medfed.client.cli import site_app
+from medfed.client.data_cli import data_app
 from medfed.client.explain_cli import explain_command
 from medfed.client.predict_cli import export_command, predict_command
 from medfed.server.cli import provision_command, run_command, server_app
 from medfed.server.dashboard_cli import dashboard_command
 from medfed.server.report_cli import export_run_command, report_command
 from medfed.simulations.cli import bench, models, simulate
-from medfed.simulations.data_cli import data_app
 
 __all__ = ["app", "main"]
 

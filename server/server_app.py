@@ -64,7 +64,7 @@ class ServerHooks:
 
 def primary_metric_for(task: str) -> str:
     """The higher-is-better metric that picks the best checkpoint."""
-    return "dice" if task == "segmentation" else "auc"
+    return {"segmentation": "dice", "detection": "map50"}.get(task, "auc")
 
 
 def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks, run_path: str | None) -> None:

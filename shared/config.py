@@ -43,7 +43,7 @@ __all__ = [
     "sites_per_round",
 ]
 
-Task = Literal["classification", "segmentation"]
+Task = Literal["classification", "segmentation", "detection"]
 Partition = Literal["iid", "dirichlet", "quantity", "source"]
 StrategyName = Literal[
     "fedavg", "fedprox", "fedadam", "fedavgm", "fedyogi", "fedadagrad", "scaffold",
@@ -61,6 +61,8 @@ BadData = Literal["strict", "skip"]
 Personalize = Literal["off", "bn", "head", "bn+head"]
 
 TASKS: tuple[str, ...] = get_args(Task)
+SYNTHETIC_TASKS: tuple[str, ...] = ("classification", "segmentation")
+"""Tasks the synthetic generator makes (detection runs on a box datalist)."""
 PARTITIONS: tuple[str, ...] = get_args(Partition)
 STRATEGIES: tuple[str, ...] = get_args(StrategyName)
 SERVER_OPTIMIZERS: tuple[str, ...] = ("fedavgm", "fedadam", "fedyogi", "fedadagrad")
@@ -360,7 +362,7 @@ class RunConfig:
     app_signature: str = ""
 
     def __post_init__(self) -> None:
-        _check_choice("synthetic-task", self.synthetic_task, TASKS)
+        _check_choice("synthetic-task", self.synthetic_task, SYNTHETIC_TASKS)
         _check_choice("partition", self.partition, PARTITIONS)
         _check_choice("strategy", self.strategy, STRATEGIES)
         _check_choice("norm", self.norm, NORMS)
@@ -529,7 +531,10 @@ class RunConfig:
     # ------------------------------------------------------------------ derived
     def loss_for(self, task: str) -> str:
         """The training loss a site of ``task`` uses: ``loss``, with ``"auto"`` resolved
-        (:data:`AUTO_LOSS` for classification, ``"ce"`` for segmentation or under ``dp``)."""
+        (:data:`AUTO_LOSS` for classification, ``"ce"`` for segmentation, detection or under
+        ``dp``; segmentation and detection always train with their own loss)."""
+        if task == "detection":
+            return "ce"
         if self.loss != "auto":
             return self.loss
         return "ce" if task == "segmentation" or self.dp else AUTO_LOSS

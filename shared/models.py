@@ -655,6 +655,12 @@ MODELS: dict[str, ModelSpec] = {
             "1.6M params (2D), 3.9M (3D). Per CPU core, batch 16: 2D 32 px 155 img/s (DP-SGD 56); "
             "3D 32^3 6.6 img/s (DP-SGD 2.1). DP-SGD: yes, --norm group (instance: sides >= 64).",
         ),
+        ModelSpec(
+            "retinanet",
+            "detection",
+            lambda **kw: __import__("medfed.shared.detection", fromlist=["build_retinanet"]).build_retinanet(**kw),
+            "MONAI RetinaNet, 2D: small ResNet-FPN (strides 8-32), per-image loss; sides multiples of 32.",
+        ),
     )
 }
 """Registered models by name."""

@@ -31,7 +31,15 @@ from torch import nn
 
 from medfed.shared.config import PERSONALIZE_MODES
 from medfed.shared.data.base import ImageSet
-from medfed.shared.training import TrainSettings, evaluate, make_loss, make_optimizer, make_train_loader, reestimate_bn
+from medfed.shared.training import (
+    TrainSettings,
+    _to_device,
+    evaluate,
+    make_loss,
+    make_optimizer,
+    make_train_loader,
+    reestimate_bn,
+)
 
 __all__ = [
     "choose_on_validation",
@@ -129,14 +137,14 @@ def choose_on_validation(
 ) -> tuple[str, nn.Module]:
     """The candidate a site keeps: the best on its own validation split, never on a test split.
 
-    The score is the AUC (classification; Dice for segmentation) when every candidate has one
+    The score is the AUC (classification; Dice for segmentation, mAP50 for detection) when every candidate has one
     (a validation split with one class has none), else the lowest loss. A later candidate must
     score strictly better to win, so the first (the global model) keeps ties: a site adopts a
     personalized model only where its own validation data say it helps.
     """
     best_name, best_model, best_score = candidates[0][0], candidates[0][1], -float("inf")
     scores = [evaluate(m, val, device=device) for _, m in candidates]
-    key = next((k for k in ("auc", "dice") if all(k in s for s in scores)), None)
+    key = next((k for k in ("auc", "dice", "map50") if all(k in s for s in scores)), None)
     for (name, candidate), score in zip(candidates, scores, strict=True):
         value = score[key] if key is not None else -score["loss"]
         if value > best_score:
@@ -168,7 +176,7 @@ def _fine_tune_head(
         for _ in range(epochs):
             for images, targets in loader:
                 optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(model(images.to(device)), targets.to(device))
+                loss = loss_fn(model(images.to(device)), _to_device(targets, device))
                 loss.backward()
                 optimizer.step()
     finally:

@@ -22,9 +22,12 @@ def model_for(cfg: RunConfig, data: ImageSet) -> nn.Module:
     """
     task = model_task(cfg.model)
     if task != data.task:
+        from medfed.shared.models import MODELS
+
+        matching = ", ".join(f"--model {name}" for name, spec in MODELS.items() if spec.task == data.task)
         raise ValueError(
             f"model = {cfg.model!r} is a {task} model but the dataset is a {data.task} dataset: "
-            "choose a matching model."
+            f"choose a matching model ({matching})."
         )
     return build_model(
         cfg.model,

@@ -37,6 +37,7 @@ __all__ = [
     "train_epochs",
     "evaluate",
     "evaluate_at_validation_threshold",
+    "evaluate_detection",
     "predict",
     "reestimate_bn",
     "select_device",
@@ -153,7 +154,8 @@ def class_counts(data: ImageSet) -> list[int]:
 def make_loss(
     task: str, *, name: str = "ce", counts: Sequence[float] | None = None, tau: float = 1.0
 ) -> nn.Module:
-    """The training loss: Dice + cross-entropy for segmentation; for classification
+    """The training loss: the per-image RetinaNet loss for detection
+    (:class:`medfed.shared.detection.DetectionLoss`), Dice + cross-entropy for segmentation; for classification
     cross-entropy (``name = "ce"``) or a :class:`LogitAdjustedLoss` over the site's ``counts``.
 
     Raises
@@ -161,6 +163,10 @@ def make_loss(
     ValueError
         A label-skew loss for segmentation, or without ``counts``.
     """
+    if task == "detection":
+        from medfed.shared.detection import DetectionLoss
+
+        return DetectionLoss()
     if task == "segmentation":
         if name != "ce":
             raise ValueError(f"loss = {name!r} is for classification; segmentation trains with Dice + CE (loss = 'ce').")
@@ -199,7 +205,24 @@ def make_train_loader(data: ImageSet, settings: TrainSettings) -> DataLoader:
         shuffle=True,
         generator=generator,
         drop_last=False,
+        **_collate(data),
     )
+
+
+def _collate(data: ImageSet) -> dict[str, Any]:
+    """Detection batches keep each image's boxes apart (a list of ``(M_i, 5)`` tensors)."""
+    if data.task != "detection":
+        return {}
+    from medfed.shared.detection import collate_detection
+
+    return {"collate_fn": collate_detection}
+
+
+def _to_device(targets: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+    """A batch's targets on ``device`` (detection: a list of per-image box tensors)."""
+    if isinstance(targets, (list, tuple)):
+        return [t.to(device) for t in targets]
+    return targets.to(device)
 
 
 def train_epochs(
@@ -322,7 +345,7 @@ def _run_epochs(
                     _private_step(optimizer, trainable, anchors, proximal_mu)  # type: ignore[arg-type]
                     steps += 1
                 continue
-            images, targets = images.to(device), targets.to(device)
+            images, targets = images.to(device), _to_device(targets, device)
             logits = model(images)
             loss = loss_fn(logits, targets)
             if anchors is not None and not private:
@@ -378,7 +401,9 @@ def reestimate_bn(model: nn.Module, data: ImageSet, *, device: torch.device, bat
     computes it. Returns whether ``model`` has BatchNorm layers."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return False
-    loader = DataLoader(ImageSetDataset(data), batch_size=min(batch_size, max(len(data), 2)), shuffle=False)
+    loader = DataLoader(
+        ImageSetDataset(data), batch_size=min(batch_size, max(len(data), 2)), shuffle=False, **_collate(data)
+    )
     update_bn(loader, model.to(device), device=device)
     model.eval()
     return True
@@ -461,12 +486,42 @@ def evaluate(
         (the mean of the per-class ``dice-class-k``: :func:`medfed.shared.metrics.segmentation_metrics`).
         Plus ``num_examples``.
     """
+    if data.task == "detection":
+        return evaluate_detection(model, data, device=device, batch_size=batch_size)
     logits, targets, loss = predict(model, data, device=device, batch_size=batch_size, roi_size=roi_size)
     if data.task == "segmentation":
         metrics = segmentation_metrics(logits, targets, num_classes=data.num_classes)
     else:
         metrics = classification_metrics(logits, targets, num_classes=data.num_classes, threshold=threshold)
     metrics["loss"] = loss
+    metrics["num_examples"] = float(len(data))
+    return metrics
+
+
+@torch.no_grad()
+def evaluate_detection(
+    model: nn.Module, data: ImageSet, *, device: torch.device, batch_size: int = 16
+) -> dict[str, float]:
+    """A detector's mAP on ``data`` (:func:`medfed.shared.detection_metrics.detection_metrics`:
+    ``map50``, ``map50-95``, per class ``map50-<name>`` / ``map50-95-<name>``), its mean
+    per-image training loss as ``loss``, and ``num_examples``."""
+    from medfed.shared.detection import DetectionLoss, collate_detection, predict_boxes
+    from medfed.shared.detection_metrics import detection_metrics
+
+    if len(data) == 0:
+        raise ValueError("cannot evaluate on an empty data set.")
+    loss_fn = DetectionLoss()
+    model.to(device).eval()
+    loader = DataLoader(ImageSetDataset(data), batch_size=batch_size, shuffle=False, collate_fn=collate_detection)
+    predictions: list[dict[str, Any]] = []
+    total_loss = 0.0
+    for images, targets in loader:
+        outputs = model(images.to(device))
+        total_loss += float(loss_fn(outputs, _to_device(targets, device))) * len(images)
+        predictions.extend(predict_boxes(outputs))
+    names = data.class_names or tuple(f"class{c}" for c in range(data.num_classes))
+    metrics = detection_metrics(predictions, list(data.targets), class_names=names)
+    metrics["loss"] = total_loss / len(data)
     metrics["num_examples"] = float(len(data))
     return metrics
 
@@ -491,7 +546,7 @@ def evaluate_at_validation_threshold(
     Segmentation, or no ``val``: plain :func:`evaluate` (segmentation with the sliding window
     ``roi_size``).
     """
-    if val is None or len(val) == 0 or test.task == "segmentation":
+    if val is None or len(val) == 0 or test.task in ("segmentation", "detection"):
         return evaluate(model, test, device=device, batch_size=batch_size, roi_size=roi_size)
     val_logits, val_targets, _ = predict(model, val, device=device, batch_size=batch_size)
     threshold = None

@@ -81,6 +81,7 @@ class ImageSetDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __init__(self, data: ImageSet, *, transform: Compose | None = None, seed: int = 0) -> None:
         self.data = data
         self.transform = transform
+        self._flip_rng = np.random.default_rng(seed % (2**32))
         if isinstance(transform, Randomizable):
             transform.set_random_state(seed=seed % (2**32))
 
@@ -90,6 +91,8 @@ class ImageSetDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         image = self.data.images[index]
         target = self.data.targets[index]
+        if self.data.task == "detection":
+            return self._detection_item(image, target)
         if self.transform is not None:
             item = {"image": image}
             if self.data.task == "segmentation":
@@ -106,3 +109,19 @@ class ImageSetDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
             target_t = target_t.round()
         target_t = target_t.to(torch.int64)
         return image_t, target_t
+
+    def _detection_item(self, image: np.ndarray, boxes: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Detection: ``(image (C, H, W), boxes (M, 5))``; with a transform, random horizontal and
+        vertical flips (each with probability 0.5) applied to the image and its boxes together
+        (box-aware: MONAI's image transforms would move the pixels but not the boxes)."""
+        image_t = torch.as_tensor(np.ascontiguousarray(image), dtype=torch.float32)
+        boxes_t = torch.as_tensor(np.asarray(boxes, dtype=np.float32).reshape(-1, 5)).clone()
+        if self.transform is not None:
+            height, width = image_t.shape[-2:]
+            if self._flip_rng.random() < 0.5:
+                image_t = image_t.flip(-1)
+                boxes_t[:, [0, 2]] = width - boxes_t[:, [2, 0]]
+            if self._flip_rng.random() < 0.5:
+                image_t = image_t.flip(-2)
+                boxes_t[:, [1, 3]] = height - boxes_t[:, [3, 1]]
+        return image_t, boxes_t

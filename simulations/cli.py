@@ -336,7 +336,10 @@ def _print_site_classes(cfg: RunConfig) -> None:
 
     if cfg.is_deployment:
         return
-    lines = ["sites' class counts (0/1/...; segmentation: images without/with foreground), train / val / local test:"]
+    lines = [
+        "sites' class counts (0/1/...; segmentation: images without/with foreground; detection: images by "
+        "most frequent box class), train / val / local test:"
+    ]
     lines += [f"  {line}" for line in site_class_lines(simulated_class_counts(cfg))]
     console.file.write("\n".join(lines) + "\n")
     console.file.flush()

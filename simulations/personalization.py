@@ -41,7 +41,9 @@ __all__ = ["LOCAL_TEST_METRICS", "MODELS", "local_only_weights", "personalizatio
 
 logger = logging.getLogger(__name__)
 
-LOCAL_TEST_METRICS: tuple[str, ...] = ("auc", "accuracy", "balanced-accuracy", "sensitivity", "specificity", "dice")
+LOCAL_TEST_METRICS: tuple[str, ...] = (
+    "auc", "accuracy", "balanced-accuracy", "sensitivity", "specificity", "dice", "map50", "map50-95",
+)
 """The figures reported per model (those the task has)."""
 MODELS: tuple[str, ...] = ("global", "personalized", "adapted", "local-only")
 

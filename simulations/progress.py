@@ -23,7 +23,7 @@ from medfed.shared.metrics import predicts_single_class
 
 __all__ = ["RunProgress", "SINGLE_CLASS", "flagged", "summary_lines", "site_class_lines"]
 
-_GLOBAL_COLUMNS = ("auc", "accuracy", "balanced-accuracy", "dice", "loss")
+_GLOBAL_COLUMNS = ("auc", "accuracy", "balanced-accuracy", "dice", "map50", "map50-95", "loss")
 SINGLE_CLASS = "single class"
 """The flag of a round whose global model predicts one class for every test or validation sample."""
 _FLAG_KEYS = ("single-class", "predicted-classes", "validation-predicted-classes")
@@ -142,7 +142,7 @@ class RunProgress:
         names = self._metric_names()
         for name in names:
             table.add_column(f"global {name}", justify="right")
-        site_metric = next((m for m in ("auc", "dice", "accuracy") if m in names), None)
+        site_metric = next((m for m in ("auc", "dice", "map50", "accuracy") if m in names), None)
         if site_metric:
             table.add_column(f"site {site_metric} min", justify="right")
             table.add_column(f"site {site_metric} max", justify="right")
@@ -220,7 +220,7 @@ def summary_lines(summary: dict[str, object]) -> list[tuple[str, str]]:
 def _local_test_text(row: dict[str, float]) -> str:
     """``n 14  auc global 0.80 | personalized 0.86 | local-only 0.75`` (what the row has)."""
     parts = [f"n {int(row['local-test-examples'])}"] if "local-test-examples" in row else []
-    for metric in ("auc", "balanced-accuracy", "dice"):
+    for metric in ("auc", "balanced-accuracy", "dice", "map50"):
         values = [
             f"{model} {row[key]:.4f}"
             for model in ("global", "personalized", "local-only")

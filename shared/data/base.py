@@ -34,10 +34,15 @@ class ImageSet:
         Classification: ``int64`` array of shape ``(N,)`` with values in
         ``[0, num_classes)``. Segmentation: ``int64`` array of shape ``(N, 1, *spatial)``
         with values in ``[0, num_classes)`` (``num_classes`` counts the background).
+        Detection: ``object`` array of shape ``(N,)`` whose item ``i`` is a ``float32`` array
+        ``(M_i, 5)`` of boxes ``[xmin, ymin, xmax, ymax, label]`` in pixels of the stored
+        image (``x`` along the last axis, ``W``), ``label`` in ``[0, num_classes)``; ``M_i``
+        may be 0 (see :mod:`medfed.shared.data.boxes`).
     task
-        ``"classification"`` or ``"segmentation"``.
+        ``"classification"``, ``"segmentation"`` or ``"detection"``.
     num_classes
-        Number of classes (segmentation: including background).
+        Number of classes (segmentation: including background; detection: object classes,
+        without background, so 1 is valid).
     metadata
         Optional per-sample metadata from a datalist (``sex``, ``age``, ``scanner``...:
         :data:`medfed.shared.data.metadata.METADATA_KEYS`), one mapping per sample, in sample
@@ -56,6 +61,8 @@ class ImageSet:
     num_classes: int
     metadata: tuple[Mapping[str, Any], ...] | None = None
     sources: np.ndarray | None = None
+    class_names: tuple[str, ...] = ()
+    """Names of the classes in label order, where the source gives them (box datalists); else ``()``."""
 
     def __post_init__(self) -> None:
         if self.images.ndim not in (4, 5):
@@ -72,6 +79,12 @@ class ImageSet:
             raise DataError(
                 f"mask shape {self.targets.shape} does not match image shape {self.images.shape}."
             )
+        if self.task == "detection":
+            if self.targets.ndim != 1 or self.targets.dtype != object:
+                raise DataError(f"detection targets must be an object array of shape (N,); got {self.targets.shape}.")
+            if self.num_classes < 1:
+                raise DataError(f"num_classes must be >= 1 for detection; got {self.num_classes}.")
+            return
         if self.num_classes < 2:
             raise DataError(f"num_classes must be >= 2; got {self.num_classes}.")
         if self.metadata is not None and len(self.metadata) != len(self.images):
@@ -104,19 +117,28 @@ class ImageSet:
         idx = np.asarray(indices, dtype=np.int64)
         meta = None if self.metadata is None else tuple(self.metadata[int(i)] for i in idx)
         sources = self.sources[idx] if self.sources is not None else None
-        return ImageSet(self.images[idx], self.targets[idx], self.task, self.num_classes, meta, sources=sources)
+        return ImageSet(self.images[idx], self.targets[idx], self.task, self.num_classes, meta, sources=sources,
+                        class_names=self.class_names)
 
     def with_num_classes(self, num_classes: int) -> ImageSet:
-        """The same samples (and metadata, sources) declared with ``num_classes`` classes."""
-        return ImageSet(self.images, self.targets, self.task, num_classes, self.metadata, sources=self.sources)
+        """The same samples (and metadata, sources, class names) declared with ``num_classes`` classes."""
+        return ImageSet(self.images, self.targets, self.task, num_classes, self.metadata, sources=self.sources,
+                        class_names=self.class_names)
 
     def class_labels(self) -> np.ndarray:
         """Per-sample labels used for partitioning, shape ``(N,)``.
 
         Classification: the labels. Segmentation: 1 where the mask has any foreground, else 0.
+        Detection: the image's most frequent box label (the lowest on a tie; 0 for an image
+        without boxes), an image attribute a Dirichlet split can skew.
         """
         if self.task == "classification":
             return self.targets
+        if self.task == "detection":
+            return np.array(
+                [int(np.bincount(t[:, 4].astype(np.int64)).argmax()) if len(t) else 0 for t in self.targets],
+                dtype=np.int64,
+            )
         flat = self.targets.reshape(len(self), -1)
         return (flat.max(axis=1) > 0).astype(np.int64)
 

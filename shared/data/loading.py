@@ -78,7 +78,13 @@ def _load_cached(
 
         return load_npz(path, image_size=image_size)
     if path.suffix == ".json":
+        from medfed.shared.data.boxes import is_box_datalist, load_box_datalist
         from medfed.shared.data.datalist import load_datalist
+
+        if is_box_datalist(path):  # a top-level "classes" list: object detection
+            return load_box_datalist(
+                path, image_size=image_size, seed=seed, on_error="skip" if bad_data == "skip" else "raise"
+            )
 
         if image_size <= 0:
             raise DataError(

@@ -30,7 +30,7 @@ import logging
 import numpy as np
 from monai.data.synthetic import create_test_image_2d, create_test_image_3d
 
-from medfed.shared.config import TASKS
+from medfed.shared.config import SYNTHETIC_TASKS as TASKS
 from medfed.shared.data.base import DataSplits, ImageSet, Task
 
 __all__ = ["make_synthetic", "make_bright_blob", "SPLIT_FRACTIONS"]
