@@ -122,7 +122,11 @@ def simulate(
     rounds: Annotated[int, _flag("num-server-rounds", "Federated rounds.")] = RunConfig.num_server_rounds,
     local_epochs: Annotated[int, _flag("local-epochs", "Local epochs per round.")] = RunConfig.local_epochs,
     model: Annotated[
-        str, _flag("model", "Model registry name (`medfed models` describes them).", choices=_model_names)
+        str, _flag(
+            "model", "Model registry name: simplecnn, densenet121, resnet18, resnet34, vit (classification); unet, "
+            "unetr, swinunetr (segmentation); retinanet (detection). `medfed models` describes them.",
+            choices=_model_names, metavar="NAME",
+        )
     ] = RunConfig.model,
     norm: Annotated[
         str, _flag("norm", "Normalisation layers (group or instance for --set dp=true).", choices=NORMS)
