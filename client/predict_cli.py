@@ -90,10 +90,13 @@ def predict_command(
                 f"--explain is for classifiers; this is a {loaded.task} model, whose masks already are maps. "
                 "Leave out --explain."
             )
+        images: list | None = [] if explain is not None else None
         with _progress(len(inputs)) as advance:
-            run = predict_with(loaded, inputs, out, sliding_window=sliding_window, on_image=advance)
+            run = predict_with(
+                loaded, inputs, out, sliding_window=sliding_window, on_image=advance, keep_images=images
+            )
         if explain is not None:
-            explained = _explain(loaded, inputs, method=explain, out_dir=Path(out) / "explanations")
+            explained = _explain(loaded, inputs, images, method=explain, out_dir=Path(out) / "explanations")
     except (CheckpointError, DataError, ValueError, RuntimeError) as err:
         console.print(f"[bold red]error:[/] {escape(str(err))}")
         raise typer.Exit(code=2) from None
@@ -116,19 +119,19 @@ def _explain_methods() -> list[str]:
     return list(METHODS)
 
 
-def _explain(loaded, inputs, *, method: str, out_dir: Path) -> Path:  # noqa: ANN001 - LoadedModel, InputImage
-    """Heat maps for every input, read exactly as predict read it, named by its row index; returns
-    the ``index.json`` path (:func:`medfed.shared.explain.write_explanations`)."""
+def _explain(loaded, inputs, images, *, method: str, out_dir: Path) -> Path:  # noqa: ANN001 - LoadedModel, ...
+    """Heat maps for every input, on the model inputs predict made of them (``images``, in input
+    order), named by its row index; returns the ``index.json`` path
+    (:func:`medfed.shared.explain.write_explanations`)."""
     import numpy as np
 
     from medfed.shared.explain import write_explanations
 
-    images = np.stack([loaded.preprocessing.read(item.path).image for item in inputs])
     model = loaded.model.requires_grad_(True)  # Grad-CAM needs the activations' gradients
     with _progress(len(inputs)) as advance:
         return write_explanations(
-            model, images, method=method, out_dir=out_dir, ids=[item.index for item in inputs],
-            on_batch=lambda n: [advance(0) for _ in range(n)],
+            model, np.stack(images), method=method, out_dir=out_dir, ids=[item.index for item in inputs],
+            on_batch=lambda n: [advance(i) for i in range(n)],
             extra={"checkpoint": loaded.path.name, "round": loaded.round},
         )
 

@@ -182,11 +182,14 @@ def predict_with(
     *,
     sliding_window: bool = False,
     on_image: Callable[[int], None] | None = None,
+    keep_images: list[np.ndarray] | None = None,
 ) -> PredictionRun:
     """:func:`predict_inputs` with a checkpoint's model, preprocessing and threshold.
 
     ``sliding_window``: segmentation only; windows of the training shape over the image at its own
-    resolution instead of over the image resized to the training shape.
+    resolution instead of over the image resized to the training shape. ``keep_images``: receives
+    each input's preprocessed ``(C, *spatial)`` model input, in input order (``medfed predict
+    --explain`` explains exactly these, without reading the files again).
 
     Raises
     ------
@@ -201,7 +204,10 @@ def predict_with(
     segmentation = loaded.task == "segmentation"
 
     def read(path: Path) -> ModelImage:
-        return loaded.preprocessing.read(path, keep_size=sliding_window, with_affine=segmentation)
+        item = loaded.preprocessing.read(path, keep_size=sliding_window, with_affine=segmentation)
+        if keep_images is not None:
+            keep_images.append(item.image)
+        return item
 
     info = {
         "checkpoint": loaded.path.name,

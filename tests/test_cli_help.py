@@ -86,3 +86,15 @@ def test_a_mistyped_choice_suggests_the_closest() -> None:
     result = CliRunner().invoke(app, ["simulate", "--strategy", "fedprx"], env={"COLUMNS": "200"})
     assert result.exit_code == 2
     assert "Did you mean 'fedprox'" in " ".join(result.output.split())
+
+
+def test_the_model_flag_names_every_registered_model() -> None:
+    """``--model``'s help lists the registry's names by hand (the registry imports torch): it must
+    name each of them, so a model added to the registry without the help fails here."""
+    from medfed.shared.models import MODELS
+
+    result = CliRunner().invoke(app, ["simulate", "--help"], env={"COLUMNS": "200"})
+    text = " ".join(result.output.replace("│", " ").split())
+    start = text.index("Model registry name:")
+    listed = text[start:text.index("`medfed models`", start)]
+    assert all(name in listed.replace(",", " ").split() for name in MODELS), listed
