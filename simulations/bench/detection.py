@@ -77,15 +77,20 @@ def run_method(method: str, cfg: RunConfig) -> dict[str, Any]:
     if method == "federated":
         from medfed.simulations.bench.quality import federate_in_process
 
-        figures = _figures(federate_in_process(cfg).global_metrics[-1])
-        extra: dict[str, Any] = {}
+        curve = federate_in_process(cfg)
+        figures = _figures(curve.global_metrics[-1])
+        extra: dict[str, Any] = {"map50_by_round": [round(v, 4) for v in curve.series("map50")]}
     elif method == "pooled":
         from medfed.simulations.pooled import run_pooled
 
         result = run_pooled(cfg)
         figures = _figures(result.final_metrics)
         best = dict(result.summary.get("best_metrics") or {})  # type: ignore[call-overload]
-        extra = {"selected_round": result.summary.get("best_round"), "selected_map50": best.get("map50")}
+        extra = {
+            "selected_round": result.summary.get("best_round"),
+            "selected_map50": best.get("map50"),
+            "map50_by_round": [round(float(r.global_metrics.get("map50", float("nan"))), 4) for r in result.rounds],
+        }
     elif method == "local-only":
         from medfed.simulations.bench.quality import local_only
 
@@ -111,23 +116,28 @@ def run_method(method: str, cfg: RunConfig) -> dict[str, Any]:
 
 
 def collect(work: Path, results: Path) -> list[dict[str, Any]] | None:
-    """Write the ``detection`` section of ``results`` from ``work/<method>.json`` (all three
-    needed), then any variants (``work/<method>-<label>.json``)."""
-    rows = []
-    for method in METHODS:
-        part = work / f"{method}.json"
-        if not part.exists():
-            logger.warning("no %s yet: results.json is not updated", part)
-            return None
-        rows.append(json.loads(part.read_text()))
-    for part in sorted(work.glob("*-*.json")):  # variants (--label), after the three methods
-        row = json.loads(part.read_text())
-        if part.stem not in METHODS and isinstance(row, dict) and "method" in row:
-            rows.append(row)
+    """Write the ``detection`` section of ``results``: the rows already there, replaced or joined
+    by ``work/<method>.json`` and the variants ``work/<method>-<label>.json``.
+
+    The section is written only once the three methods (batch-8 rows) are in it, from either place.
+    """
     data = json.loads(results.read_text()) if results.exists() else {}
-    data[SECTION] = rows
+    rows: dict[str, dict[str, Any]] = {row["method"]: row for row in data.get(SECTION, []) if "method" in row}
+    parts = [work / f"{m}.json" for m in METHODS] + sorted(work.glob("*-*.json"))
+    for part in parts:
+        if not part.exists():
+            continue
+        row = json.loads(part.read_text())
+        if isinstance(row, dict) and "method" in row:
+            rows[row["method"]] = row
+    missing = [m for m in METHODS if m not in rows]
+    if missing:
+        logger.warning("no %s row yet (run --methods %s): results.json is not updated", ", ".join(missing), " ".join(missing))
+        return None
+    ordered = [rows.pop(m) for m in METHODS] + list(rows.values())  # the three methods first, then variants
+    data[SECTION] = ordered
     results.write_text(json.dumps(data, indent=2) + "\n")
-    return rows
+    return ordered
 
 
 def table(rows: list[dict[str, Any]]) -> str:
