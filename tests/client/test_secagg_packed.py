@@ -27,7 +27,7 @@ from medfed.client.secagg_packed import (
     packed_secaggplus_mod,
     quantized_vector,
 )
-from medfed.server.secure import quantization_error_bound
+from medfed.server.secure import MedfedSecAggPlusWorkflow, SecAggSettings, quantization_error_bound
 from tests.support.local_grid import LocalGrid, server_identity
 from tests.support.secagg_sites import dying_mod
 
@@ -68,7 +68,19 @@ class _Capture(FedAvg):
         return super().aggregate_fit(server_round, results, failures)
 
 
-def _run(mod, *, sites: int, rounds: int = 1, on_grid: bool = True, threshold: int = 3, plan=None):
+def _workflow(name: str, *, threshold: int):
+    """Flower's server workflow, or medfed's (Flower's with the unmask arithmetic on uint32)."""
+    if name == "flower":
+        return SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=threshold, clipping_range=C,
+                                  quantization_range=Q, max_weight=W)
+    settings = SecAggSettings(num_shares=1.0, reconstruction_threshold=threshold, clipping_range=C,
+                              quantization_range=Q, max_weight=W, timeout=3600.0, sites_per_round=0,
+                              on_failure="skip")
+    return MedfedSecAggPlusWorkflow(settings)
+
+
+def _run(mod, *, sites: int, rounds: int = 1, on_grid: bool = True, threshold: int = 3, plan=None,
+         server: str = "flower"):
     mods = ([dying_mod(plan)] if plan else []) + [mod]
     def client_fn(ctx: Context):
         return _UpdateClient(int(ctx.node_config["partition-id"]), on_grid=on_grid).to_client()
@@ -76,9 +88,7 @@ def _run(mod, *, sites: int, rounds: int = 1, on_grid: bool = True, threshold: i
     app = ClientApp(client_fn=client_fn, mods=mods)
     grid = LocalGrid(app, num_nodes=sites)
     strategy = _Capture()
-    workflow = DefaultWorkflow(fit_workflow=SecAggPlusWorkflow(
-        num_shares=1.0, reconstruction_threshold=threshold, clipping_range=C, quantization_range=Q, max_weight=W,
-    ))
+    workflow = DefaultWorkflow(fit_workflow=_workflow(server, threshold=threshold))
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     with server_identity():
         workflow(grid, LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy))
@@ -166,16 +176,18 @@ def _exact_mean(survivors: list[int], server_round: int = 1, *, on_grid: bool) -
             for k in range(len(SHAPES))]
 
 
+@pytest.mark.parametrize("server", ["flower", "medfed"])
 @pytest.mark.parametrize("dead", [set(), {3, 4}])
-def test_aggregate_is_the_weighted_mean_of_the_survivors_like_flowers(dead: set[int]) -> None:
-    """Five sites, threshold 3; two die after key sharing: Flower's server rebuilds their masks."""
+def test_aggregate_is_the_weighted_mean_of_the_survivors_like_flowers(dead: set[int], server: str) -> None:
+    """Five sites, threshold 3; two die after key sharing: the server rebuilds their masks (Flower's
+    unmask stage, or medfed's on uint32 vectors), with Flower's site mod and with the packed one."""
     plan = {1: (Stage.COLLECT_MASKED_VECTORS, dead)} if dead else None
     survivors = [p for p in range(5) if p not in dead]
     exact = _exact_mean(survivors, on_grid=False)
     bound = quantization_error_bound(num_examples=[SIZES[p] for p in survivors], clipping_range=C,
                                      quantization_range=Q, max_weight=W, max_abs_update=0.5)
     for mod in (_flower.secaggplus_mod, packed_secaggplus_mod):
-        agg, masked = _run(mod, sites=5, on_grid=False, plan=plan)
+        agg, masked = _run(mod, sites=5, on_grid=False, plan=plan, server=server)
         assert len(masked) == len(survivors)
         dtypes = {v.dtype for vectors in masked.values() for v in vectors}
         assert dtypes == ({np.dtype(np.uint32)} if mod is packed_secaggplus_mod else {np.dtype(np.int64)})
@@ -183,10 +195,11 @@ def test_aggregate_is_the_weighted_mean_of_the_survivors_like_flowers(dead: set[
             assert a.shape == e.shape and np.max(np.abs(a - e)) <= bound, mod
 
 
-def test_dropouts_below_the_threshold_fail_the_round_as_with_flower() -> None:
+@pytest.mark.parametrize("server", ["flower", "medfed"])
+def test_dropouts_below_the_threshold_fail_the_round_as_with_flower(server: str) -> None:
     plan = {1: (Stage.COLLECT_MASKED_VECTORS, {2, 3, 4})}
     for mod in (_flower.secaggplus_mod, packed_secaggplus_mod):
-        agg, masked = _run(mod, sites=5, on_grid=False, plan=plan)
+        agg, masked = _run(mod, sites=5, on_grid=False, plan=plan, server=server)
         assert agg == {} and len(masked) == 2, mod
 
 
