@@ -4,7 +4,7 @@ Flower's ``SecAggPlusWorkflow.unmask_stage`` removes each mask with
 ``pseudo_rand_gen(seed, 2**32, shapes)`` (one ``int64`` array per parameter tensor, drawn word by
 word into ``int64``) and ``int64`` additions, then reduces modulo ``2^32``. With the modulus at
 ``2^32`` the same sums are ``uint32`` arithmetic, which wraps by itself: :func:`remove_masks`
-draws every mask as one flat ``uint32`` vector (:func:`medfed.client.secagg_packed.expand_mask`,
+draws every mask as one flat ``uint32`` vector (:func:`medfed.shared.secagg_masks.expand_mask`,
 tested equal to Flower's generator) and adds or subtracts it in place, without the per-tensor
 lists and the ``int64`` copies. Secrets are recovered with Flower's own ``combine_shares`` and the
 pairwise keys with Flower's own ``generate_shared_key``: the protocol and its security are
@@ -22,7 +22,7 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-from medfed.client.secagg_packed import PACKED_MODULUS, expand_mask
+from medfed.shared.secagg_masks import PACKED_MODULUS, expand_mask
 
 __all__ = ["remove_masks"]
 
