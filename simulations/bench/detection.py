@@ -55,7 +55,7 @@ def bench_config(args: argparse.Namespace, dataset: Path) -> RunConfig:
         partition="iid",
         strategy=args.strategy,
         num_server_rounds=args.rounds,
-        local_epochs=1,
+        local_epochs=args.local_epochs,
         batch_size=args.batch_size,
         learning_rate=args.lr,
         optimizer="adam",
@@ -161,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sites", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--image-size", type=int, default=192)
+    parser.add_argument("--local-epochs", type=int, default=1,
+                        help="epochs trained per round (each site; the pooled model too)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--lr", type=float, default=0.001)
     parser.add_argument("--norm", default="group")
