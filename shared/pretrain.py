@@ -501,6 +501,10 @@ def pretrain(
     seed_everything(settings.seed)
     model = build_model(settings.model, spatial_dims=train.spatial_dims, in_channels=train.in_channels,
                         out_channels=num_classes, norm=settings.norm, image_size=train.spatial_shape)
+    logger.info(
+        "Pretraining %s (%s, norm %s) on %d images %s of %s, %d epoch(s).", settings.model, settings.mode,
+        settings.norm, len(train), train.images.shape[1:], data_name, settings.epochs,
+    )
     start = time.perf_counter()
     val_metrics: dict[str, float] = {}
     if settings.mode == "supervised":
