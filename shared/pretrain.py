@@ -78,6 +78,7 @@ __all__ = [
     "contrastive_views",
     "file_sha256",
     "head_layer",
+    "linear_probe",
     "load_public_data",
     "pretrain",
     "train_contrastive",
@@ -573,6 +574,62 @@ def _payload(
             "medfed_version": __version__,
         },
     }
+
+
+@torch.no_grad()
+def _features(model: nn.Module, model_name: str, images: np.ndarray, *, batch_size: int) -> torch.Tensor:
+    """Backbone features ``(N, F)`` of ``images`` ``(N, C, *spatial)`` (eval mode, no augmentation)."""
+    model.eval()
+    out = []
+    with backbone_features(model, model_name):
+        for start in range(0, len(images), batch_size):
+            out.append(model(torch.as_tensor(images[start : start + batch_size], dtype=torch.float32)))
+    return torch.cat(out)
+
+
+def linear_probe(
+    model: nn.Module,
+    model_name: str,
+    *,
+    train: ImageSet,
+    test: ImageSet,
+    weight_decay: float = 1e-3,
+    batch_size: int = 128,
+) -> dict[str, float]:
+    """How linearly separable the backbone's features make a labelled task: the standard check of an
+    initialization (a frozen backbone, a logistic regression on its features).
+
+    Features ``(N, F)`` of ``train`` and ``test`` are standardised with the train mean and deviation;
+    a multinomial logistic regression with L2 ``weight_decay`` is fitted on ``train`` by L-BFGS
+    (full batch, 200 iterations) and scored on ``test``.
+
+    Returns
+    -------
+    dict
+        :func:`medfed.shared.metrics.classification_metrics` of the probe on ``test`` (``auc``,
+        ``accuracy``, ``majority-rate``, ...).
+    """
+    from medfed.shared.metrics import classification_metrics
+
+    x_train = _features(model, model_name, train.images, batch_size=batch_size)
+    x_test = _features(model, model_name, test.images, batch_size=batch_size)
+    mean, std = x_train.mean(0), x_train.std(0).clamp(min=1e-6)
+    x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    y_train = torch.as_tensor(train.targets, dtype=torch.long)
+    probe = nn.Linear(x_train.shape[1], train.num_classes)
+    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = nn.functional.cross_entropy(probe(x_train), y_train) + weight_decay * probe.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        logits = probe(x_test)
+    return classification_metrics(logits, torch.as_tensor(test.targets), num_classes=test.num_classes)
 
 
 def write_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:

@@ -20,6 +20,7 @@ from medfed.shared.pretrain import (
     backbone_features,
     convert_channels,
     file_sha256,
+    linear_probe,
     load_public_data,
     pretrain,
     train_contrastive,
@@ -223,3 +224,30 @@ def test_supervised_needs_a_model_of_the_datas_task() -> None:
     with pytest.raises(PretrainError, match="--model 'unet' is a segmentation model"):
         pretrain(DataSplits(data, data, data), settings=PretrainSettings(model="unet", mode="supervised"),
                  data_name="x.npz", data_sha256="0")
+
+
+def test_linear_probe_scores_a_separable_task_high_and_shuffled_labels_near_chance() -> None:
+    """Gratings labelled by frequency (a task random convolutional features already separate) vs. the
+    same images with labels that carry no information."""
+    data = _gratings(96, seed=2)
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    labels = np.zeros(96, np.int64)
+    for i in range(96):  # relabel: low (0) or high (1) frequency, regenerated with a known frequency
+        freq, angle = rng.choice([1.0, 4.0]), rng.uniform(0, np.pi)
+        data.images[i, 0] = 0.5 + 0.4 * np.sin(2 * np.pi * freq * (np.cos(angle) * xx + np.sin(angle) * yy))
+        labels[i] = int(freq > 2)
+    seed_everything(0)
+    model = build_model("simplecnn", spatial_dims=2, in_channels=1, out_channels=2, norm="group", image_size=SIZE)
+
+    def split(y: np.ndarray) -> tuple[ImageSet, ImageSet]:
+        full = ImageSet(data.images, y, "classification", 2)
+        return full.subset(np.arange(64)), full.subset(np.arange(64, 96))
+
+    train, test = split(labels)
+    separable = linear_probe(model, "simplecnn", train=train, test=test)
+    train, test = split(rng.permutation(labels))
+    shuffled = linear_probe(model, "simplecnn", train=train, test=test)
+    assert separable["auc"] > 0.9, separable
+    assert shuffled["auc"] < 0.75, shuffled
+    assert model.get_submodule("head") is not None and isinstance(model.head, nn.Linear)
