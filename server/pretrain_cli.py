@@ -87,10 +87,10 @@ def pretrain_command(
     level = logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s medfed %(levelname)s: %(message)s", force=True)
     logging.getLogger("medfed").setLevel(level)
-    if out.exists() and not overwrite:
-        _fail(f"--out {out} exists. Give another file, or --overwrite to replace it.")
     if out.is_dir():
         _fail(f"--out {out} is a folder. Give a file name, e.g. --out {out / (model + '.pt')}.")
+    if out.exists() and not overwrite:
+        _fail(f"--out {out} exists. Give another file, or --overwrite to replace it.")
     from medfed.shared.config import ConfigError
     from medfed.shared.data.base import DataError
     from medfed.shared.pretrain import PretrainError, PretrainSettings, file_sha256, load_public_data, pretrain

@@ -64,12 +64,13 @@ def test_pretrain_writes_a_checkpoint_for_a_grey_target(public_rgb: Path, tmp_pa
         (["--in-channels", "2"], "--in-channels 2: the data has 3 channel(s)"),
         (["--model", "unet"], "--mode contrastive needs a classification model"),
         (["--mode", "supervised", "--num-classes", "2"], "--num-classes 2: --mode supervised"),
+        (["--out", "{tmp}"], "is a folder. Give a file name"),
     ],
 )
 def test_bad_input_exits_non_zero_naming_the_flag(public_rgb: Path, tmp_path: Path, args: list[str], message: str) -> None:
     base = {"--data": str(public_rgb), "--model": "simplecnn", "--out": str(tmp_path / "x.pt"), "--epochs": "1"}
     for flag, value in zip(args[::2], args[1::2]):
-        base[flag] = value
+        base[flag] = value.format(tmp=tmp_path)
     result = runner.invoke(app, ["pretrain", *(x for kv in base.items() for x in kv), "-q"])
     assert result.exit_code == 2, result.output
     assert message in _text(result)
