@@ -43,10 +43,10 @@ from monai.transforms import (
     RandFlip,
     RandGaussianNoise,
     RandGaussianSmooth,
+    Randomizable,
     RandRotate90,
     RandScaleCrop,
     RandScaleIntensity,
-    Randomizable,
     Resize,
 )
 from torch import nn
