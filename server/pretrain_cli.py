@@ -78,6 +78,9 @@ def pretrain_command(
     ] = "adam",
     weight_decay: Annotated[float, typer.Option("--weight-decay", help="L2 weight decay.", show_default=True)] = 1e-6,
     temperature: Annotated[float, typer.Option("--temperature", help="contrastive: NT-Xent temperature.", show_default=True)] = 0.2,
+    all_splits: Annotated[
+        bool, typer.Option("--all-splits", help="contrastive: also train on the public set's validation and test images.")
+    ] = False,
     seed: Annotated[int, typer.Option("--seed", help="Seeds weights, shuffling and augmentation.", show_default=True)] = 0,
     device: Annotated[str, typer.Option("--device", help="auto (CUDA if present), cpu or cuda.", show_default=True)] = "auto",
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace --out if it exists.")] = False,
@@ -100,7 +103,7 @@ def pretrain_command(
         settings = PretrainSettings(
             model=model, mode=mode, norm=norm, epochs=epochs, batch_size=batch_size, learning_rate=lr,
             optimizer=optimizer, weight_decay=weight_decay, seed=seed, in_channels=in_channels,
-            num_classes=num_classes, temperature=temperature,
+            num_classes=num_classes, temperature=temperature, all_splits=all_splits,
         )
         target_device = select_device(device)
         splits = load_public_data(data, image_size=image_size, seed=seed)

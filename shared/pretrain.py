@@ -131,6 +131,9 @@ class PretrainSettings:
         matches the target model key for key and shape for shape. Supervised: 0 (the data's classes).
     temperature, projection_dim
         Contrastive: NT-Xent temperature and the projection MLP's output size.
+    all_splits
+        Contrastive: train on the images of all three splits of the public set (labels are not
+        used); ``False``: the train split only.
     """
 
     model: str
@@ -146,6 +149,7 @@ class PretrainSettings:
     num_classes: int = 0
     temperature: float = 0.2
     projection_dim: int = 64
+    all_splits: bool = False
 
     def __post_init__(self) -> None:
         if self.model not in MODELS:
@@ -164,6 +168,8 @@ class PretrainSettings:
                                  ("--projection-dim", self.projection_dim, 1)):
             if value < low:
                 raise PretrainError(f"{flag} {value} is invalid: it must be >= {low}.")
+        if self.all_splits and self.mode != "contrastive":
+            raise PretrainError("--all-splits is for --mode contrastive (supervised keeps the validation split to check itself).")
         if self.mode == "contrastive" and self.num_classes == 1:
             raise PretrainError("--num-classes 1 is invalid: a classification head has >= 2 classes.")
         if not self.learning_rate > 0 or not math.isfinite(self.learning_rate):
@@ -483,6 +489,7 @@ def pretrain(
     """
     device = device or torch.device("cpu")
     train = _with_channels(splits.train, settings.in_channels)
+    used = train  # the images trained on
     task = model_task(settings.model)
     if settings.mode == "supervised":
         if task != train.task:
@@ -502,9 +509,13 @@ def pretrain(
     seed_everything(settings.seed)
     model = build_model(settings.model, spatial_dims=train.spatial_dims, in_channels=train.in_channels,
                         out_channels=num_classes, norm=settings.norm, image_size=train.spatial_shape)
+    if settings.all_splits:  # contrastive only (PretrainSettings checks): labels are not used
+        images = np.concatenate([train.images, *(_with_channels(part, settings.in_channels).images
+                                                 for part in (splits.val, splits.test))])
+        used = ImageSet(images, np.zeros(len(images), np.int64), "classification", 2)
     logger.info(
         "Pretraining %s (%s, norm %s) on %d images %s of %s, %d epoch(s).", settings.model, settings.mode,
-        settings.norm, len(train), train.images.shape[1:], data_name, settings.epochs,
+        settings.norm, len(used), train.images.shape[1:], data_name, settings.epochs,
     )
     start = time.perf_counter()
     val_metrics: dict[str, float] = {}
@@ -515,13 +526,13 @@ def pretrain(
         )
         untrained: list[str] = []
     else:
-        losses = train_contrastive(model, train, settings=settings, device=device, on_epoch=on_epoch)
+        losses = train_contrastive(model, used, settings=settings, device=device, on_epoch=on_epoch)
         prefix = head_layer(settings.model) + "."
         untrained = [k for k in model.state_dict() if k.startswith(prefix)]
     seconds = time.perf_counter() - start
     model.to("cpu").eval()
     payload = _payload(model, settings=settings, data=train, num_classes=num_classes, losses=losses,
-                       val_metrics=val_metrics, untrained=untrained, seconds=seconds, data_name=data_name,
+                       val_metrics=val_metrics, untrained=untrained, seconds=seconds, data_name=data_name, samples=len(used),
                        data_sha256=data_sha256, source_channels=splits.train.in_channels)
     return PretrainResult(model=model, payload=payload, epoch_losses=losses, seconds=seconds)
 
@@ -539,6 +550,7 @@ def _payload(
     data_name: str,
     data_sha256: str,
     source_channels: int,
+    samples: int,
 ) -> dict[str, Any]:
     """The medfed checkpoint dict (``RunDirectory.save_checkpoint``'s keys) plus ``"pretrain"``."""
     from medfed import __version__
@@ -562,7 +574,8 @@ def _payload(
         "model_shape": shape.to_json(),
         "pretrain": {
             "mode": settings.mode,
-            "data": {"name": data_name, "sha256": data_sha256, "samples": len(data), "task": data.task,
+            "data": {"name": data_name, "sha256": data_sha256, "samples": samples,
+                     "splits": "train+val+test" if settings.all_splits else "train", "task": data.task,
                      "classes": data.num_classes, "channel_conversion": conversion},
             "epochs": settings.epochs,
             "loss_per_epoch": [float(x) for x in losses],

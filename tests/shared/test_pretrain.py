@@ -122,6 +122,7 @@ def test_backbone_features_are_the_heads_input_and_the_head_comes_back(name: str
         ({"learning_rate": 0.0}, "--lr 0.0"),
         ({"temperature": 0.0}, "--temperature 0.0"),
         ({"num_classes": 1}, "--num-classes 1"),
+        ({"mode": "supervised", "all_splits": True}, "--all-splits is for --mode contrastive"),
     ],
 )
 def test_bad_settings_name_the_flag(changes: dict, flag: str) -> None:
@@ -149,7 +150,7 @@ def test_supervised_checkpoint_loads_strictly_into_the_registry_model(tmp_path: 
     meta = payload["pretrain"]
     assert meta["mode"] == "supervised" and meta["untrained_keys"] == []
     assert meta["loss_per_epoch"] == result.epoch_losses
-    assert meta["data"] == {"name": "public.npz", "sha256": file_sha256(path), "samples": 24,
+    assert meta["data"] == {"name": "public.npz", "sha256": file_sha256(path), "samples": 24, "splits": "train",
                             "task": "classification", "classes": 3, "channel_conversion": None}
     assert 0.0 <= payload["metrics"]["val-accuracy"] <= 1.0
 
@@ -158,11 +159,13 @@ def test_contrastive_checkpoint_keeps_the_fresh_head_and_fits_a_target_with_othe
     path = _write_npz(tmp_path / "public_rgb.npz", channels=3)
     splits = load_public_data(path)
     settings = PretrainSettings(model="simplecnn", mode="contrastive", epochs=2, batch_size=8, in_channels=1,
-                                num_classes=2, seed=3)
+                                num_classes=2, seed=3, all_splits=True)
     result = pretrain(splits, settings=settings, data_name=path.name, data_sha256="0" * 64)
     state = result.payload["state_dict"]
     meta = result.payload["pretrain"]
     assert meta["data"]["channel_conversion"] == "3->1" and meta["head"].startswith("random init")
+    assert meta["data"]["samples"] == 24 + 8 + 8 and meta["data"]["splits"] == "train+val+test"
+    assert meta["data"]["task"] == "classification" and meta["data"]["classes"] == 3
     assert meta["untrained_keys"] == ["head.weight", "head.bias"]
     assert len(meta["loss_per_epoch"]) == 2
     seed_everything(3)  # the model as pretrain built it, before training
