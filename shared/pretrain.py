@@ -468,8 +468,8 @@ def pretrain(
     device: torch.device | None = None,
     on_epoch: Callable[[int, float], None] | None = None,
 ) -> PretrainResult:
-    """Pretrain ``settings.model`` on ``splits`` (supervised: train split and its labels; contrastive:
-    the train split's images) and build the checkpoint payload.
+    """Pretrain ``settings.model`` on ``splits`` (supervised: the train split and its labels; contrastive:
+    the train split's images, or every split's with ``settings.all_splits``) and build the checkpoint payload.
 
     Parameters
     ----------
@@ -532,8 +532,8 @@ def pretrain(
     seconds = time.perf_counter() - start
     model.to("cpu").eval()
     payload = _payload(model, settings=settings, data=train, num_classes=num_classes, losses=losses,
-                       val_metrics=val_metrics, untrained=untrained, seconds=seconds, data_name=data_name, samples=len(used),
-                       data_sha256=data_sha256, source_channels=splits.train.in_channels)
+                       val_metrics=val_metrics, untrained=untrained, seconds=seconds, data_name=data_name,
+                       data_sha256=data_sha256, source_channels=splits.train.in_channels, samples=len(used))
     return PretrainResult(model=model, payload=payload, epoch_losses=losses, seconds=seconds)
 
 
