@@ -1,8 +1,9 @@
 """The ``medfed`` command: one Typer app composed from each side's commands.
 
 * researcher: ``simulate``, ``models``, ``bench`` (:mod:`medfed.simulations.cli`);
-* coordinator: ``provision``, ``run``, ``server``, ``dashboard``, ``report``, ``export-run``
-  (:mod:`medfed.server.cli`, :mod:`medfed.server.dashboard_cli`, :mod:`medfed.server.report_cli`);
+* coordinator: ``provision``, ``run``, ``server``, ``dashboard``, ``report``, ``export-run``, ``pretrain``
+  (:mod:`medfed.server.cli`, :mod:`medfed.server.dashboard_cli`, :mod:`medfed.server.report_cli`,
+  :mod:`medfed.server.pretrain_cli`);
 * hospital site: ``site`` (:mod:`medfed.client.cli`), ``predict``, ``export``
   (:mod:`medfed.client.predict_cli`), ``explain`` (:mod:`medfed.client.explain_cli`), ``data``
   (:mod:`medfed.client.data_cli`).
@@ -23,6 +24,7 @@ from medfed.client.explain_cli import explain_command
 from medfed.client.predict_cli import export_command, predict_command
 from medfed.server.cli import provision_command, run_command, server_app
 from medfed.server.dashboard_cli import dashboard_command
+from medfed.server.pretrain_cli import pretrain_command
 from medfed.server.report_cli import export_run_command, report_command
 from medfed.simulations.cli import bench, models, simulate
 
@@ -72,6 +74,7 @@ app.command("predict")(predict_command)
 app.command("export")(export_command)
 app.command("report")(report_command)
 app.command("export-run")(export_run_command)
+app.command("pretrain")(pretrain_command)
 app.add_typer(server_app, name="server")
 app.add_typer(site_app, name="site")
 app.add_typer(data_app, name="data")
