@@ -41,7 +41,7 @@ from medfed.shared.inference import model_shape_for
 from medfed.shared.models import model_task
 from medfed.shared.preflight import check_dp_model
 from medfed.shared.seeding import seed_everything
-from medfed.shared.task import deployment_model, model_for
+from medfed.shared.task import initial_model, model_for
 from medfed.shared.training import reestimate_bn, select_device
 from medfed.shared.weights import get_weights, trainable_mask
 
@@ -98,10 +98,10 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         run_path = str(point.path)
     prepare: Callable[[nn.Module], object] | None = None
     if cfg.is_deployment:  # the server holds no data: shape from the config, sites evaluate
-        model, evaluate_fn, task = deployment_model(cfg), None, model_task(cfg.model)
+        model, evaluate_fn, task = initial_model(cfg, None), None, model_task(cfg.model)
     else:
         splits = load_dataset(cfg)
-        model, task = model_for(cfg, splits.train), splits.task
+        model, task = initial_model(cfg, splits.train), splits.task  # with init-weights loaded
         bn_data = splits.train if cfg.bn_mode != "global" else None
         evaluate_fn = make_evaluate_fn(
             model_for(cfg, splits.train), splits.test, val=splits.val, bn_data=bn_data, roi_size=cfg.patch_size
