@@ -38,8 +38,8 @@ from medfed.shared.round_config import server_round_of
 from medfed.shared.scaffold import TRAIN_STEPS, effective_step, site_control_update
 from medfed.shared.seeding import seed_everything
 from medfed.shared.site_state import SiteState, site_state_path
-from medfed.shared.trainable import trainable_parameters
 from medfed.shared.task import round_settings, trainable_model_for
+from medfed.shared.trainable import trainable_parameters
 from medfed.shared.training import (
     TrainSettings,
     class_counts,
