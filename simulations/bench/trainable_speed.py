@@ -15,8 +15,10 @@ The figures are indicative: a shared CPU is noisy, and the conditions are stated
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import logging
+import os
 import platform
 import statistics
 import time
@@ -91,6 +93,9 @@ def step_times(
             "plain_step_seconds": round(plain, 4), "dp_step_seconds": round(dp, 4),
             "dp_over_plain": round(dp / plain, 2),
             "steps": steps, "repeats": repeats, "machine": platform.processor() or platform.machine(),
+            "load": round(os.getloadavg()[0], 1), "measured_at": datetime.date.today().isoformat(),
+            "command": f"python -m medfed.simulations.bench.trainable_speed --model {name} --image-size {side} "
+                       f"--batch-size {batch} --steps {steps} --repeats {repeats} --threads {torch.get_num_threads()}",
         })
     all_dp = rows[0]["dp_step_seconds"]
     for row in rows:
