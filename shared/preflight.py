@@ -28,6 +28,7 @@ This module never imports Flower (it is part of ``shared``).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from dataclasses import dataclass
@@ -41,7 +42,7 @@ from medfed.shared.data.loading import load_dataset
 from medfed.shared.models import DP_NORM, model_task, validate_for_dp
 from medfed.shared.partition import TRAIN_MIN_PER_SITE, VAL_MIN_PER_SITE, local_test_size, site_partitions
 from medfed.shared.task import initial_model
-from medfed.shared.trainable import check_trainable
+from medfed.shared.trainable import apply_trainable, check_trainable
 
 __all__ = ["PreflightError", "Preflight", "preflight", "check_dp_model", "dp_setup_problems", "max_sites"]
 
@@ -120,6 +121,8 @@ def _preflight(cfg: RunConfig, federated: bool) -> Preflight:
     check_trainable(mode=cfg.trainable, model_name=cfg.model)
     # a ValueError names the model and the mismatch; an InitWeightsError the weights file
     model = initial_model(cfg, splits.train)
+    if cfg.trainable != "all":
+        logger.info("pre-flight: %s", apply_trainable(copy.deepcopy(model), mode=cfg.trainable, model_name=cfg.model).line())
     if not federated:
         return Preflight(splits=splits)
     check_dp_model(cfg, model=model, task=splits.task)

@@ -172,8 +172,7 @@ def apply_trainable(model: nn.Module, *, mode: str, model_name: str) -> Trainabl
         total=sum(p.numel() for p in model.parameters()),
         tensors=tuple(names),
     )
-    if mode != "all":
-        logger.info("%s (%s)", report.line(), model_name)
+    logger.debug("%s (%s)", report.line(), model_name)  # a simulated site is rebuilt every round
     return report
 
 

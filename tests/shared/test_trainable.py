@@ -12,6 +12,7 @@ from medfed.shared.config import TRAINABLE_MODES, ConfigError
 from medfed.shared.models import MODELS, build_model
 from medfed.shared.privacy import make_private_training
 from medfed.shared.trainable import apply_trainable, check_trainable, trainable_parameters
+from medfed.shared.training import train_epochs
 
 SIDE = 12
 BATCH = 6
@@ -80,6 +81,27 @@ def test_a_real_dp_sgd_step_moves_only_the_trainable_parameters(name: str, mode:
             assert not torch.equal(p.detach(), before[n]), f"{n} should have moved"
         else:
             assert torch.equal(p.detach(), before[n]), f"{n} is frozen but changed"
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("grad_sample_mode", ["hooks", "ghost", "functorch"])
+def test_every_opacus_mode_trains_only_the_trainable_parameters(grad_sample_mode: str) -> None:
+    model = _model("simplecnn")
+    apply_trainable(model, mode="last-block+head", model_name="simplecnn")
+    trainable = _expected("simplecnn", "last-block+head", model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    g = torch.Generator().manual_seed(3)
+    data = TensorDataset(torch.randn(16, 1, SIDE, SIDE, generator=g), torch.arange(16) % 3)
+    private = make_private_training(
+        model, torch.optim.SGD(trainable_parameters(model), lr=0.5), DataLoader(data, batch_size=8),
+        noise_multiplier=1.0, max_grad_norm=1.0, generator=torch.Generator().manual_seed(4),
+        grad_sample_mode=grad_sample_mode, criterion=nn.CrossEntropyLoss(),
+    )
+    train_epochs(private.model, private.loader, private.optimizer, task="classification", epochs=1,
+                 device=torch.device("cpu"), criterion=private.criterion)
+    private.close()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert moved == trainable
 
 
 def test_every_defined_model_selects_existing_modules() -> None:
