@@ -3,6 +3,8 @@ under DP-SGD start from the weights file and update only the trainable parameter
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +55,9 @@ def test_pooled_baseline_starts_from_init_weights_and_trains_only_the_head(tmp_p
     result = run_pooled(cfg)
     final = torch.load(result.run_dir / "checkpoints" / "final.pt", weights_only=True)["state_dict"]
     _check_only_head_moved(final, start, exact=True)
+    recorded = json.loads((result.run_dir / "init_weights.json").read_text())
+    assert recorded["path"] == str(path.resolve()) and recorded["kind"] == "state dict"
+    assert recorded["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and recorded["loaded"] == len(start)
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
