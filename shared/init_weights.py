@@ -338,6 +338,17 @@ def load_init_weights(model: nn.Module, *, path: str | Path) -> InitWeightsRepor
         loaded_parameters=sum(params[n].numel() for n in loaded_params),
         model_parameters=sum(p.numel() for p in params.values()),
     )
+    norm_mismatch = sorted({
+        n.rsplit(".", 1)[0] for n in report.unused
+        if n.endswith(".running_mean") and n.rsplit(".", 1)[0] + ".weight" in set(loaded)
+    })
+    if norm_mismatch:
+        logger.warning(
+            "init-weights: %d BatchNorm layers of %s (e.g. %s) were loaded into normalisation layers of another "
+            "kind (same names; their running statistics are unused). Train the weights with the run's --norm "
+            "for a faithful start.",
+            len(norm_mismatch), file, norm_mismatch[0],
+        )
     if report.loaded_parameters < report.model_parameters / 2:
         logger.warning(
             "init-weights: only %d of %d parameters were loaded from %s; most of the model starts from a "

@@ -204,3 +204,14 @@ def test_dry_run_shows_what_init_weights_loads_and_what_trains(tmp_path: Path) -
     torch.save(_model(seed=1, name="resnet18").state_dict(), bad)
     result = CliRunner().invoke(app, [*args[:-4], "--set", f"init-weights={bad}"])
     assert result.exit_code == 2 and "matches none of the model's parameters" in result.output
+
+
+def test_batchnorm_weights_into_group_norm_load_with_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    torch.manual_seed(1)
+    batch = build_model("simplecnn", spatial_dims=2, in_channels=1, out_channels=3, norm="batch", image_size=SIDE)
+    path = tmp_path / "batch.pt"
+    torch.save(batch.state_dict(), path)
+    with caplog.at_level("WARNING", logger="medfed.shared.init_weights"):
+        report = load_init_weights(_model(seed=2), path=path)
+    assert "features.1.running_mean" in report.unused and "features.1.weight" in report.loaded
+    assert "3 BatchNorm layers" in caplog.text and "--norm" in caplog.text
