@@ -66,6 +66,9 @@ def test_a_real_dp_sgd_step_moves_only_the_trainable_parameters(name: str, mode:
     # the accounting does not depend on the mode: same sample rate, steps and noise
     assert (private.sample_rate, private.steps_per_epoch, private.noise_multiplier) == (1.0, 1, 1.0)
     assert {id(p) for p in private.optimizer.params} == {id(p) for n, p in model.named_parameters() if n in trainable}
+    # Opacus hooks (a forward and a backward hook each) only the modules with trainable parameters
+    hooked = {m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))}
+    assert len(private.model.autograd_grad_sample_hooks) == 2 * len(hooked)
     batch_images, batch_targets = next(iter(private.loader))
     nn.CrossEntropyLoss()(private.model(batch_images), batch_targets).backward()
     for n, p in model.named_parameters():
