@@ -58,6 +58,14 @@ def test_pooled_baseline_starts_from_init_weights_and_trains_only_the_head(tmp_p
     recorded = json.loads((result.run_dir / "init_weights.json").read_text())
     assert recorded["path"] == str(path.resolve()) and recorded["kind"] == "state dict"
     assert recorded["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest() and recorded["loaded"] == len(start)
+    # the model card names the file (not its folder), its hash and the mode
+    from medfed.server.model_card import gather_model_card
+    from medfed.server.report import render_html
+
+    card = gather_model_card(result.run_dir, calibrate=False)
+    assert card.init_weights["file"] == "pretrained.pt" and card.init_weights["sha256"] == recorded["sha256"]
+    assert dict(card.recipe)["init-weights"] == "pretrained.pt" and dict(card.recipe)["trainable"] == "head"
+    assert f"sha256:{recorded['sha256']}" in render_html(card) and str(tmp_path) not in render_html(card)
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
