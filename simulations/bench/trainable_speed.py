@@ -94,7 +94,7 @@ def step_times(
             "dp_over_plain": round(dp / plain, 2),
             "steps": steps, "repeats": repeats, "machine": platform.processor() or platform.machine(),
             "load": round(os.getloadavg()[0], 1), "measured_at": datetime.date.today().isoformat(),
-            "command": f"python -m medfed.simulations.bench.trainable_speed --model {name} --image-size {side} "
+            "command": f"python -m medfed.simulations.bench.trainable_speed --models {name} --image-size {side} "
                        f"--batch-size {batch} --steps {steps} --repeats {repeats} --threads {torch.get_num_threads()}",
         })
     all_dp = rows[0]["dp_step_seconds"]
@@ -106,7 +106,7 @@ def step_times(
 def main(argv: list[str] | None = None) -> None:
     """Command line: measure, print the table, write the results section."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="resnet18")
+    parser.add_argument("--models", nargs="+", default=["resnet18"], help="registered models (each gets its rows)")
     parser.add_argument("--image-size", type=int, default=28)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3)
@@ -116,16 +116,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Full backward hook is firing")
-        rows = step_times(name=args.model, side=args.image_size, batch=args.batch_size, steps=args.steps,
-                          repeats=args.repeats)
+    rows: list[dict[str, Any]] = []
     header = f"{'mode':<17}{'trainable':>12}{'plain s/step':>14}{'DP s/step':>11}{'DP/plain':>10}{'DP vs all':>11}"
-    print(f"{args.model}, GroupNorm, {args.image_size}px, batch {args.batch_size}, {args.threads} thread(s)")
-    print(header)
-    for r in rows:
-        print(f"{r['mode']:<17}{r['trainable_parameters']:>12,}{r['plain_step_seconds']:>14.3f}"
-              f"{r['dp_step_seconds']:>11.3f}{r['dp_over_plain']:>10.2f}{r['dp_step_vs_all']:>11.3f}")
+    for name in args.models:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            model_rows = step_times(name=name, side=args.image_size, batch=args.batch_size, steps=args.steps,
+                                    repeats=args.repeats)
+        print(f"{name}, GroupNorm, {args.image_size}px, batch {args.batch_size}, {args.threads} thread(s)")
+        print(header)
+        for r in model_rows:
+            print(f"{r['mode']:<17}{r['trainable_parameters']:>12,}{r['plain_step_seconds']:>14.3f}"
+                  f"{r['dp_step_seconds']:>11.3f}{r['dp_over_plain']:>10.2f}{r['dp_step_vs_all']:>11.3f}")
+        rows += model_rows
     write_results_section(args.results, SECTION, rows)
     print(json.dumps({"written": str(args.results), "section": SECTION}))
 
