@@ -38,7 +38,8 @@ from medfed.shared.round_config import server_round_of
 from medfed.shared.scaffold import TRAIN_STEPS, effective_step, site_control_update
 from medfed.shared.seeding import seed_everything
 from medfed.shared.site_state import SiteState, site_state_path
-from medfed.shared.task import model_for, round_settings
+from medfed.shared.task import round_settings, trainable_model_for
+from medfed.shared.trainable import trainable_parameters
 from medfed.shared.training import (
     TrainSettings,
     class_counts,
@@ -126,7 +127,9 @@ class SiteClient(NumPyClient):
         self.device = select_device(device)
         self.grad_sample_mode = grad_sample_mode or cfg.dp_grad_sample_mode
         seed_everything(cfg.seed)  # identical initial weights at every site and the server
-        self.model = model_for(cfg, data.train)
+        # ``trainable``: the parameters the run does not fine-tune are frozen (and, under DP-SGD,
+        # get no per-sample gradients)
+        self.model, self.trainable = trainable_model_for(cfg, data.train)
         if ledger_path is None and cfg.dp:
             if policy is not None:
                 raise ValueError("a deployed site needs its own ledger_path (from its site.toml's ledger-dir).")
@@ -222,12 +225,12 @@ class SiteClient(NumPyClient):
                 if keep
             ]
         optimizer = make_optimizer(
-            self.model.parameters(),
+            trainable_parameters(self.model),
             name=settings.optimizer,
             learning_rate=settings.learning_rate,
             weight_decay=settings.weight_decay,
         )
-        global_params = [p.detach().clone() for p in self.model.parameters()]
+        global_params = [p.detach().clone() for p in trainable_parameters(self.model)]
         result = train_epochs(
             self.model,
             loader,
@@ -391,7 +394,7 @@ class SiteClient(NumPyClient):
             return parameters, 0, metrics
 
         optimizer = make_optimizer(
-            self.model.parameters(),
+            trainable_parameters(self.model),
             name=settings.optimizer,
             learning_rate=settings.learning_rate,
             weight_decay=settings.weight_decay,
@@ -402,7 +405,7 @@ class SiteClient(NumPyClient):
         else:
             generator = torch.Generator(device=self.device).manual_seed(settings.seed)
             sampling = generator if self.device.type == "cpu" else torch.Generator().manual_seed(settings.seed)
-        global_params = [p.detach().clone() for p in self.model.parameters()]
+        global_params = [p.detach().clone() for p in trainable_parameters(self.model)]
         private = make_private_training(
             self.model,
             optimizer,

@@ -205,8 +205,16 @@ def run_command(
         resolved = resolve_deployment_config(len(fed.sites), fed.root / "runs", config, set_ or [])
         if dry_run:
             typer.echo(resolved.describe())
+            if resolved.config.init_weights or resolved.config.trainable != "all":
+                from medfed.shared.task import start_plan
+
+                typer.echo("\n".join(f"# {line}" for line in start_plan(resolved.config, None)))
             return
         cfg = resolved.config
+        if cfg.init_weights:  # the ServerApp may run in another folder: send the file's absolute path
+            from medfed.shared.init_weights import resolve_weights_path
+
+            cfg = cfg.replace(init_weights=str(resolve_weights_path(cfg.init_weights)))
         preflight(cfg)  # e.g. dp = true with norm = "batch": refused here, before anything is submitted
         run_id, signed = submit_run(fed, cfg)
         typer.echo(f"run {run_id} submitted (app bundle {signed.fab_sha256[:12]}..., signed by the coordinator)")

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 
 CROSS_SITE_FILE = "cross_site.json"
 """The cross-site evaluation's output in a run directory."""
+INIT_WEIGHTS_FILE = "init_weights.json"
+"""What ``init-weights`` loaded into the initial model (:meth:`RunDirectory.write_init_weights`)."""
 APP_BUNDLE_FILE = "app_bundle.json"
 """A signed deployment's app bundle: ``{"fab_sha256", "signed"}`` (:meth:`RunDirectory.write_app_bundle`)."""
 EXPLANATIONS_DIR = "explanations"
@@ -52,7 +54,7 @@ RECIPE_KEYS = (
     "strategy", "model", "norm", "num-server-rounds", "num-sites", "fraction-fit", "fraction-evaluate",
     "local-epochs", "batch-size", "learning-rate", "optimizer", "weight-decay", "loss", "augment", "image-size",
     "partition", "dirichlet-alpha", "bn-mode", "personalize", "proximal-mu", "server-learning-rate",
-    "max-update-norm", "seed",
+    "max-update-norm", "seed", "init-weights", "trainable",
 )
 """Run-config keys shown as the training recipe (the full config is in the card too)."""
 
@@ -101,6 +103,7 @@ class ModelCard:
     privacy_note: str = ""
     secagg: dict[str, Any] = field(default_factory=dict)
     app_bundle: dict[str, Any] = field(default_factory=dict)
+    init_weights: dict[str, Any] = field(default_factory=dict)
     explanations: list[dict[str, Any]] = field(default_factory=list)
     explanations_note: str = ""
     warnings: list[str] = field(default_factory=list)
@@ -109,7 +112,7 @@ class ModelCard:
 def _shareable(config: dict[str, Any]) -> dict[str, Any]:
     """The run config as a card shows it: the store's redaction, and local folders reduced to names."""
     out = redact_config(config)
-    for key in ("run-dir", "tracking-tensorboard"):
+    for key in ("run-dir", "tracking-tensorboard", "init-weights"):
         if out.get(key):
             out[key] = Path(str(out[key])).name
     store = str(out.get("store", ""))
@@ -208,6 +211,7 @@ def gather_model_card(
     _privacy(card, records, config)
     _secagg(card, records, config)
     _app_bundle(card, path, config)
+    _init_weights(card, path)
     _explanations(card, Path(explanations) if explanations else path / EXPLANATIONS_DIR, given=explanations is not None)
     _data_and_calibration(card, path, config, records, dataset=dataset, calibrate=calibrate)
     return card
@@ -423,6 +427,17 @@ def _app_bundle(card: ModelCard, path: Path, config: dict[str, Any]) -> None:
     else:
         card.app_bundle = {"fab_sha256": None, "signed": False,
                            "note": "Not a signed deployment: a simulation on one machine, no app bundle."}
+
+
+def _init_weights(card: ModelCard, path: Path) -> None:
+    """What the initial model was loaded from (``init_weights.json``; the file's name, not its folder)."""
+    record = _read_json(path / INIT_WEIGHTS_FILE, what="the init-weights record")
+    if isinstance(record, dict) and record.get("sha256"):
+        card.init_weights = {
+            "file": Path(str(record.get("path", ""))).name, "kind": str(record.get("kind", "")),
+            "sha256": str(record["sha256"]), "loaded_parameters": record.get("loaded_parameters"),
+            "model_parameters": record.get("model_parameters"), "new": list(record.get("new", [])),
+        }
 
 
 def _explanations(card: ModelCard, folder: Path, *, given: bool) -> None:

@@ -463,6 +463,14 @@ def _section_software(card: ModelCard) -> str:
     else:
         value = _e(bundle.get("note", ""))
     rows.append(["App bundle", value])
+    init = card.init_weights
+    if init:
+        new = f"; newly initialised: {', '.join(init['new'][:4])}" if init.get("new") else ""
+        rows.append(["Initial weights", f"{_e(init['file'])} ({_e(init['kind'])}), "
+                     f'<code class="hash">sha256:{_e(init["sha256"])}</code>, '
+                     f"{init['loaded_parameters']:,} of {init['model_parameters']:,} parameters loaded{_e(new)}"])
+    else:
+        rows.append(["Initial weights", "random initialisation (no init-weights)"])
     return _table(["Component", "Version"], rows, numeric_from=9, cls="kv")
 
 

@@ -294,6 +294,11 @@ class RunDirectory:
         data = {"fab_sha256": fab_sha256, "signed": signed}
         _write_text(self.path / "app_bundle.json", json.dumps(data, indent=2, sort_keys=True))
 
+    def write_init_weights(self, report: Mapping[str, Any]) -> None:
+        """Record what ``init-weights`` loaded into the initial model (``init_weights.json``: the
+        file's path, kind and SHA-256, and the loaded, skipped, new and unused entries)."""
+        _write_text(self.path / "init_weights.json", json.dumps(dict(report), indent=2, sort_keys=True))
+
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write ``summary.json`` and close the metrics file.
 

@@ -41,7 +41,7 @@ from medfed.shared.inference import model_shape_for
 from medfed.shared.models import model_task
 from medfed.shared.preflight import check_dp_model
 from medfed.shared.seeding import seed_everything
-from medfed.shared.task import deployment_model, model_for
+from medfed.shared.task import initial_model_with_report, model_for
 from medfed.shared.training import reestimate_bn, select_device
 from medfed.shared.weights import get_weights, trainable_mask
 
@@ -98,10 +98,11 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         run_path = str(point.path)
     prepare: Callable[[nn.Module], object] | None = None
     if cfg.is_deployment:  # the server holds no data: shape from the config, sites evaluate
-        model, evaluate_fn, task = deployment_model(cfg), None, model_task(cfg.model)
+        (model, init_report), evaluate_fn, task = initial_model_with_report(cfg, None), None, model_task(cfg.model)
     else:
         splits = load_dataset(cfg)
-        model, task = model_for(cfg, splits.train), splits.task
+        model, init_report = initial_model_with_report(cfg, splits.train)  # with init-weights loaded
+        task = splits.task
         bn_data = splits.train if cfg.bn_mode != "global" else None
         evaluate_fn = make_evaluate_fn(
             model_for(cfg, splits.train), splits.test, val=splits.val, bn_data=bn_data, roi_size=cfg.patch_size
@@ -119,6 +120,8 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         run_id=point.state.run_id if point else None,
     )
     run_dir.model_shape = model_shape_for(cfg, None if cfg.is_deployment else splits.train).to_json()
+    if init_report is not None and point is None:
+        run_dir.write_init_weights(init_report.to_json())
     if cfg.is_deployment:
         _record_app_bundle(grid, run_dir, signed=bool(cfg.app_signature))
     if hooks.on_start:

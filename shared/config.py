@@ -36,6 +36,7 @@ __all__ = [
     "AUTO_LOSS",
     "BAD_DATA_MODES",
     "PERSONALIZE_MODES",
+    "TRAINABLE_MODES",
     "DEFAULT_MIN_FIT_CLIENTS",
     "close_matches",
     "coerce_value",
@@ -59,6 +60,7 @@ GradSampleMode = Literal["hooks", "ghost", "functorch"]
 SecAggOnFailure = Literal["continue", "stop"]
 BadData = Literal["strict", "skip"]
 Personalize = Literal["off", "bn", "head", "bn+head"]
+Trainable = Literal["all", "head", "last-block+head", "norm+head"]
 
 TASKS: tuple[str, ...] = get_args(Task)
 SYNTHETIC_TASKS: tuple[str, ...] = ("classification", "segmentation")
@@ -88,6 +90,8 @@ DP_GRAD_SAMPLE_MODES: tuple[str, ...] = get_args(GradSampleMode)
 SECAGG_ON_FAILURE: tuple[str, ...] = get_args(SecAggOnFailure)
 BAD_DATA_MODES: tuple[str, ...] = get_args(BadData)
 PERSONALIZE_MODES: tuple[str, ...] = get_args(Personalize)
+TRAINABLE_MODES: tuple[str, ...] = get_args(Trainable)
+"""Which parameters local training updates (``trainable``; :mod:`medfed.shared.trainable`)."""
 
 
 class ConfigError(ValueError):
@@ -133,6 +137,22 @@ class RunConfig:
         over all rounds (the round number is sent to the sites).
     model, norm
         Registry name (see ``medfed.shared.models.MODELS``) and normalisation layer.
+    init_weights
+        A local weights file the initial global model starts from (``""``: a random
+        initialisation): a state dict, a medfed checkpoint or run directory, or a MONAI bundle
+        folder (``models/model.pt``). Relative paths start at the working directory, as
+        ``dataset``'s. Entries are matched by name and shape; a head of another size stays newly
+        initialised, and weights of another architecture are refused
+        (:mod:`medfed.shared.init_weights`, ``docs/transfer-learning.md``). Only the coordinator
+        reads it: the sites receive the loaded model as round 1's global model.
+    trainable
+        Which parameters local training updates (the sites' rounds and the pooled baseline, with
+        or without DP-SGD): ``"all"`` (default), ``"head"``, ``"last-block+head"`` or
+        ``"norm+head"`` (every normalisation layer's affine parameters and the head). The others
+        are frozen (``requires_grad = False``, left out of the optimizer, and under DP-SGD out of
+        Opacus's per-sample gradients); the privacy accounting is unchanged. The head and last
+        block of each model are defined in ``medfed.shared.models.MODELS``
+        (:mod:`medfed.shared.trainable`).
     strategy, proximal_mu, server_learning_rate, fraction_fit, fraction_evaluate,
     min_fit_clients
         Flower strategy and its knobs. Besides ``fedavg``, ``fedprox``, the server optimizers
@@ -301,6 +321,8 @@ class RunConfig:
     weight_decay: float = 0.0
     model: str = "densenet121"
     norm: Norm = "batch"
+    init_weights: str = ""
+    trainable: Trainable = "all"
     strategy: StrategyName = "fedavg"
     trim_beta: float = 0.2
     num_malicious_sites: int = 1
@@ -377,6 +399,7 @@ class RunConfig:
         _check_choice("spatial-dims", self.spatial_dims, (2, 3))
         _check_choice("bad-data", self.bad_data, BAD_DATA_MODES)
         _check_choice("personalize", self.personalize, PERSONALIZE_MODES)
+        _check_choice("trainable", self.trainable, TRAINABLE_MODES)
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):

@@ -111,6 +111,12 @@ class ModelSpec:
     notes
         Measured facts for ``medfed models`` (parameters, CPU speed, DP-SGD), or empty. Speeds
         come from ``python -m medfed.simulations.bench.model_speed`` (CPU time, one thread).
+    head, last_block
+        Module names (prefixes of parameter names, as ``"fc"`` covers ``fc.weight``) of the
+        model's head (the classifier) and of its last feature block, for the ``trainable``
+        fine-tuning modes (:mod:`medfed.shared.trainable`); empty: not defined for this model.
+        ``head[-1]`` is the final ``nn.Linear`` over the pooled features (pretraining's
+        backbone output is its input, :func:`medfed.shared.pretrain.backbone_features`).
     """
 
     name: str
@@ -118,6 +124,8 @@ class ModelSpec:
     builder: Callable[..., nn.Module]
     description: str
     notes: str = ""
+    head: tuple[str, ...] = ()
+    last_block: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------- norm helpers
@@ -603,24 +611,32 @@ MODELS: dict[str, ModelSpec] = {
             "classification",
             _build_simplecnn,
             "3-block CNN (16/32/64 channels), ~24k parameters; fast, for tests and demos.",
+            head=("head",),
+            last_block=("features.8", "features.9"),  # the third convolution and its norm
         ),
         ModelSpec(
             "densenet121",
             "classification",
             _build_densenet121,
             "MONAI DenseNet-121; upsamples sides < 64 (2D) / < 32 (3D).",
+            head=("class_layers.out",),
+            last_block=("features.denseblock4", "features.norm5"),
         ),
         ModelSpec(
             "resnet18",
             "classification",
             _resnet_builder((2, 2, 2, 2)),
             "MONAI ResNet-18 with a DP-safe block; small-image stem for sides <= 64.",
+            head=("fc",),
+            last_block=("layer4",),
         ),
         ModelSpec(
             "resnet34",
             "classification",
             _resnet_builder((3, 4, 6, 3)),
             "MONAI ResNet-34 with a DP-safe block; small-image stem for sides <= 64.",
+            head=("fc",),
+            last_block=("layer4",),
         ),
         ModelSpec(
             "unet",
@@ -636,6 +652,8 @@ MODELS: dict[str, ModelSpec] = {
             "<= 8 patches per side (2D), <= 4 (3D).",
             "2.7M params. Per CPU core, batch 16: 2D 28 px 84 img/s (DP-SGD 34); 3D 28^3 67 img/s "
             "(DP-SGD 30). DP-SGD: yes (LayerNorm only).",
+            head=("head",),
+            last_block=(f"vit.blocks.{VIT_NUM_LAYERS - 1}", "vit.norm"),
         ),
         ModelSpec(
             "unetr",

@@ -13,6 +13,8 @@ Checks, in order:
    :class:`~medfed.shared.data.base.DataError` names the file and the problem).
 2. **Model fits the data**: the model builds for the data's dimensions, channels and classes,
    and its task (classification / segmentation) is the data's.
+   With ``init-weights`` the weights file is read and matched to the model (a file of another
+   architecture is refused), and ``trainable`` must be defined for the model.
 3. **Model vs DP** (``dp = true``): Opacus DP-SGD cannot train BatchNorm, so ``norm = "batch"``
    (or any model with a layer Opacus rejects) is refused with the fix ``--norm group``; so are
    DP settings a site would refuse at start-up (no noise; ghost clipping on segmentation).
@@ -26,6 +28,7 @@ This module never imports Flower (it is part of ``shared``).
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from dataclasses import dataclass
@@ -38,7 +41,8 @@ from medfed.shared.data.base import DataSplits
 from medfed.shared.data.loading import load_dataset
 from medfed.shared.models import DP_NORM, model_task, validate_for_dp
 from medfed.shared.partition import TRAIN_MIN_PER_SITE, VAL_MIN_PER_SITE, local_test_size, site_partitions
-from medfed.shared.task import deployment_model, model_for
+from medfed.shared.task import initial_model
+from medfed.shared.trainable import apply_trainable, check_trainable
 
 __all__ = ["PreflightError", "Preflight", "preflight", "check_dp_model", "dp_setup_problems", "max_sites"]
 
@@ -110,10 +114,15 @@ def _preflight(cfg: RunConfig, federated: bool) -> Preflight:
                 'dataset = "deployment" holds no data here: the pooled baseline (--centralized) '
                 "trains on a dataset. Fix: --dataset synthetic, a MedMNIST .npz file or a datalist .json."
             )
-        check_dp_model(cfg, model=deployment_model(cfg), task=model_task(cfg.model))
+        check_trainable(mode=cfg.trainable, model_name=cfg.model)
+        check_dp_model(cfg, model=initial_model(cfg, None), task=model_task(cfg.model))
         return Preflight(splits=None)
     splits = load_dataset(cfg)
-    model = model_for(cfg, splits.train)  # a ValueError names the model and the mismatch
+    check_trainable(mode=cfg.trainable, model_name=cfg.model)
+    # a ValueError names the model and the mismatch; an InitWeightsError the weights file
+    model = initial_model(cfg, splits.train)
+    if cfg.trainable != "all":
+        logger.info("pre-flight: %s", apply_trainable(copy.deepcopy(model), mode=cfg.trainable, model_name=cfg.model).line())
     if not federated:
         return Preflight(splits=splits)
     check_dp_model(cfg, model=model, task=splits.task)

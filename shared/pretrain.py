@@ -17,7 +17,7 @@ that ``init-weights`` loads:
     not used, so any image set works (a segmentation datalist's images too). The checkpoint's head
     is the freshly initialised one the model was built with (``pretrain["untrained_keys"]`` names it).
 
-The head of each classification family is named in one place, :data:`HEAD_LAYERS`.
+The head of each classification model comes from the model registry (``ModelSpec.head``), :data:`HEAD_LAYERS`.
 
 Privacy: the payload names the data by file name and SHA-256 only (no paths, no pixel data).
 """
@@ -90,16 +90,11 @@ logger = logging.getLogger(__name__)
 PretrainMode = Literal["supervised", "contrastive"]
 PRETRAIN_MODES: tuple[str, ...] = get_args(PretrainMode)
 
-HEAD_LAYERS: dict[str, str] = {
-    "simplecnn": "head",
-    "resnet18": "fc",
-    "resnet34": "fc",
-    "densenet121": "class_layers.out",
-    "vit": "head",
-}
+HEAD_LAYERS: dict[str, str] = {name: spec.head[-1] for name, spec in MODELS.items() if spec.head}
 """The final ``nn.Linear`` (the classification head) of each classification model, as a dotted
-module path. Everything before it is the backbone, whose output (the head's input) is the pooled
-feature vector ``(B, F)``. The one definition of "head" for pretraining."""
+module path, from the model registry's ``head`` (:class:`medfed.shared.models.ModelSpec`: the one
+definition of "head", shared with the ``trainable`` modes). Everything before it is the backbone,
+whose output (the head's input) is the pooled feature vector ``(B, F)``."""
 
 RGB_TO_GRAY: tuple[float, float, float] = (0.299, 0.587, 0.114)
 """ITU-R BT.601 luma weights, used to turn RGB images into one channel (``--in-channels 1``)."""

@@ -2,14 +2,29 @@
 
 from __future__ import annotations
 
+import logging
+
 from torch import nn
 
 from medfed.shared.config import RunConfig
 from medfed.shared.data.base import ImageSet
+from medfed.shared.init_weights import InitWeightsReport, load_init_weights
 from medfed.shared.models import build_model, model_task
+from medfed.shared.trainable import TrainableReport, apply_trainable
 from medfed.shared.training import TrainSettings, cosine_lr
 
-__all__ = ["model_for", "deployment_model", "round_settings", "site_seed"]
+__all__ = [
+    "model_for",
+    "deployment_model",
+    "initial_model",
+    "initial_model_with_report",
+    "trainable_model_for",
+    "start_plan",
+    "round_settings",
+    "site_seed",
+]
+
+logger = logging.getLogger(__name__)
 
 
 def model_for(cfg: RunConfig, data: ImageSet) -> nn.Module:
@@ -50,6 +65,57 @@ def deployment_model(cfg: RunConfig) -> nn.Module:
         norm=cfg.norm,
         image_size=cfg.image_size,
     )
+
+
+def initial_model_with_report(
+    cfg: RunConfig, data: ImageSet | None
+) -> tuple[nn.Module, InitWeightsReport | None]:
+    """The run's initial global model and what ``init-weights`` loaded into it (``None``: unset).
+
+    The one place the initial weights come from: :func:`model_for` (``data``) or
+    :func:`deployment_model` (``data = None``), then, with ``init-weights``,
+    :func:`medfed.shared.init_weights.load_init_weights`, whose report is logged at INFO (counts
+    and layer names; the weights file's path, never data). Call it after
+    ``seed_everything(cfg.seed)`` so that newly initialised layers are the same everywhere.
+
+    Raises
+    ------
+    shared.init_weights.InitWeightsError
+        The file is missing, unsafe to read, or of another architecture (naming ``init-weights``).
+    """
+    model = deployment_model(cfg) if data is None else model_for(cfg, data)
+    if not cfg.init_weights:
+        return model, None
+    report = load_init_weights(model, path=cfg.init_weights)
+    for line in report.lines():
+        logger.info("%s", line)
+    return model, report
+
+
+def initial_model(cfg: RunConfig, data: ImageSet | None) -> nn.Module:
+    """:func:`initial_model_with_report` without the report: the run's initial global model."""
+    return initial_model_with_report(cfg, data)[0]
+
+
+def trainable_model_for(cfg: RunConfig, data: ImageSet) -> tuple[nn.Module, TrainableReport]:
+    """:func:`model_for` with the parameters ``trainable`` does not train frozen
+    (:func:`medfed.shared.trainable.apply_trainable`): the model a site (or the pooled
+    baseline) trains."""
+    model = model_for(cfg, data)
+    return model, apply_trainable(model, mode=cfg.trainable, model_name=cfg.model)
+
+
+def start_plan(cfg: RunConfig, data: ImageSet | None) -> list[str]:
+    """What the run starts from and fine-tunes, as lines for ``--dry-run``: the ``init-weights``
+    report (:meth:`~medfed.shared.init_weights.InitWeightsReport.lines`; a random initialisation
+    when unset) and the ``trainable`` parameter count. Builds the model (``data = None``: the
+    deployment shape) and reads the weights file, so a wrong file fails here.
+    """
+    model, report = initial_model_with_report(cfg, data)
+    lines = report.lines() if report is not None else ["init-weights: none (random initialisation, seed "
+                                                         f"{cfg.seed})"]
+    lines.append(apply_trainable(model, mode=cfg.trainable, model_name=cfg.model).line())
+    return lines
 
 
 def round_settings(cfg: RunConfig, *, server_round: int, site_index: int) -> TrainSettings:

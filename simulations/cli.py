@@ -208,6 +208,8 @@ def simulate(
         cfg = resolved.config
         if dry_run:
             typer.echo(resolved.describe())
+            if cfg.init_weights or cfg.trainable != "all":
+                typer.echo("\n".join(f"# {line}" for line in _start_plan(cfg)))
             return
         _run_and_report(cfg, centralized=centralized, verbose=verbose)
     except (ConfigError, DataError, ValueError) as err:
@@ -231,6 +233,16 @@ def simulate(
             logging.getLogger(__name__).error("the run failed", exc_info=err.__cause__)
         console.print(f"[bold red]error:[/] {escape(str(err))}")
         raise typer.Exit(code=1) from None
+
+
+def _start_plan(cfg: RunConfig) -> list[str]:
+    """``--dry-run``'s model lines: what ``init-weights`` loads and what ``trainable`` trains."""
+    from medfed.shared.data.loading import load_dataset
+    from medfed.shared.seeding import seed_everything
+    from medfed.shared.task import start_plan
+
+    seed_everything(cfg.seed)
+    return start_plan(cfg, None if cfg.is_deployment else load_dataset(cfg).train)
 
 
 def _cross_site_only(checkpoint: Path) -> None:

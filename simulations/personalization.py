@@ -33,7 +33,7 @@ from medfed.shared.config import RunConfig
 from medfed.shared.personalization import choose_on_validation, personalization_steps
 from medfed.shared.round_config import fit_config
 from medfed.shared.seeding import seed_everything
-from medfed.shared.task import model_for, round_settings, site_seed
+from medfed.shared.task import initial_model, model_for, round_settings, site_seed
 from medfed.shared.training import TrainSettings, evaluate_at_validation_threshold, select_device
 from medfed.shared.weights import get_weights, set_weights
 
@@ -57,7 +57,8 @@ def local_only_weights(cfg: RunConfig, data: SiteData, *, site_index: int) -> li
     """
     alone = cfg.replace(strategy="fedavg", dp=False)
     site = SiteClient(cfg=alone, data=data, site_index=site_index)
-    weights = get_weights(site.model)
+    seed_everything(cfg.seed)
+    weights = get_weights(initial_model(alone, data.train))  # the federation's start (init-weights)
     for server_round in range(1, alone.num_server_rounds + 1):
         weights, _, _ = site.fit(weights, fit_config(server_round))
     return weights

@@ -21,7 +21,8 @@ from medfed.shared.inference import model_shape_for
 from medfed.shared.partition import training_pool
 from medfed.shared.preflight import preflight
 from medfed.shared.seeding import seed_everything
-from medfed.shared.task import model_for, round_settings
+from medfed.shared.task import initial_model_with_report, round_settings
+from medfed.shared.trainable import apply_trainable, trainable_parameters
 from medfed.shared.training import (
     evaluate,
     evaluate_at_validation_threshold,
@@ -70,12 +71,15 @@ def run_pooled(
     if splits is None:  # preflight(federated=False) refuses a config without data
         raise RuntimeError("the pooled baseline needs data")
     device = select_device()
-    model = model_for(cfg, splits.train)
+    model, init_report = initial_model_with_report(cfg, splits.train)  # with init-weights loaded
+    apply_trainable(model, mode=cfg.trainable, model_name=cfg.model)  # trainable: the rest is frozen
     pool, _ = training_pool(splits.train.class_labels(), seed=cfg.seed, local_test_fraction=cfg.local_test_fraction)
     train_data = splits.train.subset(pool)  # what the simulated sites train on together (no local tests)
     path = Path(run_path) if run_path else new_run_path(cfg.run_dir, name=f"pooled-s{cfg.seed}")
     run_dir = RunDirectory(path, config=cfg.to_run_config(), mode="pooled", sink=open_run_sink(cfg))
     run_dir.model_shape = model_shape_for(cfg, splits.train).to_json()
+    if init_report is not None:
+        run_dir.write_init_weights(init_report.to_json())
     if hooks.on_start:
         hooks.on_start(run_dir)
     result = SimulationResult(run_dir=path)
@@ -104,7 +108,7 @@ def run_pooled(
                 settings = round_settings(cfg, server_round=server_round, site_index=-1)
                 seed_everything(settings.seed)
                 optimizer = make_optimizer(
-                    model.parameters(),
+                    trainable_parameters(model),
                     name=settings.optimizer,
                     learning_rate=settings.learning_rate,
                     weight_decay=settings.weight_decay,

@@ -52,7 +52,7 @@ from medfed.shared.config_sources import flag_layer, mapping_layer, resolve_conf
 from medfed.shared.data.loading import load_dataset
 from medfed.shared.round_config import fit_config
 from medfed.shared.seeding import seed_everything
-from medfed.shared.task import model_for
+from medfed.shared.task import initial_model, model_for
 from medfed.shared.weights import get_weights, trainable_mask
 from medfed.simulations.bench.support import line_plot, mean_spread, medmnist_file, ratio
 from medfed.simulations.pooled import run_pooled
@@ -196,7 +196,7 @@ def federate_in_process(
     start = time.perf_counter()
     seed_everything(cfg.seed)
     splits = load_dataset(cfg)
-    model = model_for(cfg, splits.train)
+    model = initial_model(cfg, splits.train)  # with init-weights loaded
     initial = get_weights(model)
     strategy = build_strategy(
         cfg,
@@ -256,10 +256,11 @@ def local_models(cfg: RunConfig) -> list[list[np.ndarray]]:
         Per site (in site order), its own model's weights after the last round (``get_weights`` order).
     """
     seed_everything(cfg.seed)
+    start = get_weights(initial_model(cfg, load_dataset(cfg).train))  # the federation's initial model
     out: list[list[np.ndarray]] = []
     for i in range(cfg.num_sites):
         site = SiteClient(cfg=cfg, data=simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites), site_index=i)
-        weights = get_weights(site.model)
+        weights = start
         for server_round in range(1, cfg.num_server_rounds + 1):
             weights, _, _ = site.fit(weights, fit_config(server_round))
         out.append(weights)

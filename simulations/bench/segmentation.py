@@ -175,7 +175,7 @@ def _local_only(cfg: RunConfig) -> dict[str, Any]:
     from medfed.shared.data.loading import load_dataset
     from medfed.shared.round_config import fit_config
     from medfed.shared.seeding import seed_everything
-    from medfed.shared.task import model_for
+    from medfed.shared.task import initial_model, model_for
     from medfed.shared.weights import get_weights
 
     splits = load_dataset(cfg)
@@ -185,7 +185,8 @@ def _local_only(cfg: RunConfig) -> dict[str, Any]:
         data = simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites)
         site = SiteClient(cfg=cfg, data=data, site_index=i)
         val_dice, test_dice = _scored(cfg, splits.test, data.val, model_for(cfg, splits.train))
-        weights = get_weights(site.model)
+        seed_everything(cfg.seed)
+        weights = get_weights(initial_model(cfg, splits.train))  # the federation's start (init-weights)
         best_score, best_round, best_weights = -math.inf, 0, weights
         for server_round in range(1, cfg.num_server_rounds + 1):
             weights, _, _ = site.fit(weights, fit_config(server_round))

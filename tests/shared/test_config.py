@@ -20,6 +20,9 @@ def test_defaults_round_trip_through_kebab_case() -> None:
         ({"augment": "false"}, "augment", False),
         ({"strategy": "fedadam"}, "strategy", "fedadam"),
         ({"num_server_rounds": 7}, "num_server_rounds", 7),
+        ({"init-weights": "runs/x/checkpoints/best.pt"}, "init_weights", "runs/x/checkpoints/best.pt"),
+        ({"trainable": "last-block+head"}, "trainable", "last-block+head"),
+        ({"trainable": "norm+head"}, "trainable", "norm+head"),
     ],
 )
 def test_values_are_coerced(raw: dict, field: str, expected: object) -> None:
@@ -37,6 +40,8 @@ def test_values_are_coerced(raw: dict, field: str, expected: object) -> None:
         ({"num-sites": 2.5}, ["num-sites", "int"]),
         ({"augment": "maybe"}, ["augment", "bool"]),
         ({"fraction-fit": 1.5}, ["fraction-fit", "[0, 1]"]),
+        ({"trainable": "backbone"}, ["trainable", "'all'", "'head'", "'last-block+head'", "'norm+head'"]),
+        ({"init-weights": 1.5}, ["init-weights", "str"]),
     ],
 )
 def test_bad_input_names_key_and_fix(raw: dict, fragments: list[str]) -> None:

@@ -94,6 +94,8 @@ RUN_CONFIG_TABLE: dict[str, tuple[Any, list[str]]] = {
     "bn-mode": ("silobn", ["'global', 'local-stats', 'fedbn'"]),
     "loss": ("focal", ["'ce', 'balanced-softmax', 'fedlc'"]),
     "fedlc-tau": (-1, [">= 0"]),
+    "init-weights": (3, ["type str"]),
+    "trainable": ("heads", ["Did you mean 'head'", "'all', 'head', 'last-block+head', 'norm+head'"]),
 }
 
 

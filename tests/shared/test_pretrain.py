@@ -254,3 +254,28 @@ def test_linear_probe_scores_a_separable_task_high_and_shuffled_labels_near_chan
     assert separable["auc"] > 0.9, separable
     assert shuffled["auc"] < 0.75, shuffled
     assert model.get_submodule("head") is not None and isinstance(model.head, nn.Linear)
+
+
+@pytest.mark.parametrize("mode", ["supervised", "contrastive"])
+def test_init_weights_loads_a_pretrain_checkpoint_and_keeps_an_untrained_head_new(tmp_path: Path, mode: str) -> None:
+    """``medfed pretrain``'s file through ``init-weights``: the backbone loads with its values; a
+    contrastive run's head (random, same shape) is reported as newly initialised, not as loaded."""
+    from medfed.shared.init_weights import load_init_weights
+
+    path = _write_npz(tmp_path / "public.npz", channels=1)
+    settings = PretrainSettings(model="simplecnn", mode=mode, epochs=1, batch_size=8, num_classes=3, seed=1)
+    result = pretrain(load_public_data(path), settings=settings, data_name=path.name, data_sha256="0" * 64)
+    file = tmp_path / "init.pt"
+    torch.save(result.payload, file)
+    target = build_model("simplecnn", spatial_dims=2, in_channels=1, out_channels=3, norm="group", image_size=SIZE)
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    report = load_init_weights(target, path=file)
+    assert report.kind == "medfed checkpoint"
+    head = {"head.weight", "head.bias"}
+    if mode == "contrastive":
+        assert head <= set(report.new) and not head & set(report.loaded)
+        torch.testing.assert_close(target.state_dict()["head.weight"], before["head.weight"])
+    else:
+        assert head <= set(report.loaded)
+        torch.testing.assert_close(target.state_dict()["head.weight"], result.payload["state_dict"]["head.weight"])
+    torch.testing.assert_close(target.state_dict()["features.0.weight"], result.payload["state_dict"]["features.0.weight"])

@@ -1,0 +1,137 @@
+"""Benchmark: the cost of one DP-SGD step per ``trainable`` fine-tuning mode.
+
+Run ``python -m medfed.simulations.bench.trainable_speed`` (defaults: ResNet-18 with GroupNorm,
+28x28 one-channel inputs, 2 classes, batch 32, one CPU thread). For each mode of
+:data:`medfed.shared.config.TRAINABLE_MODES` it times one optimizer step (forward, backward,
+Opacus's per-sample gradients, clipping, secure noise as a site draws it, update) with DP-SGD and
+without, on the same fixed batches of random images (speed only: no data is read), interleaved
+(every variant once per repeat) so that load changes on a shared machine affect all alike. The
+first repeat is a warm-up; the figures are medians over ``--repeats`` repeats of ``--steps``
+steps. Rows go to ``docs/bench/results.json``, section ``"trainable-speed"``.
+
+The figures are indicative: a shared CPU is noisy, and the conditions are stated with them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from medfed.shared.config import TRAINABLE_MODES
+from medfed.shared.models import build_model
+from medfed.shared.privacy import make_private_training, secure_generator
+from medfed.shared.trainable import apply_trainable, trainable_parameters
+from medfed.shared.training import make_optimizer
+from medfed.simulations.bench.support import write_results_section
+
+__all__ = ["SECTION", "step_times", "main"]
+
+logger = logging.getLogger(__name__)
+
+SECTION = "trainable-speed"
+"""The section of ``results.json`` the rows go to."""
+
+
+def _variant(name: str, mode: str, *, private: bool, side: int, batch: int, seed: int) -> tuple[nn.Module, Any]:
+    """A model with ``mode`` applied and its optimizer (Opacus-wrapped when ``private``)."""
+    torch.manual_seed(seed)
+    model = build_model(name, spatial_dims=2, in_channels=1, out_channels=2, norm="group", image_size=side)
+    apply_trainable(model, mode=mode, model_name=name)
+    optimizer = make_optimizer(trainable_parameters(model), name="sgd", learning_rate=0.01, weight_decay=0.0)
+    if not private:
+        return model, optimizer
+    loader = DataLoader(TensorDataset(torch.zeros(batch * 8, 1, side, side), torch.zeros(batch * 8).long()),
+                        batch_size=batch)
+    wrapped = make_private_training(model, optimizer, loader, noise_multiplier=1.0, max_grad_norm=1.0,
+                                    generator=secure_generator(), secure_noise=True)
+    return wrapped.model, wrapped.optimizer
+
+
+def step_times(
+    *, name: str = "resnet18", side: int = 28, batch: int = 32, steps: int = 3, repeats: int = 4, seed: int = 0
+) -> list[dict[str, Any]]:
+    """Median seconds per step of every (mode, DP or not) variant; see the module docstring."""
+    g = torch.Generator().manual_seed(seed)
+    batches = [(torch.rand(batch, 1, side, side, generator=g), torch.randint(0, 2, (batch,), generator=g))
+               for _ in range(steps)]
+    loss_fn = nn.CrossEntropyLoss()
+    variants = {(mode, private): _variant(name, mode, private=private, side=side, batch=batch, seed=seed)
+                for mode in TRAINABLE_MODES for private in (False, True)}
+    times: dict[tuple[str, bool], list[float]] = {key: [] for key in variants}
+    for repeat in range(repeats + 1):
+        for key, (model, optimizer) in variants.items():
+            model.train()
+            start = time.perf_counter()
+            for images, targets in batches:
+                optimizer.zero_grad(set_to_none=True)
+                loss_fn(model(images), targets).backward()
+                optimizer.step()
+            if repeat:  # the first repeat warms up
+                times[key].append((time.perf_counter() - start) / steps)
+    rows = []
+    for mode in TRAINABLE_MODES:
+        model = variants[(mode, False)][0]
+        plain, dp = statistics.median(times[(mode, False)]), statistics.median(times[(mode, True)])
+        rows.append({
+            "model": name, "norm": "group", "image_size": side, "batch_size": batch, "threads": torch.get_num_threads(),
+            "mode": mode,
+            "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "plain_step_seconds": round(plain, 4), "dp_step_seconds": round(dp, 4),
+            "dp_over_plain": round(dp / plain, 2),
+            "steps": steps, "repeats": repeats, "machine": platform.processor() or platform.machine(),
+            "load": round(os.getloadavg()[0], 1), "measured_at": datetime.date.today().isoformat(),
+            "command": f"python -m medfed.simulations.bench.trainable_speed --models {name} --image-size {side} "
+                       f"--batch-size {batch} --steps {steps} --repeats {repeats} --threads {torch.get_num_threads()}",
+        })
+    all_dp = rows[0]["dp_step_seconds"]
+    for row in rows:
+        row["dp_step_vs_all"] = round(row["dp_step_seconds"] / all_dp, 3)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line: measure, print the table, write the results section."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet18"], help="registered models (each gets its rows)")
+    parser.add_argument("--image-size", type=int, default=28)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=4)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--results", type=Path, default=Path("docs/bench/results.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    rows: list[dict[str, Any]] = []
+    header = f"{'mode':<17}{'trainable':>12}{'plain s/step':>14}{'DP s/step':>11}{'DP/plain':>10}{'DP vs all':>11}"
+    for name in args.models:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            model_rows = step_times(name=name, side=args.image_size, batch=args.batch_size, steps=args.steps,
+                                    repeats=args.repeats)
+        print(f"{name}, GroupNorm, {args.image_size}px, batch {args.batch_size}, {args.threads} thread(s)")
+        print(header)
+        for r in model_rows:
+            print(f"{r['mode']:<17}{r['trainable_parameters']:>12,}{r['plain_step_seconds']:>14.3f}"
+                  f"{r['dp_step_seconds']:>11.3f}{r['dp_over_plain']:>10.2f}{r['dp_step_vs_all']:>11.3f}")
+        rows += model_rows
+    write_results_section(args.results, SECTION, rows)
+    print(json.dumps({"written": str(args.results), "section": SECTION}))
+
+
+if __name__ == "__main__":
+    main()
