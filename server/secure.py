@@ -279,6 +279,8 @@ class SecAggOutcome:
     failed_stage: str | None = None
     seconds: float = 0.0
     active_after_stage: dict[str, int] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    """Wall seconds of each stage that ran (messages out and back, and the server's work)."""
 
     @property
     def dropped(self) -> int:
@@ -295,6 +297,7 @@ class SecAggOutcome:
             "failed_stage": self.failed_stage,
             "seconds": round(self.seconds, 3),
             "active_after_stage": dict(self.active_after_stage),
+            "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
         }
 
 
@@ -359,7 +362,9 @@ class MedfedSecAggPlusWorkflow(SecAggPlusWorkflow):
         steps = (self.setup_stage, self.share_keys_stage, self.collect_masked_vectors_stage, self.unmask_stage)
         start = time.perf_counter()
         for name, step in zip(self.STAGES, steps, strict=True):
+            stage_start = time.perf_counter()
             ok = step(grid, context, state)
+            outcome.stage_seconds[name] = time.perf_counter() - stage_start
             state.failures = _unique_failures(state.failures)
             outcome.sampled = len(state.sampled_node_ids)
             outcome.active_after_stage[name] = len(state.active_node_ids)

@@ -327,6 +327,9 @@ def test_secagg_aggregate_equals_weighted_fedavg_within_bound(noise_run) -> None
     _check_round_aggregate(cfg, tmp, recorder, final, 4, survivors={0, 1, 2, 3, 4})
     by_round = {r["round"]: r for r in records}
     assert by_round[4]["secagg"] == {**by_round[4]["secagg"], "sampled": 5, "survivors": 5, "dropped": 0, "completed": True}
+    stages = by_round[4]["secagg"]["stage_seconds"]  # where a round's time went, stage by stage
+    assert set(stages) == {"setup", "share-keys", "collect-masked-vectors", "unmask"}
+    assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= by_round[4]["secagg"]["seconds"] + 1e-3
     fit = by_round[4]["sites"]  # what each site reports in the clear: its example count, no update
     assert sorted(s["fit"]["num_examples"] for s in fit.values()) == NOISE_SIZES
 
