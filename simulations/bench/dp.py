@@ -176,7 +176,9 @@ def _federated(cfg: RunConfig, work: Path) -> dict[str, float]:
         int(s.get("fit", {}).get("dp-declined", 0)) for r in records for s in r["sites"].values()
     )
     final = result.final_metrics
+    initial = records[0].get("global", {}) if records and records[0].get("round") == 0 else {}
     return {
+        "initial_auc": float(initial.get("auc", float("nan"))),  # the round-0 global model (init-weights loaded)
         "auc": float(final.get("auc", float("nan"))),
         "accuracy": float(final.get("accuracy", float("nan"))),
         "max_site_epsilon": max(site_eps) if site_eps else float("nan"),
@@ -219,7 +221,7 @@ def run_auc_part(args: argparse.Namespace) -> None:
         f"{base.dp_max_grad_norm}, delta {base.dp_delta:g}, RDP accountant, noise from secure_generator(). "
         "Test AUC of the final global model." + (f" --set: {' '.join(args.set)}." if args.set else "")
     )
-    print(f"{'setting':>10} {'test AUC':>9} {'test acc':>9} {'max site eps':>13} {'declined':>9} {'MIA AUC':>8} {'pred. 1':>8} {'wall s':>7}")
+    print(f"{'setting':>10} {'init AUC':>9} {'test AUC':>9} {'test acc':>9} {'max site eps':>13} {'declined':>9} {'MIA AUC':>8} {'pred. 1':>8} {'wall s':>7}")
     settings: list[tuple[str, float]] = [("no DP", 0.0)] + [(f"eps {e:g}", e) for e in args.epsilons]
     for label, eps in settings:
         with tempfile.TemporaryDirectory(prefix="bench-dp-") as tmp:
@@ -229,7 +231,7 @@ def run_auc_part(args: argparse.Namespace) -> None:
             )
             row = _federated(cfg, Path(tmp))
         print(
-            f"{label:>10} {row['auc']:>9.3f} {row['accuracy']:>9.3f} {row['max_site_epsilon']:>13.3f} "
+            f"{label:>10} {row['initial_auc']:>9.3f} {row['auc']:>9.3f} {row['accuracy']:>9.3f} {row['max_site_epsilon']:>13.3f} "
             f"{int(row['declined']):>9d} {row['mia_auc']:>8.3f} {row['predicted_1']:>8.3f} {row['seconds']:>7.1f}"
         )
 
