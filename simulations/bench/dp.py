@@ -180,7 +180,8 @@ def _federated(cfg: RunConfig, work: Path) -> dict[str, float]:
     return {
         "initial_auc": float(initial.get("auc", float("nan"))),  # the round-0 global model (init-weights loaded)
         "auc": float(final.get("auc", float("nan"))),
-        "accuracy": float(final.get("accuracy", float("nan"))),
+        "accuracy": float(final.get("accuracy", float("nan"))),  # at the threshold chosen on validation (Youden)
+        "balanced_accuracy": float(final.get("balanced-accuracy", float("nan"))),
         "max_site_epsilon": max(site_eps) if site_eps else float("nan"),
         "declined": float(declined),
         "mia_auc": attack.auc,
@@ -221,7 +222,10 @@ def run_auc_part(args: argparse.Namespace) -> None:
         f"{base.dp_max_grad_norm}, delta {base.dp_delta:g}, RDP accountant, noise from secure_generator(). "
         "Test AUC of the final global model." + (f" --set: {' '.join(args.set)}." if args.set else "")
     )
-    print(f"{'setting':>10} {'init AUC':>9} {'test AUC':>9} {'test acc':>9} {'max site eps':>13} {'declined':>9} {'MIA AUC':>8} {'pred. 1':>8} {'wall s':>7}")
+    print(
+        f"{'setting':>10} {'init AUC':>9} {'test AUC':>9} {'test acc':>9} {'bal. acc':>9} {'max site eps':>13} "
+        f"{'declined':>9} {'MIA AUC':>8} {'pred. 1':>8} {'wall s':>7}"
+    )
     settings: list[tuple[str, float]] = [("no DP", 0.0)] + [(f"eps {e:g}", e) for e in args.epsilons]
     for label, eps in settings:
         with tempfile.TemporaryDirectory(prefix="bench-dp-") as tmp:
@@ -231,7 +235,8 @@ def run_auc_part(args: argparse.Namespace) -> None:
             )
             row = _federated(cfg, Path(tmp))
         print(
-            f"{label:>10} {row['initial_auc']:>9.3f} {row['auc']:>9.3f} {row['accuracy']:>9.3f} {row['max_site_epsilon']:>13.3f} "
+            f"{label:>10} {row['initial_auc']:>9.3f} {row['auc']:>9.3f} {row['accuracy']:>9.3f} "
+            f"{row['balanced_accuracy']:>9.3f} {row['max_site_epsilon']:>13.3f} "
             f"{int(row['declined']):>9d} {row['mia_auc']:>8.3f} {row['predicted_1']:>8.3f} {row['seconds']:>7.1f}"
         )
 
