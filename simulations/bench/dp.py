@@ -58,10 +58,12 @@ __all__ = ["SpeedResult", "auc_base_config", "build_parser", "epoch_speed", "dp_
 
 logger = logging.getLogger(__name__)
 
-BREASTMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist" / "breastmnist.npz"
+DEFAULT_DATA_DIR = os.environ.get(
+    "MEDFED_DATA_DIR", str(Path(__file__).resolve().parents[3] / "shared" / "data" / "medmnist")
+)
+"""``--data-dir`` default: ``$MEDFED_DATA_DIR``, else ``shared/data/medmnist`` beside the repository."""
+BREASTMNIST = Path(DEFAULT_DATA_DIR) / "breastmnist.npz"
 """The speed part's images when present (else random images)."""
-DEFAULT_DATA_DIR = os.environ.get("MEDFED_DATA_DIR", str(Path("..") / "shared" / "data" / "medmnist"))
-"""``--data-dir`` default: ``$MEDFED_DATA_DIR``, else ``../shared/data/medmnist`` (from the repository root)."""
 SPEED_MODELS: tuple[str, ...] = ("simplecnn", "resnet18", "densenet121")
 
 
@@ -180,8 +182,8 @@ def _federated(cfg: RunConfig, work: Path) -> dict[str, float]:
     return {
         "initial_auc": float(initial.get("auc", float("nan"))),  # the round-0 global model (init-weights loaded)
         "auc": float(final.get("auc", float("nan"))),
-        "accuracy": float(final.get("accuracy", float("nan"))),  # at the threshold chosen on validation (Youden)
-        "balanced_accuracy": float(final.get("balanced-accuracy", float("nan"))),
+        "accuracy": float(final.get("accuracy", float("nan"))),  # at the argmax
+        "balanced_accuracy": float(final.get("balanced-accuracy", float("nan"))),  # at the validation threshold
         "max_site_epsilon": max(site_eps) if site_eps else float("nan"),
         "declined": float(declined),
         "mia_auc": attack.auc,
