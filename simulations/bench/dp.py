@@ -34,7 +34,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from medfed.server.run_dir import read_metrics
-from medfed.shared.config import RunConfig
+from medfed.shared.config import ConfigError, RunConfig
+from medfed.shared.config_sources import mapping_layer, resolve_config, set_layer
 from medfed.shared.data.npz import load_npz
 from medfed.shared.models import build_model, count_parameters
 from medfed.shared.privacy import (
@@ -53,11 +54,16 @@ from medfed.simulations.membership import loss_threshold_attack, matched_non_mem
 if TYPE_CHECKING:
     from medfed.simulations.bench import BenchContext, SectionResult
 
-__all__ = ["SpeedResult", "epoch_speed", "dp_section", "main"]
+__all__ = ["SpeedResult", "auc_base_config", "build_parser", "epoch_speed", "dp_section", "main"]
 
 logger = logging.getLogger(__name__)
 
-BREASTMNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "medmnist" / "breastmnist.npz"
+DEFAULT_DATA_DIR = os.environ.get(
+    "MEDFED_DATA_DIR", str(Path(__file__).resolve().parents[3] / "shared" / "data" / "medmnist")
+)
+"""``--data-dir`` default: ``$MEDFED_DATA_DIR``, else ``shared/data/medmnist`` beside the repository."""
+BREASTMNIST = Path(DEFAULT_DATA_DIR) / "breastmnist.npz"
+"""The speed part's images when present (else random images)."""
 SPEED_MODELS: tuple[str, ...] = ("simplecnn", "resnet18", "densenet121")
 
 
@@ -161,6 +167,9 @@ def _federated(cfg: RunConfig, work: Path) -> dict[str, float]:
     attack = loss_threshold_attack(
         model, members=splits.train, non_members=matched_non_members(splits.train, splits.test, seed=cfg.seed)
     )
+    model.eval()
+    with torch.no_grad():
+        predicted = model(torch.as_tensor(splits.test.images)).argmax(dim=1)
     records = read_metrics(result.run_dir)
     site_eps = [
         s["fit"]["dp-epsilon"] for r in records[-1:] for s in r["sites"].values() if "dp-epsilon" in s.get("fit", {})
@@ -169,34 +178,56 @@ def _federated(cfg: RunConfig, work: Path) -> dict[str, float]:
         int(s.get("fit", {}).get("dp-declined", 0)) for r in records for s in r["sites"].values()
     )
     final = result.final_metrics
+    initial = records[0].get("global", {}) if records and records[0].get("round") == 0 else {}
     return {
+        "initial_auc": float(initial.get("auc", float("nan"))),  # the round-0 global model (init-weights loaded)
         "auc": float(final.get("auc", float("nan"))),
-        "accuracy": float(final.get("accuracy", float("nan"))),
+        "accuracy": float(final.get("accuracy", float("nan"))),  # at the argmax
+        "balanced_accuracy": float(final.get("balanced-accuracy", float("nan"))),  # at the validation threshold
         "max_site_epsilon": max(site_eps) if site_eps else float("nan"),
         "declined": float(declined),
         "mia_auc": attack.auc,
+        "predicted_1": float(predicted.float().mean()),  # share of test images predicted class 1
         "seconds": seconds,
     }
 
 
+def auc_base_config(args: argparse.Namespace, *, dataset: Path) -> RunConfig:
+    """The run config shared by every setting of the auc part: the flags, then ``--set`` pairs (they win).
+
+    Raises
+    ------
+    ConfigError
+        A ``--set`` item is malformed, names an unknown key or gives an invalid value (naming it).
+    """
+    flags = {
+        "dataset": str(dataset), "model": args.model, "norm": "group", "num-sites": args.sites,
+        "num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": args.fed_batch_size,
+        "learning-rate": args.lr, "optimizer": args.optimizer, "augment": False, "seed": args.seed,
+        "dp-max-grad-norm": args.max_grad_norm, "dp-delta": 1e-5, "dp-secure-noise": True,
+    }
+    return resolve_config(mapping_layer(flags, source="bench.dp flags"), set_layer(args.set)).config
+
+
 def run_auc_part(args: argparse.Namespace) -> None:
     """Federated BreastMNIST without DP and at each target epsilon (see the module docstring)."""
-    if not BREASTMNIST.exists():
-        print(f"auc part skipped: {BREASTMNIST.name} is not in ../shared/data/medmnist.")
+    dataset = Path(args.data_dir) / "breastmnist.npz"
+    if not dataset.exists():
+        print(f"auc part skipped: breastmnist.npz is not in {args.data_dir} (pass --data-dir).")
         return
-    base = RunConfig(
-        dataset=str(BREASTMNIST), model=args.model, norm="group", num_sites=args.sites,
-        num_server_rounds=args.rounds, local_epochs=args.local_epochs, batch_size=args.fed_batch_size,
-        learning_rate=args.lr, optimizer=args.optimizer, augment=False, seed=args.seed,
-        dp_max_grad_norm=args.max_grad_norm, dp_delta=1e-5, dp_secure_noise=True,
+    base = auc_base_config(args, dataset=dataset)
+    print(
+        f"\nFederated BreastMNIST: {base.model} (norm {base.norm}), {base.num_sites} sites IID, "
+        f"{base.num_server_rounds} rounds x {base.local_epochs} local epoch(s), batch {base.batch_size}, "
+        f"{base.optimizer} lr {base.learning_rate}, seed {base.seed}, trainable {base.trainable}, init-weights "
+        f"{Path(base.init_weights).name if base.init_weights else 'none (random)'}; DP: max grad norm "
+        f"{base.dp_max_grad_norm}, delta {base.dp_delta:g}, RDP accountant, noise from secure_generator(). "
+        "Test AUC of the final global model." + (f" --set: {' '.join(args.set)}." if args.set else "")
     )
     print(
-        f"\nFederated BreastMNIST: {args.model} (norm group), {args.sites} sites IID, {args.rounds} rounds x "
-        f"{args.local_epochs} local epoch(s), batch {args.fed_batch_size}, {args.optimizer} lr {args.lr}, "
-        f"seed {args.seed}; DP: max grad norm {args.max_grad_norm}, delta 1e-5, RDP accountant, "
-        "noise from secure_generator(). Test AUC of the final global model."
+        f"{'setting':>10} {'init AUC':>9} {'test AUC':>9} {'test acc':>9} {'bal. acc':>9} {'max site eps':>13} "
+        f"{'declined':>9} {'MIA AUC':>8} {'pred. 1':>8} {'wall s':>7}"
     )
-    print(f"{'setting':>10} {'test AUC':>9} {'test acc':>9} {'max site eps':>13} {'declined':>9} {'MIA AUC':>8} {'wall s':>7}")
     settings: list[tuple[str, float]] = [("no DP", 0.0)] + [(f"eps {e:g}", e) for e in args.epsilons]
     for label, eps in settings:
         with tempfile.TemporaryDirectory(prefix="bench-dp-") as tmp:
@@ -206,8 +237,9 @@ def run_auc_part(args: argparse.Namespace) -> None:
             )
             row = _federated(cfg, Path(tmp))
         print(
-            f"{label:>10} {row['auc']:>9.3f} {row['accuracy']:>9.3f} {row['max_site_epsilon']:>13.3f} "
-            f"{int(row['declined']):>9d} {row['mia_auc']:>8.3f} {row['seconds']:>7.1f}"
+            f"{label:>10} {row['initial_auc']:>9.3f} {row['auc']:>9.3f} {row['accuracy']:>9.3f} "
+            f"{row['balanced_accuracy']:>9.3f} {row['max_site_epsilon']:>13.3f} "
+            f"{int(row['declined']):>9d} {row['mia_auc']:>8.3f} {row['predicted_1']:>8.3f} {row['seconds']:>7.1f}"
         )
 
 
@@ -330,8 +362,8 @@ def dp_section(ctx: BenchContext) -> SectionResult:
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse the command line and run the chosen parts."""
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m medfed.simulations.bench.dp``."""
     parser = argparse.ArgumentParser(prog="python -m medfed.simulations.bench.dp", description=__doc__.split("\n")[0])
     parser.add_argument("--part", choices=("speed", "auc", "all"), default="all")
     parser.add_argument("--models", nargs="+", default=list(SPEED_MODELS))
@@ -350,7 +382,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max-grad-norm", type=float, default=1.0)
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0])
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding breastmnist.npz (auc part)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="any run-config key for the auc part's runs, over the flags (repeatable): --set trainable=head",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line and run the chosen parts."""
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.part in ("auc", "all"):
+        try:
+            auc_base_config(args, dataset=Path(args.data_dir) / "breastmnist.npz")
+        except ConfigError as err:
+            parser.error(str(err))
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("flwr", "ray"):  # keep the printed figures readable
         logging.getLogger(noisy).setLevel(logging.ERROR)
