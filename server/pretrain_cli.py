@@ -96,7 +96,8 @@ def pretrain_command(
         _fail(f"--out {out} exists. Give another file, or --overwrite to replace it.")
     from medfed.shared.config import ConfigError
     from medfed.shared.data.base import DataError
-    from medfed.shared.pretrain import PretrainError, PretrainSettings, file_sha256, load_public_data, pretrain
+    from medfed.shared.files import file_sha256
+    from medfed.shared.pretrain import PretrainError, PretrainSettings, load_public_data, pretrain
     from medfed.shared.training import select_device
 
     try:

@@ -405,8 +405,8 @@ class MedfedSecAggPlusWorkflow(SecAggPlusWorkflow):
 
         The messages (the same ``UNMASK`` request to every active site, the same key shares back),
         the Shamir recovery and the pairwise keys are Flower's; :func:`remove_masks` replaces
-        Flower's per-tensor ``int64`` mask expansion (about half of this stage's time at 8 sites x
-        1M parameters). The aggregate is the same integer vector, so everything after it
+        Flower's per-tensor ``int64`` mask expansion and arithmetic. The aggregate is the same
+        integer vector, so everything after it
         (dequantisation, ``aggregate_fit``, history) runs as Flower's code does.
         """
         if state.mod_range != MODULUS_RANGE:

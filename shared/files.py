@@ -1,7 +1,8 @@
-"""Crash-safe file writes, and the one TOML reader (errors name the file)."""
+"""Crash-safe file writes, the one TOML reader (errors name the file), and the one file hasher."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 import tomllib
@@ -9,7 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["write_atomically", "read_toml"]
+__all__ = ["write_atomically", "read_toml", "file_sha256"]
 
 
 def write_atomically(
@@ -93,3 +94,12 @@ def read_toml(
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise error(f"{what} {path} is not valid TOML: {err}.{(' ' + if_invalid) if if_invalid else ''}") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -42,7 +42,6 @@ Pure PyTorch (no Flower, no MONAI import needed).
 from __future__ import annotations
 
 import functools
-import hashlib
 import logging
 import pickle
 from collections.abc import Mapping
@@ -54,6 +53,7 @@ import torch
 from torch import nn
 
 from medfed.shared.config import ConfigError
+from medfed.shared.files import file_sha256
 
 __all__ = [
     "InitWeightsError",
@@ -218,10 +218,6 @@ def read_weights_file(path: str | Path) -> tuple[dict[str, torch.Tensor], str, s
 def _read_cached(file: str, mtime_ns: int, size: int) -> tuple[dict[str, torch.Tensor], str, str]:
     del mtime_ns, size  # cache keys only: a rewritten file is read again
     path = Path(file)
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
@@ -235,7 +231,7 @@ def _read_cached(file: str, mtime_ns: int, size: int) -> tuple[dict[str, torch.T
     state, kind = _state_of(payload, file=file)
     if kind == "state dict" and in_bundle:
         kind = "MONAI bundle"
-    return state, kind, digest.hexdigest()
+    return state, kind, file_sha256(path)
 
 
 def _state_of(payload: Any, *, file: str) -> tuple[dict[str, torch.Tensor], str]:

@@ -25,7 +25,6 @@ Privacy: the payload names the data by file name and SHA-256 only (no paths, no 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 import math
 import time
@@ -76,7 +75,6 @@ __all__ = [
     "backbone_features",
     "convert_channels",
     "contrastive_views",
-    "file_sha256",
     "head_layer",
     "linear_probe",
     "load_public_data",
@@ -196,15 +194,6 @@ class PretrainResult:
 
 
 # ---------------------------------------------------------------------------- data
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes (hex), read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with Path(path).open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_public_data(path: str | Path, *, image_size: int = 0, seed: int = 0) -> DataSplits:
     """Read a public npz file or datalist with medfed's readers (:func:`medfed.shared.data.loading.load_dataset`).
 

@@ -49,7 +49,7 @@ from flwr.simulation import run_simulation
 from medfed.client.client_app import make_client_app, privacy_mods, site_client_fn
 from medfed.client.egress import egress_guard
 from medfed.client.secagg_packed import packed_secaggplus_mod
-from medfed.server.secure import MedfedSecAggPlusWorkflow, SecAggUpdateStrategy, secagg_settings
+from medfed.server.secure import MedfedSecAggPlusWorkflow, SecAggOutcome, SecAggUpdateStrategy, secagg_settings
 from medfed.shared.config import RunConfig
 from medfed.shared.data.loading import load_dataset
 from medfed.shared.models import model_task
@@ -214,6 +214,13 @@ class BenchResult:
     secagg: bool
     round_seconds: list[float] = field(default_factory=list)
     upload_per_site: float = 0.0
+    stage_seconds: list[dict[str, float]] = field(default_factory=list)
+    """SecAgg+ only: each round's seconds per protocol stage (``SecAggOutcome.stage_seconds``)."""
+
+    def median_stages(self) -> dict[str, float]:
+        """Median seconds of each stage over rounds 2.. (round 1 starts the workers)."""
+        later = self.stage_seconds[1:] or self.stage_seconds
+        return {k: statistics.median(d[k] for d in later if k in d) for k in (later[0] if later else {})}
 
     @property
     def median_round(self) -> float:
@@ -316,7 +323,11 @@ def run_bench(
         elif secagg:
             settings = secagg_settings(cfg, num_sites=sites)
             outer = SecAggUpdateStrategy(timer)
-            workflow = DefaultWorkflow(fit_workflow=MedfedSecAggPlusWorkflow(settings, on_outcome=outer.record_outcome))
+            def on_outcome(outcome: SecAggOutcome, record=outer.record_outcome) -> None:
+                result.stage_seconds.append(dict(outcome.stage_seconds))
+                record(outcome)
+
+            workflow = DefaultWorkflow(fit_workflow=MedfedSecAggPlusWorkflow(settings, on_outcome=on_outcome))
         else:
             outer, workflow = timer, DefaultWorkflow()
         legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=outer)
@@ -476,6 +487,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("flwr").setLevel(logging.WARNING)
     rows = []
+    stages: list[tuple[str, dict[str, float]]] = []
     workloads: list[tuple[int, str | None]] = (
         [(0, name) for name in args.train_model] if args.train_model else [(int(p), None) for p in args.params]
     )
@@ -486,6 +498,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             plain = run_bench(secagg=False, **common)  # type: ignore[arg-type]
             secure = run_bench(secagg=True, **common)  # type: ignore[arg-type]
             num_params = plain.num_params
+            stages.append((f"{train_model or 'noise'} {num_params / 1e6:.1f}M x {sites} sites", secure.median_stages()))
             fp32 = 4 * num_params
             row = (
                 f"{train_model or 'noise'}  {num_params / 1e6:4.1f}M  {sites:5d}  {plain.median_round:8.2f}  {secure.median_round:8.2f}  "
@@ -514,6 +527,10 @@ def main(argv: Sequence[str] | None = None) -> None:
           + ("  before_plain_s  before_secagg_s  before_ratio  before_up/fp32" if args.before else ""))
     for row in rows:
         print(row)
+    if stages:
+        print("\nSecAgg+ seconds per stage (median over rounds 2..), medfed's side of each row:")
+        for label, medians in stages:
+            print(f"{label}  " + "  ".join(f"{k} {v:.3f}" for k, v in medians.items()))
 
 
 if __name__ == "__main__":

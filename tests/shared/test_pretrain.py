@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from medfed.shared.data.base import DataSplits, ImageSet
+from medfed.shared.files import file_sha256
 from medfed.shared.inference import CHECKPOINT_KEYS, ModelShape
 from medfed.shared.models import MODELS, build_model
 from medfed.shared.pretrain import (
@@ -19,7 +20,6 @@ from medfed.shared.pretrain import (
     PretrainSettings,
     backbone_features,
     convert_channels,
-    file_sha256,
     linear_probe,
     load_public_data,
     pretrain,
