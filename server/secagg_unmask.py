@@ -10,10 +10,17 @@ lists and the ``int64`` copies. Secrets are recovered with Flower's own ``combin
 pairwise keys with Flower's own ``generate_shared_key``: the protocol and its security are
 Flower's; only the array arithmetic changes. ``tests/server/test_secagg_unmask.py`` checks the
 aggregate against Flower's own stage, with and without sites dropping out.
+
+:func:`sum_masked_vectors` does the same for the collect stage's sum: Flower reads every site's
+masked arrays with ``np.load`` (a chunked copy), adds them per tensor into new ``int64`` arrays and
+reduces modulo ``2^32`` at the end; here each ``.npy`` payload is read in place
+(``np.frombuffer`` after its header) and added into one ``uint32`` buffer, which wraps modulo
+``2^32`` by itself.
 """
 
 from __future__ import annotations
 
+import io
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -24,7 +31,78 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 
 from medfed.shared.secagg_masks import PACKED_MODULUS, expand_mask
 
-__all__ = ["remove_masks"]
+__all__ = ["npy_view", "remove_masks", "sum_masked_vectors"]
+
+
+def npy_view(payload: bytes) -> np.ndarray:
+    """The array a ``.npy`` payload (``flwr.common.ndarray_to_bytes``) holds, read without a copy.
+
+    Raises
+    ------
+    ValueError
+        If the payload is not a plain ``.npy`` array (object arrays are refused, as
+        ``bytes_to_ndarray`` refuses pickles).
+    """
+    stream = io.BytesIO(payload)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:  # pragma: no cover - numpy writes 1.0-3.0
+        raise ValueError(f"unsupported .npy format version {version}.")
+    if dtype.hasobject:
+        raise ValueError("a masked vector must be an integer array, got an object array.")
+    count = int(np.prod(shape, dtype=np.int64))
+    flat = np.frombuffer(payload, dtype=dtype, count=count, offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")
+
+
+def sum_masked_vectors(payloads: Sequence[Sequence[bytes]]) -> NDArrays:
+    """The sum modulo ``2^32`` of the sites' masked vectors, as Flower's collect stage computes it.
+
+    Parameters
+    ----------
+    payloads
+        One list per site: its masked arrays as ``.npy`` bytes (the factor first, then one
+        array per parameter tensor), ``uint32`` (medfed's sites) or ``int64`` (Flower's mod).
+
+    Returns
+    -------
+    list of numpy.ndarray
+        ``uint32`` arrays of the first site's shapes, views into one flat buffer: equal, entry
+        by entry, to Flower's ``parameters_mod(sum, 2^32)``.
+
+    Raises
+    ------
+    ValueError
+        If the sites' arrays differ in number or shape.
+    """
+    if not payloads:
+        raise ValueError("no masked vectors to sum.")
+    shapes: list[tuple[int, ...]] | None = None
+    total: np.ndarray | None = None
+    for site_payloads in payloads:
+        arrays = [npy_view(b) for b in site_payloads]
+        if shapes is None:
+            shapes = [a.shape for a in arrays]
+            total = np.zeros(sum(a.size for a in arrays), dtype=np.uint32)
+        elif [a.shape for a in arrays] != shapes:
+            raise ValueError("the sites' masked vectors differ in shape; every site must send the same model.")
+        start = 0
+        for a in arrays:
+            part = total[start : start + a.size]  # type: ignore[index]
+            if a.dtype == np.uint32:
+                np.add(part, a.ravel(), out=part)
+            else:  # int64 from Flower's mod: reduce first (values are in [0, 2^32) anyway)
+                np.add(part, np.mod(a.ravel(), PACKED_MODULUS).astype(np.uint32), out=part)
+            start += a.size
+    out, start = [], 0
+    for shape in shapes or []:
+        size = int(np.prod(shape, dtype=np.int64))
+        out.append(total[start : start + size].reshape(shape))  # type: ignore[index]
+        start += size
+    return out
 
 
 def remove_masks(
@@ -62,10 +140,13 @@ def remove_masks(
         (as Flower's ``parameters_mod`` leaves them); ``None`` when a secret has too few shares.
     """
     shapes = [np.shape(a) for a in masked]
-    total = np.concatenate([np.asarray(a).ravel() for a in masked] + [np.zeros(0, np.int64)])
-    if total.size and (total.min() < 0 or total.max() >= PACKED_MODULUS):
-        total = np.mod(total, PACKED_MODULUS)
-    vector = total.astype(np.uint32)
+    if all(np.asarray(a).dtype == np.uint32 for a in masked):  # :func:`sum_masked_vectors`'s output
+        vector = np.concatenate([np.asarray(a).ravel() for a in masked] + [np.zeros(0, np.uint32)])
+    else:
+        total = np.concatenate([np.asarray(a).ravel() for a in masked] + [np.zeros(0, np.int64)])
+        if total.size and (total.min() < 0 or total.max() >= PACKED_MODULUS):
+            total = np.mod(total, PACKED_MODULUS)
+        vector = total.astype(np.uint32)
     for nid, share_list in shares.items():
         if len(share_list) < threshold:
             return None

@@ -77,7 +77,7 @@ from flwr.serverapp import Grid
 
 from medfed.server.delegating import DelegatingStrategy
 from medfed.server.rounds import apply_round_offset
-from medfed.server.secagg_unmask import remove_masks
+from medfed.server.secagg_unmask import remove_masks, sum_masked_vectors
 from medfed.server.validation import RoundValidation, check_aggregate
 from medfed.shared.config import ConfigError, RunConfig, sites_per_round
 
@@ -399,6 +399,49 @@ class MedfedSecAggPlusWorkflow(SecAggPlusWorkflow):
         self.outcomes.append(outcome)
         if self.on_outcome is not None:
             self.on_outcome(outcome)
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        """Flower's collect-masked-vectors stage with the sum on one flat ``uint32`` buffer.
+
+        The messages (the key shares forwarded with each site's ``FitIns``), the bookkeeping of
+        active sites and failures and the legacy results are Flower's, step for step; only the
+        sum of the masked vectors is :func:`~medfed.server.secagg_unmask.sum_masked_vectors`
+        (the same integers as Flower's ``parameters_mod(sum, 2^32)``, read without copies).
+        """
+        if state.mod_range != MODULUS_RANGE:
+            return super().collect_masked_vectors_stage(grid, context, state)
+        cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
+
+        def make(nid: int) -> Message:
+            content = state.nid_to_fitins[nid]
+            content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord({
+                Key.STAGE: Stage.COLLECT_MASKED_VECTORS,
+                Key.CIPHERTEXT_LIST: state.forward_ciphertexts[nid],  # type: ignore[dict-item]
+                Key.SOURCE_LIST: state.forward_srcs[nid],  # type: ignore[dict-item]
+            })
+            return Message(
+                content=content,
+                dst_node_id=nid,
+                message_type=MessageType.TRAIN,
+                group_id=str(cfg[WorkflowKey.CURRENT_ROUND]),
+            )
+
+        msgs = list(grid.send_and_receive([make(nid) for nid in state.active_node_ids], timeout=self.timeout))
+        state.active_node_ids = {msg.metadata.src_node_id for msg in msgs if not msg.has_error()}
+        del state.forward_ciphertexts, state.forward_srcs, state.nid_to_fitins
+        replies = [msg for msg in msgs if not msg.has_error()]
+        for msg in msgs:  # Flower records each failed reply twice (see _unique_failures)
+            if msg.has_error():
+                state.failures.append(Exception(msg.error))
+        if replies:
+            state.aggregate_ndarrays = sum_masked_vectors([
+                msg.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]  # type: ignore[misc]
+                for msg in replies
+            ])
+        for msg in replies:  # backward compatibility with Strategy, as Flower's stage
+            fitres = compat.recorddict_to_fitres(msg.content, True)
+            state.legacy_results.append((state.nid_to_proxies[msg.metadata.src_node_id], fitres))
+        return self._check_threshold(state)
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         """Flower's unmask stage with the mask arithmetic on flat ``uint32`` vectors.

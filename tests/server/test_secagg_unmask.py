@@ -8,8 +8,11 @@ of Flower's ``unmask_stage``, and asserts the integer vectors are equal entry by
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import pytest
+from flwr.common import bytes_to_ndarray, ndarray_to_bytes
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.common.secure_aggregation.ndarrays_arithmetic import (
@@ -70,3 +73,35 @@ def test_too_few_shares_is_refused() -> None:
     out = secagg_unmask.remove_masks(masked, shares={1: [b"x"]}, active={1}, neighbours={1: {1}},
                                      public_keys={}, threshold=2)
     assert out is None
+
+
+@pytest.mark.parametrize("dtype", [np.uint32, np.int64], ids=["packed-uint32", "flower-int64"])
+def test_collect_sum_equals_flowers(dtype) -> None:
+    """sum_masked_vectors == Flower's collect-stage sum (bytes_to_ndarray, parameters_addition, parameters_mod)."""
+    rng = np.random.default_rng(0)
+    shapes = [(1,), (3, 4), (), (0,), (2, 3, 5)]
+    sites = [[rng.integers(0, 2**32 - 1, size=s, dtype=np.int64).astype(dtype) for s in shapes] for _ in range(6)]
+    sites[0][2] = np.asfortranarray(rng.integers(0, 2**32 - 1, size=(2, 3), dtype=np.int64).astype(dtype))
+    for site in sites[1:]:
+        site[2] = rng.integers(0, 2**32 - 1, size=(2, 3), dtype=np.int64).astype(dtype)
+    payloads = [[ndarray_to_bytes(a) for a in site] for site in sites]
+    theirs = None
+    for site in payloads:
+        arrays = [bytes_to_ndarray(b) for b in site]
+        theirs = arrays if theirs is None else parameters_addition(theirs, arrays)
+    theirs = parameters_mod(theirs, 2**32)
+    ours = secagg_unmask.sum_masked_vectors(payloads)
+    assert [a.shape for a in ours] == [a.shape for a in theirs]
+    for a, b in zip(ours, theirs, strict=True):
+        assert a.dtype == np.uint32 and np.array_equal(a.astype(np.int64), b.astype(np.int64))
+
+
+def test_collect_sum_refuses_mismatched_sites() -> None:
+    one = [ndarray_to_bytes(np.zeros(3, np.uint32))]
+    other = [ndarray_to_bytes(np.zeros(4, np.uint32))]
+    with pytest.raises(ValueError, match="differ in shape"):
+        secagg_unmask.sum_masked_vectors([one, other])
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([1, "a"], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="object array"):
+        secagg_unmask.npy_view(pickled.getvalue())
