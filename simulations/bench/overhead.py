@@ -16,7 +16,10 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
+from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,13 +33,14 @@ from medfed.shared.data.loading import load_dataset
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import model_for
 from medfed.shared.weights import get_weights
-from medfed.simulations.bench.support import fmt, ratio
+from medfed.simulations.bench.figures import check_rows
+from medfed.simulations.bench.support import fmt, ratio, read_results_section, write_results_section
 from medfed.simulations.simulate import SimulationResult, run_federated
 
 if TYPE_CHECKING:
     from medfed.simulations.bench import BenchContext, SectionResult
 
-__all__ = ["plain_loop", "measure_overhead", "overhead_section"]
+__all__ = ["plain_loop", "plain_thread_choices", "measure_overhead", "figure_row", "overhead_section"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,17 +74,38 @@ def plain_loop(cfg: RunConfig) -> float:
     return time.perf_counter() - start
 
 
-def measure_overhead(cfg: RunConfig, *, sim: SimulationResult | None = None, tuned: bool = True) -> dict[str, float]:
+def plain_thread_choices() -> list[int]:
+    """The plain loop's torch thread counts: one thread and one per core (the fastest is the baseline)."""
+    return sorted({1, os.cpu_count() or 1})
+
+
+def measure_overhead(
+    cfg: RunConfig,
+    *,
+    sim: SimulationResult | None = None,
+    tuned: bool = True,
+    plain_threads: Sequence[int] = (),
+) -> dict[str, float]:
     """Simulation and plain-loop wall times for ``cfg``, and their ratio.
 
     ``sim``: a finished simulation of ``cfg`` to time against (default: run one now, with
     medfed's engine settings, or Flower's defaults when ``tuned`` is false).
+    ``plain_threads``: torch thread counts to time the plain loop with, one loop each (default:
+    this process's current count only); the fastest is the baseline, so the ratio is never
+    flattered by a slow thread setting of the loop.
     """
     sim = sim if sim is not None else run_federated(cfg, tuned=tuned)
-    threads = torch.get_num_threads()
-    plain = plain_loop(cfg)
+    before = torch.get_num_threads()
+    by_threads: dict[int, float] = {}
+    try:
+        for threads in plain_threads or (before,):
+            torch.set_num_threads(threads)
+            by_threads[threads] = plain_loop(cfg)
+    finally:
+        torch.set_num_threads(before)
+    threads, plain = min(by_threads.items(), key=lambda kv: kv[1])
     rounds = [s for s in sim.summary.get("round_seconds", []) if s is not None]  # type: ignore[union-attr]
-    return {
+    out = {
         "sites": cfg.num_sites,
         "rounds": cfg.num_server_rounds,
         "simulation_s": sim.wall_seconds,
@@ -89,6 +114,23 @@ def measure_overhead(cfg: RunConfig, *, sim: SimulationResult | None = None, tun
         "first_round_s": rounds[0] if rounds else float("nan"),
         "later_round_mean_s": float(np.mean(rounds[1:])) if len(rounds) > 1 else float("nan"),
         "plain_loop_threads": threads,
+    }
+    out.update({f"plain_loop_s_{t}_threads": s for t, s in by_threads.items()})
+    return out
+
+
+def figure_row(cfg: RunConfig, figures: dict[str, float], *, engine: str = "tuned") -> dict[str, object]:
+    """One ``results.json`` row (section ``overhead``) from :func:`measure_overhead`'s figures."""
+    plain_round = figures["plain_loop_s"] / cfg.num_server_rounds
+    return {
+        "model": cfg.model, "sites": cfg.num_sites, "rounds": cfg.num_server_rounds, "engine": engine,
+        "ratio_wall": round(figures["overhead_ratio"], 3),
+        "ratio_later_rounds": round(figures["later_round_mean_s"] / plain_round, 3),
+        "simulation_s": round(figures["simulation_s"], 2), "plain_loop_s": round(figures["plain_loop_s"], 2),
+        "first_round_s": round(figures["first_round_s"], 2),
+        "later_round_mean_s": round(figures["later_round_mean_s"], 3), "plain_round_s": round(plain_round, 3),
+        "plain_loop_threads": int(figures["plain_loop_threads"]),
+        "load": round(os.getloadavg()[0], 2),
     }
 
 
@@ -112,11 +154,11 @@ def overhead_section(ctx: BenchContext) -> SectionResult:
     except FileNotFoundError as err:
         table.add_unavailable(f"not available: {err}")
         return result
-    figures = measure_overhead(cfg, sim=medfed_peer_run(ctx))
+    figures = measure_overhead(cfg, sim=medfed_peer_run(ctx), plain_threads=plain_thread_choices())
     rows = [(cfg, figures)]
     if ctx.profile.name == "full":  # the issue's figure: a real model, whose rounds take seconds
         real = cfg.replace(model="resnet18", num_server_rounds=3, local_epochs=1)
-        rows.append((real, measure_overhead(real)))
+        rows.append((real, measure_overhead(real, plain_threads=plain_thread_choices())))
     for row_cfg, row in rows:
         plain_round = row["plain_loop_s"] / row_cfg.num_server_rounds
         table.add(
@@ -126,14 +168,7 @@ def overhead_section(ctx: BenchContext) -> SectionResult:
             fmt(row["later_round_mean_s"], 2, reason="n/a: a single round has no later rounds"), fmt(plain_round, 2),
             ratio(row["later_round_mean_s"], plain_round),
         )
-        result.figures.setdefault("overhead", []).append({
-            "model": row_cfg.model, "sites": row_cfg.num_sites, "rounds": row_cfg.num_server_rounds,
-            "ratio_wall": round(row["overhead_ratio"], 3),
-            "ratio_later_rounds": round(row["later_round_mean_s"] / plain_round, 3),
-            "simulation_s": round(row["simulation_s"], 2), "plain_loop_s": round(row["plain_loop_s"], 2),
-            "later_round_mean_s": round(row["later_round_mean_s"], 3), "plain_round_s": round(plain_round, 3),
-            "load": os.getloadavg()[0],
-        })
+        result.figures.setdefault("overhead", []).append(figure_row(row_cfg, row))
     target_cfg, target = rows[-1]
     target_round = target["plain_loop_s"] / target_cfg.num_server_rounds
     result.targets.append(Target.check(
@@ -147,8 +182,9 @@ def overhead_section(ctx: BenchContext) -> SectionResult:
         "The simulation's wall time includes starting Ray and its workers (a fixed cost of several seconds that "
         "dominates small models and few rounds); the later-rounds ratio leaves it out (the plain loop's rounds "
         "are its wall time over the rounds, set-up included). Ray gives each site one CPU, at the priority of the "
-        f"process that started it; the plain loop runs the sites one after another with torch's "
-        f"{int(figures['plain_loop_threads'])} threads. The target is checked on the last row (the full profile's "
+        f"process that started it; the plain loop runs the sites one after another, timed with "
+        f"{', '.join(str(t) for t in plain_thread_choices())} torch thread(s); the fastest, "
+        f"{int(figures['plain_loop_threads'])} thread(s), is the baseline. The target is checked on the last row (the full profile's "
         "ResNet-18, 11.2M parameters; the quick profile has only the small model)."
     )
     result.commands.append(ctx.reproduce("overhead"))
@@ -167,7 +203,15 @@ def main() -> None:
     parser.add_argument("--run-dir", default="runs/bench-overhead")
     parser.add_argument("--before", action="store_true",
                         help="also run the simulation with Flower's default engine settings, in this process")
+    parser.add_argument("--plain-threads", type=int, nargs="+", default=None, metavar="N",
+                        help="torch thread counts for the plain loop, one loop each; the fastest is the baseline "
+                             "(default: 1 and the number of cores)")
+    parser.add_argument("--record", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="append this run's rows to section 'overhead' of this file (e.g. docs/bench/results.json)")
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (the later-rounds ratio needs a round after the first).")
+    plain_threads = args.plain_threads or plain_thread_choices()
     logging.basicConfig(level=logging.WARNING)
     cfg = RunConfig(
         dataset=args.dataset,
@@ -178,11 +222,22 @@ def main() -> None:
         synthetic_samples=args.samples,
         run_dir=args.run_dir,
     )
-    out = {"tuned": measure_overhead(cfg), "load": os.getloadavg()[0]}
+    out = {"tuned": measure_overhead(cfg, plain_threads=plain_threads), "load": os.getloadavg()[0]}
     if args.before:
-        out["flower_defaults"] = measure_overhead(cfg, tuned=False)
-        out["tuned_again"] = measure_overhead(cfg)  # interleaved: load changes between runs
+        out["flower_defaults"] = measure_overhead(cfg, tuned=False, plain_threads=plain_threads)
+        out["tuned_again"] = measure_overhead(cfg, plain_threads=plain_threads)  # interleaved: load changes
     print(json.dumps(out, indent=2))
+    if args.record is not None:
+        command = "python -m medfed.simulations.bench.overhead " + " ".join(sys.argv[1:])
+        stamp = time.strftime("%Y-%m-%d", time.gmtime())
+        rows = [
+            {**figure_row(cfg, figures, engine="flower-defaults" if name == "flower_defaults" else "tuned"),
+             "command": command, "measured_at": stamp}
+            for name, figures in out.items() if isinstance(figures, dict)
+        ]
+        existing = read_results_section(args.record, "overhead") or []
+        write_results_section(args.record, "overhead", [*existing, *check_rows("overhead", rows)])
+        logger.warning("wrote %d rows to section 'overhead' of %s", len(rows), args.record)
 
 
 if __name__ == "__main__":
