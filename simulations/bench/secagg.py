@@ -26,11 +26,13 @@ import argparse
 import logging
 import os
 import statistics
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -56,7 +58,8 @@ from medfed.shared.models import model_task
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import model_for
 from medfed.shared.weights import get_weights
-from medfed.simulations.bench.support import fmt, line_plot, ratio
+from medfed.simulations.bench.figures import check_rows
+from medfed.simulations.bench.support import fmt, line_plot, ratio, read_results_section, write_results_section
 from medfed.simulations.engine_tuning import engine_polls, server_threads, tune_grid
 from medfed.simulations.simulate import ray_environment
 
@@ -483,7 +486,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         "--before", action="store_true",
         help="also run the untuned pair (Flower's 0.1 s polls, Flower's int64 site stage) in the same process",
     )
+    parser.add_argument(
+        "--repeat", type=int, default=1, metavar="N",
+        help="run the plain / SecAgg+ pair N times, interleaved; the row reports the median ratio of the pairs "
+             "(a shared machine's load drifts between runs)",
+    )
+    parser.add_argument(
+        "--record", type=Path, default=None, metavar="RESULTS_JSON",
+        help="append this run's rows to section 'secagg' of this file (e.g. docs/bench/results.json)",
+    )
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1.")
+    if args.rounds < 2:
+        parser.error("--rounds must be at least 2 (round 1 includes starting Ray; the medians use rounds 2..R).")
+    figures: list[dict[str, Any]] = []
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("flwr").setLevel(logging.WARNING)
     rows = []
@@ -495,16 +512,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         for sites in args.sites:
             common = {"sites": sites, "num_params": num_params, "rounds": args.rounds, "train_model": train_model,
                       "samples_per_site": args.samples_per_site}
-            plain = run_bench(secagg=False, **common)  # type: ignore[arg-type]
-            secure = run_bench(secagg=True, **common)  # type: ignore[arg-type]
+            pairs = []
+            for _ in range(args.repeat):
+                plain = run_bench(secagg=False, **common)  # type: ignore[arg-type]
+                secure = run_bench(secagg=True, **common)  # type: ignore[arg-type]
+                pairs.append((secure.median_round / plain.median_round, plain, secure))
+            _, plain, secure = sorted(pairs, key=lambda pair: pair[0])[(len(pairs) - 1) // 2]  # the median pair
             num_params = plain.num_params
             stages.append((f"{train_model or 'noise'} {num_params / 1e6:.1f}M x {sites} sites", secure.median_stages()))
+            figure = _figure_row(plain, secure, training=bool(train_model), model=train_model or "")
+            figure["pair_ratios"] = [round(r, 3) for r, _, _ in pairs]
+            if train_model:
+                figure["samples_per_site"] = args.samples_per_site
+            figures.append(figure)
             fp32 = 4 * num_params
             row = (
                 f"{train_model or 'noise'}  {num_params / 1e6:4.1f}M  {sites:5d}  {plain.median_round:8.2f}  {secure.median_round:8.2f}  "
                 f"{secure.median_round / plain.median_round:6.2f}  {plain.upload_per_site / fp32:7.2f}  "
                 f"{secure.upload_per_site / fp32:7.2f}"
             )
+            if args.repeat > 1:
+                row += "  pairs " + ", ".join(f"{r:.2f}" for r, _, _ in pairs)
             if args.flower_only:
                 bare = run_bench(sites=sites, num_params=num_params, secagg=True, rounds=args.rounds, flower_only=True)
                 row += f"  {bare.median_round:8.2f}  {bare.median_round / plain.median_round:6.2f}"
@@ -513,6 +541,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 secure0 = run_bench(secagg=True, tuned=False, packed=False, **common)  # type: ignore[arg-type]
                 row += (f"  {plain0.median_round:8.2f}  {secure0.median_round:8.2f}  "
                         f"{secure0.median_round / plain0.median_round:6.2f}  {secure0.upload_per_site / fp32:7.2f}")
+                figure["before_time_ratio"] = round(secure0.median_round / plain0.median_round, 3)
+                figure["before_upload_ratio"] = round(secure0.upload_per_site / fp32, 4)
             rows.append(row)
             print(row, flush=True)
     print()
@@ -531,6 +561,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         print("\nSecAgg+ seconds per stage (median over rounds 2..), medfed's side of each row:")
         for label, medians in stages:
             print(f"{label}  " + "  ".join(f"{k} {v:.3f}" for k, v in medians.items()))
+    if args.record is not None:
+        command = "python -m medfed.simulations.bench.secagg " + " ".join(argv if argv is not None else sys.argv[1:])
+        stamp = time.strftime("%Y-%m-%d", time.gmtime())
+        for figure, (_, medians) in zip(figures, stages, strict=True):
+            figure.update(command=command, measured_at=stamp, stage_seconds={k: round(v, 3) for k, v in medians.items()})
+        existing = read_results_section(args.record, "secagg") or []
+        write_results_section(args.record, "secagg", [*existing, *check_rows("secagg", figures)])
+        print(f"\nwrote {len(figures)} rows to section 'secagg' of {args.record}")
 
 
 if __name__ == "__main__":
