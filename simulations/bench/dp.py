@@ -15,7 +15,7 @@ split, which the sites partition; non-members: the test split, matched in class 
 
 Part 3 (study): the DP utility study of issue 16, in process (:func:`medfed.simulations.bench.quality.federate_in_process`:
 the sites' real DP-SGD path, ledgers and budgets, without Ray). For each ``--datasets`` file, each
-start (random weights, and ``--public-init`` when given) and no DP plus each of ``--epsilons``, one
+start (random weights, and each ``--public-init`` file) and no DP plus each of ``--epsilons``, one
 federated run at the run-config defaults (DP defaults included) under the flags and ``--set`` pairs.
 Each row goes to section ``"dp"`` of ``docs/bench/results.json`` (:data:`STUDY_FIELDS`; a row of
 the same dataset, epsilon, init and mode is replaced, every other row is kept).
@@ -362,9 +362,7 @@ def merge_study_rows(results: Path, rows: list[dict[str, object]]) -> list[dict[
 
 def run_study_part(args: argparse.Namespace) -> None:
     """The DP utility study (see the module docstring): rows printed and merged into results.json."""
-    inits: list[tuple[str, str]] = [("random", "")]
-    if args.public_init:
-        inits.append((Path(args.public_init).stem, args.public_init))
+    inits: list[tuple[str, str]] = [("random", "")] + [(Path(p).stem, p) for p in args.public_init]
     print(
         "\nDP utility study (in process, the sites' real DP-SGD path): test AUC / accuracy (argmax) of the final "
         f"global model; --set: {' '.join(args.set) or '-'}; load {os.getloadavg()[0]:.1f}."
@@ -547,7 +545,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding breastmnist.npz (auc part)")
     parser.add_argument("--datasets", nargs="+", default=["breastmnist"],
                         help="study: MedMNIST file stems in --data-dir (breastmnist, retinamnist, ...)")
-    parser.add_argument("--public-init", default="", help="study: an init-weights file trained on public data")
+    parser.add_argument("--public-init", nargs="*", default=[],
+                        help="study: init-weights files trained on public data (each beside a random start)")
     parser.add_argument("--results", default=str(RESULTS), help="study: the results.json to merge section 'dp' into")
     parser.add_argument("--no-write", action="store_true", help="study: print the rows only")
     parser.add_argument(
