@@ -95,7 +95,9 @@ STUDY_FIELDS: dict[str, type] = {
 """The fields every row of section ``"dp"`` holds (issue 16); ``epsilon`` 0 is the run without DP
 (its ``dp_time_ratio`` is 1). Rows hold more: ``predicted_classes`` (how many classes the final
 model's argmax predicts on the test split), ``predicted_share`` (share of test images per predicted
-class), ``balanced_accuracy`` (at the validation-chosen threshold), ``max_site_epsilon`` (ledger),
+class), ``balanced_accuracy`` (at the validation-chosen threshold), ``test_nll`` / ``prior_nll`` (test
+cross-entropy of the model / of always predicting the test class shares), ``mean_majority_probability``
+(the model's mean probability of the majority class, against ``majority_rate``), ``max_site_epsilon`` (ledger),
 ``wall_s``, ``load_1min``, the recipe."""
 
 
@@ -295,11 +297,15 @@ def study_row(
         model, members=splits.train, non_members=matched_non_members(splits.train, splits.test, seed=cfg.seed)
     )
     model.eval()
-    with torch.no_grad():
-        predicted = model(torch.as_tensor(splits.test.images)).argmax(dim=1)
-    share = torch.bincount(predicted, minlength=splits.test.num_classes).float() / len(predicted)
     targets = torch.as_tensor(splits.test.targets).long().flatten()
-    majority = float(torch.bincount(targets, minlength=splits.test.num_classes).max()) / len(targets)
+    with torch.no_grad():
+        logits = model(torch.as_tensor(splits.test.images))
+    predicted = logits.argmax(dim=1)
+    share = torch.bincount(predicted, minlength=splits.test.num_classes).float() / len(predicted)
+    counts = torch.bincount(targets, minlength=splits.test.num_classes).float()
+    majority = float(counts.max()) / len(targets)
+    prior = counts / counts.sum()
+    majority_class = int(counts.argmax())
     spent = [
         PrivacyLedger.open(site_ledger_path(cfg, site_index=i)).epsilon(cfg.dp_delta) for i in range(cfg.num_sites)
     ] if cfg.dp else []
@@ -312,6 +318,11 @@ def study_row(
         "membership_attack_auc": round(attack.auc, 4),
         "dp_time_ratio": round(curve.seconds / nondp_seconds, 3) if cfg.dp and nondp_seconds > 0 else 1.0,
         "balanced_accuracy": round(curve.final("balanced-accuracy"), 4),
+        # calibration: test cross-entropy against that of always predicting the test class shares,
+        # and the mean predicted probability of the majority class against its share
+        "test_nll": round(float(nn.functional.cross_entropy(logits, targets)), 4),
+        "prior_nll": round(float(-(prior * prior.clamp(min=1e-12).log()).sum()), 4),
+        "mean_majority_probability": round(float(torch.softmax(logits, dim=1)[:, majority_class].mean()), 4),
         "predicted_classes": int((share > 0).sum()),
         "predicted_share": [round(float(v), 4) for v in share],
         "max_site_epsilon": round(max(spent), 4) if spent else 0.0,
@@ -368,7 +379,7 @@ def run_study_part(args: argparse.Namespace) -> None:
         f"global model; --set: {' '.join(args.set) or '-'}; load {os.getloadavg()[0]:.1f}."
     )
     print(f"{'dataset':>12} {'init':>28} {'mode':>10} {'eps':>6} {'AUC':>6} {'acc':>6} {'major.':>6} {'bal.acc':>7} "
-          f"{'classes':>7} {'site eps':>8} {'MIA':>6} {'time x':>6} {'wall s':>7}")
+          f"{'classes':>7} {'p(maj)':>6} {'NLL':>6} {'site eps':>8} {'MIA':>6} {'time x':>6} {'wall s':>7}")
     rows: list[dict[str, object]] = []
     for name in args.datasets:
         dataset = Path(args.data_dir) / f"{name}.npz"
@@ -392,7 +403,8 @@ def run_study_part(args: argparse.Namespace) -> None:
                 print(
                     f"{name:>12} {init_name[:28]:>28} {row['mode']:>10} {eps:>6g} {row['test_auc']:>6.3f} "
                     f"{row['test_accuracy']:>6.3f} {row['majority_rate']:>6.3f} {row['balanced_accuracy']:>7.3f} "
-                    f"{row['predicted_classes']:>7d} {row['max_site_epsilon']:>8.3f} {row['membership_attack_auc']:>6.3f} "
+                    f"{row['predicted_classes']:>7d} {row['mean_majority_probability']:>6.3f} {row['test_nll']:>6.3f} "
+                    f"{row['max_site_epsilon']:>8.3f} {row['membership_attack_auc']:>6.3f} "
                     f"{row['dp_time_ratio']:>6.2f} {row['wall_s']:>7.1f}",
                     flush=True,
                 )
