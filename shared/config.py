@@ -85,9 +85,9 @@ every example moves the class balance a DP model settles at: with ``n0`` minorit
 majority examples the minority ones stay clipped until the majority's own gradients fall to about
 ``(n0 / n1) * C``, i.e. a mean class-1 probability of ``1 - (n0 / n1) * C / k`` (``k`` the
 unclipped norm scale): 0.96-0.97 where the class-1 share is 0.73. Under DP noise the model then
-predicts the majority class for every image (test NLL 0.92, worse than the constant prior's 0.58).
-At 5.0 the same runs give a mean class-1 probability of 0.76-0.85 and test NLL 0.53-0.62 at the
-same test AUC. The noise scales with the bound (its standard deviation is the noise multiplier
+predicts the majority class for every image (test NLL 0.73-0.94, the constant prior's is 0.58).
+At 5.0 the same federated runs give a mean class-1 probability of 0.73-0.88 and test NLL
+0.53-0.65 at the same test AUC. The noise scales with the bound (its standard deviation is the noise multiplier
 times it), so a much larger bound costs signal."""
 AUTO_LOSS = "balanced-softmax"
 """The classification loss of ``loss = "auto"`` (measured in BENCHMARKS.md, issue 14)."""
