@@ -72,6 +72,7 @@ __all__ = [
     "epoch_speed",
     "main",
     "merge_study_rows",
+    "plot_study",
     "study_row",
 ]
 
@@ -371,6 +372,26 @@ def merge_study_rows(results: Path, rows: list[dict[str, object]]) -> list[dict[
     return data[STUDY_SECTION]
 
 
+def plot_study(rows: list[dict[str, object]], *, dataset: str, path: Path) -> Path | None:
+    """Test AUC vs epsilon of ``dataset``'s rows, one line per (init, mode), the no-DP AUC of each
+    as a dashed line; ``None`` when ``dataset`` has no DP row."""
+    mine = [r for r in rows if r.get("dataset") == dataset]
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    hlines: dict[str, float] = {}
+    for r in sorted(mine, key=lambda r: float(r["epsilon"])):  # type: ignore[arg-type]
+        label = f"{r['init']}, {r['mode']}"
+        if float(r["epsilon"]) > 0:  # type: ignore[arg-type]
+            xs, ys = series.setdefault(label, ([], []))
+            xs.append(float(r["epsilon"]))  # type: ignore[arg-type]
+            ys.append(float(r["test_auc"]))  # type: ignore[arg-type]
+        else:
+            hlines[f"{label}, no DP"] = float(r["test_auc"])  # type: ignore[arg-type]
+    if not series:
+        return None
+    return line_plot(path, series=series, hlines=hlines, title=f"{dataset}: federated DP-SGD, test AUC vs epsilon",
+                     xlabel="epsilon (delta 1e-5, per site, whole run)", ylabel="test AUC", logx=True)
+
+
 def run_study_part(args: argparse.Namespace) -> None:
     """The DP utility study (see the module docstring): rows printed and merged into results.json."""
     inits: list[tuple[str, str]] = [("random", "")] + [(Path(p).stem, p) for p in args.public_init]
@@ -409,8 +430,12 @@ def run_study_part(args: argparse.Namespace) -> None:
                     flush=True,
                 )
     if rows and not args.no_write:
-        merge_study_rows(Path(args.results), rows)
+        merged = merge_study_rows(Path(args.results), rows)
         print(f"{len(rows)} row(s) merged into section {STUDY_SECTION!r} of {args.results}.")
+        for name in sorted({str(r["dataset"]) for r in rows}):
+            plot = plot_study(merged, dataset=name, path=Path(args.results).parent / f"dp-study-{name}.png")
+            if plot is not None:
+                print(f"plot: {plot}")
 
 
 def run_speed_part(args: argparse.Namespace) -> None:

@@ -44,3 +44,13 @@ def test_a_row_missing_a_field_is_refused_naming_it(field: str, tmp_path: Path) 
 def test_a_non_finite_figure_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="test_auc"):
         merge_study_rows(tmp_path / "results.json", [_row("breastmnist", 3.0, float("nan"))])
+
+
+def test_the_plot_has_one_line_per_start_and_none_without_dp_rows(tmp_path: Path) -> None:
+    from medfed.simulations.bench.dp import plot_study
+
+    rows = [_row("breastmnist", e, 0.6 + e / 100) for e in (0.0, 1.0, 3.0)] + [_row("retinamnist", 0.0, 0.7)]
+    path = plot_study(rows, dataset="breastmnist", path=tmp_path / "dp.png")
+    assert path == tmp_path / "dp.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_study(rows, dataset="retinamnist", path=tmp_path / "r.png") is None  # no DP row
+    assert not (tmp_path / "r.png").exists()
