@@ -96,7 +96,8 @@ STUDY_FIELDS: dict[str, type] = {
 """The fields every row of section ``"dp"`` holds (issue 16); ``epsilon`` 0 is the run without DP
 (its ``dp_time_ratio`` is 1). Rows hold more: ``predicted_classes`` (how many classes the final
 model's argmax predicts on the test split), ``predicted_share`` (share of test images per predicted
-class), ``balanced_accuracy`` (at the validation-chosen threshold), ``test_nll`` / ``prior_nll`` (test
+class), ``balanced_accuracy`` (at the validation-chosen threshold), ``initial_test_auc`` (the start's,
+before any training), ``test_nll`` / ``prior_nll`` (test
 cross-entropy of the model / of always predicting the test class shares), ``mean_majority_probability``
 (the model's mean probability of the majority class, against ``majority_rate``), ``max_site_epsilon`` (ledger),
 ``wall_s``, ``load_1min``, the recipe."""
@@ -319,6 +320,7 @@ def study_row(
         "membership_attack_auc": round(attack.auc, 4),
         "dp_time_ratio": round(curve.seconds / nondp_seconds, 3) if cfg.dp and nondp_seconds > 0 else 1.0,
         "balanced_accuracy": round(curve.final("balanced-accuracy"), 4),
+        "initial_test_auc": round(curve.series("auc")[0], 4),  # the start (init-weights loaded), round 0
         # calibration: test cross-entropy against that of always predicting the test class shares,
         # and the mean predicted probability of the majority class against its share
         "test_nll": round(float(nn.functional.cross_entropy(logits, targets)), 4),
