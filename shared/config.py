@@ -80,15 +80,16 @@ DEFAULT_SERVER_LEARNING_RATES: dict[str, float] = {
 DP_MAX_GRAD_NORM = 5.0
 """Default per-example clipping bound of DP-SGD (``dp-max-grad-norm``), measured in BENCHMARKS.md
 ("DP recipe that learns (issue 16)"). With the earlier 1.0, every BreastMNIST example was clipped
-(per-example gradient norms 5.5-7.7 at the start, 13.5 for the minority class later), and clipping
+(per-example gradient norms 5.5-7.7 at the start, 11-15 for the minority class later), and clipping
 every example moves the class balance a DP model settles at: with ``n0`` minority and ``n1``
 majority examples the minority ones stay clipped until the majority's own gradients fall to about
 ``(n0 / n1) * C``, i.e. a mean class-1 probability of ``1 - (n0 / n1) * C / k`` (``k`` the
 unclipped norm scale): 0.96-0.97 where the class-1 share is 0.73. Under DP noise the model then
 predicts the majority class for every image (test NLL 0.73-0.94, the constant prior's is 0.58).
 At 5.0 the same federated runs give a mean class-1 probability of 0.73-0.88 and test NLL
-0.53-0.65 at the same test AUC. The noise scales with the bound (its standard deviation is the noise multiplier
-times it), so a much larger bound costs signal."""
+0.53-0.65 at the same test AUC. The noise scales with the bound (its standard deviation is the
+noise multiplier times it), so a much larger bound costs signal. Measured on simplecnn (GroupNorm)
+only: check another model's per-example norms with ``python -m medfed.simulations.bench.dp_clipping``."""
 AUTO_LOSS = "balanced-softmax"
 """The classification loss of ``loss = "auto"`` (measured in BENCHMARKS.md, issue 14)."""
 BN_MODES: tuple[str, ...] = get_args(BnMode)

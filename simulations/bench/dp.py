@@ -581,7 +581,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="dp-max-grad-norm of the auc and study runs (default: the run-config default)")
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding breastmnist.npz (auc part)")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding breastmnist.npz (auc part) and the --datasets files (study)")
     parser.add_argument("--datasets", nargs="+", default=["breastmnist"],
                         help="study: MedMNIST file stems in --data-dir (breastmnist, retinamnist, ...)")
     parser.add_argument("--public-init", nargs="*", default=[],
@@ -590,7 +590,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-write", action="store_true", help="study: print the rows only")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="any run-config key for the auc part's runs, over the flags (repeatable): --set trainable=head",
+        help="any run-config key for the auc and study runs, over the flags (repeatable): --set trainable=head",
     )
     return parser
 
@@ -599,11 +599,14 @@ def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run the chosen parts."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.part in ("auc", "all"):
+    if args.part in ("auc", "all", "study"):
         try:
             auc_base_config(args, dataset=Path(args.data_dir) / "breastmnist.npz")
         except ConfigError as err:
             parser.error(str(err))
+    missing = [p for p in args.public_init if not Path(p).is_file()] if args.part == "study" else []
+    if missing:
+        parser.error(f"--public-init {' '.join(missing)}: no such file (write one with `medfed pretrain ... --out FILE`).")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("flwr", "ray"):  # keep the printed figures readable
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -54,3 +54,12 @@ def test_the_plot_has_one_line_per_start_and_none_without_dp_rows(tmp_path: Path
     assert path == tmp_path / "dp.png" and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert plot_study(rows, dataset="retinamnist", path=tmp_path / "r.png") is None  # no DP row
     assert not (tmp_path / "r.png").exists()
+
+
+def test_a_missing_public_init_exits_before_any_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from medfed.simulations.bench.dp import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--part", "study", "--data-dir", str(tmp_path), "--public-init", str(tmp_path / "none.pt")])
+    assert exit_info.value.code == 2
+    assert "--public-init" in capsys.readouterr().err
