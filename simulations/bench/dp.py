@@ -13,13 +13,22 @@ with the same sites, rounds and seed, without DP and with ``dp-target-epsilon`` 
 spent, and a loss-threshold membership-inference attack on the final model (members: the training
 split, which the sites partition; non-members: the test split, matched in class proportions).
 
+Part 3 (study): the DP utility study of issue 16, in process (:func:`medfed.simulations.bench.quality.federate_in_process`:
+the sites' real DP-SGD path, ledgers and budgets, without Ray). For each ``--datasets`` file, each
+start (random weights, and each ``--public-init`` file) and no DP plus each of ``--epsilons``, one
+federated run at the run-config defaults (DP defaults included) under the flags and ``--set`` pairs.
+Each row goes to section ``"dp"`` of ``docs/bench/results.json`` (:data:`STUDY_FIELDS`; a row of
+the same dataset, epsilon, init and mode is replaced, every other row is kept).
+
 Figures are printed; they are indicative (shared CPUs are noisy) and state their conditions.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import math
 import os
 import statistics
 import tempfile
@@ -54,7 +63,18 @@ from medfed.simulations.membership import loss_threshold_attack, matched_non_mem
 if TYPE_CHECKING:
     from medfed.simulations.bench import BenchContext, SectionResult
 
-__all__ = ["SpeedResult", "auc_base_config", "build_parser", "epoch_speed", "dp_section", "main"]
+__all__ = [
+    "STUDY_FIELDS",
+    "SpeedResult",
+    "auc_base_config",
+    "build_parser",
+    "dp_section",
+    "epoch_speed",
+    "main",
+    "merge_study_rows",
+    "plot_study",
+    "study_row",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +85,22 @@ DEFAULT_DATA_DIR = os.environ.get(
 BREASTMNIST = Path(DEFAULT_DATA_DIR) / "breastmnist.npz"
 """The speed part's images when present (else random images)."""
 SPEED_MODELS: tuple[str, ...] = ("simplecnn", "resnet18", "densenet121")
+RESULTS = Path("docs/bench/results.json")
+"""Where ``--part study`` writes its rows (section :data:`STUDY_SECTION`)."""
+STUDY_SECTION = "dp"
+STUDY_FIELDS: dict[str, type] = {
+    "dataset": str, "epsilon": float, "delta": float, "init": str, "mode": str, "test_auc": float,
+    "test_accuracy": float, "majority_rate": float, "nondp_test_auc": float, "membership_attack_auc": float,
+    "dp_time_ratio": float,
+}
+"""The fields every row of section ``"dp"`` holds (issue 16); ``epsilon`` 0 is the run without DP
+(its ``dp_time_ratio`` is 1). Rows hold more: ``predicted_classes`` (how many classes the final
+model's argmax predicts on the test split), ``predicted_share`` (share of test images per predicted
+class), ``balanced_accuracy`` (at the validation-chosen threshold), ``initial_test_auc`` (the start's,
+before any training), ``test_nll`` / ``prior_nll`` (test
+cross-entropy of the model / of always predicting the test class shares), ``mean_majority_probability``
+(the model's mean probability of the majority class, against ``majority_rate``), ``max_site_epsilon`` (ledger),
+``wall_s``, ``load_1min``, the recipe."""
 
 
 @dataclass(frozen=True)
@@ -200,12 +236,14 @@ def auc_base_config(args: argparse.Namespace, *, dataset: Path) -> RunConfig:
     ConfigError
         A ``--set`` item is malformed, names an unknown key or gives an invalid value (naming it).
     """
-    flags = {
+    flags: dict[str, object] = {
         "dataset": str(dataset), "model": args.model, "norm": "group", "num-sites": args.sites,
         "num-server-rounds": args.rounds, "local-epochs": args.local_epochs, "batch-size": args.fed_batch_size,
         "learning-rate": args.lr, "optimizer": args.optimizer, "augment": False, "seed": args.seed,
-        "dp-max-grad-norm": args.max_grad_norm, "dp-delta": 1e-5, "dp-secure-noise": True,
+        "dp-delta": 1e-5, "dp-secure-noise": True,
     }
+    if args.max_grad_norm is not None:  # else the run-config default (the DP recipe's)
+        flags["dp-max-grad-norm"] = args.max_grad_norm
     return resolve_config(mapping_layer(flags, source="bench.dp flags"), set_layer(args.set)).config
 
 
@@ -241,6 +279,165 @@ def run_auc_part(args: argparse.Namespace) -> None:
             f"{row['balanced_accuracy']:>9.3f} {row['max_site_epsilon']:>13.3f} "
             f"{int(row['declined']):>9d} {row['mia_auc']:>8.3f} {row['predicted_1']:>8.3f} {row['seconds']:>7.1f}"
         )
+
+
+def study_row(
+    cfg: RunConfig, *, dataset: str, init: str, nondp_auc: float, nondp_seconds: float
+) -> dict[str, object]:
+    """One federated run of ``cfg`` in process and its row of section ``"dp"`` (:data:`STUDY_FIELDS`).
+
+    ``nondp_auc`` / ``nondp_seconds``: the same recipe's run without DP (``nan`` / 0 for that run
+    itself, which then reports its own AUC and a time ratio of 1).
+    """
+    from medfed.simulations.bench.quality import federate_in_process
+
+    curve = federate_in_process(cfg)
+    splits = load_npz(cfg.dataset, image_size=cfg.image_size)
+    model = model_for(cfg, splits.train)
+    set_weights(model, curve.final_weights)
+    attack = loss_threshold_attack(
+        model, members=splits.train, non_members=matched_non_members(splits.train, splits.test, seed=cfg.seed)
+    )
+    model.eval()
+    targets = torch.as_tensor(splits.test.targets).long().flatten()
+    with torch.no_grad():
+        logits = model(torch.as_tensor(splits.test.images))
+    predicted = logits.argmax(dim=1)
+    share = torch.bincount(predicted, minlength=splits.test.num_classes).float() / len(predicted)
+    counts = torch.bincount(targets, minlength=splits.test.num_classes).float()
+    majority = float(counts.max()) / len(targets)
+    prior = counts / counts.sum()
+    majority_class = int(counts.argmax())
+    spent = [
+        PrivacyLedger.open(site_ledger_path(cfg, site_index=i)).epsilon(cfg.dp_delta) for i in range(cfg.num_sites)
+    ] if cfg.dp else []
+    auc = curve.final("auc")
+    return {
+        "dataset": dataset, "epsilon": float(cfg.dp_target_epsilon if cfg.dp else 0.0), "delta": float(cfg.dp_delta),
+        "init": init, "mode": cfg.trainable, "test_auc": round(auc, 4), "test_accuracy": round(curve.final("accuracy"), 4),
+        "majority_rate": round(majority, 4),
+        "nondp_test_auc": round(auc if cfg.dp is False else nondp_auc, 4),
+        "membership_attack_auc": round(attack.auc, 4),
+        "dp_time_ratio": round(curve.seconds / nondp_seconds, 3) if cfg.dp and nondp_seconds > 0 else 1.0,
+        "balanced_accuracy": round(curve.final("balanced-accuracy"), 4),
+        "initial_test_auc": round(curve.series("auc")[0], 4),  # the start (init-weights loaded), round 0
+        # calibration: test cross-entropy against that of always predicting the test class shares,
+        # and the mean predicted probability of the majority class against its share
+        "test_nll": round(float(nn.functional.cross_entropy(logits, targets)), 4),
+        "prior_nll": round(float(-(prior * prior.clamp(min=1e-12).log()).sum()), 4),
+        "mean_majority_probability": round(float(torch.softmax(logits, dim=1)[:, majority_class].mean()), 4),
+        "predicted_classes": int((share > 0).sum()),
+        "predicted_share": [round(float(v), 4) for v in share],
+        "max_site_epsilon": round(max(spent), 4) if spent else 0.0,
+        "wall_s": round(curve.seconds, 1), "load_1min": round(os.getloadavg()[0], 2),
+        "recipe": {
+            "model": cfg.model, "norm": cfg.norm, "sites": cfg.num_sites, "rounds": cfg.num_server_rounds,
+            "local_epochs": cfg.local_epochs, "batch_size": cfg.batch_size, "optimizer": cfg.optimizer,
+            "learning_rate": cfg.learning_rate, "dp_max_grad_norm": cfg.dp_max_grad_norm,
+            "trainable": cfg.trainable, "seed": cfg.seed,
+        },
+    }
+
+
+def _check_study_rows(rows: list[dict[str, object]]) -> None:
+    for i, row in enumerate(rows):
+        for name, kind in STUDY_FIELDS.items():
+            value = row.get(name)
+            ok = isinstance(value, str) if kind is str else (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+            )
+            if not ok:
+                raise ValueError(f"results.json section {STUDY_SECTION!r}, row {i}: field {name!r} = {value!r} is not a "
+                                 f"finite {kind.__name__}.")
+
+
+def merge_study_rows(results: Path, rows: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Read-modify-write section ``"dp"`` of ``results``: ``rows`` replace the rows of the same
+    (dataset, epsilon, init, mode); every other row, and every other section, is kept.
+
+    Raises
+    ------
+    ValueError
+        A row misses a field of :data:`STUDY_FIELDS` or holds a non-finite number (naming it).
+    """
+    _check_study_rows(rows)
+    data = json.loads(results.read_text()) if results.exists() else {}
+
+    def key(row: dict[str, object]) -> tuple[object, ...]:
+        return (row.get("dataset"), float(row.get("epsilon", 0.0)), row.get("init"), row.get("mode"))  # type: ignore[arg-type]
+
+    new = {key(r): r for r in rows}
+    kept = [r for r in data.get(STUDY_SECTION, []) if key(r) not in new]
+    data[STUDY_SECTION] = kept + list(new.values())
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(data, indent=2) + "\n")
+    return data[STUDY_SECTION]
+
+
+def plot_study(rows: list[dict[str, object]], *, dataset: str, path: Path) -> Path | None:
+    """Test AUC vs epsilon of ``dataset``'s rows, one line per (init, mode), the no-DP AUC of each
+    as a dashed line; ``None`` when ``dataset`` has no DP row."""
+    mine = [r for r in rows if r.get("dataset") == dataset]
+    series: dict[str, tuple[list[float], list[float]]] = {}
+    hlines: dict[str, float] = {}
+    for r in sorted(mine, key=lambda r: float(r["epsilon"])):  # type: ignore[arg-type]
+        label = f"{r['init']}, {r['mode']}"
+        if float(r["epsilon"]) > 0:  # type: ignore[arg-type]
+            xs, ys = series.setdefault(label, ([], []))
+            xs.append(float(r["epsilon"]))  # type: ignore[arg-type]
+            ys.append(float(r["test_auc"]))  # type: ignore[arg-type]
+        else:
+            hlines[f"{label}, no DP"] = float(r["test_auc"])  # type: ignore[arg-type]
+    if not series:
+        return None
+    return line_plot(path, series=series, hlines=hlines, title=f"{dataset}: federated DP-SGD, test AUC vs epsilon",
+                     xlabel="epsilon (delta 1e-5, per site, whole run)", ylabel="test AUC", logx=True)
+
+
+def run_study_part(args: argparse.Namespace) -> None:
+    """The DP utility study (see the module docstring): rows printed and merged into results.json."""
+    inits: list[tuple[str, str]] = [("random", "")] + [(Path(p).stem, p) for p in args.public_init]
+    print(
+        "\nDP utility study (in process, the sites' real DP-SGD path): test AUC / accuracy (argmax) of the final "
+        f"global model; --set: {' '.join(args.set) or '-'}; load {os.getloadavg()[0]:.1f}."
+    )
+    print(f"{'dataset':>12} {'init':>28} {'mode':>10} {'eps':>6} {'AUC':>6} {'acc':>6} {'major.':>6} {'bal.acc':>7} "
+          f"{'classes':>7} {'p(maj)':>6} {'NLL':>6} {'site eps':>8} {'MIA':>6} {'time x':>6} {'wall s':>7}")
+    rows: list[dict[str, object]] = []
+    for name in args.datasets:
+        dataset = Path(args.data_dir) / f"{name}.npz"
+        if not dataset.exists():
+            print(f"{name}: skipped, {dataset.name} is not in {args.data_dir} (pass --data-dir).")
+            continue
+        for init_name, init_path in inits:
+            base = auc_base_config(args, dataset=dataset).replace(store="off", init_weights=init_path)
+            nondp_auc, nondp_seconds = float("nan"), 0.0
+            for eps in (0.0, *args.epsilons):
+                with tempfile.TemporaryDirectory(prefix="bench-dp-study-") as tmp:
+                    cfg = base.replace(
+                        run_dir=tmp, dp=eps > 0, dp_target_epsilon=eps, dp_budget_epsilon=max(eps, 1.0),
+                        ledger_dir=os.path.join(tmp, "ledgers"),
+                    )
+                    row = study_row(cfg, dataset=name, init=init_name, nondp_auc=nondp_auc,
+                                    nondp_seconds=nondp_seconds)
+                if eps == 0:
+                    nondp_auc, nondp_seconds = float(row["test_auc"]), float(row["wall_s"])  # type: ignore[arg-type]
+                rows.append(row)
+                print(
+                    f"{name:>12} {init_name[:28]:>28} {row['mode']:>10} {eps:>6g} {row['test_auc']:>6.3f} "
+                    f"{row['test_accuracy']:>6.3f} {row['majority_rate']:>6.3f} {row['balanced_accuracy']:>7.3f} "
+                    f"{row['predicted_classes']:>7d} {row['mean_majority_probability']:>6.3f} {row['test_nll']:>6.3f} "
+                    f"{row['max_site_epsilon']:>8.3f} {row['membership_attack_auc']:>6.3f} "
+                    f"{row['dp_time_ratio']:>6.2f} {row['wall_s']:>7.1f}",
+                    flush=True,
+                )
+    if rows and not args.no_write:
+        merged = merge_study_rows(Path(args.results), rows)
+        print(f"{len(rows)} row(s) merged into section {STUDY_SECTION!r} of {args.results}.")
+        for name in sorted({str(r["dataset"]) for r in rows}):
+            plot = plot_study(merged, dataset=name, path=Path(args.results).parent / f"dp-study-{name}.png")
+            if plot is not None:
+                print(f"plot: {plot}")
 
 
 def run_speed_part(args: argparse.Namespace) -> None:
@@ -295,7 +492,7 @@ def dp_section(ctx: BenchContext) -> SectionResult:
         base = RunConfig(
             dataset=str(path), model="simplecnn", norm="group", num_sites=p.dp_sites, num_server_rounds=p.dp_rounds,
             local_epochs=p.dp_local_epochs, batch_size=16, learning_rate=0.003, optimizer="adam", augment=False,
-            seed=seed, dp_max_grad_norm=1.0, dp_delta=1e-5, dp_secure_noise=True, store="off",
+            seed=seed, dp_delta=1e-5, dp_secure_noise=True, store="off",
         )
         splits = load_npz(path)
         rows: list[tuple[str, float, dict[str, float]]] = []
@@ -327,7 +524,7 @@ def dp_section(ctx: BenchContext) -> SectionResult:
         auc_table.notes.append(
             f"Conditions: {p.dp_sites} IID sites, {p.dp_rounds} rounds x {p.dp_local_epochs} local epoch(s), "
             f"{len(splits.train)} training images, simplecnn with GroupNorm, Adam 0.003, batch 16 (Poisson "
-            "sampling under DP), max grad norm 1.0, delta 1e-5, RDP accountant, noise from the OS CSPRNG; seed "
+            f"sampling under DP), max grad norm {base.dp_max_grad_norm:g}, delta 1e-5, RDP accountant, noise from the OS CSPRNG; seed "
             f"{seed}. The noise multiplier is the one that spends the target epsilon over all planned rounds."
         )
         eps_rows = [(eps, f) for _, eps, f in rows if eps > 0]
@@ -365,7 +562,8 @@ def dp_section(ctx: BenchContext) -> SectionResult:
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m medfed.simulations.bench.dp``."""
     parser = argparse.ArgumentParser(prog="python -m medfed.simulations.bench.dp", description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=("speed", "auc", "all"), default="all")
+    parser.add_argument("--part", choices=("speed", "auc", "study", "all"), default="all",
+                        help="all: speed and auc (the study runs only when asked for)")
     parser.add_argument("--models", nargs="+", default=list(SPEED_MODELS))
     parser.add_argument("--modes", nargs="+", default=["hooks", "ghost"], choices=GRAD_SAMPLE_MODES)
     parser.add_argument("--samples", type=int, default=64)
@@ -379,13 +577,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--fed-batch-size", type=int, default=16)
     parser.add_argument("--lr", type=float, default=0.003)
     parser.add_argument("--optimizer", choices=("sgd", "adam"), default="adam")
-    parser.add_argument("--max-grad-norm", type=float, default=1.0)
+    parser.add_argument("--max-grad-norm", type=float, default=None,
+                        help="dp-max-grad-norm of the auc and study runs (default: the run-config default)")
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0])
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding breastmnist.npz (auc part)")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help="folder holding breastmnist.npz (auc part) and the --datasets files (study)")
+    parser.add_argument("--datasets", nargs="+", default=["breastmnist"],
+                        help="study: MedMNIST file stems in --data-dir (breastmnist, retinamnist, ...)")
+    parser.add_argument("--public-init", nargs="*", default=[],
+                        help="study: init-weights files trained on public data (each beside a random start)")
+    parser.add_argument("--results", default=str(RESULTS), help="study: the results.json to merge section 'dp' into")
+    parser.add_argument("--no-write", action="store_true", help="study: print the rows only")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
-        help="any run-config key for the auc part's runs, over the flags (repeatable): --set trainable=head",
+        help="any run-config key for the auc and study runs, over the flags (repeatable): --set trainable=head",
     )
     return parser
 
@@ -394,11 +599,14 @@ def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run the chosen parts."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.part in ("auc", "all"):
+    if args.part in ("auc", "all", "study"):
         try:
             auc_base_config(args, dataset=Path(args.data_dir) / "breastmnist.npz")
         except ConfigError as err:
             parser.error(str(err))
+    missing = [p for p in args.public_init if not Path(p).is_file()] if args.part == "study" else []
+    if missing:
+        parser.error(f"--public-init {' '.join(missing)}: no such file (write one with `medfed pretrain ... --out FILE`).")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     for noisy in ("flwr", "ray"):  # keep the printed figures readable
         logging.getLogger(noisy).setLevel(logging.ERROR)
@@ -409,6 +617,8 @@ def main(argv: list[str] | None = None) -> None:
         run_speed_part(args)
     if args.part in ("auc", "all"):
         run_auc_part(args)
+    if args.part == "study":
+        run_study_part(args)
 
 
 if __name__ == "__main__":

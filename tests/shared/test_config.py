@@ -23,6 +23,8 @@ def test_defaults_round_trip_through_kebab_case() -> None:
         ({"init-weights": "runs/x/checkpoints/best.pt"}, "init_weights", "runs/x/checkpoints/best.pt"),
         ({"trainable": "last-block+head"}, "trainable", "last-block+head"),
         ({"trainable": "norm+head"}, "trainable", "norm+head"),
+        ({"dp-max-grad-norm": "2.5"}, "dp_max_grad_norm", 2.5),
+        ({}, "dp_max_grad_norm", 5.0),  # the measured DP default (DP_MAX_GRAD_NORM, issue 16)
     ],
 )
 def test_values_are_coerced(raw: dict, field: str, expected: object) -> None:

@@ -13,7 +13,9 @@ from medfed.simulations.bench.dp import auc_base_config, build_parser, main
 @pytest.mark.parametrize(
     ("argv", "expected"),
     [
-        ([], {"trainable": "all", "init_weights": "", "model": "simplecnn", "num_server_rounds": 10}),
+        ([], {"trainable": "all", "init_weights": "", "model": "simplecnn", "num_server_rounds": 10,
+              "dp_max_grad_norm": 5.0}),  # the run-config's DP default unless --max-grad-norm
+        (["--max-grad-norm", "1"], {"dp_max_grad_norm": 1.0}),
         (["--set", "trainable=head"], {"trainable": "head", "model": "simplecnn"}),
         (
             ["--model", "resnet18", "--set", "trainable=norm+head", "--set", "init-weights=w.pt"],
