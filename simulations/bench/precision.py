@@ -1,0 +1,322 @@
+"""Benchmark: bf16 autocast for the evaluation passes and the BatchNorm re-estimation pass, against fp32.
+
+Run ``python -m medfed.simulations.bench.precision`` (defaults: the three cases of :data:`CASES`,
+MedMNIST files from ``../shared/data/medmnist``). Each case trains one model in fp32 with medfed's
+own loop (:func:`medfed.shared.training.train_epochs`, the recipe of the README's command for that
+data set) and then, on the SAME weights, in one process:
+
+``eval``
+    the validation + test passes of a round (decision threshold from the validation split, as
+    :func:`~medfed.shared.training.evaluate_at_validation_threshold`), fp32 and bf16 autocast;
+``bn-reestimation``
+    the BatchNorm re-estimation pass (:func:`~medfed.shared.training.update_bn_stats`) over the
+    training loader, as every site runs it after local training, in fp32 and in bf16, each
+    followed by the evaluation in fp32 (and the bf16 pass also in bf16: the whole evaluation
+    in bf16). In the federated case the pass runs at every site on its own data from its
+    trained weights of the last round, and the sites' models are averaged (FedAvg) afterwards,
+    so the averaged statistics come from bf16 passes.
+
+Each row reports the test AUC and accuracy, the AUC difference to the fp32 reference of the same
+pass, the largest difference of a test probability from fp32, the pass's seconds (median of
+``--repeats`` interleaved repeats after a warm-up: all variants alternate, so load changes on a
+shared machine hit them alike) and the speed-up over fp32. Rows go to
+``docs/bench/results.json``, section ``"precision"`` (only that key is rewritten).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import datetime
+import logging
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from medfed.shared.config import RunConfig
+from medfed.shared.config_sources import mapping_layer, resolve_config
+from medfed.shared.data.base import ImageSet
+from medfed.shared.metrics import classification_metrics, youden_threshold
+from medfed.shared.partition import partition_indices, training_pool
+from medfed.shared.precision import native_bf16
+from medfed.shared.preflight import preflight
+from medfed.shared.seeding import seed_everything
+from medfed.shared.task import initial_model, round_settings
+from medfed.shared.training import TrainSettings, make_optimizer, make_train_loader, predict, train_epochs, update_bn_stats
+from medfed.simulations.bench.support import fmt, write_results_section
+
+__all__ = ["SECTION", "Case", "CASES", "run_case", "main"]
+
+logger = logging.getLogger(__name__)
+
+SECTION = "precision"
+"""The section of ``results.json`` the rows go to."""
+
+DTYPES: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One trained model to evaluate.
+
+    Parameters
+    ----------
+    file
+        MedMNIST file name in the data folder.
+    config
+        Run-config keys (kebab-case) of the training recipe.
+    sites
+        0: pooled training; else the number of FedAvg sites (Dirichlet label skew, ``alpha``).
+    """
+
+    file: str
+    config: dict[str, Any]
+    sites: int = 0
+    alpha: float = 0.5
+
+
+CASES: dict[str, Case] = {
+    # README: medfed simulate --centralized --dataset breastmnist.npz --model resnet18 --set optimizer=adam
+    # --lr 0.001 --set augment=false (50 rounds there; 6 epochs here: the AUC is already near its plateau)
+    "breastmnist-resnet18-pooled": Case(
+        file="breastmnist.npz",
+        config={"model": "resnet18", "optimizer": "adam", "learning-rate": 0.001, "augment": False,
+                "num-server-rounds": 6, "local-epochs": 1},
+    ),
+    # README: the same recipe federated over 4 Dirichlet(0.5) sites, FedAvg with BatchNorm statistics averaged
+    "breastmnist-resnet18-fedavg4": Case(
+        file="breastmnist.npz",
+        config={"model": "resnet18", "optimizer": "adam", "learning-rate": 0.001, "augment": False,
+                "num-server-rounds": 4, "local-epochs": 1},
+        sites=4,
+    ),
+    # README: medfed simulate --dataset adrenalmnist3d.npz --model simplecnn --lr 0.05 (SGD, augmentation)
+    "adrenalmnist3d-simplecnn-pooled": Case(
+        file="adrenalmnist3d.npz",
+        config={"model": "simplecnn", "learning-rate": 0.05, "num-server-rounds": 4, "local-epochs": 1},
+    ),
+}
+"""Case name -> what is trained (``--cases`` picks them)."""
+
+
+def _config(case: Case, data_dir: Path) -> RunConfig:
+    values = {**case.config, "dataset": str(data_dir / case.file), "num-sites": max(case.sites, 1),
+              "min-fit-clients": max(case.sites, 1)}
+    return resolve_config(mapping_layer(values, source=f"case {case.file}")).config
+
+
+Site = tuple[nn.Module, ImageSet, TrainSettings]
+"""A site's model after its last local training (before its BatchNorm pass), its data and settings."""
+
+
+def _train_pooled(cfg: RunConfig, model: nn.Module, train: ImageSet, device: torch.device) -> list[Site]:
+    """Train ``model`` in fp32 as the pooled baseline does (one site holding all the data)."""
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        settings = round_settings(cfg, server_round=server_round, site_index=-1)
+        seed_everything(settings.seed)
+        optimizer = make_optimizer(model.parameters(), name=settings.optimizer,
+                                   learning_rate=settings.learning_rate, weight_decay=settings.weight_decay)
+        loader = make_train_loader(train, settings)
+        last = server_round == cfg.num_server_rounds
+        # the last round's BatchNorm pass is the one measured (below), in both dtypes
+        train_epochs(model, loader, optimizer, task="classification", epochs=settings.epochs, device=device,
+                     reestimate_bn=not last)
+    return [(model, train, settings)]
+
+
+def _average(models: Sequence[tuple[nn.Module, int]]) -> nn.Module:
+    """FedAvg of ``(model, examples)`` state dicts (parameters and BatchNorm buffers), weighted by examples."""
+    total = sum(n for _, n in models)
+    target = copy.deepcopy(models[0][0])
+    state = target.state_dict()
+    for key, value in state.items():
+        if value.is_floating_point():
+            state[key] = sum(m.state_dict()[key] * (n / total) for m, n in models)
+        else:  # num_batches_tracked
+            state[key] = models[0][0].state_dict()[key]
+    target.load_state_dict(state)
+    return target
+
+
+def _train_federated(
+    cfg: RunConfig, model: nn.Module, train: ImageSet, device: torch.device, *, sites: int, alpha: float
+) -> list[Site]:
+    """FedAvg over ``sites`` Dirichlet sites (fp32, each site's BatchNorm pass in fp32 but the last
+    round's, which is measured); return every site's last-round model, data and settings."""
+    parts = partition_indices(train.class_labels(), num_sites=sites, method="dirichlet", alpha=alpha,
+                              seed=cfg.seed, min_per_site=8)
+    site_data = [train.subset(p) for p in parts]
+    global_model = model
+    trained: list[Site] = []
+    for server_round in range(1, cfg.num_server_rounds + 1):
+        last = server_round == cfg.num_server_rounds
+        trained = []
+        for index, data in enumerate(site_data):
+            settings = round_settings(cfg, server_round=server_round, site_index=index)
+            seed_everything(settings.seed)
+            local = copy.deepcopy(global_model)
+            optimizer = make_optimizer(local.parameters(), name=settings.optimizer,
+                                       learning_rate=settings.learning_rate, weight_decay=settings.weight_decay)
+            loader = make_train_loader(data, settings)
+            train_epochs(local, loader, optimizer, task="classification", epochs=settings.epochs, device=device,
+                         reestimate_bn=not last)
+            trained.append((local, data, settings))
+        if not last:
+            global_model = _average([(m, len(d)) for m, d, _ in trained])
+    return trained
+
+
+def _evaluate(model: nn.Module, val: ImageSet, test: ImageSet, *, device: torch.device,
+              dtype: torch.dtype | None) -> tuple[dict[str, float], torch.Tensor]:
+    """A round's validation + test passes: test metrics at the validation Youden threshold, test probabilities."""
+    val_logits, val_targets, _ = predict(model, val, device=device, dtype=dtype)
+    logits, targets, _ = predict(model, test, device=device, dtype=dtype)
+    threshold = None
+    if test.num_classes == 2:
+        threshold = youden_threshold(torch.softmax(val_logits, dim=1)[:, 1], val_targets)
+    metrics = classification_metrics(logits, targets, num_classes=test.num_classes, threshold=threshold)
+    return metrics, torch.softmax(logits, dim=1)
+
+
+def _bn_pass(sites: Sequence[Site], *, device: torch.device, dtype: torch.dtype | None, reorder: int = 0) -> nn.Module:
+    """Every site's BatchNorm pass on a copy of its model over a fresh training loader, then FedAvg
+    (one site: its model). A fresh loader has the same batches every time (its seeded shuffle and
+    augmentation restart), so fp32 and bf16 see the same batches; ``reorder`` shifts the seed (another
+    batch order: the noise of the pass itself)."""
+    done = []
+    for model, data, settings in sites:
+        local = copy.deepcopy(model)
+        loader = make_train_loader(data, dataclasses.replace(settings, seed=settings.seed + reorder))
+        update_bn_stats(local, loader, device=device, dtype=dtype)
+        done.append((local, len(data)))
+    return _average(done) if len(done) > 1 else done[0][0]
+
+
+def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def run_case(name: str, case: Case, *, data_dir: Path, repeats: int = 3, device: torch.device | None = None,
+             command: str = "") -> list[dict[str, Any]]:
+    """Train the model of ``case`` in fp32, then measure every pass in fp32 and bf16 (module docstring)."""
+    device = device or torch.device("cpu")
+    cfg = _config(case, data_dir)
+    seed_everything(cfg.seed)
+    splits = preflight(cfg, federated=False).splits
+    if splits is None:
+        raise RuntimeError(f"case {name}: no data")
+    pool, _ = training_pool(splits.train.class_labels(), seed=cfg.seed, local_test_fraction=cfg.local_test_fraction)
+    train = splits.train.subset(pool)
+    model = initial_model(cfg, train)
+    start = time.perf_counter()
+    if case.sites:
+        sites = _train_federated(cfg, model, train, device, sites=case.sites, alpha=case.alpha)
+    else:
+        sites = _train_pooled(cfg, model, train, device)
+    train_seconds = time.perf_counter() - start
+    logger.info("case %s trained in %.0f s", name, train_seconds)
+    # The weights every evaluation variant scores: the fp32 BatchNorm pass (the reference).
+    reference = _bn_pass(sites, device=device, dtype=None)
+
+    variants: dict[str, Callable[[], Any]] = {
+        "eval-fp32": lambda: _evaluate(reference, splits.val, splits.test, device=device, dtype=None),
+        "eval-bf16": lambda: _evaluate(reference, splits.val, splits.test, device=device, dtype=torch.bfloat16),
+        "bn-fp32": lambda: _bn_pass(sites, device=device, dtype=None),
+        "bn-bf16": lambda: _bn_pass(sites, device=device, dtype=torch.bfloat16),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    outputs: dict[str, Any] = {}
+    for repeat in range(repeats + 1):  # the first repeat warms up (oneDNN kernels, allocator)
+        for key, fn in variants.items():
+            seconds, outputs[key] = _timed(fn)
+            if repeat:
+                times[key].append(seconds)
+    seconds = {k: statistics.median(v) for k, v in times.items()}
+    reordered = _bn_pass(sites, device=device, dtype=None, reorder=7919)
+    bn_fp32_model, bn_bf16_model = outputs["bn-fp32"], outputs["bn-bf16"]
+    results = {
+        ("eval", "fp32", "fp32"): outputs["eval-fp32"],
+        ("eval", "bf16", "bf16"): outputs["eval-bf16"],
+        ("bn-reestimation", "fp32", "fp32"): _evaluate(bn_fp32_model, splits.val, splits.test, device=device,
+                                                        dtype=None),
+        ("bn-reestimation", "bf16", "fp32"): _evaluate(bn_bf16_model, splits.val, splits.test, device=device,
+                                                        dtype=None),
+        ("bn-reestimation", "bf16", "bf16"): _evaluate(bn_bf16_model, splits.val, splits.test, device=device,
+                                                        dtype=torch.bfloat16),
+        # the noise floor: the fp32 pass over another batch order (not timed)
+        ("bn-reorder-noise", "fp32", "fp32"): _evaluate(reordered, splits.val, splits.test, device=device,
+                                                                  dtype=None),
+    }
+    ref_metrics, ref_probs = outputs["eval-fp32"]
+    dataset = Path(case.file).stem
+    rows = []
+    for (pass_name, dtype, eval_dtype), (metrics, probs) in results.items():
+        timed = pass_name != "bn-reorder-noise"
+        time_key = f"{'eval' if pass_name == 'eval' else 'bn'}-{dtype}"
+        fp32_key = f"{'eval' if pass_name == 'eval' else 'bn'}-fp32"
+        auc = metrics.get("auc", float("nan"))
+        rows.append({
+            "case": name, "model": cfg.model, "dataset": dataset, "sites": case.sites, "pass": pass_name,
+            "dtype": dtype, "eval_dtype": eval_dtype, "test_auc": round(auc, 4),
+            "auc_diff_vs_fp32": round(auc - ref_metrics.get("auc", float("nan")), 4),
+            "test_accuracy": round(metrics["accuracy"], 4),
+            "accuracy_diff_vs_fp32": round(metrics["accuracy"] - ref_metrics["accuracy"], 4),
+            "max_prob_diff": float(f"{(probs - ref_probs).abs().max().item():.3g}"),
+            "seconds": round(seconds[time_key], 3) if timed else None,
+            "speedup": round(seconds[fp32_key] / seconds[time_key], 2) if timed else None,
+            "images": len(splits.val) + len(splits.test) if pass_name == "eval" else len(train),
+            "train_seconds": round(train_seconds, 1), "repeats": repeats, "threads": torch.get_num_threads(),
+            "native_bf16": native_bf16(device), "device": device.type,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "load": round(os.getloadavg()[0], 2), "measured_at": datetime.date.today().isoformat(),
+            "command": command,
+        })
+    return rows
+
+
+def _print(rows: Sequence[dict[str, Any]]) -> None:
+    print(f"{'case':<34}{'pass':<18}{'dtype':<6}{'eval':<6}{'AUC':>7}{'dAUC':>8}{'acc':>7}{'max|dp|':>9}"
+          f"{'s':>8}{'speedup':>9}")
+    for r in rows:
+        print(f"{r['case']:<34}{r['pass']:<18}{r['dtype']:<6}{r['eval_dtype']:<6}{r['test_auc']:>7.4f}"
+              f"{r['auc_diff_vs_fp32']:>+8.4f}{r['test_accuracy']:>7.3f}{r['max_prob_diff']:>9.3g}"
+              f"{fmt(r['seconds'], 2, reason='-'):>8}{fmt(r['speedup'], 2, reason='-'):>9}", flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Command line: train each case, measure, print the table, write the results section."""
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES))
+    parser.add_argument("--data-dir", type=Path, default=Path("../shared/data/medmnist"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--results", type=Path, default=Path("docs/bench/results.json"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    command = "python -m medfed.simulations.bench.precision " + " ".join(argv if argv is not None else sys.argv[1:])
+    rows: list[dict[str, Any]] = []
+    for name in args.cases:
+        rows += run_case(name, CASES[name], data_dir=args.data_dir, repeats=args.repeats, command=command.strip())
+        _print([r for r in rows if r["case"] == name])
+    bf16 = [r for r in rows if "bf16" in (r["dtype"], r["eval_dtype"])]
+    held = all(np.isfinite(r["auc_diff_vs_fp32"]) and abs(r["auc_diff_vs_fp32"]) <= 0.01 for r in bf16)
+    print(f"bf16 AUC within 0.01 of fp32 in every bf16 row: {held}")
+    write_results_section(args.results, SECTION, rows)
+    print(f"written: {args.results} section {SECTION!r}")
+
+
+if __name__ == "__main__":
+    main()
