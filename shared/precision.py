@@ -29,13 +29,11 @@ from collections.abc import Iterator
 
 import torch
 
+from medfed.shared.config import EVAL_PRECISIONS
+
 __all__ = ["EVAL_PRECISIONS", "native_bf16", "eval_dtype", "eval_autocast", "describe_eval_precision"]
 
 logger = logging.getLogger(__name__)
-
-EVAL_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
-"""Valid values of ``eval-precision``."""
-
 
 @functools.cache
 def _cpu_native_bf16() -> bool:
