@@ -18,7 +18,6 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
-from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
 from medfed.shared.data.base import ImageSet
@@ -405,8 +404,7 @@ def reestimate_bn(
     model: nn.Module, data: ImageSet, *, device: torch.device, batch_size: int = 64, dtype: torch.dtype | None = None
 ) -> bool:
     """Re-estimate ``model``'s BatchNorm running statistics on ``data`` (no augmentation, no
-    labels used), the cumulative average of one forward pass as ``torch.optim.swa_utils.update_bn``
-    computes it, under autocast to ``dtype`` (``None``: fp32; the statistics stay fp32 buffers).
+    labels used) by :func:`update_bn_stats`, under autocast to ``dtype`` (``None``: fp32).
     Returns whether ``model`` has BatchNorm layers."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return False
@@ -422,11 +420,28 @@ def update_bn_stats(
     model: nn.Module, loader: DataLoader, *, device: torch.device, dtype: torch.dtype | None = None
 ) -> None:
     """One forward pass over ``loader`` (``(images, targets)`` batches, targets unused) that resets
-    and re-estimates ``model``'s BatchNorm running statistics (``torch.optim.swa_utils.update_bn``),
-    the forward passes under autocast to ``dtype`` (``None``: fp32). Leaves ``model`` in the
-    training/eval mode it had."""
-    with eval_autocast(dtype, device=device):
-        update_bn(loader, model, device=device)
+    and re-estimates ``model``'s BatchNorm running statistics as their cumulative average over the
+    batches (what ``torch.optim.swa_utils.update_bn`` computes), without autograd, the forward
+    passes (not the loader's transforms) under autocast to ``dtype`` (``None``: fp32). The
+    statistics stay fp32 buffers. Leaves ``model`` in the training/eval mode it had."""
+    momenta = {m: m.momentum for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    if not momenta:
+        return
+    was_training = model.training
+    for module in momenta:
+        module.reset_running_stats()
+        module.momentum = None  # a cumulative moving average
+    model.train()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                images = batch[0] if isinstance(batch, (list, tuple)) else batch
+                with eval_autocast(dtype, device=device):
+                    model(images.to(device))
+    finally:
+        for module, momentum in momenta.items():
+            module.momentum = momentum
+        model.train(was_training)
 
 
 SLIDING_WINDOW_OVERLAP = 0.25

@@ -311,6 +311,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in args.cases:
         rows += run_case(name, CASES[name], data_dir=args.data_dir, repeats=args.repeats, command=command.strip())
         _print([r for r in rows if r["case"] == name])
+        write_results_section(args.results, SECTION, rows)  # after every case: a long run keeps what it measured
     bf16 = [r for r in rows if "bf16" in (r["dtype"], r["eval_dtype"])]
     held = all(np.isfinite(r["auc_diff_vs_fp32"]) and abs(r["auc_diff_vs_fp32"]) <= 0.01 for r in bf16)
     print(f"bf16 AUC within 0.01 of fp32 in every bf16 row: {held}")

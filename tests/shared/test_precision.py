@@ -94,3 +94,31 @@ def test_bf16_evaluation_and_bn_pass_keep_the_auc_within_0_01(trained: tuple[tor
     auc32 = evaluate(bn32, splits.test, device=CPU)["auc"]
     auc16 = evaluate(bn16, splits.test, device=CPU, dtype=torch.bfloat16)["auc"]
     assert abs(auc16 - auc32) <= 0.01
+
+
+def test_fp32_bn_pass_equals_torchs_update_bn(trained: tuple[torch.nn.Module, object]) -> None:
+    """The no-autograd pass gives torch.optim.swa_utils.update_bn's statistics bit for bit."""
+    from torch.optim.swa_utils import update_bn
+    from torch.utils.data import DataLoader
+
+    from medfed.shared.training import update_bn_stats
+    from medfed.shared.transforms import ImageSetDataset
+
+    model, splits = trained
+    ours, theirs = copy.deepcopy(model), copy.deepcopy(model)
+    update_bn_stats(ours, DataLoader(ImageSetDataset(splits.train), batch_size=32), device=CPU)
+    update_bn(DataLoader(ImageSetDataset(splits.train), batch_size=32), theirs)
+    for (key, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+
+
+def test_bf16_bn_pass_after_augmented_training_runs_the_transforms_in_fp32() -> None:
+    """MONAI's random affine (numpy inside) runs outside autocast: only the forward pass is bf16."""
+    splits = make_synthetic(task="classification", spatial_dims=2, num_samples=60, image_size=16, seed=1)
+    model = build_model("simplecnn", spatial_dims=2, in_channels=1, out_channels=2, norm="batch", image_size=16)
+    settings = TrainSettings(epochs=1, batch_size=16, learning_rate=0.01, augment=True, seed=0)
+    optimizer = make_optimizer(model.parameters(), name="sgd", learning_rate=0.01, weight_decay=0.0)
+    train_epochs(model, make_train_loader(splits.train, settings), optimizer, task="classification", epochs=1,
+                 device=CPU, bn_dtype=torch.bfloat16)
+    stats = [v for k, v in model.state_dict().items() if "running_var" in k]
+    assert stats and all(v.dtype == torch.float32 and torch.isfinite(v).all() and (v > 0).all() for v in stats)
