@@ -24,6 +24,7 @@ from medfed.client.site_policy import SitePolicy, Violation, check_run, violatio
 from medfed.shared.config import RunConfig
 from medfed.shared.cross_site import MIN_COUNT, is_cross_site
 from medfed.shared.models import validate_for_dp
+from medfed.shared.precision import eval_dtype
 from medfed.shared.preflight import dp_setup_problems
 from medfed.shared.privacy import (
     PrivacyBudget,
@@ -37,7 +38,6 @@ from medfed.shared.privacy import (
 from medfed.shared.round_config import server_round_of
 from medfed.shared.scaffold import TRAIN_STEPS, effective_step, site_control_update
 from medfed.shared.seeding import seed_everything
-from medfed.shared.precision import eval_dtype
 from medfed.shared.site_state import SiteState, site_state_path
 from medfed.shared.task import round_settings, trainable_model_for
 from medfed.shared.trainable import trainable_parameters

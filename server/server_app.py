@@ -39,10 +39,10 @@ from medfed.shared.config_sources import config_from_run_config
 from medfed.shared.data.loading import load_dataset
 from medfed.shared.inference import model_shape_for
 from medfed.shared.models import model_task
+from medfed.shared.precision import eval_dtype
 from medfed.shared.preflight import check_dp_model
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import initial_model_with_report, model_for
-from medfed.shared.precision import eval_dtype
 from medfed.shared.training import reestimate_bn, select_device
 from medfed.shared.weights import get_weights, trainable_mask
 

@@ -52,8 +52,15 @@ from medfed.shared.precision import native_bf16
 from medfed.shared.preflight import preflight
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import initial_model, round_settings
-from medfed.shared.training import TrainSettings, make_optimizer, make_train_loader, predict, train_epochs, update_bn_stats
-from medfed.simulations.bench.support import fmt, write_results_section
+from medfed.shared.training import (
+    TrainSettings,
+    make_optimizer,
+    make_train_loader,
+    predict,
+    train_epochs,
+    update_bn_stats,
+)
+from medfed.simulations.bench.support import fmt, read_results_section, write_results_section
 
 __all__ = ["SECTION", "Case", "CASES", "run_case", "main"]
 
@@ -286,6 +293,50 @@ def run_case(name: str, case: Case, *, data_dir: Path, repeats: int = 3, device:
     return rows
 
 
+def threads_check(name: str, case: Case, *, data_dir: Path, repeats: int = 3, threads: Sequence[int] = (1, 2),
+                  command: str = "") -> list[dict[str, Any]]:
+    """Seconds of the evaluation and BatchNorm passes of ``case``'s model (untrained: the time does not
+    depend on the weights) per torch thread count and dtype, interleaved; ``speedup`` is over 1 thread
+    in the same dtype. Checks the one-thread-per-site setting with the process's ``OMP_WAIT_POLICY``."""
+    device = torch.device("cpu")
+    cfg = _config(case, data_dir)
+    seed_everything(cfg.seed)
+    splits = preflight(cfg, federated=False).splits
+    if splits is None:
+        raise RuntimeError(f"case {name}: no data")
+    model = initial_model(cfg, splits.train)
+    settings = round_settings(cfg, server_round=1, site_index=-1)
+    sites: list[Site] = [(model, splits.train, settings)]
+    before = torch.get_num_threads()
+    times: dict[tuple[str, str, int], list[float]] = {}
+    try:
+        for repeat in range(repeats + 1):
+            for count in threads:
+                torch.set_num_threads(count)
+                for dtype_name, dtype in DTYPES.items():
+                    for pass_name, fn in (
+                        ("eval", lambda d=dtype: _evaluate(model, splits.val, splits.test, device=device, dtype=d)),
+                        ("bn-reestimation", lambda d=dtype: _bn_pass(sites, device=device, dtype=d)),
+                    ):
+                        seconds, _ = _timed(fn)
+                        if repeat:
+                            times.setdefault((pass_name, dtype_name, count), []).append(seconds)
+    finally:
+        torch.set_num_threads(before)
+    rows = []
+    for (pass_name, dtype_name, count), values in times.items():
+        median = statistics.median(values)
+        one = statistics.median(times[(pass_name, dtype_name, threads[0])])
+        rows.append({
+            "case": f"{name}-threads", "model": cfg.model, "dataset": Path(case.file).stem, "pass": pass_name,
+            "dtype": dtype_name, "threads": count, "seconds": round(median, 3), "speedup": round(one / median, 2),
+            "repeats": repeats, "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "unset"),
+            "load": round(os.getloadavg()[0], 2), "measured_at": datetime.date.today().isoformat(),
+            "command": command,
+        })
+    return rows
+
+
 def _print(rows: Sequence[dict[str, Any]]) -> None:
     print(f"{'case':<34}{'pass':<18}{'dtype':<6}{'eval':<6}{'AUC':>7}{'dAUC':>8}{'acc':>7}{'max|dp|':>9}"
           f"{'s':>8}{'speedup':>9}")
@@ -293,6 +344,14 @@ def _print(rows: Sequence[dict[str, Any]]) -> None:
         print(f"{r['case']:<34}{r['pass']:<18}{r['dtype']:<6}{r['eval_dtype']:<6}{r['test_auc']:>7.4f}"
               f"{r['auc_diff_vs_fp32']:>+8.4f}{r['test_accuracy']:>7.3f}{r['max_prob_diff']:>9.3g}"
               f"{fmt(r['seconds'], 2, reason='-'):>8}{fmt(r['speedup'], 2, reason='-'):>9}", flush=True)
+
+
+def _write(path: Path, rows: list[dict[str, Any]], *, replace_threads: bool) -> None:
+    """Section ``precision`` := ``rows`` plus the earlier rows of the other kind (precision cases or
+    thread checks), so that either command leaves the other's figures in place."""
+    earlier = read_results_section(path, SECTION) or []
+    kept = [r for r in earlier if r["case"].endswith("-threads") != replace_threads]
+    write_results_section(path, SECTION, kept + rows if replace_threads else rows + kept)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -303,19 +362,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=Path("docs/bench/results.json"))
+    parser.add_argument("--threads-check", type=int, nargs="+", metavar="N", default=None,
+                        help="instead: time the passes of the first case's model at these torch thread counts "
+                             "(e.g. 1 2); its rows replace the earlier threads rows in the section")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     command = "python -m medfed.simulations.bench.precision " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.threads_check:
+        name = args.cases[0]
+        found = threads_check(name, CASES[name], data_dir=args.data_dir, repeats=args.repeats,
+                              threads=args.threads_check, command=command.strip())
+        for r in found:
+            print(f"{r['case']:<40}{r['pass']:<17}{r['dtype']:<6}{r['threads']:>3} thread(s) {r['seconds']:>8.3f} s"
+                  f"{r['speedup']:>7.2f}x", flush=True)
+        _write(args.results, found, replace_threads=True)
+        print(f"written: {args.results} section {SECTION!r}")
+        return
     rows: list[dict[str, Any]] = []
     for name in args.cases:
         rows += run_case(name, CASES[name], data_dir=args.data_dir, repeats=args.repeats, command=command.strip())
         _print([r for r in rows if r["case"] == name])
-        write_results_section(args.results, SECTION, rows)  # after every case: a long run keeps what it measured
+        _write(args.results, rows, replace_threads=False)  # after every case: a long run keeps what it measured
     bf16 = [r for r in rows if "bf16" in (r["dtype"], r["eval_dtype"])]
     held = all(np.isfinite(r["auc_diff_vs_fp32"]) and abs(r["auc_diff_vs_fp32"]) <= 0.01 for r in bf16)
     print(f"bf16 AUC within 0.01 of fp32 in every bf16 row: {held}")
-    write_results_section(args.results, SECTION, rows)
     print(f"written: {args.results} section {SECTION!r}")
 
 
