@@ -281,6 +281,10 @@ def run_case(name: str, case: Case, *, data_dir: Path, repeats: int = 3, device:
             "test_accuracy": round(metrics["accuracy"], 4),
             "accuracy_diff_vs_fp32": round(metrics["accuracy"] - ref_metrics["accuracy"], 4),
             "max_prob_diff": float(f"{(probs - ref_probs).abs().max().item():.3g}"),
+            # binary: the validation-chosen decision threshold the round records (and a checkpoint keeps)
+            "threshold": round(metrics["threshold"], 4) if "threshold" in metrics else None,
+            "threshold_diff_vs_fp32": (round(metrics["threshold"] - ref_metrics["threshold"], 4)
+                                       if "threshold" in metrics and "threshold" in ref_metrics else None),
             "seconds": round(seconds[time_key], 3) if timed else None,
             "speedup": round(seconds[fp32_key] / seconds[time_key], 2) if timed else None,
             "images": len(splits.val) + len(splits.test) if pass_name == "eval" else len(train),
@@ -339,10 +343,11 @@ def threads_check(name: str, case: Case, *, data_dir: Path, repeats: int = 3, th
 
 def _print(rows: Sequence[dict[str, Any]]) -> None:
     print(f"{'case':<34}{'pass':<18}{'dtype':<6}{'eval':<6}{'AUC':>7}{'dAUC':>8}{'acc':>7}{'max|dp|':>9}"
-          f"{'s':>8}{'speedup':>9}")
+          f"{'dthr':>8}{'s':>8}{'speedup':>9}")
     for r in rows:
         print(f"{r['case']:<34}{r['pass']:<18}{r['dtype']:<6}{r['eval_dtype']:<6}{r['test_auc']:>7.4f}"
               f"{r['auc_diff_vs_fp32']:>+8.4f}{r['test_accuracy']:>7.3f}{r['max_prob_diff']:>9.3g}"
+              f"{fmt(r['threshold_diff_vs_fp32'], 4, reason='-'):>8}"
               f"{fmt(r['seconds'], 2, reason='-'):>8}{fmt(r['speedup'], 2, reason='-'):>9}", flush=True)
 
 
