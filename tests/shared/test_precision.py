@@ -4,6 +4,7 @@ the device has no native bf16 (issue 19)."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
@@ -122,3 +123,16 @@ def test_bf16_bn_pass_after_augmented_training_runs_the_transforms_in_fp32() -> 
                  device=CPU, bn_dtype=torch.bfloat16)
     stats = [v for k, v in model.state_dict().items() if "running_var" in k]
     assert stats and all(v.dtype == torch.float32 and torch.isfinite(v).all() and (v > 0).all() for v in stats)
+
+
+@pytest.mark.parametrize(("setting", "shown"), [("fp32", "fp32"), ("bf16", "bf16 autocast")])
+def test_simulate_dry_run_states_the_evaluation_precision(tmp_path: Path, setting: str, shown: str) -> None:
+    from typer.testing import CliRunner
+
+    from medfed.cli import app
+
+    result = CliRunner().invoke(app, ["simulate", "--dry-run", "--run-dir", str(tmp_path / "runs"),
+                                      "--set", f"eval-precision={setting}"])
+    assert result.exit_code == 0, result.output
+    assert f"eval-precision = \"{setting}\"" in result.output  # the key, with its source
+    assert f"# eval-precision: {setting} -> {shown} for validation/test evaluation" in result.output
