@@ -587,7 +587,11 @@ def evaluate_at_validation_threshold(
 ) -> dict[str, float]:
     """:func:`evaluate` on ``test`` with the decision threshold chosen on ``val`` (never on ``test``).
 
-    ``dtype`` is the autocast dtype of both splits' forward passes (:func:`predict`).
+    ``dtype`` is the autocast dtype of the ``test`` forward passes (:func:`predict`). The ``val``
+    pass that chooses the threshold always runs in fp32: the threshold is what a checkpoint keeps
+    and ``medfed predict`` applies to fp32 probabilities, and Youden's J on a small validation
+    split can have near-ties far apart, which bf16's rounding would flip (BENCHMARKS.md, "bf16
+    inference and BatchNorm re-estimation (issue 19)").
 
     Binary classification: the threshold maximises Youden's J on ``model``'s ``val``
     predictions (:func:`medfed.shared.metrics.youden_threshold`); more classes: argmax.
@@ -600,7 +604,7 @@ def evaluate_at_validation_threshold(
     """
     if val is None or len(val) == 0 or test.task in ("segmentation", "detection"):
         return evaluate(model, test, device=device, batch_size=batch_size, roi_size=roi_size, dtype=dtype)
-    val_logits, val_targets, _ = predict(model, val, device=device, batch_size=batch_size, dtype=dtype)
+    val_logits, val_targets, _ = predict(model, val, device=device, batch_size=batch_size)  # fp32: see above
     threshold = None
     if test.num_classes == 2:
         threshold = youden_threshold(torch.softmax(val_logits, dim=1)[:, 1], val_targets)

@@ -29,6 +29,7 @@ import argparse
 import copy
 import dataclasses
 import datetime
+import json
 import logging
 import os
 import statistics
@@ -46,7 +47,8 @@ from torch import nn
 from medfed.shared.config import RunConfig
 from medfed.shared.config_sources import mapping_layer, resolve_config
 from medfed.shared.data.base import ImageSet
-from medfed.shared.metrics import classification_metrics, youden_threshold
+from medfed.shared.files import write_atomically
+from medfed.shared.metrics import youden_threshold
 from medfed.shared.partition import partition_indices, training_pool
 from medfed.shared.precision import native_bf16
 from medfed.shared.preflight import preflight
@@ -54,13 +56,14 @@ from medfed.shared.seeding import seed_everything
 from medfed.shared.task import initial_model, round_settings
 from medfed.shared.training import (
     TrainSettings,
+    evaluate_at_validation_threshold,
     make_optimizer,
     make_train_loader,
     predict,
     train_epochs,
     update_bn_stats,
 )
-from medfed.simulations.bench.support import fmt, read_results_section, write_results_section
+from medfed.simulations.bench.support import fmt, read_results_section
 
 __all__ = ["SECTION", "Case", "CASES", "run_case", "main"]
 
@@ -155,14 +158,28 @@ def _average(models: Sequence[tuple[nn.Module, int]]) -> nn.Module:
     return target
 
 
+def _layout(cfg: RunConfig, case: Case, train: ImageSet) -> list[Site]:
+    """Fresh models with the data and last-round settings of ``case``'s sites (to load cached weights into)."""
+    if not case.sites:
+        return [(initial_model(cfg, train), train, round_settings(cfg, server_round=cfg.num_server_rounds,
+                                                                   site_index=-1))]
+    return [(initial_model(cfg, train), data, round_settings(cfg, server_round=cfg.num_server_rounds, site_index=i))
+            for i, data in enumerate(_site_data(cfg, train, sites=case.sites, alpha=case.alpha))]
+
+
+def _site_data(cfg: RunConfig, train: ImageSet, *, sites: int, alpha: float) -> list[ImageSet]:
+    """The Dirichlet(``alpha``) split of ``train`` over ``sites`` sites."""
+    parts = partition_indices(train.class_labels(), num_sites=sites, method="dirichlet", alpha=alpha,
+                              seed=cfg.seed, min_per_site=8)
+    return [train.subset(p) for p in parts]
+
+
 def _train_federated(
     cfg: RunConfig, model: nn.Module, train: ImageSet, device: torch.device, *, sites: int, alpha: float
 ) -> list[Site]:
     """FedAvg over ``sites`` Dirichlet sites (fp32, each site's BatchNorm pass in fp32 but the last
     round's, which is measured); return every site's last-round model, data and settings."""
-    parts = partition_indices(train.class_labels(), num_sites=sites, method="dirichlet", alpha=alpha,
-                              seed=cfg.seed, min_per_site=8)
-    site_data = [train.subset(p) for p in parts]
+    site_data = _site_data(cfg, train, sites=sites, alpha=alpha)
     global_model = model
     trained: list[Site] = []
     for server_round in range(1, cfg.num_server_rounds + 1):
@@ -185,14 +202,17 @@ def _train_federated(
 
 def _evaluate(model: nn.Module, val: ImageSet, test: ImageSet, *, device: torch.device,
               dtype: torch.dtype | None) -> tuple[dict[str, float], torch.Tensor]:
-    """A round's validation + test passes: test metrics at the validation Youden threshold, test probabilities."""
-    val_logits, val_targets, _ = predict(model, val, device=device, dtype=dtype)
-    logits, targets, _ = predict(model, test, device=device, dtype=dtype)
-    threshold = None
-    if test.num_classes == 2:
-        threshold = youden_threshold(torch.softmax(val_logits, dim=1)[:, 1], val_targets)
-    metrics = classification_metrics(logits, targets, num_classes=test.num_classes, threshold=threshold)
+    """A round's evaluation (:func:`~medfed.shared.training.evaluate_at_validation_threshold`: threshold
+    on fp32 validation scores, test pass in ``dtype``) and the test probabilities ``(N, K)`` in ``dtype``."""
+    metrics = evaluate_at_validation_threshold(model, test, val=val, device=device, dtype=dtype)
+    logits, _, _ = predict(model, test, device=device, dtype=dtype)
     return metrics, torch.softmax(logits, dim=1)
+
+
+def _val_threshold(model: nn.Module, val: ImageSet, *, device: torch.device, dtype: torch.dtype | None) -> float:
+    """The Youden threshold on ``val`` scored in ``dtype`` (what a bf16 validation pass would choose)."""
+    logits, targets, _ = predict(model, val, device=device, dtype=dtype)
+    return youden_threshold(torch.softmax(logits, dim=1)[:, 1], targets)
 
 
 def _bn_pass(sites: Sequence[Site], *, device: torch.device, dtype: torch.dtype | None, reorder: int = 0) -> nn.Module:
@@ -216,8 +236,11 @@ def _timed(fn: Callable[[], Any]) -> tuple[float, Any]:
 
 
 def run_case(name: str, case: Case, *, data_dir: Path, repeats: int = 3, device: torch.device | None = None,
-             command: str = "") -> list[dict[str, Any]]:
-    """Train the model of ``case`` in fp32, then measure every pass in fp32 and bf16 (module docstring)."""
+             command: str = "", cache: Path | None = None) -> list[dict[str, Any]]:
+    """Train the model of ``case`` in fp32, then measure every pass in fp32 and bf16 (module docstring).
+
+    ``cache``: a folder where the trained sites' models are kept (``<case>.pt``) and read back by a
+    later run of the same case (the evaluation is then re-measured without training again)."""
     device = device or torch.device("cpu")
     cfg = _config(case, data_dir)
     seed_everything(cfg.seed)
@@ -227,19 +250,32 @@ def run_case(name: str, case: Case, *, data_dir: Path, repeats: int = 3, device:
     pool, _ = training_pool(splits.train.class_labels(), seed=cfg.seed, local_test_fraction=cfg.local_test_fraction)
     train = splits.train.subset(pool)
     model = initial_model(cfg, train)
+    cached = cache / f"{name}.pt" if cache is not None else None
     start = time.perf_counter()
-    if case.sites:
-        sites = _train_federated(cfg, model, train, device, sites=case.sites, alpha=case.alpha)
+    if cached is not None and cached.exists():  # the same case trained before: its sites' models
+        states = torch.load(cached, weights_only=True)
+        sites = _layout(cfg, case, train)
+        for (site_model, _, _), state in zip(sites, states["models"], strict=True):
+            site_model.load_state_dict(state)
+        train_seconds = float(states["train_seconds"])
+        logger.info("case %s: trained models read from %s", name, cached)
     else:
-        sites = _train_pooled(cfg, model, train, device)
-    train_seconds = time.perf_counter() - start
+        if case.sites:
+            sites = _train_federated(cfg, model, train, device, sites=case.sites, alpha=case.alpha)
+        else:
+            sites = _train_pooled(cfg, model, train, device)
+        train_seconds = time.perf_counter() - start
+        if cached is not None:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.save({"models": [m.state_dict() for m, _, _ in sites], "train_seconds": train_seconds}, cached)
     logger.info("case %s trained in %.0f s", name, train_seconds)
     # The weights every evaluation variant scores: the fp32 BatchNorm pass (the reference).
     reference = _bn_pass(sites, device=device, dtype=None)
 
     variants: dict[str, Callable[[], Any]] = {
-        "eval-fp32": lambda: _evaluate(reference, splits.val, splits.test, device=device, dtype=None),
-        "eval-bf16": lambda: _evaluate(reference, splits.val, splits.test, device=device, dtype=torch.bfloat16),
+        "eval-fp32": lambda: evaluate_at_validation_threshold(reference, splits.test, val=splits.val, device=device),
+        "eval-bf16": lambda: evaluate_at_validation_threshold(reference, splits.test, val=splits.val, device=device,
+                                                              dtype=torch.bfloat16),
         "bn-fp32": lambda: _bn_pass(sites, device=device, dtype=None),
         "bn-bf16": lambda: _bn_pass(sites, device=device, dtype=torch.bfloat16),
     }
@@ -254,8 +290,8 @@ def run_case(name: str, case: Case, *, data_dir: Path, repeats: int = 3, device:
     reordered = _bn_pass(sites, device=device, dtype=None, reorder=7919)
     bn_fp32_model, bn_bf16_model = outputs["bn-fp32"], outputs["bn-bf16"]
     results = {
-        ("eval", "fp32", "fp32"): outputs["eval-fp32"],
-        ("eval", "bf16", "bf16"): outputs["eval-bf16"],
+        ("eval", "fp32", "fp32"): _evaluate(reference, splits.val, splits.test, device=device, dtype=None),
+        ("eval", "bf16", "bf16"): _evaluate(reference, splits.val, splits.test, device=device, dtype=torch.bfloat16),
         ("bn-reestimation", "fp32", "fp32"): _evaluate(bn_fp32_model, splits.val, splits.test, device=device,
                                                         dtype=None),
         ("bn-reestimation", "bf16", "fp32"): _evaluate(bn_bf16_model, splits.val, splits.test, device=device,
@@ -266,7 +302,12 @@ def run_case(name: str, case: Case, *, data_dir: Path, repeats: int = 3, device:
         ("bn-reorder-noise", "fp32", "fp32"): _evaluate(reordered, splits.val, splits.test, device=device,
                                                                   dtype=None),
     }
-    ref_metrics, ref_probs = outputs["eval-fp32"]
+    ref_metrics, ref_probs = results[("eval", "fp32", "fp32")]
+    # Why the threshold is chosen on fp32 validation scores: what a bf16 validation pass would choose instead.
+    val_threshold_shift = None
+    if splits.test.num_classes == 2:
+        val_threshold_shift = round(_val_threshold(reference, splits.val, device=device, dtype=torch.bfloat16)
+                                    - _val_threshold(reference, splits.val, device=device, dtype=None), 4)
     dataset = Path(case.file).stem
     rows = []
     for (pass_name, dtype, eval_dtype), (metrics, probs) in results.items():
@@ -280,6 +321,9 @@ def run_case(name: str, case: Case, *, data_dir: Path, repeats: int = 3, device:
             "auc_diff_vs_fp32": round(auc - ref_metrics.get("auc", float("nan")), 4),
             "test_accuracy": round(metrics["accuracy"], 4),
             "accuracy_diff_vs_fp32": round(metrics["accuracy"] - ref_metrics["accuracy"], 4),
+            **{f"{key.replace('-', '_')}_diff_vs_fp32": round(metrics[key] - ref_metrics[key], 4)
+               for key in ("balanced-accuracy", "sensitivity", "specificity") if key in metrics},
+            "threshold_if_validation_in_bf16_diff": val_threshold_shift if pass_name == "eval" else None,
             "max_prob_diff": float(f"{(probs - ref_probs).abs().max().item():.3g}"),
             # binary: the validation-chosen decision threshold the round records (and a checkpoint keeps)
             "threshold": round(metrics["threshold"], 4) if "threshold" in metrics else None,
@@ -356,7 +400,12 @@ def _write(path: Path, rows: list[dict[str, Any]], *, replace_threads: bool) -> 
     thread checks), so that either command leaves the other's figures in place."""
     earlier = read_results_section(path, SECTION) or []
     kept = [r for r in earlier if r["case"].endswith("-threads") != replace_threads]
-    write_results_section(path, SECTION, kept + rows if replace_threads else rows + kept)
+    section = [dict(sorted(r.items())) for r in (kept + rows if replace_threads else rows + kept)]
+    # The other sections stay byte for byte in their order (write_results_section would sort the file).
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[SECTION] = section
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    write_atomically(path, lambda fh: fh.write(text.encode()), mode=0o644)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -367,6 +416,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--results", type=Path, default=Path("docs/bench/results.json"))
+    parser.add_argument("--cache", type=Path, default=Path("runs/bench-cache/precision"),
+                        help="folder for the trained models (a later run re-measures without training); '' disables")
     parser.add_argument("--threads-check", type=int, nargs="+", metavar="N", default=None,
                         help="instead: time the passes of the first case's model at these torch thread counts "
                              "(e.g. 1 2); its rows replace the earlier threads rows in the section")
@@ -386,7 +437,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     rows: list[dict[str, Any]] = []
     for name in args.cases:
-        rows += run_case(name, CASES[name], data_dir=args.data_dir, repeats=args.repeats, command=command.strip())
+        rows += run_case(name, CASES[name], data_dir=args.data_dir, repeats=args.repeats, command=command.strip(),
+                         cache=args.cache if str(args.cache) not in ("", ".") else None)
         _print([r for r in rows if r["case"] == name])
         _write(args.results, rows, replace_threads=False)  # after every case: a long run keeps what it measured
     bf16 = [r for r in rows if "bf16" in (r["dtype"], r["eval_dtype"])]
