@@ -136,3 +136,16 @@ def test_simulate_dry_run_states_the_evaluation_precision(tmp_path: Path, settin
     assert result.exit_code == 0, result.output
     assert f"eval-precision = \"{setting}\"" in result.output  # the key, with its source
     assert f"# eval-precision: {setting} -> {shown} for validation/test evaluation" in result.output
+
+
+def test_the_decision_threshold_is_chosen_on_fp32_validation_scores(trained: tuple[torch.nn.Module, object]) -> None:
+    """The threshold a checkpoint keeps (and medfed predict applies to fp32 probabilities) does not
+    depend on eval-precision; only the test pass runs in bf16."""
+    from medfed.shared.training import evaluate_at_validation_threshold
+
+    model, splits = trained
+    fp32 = evaluate_at_validation_threshold(model, splits.test, val=splits.val, device=CPU)
+    bf16 = evaluate_at_validation_threshold(model, splits.test, val=splits.val, device=CPU, dtype=torch.bfloat16)
+    assert bf16["threshold"] == fp32["threshold"]
+    assert bf16["auc"] != fp32["auc"] or bf16["loss"] != fp32["loss"]  # the test pass did run in bf16
+    assert abs(bf16["auc"] - fp32["auc"]) <= 0.01
