@@ -127,7 +127,7 @@ class SiteClient(NumPyClient):
         self.site_index = site_index
         self.device = select_device(device)
         # eval-precision: the autocast dtype of this site's evaluation and BatchNorm passes (None: fp32)
-        self.eval_dtype = eval_dtype(cfg.eval_precision, device=self.device)
+        self.eval_dtype = eval_dtype(cfg.eval_precision, device=self.device, task=data.train.task)
         self.grad_sample_mode = grad_sample_mode or cfg.dp_grad_sample_mode
         seed_everything(cfg.seed)  # identical initial weights at every site and the server
         # ``trainable``: the parameters the run does not fine-tune are frozen (and, under DP-SGD,

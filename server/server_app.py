@@ -107,7 +107,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         bn_data = splits.train if cfg.bn_mode != "global" else None
         evaluate_fn = make_evaluate_fn(
             model_for(cfg, splits.train), splits.test, val=splits.val, bn_data=bn_data, roi_size=cfg.patch_size,
-            dtype=eval_dtype(cfg.eval_precision, device=select_device("auto")),
+            dtype=eval_dtype(cfg.eval_precision, device=select_device("auto"), task=splits.task),
         )
         if bn_data is not None:  # the sites keep their statistics: the checkpoints get pooled ones
             device = select_device("auto")

@@ -260,9 +260,10 @@ class RunConfig:
     eval_precision
         Numeric precision of the passes that only run the model forward: every round's
         validation and test evaluation and the BatchNorm re-estimation pass after local
-        training (sites, pooled baseline, server). ``"auto"`` (default): bfloat16 autocast on a
-        device with native bf16 arithmetic (a CPU with AVX512-BF16 or AMX, a CUDA GPU of compute
-        capability >= 8.0), else fp32; ``"fp32"``; ``"bf16"``. Training, ``medfed predict``,
+        training (sites, pooled baseline, server). ``"auto"`` (default): bfloat16 autocast for
+        classification models on a device with native bf16 arithmetic (a CPU with AVX512-BF16 or
+        AMX, a CUDA GPU of compute capability >= 8.0), else fp32 (segmentation and detection:
+        fp32, not measured); ``"fp32"``; ``"bf16"``. Training, ``medfed predict``,
         ``medfed export``, checkpoints' statistics and the cross-site evaluation stay fp32.
         Measured in BENCHMARKS.md ("bf16 inference and BatchNorm re-estimation (issue 19)");
         see :mod:`medfed.shared.precision` and ``docs/precision.md``.

@@ -8,7 +8,7 @@ measured their AUC against fp32 on the same weights (BENCHMARKS.md, "bf16 infere
 re-estimation (issue 19)"). The run-config key ``eval-precision`` picks it:
 
 ``"auto"``
-    bf16 on a device with native bf16 arithmetic (a CPU with AVX512-BF16 or AMX, a CUDA GPU of
+    bf16 for classification models on a device with native bf16 arithmetic (a CPU with AVX512-BF16 or AMX, a CUDA GPU of
     compute capability 8.0 or later), else fp32. On a CPU without those instructions bf16 is
     emulated and slower than fp32, so ``auto`` never picks it there.
 ``"fp32"``
@@ -31,7 +31,7 @@ import torch
 
 from medfed.shared.config import EVAL_PRECISIONS
 
-__all__ = ["EVAL_PRECISIONS", "native_bf16", "eval_dtype", "eval_autocast", "describe_eval_precision"]
+__all__ = ["EVAL_PRECISIONS", "AUTO_TASKS", "native_bf16", "eval_dtype", "eval_autocast", "describe_eval_precision"]
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,14 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
-def eval_dtype(precision: str, *, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype of the evaluation passes for ``eval-precision = precision`` on ``device``.
+AUTO_TASKS: tuple[str, ...] = ("classification",)
+"""Tasks ``auto`` picks bf16 for: those whose AUC was measured within 0.01 of fp32 (BENCHMARKS.md).
+Segmentation (Dice, sliding-window sums) and detection (box scores) were not measured: fp32."""
+
+
+def eval_dtype(precision: str, *, device: torch.device, task: str = "classification") -> torch.dtype | None:
+    """The autocast dtype of the evaluation passes for ``eval-precision = precision`` on ``device``
+    for a ``task`` model (``auto``: bf16 only for :data:`AUTO_TASKS` on a native-bf16 device).
 
     Returns
     -------
@@ -77,7 +83,7 @@ def eval_dtype(precision: str, *, device: torch.device) -> torch.dtype | None:
     """
     if precision not in EVAL_PRECISIONS:
         raise ValueError(f"eval-precision = {precision!r} is invalid. Valid choices: {', '.join(EVAL_PRECISIONS)}.")
-    if precision == "bf16" or (precision == "auto" and native_bf16(device)):
+    if precision == "bf16" or (precision == "auto" and task in AUTO_TASKS and native_bf16(device)):
         return torch.bfloat16
     return None
 
@@ -92,13 +98,17 @@ def eval_autocast(dtype: torch.dtype | None, *, device: torch.device) -> Iterato
         yield
 
 
-def describe_eval_precision(precision: str, *, device: torch.device) -> str:
+def describe_eval_precision(precision: str, *, device: torch.device, task: str = "classification") -> str:
     """One line for ``--dry-run``: which precision the evaluation passes use on ``device`` and why."""
-    dtype = eval_dtype(precision, device=device)
+    dtype = eval_dtype(precision, device=device, task=task)
     used = "bf16 autocast" if dtype is not None else "fp32"
     if precision == "auto":
-        why = (f"{device.type} has native bf16" if dtype is not None
-               else f"{device.type} has no native bf16 (it would be emulated, slower than fp32)")
+        if task not in AUTO_TASKS:
+            why = f"bf16 was not measured for {task}"
+        elif dtype is not None:
+            why = f"{device.type} has native bf16"
+        else:
+            why = f"{device.type} has no native bf16 (it would be emulated, slower than fp32)"
         reason = f"auto: {why}"
     else:
         reason = "set explicitly"

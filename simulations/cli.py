@@ -238,10 +238,11 @@ def simulate(
 
 def _precision_line(cfg: RunConfig) -> str:
     """``--dry-run``'s line saying which precision the evaluation passes use on this machine."""
+    from medfed.shared.models import model_task
     from medfed.shared.precision import describe_eval_precision
     from medfed.shared.training import select_device
 
-    return describe_eval_precision(cfg.eval_precision, device=select_device("auto"))
+    return describe_eval_precision(cfg.eval_precision, device=select_device("auto"), task=model_task(cfg.model))
 
 
 def _start_plan(cfg: RunConfig) -> list[str]:

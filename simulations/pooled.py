@@ -72,7 +72,7 @@ def run_pooled(
     if splits is None:  # preflight(federated=False) refuses a config without data
         raise RuntimeError("the pooled baseline needs data")
     device = select_device()
-    dtype = eval_dtype(cfg.eval_precision, device=device)  # evaluation and BatchNorm passes (None: fp32)
+    dtype = eval_dtype(cfg.eval_precision, device=device, task=splits.task)  # evaluation and BatchNorm passes
     model, init_report = initial_model_with_report(cfg, splits.train)  # with init-weights loaded
     apply_trainable(model, mode=cfg.trainable, model_name=cfg.model)  # trainable: the rest is frozen
     pool, _ = training_pool(splits.train.class_labels(), seed=cfg.seed, local_test_fraction=cfg.local_test_fraction)

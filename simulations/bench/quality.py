@@ -209,7 +209,7 @@ def federate_in_process(
             val=splits.val,
             bn_data=splits.train if cfg.bn_mode != "global" else None,
             roi_size=cfg.patch_size,
-            dtype=eval_dtype(cfg.eval_precision, device=select_device("auto")),
+            dtype=eval_dtype(cfg.eval_precision, device=select_device("auto"), task=splits.task),
         ),
         min_available_clients=cfg.num_sites,
         trainable=trainable_mask(model),
@@ -274,7 +274,7 @@ def local_only(cfg: RunConfig) -> list[dict[str, float]]:
     """The test-split metrics of each site's own model (:func:`local_models`), in site order."""
     splits = load_dataset(cfg)
     evaluate_fn = make_evaluate_fn(model_for(cfg, splits.train), splits.test, roi_size=cfg.patch_size,
-                                   dtype=eval_dtype(cfg.eval_precision, device=select_device("auto")))
+                                   dtype=eval_dtype(cfg.eval_precision, device=select_device("auto"), task=splits.task))
     out: list[dict[str, float]] = []
     for weights in local_models(cfg):
         loss, metrics = evaluate_fn(cfg.num_server_rounds, weights, {})

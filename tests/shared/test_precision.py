@@ -40,22 +40,25 @@ def trained() -> tuple[torch.nn.Module, object]:
 
 
 @pytest.mark.parametrize(
-    ("setting", "native", "expected"),
+    ("setting", "native", "task", "expected"),
     [
-        ("fp32", True, None),
-        ("fp32", False, None),
-        ("bf16", True, torch.bfloat16),
-        ("bf16", False, torch.bfloat16),
-        ("auto", True, torch.bfloat16),
-        ("auto", False, None),  # no native bf16: emulated bf16 is slower than fp32, so auto falls back
+        ("fp32", True, "classification", None),
+        ("fp32", False, "classification", None),
+        ("bf16", True, "classification", torch.bfloat16),
+        ("bf16", False, "classification", torch.bfloat16),
+        ("bf16", True, "segmentation", torch.bfloat16),  # asked for explicitly
+        ("auto", True, "classification", torch.bfloat16),
+        ("auto", False, "classification", None),  # no native bf16: emulated bf16 is slower, auto falls back
+        ("auto", True, "segmentation", None),  # not measured for Dice: auto keeps fp32
+        ("auto", True, "detection", None),
     ],
 )
-def test_eval_dtype_follows_the_setting_and_the_hardware(
-    monkeypatch: pytest.MonkeyPatch, setting: str, native: bool, expected: torch.dtype | None
+def test_eval_dtype_follows_the_setting_the_hardware_and_the_task(
+    monkeypatch: pytest.MonkeyPatch, setting: str, native: bool, task: str, expected: torch.dtype | None
 ) -> None:
     monkeypatch.setattr(precision, "_cpu_native_bf16", lambda: native)
-    assert eval_dtype(setting, device=CPU) is expected
-    line = describe_eval_precision(setting, device=CPU)
+    assert eval_dtype(setting, device=CPU, task=task) is expected
+    line = describe_eval_precision(setting, device=CPU, task=task)
     assert line.startswith(f"eval-precision: {setting} -> {'bf16 autocast' if expected else 'fp32'}")
     assert " = " not in line  # --dry-run prints it as a TOML comment beside the keys
 
