@@ -6,8 +6,9 @@ own loop (:func:`medfed.shared.training.train_epochs`, the recipe of the README'
 data set) and then, on the SAME weights, in one process:
 
 ``eval``
-    the validation + test passes of a round (decision threshold from the validation split, as
-    :func:`~medfed.shared.training.evaluate_at_validation_threshold`), fp32 and bf16 autocast;
+    a round's evaluation, :func:`~medfed.shared.training.evaluate_at_validation_threshold`: the
+    decision threshold from an fp32 validation pass, the test pass in fp32 and in bf16 autocast
+    (the row also reports the threshold a bf16 validation pass would have chosen);
 ``bn-reestimation``
     the BatchNorm re-estimation pass (:func:`~medfed.shared.training.update_bn_stats`) over the
     training loader, as every site runs it after local training, in fp32 and in bf16, each
@@ -15,12 +16,17 @@ data set) and then, on the SAME weights, in one process:
     in bf16). In the federated case the pass runs at every site on its own data from its
     trained weights of the last round, and the sites' models are averaged (FedAvg) afterwards,
     so the averaged statistics come from bf16 passes.
+``bn-reorder-noise``
+    the fp32 BatchNorm pass over another batch order (not timed): the noise of the pass itself.
 
 Each row reports the test AUC and accuracy, the AUC difference to the fp32 reference of the same
 pass, the largest difference of a test probability from fp32, the pass's seconds (median of
 ``--repeats`` interleaved repeats after a warm-up: all variants alternate, so load changes on a
 shared machine hit them alike) and the speed-up over fp32. Rows go to
-``docs/bench/results.json``, section ``"precision"`` (only that key is rewritten).
+``docs/bench/results.json``, section ``"precision"`` (only that key is rewritten; the other
+sections keep their order and bytes). Trained models are kept under ``--cache`` so that a second run
+re-measures without training. ``--threads-check 1 2`` instead times the passes of the first case's
+(untrained) model at 1 and 2 torch threads, interleaved (rows ``<case>-threads``).
 """
 
 from __future__ import annotations
