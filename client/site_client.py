@@ -24,6 +24,7 @@ from medfed.client.site_policy import SitePolicy, Violation, check_run, violatio
 from medfed.shared.config import RunConfig
 from medfed.shared.cross_site import MIN_COUNT, is_cross_site
 from medfed.shared.models import validate_for_dp
+from medfed.shared.precision import eval_dtype
 from medfed.shared.preflight import dp_setup_problems
 from medfed.shared.privacy import (
     PrivacyBudget,
@@ -125,6 +126,8 @@ class SiteClient(NumPyClient):
         self.data = data
         self.site_index = site_index
         self.device = select_device(device)
+        # eval-precision: the autocast dtype of this site's evaluation and BatchNorm passes (None: fp32)
+        self.eval_dtype = eval_dtype(cfg.eval_precision, device=self.device, task=data.train.task)
         self.grad_sample_mode = grad_sample_mode or cfg.dp_grad_sample_mode
         seed_everything(cfg.seed)  # identical initial weights at every site and the server
         # ``trainable``: the parameters the run does not fine-tune are frozen (and, under DP-SGD,
@@ -242,6 +245,7 @@ class SiteClient(NumPyClient):
             global_params=global_params,
             criterion=self._criterion(),
             gradient_correction=corrections,
+            bn_dtype=self.eval_dtype,
         )
         logger.info(
             "site %d round %d: trained %d steps, loss %.4f", self.site_index, server_round, result.steps, result.loss
@@ -489,14 +493,16 @@ class SiteClient(NumPyClient):
         if self.local_entries and self.state_path is not None:
             state = SiteState(self.state_path).before(10**9)
             if not self._load_local_entries(state):
-                reestimate_bn(self.model, self.data.train, device=self.device)
+                reestimate_bn(self.model, self.data.train, device=self.device, dtype=self.eval_dtype)
         if is_cross_site(config):
             loss, count, sent = site_cross_site(
                 self.model, test=self.data.test, val=self.data.val, config=config,
                 min_count=self.cross_site_min_count(config), device=self.device,
             )
             return loss, count, {"site-index": self.site_index, **sent}
-        metrics = evaluate(self.model, self.data.val, device=self.device, roi_size=self.cfg.patch_size)
+        metrics = evaluate(
+            self.model, self.data.val, device=self.device, roi_size=self.cfg.patch_size, dtype=self.eval_dtype
+        )
         loss = float(metrics.pop("loss"))
         num_examples = int(metrics.pop("num_examples"))
         return loss, num_examples, {"site-index": self.site_index, **metrics}

@@ -209,6 +209,8 @@ def run_command(
                 from medfed.shared.task import start_plan
 
                 typer.echo("\n".join(f"# {line}" for line in start_plan(resolved.config, None)))
+            typer.echo(f"# eval-precision: {resolved.config.eval_precision}: each site resolves it on its own device "
+                       "(auto: bf16 autocast where the device has native bf16, else fp32; docs/precision.md)")
             return
         cfg = resolved.config
         if cfg.init_weights:  # the ServerApp may run in another folder: send the file's absolute path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import torch
 from flwr.common import NDArrays, Scalar
 from torch import nn
 
@@ -22,6 +23,7 @@ def make_evaluate_fn(
     device: str = "auto",
     bn_data: ImageSet | None = None,
     roi_size: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]]]:
     """A Flower ``evaluate_fn`` that scores the global weights on ``data`` (the test split).
 
@@ -42,6 +44,9 @@ def make_evaluate_fn(
     roi_size
         Segmentation: score whole images by sliding-window inference with this window (the
         run's ``patch-size``); 0: one forward pass per image.
+    dtype
+        Autocast dtype of the BatchNorm pass and the evaluation (``None``: fp32; the run's
+        ``eval-precision``: :func:`medfed.shared.precision.eval_dtype`).
 
     Returns
     -------
@@ -58,8 +63,10 @@ def make_evaluate_fn(
     ) -> tuple[float, dict[str, Scalar]]:
         set_weights(model, weights)
         if bn_data is not None:
-            reestimate_bn(model, bn_data, device=torch_device)
-        metrics = evaluate_at_validation_threshold(model, data, val=val, device=torch_device, roi_size=roi_size)
+            reestimate_bn(model, bn_data, device=torch_device, dtype=dtype)
+        metrics = evaluate_at_validation_threshold(
+            model, data, val=val, device=torch_device, roi_size=roi_size, dtype=dtype
+        )
         loss = float(metrics.pop("loss"))
         return loss, dict(metrics)
 

@@ -39,6 +39,7 @@ from medfed.shared.config_sources import config_from_run_config
 from medfed.shared.data.loading import load_dataset
 from medfed.shared.inference import model_shape_for
 from medfed.shared.models import model_task
+from medfed.shared.precision import eval_dtype
 from medfed.shared.preflight import check_dp_model
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import initial_model_with_report, model_for
@@ -105,7 +106,8 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         task = splits.task
         bn_data = splits.train if cfg.bn_mode != "global" else None
         evaluate_fn = make_evaluate_fn(
-            model_for(cfg, splits.train), splits.test, val=splits.val, bn_data=bn_data, roi_size=cfg.patch_size
+            model_for(cfg, splits.train), splits.test, val=splits.val, bn_data=bn_data, roi_size=cfg.patch_size,
+            dtype=eval_dtype(cfg.eval_precision, device=select_device("auto"), task=splits.task),
         )
         if bn_data is not None:  # the sites keep their statistics: the checkpoints get pooled ones
             device = select_device("auto")

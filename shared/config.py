@@ -38,6 +38,7 @@ __all__ = [
     "BAD_DATA_MODES",
     "PERSONALIZE_MODES",
     "TRAINABLE_MODES",
+    "EVAL_PRECISIONS",
     "DEFAULT_MIN_FIT_CLIENTS",
     "close_matches",
     "coerce_value",
@@ -62,6 +63,7 @@ SecAggOnFailure = Literal["continue", "stop"]
 BadData = Literal["strict", "skip"]
 Personalize = Literal["off", "bn", "head", "bn+head"]
 Trainable = Literal["all", "head", "last-block+head", "norm+head"]
+EvalPrecision = Literal["auto", "fp32", "bf16"]
 
 TASKS: tuple[str, ...] = get_args(Task)
 SYNTHETIC_TASKS: tuple[str, ...] = ("classification", "segmentation")
@@ -106,6 +108,9 @@ BAD_DATA_MODES: tuple[str, ...] = get_args(BadData)
 PERSONALIZE_MODES: tuple[str, ...] = get_args(Personalize)
 TRAINABLE_MODES: tuple[str, ...] = get_args(Trainable)
 """Which parameters local training updates (``trainable``; :mod:`medfed.shared.trainable`)."""
+EVAL_PRECISIONS: tuple[str, ...] = get_args(EvalPrecision)
+"""Precision of the evaluation and BatchNorm re-estimation passes (``eval-precision``;
+:mod:`medfed.shared.precision`)."""
 
 
 class ConfigError(ValueError):
@@ -266,6 +271,16 @@ class RunConfig:
         site evaluates) turns it off too.
     augment
         Random flips and small shifts while training.
+    eval_precision
+        Numeric precision of the passes that only run the model forward: every round's
+        validation and test evaluation and the BatchNorm re-estimation pass after local
+        training (sites, pooled baseline, server). ``"auto"`` (default): bfloat16 autocast for
+        classification models on a device with native bf16 arithmetic (a CPU with AVX512-BF16 or
+        AMX, a CUDA GPU of compute capability >= 8.0), else fp32 (segmentation and detection:
+        fp32, not measured); ``"fp32"``; ``"bf16"``. Training, ``medfed predict``,
+        ``medfed export``, checkpoints' statistics and the cross-site evaluation stay fp32.
+        Measured in BENCHMARKS.md ("bf16 inference and BatchNorm re-estimation (issue 19)");
+        see :mod:`medfed.shared.precision` and ``docs/precision.md``.
     seed
         The one seed; every random choice derives from it.
     run_dir
@@ -366,6 +381,7 @@ class RunConfig:
     cross_site: bool = True
     cross_site_min_count: int = 10
     augment: bool = True
+    eval_precision: EvalPrecision = "auto"
     seed: int = 0
     run_dir: str = "runs"
     store: str = ""
@@ -415,6 +431,7 @@ class RunConfig:
         _check_choice("bad-data", self.bad_data, BAD_DATA_MODES)
         _check_choice("personalize", self.personalize, PERSONALIZE_MODES)
         _check_choice("trainable", self.trainable, TRAINABLE_MODES)
+        _check_choice("eval-precision", self.eval_precision, EVAL_PRECISIONS)
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):

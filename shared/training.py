@@ -18,11 +18,11 @@ from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
-from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader
 
 from medfed.shared.data.base import ImageSet
 from medfed.shared.metrics import classification_metrics, segmentation_metrics, youden_threshold
+from medfed.shared.precision import eval_autocast
 from medfed.shared.transforms import ImageSetDataset, train_transforms
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "evaluate_detection",
     "predict",
     "reestimate_bn",
+    "update_bn_stats",
     "select_device",
 ]
 
@@ -238,6 +239,7 @@ def train_epochs(
     criterion: Callable[..., Any] | None = None,
     gradient_correction: Sequence[torch.Tensor] | None = None,
     reestimate_bn: bool = True,
+    bn_dtype: torch.dtype | None = None,
 ) -> TrainResult:
     """Train ``model`` in place for ``epochs`` passes over ``loader``.
 
@@ -266,6 +268,9 @@ def train_epochs(
         (Karimireddy et al. 2020, eq. (3)). Not with a ``DPOptimizer``.
     reestimate_bn
         Re-estimate BatchNorm running statistics on ``loader`` after training (see below).
+    bn_dtype
+        Autocast dtype of that re-estimation pass (``None``: fp32; see
+        :func:`medfed.shared.precision.eval_dtype`, run-config key ``eval-precision``).
 
     Returns
     -------
@@ -307,7 +312,7 @@ def train_epochs(
         # A few local steps leave BatchNorm running statistics lagging behind the weights; re-
         # estimate them on the site's data for the final weights (as SWA does), so the averaged
         # statistics the server keeps match the averaged model.
-        update_bn(loader, model, device=device)
+        update_bn_stats(model, loader, device=device, dtype=bn_dtype)
     seconds = time.perf_counter() - start
     mean_loss = total_loss / max(total_items, 1)
     if not math.isfinite(mean_loss):
@@ -395,18 +400,48 @@ def _private_step(
         optimizer.original_optimizer.step()
 
 
-def reestimate_bn(model: nn.Module, data: ImageSet, *, device: torch.device, batch_size: int = 64) -> bool:
+def reestimate_bn(
+    model: nn.Module, data: ImageSet, *, device: torch.device, batch_size: int = 64, dtype: torch.dtype | None = None
+) -> bool:
     """Re-estimate ``model``'s BatchNorm running statistics on ``data`` (no augmentation, no
-    labels used), the cumulative average of one forward pass as ``torch.optim.swa_utils.update_bn``
-    computes it. Returns whether ``model`` has BatchNorm layers."""
+    labels used) by :func:`update_bn_stats`, under autocast to ``dtype`` (``None``: fp32).
+    Returns whether ``model`` has BatchNorm layers."""
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
         return False
     loader = DataLoader(
         ImageSetDataset(data), batch_size=min(batch_size, max(len(data), 2)), shuffle=False, **_collate(data)
     )
-    update_bn(loader, model.to(device), device=device)
+    update_bn_stats(model.to(device), loader, device=device, dtype=dtype)
     model.eval()
     return True
+
+
+def update_bn_stats(
+    model: nn.Module, loader: DataLoader, *, device: torch.device, dtype: torch.dtype | None = None
+) -> None:
+    """One forward pass over ``loader`` (``(images, targets)`` batches, targets unused) that resets
+    and re-estimates ``model``'s BatchNorm running statistics as their cumulative average over the
+    batches (what ``torch.optim.swa_utils.update_bn`` computes), without autograd, the forward
+    passes (not the loader's transforms) under autocast to ``dtype`` (``None``: fp32). The
+    statistics stay fp32 buffers. Leaves ``model`` in the training/eval mode it had."""
+    momenta = {m: m.momentum for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    if not momenta:
+        return
+    was_training = model.training
+    for module in momenta:
+        module.reset_running_stats()
+        module.momentum = None  # a cumulative moving average
+    model.train()
+    try:
+        with torch.no_grad():
+            for batch in loader:
+                images = batch[0] if isinstance(batch, (list, tuple)) else batch
+                with eval_autocast(dtype, device=device):
+                    model(images.to(device))
+    finally:
+        for module, momentum in momenta.items():
+            module.momentum = momentum
+        model.train(was_training)
 
 
 SLIDING_WINDOW_OVERLAP = 0.25
@@ -415,7 +450,13 @@ SLIDING_WINDOW_OVERLAP = 0.25
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, data: ImageSet, *, device: torch.device, batch_size: int = 64, roi_size: int = 0
+    model: nn.Module,
+    data: ImageSet,
+    *,
+    device: torch.device,
+    batch_size: int = 64,
+    roi_size: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """``model``'s logits on ``data`` without augmentation (eval mode).
 
@@ -426,6 +467,9 @@ def predict(
         with windows of this side (the training patch, ``patch-size``), overlap
         :data:`SLIDING_WINDOW_OVERLAP`, windows averaged with equal weight (an image no larger
         than the window is one window: the plain forward pass); 0: one forward pass per batch.
+    dtype
+        Autocast dtype of the forward passes (``None``: fp32; ``torch.bfloat16``: see
+        :mod:`medfed.shared.precision`). Logits are returned and the loss computed in fp32.
 
     Returns
     -------
@@ -444,15 +488,17 @@ def predict(
     window = data.task == "segmentation" and roi_size > 0
     for images, targets in loader:
         images, targets = images.to(device), targets.to(device)
-        if window:
-            logits = sliding_window_inference(
-                images, roi_size=[roi_size] * data.spatial_dims, sw_batch_size=batch_size, predictor=model,
-                overlap=SLIDING_WINDOW_OVERLAP, mode="constant",
-            )
-        else:
-            logits = model(images)
+        with eval_autocast(dtype, device=device):
+            if window:
+                logits = sliding_window_inference(
+                    images, roi_size=[roi_size] * data.spatial_dims, sw_batch_size=batch_size, predictor=model,
+                    overlap=SLIDING_WINDOW_OVERLAP, mode="constant",
+                )
+            else:
+                logits = model(images)
+        logits = logits.float()
         total_loss += float(loss_fn(logits, targets)) * len(images)
-        logits_all.append(logits.float().cpu())
+        logits_all.append(logits.cpu())
         targets_all.append(targets.cpu())
     return torch.cat(logits_all), torch.cat(targets_all), total_loss / len(data)
 
@@ -465,6 +511,7 @@ def evaluate(
     batch_size: int = 64,
     threshold: float | None = None,
     roi_size: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``data`` without augmentation.
 
@@ -472,6 +519,8 @@ def evaluate(
     ----------
     roi_size
         Segmentation: the sliding window of :func:`predict` (0: whole images at once).
+    dtype
+        Autocast dtype of the forward passes (:func:`predict`; detection ignores it: fp32).
     threshold
         Binary classification: the class-1 probability threshold of the decision metrics
         (``None``: 0.5); see :func:`medfed.shared.metrics.classification_metrics`.
@@ -488,7 +537,7 @@ def evaluate(
     """
     if data.task == "detection":
         return evaluate_detection(model, data, device=device, batch_size=batch_size)
-    logits, targets, loss = predict(model, data, device=device, batch_size=batch_size, roi_size=roi_size)
+    logits, targets, loss = predict(model, data, device=device, batch_size=batch_size, roi_size=roi_size, dtype=dtype)
     if data.task == "segmentation":
         metrics = segmentation_metrics(logits, targets, num_classes=data.num_classes)
     else:
@@ -534,8 +583,15 @@ def evaluate_at_validation_threshold(
     device: torch.device,
     batch_size: int = 64,
     roi_size: int = 0,
+    dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """:func:`evaluate` on ``test`` with the decision threshold chosen on ``val`` (never on ``test``).
+
+    ``dtype`` is the autocast dtype of the ``test`` forward passes (:func:`predict`). The ``val``
+    pass that chooses the threshold always runs in fp32: the threshold is what a checkpoint keeps
+    and ``medfed predict`` applies to fp32 probabilities, and Youden's J on a small validation
+    split can have near-ties far apart, which bf16's rounding would flip (BENCHMARKS.md, "bf16
+    inference and BatchNorm re-estimation (issue 19)").
 
     Binary classification: the threshold maximises Youden's J on ``model``'s ``val``
     predictions (:func:`medfed.shared.metrics.youden_threshold`); more classes: argmax.
@@ -547,13 +603,13 @@ def evaluate_at_validation_threshold(
     ``roi_size``).
     """
     if val is None or len(val) == 0 or test.task in ("segmentation", "detection"):
-        return evaluate(model, test, device=device, batch_size=batch_size, roi_size=roi_size)
-    val_logits, val_targets, _ = predict(model, val, device=device, batch_size=batch_size)
+        return evaluate(model, test, device=device, batch_size=batch_size, roi_size=roi_size, dtype=dtype)
+    val_logits, val_targets, _ = predict(model, val, device=device, batch_size=batch_size)  # fp32: see above
     threshold = None
     if test.num_classes == 2:
         threshold = youden_threshold(torch.softmax(val_logits, dim=1)[:, 1], val_targets)
     val_metrics = classification_metrics(val_logits, val_targets, num_classes=test.num_classes, threshold=threshold)
-    logits, targets, loss = predict(model, test, device=device, batch_size=batch_size)
+    logits, targets, loss = predict(model, test, device=device, batch_size=batch_size, dtype=dtype)
     metrics = classification_metrics(logits, targets, num_classes=test.num_classes, threshold=threshold)
     metrics["loss"] = loss
     metrics["num_examples"] = float(len(test))

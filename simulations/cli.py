@@ -210,6 +210,7 @@ def simulate(
             typer.echo(resolved.describe())
             if cfg.init_weights or cfg.trainable != "all":
                 typer.echo("\n".join(f"# {line}" for line in _start_plan(cfg)))
+            typer.echo(f"# {_precision_line(cfg)}")
             return
         _run_and_report(cfg, centralized=centralized, verbose=verbose)
     except (ConfigError, DataError, ValueError) as err:
@@ -233,6 +234,15 @@ def simulate(
             logging.getLogger(__name__).error("the run failed", exc_info=err.__cause__)
         console.print(f"[bold red]error:[/] {escape(str(err))}")
         raise typer.Exit(code=1) from None
+
+
+def _precision_line(cfg: RunConfig) -> str:
+    """``--dry-run``'s line saying which precision the evaluation passes use on this machine."""
+    from medfed.shared.models import model_task
+    from medfed.shared.precision import describe_eval_precision
+    from medfed.shared.training import select_device
+
+    return describe_eval_precision(cfg.eval_precision, device=select_device("auto"), task=model_task(cfg.model))
 
 
 def _start_plan(cfg: RunConfig) -> list[str]:

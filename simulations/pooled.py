@@ -19,6 +19,7 @@ from medfed.server.tracking import open_run_sink
 from medfed.shared.config import RunConfig
 from medfed.shared.inference import model_shape_for
 from medfed.shared.partition import training_pool
+from medfed.shared.precision import eval_dtype
 from medfed.shared.preflight import preflight
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import initial_model_with_report, round_settings
@@ -71,6 +72,7 @@ def run_pooled(
     if splits is None:  # preflight(federated=False) refuses a config without data
         raise RuntimeError("the pooled baseline needs data")
     device = select_device()
+    dtype = eval_dtype(cfg.eval_precision, device=device, task=splits.task)  # evaluation and BatchNorm passes
     model, init_report = initial_model_with_report(cfg, splits.train)  # with init-weights loaded
     apply_trainable(model, mode=cfg.trainable, model_name=cfg.model)  # trainable: the rest is frozen
     pool, _ = training_pool(splits.train.class_labels(), seed=cfg.seed, local_test_fraction=cfg.local_test_fraction)
@@ -99,7 +101,9 @@ def run_pooled(
     with interruptible() as interrupt:
         try:
             window = cfg.patch_size
-            initial = evaluate_at_validation_threshold(model, splits.test, val=splits.val, device=device, roi_size=window)
+            initial = evaluate_at_validation_threshold(
+                model, splits.test, val=splits.val, device=device, roi_size=window, dtype=dtype
+            )
             record_round(RoundRecord(round=0, seconds=0.0, global_metrics=initial))
             metrics = initial
             for server_round in range(1, cfg.num_server_rounds + 1):
@@ -120,11 +124,14 @@ def run_pooled(
                     task=splits.task,
                     epochs=settings.epochs,
                     device=device,
+                    bn_dtype=dtype,
                 )
                 metrics = evaluate_at_validation_threshold(
-                    model, splits.test, val=splits.val, device=device, roi_size=window
+                    model, splits.test, val=splits.val, device=device, roi_size=window, dtype=dtype
                 )
-                val_metrics = evaluate(model, splits.val, device=device, roi_size=window) if len(splits.val) else {}
+                val_metrics = (
+                    evaluate(model, splits.val, device=device, roi_size=window, dtype=dtype) if len(splits.val) else {}
+                )
                 record = RoundRecord(
                     round=server_round,
                     seconds=time.perf_counter() - round_start,

@@ -50,9 +50,11 @@ from medfed.server.strategies import build_strategy
 from medfed.shared.config import ConfigError, RunConfig
 from medfed.shared.config_sources import flag_layer, mapping_layer, resolve_config, set_layer
 from medfed.shared.data.loading import load_dataset
+from medfed.shared.precision import eval_dtype
 from medfed.shared.round_config import fit_config
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import initial_model, model_for
+from medfed.shared.training import select_device
 from medfed.shared.weights import get_weights, trainable_mask
 from medfed.simulations.bench.support import line_plot, mean_spread, medmnist_file, ratio
 from medfed.simulations.pooled import run_pooled
@@ -207,6 +209,7 @@ def federate_in_process(
             val=splits.val,
             bn_data=splits.train if cfg.bn_mode != "global" else None,
             roi_size=cfg.patch_size,
+            dtype=eval_dtype(cfg.eval_precision, device=select_device("auto"), task=splits.task),
         ),
         min_available_clients=cfg.num_sites,
         trainable=trainable_mask(model),
@@ -270,7 +273,8 @@ def local_models(cfg: RunConfig) -> list[list[np.ndarray]]:
 def local_only(cfg: RunConfig) -> list[dict[str, float]]:
     """The test-split metrics of each site's own model (:func:`local_models`), in site order."""
     splits = load_dataset(cfg)
-    evaluate_fn = make_evaluate_fn(model_for(cfg, splits.train), splits.test, roi_size=cfg.patch_size)
+    evaluate_fn = make_evaluate_fn(model_for(cfg, splits.train), splits.test, roi_size=cfg.patch_size,
+                                   dtype=eval_dtype(cfg.eval_precision, device=select_device("auto"), task=splits.task))
     out: list[dict[str, float]] = []
     for weights in local_models(cfg):
         loss, metrics = evaluate_fn(cfg.num_server_rounds, weights, {})

@@ -25,6 +25,9 @@ def test_defaults_round_trip_through_kebab_case() -> None:
         ({"trainable": "norm+head"}, "trainable", "norm+head"),
         ({"dp-max-grad-norm": "2.5"}, "dp_max_grad_norm", 2.5),
         ({}, "dp_max_grad_norm", 5.0),  # the measured DP default (DP_MAX_GRAD_NORM, issue 16)
+        ({}, "eval_precision", "auto"),
+        ({"eval-precision": "fp32"}, "eval_precision", "fp32"),
+        ({"eval_precision": "bf16"}, "eval_precision", "bf16"),
     ],
 )
 def test_values_are_coerced(raw: dict, field: str, expected: object) -> None:
@@ -44,6 +47,7 @@ def test_values_are_coerced(raw: dict, field: str, expected: object) -> None:
         ({"fraction-fit": 1.5}, ["fraction-fit", "[0, 1]"]),
         ({"trainable": "backbone"}, ["trainable", "'all'", "'head'", "'last-block+head'", "'norm+head'"]),
         ({"init-weights": 1.5}, ["init-weights", "str"]),
+        ({"eval-precision": "fp16"}, ["eval-precision", "'fp16'", "'auto'", "'fp32'", "'bf16'"]),
     ],
 )
 def test_bad_input_names_key_and_fix(raw: dict, fragments: list[str]) -> None:

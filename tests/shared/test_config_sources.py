@@ -49,6 +49,8 @@ PRECEDENCE: list[tuple[str, Any, Any, Any, Any, str]] = [
     ("partition", '"dirichlet"', "quantity", None, "quantity", "flag --partition"),
     ("augment", "false", None, None, False, "file"),
     ("augment", "false", None, "true", True, "--set"),
+    ("eval-precision", '"fp32"', None, None, "fp32", "file"),
+    ("eval-precision", '"fp32"', None, "bf16", "bf16", "--set"),
 ]
 
 
