@@ -228,6 +228,7 @@ class BookkeepingModule(nn.Module):
         return self._module
 
     # ---------------------------------------------------------------- clipping
+    @torch.no_grad()
     def clipped_sums(self, max_grad_norm: float) -> dict[nn.Parameter, torch.Tensor] | None:
         """``sum_b min(1, C / (||grad_b|| + 1e-6)) grad_b`` for every trainable parameter, from the
         last forward/backward pass (then forgotten); ``None`` if no backward pass was recorded.

@@ -87,8 +87,8 @@ def test_a_real_dp_sgd_step_moves_only_the_trainable_parameters(name: str, mode:
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-@pytest.mark.parametrize("grad_sample_mode", ["hooks", "ghost", "functorch"])
-def test_every_opacus_mode_trains_only_the_trainable_parameters(grad_sample_mode: str) -> None:
+@pytest.mark.parametrize("grad_sample_mode", ["hooks", "ghost", "functorch", "bookkeeping"])
+def test_every_dp_mode_trains_only_the_trainable_parameters(grad_sample_mode: str) -> None:
     model = _model("simplecnn")
     apply_trainable(model, mode="last-block+head", model_name="simplecnn")
     trainable = _expected("simplecnn", "last-block+head", model)
