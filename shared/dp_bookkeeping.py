@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -89,6 +89,14 @@ def unsupported_layers(model: nn.Module) -> list[str]:
 
 
 @dataclass
+class _Call:
+    """One call of a layer: its tensor inputs and, after the backward pass, its output gradient."""
+
+    inputs: tuple[torch.Tensor, ...]
+    grad: torch.Tensor | None = None
+
+
+@dataclass
 class _Layer:
     """A module with trainable parameters and what one forward/backward pass left for it."""
 
@@ -96,8 +104,8 @@ class _Layer:
     module: nn.Module
     kind: str  # "conv", "linear", "norm" or "sampler"
     params: list[nn.Parameter]
-    inputs: tuple[torch.Tensor, ...] | None = None
-    grad: torch.Tensor | None = None
+    calls: list[_Call] = field(default_factory=list)
+    """One entry per call in the last forward pass (several: shared weights)."""
 
 
 class BookkeepingModule(nn.Module):
@@ -160,7 +168,7 @@ class BookkeepingModule(nn.Module):
         """Run the model; with gradients enabled, record each layer's input and output gradient."""
         if not torch.is_grad_enabled():
             return self._module(*args, **kwargs)
-        if any(layer.grad is not None for layer in self._layers):
+        if self._has_grads():
             raise RuntimeError(
                 "book-keeping DP-SGD: a second forward/backward pass before optimizer.step(); gradient "
                 "accumulation over Poisson batches is not allowed (call optimizer.step() after each backward)."
@@ -177,21 +185,20 @@ class BookkeepingModule(nn.Module):
             for p in params:
                 p.requires_grad_(True)
 
+    def _has_grads(self) -> bool:
+        return any(call.grad is not None for layer in self._layers for call in layer.calls)
+
     def _forward_hook(self, layer: _Layer, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> Any:
         if not self._recording:
             return None
-        if layer.inputs is not None:
-            raise RuntimeError(
-                f"book-keeping DP-SGD: layer {layer.name} ({type(module).__name__}) ran twice in one forward "
-                "pass (shared weights); use dp-grad-sample-mode = 'hooks'."
-            )
         if not isinstance(output, torch.Tensor):
             raise RuntimeError(
                 f"book-keeping DP-SGD: layer {layer.name} ({type(module).__name__}) returned "
                 f"{type(output).__name__}, not a tensor; use dp-grad-sample-mode = 'hooks'."
             )
-        layer.inputs = tuple(x.detach() for x in inputs if isinstance(x, torch.Tensor))
-        batch = int(layer.inputs[0].shape[0])
+        call = _Call(tuple(x.detach() for x in inputs if isinstance(x, torch.Tensor)))
+        layer.calls.append(call)
+        batch = int(call.inputs[0].shape[0])
         if self._batch_size is None:
             self._batch_size = batch
         elif batch != self._batch_size:
@@ -201,21 +208,22 @@ class BookkeepingModule(nn.Module):
             )
         if not output.requires_grad:  # nothing below this layer trains: let autograd reach its output
             output = output + self._anchor.to(output.device)
-        output.register_hook(partial(self._capture, layer))
+        output.register_hook(partial(self._capture, layer, call))
         return output
 
-    def _capture(self, layer: _Layer, grad: torch.Tensor) -> None:
-        if layer.grad is not None:
+    @staticmethod
+    def _capture(layer: _Layer, call: _Call, grad: torch.Tensor) -> None:
+        if call.grad is not None:
             raise RuntimeError(
                 f"book-keeping DP-SGD: a second backward pass reached layer {layer.name}; call optimizer.step() "
                 "after each backward."
             )
-        layer.grad = grad.detach()
+        call.grad = grad.detach()
 
     def discard(self) -> None:
         """Forget the recorded inputs and output gradients."""
         for layer in self._layers:
-            layer.inputs = layer.grad = None
+            layer.calls = []
         self._batch_size = None
         self._anchor.grad = None
 
@@ -243,19 +251,22 @@ class BookkeepingModule(nn.Module):
         dict or None
             Parameter -> clipped sum, shaped like the parameter.
         """
-        layers = [layer for layer in self._layers if layer.grad is not None and layer.inputs is not None]
-        if not layers:
-            self.discard()
-            return None
         batch = int(self._batch_size or 0)
         scale = float(batch) if self.loss_reduction == "mean" else 1.0
-        sq = torch.zeros(batch, dtype=torch.float64 if layers[0].grad.dtype == torch.float64 else torch.float32,
-                         device=layers[0].grad.device)
+        # Per layer, the calls whose output reached the loss (a call without gradient adds nothing).
+        work = [(layer, [(c.inputs, c.grad * scale if scale != 1.0 else c.grad) for c in layer.calls
+                         if c.grad is not None]) for layer in self._layers]
+        work = [(layer, calls) for layer, calls in work if calls]
+        if not work:
+            self.discard()
+            return None
+        first = work[0][1][0][1]
+        sq = torch.zeros(batch, dtype=torch.float64 if first.dtype == torch.float64 else torch.float32,
+                         device=first.device)
         finishers: list[Callable[[torch.Tensor], dict[nn.Parameter, torch.Tensor]]] = []
         self.ghost_layers = set()
-        for layer in layers:
-            g = layer.grad * scale if scale != 1.0 else layer.grad
-            layer_sq, finish = _LAYER_RULES[layer.kind](self, layer, layer.inputs, g)
+        for layer, calls in work:
+            layer_sq, finish = _LAYER_RULES[layer.kind](self, layer, calls)
             sq += layer_sq.to(sq.dtype)
             finishers.append(finish)
         factor = (max_grad_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
@@ -267,15 +278,24 @@ class BookkeepingModule(nn.Module):
 
 
 # --------------------------------------------------------------------------- per-layer rules
-# Each rule returns (per-sample squared norm over the layer's trainable parameters, shape (B,),
-# and a function of the clip factors (B,) giving the layer's clipped sums).
-_Rule = Callable[[BookkeepingModule, _Layer, tuple[torch.Tensor, ...], torch.Tensor],
-                 tuple[torch.Tensor, Callable[[torch.Tensor], dict[nn.Parameter, torch.Tensor]]]]
+# Each rule gets a layer's calls as (inputs, output gradient scaled to per-sample losses) and
+# returns the per-sample squared norm over the layer's trainable parameters, shape (B,), and a
+# function of the clip factors (B,) giving the layer's clipped sums. A layer called several
+# times (shared weights) has per-sample gradients summed over its calls: its positions are
+# concatenated (convolution, linear) or its per-sample gradients added (norms, grad samplers).
+_Calls = list[tuple[tuple[torch.Tensor, ...], torch.Tensor]]
+_Finish = Callable[[torch.Tensor], dict[nn.Parameter, torch.Tensor]]
+_Rule = Callable[[BookkeepingModule, _Layer, _Calls], tuple[torch.Tensor, _Finish]]
 
 
 def _weighted(factor: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
     """``sum_b factor_b per_sample_b`` for ``per_sample`` ``(B, ...)``."""
     return (factor.to(per_sample.dtype) @ per_sample.reshape(per_sample.shape[0], -1)).reshape(per_sample.shape[1:])
+
+
+def _scaled(g: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """``g`` ``(B, ...)`` with sample ``b`` multiplied by ``factor_b``."""
+    return g * factor.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
 
 
 def _norms_of_products(a: torch.Tensor, g: torch.Tensor, *, name: str, owner: BookkeepingModule) -> tuple[
@@ -296,16 +316,17 @@ def _norms_of_products(a: torch.Tensor, g: torch.Tensor, *, name: str, owner: Bo
     return per_sample.pow(2).sum(dim=(1, 2)), per_sample
 
 
-def _conv_rule(owner: BookkeepingModule, layer: _Layer, inputs: tuple[torch.Tensor, ...], g: torch.Tensor):  # type: ignore[no-untyped-def]
+def _conv_rule(owner: BookkeepingModule, layer: _Layer, calls: _Calls) -> tuple[torch.Tensor, _Finish]:
     conv = layer.module
-    x = inputs[0].to(g.dtype)
-    n, out_ch = g.shape[0], g.shape[1]
     weight, bias = conv.weight, conv.bias
-    sq = torch.zeros(n, dtype=g.dtype, device=g.device)
+    grads = [g for _, g in calls]
+    xs = [inputs[0].to(g.dtype) for (inputs, _), g in zip(calls, grads, strict=True)]
+    n, out_ch = grads[0].shape[0], grads[0].shape[1]
+    sq = torch.zeros(n, dtype=grads[0].dtype, device=grads[0].device)
+    g_flat = torch.cat([g.reshape(n, out_ch, -1) for g in grads], dim=2)  # (B, O, T)
     per_sample_w = None
-    g_flat = g.reshape(n, out_ch, -1)  # (B, O, T)
     if weight.requires_grad:
-        patches = _unfold(conv, x)  # (B, D, T)
+        patches = torch.cat([_unfold(conv, x) for x in xs], dim=2)  # (B, D, T)
         w_sq, per_sample_w = _norms_of_products(
             patches.transpose(1, 2), g_flat.transpose(1, 2), name=layer.name, owner=owner
         )
@@ -320,12 +341,14 @@ def _conv_rule(owner: BookkeepingModule, layer: _Layer, inputs: tuple[torch.Tens
         if weight.requires_grad:
             if per_sample_w is not None:
                 out[weight] = _weighted(factor, per_sample_w).reshape(weight.shape)
-            else:
-                scaled = g * factor.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
-                out[weight] = torch.ops.aten.convolution_backward(
-                    scaled, x, weight, None, list(conv.stride), list(conv.padding), list(conv.dilation),
-                    False, [0] * (x.dim() - 2), conv.groups, [False, True, False],
-                )[1]
+            else:  # PyTorch's weight-gradient kernel on the clipped output gradients
+                out[weight] = sum(
+                    torch.ops.aten.convolution_backward(
+                        _scaled(g, factor), x, weight, None, list(conv.stride), list(conv.padding),
+                        list(conv.dilation), False, [0] * (x.dim() - 2), conv.groups, [False, True, False],
+                    )[1]
+                    for x, g in zip(xs, grads, strict=True)
+                )
         if per_sample_b is not None:
             out[bias] = _weighted(factor, per_sample_b)
         return out
@@ -344,14 +367,13 @@ def _unfold(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
                     dilation=conv.dilation)
 
 
-def _linear_rule(owner: BookkeepingModule, layer: _Layer, inputs: tuple[torch.Tensor, ...], g: torch.Tensor):  # type: ignore[no-untyped-def]
+def _linear_rule(owner: BookkeepingModule, layer: _Layer, calls: _Calls) -> tuple[torch.Tensor, _Finish]:
     lin = layer.module
-    x = inputs[0].to(g.dtype)
-    n = g.shape[0]
-    a3 = x.reshape(n, -1, x.shape[-1])  # (B, T, D)
-    g3 = g.reshape(n, -1, g.shape[-1])  # (B, T, O)
+    n = calls[0][1].shape[0]
+    a3 = torch.cat([inputs[0].to(g.dtype).reshape(n, -1, inputs[0].shape[-1]) for inputs, g in calls], dim=1)
+    g3 = torch.cat([g.reshape(n, -1, g.shape[-1]) for _, g in calls], dim=1)  # (B, T, O); a3 (B, T, D)
     weight, bias = lin.weight, lin.bias
-    sq = torch.zeros(n, dtype=g.dtype, device=g.device)
+    sq = torch.zeros(n, dtype=g3.dtype, device=g3.device)
     per_sample_w = None
     if weight.requires_grad:
         if a3.shape[1] == 1:
@@ -370,8 +392,7 @@ def _linear_rule(owner: BookkeepingModule, layer: _Layer, inputs: tuple[torch.Te
             if per_sample_w is not None:
                 out[weight] = _weighted(factor, per_sample_w)
             else:
-                scaled = g3 * factor.to(g.dtype).reshape(-1, 1, 1)
-                out[weight] = scaled.reshape(-1, g3.shape[-1]).t() @ a3.reshape(-1, a3.shape[-1])
+                out[weight] = _scaled(g3, factor).reshape(-1, g3.shape[-1]).t() @ a3.reshape(-1, a3.shape[-1])
         if per_sample_b is not None:
             out[bias] = _weighted(factor, per_sample_b)
         return out
@@ -379,10 +400,8 @@ def _linear_rule(owner: BookkeepingModule, layer: _Layer, inputs: tuple[torch.Te
     return sq, finish
 
 
-def _norm_rule(owner: BookkeepingModule, layer: _Layer, inputs: tuple[torch.Tensor, ...], g: torch.Tensor):  # type: ignore[no-untyped-def]
-    norm = layer.module
-    x = inputs[0].to(g.dtype)
-    n = g.shape[0]
+def _norm_per_sample(norm: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients of a GroupNorm / LayerNorm / InstanceNorm's affine parameters."""
     if isinstance(norm, nn.GroupNorm):
         normalised = F.group_norm(x, norm.num_groups, eps=norm.eps)
         reduce: tuple[int, ...] = tuple(range(2, g.dim()))
@@ -392,15 +411,27 @@ def _norm_rule(owner: BookkeepingModule, layer: _Layer, inputs: tuple[torch.Tens
     else:
         normalised = F.instance_norm(x, eps=norm.eps)
         reduce = tuple(range(2, g.dim()))
-    per_sample: dict[nn.Parameter, torch.Tensor] = {}
+    out: dict[nn.Parameter, torch.Tensor] = {}
     if norm.weight is not None and norm.weight.requires_grad:
         gw = g * normalised
-        per_sample[norm.weight] = gw.sum(dim=reduce) if reduce else gw
+        out[norm.weight] = gw.sum(dim=reduce) if reduce else gw
     if norm.bias is not None and norm.bias.requires_grad:
-        per_sample[norm.bias] = g.sum(dim=reduce) if reduce else g
-    sq = torch.zeros(n, dtype=g.dtype, device=g.device)
-    for p, ps in per_sample.items():
-        sq += ps.reshape(n, -1).pow(2).sum(1)
+        out[norm.bias] = g.sum(dim=reduce) if reduce else g
+    return out
+
+
+def _sum_per_sample(layer: _Layer, calls: _Calls, per_call: Callable[..., dict[nn.Parameter, torch.Tensor]]) -> tuple[
+        torch.Tensor, _Finish]:
+    """Norms and clipped sums from per-sample gradients ``per_call(inputs, g)`` added over calls."""
+    per_sample: dict[nn.Parameter, torch.Tensor] = {}
+    for inputs, g in calls:
+        for p, ps in per_call(inputs, g).items():
+            if p.requires_grad:
+                per_sample[p] = per_sample[p] + ps if p in per_sample else ps
+    n = calls[0][1].shape[0]
+    sq = torch.zeros(n, dtype=calls[0][1].dtype, device=calls[0][1].device)
+    for ps in per_sample.values():
+        sq += ps.reshape(n, -1).pow(2).sum(1).to(sq.dtype)
 
     def finish(factor: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         return {p: _weighted(factor, ps).reshape(p.shape) for p, ps in per_sample.items()}
@@ -408,19 +439,14 @@ def _norm_rule(owner: BookkeepingModule, layer: _Layer, inputs: tuple[torch.Tens
     return sq, finish
 
 
-def _sampler_rule(owner: BookkeepingModule, layer: _Layer, inputs: tuple[torch.Tensor, ...], g: torch.Tensor):  # type: ignore[no-untyped-def]
+def _norm_rule(owner: BookkeepingModule, layer: _Layer, calls: _Calls) -> tuple[torch.Tensor, _Finish]:
+    return _sum_per_sample(layer, calls, lambda inputs, g: _norm_per_sample(layer.module, inputs[0].to(g.dtype), g))
+
+
+def _sampler_rule(owner: BookkeepingModule, layer: _Layer, calls: _Calls) -> tuple[torch.Tensor, _Finish]:
     """Any layer with an Opacus grad sampler: materialise its per-sample gradients."""
     sampler = GradSampleModule.GRAD_SAMPLERS[type(layer.module)]
-    per_sample = {p: ps for p, ps in sampler(layer.module, list(inputs), g).items() if p.requires_grad}
-    n = g.shape[0]
-    sq = torch.zeros(n, dtype=g.dtype, device=g.device)
-    for ps in per_sample.values():
-        sq += ps.reshape(n, -1).pow(2).sum(1).to(g.dtype)
-
-    def finish(factor: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
-        return {p: _weighted(factor, ps).reshape(p.shape) for p, ps in per_sample.items()}
-
-    return sq, finish
+    return _sum_per_sample(layer, calls, lambda inputs, g: sampler(layer.module, list(inputs), g))
 
 
 _LAYER_RULES: dict[str, _Rule] = {
@@ -477,6 +503,28 @@ class BookkeepingDPOptimizer(DPOptimizer):
                 p.summed_grad += grad
             else:
                 p.summed_grad = grad
+
+    def add_noise(self) -> None:
+        """``p.grad = p.summed_grad + noise``: the very numbers of Opacus's ``add_noise`` (the same
+        draws from ``generator`` in the same order, summed in the same order; with ``secure_mode``
+        a discarded first draw, then ``(n1 + n2 + n3 + n4) / 2``), drawn into two reused buffers
+        per parameter instead of seven fresh tensors."""
+        std = self.noise_multiplier * self.max_grad_norm
+        for p in self.params:
+            summed = p.summed_grad
+            if std == 0:
+                p.grad = summed.clone().view_as(p)
+                continue
+            if not self.secure_mode:
+                noise = torch.empty(summed.shape, dtype=summed.dtype, device=summed.device)
+                p.grad = noise.normal_(0, std, generator=self.generator).add_(summed).view_as(p)
+                continue
+            torch.normal(mean=0, std=std, size=(1, 1), device=summed.device, generator=self.generator)
+            total = torch.zeros_like(summed)
+            draw = torch.empty(summed.shape, device=summed.device)  # Opacus draws in the default dtype
+            for _ in range(4):
+                total += draw.normal_(0, std, generator=self.generator)
+            p.grad = total.div_(2).add_(summed).view_as(p)
 
     def pre_step(self, closure: Callable[[], float] | None = None) -> bool:  # type: ignore[override]
         """Clip (book-keeping), then ``DPOptimizer``'s noise, scaling and step hooks."""

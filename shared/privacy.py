@@ -249,7 +249,7 @@ def make_private_training(
     noise_multiplier: float,
     max_grad_norm: float,
     generator: torch.Generator,
-    grad_sample_mode: str = "hooks",
+    grad_sample_mode: str = "bookkeeping",
     secure_noise: bool = False,
     criterion: nn.Module | None = None,
     sampling_generator: torch.Generator | None = None,

@@ -9,6 +9,13 @@ without, on the same fixed batches of random images (speed only: no data is read
 first repeat is a warm-up; the figures are medians over ``--repeats`` repeats of ``--steps``
 steps. Rows go to ``docs/bench/results.json``, section ``"trainable-speed"``.
 
+``--dp-speed`` times instead one logical DP-SGD step per per-sample gradient mode
+(``--grad-sample-modes``, default Opacus's ``hooks`` and medfed's ``bookkeeping``) against a plain
+step, side by side in one process (:func:`dp_speed`), for a 2D or 3D model (``--spatial-dims``),
+optionally in physical batches (``--physical-batch``, as Opacus's ``BatchMemoryManager``); rows go
+to section ``"dp-speed"`` (rows of the same model, dims, size, batch, physical batch and mode are
+replaced, the others kept).
+
 The figures are indicative: a shared CPU is noisy, and the conditions are stated with them.
 """
 

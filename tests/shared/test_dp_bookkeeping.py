@@ -229,3 +229,48 @@ def test_trains_through_train_epochs_and_closes_cleanly() -> None:
     assert plain is model and not plain._forward_hooks
     assert all(p.requires_grad for p in plain.parameters())
     assert any(not torch.equal(p.detach(), b) for p, b in zip(plain.parameters(), before, strict=True))
+
+
+@pytest.mark.parametrize("secure", [True, False])
+def test_noise_is_bit_identical_to_opacus_draws(secure: bool) -> None:
+    from opacus.optimizers.optimizer import _generate_noise
+
+    private = _private(nn.Sequential(nn.Linear(30, 20)), "bookkeeping", sigma=1.7, clip=0.9, secure=secure, seed=8)
+    reference_rng = torch.Generator().manual_seed(8)
+    expected = []
+    for p in private.optimizer.params:
+        p.summed_grad = torch.randn_like(p)
+        expected.append(p.summed_grad + _generate_noise(1.7 * 0.9, p.summed_grad, reference_rng, secure))
+    private.optimizer.add_noise()
+    for p, want in zip(private.optimizer.params, expected, strict=True):
+        assert torch.equal(p.grad, want)
+
+
+class Shared(nn.Module):
+    """The same convolution and norm on two inputs (as RetinaNet's heads on each pyramid level)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 4, 3, padding=1)
+        self.norm = nn.GroupNorm(2, 4)
+        self.out = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        levels = [x, nn.functional.avg_pool2d(x, 2)]
+        pooled = [self.norm(self.head(level)).mean(dim=(2, 3)) for level in levels]
+        return self.out(pooled[0]) + self.out(pooled[1])
+
+
+def test_layers_called_twice_sum_their_per_sample_gradients() -> None:
+    sums = {}
+    for mode in ("hooks", "bookkeeping"):
+        torch.manual_seed(0)
+        model = Shared().double()
+        private = _private(model, mode)
+        images, targets = _batch((1, 8, 8))
+        nn.functional.cross_entropy(private.model(images), targets).backward()
+        private.optimizer.clip_and_accumulate()
+        sums[mode] = {str(i): p.summed_grad.detach().clone() for i, p in enumerate(private.optimizer.params)}
+    assert _relative(sums["bookkeeping"], sums["hooks"]) < 1e-10
