@@ -298,22 +298,42 @@ def _scaled(g: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return g * factor.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
 
 
+def _ghost_is_cheaper(positions: int, d_in: int, d_out: int) -> bool:
+    """Whether the ghost norm (``T^2 (D + O)`` multiply-adds per sample) beats materialising the
+    per-sample gradient (``T D O``) for ``positions`` ``T``, input width ``D``, output width ``O``."""
+    return positions * (d_in + d_out) < d_in * d_out
+
+
+def _ghost_norms(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample ``||g_b^T a_b||_F^2 = <a_b a_b^T, g_b g_b^T>`` for ``a`` ``(B, T, D)``, ``g`` ``(B, T, O)``."""
+    return (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum(dim=(1, 2))
+
+
 def _norms_of_products(a: torch.Tensor, g: torch.Tensor, *, name: str, owner: BookkeepingModule) -> tuple[
         torch.Tensor, torch.Tensor | None]:
     """Per-sample ``||g_b^T a_b||_F^2`` for ``a`` ``(B, T, D)`` and ``g`` ``(B, T, O)``.
 
     Returns the squared norms ``(B,)`` and the per-sample products ``(B, O, D)`` when they were
-    materialised (``None`` after the ghost norm ``<a_b a_b^T, g_b g_b^T>``), whichever costs
-    fewer multiply-adds: ``T^2 (D + O)`` against ``T D O`` per sample.
+    materialised (``None`` after the ghost norm), whichever costs fewer multiply-adds.
     """
-    t, d, o = a.shape[1], a.shape[2], g.shape[2]
-    if t * (d + o) < d * o:
+    if _ghost_is_cheaper(a.shape[1], a.shape[2], g.shape[2]):
         owner.ghost_layers.add(name)
-        aa = torch.bmm(a, a.transpose(1, 2))
-        gg = torch.bmm(g, g.transpose(1, 2))
-        return (aa * gg).sum(dim=(1, 2)), None
+        return _ghost_norms(a, g), None
     per_sample = torch.bmm(g.transpose(1, 2), a)
     return per_sample.pow(2).sum(dim=(1, 2)), per_sample
+
+
+def _conv_per_sample(conv: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients ``(B, O, C_in * prod(kernel))`` of a convolution (groups 1),
+    by PyTorch's weight-gradient kernel with the batch as groups (no unfolded input)."""
+    n, c_in, out_ch = x.shape[0], x.shape[1], g.shape[1]
+    dims = x.dim() - 2
+    stacked = torch.empty((n * out_ch, c_in, *conv.kernel_size), dtype=g.dtype, device=g.device)
+    grad = torch.ops.aten.convolution_backward(
+        g.reshape(1, n * out_ch, *g.shape[2:]), x.reshape(1, n * c_in, *x.shape[2:]), stacked, None,
+        list(conv.stride), list(conv.padding), list(conv.dilation), False, [0] * dims, n, [False, True, False],
+    )[1]
+    return grad.reshape(n, out_ch, -1)
 
 
 def _conv_rule(owner: BookkeepingModule, layer: _Layer, calls: _Calls) -> tuple[torch.Tensor, _Finish]:
@@ -326,11 +346,14 @@ def _conv_rule(owner: BookkeepingModule, layer: _Layer, calls: _Calls) -> tuple[
     g_flat = torch.cat([g.reshape(n, out_ch, -1) for g in grads], dim=2)  # (B, O, T)
     per_sample_w = None
     if weight.requires_grad:
-        patches = torch.cat([_unfold(conv, x) for x in xs], dim=2)  # (B, D, T)
-        w_sq, per_sample_w = _norms_of_products(
-            patches.transpose(1, 2), g_flat.transpose(1, 2), name=layer.name, owner=owner
-        )
-        sq += w_sq
+        d_in = weight[0].numel()
+        if _ghost_is_cheaper(g_flat.shape[2], d_in, out_ch):
+            owner.ghost_layers.add(layer.name)
+            patches = torch.cat([_unfold(conv, x) for x in xs], dim=2)  # (B, D, T)
+            sq += _ghost_norms(patches.transpose(1, 2), g_flat.transpose(1, 2))
+        else:
+            per_sample_w = sum(_conv_per_sample(conv, x, g) for x, g in zip(xs, grads, strict=True))
+            sq += per_sample_w.pow(2).sum(dim=(1, 2))
     per_sample_b = None
     if bias is not None and bias.requires_grad:
         per_sample_b = g_flat.sum(dim=2)

@@ -61,7 +61,8 @@ def test_a_real_dp_sgd_step_moves_only_the_trainable_parameters(name: str, mode:
     loader = DataLoader(TensorDataset(images, targets), batch_size=BATCH)  # sample rate 1: every image
     optimizer = torch.optim.SGD(trainable_parameters(model), lr=0.5)
     private = make_private_training(
-        model, optimizer, loader, noise_multiplier=1.0, max_grad_norm=1.0, generator=torch.Generator().manual_seed(2)
+        model, optimizer, loader, noise_multiplier=1.0, max_grad_norm=1.0, generator=torch.Generator().manual_seed(2),
+        grad_sample_mode="hooks",  # Opacus's hooks and grad_sample (bookkeeping: tests/shared/test_dp_bookkeeping.py)
     )
     # the accounting does not depend on the mode: same sample rate, steps and noise
     assert (private.sample_rate, private.steps_per_epoch, private.noise_multiplier) == (1.0, 1, 1.0)
