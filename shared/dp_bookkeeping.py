@@ -343,16 +343,18 @@ def _conv_rule(owner: BookkeepingModule, layer: _Layer, calls: _Calls) -> tuple[
     xs = [inputs[0].to(g.dtype) for (inputs, _), g in zip(calls, grads, strict=True)]
     n, out_ch = grads[0].shape[0], grads[0].shape[1]
     sq = torch.zeros(n, dtype=grads[0].dtype, device=grads[0].device)
-    g_flat = torch.cat([g.reshape(n, out_ch, -1) for g in grads], dim=2)  # (B, O, T)
-    per_sample_w = None
+    g_flat = _cat([g.reshape(n, out_ch, -1) for g in grads], dim=2)  # (B, O, T)
+    per_sample_w = patches = None
     if weight.requires_grad:
         d_in = weight[0].numel()
         if _ghost_is_cheaper(g_flat.shape[2], d_in, out_ch):
             owner.ghost_layers.add(layer.name)
-            patches = torch.cat([_unfold(conv, x) for x in xs], dim=2)  # (B, D, T)
+            patches = _cat([_unfold(conv, x) for x in xs], dim=2)  # (B, D, T)
             sq += _ghost_norms(patches.transpose(1, 2), g_flat.transpose(1, 2))
         else:
-            per_sample_w = sum(_conv_per_sample(conv, x, g) for x, g in zip(xs, grads, strict=True))
+            per_sample_w = _conv_per_sample(conv, xs[0], grads[0])
+            for x, g in zip(xs[1:], grads[1:], strict=True):
+                per_sample_w += _conv_per_sample(conv, x, g)
             sq += per_sample_w.pow(2).sum(dim=(1, 2))
     per_sample_b = None
     if bias is not None and bias.requires_grad:
@@ -364,19 +366,19 @@ def _conv_rule(owner: BookkeepingModule, layer: _Layer, calls: _Calls) -> tuple[
         if weight.requires_grad:
             if per_sample_w is not None:
                 out[weight] = _weighted(factor, per_sample_w).reshape(weight.shape)
-            else:  # PyTorch's weight-gradient kernel on the clipped output gradients
-                out[weight] = sum(
-                    torch.ops.aten.convolution_backward(
-                        _scaled(g, factor), x, weight, None, list(conv.stride), list(conv.padding),
-                        list(conv.dilation), False, [0] * (x.dim() - 2), conv.groups, [False, True, False],
-                    )[1]
-                    for x, g in zip(xs, grads, strict=True)
-                )
+            elif patches is not None:  # few positions: one (O, B T) x (B T, D) product
+                out[weight] = torch.tensordot(_scaled(g_flat, factor), patches, dims=([0, 2], [0, 2])).reshape(
+                    weight.shape)
         if per_sample_b is not None:
             out[bias] = _weighted(factor, per_sample_b)
         return out
 
     return sq, finish
+
+
+def _cat(tensors: list[torch.Tensor], *, dim: int) -> torch.Tensor:
+    """``torch.cat`` without a copy for a single tensor."""
+    return tensors[0] if len(tensors) == 1 else torch.cat(tensors, dim=dim)
 
 
 def _unfold(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -393,8 +395,8 @@ def _unfold(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _linear_rule(owner: BookkeepingModule, layer: _Layer, calls: _Calls) -> tuple[torch.Tensor, _Finish]:
     lin = layer.module
     n = calls[0][1].shape[0]
-    a3 = torch.cat([inputs[0].to(g.dtype).reshape(n, -1, inputs[0].shape[-1]) for inputs, g in calls], dim=1)
-    g3 = torch.cat([g.reshape(n, -1, g.shape[-1]) for _, g in calls], dim=1)  # (B, T, O); a3 (B, T, D)
+    a3 = _cat([inputs[0].to(g.dtype).reshape(n, -1, inputs[0].shape[-1]) for inputs, g in calls], dim=1)
+    g3 = _cat([g.reshape(n, -1, g.shape[-1]) for _, g in calls], dim=1)  # (B, T, O); a3 (B, T, D)
     weight, bias = lin.weight, lin.bias
     sq = torch.zeros(n, dtype=g3.dtype, device=g3.device)
     per_sample_w = None
