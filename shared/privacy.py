@@ -373,15 +373,27 @@ def make_private_training(
     # make_private used 1 / len(dp_loader) for the expected batch; use the true sample rate.
     dp_optimizer.expected_batch_size = max(1, int(len(dp_loader.dataset) * schedule.sample_rate))
     dp_optimizer.secure_mode = bool(secure_noise)
+    return _counted(dp_model, dp_optimizer, dp_loader, criterion=dp_criterion, schedule=schedule)
+
+
+def _counted(
+    dp_model: nn.Module,
+    dp_optimizer: DPOptimizer,
+    dp_loader: DPDataLoader,
+    *,
+    criterion: Callable[..., Any] | None,
+    schedule: PoissonSchedule,
+) -> PrivateTraining:
+    """The :class:`PrivateTraining` of these objects, its optimizer counting every noisy step."""
     private = PrivateTraining(
         model=dp_model,
         optimizer=dp_optimizer,
         loader=dp_loader,
-        criterion=dp_criterion,
+        criterion=criterion,
         sample_rate=schedule.sample_rate,
         steps_per_epoch=len(dp_loader),
-        noise_multiplier=float(noise_multiplier),
-        max_grad_norm=float(max_grad_norm),
+        noise_multiplier=float(dp_optimizer.noise_multiplier),
+        max_grad_norm=float(dp_optimizer.max_grad_norm),
     )
     if private.steps_per_epoch != schedule.steps_per_epoch or dp_loader.sample_rate != schedule.sample_rate:
         raise RuntimeError(
@@ -422,27 +434,7 @@ def _bookkeeping_training(
         generator=generator,
         secure_mode=bool(secure_noise),
     )
-    private = PrivateTraining(
-        model=wrapped,
-        optimizer=dp_optimizer,
-        loader=dp_loader,
-        criterion=None,
-        sample_rate=schedule.sample_rate,
-        steps_per_epoch=len(dp_loader),
-        noise_multiplier=float(noise_multiplier),
-        max_grad_norm=float(max_grad_norm),
-    )
-    if private.steps_per_epoch != schedule.steps_per_epoch or dp_loader.sample_rate != schedule.sample_rate:
-        raise RuntimeError(
-            "Opacus's Poisson loader disagrees with poisson_schedule(): "
-            f"{private.steps_per_epoch} vs {schedule.steps_per_epoch} steps per epoch."
-        )
-
-    def count_step(_: DPOptimizer) -> None:
-        private._steps[0] += 1
-
-    dp_optimizer.attach_step_hook(count_step)
-    return private
+    return _counted(wrapped, dp_optimizer, dp_loader, criterion=None, schedule=schedule)
 
 
 @functools.lru_cache(maxsize=64)
