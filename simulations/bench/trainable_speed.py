@@ -141,7 +141,9 @@ def dp_speed(
     in physical batches of that size, as Opacus's ``BatchMemoryManager`` does (the optimizer
     skips the noisy step until the last one); the plain step always runs the whole batch.
     ``dp_time_ratio`` = DP seconds per step / plain seconds per step, the ratio of epoch times
-    at equal batches.
+    at equal batches (wall clock); ``dp_cpu_time_ratio`` the same in this process's CPU seconds,
+    which other processes on a shared machine disturb much less (one thread: CPU time is close
+    to the wall time of an idle machine).
     """
     g = torch.Generator().manual_seed(seed)
     shape = (batch, 1, *(side,) * spatial_dims)
@@ -151,11 +153,12 @@ def dp_speed(
     variants = {mode: _dp_variant(name, mode, spatial_dims=spatial_dims, side=side, batch=batch, seed=seed)
                 for mode in (None, *modes)}
     times: dict[str | None, list[float]] = {mode: [] for mode in variants}
+    cpu: dict[str | None, list[float]] = {mode: [] for mode in variants}
     loads = [os.getloadavg()[0]]
     for repeat in range(repeats + 1):
         for mode, (model, optimizer) in variants.items():
             model.train()
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             for images, targets in batches:
                 if mode is None:
                     optimizer.zero_grad(set_to_none=True)
@@ -170,20 +173,23 @@ def dp_speed(
                     optimizer.step()
             if repeat:  # the first repeat warms up
                 times[mode].append((time.perf_counter() - start) / steps)
+                cpu[mode].append((time.process_time() - start_cpu) / steps)
         loads.append(os.getloadavg()[0])
-    plain = statistics.median(times[None])
+    plain, plain_cpu = statistics.median(times[None]), statistics.median(cpu[None])
     model = variants[None][0]
     command = (f"python -m medfed.simulations.bench.trainable_speed --dp-speed --models {name} --spatial-dims "
                f"{spatial_dims} --image-size {side} --batch-size {batch} --physical-batch {physical} --grad-sample-modes "
                f"{' '.join(modes)} --steps {steps} --repeats {repeats} --threads {torch.get_num_threads()}")
     rows = []
     for mode in modes:
-        dp = statistics.median(times[mode])
+        dp, dp_cpu = statistics.median(times[mode]), statistics.median(cpu[mode])
         rows.append({
             "model": name, "norm": "group", "spatial_dims": spatial_dims, "image_size": side, "batch": batch,
             "physical_batch": chunk, "mode": mode, "secure_noise": True,
             "parameters": sum(p.numel() for p in model.parameters()),
             "dp_s_per_step": round(dp, 4), "nondp_s_per_step": round(plain, 4), "dp_time_ratio": round(dp / plain, 3),
+            "dp_cpu_s_per_step": round(dp_cpu, 4), "nondp_cpu_s_per_step": round(plain_cpu, 4),
+            "dp_cpu_time_ratio": round(dp_cpu / plain_cpu, 3),
             "threads": torch.get_num_threads(), "steps": steps, "repeats": repeats,
             "load_min": round(min(loads), 1), "load_max": round(max(loads), 1),
             "machine": platform.processor() or platform.machine(), "measured_at": datetime.date.today().isoformat(),
@@ -245,9 +251,11 @@ def _main_dp_speed(args: argparse.Namespace) -> None:
         first = model_rows[0]
         print(f"{name} {args.spatial_dims}D, GroupNorm, {args.image_size} px, batch {args.batch_size} (physical "
               f"{first['physical_batch']}), {args.threads} thread(s), load {first['load_min']}-{first['load_max']}")
-        print(f"{'mode':<13}{'DP s/step':>11}{'plain s/step':>14}{'DP/plain':>10}")
+        print(f"{'mode':<13}{'DP s/step':>11}{'plain s/step':>14}{'DP/plain':>10}{'CPU s DP':>10}{'CPU s plain':>13}"
+              f"{'CPU ratio':>11}")
         for r in model_rows:
-            print(f"{r['mode']:<13}{r['dp_s_per_step']:>11.3f}{r['nondp_s_per_step']:>14.3f}{r['dp_time_ratio']:>10.2f}")
+            print(f"{r['mode']:<13}{r['dp_s_per_step']:>11.3f}{r['nondp_s_per_step']:>14.3f}{r['dp_time_ratio']:>10.2f}"
+                  f"{r['dp_cpu_s_per_step']:>10.3f}{r['nondp_cpu_s_per_step']:>13.3f}{r['dp_cpu_time_ratio']:>11.2f}")
         rows += model_rows
     fields = ("model", "spatial_dims", "image_size", "batch", "physical_batch", "mode")
     keys = {tuple(r[f] for f in fields) for r in rows}
