@@ -293,6 +293,11 @@ def _weighted(factor: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
     return (factor.to(per_sample.dtype) @ per_sample.reshape(per_sample.shape[0], -1)).reshape(per_sample.shape[1:])
 
 
+def _sq_norms(per_sample: torch.Tensor) -> torch.Tensor:
+    """``||x_b||^2`` of every sample of ``per_sample`` ``(B, ...)``, in one pass (no squared copy)."""
+    return torch.linalg.vector_norm(per_sample.reshape(per_sample.shape[0], -1), dim=1).square()
+
+
 def _scaled(g: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     """``g`` ``(B, ...)`` with sample ``b`` multiplied by ``factor_b``."""
     return g * factor.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
@@ -320,7 +325,7 @@ def _norms_of_products(a: torch.Tensor, g: torch.Tensor, *, name: str, owner: Bo
         owner.ghost_layers.add(name)
         return _ghost_norms(a, g), None
     per_sample = torch.bmm(g.transpose(1, 2), a)
-    return per_sample.pow(2).sum(dim=(1, 2)), per_sample
+    return _sq_norms(per_sample), per_sample
 
 
 def _conv_per_sample(conv: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -355,11 +360,11 @@ def _conv_rule(owner: BookkeepingModule, layer: _Layer, calls: _Calls) -> tuple[
             per_sample_w = _conv_per_sample(conv, xs[0], grads[0])
             for x, g in zip(xs[1:], grads[1:], strict=True):
                 per_sample_w += _conv_per_sample(conv, x, g)
-            sq += per_sample_w.pow(2).sum(dim=(1, 2))
+            sq += _sq_norms(per_sample_w)
     per_sample_b = None
     if bias is not None and bias.requires_grad:
         per_sample_b = g_flat.sum(dim=2)
-        sq += per_sample_b.pow(2).sum(dim=1)
+        sq += _sq_norms(per_sample_b)
 
     def finish(factor: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         out: dict[nn.Parameter, torch.Tensor] = {}
@@ -402,14 +407,14 @@ def _linear_rule(owner: BookkeepingModule, layer: _Layer, calls: _Calls) -> tupl
     per_sample_w = None
     if weight.requires_grad:
         if a3.shape[1] == 1:
-            sq += g3[:, 0].pow(2).sum(1) * a3[:, 0].pow(2).sum(1)
+            sq += _sq_norms(g3[:, 0]) * _sq_norms(a3[:, 0])
         else:
             w_sq, per_sample_w = _norms_of_products(a3, g3, name=layer.name, owner=owner)
             sq += w_sq
     per_sample_b = None
     if bias is not None and bias.requires_grad:
         per_sample_b = g3.sum(dim=1)
-        sq += per_sample_b.pow(2).sum(dim=1)
+        sq += _sq_norms(per_sample_b)
 
     def finish(factor: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         out: dict[nn.Parameter, torch.Tensor] = {}
@@ -438,8 +443,12 @@ def _norm_per_sample(norm: nn.Module, x: torch.Tensor, g: torch.Tensor) -> dict[
         reduce = tuple(range(2, g.dim()))
     out: dict[nn.Parameter, torch.Tensor] = {}
     if norm.weight is not None and norm.weight.requires_grad:
-        gw = g * normalised
-        out[norm.weight] = gw.sum(dim=reduce) if reduce else gw
+        if reduce == tuple(range(2, g.dim())) and reduce:  # channels at dim 1: one batched product
+            n, c = g.shape[:2]
+            out[norm.weight] = torch.einsum("bcs,bcs->bc", g.reshape(n, c, -1), normalised.reshape(n, c, -1))
+        else:
+            gw = g * normalised
+            out[norm.weight] = gw.sum(dim=reduce) if reduce else gw
     if norm.bias is not None and norm.bias.requires_grad:
         out[norm.bias] = g.sum(dim=reduce) if reduce else g
     return out
@@ -456,7 +465,7 @@ def _sum_per_sample(layer: _Layer, calls: _Calls, per_call: Callable[..., dict[n
     n = calls[0][1].shape[0]
     sq = torch.zeros(n, dtype=calls[0][1].dtype, device=calls[0][1].device)
     for ps in per_sample.values():
-        sq += ps.reshape(n, -1).pow(2).sum(1).to(sq.dtype)
+        sq += _sq_norms(ps).to(sq.dtype)
 
     def finish(factor: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
         return {p: _weighted(factor, ps).reshape(p.shape) for p, ps in per_sample.items()}
@@ -546,10 +555,19 @@ class BookkeepingDPOptimizer(DPOptimizer):
                 continue
             torch.normal(mean=0, std=std, size=(1, 1), device=summed.device, generator=self.generator)
             total = torch.zeros_like(summed)
-            draw = torch.empty(summed.shape, device=summed.device)  # Opacus draws in the default dtype
+            draw = self._draw_buffer(summed)
             for _ in range(4):
                 total += draw.normal_(0, std, generator=self.generator)
             p.grad = total.div_(2).add_(summed).view_as(p)
+
+    def _draw_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """A reused buffer of ``like``'s shape in the default dtype (Opacus draws the hardened noise
+        in it), one per shape and device: no fresh allocation per parameter and step."""
+        key = (tuple(like.shape), like.device)
+        buffers: dict[Any, torch.Tensor] = self.__dict__.setdefault("_draw_buffers", {})
+        if key not in buffers:
+            buffers[key] = torch.empty(like.shape, device=like.device)
+        return buffers[key]
 
     def pre_step(self, closure: Callable[[], float] | None = None) -> bool:  # type: ignore[override]
         """Clip (book-keeping), then ``DPOptimizer``'s noise, scaling and step hooks."""
