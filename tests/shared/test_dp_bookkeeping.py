@@ -251,10 +251,10 @@ class Shared(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.stem = nn.Conv2d(1, 4, 3, padding=1)
-        self.head = nn.Conv2d(4, 4, 3, padding=1)
-        self.norm = nn.GroupNorm(2, 4)
-        self.out = nn.Linear(4, 3)
+        self.stem = nn.Conv2d(1, 16, 3, padding=1)
+        self.head = nn.Conv2d(16, 96, 3, padding=1)  # 6x6 + 3x3 positions: ghost norm, weight-gradient kernel
+        self.norm = nn.GroupNorm(4, 96)
+        self.out = nn.Linear(96, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.stem(x)
@@ -269,8 +269,9 @@ def test_layers_called_twice_sum_their_per_sample_gradients() -> None:
         torch.manual_seed(0)
         model = Shared().double()
         private = _private(model, mode)
-        images, targets = _batch((1, 8, 8))
+        images, targets = _batch((1, 6, 6))
         nn.functional.cross_entropy(private.model(images), targets).backward()
         private.optimizer.clip_and_accumulate()
         sums[mode] = {str(i): p.summed_grad.detach().clone() for i, p in enumerate(private.optimizer.params)}
+    assert private.model.ghost_layers == {"head", "out"}  # out: 2 positions (its two calls)
     assert _relative(sums["bookkeeping"], sums["hooks"]) < 1e-10
