@@ -80,11 +80,19 @@ def _own_trainable(module: nn.Module) -> list[nn.Parameter]:
 
 def unsupported_layers(model: nn.Module) -> list[str]:
     """``"name (Type)"`` of every module of ``model`` with trainable parameters of its own that
-    book-keeping cannot handle (neither a fast path nor an Opacus grad sampler); empty: supported."""
+    book-keeping cannot handle (neither a fast path nor an Opacus grad sampler, or a parameter
+    shared with another module); empty: supported."""
     out = []
-    for name, module in model.named_modules():
-        if _own_trainable(module) and _fast_kind(module) is None and not _has_sampler(module):
-            out.append(f"{name or '<model>'} ({type(module).__name__})")
+    owners: dict[int, str] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        label = f"{name or '<model>'} ({type(module).__name__})"
+        params = _own_trainable(module)
+        if params and _fast_kind(module) is None and not _has_sampler(module):
+            out.append(label)
+        for p in params:
+            if id(p) in owners and owners[id(p)] != label:
+                out.append(f"{label}, which shares a parameter with {owners[id(p)]}")
+            owners.setdefault(id(p), label)
     return out
 
 
@@ -93,6 +101,7 @@ class _Call:
     """One call of a layer: its tensor inputs and, after the backward pass, its output gradient."""
 
     inputs: tuple[torch.Tensor, ...]
+    versions: tuple[int, ...]
     grad: torch.Tensor | None = None
 
 
@@ -196,7 +205,8 @@ class BookkeepingModule(nn.Module):
                 f"book-keeping DP-SGD: layer {layer.name} ({type(module).__name__}) returned "
                 f"{type(output).__name__}, not a tensor; use dp-grad-sample-mode = 'hooks'."
             )
-        call = _Call(tuple(x.detach() for x in inputs if isinstance(x, torch.Tensor)))
+        tensors = tuple(x for x in inputs if isinstance(x, torch.Tensor))
+        call = _Call(tuple(x.detach() for x in tensors), tuple(x._version for x in tensors))
         layer.calls.append(call)
         batch = int(call.inputs[0].shape[0])
         if self._batch_size is None:
@@ -257,6 +267,14 @@ class BookkeepingModule(nn.Module):
         work = [(layer, [(c.inputs, c.grad * scale if scale != 1.0 else c.grad) for c in layer.calls
                          if c.grad is not None]) for layer in self._layers]
         work = [(layer, calls) for layer, calls in work if calls]
+        for layer in self._layers:
+            for call in layer.calls:
+                if tuple(x._version for x in call.inputs) != call.versions:
+                    raise RuntimeError(
+                        f"book-keeping DP-SGD: the input of layer {layer.name} ({type(layer.module).__name__}) "
+                        "was modified in place after the layer used it; use dp-grad-sample-mode = 'hooks' or "
+                        "an out-of-place operation."
+                    )
         if not work:
             self.discard()
             return None

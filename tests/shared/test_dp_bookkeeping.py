@@ -275,3 +275,29 @@ def test_layers_called_twice_sum_their_per_sample_gradients() -> None:
         sums[mode] = {str(i): p.summed_grad.detach().clone() for i, p in enumerate(private.optimizer.params)}
     assert private.model.ghost_layers == {"head", "out"}  # out: 2 positions (its two calls)
     assert _relative(sums["bookkeeping"], sums["hooks"]) < 1e-10
+
+
+class InPlaceAfterUse(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(4, 4)
+        self.b = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        out = self.b(h)
+        h.mul_(2)  # changes b's input after b used it (autograd does not need it: b's weight is detached)
+        return out
+
+
+def test_an_input_changed_in_place_after_use_is_refused() -> None:
+    wrapped = BookkeepingModule(InPlaceAfterUse())
+    nn.functional.cross_entropy(wrapped(torch.randn(5, 4)), torch.arange(5) % 3).backward()
+    with pytest.raises(RuntimeError, match=r"input of layer b \(Linear\) was modified in place"):
+        wrapped.clipped_sums(1.0)
+
+
+def test_a_parameter_shared_by_two_modules_is_unsupported() -> None:
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    assert unsupported_layers(nn.Sequential(first, second)) == ["1 (Linear), which shares a parameter with 0 (Linear)"]
