@@ -3,7 +3,7 @@
 Run ``python -m medfed.simulations.bench.trainable_speed`` (defaults: ResNet-18 with GroupNorm,
 28x28 one-channel inputs, 2 classes, batch 32, one CPU thread). For each mode of
 :data:`medfed.shared.config.TRAINABLE_MODES` it times one optimizer step (forward, backward,
-Opacus's per-sample gradients, clipping, secure noise as a site draws it, update) with DP-SGD and
+per-sample clipping in the default ``dp-grad-sample-mode``, secure noise as a site draws it, update) with DP-SGD and
 without, on the same fixed batches of random images (speed only: no data is read), interleaved
 (every variant once per repeat) so that load changes on a shared machine affect all alike. The
 first repeat is a warm-up; the figures are medians over ``--repeats`` repeats of ``--steps``
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import inspect
 import json
 import logging
 import os
@@ -50,6 +51,9 @@ logger = logging.getLogger(__name__)
 
 SECTION = "trainable-speed"
 """The section of ``results.json`` the rows go to."""
+DEFAULT_GRAD_SAMPLE_MODE: str = inspect.signature(make_private_training).parameters["grad_sample_mode"].default
+"""The per-sample gradient mode of the ``trainable-speed`` rows: a site's default (before issue 16's
+``bookkeeping`` default, those rows were measured with Opacus's ``hooks``)."""
 DP_SECTION = "dp-speed"
 """The section of ``--dp-speed``'s rows (per-sample gradient modes against plain training)."""
 
@@ -96,7 +100,7 @@ def step_times(
         plain, dp = statistics.median(times[(mode, False)]), statistics.median(times[(mode, True)])
         rows.append({
             "model": name, "norm": "group", "image_size": side, "batch_size": batch, "threads": torch.get_num_threads(),
-            "mode": mode,
+            "mode": mode, "grad_sample_mode": DEFAULT_GRAD_SAMPLE_MODE,
             "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "parameters": sum(p.numel() for p in model.parameters()),
             "plain_step_seconds": round(plain, 4), "dp_step_seconds": round(dp, 4),
