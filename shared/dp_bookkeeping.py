@@ -346,6 +346,19 @@ def _norms_of_products(a: torch.Tensor, g: torch.Tensor, *, name: str, owner: Bo
     return _sq_norms(per_sample), per_sample
 
 
+_CHUNK_BYTES = 16 << 20
+"""Materialised per-sample convolution gradients are computed and kept in chunks of samples of at
+most this size: blocks above glibc's largest heap-reuse size (32 MB) are fresh ``mmap`` pages on
+every step (measured on ResNet-18 2D, batch 64: 100k page faults and about 0.3 s per step)."""
+
+
+def _conv_per_sample_chunks(conv: nn.Module, x: torch.Tensor, g: torch.Tensor) -> list[torch.Tensor]:
+    """:func:`_conv_per_sample` over consecutive chunks of samples of at most :data:`_CHUNK_BYTES`."""
+    per_sample_bytes = g.shape[1] * conv.weight[0].numel() * g.element_size()
+    size = max(1, _CHUNK_BYTES // max(per_sample_bytes, 1))
+    return [_conv_per_sample(conv, xc, gc) for xc, gc in zip(x.split(size), g.split(size), strict=True)]
+
+
 def _conv_per_sample(conv: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Per-sample weight gradients ``(B, O, C_in * prod(kernel))`` of a convolution (groups 1),
     by PyTorch's weight-gradient kernel with the batch as groups (no unfolded input)."""
@@ -375,10 +388,11 @@ def _conv_rule(owner: BookkeepingModule, layer: _Layer, calls: _Calls) -> tuple[
             patches = _cat([_unfold(conv, x) for x in xs], dim=2)  # (B, D, T)
             sq += _ghost_norms(patches.transpose(1, 2), g_flat.transpose(1, 2))
         else:
-            per_sample_w = _conv_per_sample(conv, xs[0], grads[0])
+            per_sample_w = _conv_per_sample_chunks(conv, xs[0], grads[0])  # chunks of (b, O, D)
             for x, g in zip(xs[1:], grads[1:], strict=True):
-                per_sample_w += _conv_per_sample(conv, x, g)
-            sq += _sq_norms(per_sample_w)
+                for chunk, more in zip(per_sample_w, _conv_per_sample_chunks(conv, x, g), strict=True):
+                    chunk += more
+            sq += torch.cat([_sq_norms(chunk) for chunk in per_sample_w])
     per_sample_b = None
     if bias is not None and bias.requires_grad:
         per_sample_b = g_flat.sum(dim=2)
@@ -388,7 +402,10 @@ def _conv_rule(owner: BookkeepingModule, layer: _Layer, calls: _Calls) -> tuple[
         out: dict[nn.Parameter, torch.Tensor] = {}
         if weight.requires_grad:
             if per_sample_w is not None:
-                out[weight] = _weighted(factor, per_sample_w).reshape(weight.shape)
+                sizes = [len(chunk) for chunk in per_sample_w]
+                out[weight] = sum(
+                    _weighted(f, chunk) for f, chunk in zip(factor.split(sizes), per_sample_w, strict=True)
+                ).reshape(weight.shape)
             elif g_flat.shape[2] >= _KERNEL_POSITIONS:  # PyTorch's weight-gradient kernel, clipped g
                 out[weight] = _conv_weight_grad(conv, xs[0], _scaled(grads[0], factor))
                 for x, g in zip(xs[1:], grads[1:], strict=True):

@@ -301,3 +301,34 @@ def test_a_parameter_shared_by_two_modules_is_unsupported() -> None:
     first, second = nn.Linear(4, 4), nn.Linear(4, 4)
     second.weight = first.weight
     assert unsupported_layers(nn.Sequential(first, second)) == ["1 (Linear), which shares a parameter with 0 (Linear)"]
+
+
+class TwiceMaterialised(nn.Module):
+    """A convolution whose per-sample gradients are materialised, called on two inputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3, padding=1)
+        self.out = nn.Linear(2, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.conv(x).mean(dim=(2, 3)) + self.conv(x.flip(-1) * 2).mean(dim=(2, 3)))
+
+
+def test_per_sample_gradients_kept_in_chunks_give_the_same_sums(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Chunks of one sample (the production size keeps blocks under 16 MB), one and two calls per layer."""
+    from medfed.shared import dp_bookkeeping
+
+    reference = _clipped_sums("simplecnn", "hooks")
+    monkeypatch.setattr(dp_bookkeeping, "_CHUNK_BYTES", 1)
+    assert _relative(_clipped_sums("simplecnn", "bookkeeping"), reference) < 1e-10
+    sums = {}
+    for mode in ("hooks", "bookkeeping"):
+        torch.manual_seed(0)
+        model = TwiceMaterialised().double()  # chunks of one sample, added over two calls
+        private = _private(model, mode)
+        images, targets = _batch((1, 6, 6))
+        nn.functional.cross_entropy(private.model(images), targets).backward()
+        private.optimizer.clip_and_accumulate()
+        sums[mode] = {str(i): p.summed_grad.detach().clone() for i, p in enumerate(private.optimizer.params)}
+    assert _relative(sums["bookkeeping"], sums["hooks"]) < 1e-10
