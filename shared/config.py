@@ -58,7 +58,7 @@ Norm = Literal["batch", "group", "instance"]
 Optimizer = Literal["sgd", "adam"]
 ClientDP = Literal["off", "fixed", "adaptive"]
 Accountant = Literal["rdp", "prv", "gdp"]
-GradSampleMode = Literal["hooks", "ghost", "functorch"]
+GradSampleMode = Literal["hooks", "ghost", "functorch", "bookkeeping"]
 SecAggOnFailure = Literal["continue", "stop"]
 BadData = Literal["strict", "skip"]
 Personalize = Literal["off", "bn", "head", "bn+head"]
@@ -298,9 +298,12 @@ class RunConfig:
         ``dp_secure_noise`` draws the noise from a generator seeded by the OS CSPRNG.
         ``dp_max_grad_norm`` defaults to :data:`DP_MAX_GRAD_NORM` (5.0, measured: see there).
     dp_grad_sample_mode
-        How Opacus computes per-sample gradients: ``"hooks"`` (default), ``"ghost"`` (ghost /
-        fast gradient clipping; classification only) or ``"functorch"``. Same privacy, different
-        speed and memory (see ``python -m medfed.simulations.bench.dp``).
+        How per-sample gradients are clipped: Opacus's ``"hooks"``, ``"ghost"`` (ghost / fast
+        gradient clipping; classification only) or ``"functorch"``, or medfed's
+        ``"bookkeeping"`` (:mod:`medfed.shared.dp_bookkeeping`: the same clipped sums in one
+        backward pass without per-sample gradient tensors; models with layers it does not support
+        train in ``"hooks"`` mode, logged). Same privacy, different speed and memory (see
+        ``docs/dp-speed.md``).
     ledger_dir
         Where each site keeps its privacy ledger (empty: ``<run directory>/ledgers``).
     tracking_mlflow, tracking_tensorboard
@@ -393,7 +396,7 @@ class RunConfig:
     dp_budget_epsilon: float = 10.0
     dp_accountant: Accountant = "rdp"
     dp_secure_noise: bool = True
-    dp_grad_sample_mode: GradSampleMode = "hooks"
+    dp_grad_sample_mode: GradSampleMode = "bookkeeping"
     ledger_dir: str = ""
     tracking_mlflow: str = ""
     tracking_tensorboard: str = ""

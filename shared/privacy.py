@@ -45,6 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medfed.shared.config import ACCOUNTANTS, DP_GRAD_SAMPLE_MODES, RunConfig
+from medfed.shared.dp_bookkeeping import BookkeepingDPOptimizer, BookkeepingModule, unsupported_layers
 from medfed.shared.files import write_atomically
 from medfed.shared.models import validate_for_dp
 
@@ -74,8 +75,10 @@ LEDGER_FORMAT = "medfed-privacy-ledger"
 """The ``format`` field of a ledger file."""
 LEDGER_VERSION = 1
 GRAD_SAMPLE_MODES: tuple[str, ...] = DP_GRAD_SAMPLE_MODES
-"""Opacus per-sample gradient modes :func:`make_private_training` accepts (``ghost``:
-classification only, the loss must be computed through :attr:`PrivateTraining.criterion`)."""
+"""Per-sample gradient modes :func:`make_private_training` accepts: Opacus's ``hooks``,
+``ghost`` (classification only, the loss must be computed through
+:attr:`PrivateTraining.criterion`) and ``functorch``, and medfed's ``bookkeeping``
+(:mod:`medfed.shared.dp_bookkeeping`: the same clipped sums without per-sample gradient tensors)."""
 
 
 class LedgerError(ValueError):
@@ -201,7 +204,9 @@ class PrivateTraining:
     Attributes
     ----------
     model
-        ``GradSampleModule`` around the caller's model (same parameters; train through it).
+        ``GradSampleModule`` (or, in ``bookkeeping`` mode, a
+        :class:`~medfed.shared.dp_bookkeeping.BookkeepingModule`) around the caller's model (same
+        parameters; train through it).
     optimizer
         ``DPOptimizer``: clips each example's gradient to ``max_grad_norm`` and adds Gaussian
         noise of standard deviation ``noise_multiplier * max_grad_norm`` to their sum.
@@ -244,7 +249,7 @@ def make_private_training(
     noise_multiplier: float,
     max_grad_norm: float,
     generator: torch.Generator,
-    grad_sample_mode: str = "hooks",
+    grad_sample_mode: str = "bookkeeping",
     secure_noise: bool = False,
     criterion: nn.Module | None = None,
     sampling_generator: torch.Generator | None = None,
@@ -280,6 +285,9 @@ def make_private_training(
     grad_sample_mode
         One of :data:`GRAD_SAMPLE_MODES`. ``"ghost"`` (ghost / fast gradient clipping, two
         backward passes) needs ``criterion`` and a per-example loss (classification).
+        ``"bookkeeping"``: the same clipped sums as ``"hooks"`` in one backward pass without
+        per-sample gradient tensors; a model with trainable layers it does not support trains
+        in ``"hooks"`` mode instead (logged, naming the layers).
     secure_noise
         Sample the noise with Opacus's floating-point-attack-resistant method: five normal
         draws per parameter per step instead of one (measured: about 0.2 s per step for the
@@ -325,6 +333,19 @@ def make_private_training(
     validate_for_dp(model)
     dp_loader = DPDataLoader.from_data_loader(loader, generator=sampler_rng)
     schedule = poisson_schedule(loader)
+    if grad_sample_mode == "bookkeeping":
+        unsupported = unsupported_layers(model)
+        if not unsupported:
+            return _bookkeeping_training(
+                model, optimizer, dp_loader, schedule=schedule, noise_multiplier=noise_multiplier,
+                max_grad_norm=max_grad_norm, generator=generator, secure_noise=secure_noise,
+            )
+        logger.warning(
+            "dp-grad-sample-mode = 'bookkeeping' does not support the trainable layers %s; using Opacus's "
+            "'hooks' mode (same privacy, slower).",
+            ", ".join(unsupported),
+        )
+        grad_sample_mode = "hooks"
     with warnings.catch_warnings():
         # "Secure RNG turned off": medfed passes its own generator and logs its own warning.
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
@@ -352,15 +373,27 @@ def make_private_training(
     # make_private used 1 / len(dp_loader) for the expected batch; use the true sample rate.
     dp_optimizer.expected_batch_size = max(1, int(len(dp_loader.dataset) * schedule.sample_rate))
     dp_optimizer.secure_mode = bool(secure_noise)
+    return _counted(dp_model, dp_optimizer, dp_loader, criterion=dp_criterion, schedule=schedule)
+
+
+def _counted(
+    dp_model: nn.Module,
+    dp_optimizer: DPOptimizer,
+    dp_loader: DPDataLoader,
+    *,
+    criterion: Callable[..., Any] | None,
+    schedule: PoissonSchedule,
+) -> PrivateTraining:
+    """The :class:`PrivateTraining` of these objects, its optimizer counting every noisy step."""
     private = PrivateTraining(
         model=dp_model,
         optimizer=dp_optimizer,
         loader=dp_loader,
-        criterion=dp_criterion,
+        criterion=criterion,
         sample_rate=schedule.sample_rate,
         steps_per_epoch=len(dp_loader),
-        noise_multiplier=float(noise_multiplier),
-        max_grad_norm=float(max_grad_norm),
+        noise_multiplier=float(dp_optimizer.noise_multiplier),
+        max_grad_norm=float(dp_optimizer.max_grad_norm),
     )
     if private.steps_per_epoch != schedule.steps_per_epoch or dp_loader.sample_rate != schedule.sample_rate:
         raise RuntimeError(
@@ -374,6 +407,34 @@ def make_private_training(
     # Replaces the engine's accountant hook: the ledger does the accounting.
     dp_optimizer.attach_step_hook(count_step)
     return private
+
+
+def _bookkeeping_training(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    dp_loader: DPDataLoader,
+    *,
+    schedule: PoissonSchedule,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    generator: torch.Generator,
+    secure_noise: bool,
+) -> PrivateTraining:
+    """:func:`make_private_training` with ``grad_sample_mode = "bookkeeping"``
+    (:mod:`medfed.shared.dp_bookkeeping`): the same Poisson loader, expected batch size, noise
+    and step counting as the Opacus modes, only the clipped sums are computed differently."""
+    wrapped = BookkeepingModule(model, loss_reduction="mean")
+    dp_optimizer = BookkeepingDPOptimizer(
+        optimizer,
+        module=wrapped,
+        noise_multiplier=noise_multiplier,
+        max_grad_norm=max_grad_norm,
+        expected_batch_size=max(1, int(len(dp_loader.dataset) * schedule.sample_rate)),  # type: ignore[arg-type]
+        loss_reduction="mean",
+        generator=generator,
+        secure_mode=bool(secure_noise),
+    )
+    return _counted(wrapped, dp_optimizer, dp_loader, criterion=None, schedule=schedule)
 
 
 @functools.lru_cache(maxsize=64)

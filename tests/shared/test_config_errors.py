@@ -55,7 +55,7 @@ RUN_CONFIG_TABLE: dict[str, tuple[Any, list[str]]] = {
     "dp-budget-epsilon": (0, ["> 0"]),
     "dp-accountant": ("moments", ["'rdp', 'prv', 'gdp'"]),
     "dp-secure-noise": ("2", ["type bool"]),
-    "dp-grad-sample-mode": ("ghosts", ["Did you mean 'ghost'", "'hooks', 'ghost', 'functorch'"]),
+    "dp-grad-sample-mode": ("ghosts", ["Did you mean 'ghost'", "'hooks', 'ghost', 'functorch', 'bookkeeping'"]),
     "ledger-dir": (3, ["type str"]),
     "tracking-mlflow": (5, ["type str"]),
     "tracking-tensorboard": (["tb"], ["type str"]),

@@ -61,7 +61,8 @@ def test_a_real_dp_sgd_step_moves_only_the_trainable_parameters(name: str, mode:
     loader = DataLoader(TensorDataset(images, targets), batch_size=BATCH)  # sample rate 1: every image
     optimizer = torch.optim.SGD(trainable_parameters(model), lr=0.5)
     private = make_private_training(
-        model, optimizer, loader, noise_multiplier=1.0, max_grad_norm=1.0, generator=torch.Generator().manual_seed(2)
+        model, optimizer, loader, noise_multiplier=1.0, max_grad_norm=1.0, generator=torch.Generator().manual_seed(2),
+        grad_sample_mode="hooks",  # Opacus's hooks and grad_sample (bookkeeping: tests/shared/test_dp_bookkeeping.py)
     )
     # the accounting does not depend on the mode: same sample rate, steps and noise
     assert (private.sample_rate, private.steps_per_epoch, private.noise_multiplier) == (1.0, 1, 1.0)
@@ -87,8 +88,8 @@ def test_a_real_dp_sgd_step_moves_only_the_trainable_parameters(name: str, mode:
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook is firing")
-@pytest.mark.parametrize("grad_sample_mode", ["hooks", "ghost", "functorch"])
-def test_every_opacus_mode_trains_only_the_trainable_parameters(grad_sample_mode: str) -> None:
+@pytest.mark.parametrize("grad_sample_mode", ["hooks", "ghost", "functorch", "bookkeeping"])
+def test_every_dp_mode_trains_only_the_trainable_parameters(grad_sample_mode: str) -> None:
     model = _model("simplecnn")
     apply_trainable(model, mode="last-block+head", model_name="simplecnn")
     trainable = _expected("simplecnn", "last-block+head", model)
