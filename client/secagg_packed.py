@@ -52,7 +52,7 @@ from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-from medfed.shared.secagg_masks import PACKED_MODULUS, expand_mask, mask_seed
+from medfed.shared.secagg_masks import PACKED_MODULUS, add_mask, expand_mask, mask_seed
 
 __all__ = ["PACKED_MODULUS", "packed_secaggplus_mod", "collect_masked_vectors", "expand_mask", "mask_seed"]
 
@@ -62,6 +62,10 @@ logger = logging.getLogger(__name__)
 _flower = importlib.import_module("flwr.client.mod.secure_aggregation.secaggplus_mod")
 SecAggPlusState = _flower.SecAggPlusState
 flower_secaggplus_mod = _flower.secaggplus_mod
+
+QUANTIZE_CHUNK = 1 << 18
+"""Entries quantised per step: the float64 work buffers (2 MiB each) are reused and stay in cache."""
+
 
 def _stochastic_round(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Round ``values`` (float64, ``>= 0``, overwritten) up with probability ``frac(values)``.
@@ -132,15 +136,11 @@ def collect_masked_vectors(
     masked = quantized_vector(
         arrays, dq_ratio=dq_ratio, clipping_range=st.clipping_range, target_range=st.target_range, q_ratio=q_ratio
     )
-    masked += expand_mask(st.rd_seed, masked.size)  # uint32: wraps modulo 2^32
+    add_mask(masked, st.rd_seed)  # uint32: wraps modulo 2^32
     private_key = bytes_to_private_key(st.sk1)
     for node_id in available:
         shared_key = generate_shared_key(private_key, bytes_to_public_key(st.public_keys_dict[node_id][0]))
-        pairwise = expand_mask(shared_key, masked.size)
-        if st.nid > node_id:
-            masked += pairwise
-        else:
-            masked -= pairwise
+        add_mask(masked, shared_key, subtract=st.nid < node_id)
     return {Key.MASKED_PARAMETERS: [ndarray_to_bytes(a) for a in split_like(masked, arrays)]}
 
 
@@ -156,22 +156,27 @@ def quantized_vector(
     numpy.ndarray
         Shape ``(1 + sum of sizes,)``, ``uint32``.
     """
-    sizes = [int(np.asarray(a).size) for a in arrays]
-    flat = np.empty(sum(sizes), dtype=np.float64)
-    start = 0
-    for a, size in zip(arrays, sizes, strict=True):
-        a = np.asarray(a)
-        if a.dtype == np.float64:
-            np.multiply(a.ravel(), dq_ratio, out=flat[start : start + size])
-        else:  # in the array's own dtype first, as Flower's parameters_multiply
-            flat[start : start + size] = a.ravel() * dq_ratio
-        start += size
-    np.clip(flat, -clipping_range, clipping_range, out=flat)
-    flat += clipping_range
-    flat *= target_range / (2 * clipping_range)
-    out = np.empty(flat.size + 1, dtype=np.uint32)
+    total = sum(int(np.asarray(a).size) for a in arrays)
+    out = np.empty(total + 1, dtype=np.uint32)
     out[0] = q_ratio
-    out[1:] = _stochastic_round(flat, np.random.default_rng())
+    rng = np.random.default_rng()
+    scale = target_range / (2 * clipping_range)
+    buf = np.empty(min(QUANTIZE_CHUNK, total), dtype=np.float64)
+    pos = 1
+    for a in arrays:
+        flat = np.asarray(a).ravel()
+        for start in range(0, flat.size, QUANTIZE_CHUNK):
+            part = flat[start : start + QUANTIZE_CHUNK]
+            y = buf[: part.size]
+            if part.dtype == np.float64:
+                np.multiply(part, dq_ratio, out=y)
+            else:  # in the array's own dtype first, as Flower's parameters_multiply
+                y[:] = part * dq_ratio
+            np.clip(y, -clipping_range, clipping_range, out=y)
+            y += clipping_range
+            y *= scale
+            out[pos : pos + part.size] = _stochastic_round(y, rng)
+            pos += part.size
     return out
 
 

@@ -4,9 +4,9 @@ Flower's ``SecAggPlusWorkflow.unmask_stage`` removes each mask with
 ``pseudo_rand_gen(seed, 2**32, shapes)`` (one ``int64`` array per parameter tensor, drawn word by
 word into ``int64``) and ``int64`` additions, then reduces modulo ``2^32``. With the modulus at
 ``2^32`` the same sums are ``uint32`` arithmetic, which wraps by itself: :func:`remove_masks`
-draws every mask as one flat ``uint32`` vector (:func:`medfed.shared.secagg_masks.expand_mask`,
-tested equal to Flower's generator) and adds or subtracts it in place, without the per-tensor
-lists and the ``int64`` copies. Secrets are recovered with Flower's own ``combine_shares`` and the
+adds or subtracts every mask in place on one flat ``uint32`` vector, drawn chunk by chunk
+(:func:`medfed.shared.secagg_masks.add_mask`, tested equal to Flower's generator), without the
+per-tensor lists, the ``int64`` copies or a whole mask in memory. Secrets are recovered with Flower's own ``combine_shares`` and the
 pairwise keys with Flower's own ``generate_shared_key``: the protocol and its security are
 Flower's; only the array arithmetic changes. ``tests/server/test_secagg_unmask.py`` checks the
 aggregate against Flower's own stage, with and without sites dropping out.
@@ -29,7 +29,7 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-from medfed.shared.secagg_masks import PACKED_MODULUS, expand_mask
+from medfed.shared.secagg_masks import PACKED_MODULUS, add_mask
 
 __all__ = ["npy_view", "remove_masks", "sum_masked_vectors"]
 
@@ -152,15 +152,12 @@ def remove_masks(
             return None
         secret = combine_shares(list(share_list))
         if nid in active:  # the private mask seed of a site that sent its vector
-            vector -= expand_mask(secret, vector.size)
+            add_mask(vector, secret, subtract=True)
             continue
         private = bytes_to_private_key(secret)  # a dropped site's first secret key
         for other in neighbours[nid] - {nid}:  # every neighbour, as Flower's stage does
             key = generate_shared_key(private, bytes_to_public_key(public_keys[other][0]))
-            if nid > other:
-                vector += expand_mask(key, vector.size)
-            else:
-                vector -= expand_mask(key, vector.size)
+            add_mask(vector, key, subtract=nid < other)
     out, start = [], 0
     for shape in shapes:
         size = int(np.prod(shape, dtype=np.int64))

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["PACKED_MODULUS", "expand_mask", "mask_seed"]
+__all__ = ["MASK_CHUNK", "PACKED_MODULUS", "add_mask", "expand_mask", "mask_seed"]
 
 PACKED_MODULUS = 2**32
 """The only ``modulus_range`` medfed packs in 32 bits (its default; Flower's default and largest)."""
@@ -29,6 +29,28 @@ def mask_seed(seed: bytes) -> int:
     return out
 
 
+MASK_CHUNK = 1 << 18
+"""Words drawn per step (1 MiB of ``uint32``): small enough to be reused from the allocator's heap
+and to stay in cache, so a mask of millions of entries costs no fresh pages."""
+
+
+def _mask_chunks(seed: bytes, size: int):  # type: ignore[no-untyped-def]
+    """Yield ``(start, words)``: Flower's mask stream for ``seed``, ``size`` words in all, in order.
+
+    Flower draws one word at a time and redraws a rejected ``0xFFFFFFFF``; drawing a chunk, dropping
+    its rejected words and drawing the shortfall next gives the same accepted words in the same
+    order (the generator's stream is consumed sequentially either way).
+    """
+    gen = np.random.RandomState(mask_seed(seed))
+    filled = 0
+    while filled < size:
+        words = gen.randint(0, PACKED_MODULUS, size=min(MASK_CHUNK, size - filled), dtype=np.uint32)
+        if (words == _REJECTED).any():  # about once per 2^32 words
+            words = words[words != _REJECTED]
+        yield filled, words
+        filled += words.size
+
+
 def expand_mask(seed: bytes, size: int) -> np.ndarray:
     """Flower's SecAgg+ mask for ``size`` entries, as one flat ``uint32`` vector.
 
@@ -41,12 +63,32 @@ def expand_mask(seed: bytes, size: int) -> np.ndarray:
     numpy.ndarray
         Shape ``(size,)``, dtype ``uint32``, values in ``[0, 2^32 - 2]``.
     """
-    gen = np.random.RandomState(mask_seed(seed))
-    words = gen.randint(0, PACKED_MODULUS, size=size, dtype=np.uint32)
-    rejected = np.flatnonzero(words == _REJECTED)
-    while rejected.size:  # about size / 2^32 per mask: keep the stream of accepted words
-        kept = np.delete(words, rejected)
-        more = gen.randint(0, PACKED_MODULUS, size=rejected.size, dtype=np.uint32)
-        words = np.concatenate([kept, more])
-        rejected = np.flatnonzero(more == _REJECTED) + kept.size
-    return words
+    out = np.empty(size, dtype=np.uint32)
+    for start, words in _mask_chunks(seed, size):
+        out[start : start + words.size] = words
+    return out
+
+
+def add_mask(vector: np.ndarray, seed: bytes, *, subtract: bool = False) -> np.ndarray:
+    """``vector += expand_mask(seed, vector.size)`` (or ``-=``), modulo ``2^32``, in place, chunk by chunk.
+
+    The same result as adding the whole mask, without allocating it: one chunk of
+    :data:`MASK_CHUNK` words at a time.
+
+    Parameters
+    ----------
+    vector
+        Flat ``uint32`` vector, shape ``(n,)``; overwritten.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``vector``.
+    """
+    if vector.dtype != np.uint32 or vector.ndim != 1:
+        raise ValueError(f"add_mask needs a flat uint32 vector, got {vector.dtype} of shape {vector.shape}.")
+    op = np.subtract if subtract else np.add
+    for start, words in _mask_chunks(seed, vector.size):
+        part = vector[start : start + words.size]
+        op(part, words, out=part)
+    return vector
