@@ -27,13 +27,15 @@ so the copy is reviewed). Deployment is untouched: the patch only applies inside
 Threads
 -------
 In a simulation the server process shares the machine with one Ray worker per CPU, each a
-single-threaded site (Ray sets ``OMP_NUM_THREADS=1`` in its workers). torch's default in the
-server process is one thread per core, which then competes with the sites for the cores
-during the server's evaluation and spins while it waits. :func:`server_threads` runs the
-simulation with :data:`SERVER_THREADS` torch threads in the server process and restores the
-count after. ``OMP_WAIT_POLICY=PASSIVE`` (set when ``medfed`` is imported, so in the Ray
-workers too) makes idle OpenMP threads sleep instead of spinning, so a busy machine does not
-lose cores to waiting threads.
+single-threaded site (Ray sets ``OMP_NUM_THREADS=1`` in its workers). The server's torch work
+(the test-set evaluation and its BatchNorm pass, between training and the sites' evaluation)
+runs while the sites wait, so :data:`SERVER_THREADS` is one thread per core: on an idle 2-core
+machine two threads made ResNet-18 simulation rounds 3.5 % shorter and the whole run 8 % shorter
+than one (BENCHMARKS.md, issue 19). An earlier measurement had found two threads far slower
+than one because idle OpenMP threads spun while the sites trained; ``OMP_WAIT_POLICY=PASSIVE``
+(set when ``medfed`` is imported, so in the Ray workers too) makes them sleep instead, so a
+busy machine does not lose cores to waiting threads. :func:`server_threads` sets the count for
+the simulation and restores it after.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -60,8 +63,8 @@ logger = logging.getLogger(__name__)
 SIM_POLL_INTERVAL = 0.02
 """Seconds between polls of the grid and of the engine in a simulation (Flower: 0.1)."""
 
-SERVER_THREADS = 1
-"""torch threads in the server process of a simulation (the sites have the other cores)."""
+SERVER_THREADS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+"""torch threads in the server process of a simulation: one per core (its work runs while the sites wait)."""
 
 FLOWER_SOURCE_SHA256 = "953f4bd41a931a7779a4a670ab17b633f6e20b08a0128535328674466419777a"
 """SHA-256 of ``inspect.getsource(vce_api.add_messages_to_queue)`` in flwr 1.42.0."""

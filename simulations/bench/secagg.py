@@ -276,8 +276,8 @@ def run_bench(
     ``secaggplus_mod`` alone: no update mod, no egress guard), to separate medfed's own cost.
     ``train_model`` replaces the noise sites by medfed's real ones training that model (see
     :func:`training_config`); ``num_params`` is then the model's own size.
-    ``tuned`` (default) runs the simulation as ``medfed simulate`` does (0.02 s polls, one torch
-    thread in the server process: :mod:`medfed.simulations.engine_tuning`); ``False`` keeps
+    ``tuned`` (default) runs the simulation as ``medfed simulate`` does (0.02 s polls, the server
+    process's torch threads: :mod:`medfed.simulations.engine_tuning`); ``False`` keeps
     Flower's 0.1 s polls. ``packed=False`` (with ``secagg``) swaps medfed's 32-bit site stage
     for Flower's own ``secaggplus_mod`` (int64 masked vectors), everything else unchanged.
     """
