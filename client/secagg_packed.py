@@ -12,8 +12,8 @@ included. What differs is how the masked vector is computed and sent:
   modulo ``2^32`` as before (``uint32`` sums wrap modulo ``2^32``, and its ``& (2^32 - 1)``
   keeps the value).
 * **One flat buffer.** Quantisation, stochastic rounding and the masks run over one
-  contiguous vector, in place (Flower allocates a new array per operation and per layer, and
-  applies the rounding through a boolean-mask index).
+  contiguous vector, in place, 256K entries at a time (Flower allocates a new array per
+  operation and per layer, and applies the rounding through a boolean-mask index).
 * **Masks drawn as 32-bit words.** Flower's mask generator (``pseudo_rand_gen``: NumPy's legacy
   ``RandomState`` seeded with the XOR of the seed's 4-byte words, ``randint(0, 2^32 - 1)``) draws
   32-bit words and rejects ``0xFFFFFFFF``. :func:`expand_mask` draws the same words directly as

@@ -430,7 +430,7 @@ class MedfedSecAggPlusWorkflow(SecAggPlusWorkflow):
         state.active_node_ids = {msg.metadata.src_node_id for msg in msgs if not msg.has_error()}
         del state.forward_ciphertexts, state.forward_srcs, state.nid_to_fitins
         replies = [msg for msg in msgs if not msg.has_error()]
-        for msg in msgs:  # Flower records each failed reply twice (see _unique_failures)
+        for msg in msgs:  # each failed reply once (Flower's stage records it twice: see _unique_failures)
             if msg.has_error():
                 state.failures.append(Exception(msg.error))
         if replies:
