@@ -29,9 +29,8 @@ Threads
 In a simulation the server process shares the machine with one Ray worker per CPU, each a
 single-threaded site (Ray sets ``OMP_NUM_THREADS=1`` in its workers). The server's torch work
 (the test-set evaluation and its BatchNorm pass, between training and the sites' evaluation)
-runs while the sites wait, so :data:`SERVER_THREADS` is one thread per core: on an idle 2-core
-machine two threads made ResNet-18 simulation rounds 3.5 % shorter and the whole run 8 % shorter
-than one (BENCHMARKS.md, issue 19). An earlier measurement had found two threads far slower
+runs while the sites wait, so :data:`SERVER_THREADS` is one thread per core (ResNet-18 rounds
+were shorter with two threads than with one on the idle 2-core machine: BENCHMARKS.md, issue 19). An earlier measurement had found two threads far slower
 than one because idle OpenMP threads spun while the sites trained; ``OMP_WAIT_POLICY=PASSIVE``
 (set when ``medfed`` is imported, so in the Ray workers too) makes them sleep instead, so a
 busy machine does not lose cores to waiting threads. :func:`server_threads` sets the count for

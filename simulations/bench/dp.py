@@ -26,7 +26,6 @@ Figures are printed; they are indicative (shared CPUs are noisy) and state their
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -57,7 +56,14 @@ from medfed.shared.privacy import (
 from medfed.shared.task import model_for
 from medfed.shared.training import make_loss, make_optimizer, train_epochs
 from medfed.shared.weights import set_weights
-from medfed.simulations.bench.support import fmt, line_plot, medmnist_file, ratio
+from medfed.simulations.bench.support import (
+    fmt,
+    line_plot,
+    medmnist_file,
+    ratio,
+    read_results_section,
+    write_results_section,
+)
 from medfed.simulations.membership import loss_threshold_attack, matched_non_members
 
 if TYPE_CHECKING:
@@ -361,17 +367,15 @@ def merge_study_rows(results: Path, rows: list[dict[str, object]]) -> list[dict[
         A row misses a field of :data:`STUDY_FIELDS` or holds a non-finite number (naming it).
     """
     _check_study_rows(rows)
-    data = json.loads(results.read_text()) if results.exists() else {}
 
     def key(row: dict[str, object]) -> tuple[object, ...]:
         return (row.get("dataset"), float(row.get("epsilon", 0.0)), row.get("init"), row.get("mode"))  # type: ignore[arg-type]
 
     new = {key(r): r for r in rows}
-    kept = [r for r in data.get(STUDY_SECTION, []) if key(r) not in new]
-    data[STUDY_SECTION] = kept + list(new.values())
-    results.parent.mkdir(parents=True, exist_ok=True)
-    results.write_text(json.dumps(data, indent=2) + "\n")
-    return data[STUDY_SECTION]
+    kept = [r for r in read_results_section(results, STUDY_SECTION) or [] if key(r) not in new]
+    section = kept + list(new.values())
+    write_results_section(results, STUDY_SECTION, section)
+    return section
 
 
 def plot_study(rows: list[dict[str, object]], *, dataset: str, path: Path) -> Path | None:

@@ -34,7 +34,7 @@ from medfed.shared.seeding import seed_everything
 from medfed.shared.task import model_for
 from medfed.shared.weights import get_weights
 from medfed.simulations.bench.figures import check_rows
-from medfed.simulations.bench.support import fmt, ratio, read_results_section, write_results_section
+from medfed.simulations.bench.support import append_results_rows, fmt, ratio
 from medfed.simulations.simulate import SimulationResult, run_federated
 
 if TYPE_CHECKING:
@@ -235,8 +235,7 @@ def main() -> None:
              "command": command, "measured_at": stamp}
             for name, figures in out.items() if isinstance(figures, dict)
         ]
-        existing = read_results_section(args.record, "overhead") or []
-        write_results_section(args.record, "overhead", [*existing, *check_rows("overhead", rows)])
+        append_results_rows(args.record, "overhead", check_rows("overhead", rows))
         logger.warning("wrote %d rows to section 'overhead' of %s", len(rows), args.record)
 
 

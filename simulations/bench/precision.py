@@ -23,8 +23,8 @@ Each row reports the test AUC and accuracy, the AUC difference to the fp32 refer
 pass, the largest difference of a test probability from fp32, the pass's seconds (median of
 ``--repeats`` interleaved repeats after a warm-up: all variants alternate, so load changes on a
 shared machine hit them alike) and the speed-up over fp32. Rows go to
-``docs/bench/results.json``, section ``"precision"`` (only that key is rewritten; the other
-sections keep their order and bytes). Trained models are kept under ``--cache`` so that a second run
+``docs/bench/results.json``, section ``"precision"`` (only that key is rewritten, through
+:func:`~medfed.simulations.bench.support.write_results_section`). Trained models are kept under ``--cache`` so that a second run
 re-measures without training. ``--threads-check 1 2`` instead times the passes of the first case's
 (untrained) model at 1 and 2 torch threads, interleaved (rows ``<case>-threads``).
 """
@@ -35,7 +35,6 @@ import argparse
 import copy
 import dataclasses
 import datetime
-import json
 import logging
 import os
 import statistics
@@ -53,7 +52,6 @@ from torch import nn
 from medfed.shared.config import RunConfig
 from medfed.shared.config_sources import mapping_layer, resolve_config
 from medfed.shared.data.base import ImageSet
-from medfed.shared.files import write_atomically
 from medfed.shared.metrics import youden_threshold
 from medfed.shared.partition import partition_indices, training_pool
 from medfed.shared.precision import native_bf16
@@ -69,7 +67,7 @@ from medfed.shared.training import (
     train_epochs,
     update_bn_stats,
 )
-from medfed.simulations.bench.support import fmt, read_results_section
+from medfed.simulations.bench.support import fmt, read_results_section, write_results_section
 
 __all__ = ["SECTION", "Case", "CASES", "run_case", "main"]
 
@@ -406,12 +404,7 @@ def _write(path: Path, rows: list[dict[str, Any]], *, replace_threads: bool) -> 
     thread checks), so that either command leaves the other's figures in place."""
     earlier = read_results_section(path, SECTION) or []
     kept = [r for r in earlier if r["case"].endswith("-threads") != replace_threads]
-    section = [dict(sorted(r.items())) for r in (kept + rows if replace_threads else rows + kept)]
-    # The other sections stay byte for byte in their order (write_results_section would sort the file).
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[SECTION] = section
-    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    write_atomically(path, lambda fh: fh.write(text.encode()), mode=0o644)
+    write_results_section(path, SECTION, kept + rows if replace_threads else rows + kept)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -59,7 +59,7 @@ from medfed.shared.seeding import seed_everything
 from medfed.shared.task import model_for
 from medfed.shared.weights import get_weights
 from medfed.simulations.bench.figures import check_rows
-from medfed.simulations.bench.support import fmt, line_plot, ratio, read_results_section, write_results_section
+from medfed.simulations.bench.support import append_results_rows, fmt, line_plot, ratio
 from medfed.simulations.engine_tuning import engine_polls, server_threads, tune_grid
 from medfed.simulations.simulate import ray_environment
 
@@ -566,8 +566,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         stamp = time.strftime("%Y-%m-%d", time.gmtime())
         for figure, (_, medians) in zip(figures, stages, strict=True):
             figure.update(command=command, measured_at=stamp, stage_seconds={k: round(v, 3) for k, v in medians.items()})
-        existing = read_results_section(args.record, "secagg") or []
-        write_results_section(args.record, "secagg", [*existing, *check_rows("secagg", figures)])
+        append_results_rows(args.record, "secagg", check_rows("secagg", figures))
         print(f"\nwrote {len(figures)} rows to section 'secagg' of {args.record}")
 
 

@@ -206,3 +206,17 @@ def write_results_section(path: Path, section: str, value: Any) -> Path:
     text = json.dumps(data, indent=2, sort_keys=True, allow_nan=False) + "\n"
     write_atomically(path, lambda fh: fh.write(text.encode()), mode=0o644)
     return path
+
+
+def append_results_rows(path: Path, section: str, rows: list[dict[str, Any]]) -> Path:
+    """Append ``rows`` to the list in section ``section`` of ``path``; everything else is kept.
+
+    Raises
+    ------
+    ValueError
+        The existing file is not a JSON object, or the section is not a list (naming them).
+    """
+    existing = read_results_section(path, section) or []
+    if not isinstance(existing, list):
+        raise ValueError(f"{path}: section {section!r} is not a list of rows; move it aside to append.")
+    return write_results_section(path, section, [*existing, *rows])
