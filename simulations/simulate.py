@@ -8,6 +8,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from flwr.client import ClientApp
 from flwr.simulation import run_simulation
@@ -20,11 +21,12 @@ from medfed.server.secure import secagg_settings
 from medfed.server.server_app import ServerHooks, make_server_app
 from medfed.shared.config import RunConfig
 from medfed.shared.preflight import preflight
+from medfed.shared.site_process import simulated_site_environment
 from medfed.simulations.engine_tuning import SIM_POLL_INTERVAL, engine_polls, server_threads
 from medfed.simulations.interrupt import Interrupt, RunInterrupted, descendants, end_processes, interruptible
 from medfed.simulations.site_errors import SiteErrorLog, site_error_log
 
-__all__ = ["SimulationResult", "run_federated", "ray_environment"]
+__all__ = ["SimulationResult", "ray_environment", "ray_init_args", "run_federated"]
 
 logger = logging.getLogger(__name__)
 
@@ -151,13 +153,14 @@ def run_federated(
     # One CPU per site: Ray runs as many sites at once as there are cores, each torch single-threaded.
     backend_config = {
         "client_resources": {"num_cpus": 1, "num_gpus": _gpu_share()},
-        "init_args": {"logging_level": "ERROR", "log_to_driver": verbose},
+        "init_args": ray_init_args(verbose=verbose),
     }
     ray_environment()
     start = time.perf_counter()
     polls = engine_polls() if tuned else nullcontext()
     threads = server_threads() if tuned else nullcontext()
-    with polls, threads, interruptible() as interrupt, site_error_log() as site_errors:
+    sites_env = simulated_site_environment()
+    with polls, threads, sites_env, interruptible() as interrupt, site_error_log() as site_errors:
         try:
             run_simulation(
                 server_app=server_app,
@@ -240,6 +243,16 @@ def ray_environment() -> None:
     """
     os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+
+
+def ray_init_args(*, verbose: bool) -> dict[str, Any]:
+    """``ray.init`` arguments of a simulation (Flower's ``backend_config["init_args"]``).
+
+    Ray's own logs only at ERROR, and the workers' output on the driver only when ``verbose``.
+    (Flower passes its own ``runtime_env``, so environment variables for the workers are set in
+    this process while Ray starts: :func:`medfed.shared.site_process.simulated_site_environment`.)
+    """
+    return {"logging_level": "ERROR", "log_to_driver": verbose}
 
 
 def _gpu_share() -> float:

@@ -56,12 +56,13 @@ from medfed.shared.config import RunConfig
 from medfed.shared.data.loading import load_dataset
 from medfed.shared.models import model_task
 from medfed.shared.seeding import seed_everything
+from medfed.shared.site_process import simulated_site_environment
 from medfed.shared.task import model_for
 from medfed.shared.weights import get_weights
 from medfed.simulations.bench.figures import check_rows
 from medfed.simulations.bench.support import append_results_rows, fmt, line_plot, ratio
 from medfed.simulations.engine_tuning import engine_polls, server_threads, tune_grid
-from medfed.simulations.simulate import ray_environment
+from medfed.simulations.simulate import ray_environment, ray_init_args
 
 if TYPE_CHECKING:
     from medfed.simulations.bench import BenchContext, SectionResult
@@ -345,14 +346,15 @@ def run_bench(
         mods = [secaggplus_mod if m is packed_secaggplus_mod else m for m in privacy_mods(cfg)]
         client_app = ClientApp(client_fn=client_fn, mods=[egress_guard, *mods])
     ray_environment()
-    with engine_polls() if tuned else nullcontext(), server_threads() if tuned else nullcontext():
+    polls, threads = (engine_polls(), server_threads()) if tuned else (nullcontext(), nullcontext())
+    with polls, threads, simulated_site_environment():
         run_simulation(
             server_app=server,
             client_app=client_app,
             num_supernodes=sites,
             backend_config={
                 "client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0},
-                "init_args": {"logging_level": "ERROR", "log_to_driver": False},
+                "init_args": ray_init_args(verbose=False),
             },
         )
     result.round_seconds = [timer.seconds[r] for r in sorted(timer.seconds)]
