@@ -20,7 +20,6 @@ reduces modulo ``2^32`` at the end; here each ``.npy`` payload is read in place
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -30,32 +29,9 @@ from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from medfed.shared.secagg_masks import PACKED_MODULUS, add_mask
+from medfed.shared.weights import npy_view
 
-__all__ = ["npy_view", "remove_masks", "sum_masked_vectors"]
-
-
-def npy_view(payload: bytes) -> np.ndarray:
-    """The array a ``.npy`` payload (``flwr.common.ndarray_to_bytes``) holds, read without a copy.
-
-    Raises
-    ------
-    ValueError
-        If the payload is not a plain ``.npy`` array (object arrays are refused, as
-        ``bytes_to_ndarray`` refuses pickles).
-    """
-    stream = io.BytesIO(payload)
-    version = np.lib.format.read_magic(stream)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
-    elif version in ((2, 0), (3, 0)):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
-    else:  # pragma: no cover - numpy writes 1.0-3.0
-        raise ValueError(f"unsupported .npy format version {version}.")
-    if dtype.hasobject:
-        raise ValueError("a masked vector must be an integer array, got an object array.")
-    count = int(np.prod(shape, dtype=np.int64))
-    flat = np.frombuffer(payload, dtype=dtype, count=count, offset=stream.tell())
-    return flat.reshape(shape, order="F" if fortran else "C")
+__all__ = ["npy_view", "remove_masks", "sum_masked_vectors"]  # npy_view lives in medfed.shared.weights
 
 
 def sum_masked_vectors(payloads: Sequence[Sequence[bytes]]) -> NDArrays:

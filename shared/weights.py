@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
+
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["unwrap", "get_weights", "set_weights", "weight_names", "trainable_mask", "batchnorm_entries"]
+__all__ = ["unwrap", "get_weights", "set_weights", "weight_names", "trainable_mask", "batchnorm_entries", "npy_view"]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -86,3 +88,33 @@ def batchnorm_entries(model: nn.Module) -> tuple[list[int], list[int]]:
             stats.update(f"{dot}{b}" for b in ("running_mean", "running_var", "num_batches_tracked"))
             affine.update(f"{dot}{w}" for w in ("weight", "bias"))
     return [i for i, n in enumerate(names) if n in stats], [i for i, n in enumerate(names) if n in affine]
+
+
+def npy_view(payload: bytes) -> np.ndarray:
+    """The array a ``.npy`` payload (``flwr.common.ndarray_to_bytes``) holds, read without a copy.
+
+    Raises
+    ------
+    ValueError
+        If the payload is not a plain ``.npy`` array (object arrays are refused, as
+        ``bytes_to_ndarray`` refuses pickles) or is shorter than its header says.
+
+    Notes
+    -----
+    The array is read-only and shares the payload's memory; ``np.load`` (what
+    ``bytes_to_ndarray`` does) copies it, and on this project's VMs the first touch of that
+    fresh memory costs more than the copy itself.
+    """
+    stream = io.BytesIO(payload)
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version in ((2, 0), (3, 0)):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:  # pragma: no cover - numpy writes 1.0-3.0
+        raise ValueError(f"unsupported .npy format version {version}.")
+    if dtype.hasobject:
+        raise ValueError("an .npy payload must hold a plain array, got an object array (pickles are refused).")
+    count = int(np.prod(shape, dtype=np.int64))
+    flat = np.frombuffer(payload, dtype=dtype, count=count, offset=stream.tell())
+    return flat.reshape(shape, order="F" if fortran else "C")

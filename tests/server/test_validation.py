@@ -17,6 +17,7 @@ from medfed.server.secure import SecAggUpdateStrategy
 from medfed.server.store import RunStore
 from medfed.server.strategies import MultiKrum, build_strategy
 from medfed.server.validation import (
+    NORM_CHUNK,
     REASONS,
     RoundValidation,
     ValidatingStrategy,
@@ -71,6 +72,45 @@ def test_a_valid_update_passes_and_its_norm_leaves_out_step_counters() -> None:
     expected = math.sqrt(sum(float(((l.astype(np.float64) - g) ** 2).sum()) for l, g in zip(local[:3], glob[:3])))
     assert norm == pytest.approx(expected, rel=1e-9) and norm == update_norm(local, global_weights=glob)
     assert 0 < norm < 1.0  # the counter moved by 3, which alone would exceed the bound
+
+
+@pytest.mark.parametrize("where", ["first-chunk", "last-chunk"])
+@pytest.mark.parametrize("value, reason", [(np.nan, "nan"), (np.inf, "inf"), (-np.inf, "inf")])
+def test_a_large_update_is_normed_in_chunks_and_one_bad_entry_anywhere_is_caught(
+    where: str, value: float, reason: str
+) -> None:
+    # More entries than NORM_CHUNK, so the norm is summed over several chunks; the finite check
+    # runs only when the norm is not finite, so the bad entry must still make it so.
+    rng = np.random.default_rng(3)
+    glob = [rng.normal(size=(3 * NORM_CHUNK + 11,)).astype(np.float32), np.array(7, np.int64)]
+    local = [(glob[0] + rng.normal(0, 0.01, glob[0].shape)).astype(np.float32), np.array(9, np.int64)]
+    expected = float(np.sqrt(((local[0].astype(np.float64) - glob[0]) ** 2).sum()))
+    finding, norm = check_update(local, global_weights=glob)
+    assert finding is None and norm == pytest.approx(expected, rel=1e-12)
+    local[0][5 if where == "first-chunk" else -1] = value
+    finding, norm = check_update(local, global_weights=glob)
+    assert finding is not None and finding.reason == reason and norm is None
+    assert "first in array 0" in finding.detail
+
+
+def test_fedavg_aggregates_pass_through_and_a_changed_dtype_is_cast_back() -> None:
+    glob = _model()
+    results = [_res(_local(glob, s), s) for s in range(3)]
+    for strategy, dtype_changed in ((FedAvg(), False), (FedMedian(), True)):
+        inner_params: list[Parameters] = []
+
+        class Spy(type(strategy)):  # records what the wrapped rule returned
+            def aggregate_fit(self, server_round, results, failures):
+                params, metrics = super().aggregate_fit(server_round, results, failures)
+                inner_params.append(params)
+                return params, metrics
+
+        wrapper = ValidatingStrategy(Spy())
+        wrapper._global[1] = glob
+        params, _ = wrapper.aggregate_fit(1, results, [])
+        out = parameters_to_ndarrays(params)
+        assert [a.dtype for a in out] == [g.dtype for g in glob]
+        assert (params is inner_params[0]) is not dtype_changed  # re-encoded only when a dtype changed
 
 
 def test_norm_bound_rejects_a_scaled_update_and_zero_turns_it_off() -> None:
