@@ -200,8 +200,15 @@ def restore_chain_state(strategy: Strategy, states: list[dict[str, Any]], *, sou
 
 
 def state_tensors(arrays: NDArrays) -> list[torch.Tensor]:
-    """Arrays as CPU tensors (exact, dtype kept) so the file loads with ``weights_only=True``."""
-    return [torch.from_numpy(np.array(a, copy=True)) for a in arrays]
+    """Arrays as CPU tensors (exact, dtype kept) so the file loads with ``weights_only=True``.
+
+    A writable, C-contiguous array is shared, not copied (the tensors only live until the file is
+    written); any other array (read-only, strided) is copied.
+    """
+    return [
+        torch.from_numpy(a) if a.flags.writeable and a.flags.c_contiguous else torch.from_numpy(np.array(a, copy=True))
+        for a in map(np.asarray, arrays)
+    ]
 
 
 def state_arrays(tensors: list[torch.Tensor]) -> NDArrays:

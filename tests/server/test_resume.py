@@ -205,3 +205,18 @@ def test_medfed_simulate_resume_takes_the_runs_own_config_only(tmp_path: Path) -
     result = runner.invoke(app, ["simulate", "--resume", str(tmp_path), "--rounds", "5", "--set", "seed=1"])
     assert result.exit_code == 2
     assert "leave out the other options (given: --rounds, --set)" in " ".join(result.output.split())
+
+
+def test_state_tensors_share_writable_arrays_copy_others_and_round_trip() -> None:
+    from medfed.server.resume import state_arrays, state_tensors
+
+    writable = np.arange(6, dtype=np.float32).reshape(2, 3)
+    read_only = np.arange(4, dtype=np.int64)
+    read_only.setflags(write=False)
+    strided = np.arange(10, dtype=np.float64)[::2]
+    tensors = state_tensors([writable, read_only, strided])
+    assert np.shares_memory(tensors[0].numpy(), writable)  # no whole-model copy before torch.save
+    assert not np.shares_memory(tensors[1].numpy(), read_only) and not np.shares_memory(tensors[2].numpy(), strided)
+    for back, original in zip(state_arrays(tensors), [writable, read_only, strided], strict=True):
+        assert back.dtype == original.dtype
+        np.testing.assert_array_equal(back, original)
