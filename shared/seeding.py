@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 
 import numpy as np
 import torch
 
-__all__ = ["seed_everything"]
+__all__ = ["deterministic_kernels", "seed_everything"]
 
 
 def seed_everything(seed: int, *, deterministic: bool = True) -> None:
@@ -27,7 +28,23 @@ def seed_everything(seed: int, *, deterministic: bool = True) -> None:
     torch.manual_seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
     if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+        deterministic_kernels()
         if torch.backends.cudnn.is_available():
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
+
+
+def deterministic_kernels() -> None:
+    """``torch.use_deterministic_algorithms(True, warn_only=True)``, without importing TorchInductor.
+
+    torch 2.13's function does two things: it sets ``torch._inductor.config.deterministic``, which
+    imports TorchInductor's config (about 190 modules, 1.2 s of CPU here), and it sets the
+    deterministic flag of torch's kernels. Every process that seeds (a simulation's server and
+    each site's worker) paid the import, and medfed never compiles a model, so only the kernels'
+    flag is set, unless TorchInductor is already loaded (then torch's own function runs).
+    ``tests/shared/test_seeding.py`` checks that torch's function still does just these two things.
+    """
+    if "torch._inductor.config" in sys.modules:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    else:
+        torch._C._set_deterministic_algorithms(True, warn_only=True)
