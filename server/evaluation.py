@@ -24,6 +24,7 @@ def make_evaluate_fn(
     bn_data: ImageSet | None = None,
     roi_size: int = 0,
     dtype: torch.dtype | None = None,
+    threshold_rule: str = "youden",
 ) -> Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]]]:
     """A Flower ``evaluate_fn`` that scores the global weights on ``data`` (the test split).
 
@@ -36,6 +37,9 @@ def make_evaluate_fn(
         simulated sites' validation splits, scored centrally with the same global model (in
         deployment the server holds no data and each site scores its own validation split).
         ``None``: a 0.5 threshold.
+    threshold_rule
+        How that threshold is chosen (the run's ``decision-threshold``:
+        :data:`medfed.shared.metrics.THRESHOLD_RULES`).
     bn_data
         Re-estimate the global model's BatchNorm statistics on these images before scoring
         (``bn-mode`` ``"local-stats"`` / ``"fedbn"``, whose sites keep their statistics; in
@@ -65,7 +69,7 @@ def make_evaluate_fn(
         if bn_data is not None:
             reestimate_bn(model, bn_data, device=torch_device, dtype=dtype)
         metrics = evaluate_at_validation_threshold(
-            model, data, val=val, device=torch_device, roi_size=roi_size, dtype=dtype
+            model, data, val=val, device=torch_device, roi_size=roi_size, dtype=dtype, threshold_rule=threshold_rule
         )
         loss = float(metrics.pop("loss"))
         return loss, dict(metrics)

@@ -108,6 +108,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         evaluate_fn = make_evaluate_fn(
             model_for(cfg, splits.train), splits.test, val=splits.val, bn_data=bn_data, roi_size=cfg.patch_size,
             dtype=eval_dtype(cfg.eval_precision, device=select_device("auto"), task=splits.task),
+            threshold_rule=cfg.decision_threshold,
         )
         if bn_data is not None:  # the sites keep their statistics: the checkpoints get pooled ones
             device = select_device("auto")

@@ -39,6 +39,7 @@ __all__ = [
     "PERSONALIZE_MODES",
     "TRAINABLE_MODES",
     "EVAL_PRECISIONS",
+    "DECISION_THRESHOLDS",
     "DEFAULT_MIN_FIT_CLIENTS",
     "close_matches",
     "coerce_value",
@@ -64,6 +65,7 @@ BadData = Literal["strict", "skip"]
 Personalize = Literal["off", "bn", "head", "bn+head"]
 Trainable = Literal["all", "head", "last-block+head", "norm+head"]
 EvalPrecision = Literal["auto", "fp32", "bf16"]
+DecisionThreshold = Literal["youden", "accuracy"]
 
 TASKS: tuple[str, ...] = get_args(Task)
 SYNTHETIC_TASKS: tuple[str, ...] = ("classification", "segmentation")
@@ -108,6 +110,9 @@ BAD_DATA_MODES: tuple[str, ...] = get_args(BadData)
 PERSONALIZE_MODES: tuple[str, ...] = get_args(Personalize)
 TRAINABLE_MODES: tuple[str, ...] = get_args(Trainable)
 """Which parameters local training updates (``trainable``; :mod:`medfed.shared.trainable`)."""
+DECISION_THRESHOLDS: tuple[str, ...] = get_args(DecisionThreshold)
+"""How a binary model's decision threshold is chosen on validation data (``decision-threshold``;
+:data:`medfed.shared.metrics.THRESHOLD_RULES`)."""
 EVAL_PRECISIONS: tuple[str, ...] = get_args(EvalPrecision)
 """Precision of the evaluation and BatchNorm re-estimation passes (``eval-precision``;
 :mod:`medfed.shared.precision`)."""
@@ -281,6 +286,13 @@ class RunConfig:
         ``medfed export``, checkpoints' statistics and the cross-site evaluation stay fp32.
         Measured in BENCHMARKS.md ("bf16 inference and BatchNorm re-estimation (issue 19)");
         see :mod:`medfed.shared.precision` and ``docs/precision.md``.
+    decision_threshold
+        Binary classification: how each round's decision threshold (the one the checkpoint keeps
+        and ``medfed predict`` applies) is chosen on validation data, never the test split:
+        ``"youden"`` (default) maximises Youden's J, i.e. balanced accuracy; ``"accuracy"``
+        maximises accuracy, for a model whose decisions should beat the majority rate on an
+        imbalanced set (it predicts the majority class where the ranking is not sure enough).
+        BENCHMARKS.md, "DP study: the 3D sets (2026-12-06)"; ``docs/dp-recipe.md``.
     seed
         The one seed; every random choice derives from it.
     run_dir
@@ -385,6 +397,7 @@ class RunConfig:
     cross_site_min_count: int = 10
     augment: bool = True
     eval_precision: EvalPrecision = "auto"
+    decision_threshold: DecisionThreshold = "youden"
     seed: int = 0
     run_dir: str = "runs"
     store: str = ""
@@ -429,6 +442,7 @@ class RunConfig:
         _check_choice("client-dp", self.client_dp, CLIENT_DP_MODES)
         _check_choice("dp-accountant", self.dp_accountant, ACCOUNTANTS)
         _check_choice("dp-grad-sample-mode", self.dp_grad_sample_mode, DP_GRAD_SAMPLE_MODES)
+        _check_choice("decision-threshold", self.decision_threshold, DECISION_THRESHOLDS)
         _check_choice("secagg-on-failure", self.secagg_on_failure, SECAGG_ON_FAILURE)
         _check_choice("spatial-dims", self.spatial_dims, (2, 3))
         _check_choice("bad-data", self.bad_data, BAD_DATA_MODES)

@@ -7,6 +7,9 @@ from monai.metrics import DiceMetric, compute_roc_auc
 from monai.networks.utils import one_hot
 
 __all__ = [
+    "THRESHOLD_RULES",
+    "accuracy_threshold",
+    "choose_threshold",
     "classification_metrics",
     "decision_metrics",
     "predicts_single_class",
@@ -63,6 +66,7 @@ def classification_metrics(
         cut = 0.5 if threshold is None else float(threshold)
         predicted = (probs[:, 1] >= cut).long()
         metrics["threshold"] = cut
+        metrics["decision-accuracy"] = float((predicted == targets).float().mean())
     else:
         predicted = probs.argmax(dim=1)
     metrics.update(decision_metrics(predicted, targets, num_classes=num_classes))
@@ -135,6 +139,70 @@ def youden_threshold(scores: torch.Tensor, targets: torch.Tensor) -> float:
     if best == 0:
         return float(candidates[0]) / 2.0
     return float(candidates[best - 1] + candidates[best]) / 2.0
+
+
+def accuracy_threshold(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """The class-1 probability threshold that maximises accuracy on ``scores`` / ``targets``.
+
+    Choose it on validation data, never on the test split. Where Youden's J
+    (:func:`youden_threshold`) weighs both classes' recalls alike (it maximises balanced
+    accuracy), this one weighs every sample alike, so on an imbalanced set it calls the minority
+    class only where the model's ranking is sure enough to beat the majority rate (it returns a
+    threshold that predicts the majority class everywhere when nothing does better). A sample is
+    positive when its score is at or above the threshold; the threshold lies halfway between the
+    chosen score and the next lower one (ties of accuracy go to the threshold nearest 0.5).
+
+    Parameters
+    ----------
+    scores
+        ``(N,)`` class-1 probabilities.
+    targets
+        ``(N,)`` labels in ``{0, 1}``.
+
+    Returns
+    -------
+    float
+        The threshold; 0.5 when ``targets`` hold a single class.
+    """
+    scores = scores.detach().double().cpu()
+    targets = targets.detach().long().cpu()
+    pos, neg = torch.sort(scores[targets == 1]).values, torch.sort(scores[targets != 1]).values
+    if len(pos) == 0 or len(neg) == 0:
+        return 0.5
+    candidates = torch.unique(scores)  # sorted ascending; threshold i calls scores >= candidates[i] positive
+    true_pos = len(pos) - torch.searchsorted(pos, candidates, right=False).double()
+    true_neg = torch.searchsorted(neg, candidates, right=False).double()
+    # cuts between consecutive candidates, plus one below all (all positive) and one above all (all negative)
+    cuts = torch.cat([
+        candidates[:1] / 2.0,
+        (candidates[:-1] + candidates[1:]) / 2.0,
+        (candidates[-1:] + 1.0) / 2.0,
+    ])
+    correct = torch.cat([true_pos + true_neg, torch.tensor([float(len(neg))], dtype=torch.float64)])
+    best = correct == correct.max()
+    distance = torch.where(best, (cuts - 0.5).abs(), torch.full_like(cuts, float("inf")))
+    return float(cuts[int(torch.argmin(distance))])
+
+
+THRESHOLD_RULES = {"youden": youden_threshold, "accuracy": accuracy_threshold}
+"""How a binary model's decision threshold is chosen on validation data (run-config key
+``decision-threshold``): ``"youden"`` maximises Youden's J (balanced accuracy), ``"accuracy"``
+maximises accuracy."""
+
+
+def choose_threshold(scores: torch.Tensor, targets: torch.Tensor, *, rule: str = "youden") -> float:
+    """The decision threshold of ``rule`` (:data:`THRESHOLD_RULES`) on validation ``scores`` ``(N,)``
+    and ``targets`` ``(N,)``.
+
+    Raises
+    ------
+    ValueError
+        ``rule`` is not one of :data:`THRESHOLD_RULES` (naming the valid ones).
+    """
+    if rule not in THRESHOLD_RULES:
+        raise ValueError(f"decision-threshold = {rule!r} is invalid. Valid choices: "
+                         f"{', '.join(repr(r) for r in THRESHOLD_RULES)}.")
+    return THRESHOLD_RULES[rule](scores, targets)
 
 
 def predicts_single_class(global_metrics: dict[str, float], site_metrics: dict[str, float] | None = None) -> bool:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medfed.shared.data.base import ImageSet
-from medfed.shared.metrics import classification_metrics, segmentation_metrics, youden_threshold
+from medfed.shared.metrics import choose_threshold, classification_metrics, segmentation_metrics
 from medfed.shared.precision import eval_autocast
 from medfed.shared.transforms import ImageSetDataset, train_transforms
 
@@ -584,6 +584,7 @@ def evaluate_at_validation_threshold(
     batch_size: int = 64,
     roi_size: int = 0,
     dtype: torch.dtype | None = None,
+    threshold_rule: str = "youden",
 ) -> dict[str, float]:
     """:func:`evaluate` on ``test`` with the decision threshold chosen on ``val`` (never on ``test``).
 
@@ -594,7 +595,9 @@ def evaluate_at_validation_threshold(
     inference and BatchNorm re-estimation (issue 19)").
 
     Binary classification: the threshold maximises Youden's J on ``model``'s ``val``
-    predictions (:func:`medfed.shared.metrics.youden_threshold`); more classes: argmax.
+    predictions (``threshold_rule = "youden"``, the run-config key ``decision-threshold``:
+    :func:`medfed.shared.metrics.youden_threshold`) or their accuracy (``"accuracy"``:
+    :func:`medfed.shared.metrics.accuracy_threshold`); more classes: argmax.
     Classification adds ``validation-predicted-classes`` (how many classes ``model`` predicts
     on ``val`` at that threshold) and ``single-class``: 1.0 when ``model`` predicts a single
     class on ``test`` or on ``val``, at its argmax or at the threshold (a model whose argmax
@@ -607,7 +610,7 @@ def evaluate_at_validation_threshold(
     val_logits, val_targets, _ = predict(model, val, device=device, batch_size=batch_size)  # fp32: see above
     threshold = None
     if test.num_classes == 2:
-        threshold = youden_threshold(torch.softmax(val_logits, dim=1)[:, 1], val_targets)
+        threshold = choose_threshold(torch.softmax(val_logits, dim=1)[:, 1], val_targets, rule=threshold_rule)
     val_metrics = classification_metrics(val_logits, val_targets, num_classes=test.num_classes, threshold=threshold)
     logits, targets, loss = predict(model, test, device=device, batch_size=batch_size, dtype=dtype)
     metrics = classification_metrics(logits, targets, num_classes=test.num_classes, threshold=threshold)

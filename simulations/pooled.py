@@ -102,7 +102,8 @@ def run_pooled(
         try:
             window = cfg.patch_size
             initial = evaluate_at_validation_threshold(
-                model, splits.test, val=splits.val, device=device, roi_size=window, dtype=dtype
+                model, splits.test, val=splits.val, device=device, roi_size=window, dtype=dtype,
+                threshold_rule=cfg.decision_threshold,
             )
             record_round(RoundRecord(round=0, seconds=0.0, global_metrics=initial))
             metrics = initial
@@ -127,7 +128,8 @@ def run_pooled(
                     bn_dtype=dtype,
                 )
                 metrics = evaluate_at_validation_threshold(
-                    model, splits.test, val=splits.val, device=device, roi_size=window, dtype=dtype
+                    model, splits.test, val=splits.val, device=device, roi_size=window, dtype=dtype,
+                    threshold_rule=cfg.decision_threshold,
                 )
                 val_metrics = (
                     evaluate(model, splits.val, device=device, roi_size=window, dtype=dtype) if len(splits.val) else {}

@@ -44,7 +44,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from medfed.server.run_dir import read_metrics
 from medfed.shared.config import ConfigError, RunConfig
 from medfed.shared.config_sources import mapping_layer, resolve_config, set_layer
+from medfed.shared.data.base import ImageSet
 from medfed.shared.data.npz import load_npz
+from medfed.shared.metrics import THRESHOLD_RULES, choose_threshold, decision_metrics
 from medfed.shared.models import build_model, count_parameters
 from medfed.shared.privacy import (
     GRAD_SAMPLE_MODES,
@@ -80,6 +82,7 @@ __all__ = [
     "merge_study_rows",
     "plot_study",
     "study_row",
+    "threshold_decisions",
 ]
 
 logger = logging.getLogger(__name__)
@@ -106,7 +109,9 @@ class), ``balanced_accuracy`` (at the validation-chosen threshold), ``initial_te
 before any training), ``test_nll`` / ``prior_nll`` (test
 cross-entropy of the model / of always predicting the test class shares), ``mean_majority_probability``
 (the model's mean probability of the majority class, against ``majority_rate``), ``max_site_epsilon`` (ledger),
-``wall_s``, ``load_1min``, the recipe."""
+``wall_s``, ``load_1min``, the recipe; ``decision_threshold`` (the rule of the server's threshold)
+and ``decisions`` (:func:`threshold_decisions`: test accuracy, balanced accuracy and predicted
+classes at the argmax and at thresholds chosen on the validation split by each rule)."""
 
 
 @dataclass(frozen=True)
@@ -310,6 +315,7 @@ def study_row(
         logits = model(torch.as_tensor(splits.test.images))
     predicted = logits.argmax(dim=1)
     share = torch.bincount(predicted, minlength=splits.test.num_classes).float() / len(predicted)
+    decisions = threshold_decisions(model, val=splits.val, test=splits.test, test_logits=logits)
     counts = torch.bincount(targets, minlength=splits.test.num_classes).float()
     majority = float(counts.max()) / len(targets)
     prior = counts / counts.sum()
@@ -335,6 +341,8 @@ def study_row(
         "predicted_classes": int((share > 0).sum()),
         "predicted_share": [round(float(v), 4) for v in share],
         "max_site_epsilon": round(max(spent), 4) if spent else 0.0,
+        "decision_threshold": cfg.decision_threshold,  # the rule of the server's threshold (balanced_accuracy)
+        "decisions": decisions,
         "wall_s": round(curve.seconds, 1), "load_1min": round(os.getloadavg()[0], 2),
         "recipe": {
             "model": cfg.model, "norm": cfg.norm, "sites": cfg.num_sites, "rounds": cfg.num_server_rounds,
@@ -343,6 +351,52 @@ def study_row(
             "trainable": cfg.trainable, "seed": cfg.seed,
         },
     }
+
+
+def threshold_decisions(
+    model: nn.Module, *, val: ImageSet, test: ImageSet, test_logits: torch.Tensor
+) -> dict[str, dict[str, float]]:
+    """The test decisions of a binary ``model`` at a threshold chosen on ``val`` by each rule of
+    :data:`medfed.shared.metrics.THRESHOLD_RULES` (never on ``test``), and at the argmax.
+
+    Parameters
+    ----------
+    val, test
+        The validation split (in simulation: the union of the sites' validation splits, as the
+        server scores it) and the test split.
+    test_logits
+        ``(N, K)`` ``model``'s logits on ``test``.
+
+    Returns
+    -------
+    dict
+        ``{"argmax" | rule: {"threshold", "accuracy", "balanced_accuracy", "predicted_classes",
+        "val_accuracy"}}``; more than two classes, or no ``val``: the argmax entry only.
+    """
+    targets = torch.as_tensor(test.targets).long().flatten()
+    out: dict[str, dict[str, float]] = {}
+
+    def decide(name: str, predicted: torch.Tensor, threshold: float, val_accuracy: float) -> None:
+        figures = decision_metrics(predicted, targets, num_classes=test.num_classes)
+        out[name] = {
+            "threshold": round(threshold, 4), "accuracy": round(float((predicted == targets).float().mean()), 4),
+            "balanced_accuracy": round(figures.get("balanced-accuracy", float("nan")), 4),
+            "predicted_classes": int(figures["predicted-classes"]), "val_accuracy": round(val_accuracy, 4),
+        }
+
+    with torch.no_grad():
+        val_logits = model(torch.as_tensor(val.images)) if len(val) else None
+    val_targets = torch.as_tensor(val.targets).long().flatten()
+    argmax_val = float((val_logits.argmax(dim=1) == val_targets).float().mean()) if val_logits is not None else float("nan")
+    decide("argmax", test_logits.argmax(dim=1), 0.5, argmax_val)
+    if test.num_classes != 2 or val_logits is None:
+        return out
+    val_scores = torch.softmax(val_logits.float(), dim=1)[:, 1]
+    test_scores = torch.softmax(test_logits.float(), dim=1)[:, 1]
+    for rule in THRESHOLD_RULES:
+        cut = choose_threshold(val_scores, val_targets, rule=rule)
+        decide(rule, (test_scores >= cut).long(), cut, float(((val_scores >= cut).long() == val_targets).float().mean()))
+    return out
 
 
 def _check_study_rows(rows: list[dict[str, object]]) -> None:
@@ -398,6 +452,18 @@ def plot_study(rows: list[dict[str, object]], *, dataset: str, path: Path) -> Pa
                      xlabel="epsilon (delta 1e-5, per site, whole run)", ylabel="test AUC", logx=True)
 
 
+def _decision_cells(row: dict[str, object]) -> str:
+    """Test accuracy, balanced accuracy and predicted classes at the validation-chosen Youden (J)
+    and accuracy (A) thresholds, as printed by the study."""
+    decisions: dict[str, dict[str, float]] = row.get("decisions") or {}  # type: ignore[assignment]
+    cells = []
+    for rule in ("youden", "accuracy"):
+        d = decisions.get(rule)
+        cells.append(f"{d['accuracy']:>6.3f} {d['balanced_accuracy']:>6.3f} {int(d['predicted_classes']):>4d}" if d
+                     else f"{'-':>6} {'-':>6} {'-':>4}")
+    return " ".join(cells)
+
+
 def run_study_part(args: argparse.Namespace) -> None:
     """The DP utility study (see the module docstring): rows printed and merged into results.json."""
     inits: list[tuple[str, str]] = [("random", "")] + [(Path(p).stem, p) for p in args.public_init]
@@ -406,7 +472,8 @@ def run_study_part(args: argparse.Namespace) -> None:
         f"global model; --set: {' '.join(args.set) or '-'}; load {os.getloadavg()[0]:.1f}."
     )
     print(f"{'dataset':>12} {'init':>28} {'mode':>10} {'eps':>6} {'AUC':>6} {'acc':>6} {'major.':>6} {'bal.acc':>7} "
-          f"{'classes':>7} {'p(maj)':>6} {'NLL':>6} {'site eps':>8} {'MIA':>6} {'time x':>6} {'wall s':>7}")
+          f"{'classes':>7} {'p(maj)':>6} {'NLL':>6} {'site eps':>8} {'MIA':>6} {'time x':>6} {'wall s':>7} "
+          f"{'accJ':>6} {'bacJ':>6} {'clsJ':>4} {'accA':>6} {'bacA':>6} {'clsA':>4}")
     rows: list[dict[str, object]] = []
     for name in args.datasets:
         dataset = Path(args.data_dir) / f"{name}.npz"
@@ -432,7 +499,7 @@ def run_study_part(args: argparse.Namespace) -> None:
                     f"{row['test_accuracy']:>6.3f} {row['majority_rate']:>6.3f} {row['balanced_accuracy']:>7.3f} "
                     f"{row['predicted_classes']:>7d} {row['mean_majority_probability']:>6.3f} {row['test_nll']:>6.3f} "
                     f"{row['max_site_epsilon']:>8.3f} {row['membership_attack_auc']:>6.3f} "
-                    f"{row['dp_time_ratio']:>6.2f} {row['wall_s']:>7.1f}",
+                    f"{row['dp_time_ratio']:>6.2f} {row['wall_s']:>7.1f} {_decision_cells(row)}",
                     flush=True,
                 )
     if rows and not args.no_write:

@@ -210,6 +210,7 @@ def federate_in_process(
             bn_data=splits.train if cfg.bn_mode != "global" else None,
             roi_size=cfg.patch_size,
             dtype=eval_dtype(cfg.eval_precision, device=select_device("auto"), task=splits.task),
+            threshold_rule=cfg.decision_threshold,
         ),
         min_available_clients=cfg.num_sites,
         trainable=trainable_mask(model),

@@ -28,6 +28,8 @@ def test_defaults_round_trip_through_kebab_case() -> None:
         ({}, "eval_precision", "auto"),
         ({"eval-precision": "fp32"}, "eval_precision", "fp32"),
         ({"eval_precision": "bf16"}, "eval_precision", "bf16"),
+        ({}, "decision_threshold", "youden"),
+        ({"decision-threshold": "accuracy"}, "decision_threshold", "accuracy"),
     ],
 )
 def test_values_are_coerced(raw: dict, field: str, expected: object) -> None:
@@ -48,6 +50,7 @@ def test_values_are_coerced(raw: dict, field: str, expected: object) -> None:
         ({"trainable": "backbone"}, ["trainable", "'all'", "'head'", "'last-block+head'", "'norm+head'"]),
         ({"init-weights": 1.5}, ["init-weights", "str"]),
         ({"eval-precision": "fp16"}, ["eval-precision", "'fp16'", "'auto'", "'fp32'", "'bf16'"]),
+        ({"decision-threshold": "f1"}, ["decision-threshold", "'f1'", "'youden'", "'accuracy'"]),
     ],
 )
 def test_bad_input_names_key_and_fix(raw: dict, fragments: list[str]) -> None:

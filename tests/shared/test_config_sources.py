@@ -51,6 +51,7 @@ PRECEDENCE: list[tuple[str, Any, Any, Any, Any, str]] = [
     ("augment", "false", None, "true", True, "--set"),
     ("eval-precision", '"fp32"', None, None, "fp32", "file"),
     ("eval-precision", '"fp32"', None, "bf16", "bf16", "--set"),
+    ("decision-threshold", '"accuracy"', None, None, "accuracy", "file"),
 ]
 
 

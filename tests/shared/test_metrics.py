@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from medfed.shared.data.base import ImageSet
-from medfed.shared.metrics import classification_metrics, youden_threshold
+from medfed.shared.metrics import accuracy_threshold, choose_threshold, classification_metrics, youden_threshold
 from medfed.shared.training import evaluate_at_validation_threshold
 
 CPU = torch.device("cpu")
@@ -148,3 +148,50 @@ def test_multiclass_auc_is_the_macro_over_the_classes_present() -> None:
     probs = torch.softmax(logits, 1)
     expected = np.mean([float(compute_roc_auc(probs[:, c], (lacking == c).long())) for c in range(3)])
     assert got == pytest.approx(expected) and np.isfinite(got)
+
+
+@pytest.mark.parametrize(
+    ("scores", "targets", "expected"),
+    [
+        ([0.1, 0.2, 0.6, 0.7], [0, 0, 1, 1], 0.4),  # separable: halfway between the classes
+        # 4 of 5 negative, the positive ranked below two negatives: any cut calling it positive costs
+        # accuracy, so the best is "all negative" (4/5 correct), the cut above every score
+        ([0.1, 0.2, 0.5, 0.6, 0.4], [0, 0, 0, 0, 1], 0.8),
+        # ties of accuracy (3/4 at 0.05 and at 0.5) go to the cut nearest 0.5
+        ([0.1, 0.2, 0.8, 0.9], [1, 0, 1, 1], 0.5),
+        ([0.4, 0.5], [1, 1], 0.5),  # one class: 0.5
+    ],
+)  # fmt: skip
+def test_accuracy_threshold(scores, targets, expected) -> None:
+    assert accuracy_threshold(torch.tensor(scores), torch.tensor(targets)) == pytest.approx(expected)
+
+
+def test_the_two_rules_differ_where_youden_trades_accuracy_for_the_minority() -> None:
+    scores, targets = torch.tensor([0.1, 0.2, 0.5, 0.6, 0.4]), torch.tensor([0, 0, 0, 0, 1])
+    # Youden: J = 1 + 2/4 - 1 at 0.3 (accuracy 3/5); accuracy: all negative (4/5)
+    assert choose_threshold(scores, targets, rule="youden") == pytest.approx(youden_threshold(scores, targets))
+    assert choose_threshold(scores, targets, rule="youden") == pytest.approx(0.3)
+    assert choose_threshold(scores, targets, rule="accuracy") == pytest.approx(0.8)
+    with pytest.raises(ValueError, match="decision-threshold = 'f1'.*'youden', 'accuracy'"):
+        choose_threshold(scores, targets, rule="f1")
+
+
+def test_an_accuracy_threshold_beats_the_majority_rate_where_youden_does_not() -> None:
+    """A weak ranker on a 15%-minority set (as a DP model on VesselMNIST3D; test AUC about 0.62,
+    30% of the minority bright, the rest like the majority): Youden's J calls many majority samples
+    minority and falls below the majority rate on test; the accuracy rule, chosen on validation,
+    calls the minority only where the ranker is sure and beats the majority rate."""
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> ImageSet:
+        labels = (rng.random(n) < 0.15).astype(int)
+        brightness = np.clip(0.45 + 0.1 * rng.standard_normal(n) + 0.3 * labels * (rng.random(n) < 0.3), 0, 1)
+        return _set(brightness, labels)
+
+    val, test, model = split(400), split(2000), _Brightness()
+    youden = evaluate_at_validation_threshold(model, test, val=val, device=CPU, threshold_rule="youden")
+    accurate = evaluate_at_validation_threshold(model, test, val=val, device=CPU, threshold_rule="accuracy")
+    assert youden["decision-accuracy"] < youden["majority-rate"]
+    assert accurate["decision-accuracy"] > accurate["majority-rate"] + 0.02
+    assert accurate["predicted-classes"] == 2 and accurate["threshold"] > youden["threshold"]
+    assert accurate["accuracy"] == youden["accuracy"]  # the argmax figure does not depend on the rule

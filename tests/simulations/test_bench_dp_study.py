@@ -63,3 +63,44 @@ def test_a_missing_public_init_exits_before_any_run(tmp_path: Path, capsys: pyte
         main(["--part", "study", "--data-dir", str(tmp_path), "--public-init", str(tmp_path / "none.pt")])
     assert exit_info.value.code == 2
     assert "--public-init" in capsys.readouterr().err
+
+
+def test_threshold_decisions_are_chosen_on_validation_for_each_rule() -> None:
+    """The study's per-row decisions: at the argmax and at the Youden and accuracy thresholds chosen
+    on the validation split; the test labels never move a threshold, and the accuracy rule does
+    not fall below the majority rate where the argmax does (a model biased towards the minority)."""
+    import numpy as np
+    import torch
+    from torch import nn
+
+    from medfed.shared.data.base import ImageSet
+    from medfed.simulations.bench.dp import threshold_decisions
+
+    class Biased(nn.Module):  # logits from the mean intensity, pushed towards class 1
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            m = 8.0 * (x.flatten(1).mean(dim=1) - 0.5) + 2.0
+            return torch.stack([-m, m], dim=1)
+
+    rng = np.random.default_rng(0)
+
+    def split(n: int, *, flip: bool = False) -> ImageSet:
+        labels = (rng.random(n) < 0.2).astype(np.int64)
+        brightness = np.clip(0.4 + 0.2 * labels + 0.1 * rng.standard_normal(n), 0, 1).astype(np.float32)
+        return ImageSet(np.repeat(brightness[:, None, None, None], 4, axis=2).repeat(4, axis=3),
+                        1 - labels if flip else labels, "classification", 2)
+
+    val, test = split(300), split(600)
+    flipped = ImageSet(test.images, 1 - test.targets, "classification", 2)
+    model = Biased()
+    with torch.no_grad():
+        logits = model(torch.as_tensor(test.images))
+    got = threshold_decisions(model, val=val, test=test, test_logits=logits)
+    other = threshold_decisions(model, val=val, test=flipped, test_logits=logits)
+    assert set(got) == {"argmax", "youden", "accuracy"}
+    for rule in ("youden", "accuracy"):
+        assert got[rule]["threshold"] == other[rule]["threshold"]  # chosen on val only
+        assert got[rule]["predicted_classes"] == 2
+    majority = 0.8
+    assert got["argmax"]["accuracy"] < majority - 0.1  # biased: calls most images class 1
+    assert got["accuracy"]["accuracy"] > majority and got["accuracy"]["threshold"] > 0.5
+    assert got["argmax"]["threshold"] == 0.5
