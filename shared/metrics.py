@@ -108,6 +108,19 @@ def decision_metrics(predicted: torch.Tensor, targets: torch.Tensor, *, num_clas
     return out
 
 
+def _scores_by_class(
+    scores: torch.Tensor, targets: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """``(candidates, positives, negatives)``: the distinct scores and each class's scores, all
+    sorted ascending in float64 on the CPU; ``None`` when ``targets`` hold a single class."""
+    scores = scores.detach().double().cpu()
+    targets = targets.detach().long().cpu()
+    pos, neg = torch.sort(scores[targets == 1]).values, torch.sort(scores[targets != 1]).values
+    if len(pos) == 0 or len(neg) == 0:
+        return None
+    return torch.unique(scores), pos, neg
+
+
 def youden_threshold(scores: torch.Tensor, targets: torch.Tensor) -> float:
     """The class-1 probability threshold that maximises Youden's J (sensitivity + specificity - 1).
 
@@ -127,12 +140,10 @@ def youden_threshold(scores: torch.Tensor, targets: torch.Tensor) -> float:
     float
         The threshold; 0.5 when ``targets`` hold a single class (J is undefined).
     """
-    scores = scores.detach().double().cpu()
-    targets = targets.detach().long().cpu()
-    pos, neg = torch.sort(scores[targets == 1]).values, torch.sort(scores[targets != 1]).values
-    if len(pos) == 0 or len(neg) == 0:
+    split = _scores_by_class(scores, targets)
+    if split is None:
         return 0.5
-    candidates = torch.unique(scores)  # sorted ascending
+    candidates, pos, neg = split
     sensitivity = 1.0 - torch.searchsorted(pos, candidates, right=False).double() / len(pos)
     specificity = torch.searchsorted(neg, candidates, right=False).double() / len(neg)
     best = int(torch.argmax(sensitivity + specificity))  # the first (lowest) maximum
@@ -164,12 +175,10 @@ def accuracy_threshold(scores: torch.Tensor, targets: torch.Tensor) -> float:
     float
         The threshold; 0.5 when ``targets`` hold a single class.
     """
-    scores = scores.detach().double().cpu()
-    targets = targets.detach().long().cpu()
-    pos, neg = torch.sort(scores[targets == 1]).values, torch.sort(scores[targets != 1]).values
-    if len(pos) == 0 or len(neg) == 0:
+    split = _scores_by_class(scores, targets)
+    if split is None:
         return 0.5
-    candidates = torch.unique(scores)  # sorted ascending; threshold i calls scores >= candidates[i] positive
+    candidates, pos, neg = split  # threshold i calls scores >= candidates[i] positive
     true_pos = len(pos) - torch.searchsorted(pos, candidates, right=False).double()
     true_neg = torch.searchsorted(neg, candidates, right=False).double()
     # cuts between consecutive candidates, plus one below all (all positive) and one above all (all negative)
