@@ -49,7 +49,7 @@ if _root is not None:
     __path__.append(str(_root))  # noqa: F821 - the package's own __path__
 
 # A simulated site's process (a Ray worker of `medfed simulate`) skips MLflow and matplotlib, which
-# MONAI imports eagerly and sites never use: about 2.3 s of CPU less at every worker start.
+# MONAI imports eagerly and sites never use: about 1.5 s of CPU less at every worker start.
 if _os.environ.get("MEDFED_SIMULATED_SITE") == "1":
     from medfed.shared.site_process import skip_reporting_libraries as _skip_reporting_libraries
 

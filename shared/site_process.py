@@ -5,9 +5,10 @@ Importing any part of MONAI imports all of it: ``monai/__init__.py`` walks every
 although MONAI's own exclude list names it), and those import their optional dependencies eagerly:
 ``monai.handlers.mlflow_handler`` imports MLflow, ``monai.utils.jupyter_utils`` imports
 ``matplotlib.pyplot``. A site training in a simulation uses neither: MLflow tracking and plots
-run in the coordinator's process. In each of Flower's Ray workers these two cost about 2.3 s of
-CPU out of about 8.5 s of imports (measured with ``resource.getrusage`` around
-``import medfed.client.client_app``), paid again at every simulation start, for every worker.
+run in the coordinator's process. In each of Flower's Ray workers these two cost about 1.5 s of
+CPU out of about 6 s of imports (idle, 5 runs each: ``MEDFED_SIMULATED_SITE=1 /usr/bin/time -f
+"%U+%S" python -c "import medfed.client.client_app"`` against the same without the variable), paid
+again at every simulation start, for every worker.
 
 :func:`simulated_site_environment` sets :data:`SITE_PROCESS_ENV` while a simulation starts its
 Ray workers, which inherit it; ``medfed/__init__.py`` calls :func:`skip_reporting_libraries` first thing in a
