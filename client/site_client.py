@@ -39,11 +39,10 @@ from medfed.shared.round_config import server_round_of
 from medfed.shared.scaffold import TRAIN_STEPS, effective_step, site_control_update
 from medfed.shared.seeding import seed_everything
 from medfed.shared.site_state import SiteState, site_state_path
-from medfed.shared.task import round_settings, trainable_model_for
+from medfed.shared.task import round_settings, trainable_model_for, training_criterion
 from medfed.shared.trainable import trainable_parameters
 from medfed.shared.training import (
     TrainSettings,
-    class_counts,
     evaluate,
     make_loss,
     make_optimizer,
@@ -282,10 +281,7 @@ class SiteClient(NumPyClient):
 
     def _criterion(self) -> torch.nn.Module:
         """The training loss of ``loss`` (label-skew corrections use this site's class counts)."""
-        task = self.data.train.task
-        name = self.cfg.loss_for(task)
-        counts = class_counts(self.data.train) if name != "ce" else None
-        return make_loss(task, name=name, counts=counts, tau=self.cfg.fedlc_tau)
+        return training_criterion(self.cfg, self.data.train)
 
     def _load_local_entries(self, state: dict[str, list[np.ndarray]]) -> bool:
         """Put this site's own values of the ``bn-mode`` local entries into the model; whether

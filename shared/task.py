@@ -11,7 +11,7 @@ from medfed.shared.data.base import ImageSet
 from medfed.shared.init_weights import InitWeightsReport, load_init_weights
 from medfed.shared.models import build_model, model_task
 from medfed.shared.trainable import TrainableReport, apply_trainable
-from medfed.shared.training import TrainSettings, cosine_lr
+from medfed.shared.training import TrainSettings, class_counts, cosine_lr, make_loss
 
 __all__ = [
     "model_for",
@@ -22,6 +22,7 @@ __all__ = [
     "start_plan",
     "round_settings",
     "site_seed",
+    "training_criterion",
 ]
 
 logger = logging.getLogger(__name__)
@@ -136,3 +137,17 @@ def round_settings(cfg: RunConfig, *, server_round: int, site_index: int) -> Tra
 def site_seed(seed: int, *, site_index: int, server_round: int) -> int:
     """The seed of one site in one round, derived from the run's one seed."""
     return seed + 1000 * (site_index + 1) + server_round
+
+
+def training_criterion(cfg: RunConfig, data: ImageSet) -> nn.Module:
+    """The training loss of ``cfg``'s ``loss`` for a training set ``data``.
+
+    One place for every trainer: a simulated or deployed site (over its own split) and the
+    pooled baseline (over all sites' data) train with the same loss, so a federated/pooled
+    comparison compares training regimes, not losses. Label-skew corrections
+    (``balanced-softmax``, ``fedlc``) take their class prior from ``data``'s own class counts.
+    """
+    task = data.task
+    name = cfg.loss_for(task)
+    counts = class_counts(data) if name != "ce" and task == "classification" else None
+    return make_loss(task, name=name, counts=counts, tau=cfg.fedlc_tau)

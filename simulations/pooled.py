@@ -22,7 +22,7 @@ from medfed.shared.partition import training_pool
 from medfed.shared.precision import eval_dtype
 from medfed.shared.preflight import preflight
 from medfed.shared.seeding import seed_everything
-from medfed.shared.task import initial_model_with_report, round_settings
+from medfed.shared.task import initial_model_with_report, round_settings, training_criterion
 from medfed.shared.trainable import apply_trainable, trainable_parameters
 from medfed.shared.training import (
     evaluate,
@@ -46,7 +46,10 @@ def run_pooled(
     """Train ``cfg.model`` on the pooled training split; evaluate on the test split each round.
 
     The pooled training data is what the simulated sites train on together: the training split
-    less the sites' local test splits (``local-test-fraction``). Each round's decision
+    less the sites' local test splits (``local-test-fraction``). It trains with the sites' loss
+    (:func:`medfed.shared.task.training_criterion`: ``loss = "auto"`` is balanced softmax for
+    classification, its class prior from the pooled counts), so a federated/pooled ratio
+    compares training regimes, not losses. Each round's decision
     threshold is chosen on the validation split (``evaluate_at_validation_threshold``).
 
     Returns
@@ -77,6 +80,7 @@ def run_pooled(
     apply_trainable(model, mode=cfg.trainable, model_name=cfg.model)  # trainable: the rest is frozen
     pool, _ = training_pool(splits.train.class_labels(), seed=cfg.seed, local_test_fraction=cfg.local_test_fraction)
     train_data = splits.train.subset(pool)  # what the simulated sites train on together (no local tests)
+    criterion = training_criterion(cfg, train_data)  # the sites' loss; a label-skew prior from the pooled counts
     path = Path(run_path) if run_path else new_run_path(cfg.run_dir, name=f"pooled-s{cfg.seed}")
     run_dir = RunDirectory(path, config=cfg.to_run_config(), mode="pooled", sink=open_run_sink(cfg))
     run_dir.model_shape = model_shape_for(cfg, splits.train).to_json()
@@ -125,6 +129,7 @@ def run_pooled(
                     task=splits.task,
                     epochs=settings.epochs,
                     device=device,
+                    criterion=criterion,
                     bn_dtype=dtype,
                 )
                 metrics = evaluate_at_validation_threshold(

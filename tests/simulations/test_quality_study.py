@@ -84,6 +84,8 @@ def test_every_method_and_partition_gets_a_row_with_every_field(study: dict[str,
     pooled = {r["partition"]: r for r in rows if r["method"] == "pooled"}
     assert pooled["iid"]["test_auc"] == pooled["dirichlet"]["test_auc"]
     assert all(r["pooled_test_auc"] == pooled["iid"]["test_auc"] for r in rows)
+    # every method trains with the default loss, pooled included: the ratios compare regimes, not losses
+    assert {(r["loss"], r["pooled_loss"]) for r in rows} == {("balanced-softmax", "balanced-softmax")}
     # the test split's class mix, computed from its labels
     with np.load(study["root"] / "breastmnist.npz") as data:
         labels = data["test_labels"][:, 0]
@@ -212,6 +214,18 @@ def test_a_low_split_names_its_seed_and_its_single_class_sites() -> None:
     assert checks[FLOOR].met is False
     assert "seed 3: 0.778" in checks[FLOOR].limits and "1 of 4 sites train on one class" in checks[FLOOR].limits
     assert checks[FLOOR].measured == "0.778 (n=5)"
+
+
+def test_a_ratio_of_two_losses_is_named_in_the_limits() -> None:
+    rows = _rows([0.9] * 5, [0.9] * 5)
+    for r in rows:
+        r["loss"] = "ce" if r["method"] == "pooled" else "balanced-softmax"
+    checks = _by_name(acceptance_checks(merge_rows([], rows)))
+    assert "different losses (balanced-softmax vs pooled ce)" in checks[MEAN].limits
+    assert "loss ce" in checks["pooled"].name
+    for r in rows:
+        r["loss"] = "balanced-softmax"
+    assert "different losses" not in _by_name(acceptance_checks(merge_rows([], rows)))[MEAN].limits
 
 
 def test_summary_only_writes_the_region_and_keeps_the_notes(tmp_path: Path) -> None:
