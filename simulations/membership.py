@@ -6,6 +6,12 @@ saw ("non-members"). Its ROC AUC over members vs non-members is 0.5 when the mod
 nothing about membership and approaches 1 for a model that memorised its training set.
 DP-SGD bounds any attack's advantage, so the AUC should stay near 0.5 at small epsilon.
 
+:func:`update_attack` is the stronger attack of a curious server that sees a site's update (no
+SecAgg+): it calibrates each example's loss by the model the site received (Watson et al., ICLR
+2022, "difficulty calibration"; Sablayrolles et al. 2019), scoring ``loss_before - loss_after``, so
+an example that is hard for every model no longer looks like a non-member. Sample-level DP-SGD
+at the site bounds this attack too: the site's whole local training is the private mechanism.
+
 :func:`train_fedavg_in_process` runs real :class:`~medfed.client.site_client.SiteClient` objects
 through FedAvg rounds in this process (no Ray), so the attack sees the same DP-SGD path, ledger
 and budget checks as a federated run.
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from monai.metrics import compute_roc_auc
+from scipy.stats import rankdata
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -28,7 +35,7 @@ from medfed.shared.data.base import ImageSet
 from medfed.shared.round_config import fit_config
 from medfed.shared.training import make_loss
 from medfed.shared.transforms import ImageSetDataset
-from medfed.shared.weights import get_weights
+from medfed.shared.weights import get_weights, set_weights
 
 __all__ = [
     "MembershipResult",
@@ -36,7 +43,11 @@ __all__ = [
     "attack_auc",
     "loss_threshold_attack",
     "matched_non_members",
+    "score_auc",
+    "score_auc_interval",
     "train_fedavg_in_process",
+    "UpdateAttackResult",
+    "update_attack",
 ]
 
 logger = logging.getLogger(__name__)
@@ -97,6 +108,33 @@ def attack_auc(member_losses: np.ndarray, non_member_losses: np.ndarray) -> floa
     return float(compute_roc_auc(scores, labels))
 
 
+def score_auc(member_scores: np.ndarray, non_member_scores: np.ndarray) -> float:
+    """ROC AUC of a membership score (higher: more likely a member), ties counted half.
+
+    The Mann-Whitney statistic over the two groups: the probability that a random member scores
+    above a random non-member. Equals :func:`attack_auc` of ``-scores``.
+    """
+    m, n = np.asarray(member_scores, np.float64), np.asarray(non_member_scores, np.float64)
+    if len(m) == 0 or len(n) == 0:
+        raise ValueError("the attack needs at least one member and one non-member example.")
+    ranks = rankdata(np.concatenate([m, n]))  # ties get their average rank
+    return float((ranks[: len(m)].sum() - len(m) * (len(m) + 1) / 2) / (len(m) * len(n)))
+
+
+def score_auc_interval(
+    member_scores: np.ndarray, non_member_scores: np.ndarray, *, seed: int = 0, resamples: int = 1000,
+    level: float = 0.95,
+) -> tuple[float, float]:
+    """A percentile bootstrap interval of :func:`score_auc` (members and non-members resampled
+    separately, each with replacement): the ``level`` interval, e.g. ``(0.47, 0.56)``."""
+    rng = np.random.default_rng(seed)
+    m, n = np.asarray(member_scores, np.float64), np.asarray(non_member_scores, np.float64)
+    draws = [score_auc(rng.choice(m, len(m)), rng.choice(n, len(n))) for _ in range(resamples)]
+    tail = (1.0 - level) / 2 * 100
+    low, high = np.percentile(draws, [tail, 100 - tail])
+    return float(low), float(high)
+
+
 def loss_threshold_attack(
     model: nn.Module,
     *,
@@ -123,6 +161,76 @@ def loss_threshold_attack(
         non_member_loss=float(n.mean()),
         num_members=len(m),
         num_non_members=len(n),
+    )
+
+
+@dataclass(frozen=True)
+class UpdateAttackResult:
+    """Outcome of :func:`update_attack` over one or more sites' updates.
+
+    Attributes
+    ----------
+    auc
+        ROC AUC of ``loss_before - loss_after`` for members (positives) vs non-members; 0.5 = chance.
+    low, high
+        Its 95% bootstrap interval (:func:`score_auc_interval`).
+    member_drop, non_member_drop
+        Mean loss decrease of each group over the site's training.
+    num_members, num_non_members
+        Group sizes (summed over sites).
+    """
+
+    auc: float
+    low: float
+    high: float
+    member_drop: float
+    non_member_drop: float
+    num_members: int
+    num_non_members: int
+
+
+def update_attack(
+    model: nn.Module,
+    *,
+    updates: Sequence[tuple[list[np.ndarray], list[np.ndarray]]],
+    members: Sequence[ImageSet],
+    non_members: Sequence[ImageSet],
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+) -> UpdateAttackResult:
+    """Attack sites' updates: does training lower an example's loss more when it was trained on?
+
+    Parameters
+    ----------
+    model
+        A module of the run's architecture (its weights are overwritten), logits ``(B, K)``.
+    updates
+        Per site, ``(received, returned)``: the global weights the site received in a round and
+        the weights it sent back (``get_weights`` order), as a server without SecAgg+ sees them.
+    members, non_members
+        Per site, its training examples and held-out examples of the same distribution (class
+        mix matched: :func:`matched_non_members`).
+
+    Returns
+    -------
+    UpdateAttackResult
+        The AUC over every site's examples together (each scored under its own site's models).
+    """
+    if not (len(updates) == len(members) == len(non_members)) or not updates:
+        raise ValueError("update_attack needs one (received, returned) pair, member set and non-member set per site.")
+    member_scores, non_member_scores = [], []
+    for (received, returned), mine, others in zip(updates, members, non_members, strict=True):
+        set_weights(model, received)
+        before = (per_example_losses(model, mine, device=device), per_example_losses(model, others, device=device))
+        set_weights(model, returned)
+        after = (per_example_losses(model, mine, device=device), per_example_losses(model, others, device=device))
+        member_scores.append(before[0] - after[0])
+        non_member_scores.append(before[1] - after[1])
+    m, n = np.concatenate(member_scores), np.concatenate(non_member_scores)
+    low, high = score_auc_interval(m, n, seed=seed)
+    return UpdateAttackResult(
+        auc=score_auc(m, n), low=low, high=high, member_drop=float(m.mean()), non_member_drop=float(n.mean()),
+        num_members=len(m), num_non_members=len(n),
     )
 
 

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
+from medfed.client.site_data import simulated_site_data
 from medfed.server.run_dir import read_metrics
 from medfed.shared.config import ConfigError, RunConfig
 from medfed.shared.config_sources import mapping_layer, resolve_config, set_layer
@@ -66,7 +67,13 @@ from medfed.simulations.bench.support import (
     read_results_section,
     write_results_section,
 )
-from medfed.simulations.membership import loss_threshold_attack, matched_non_members
+from medfed.simulations.membership import (
+    loss_threshold_attack,
+    matched_non_members,
+    per_example_losses,
+    score_auc_interval,
+    update_attack,
+)
 
 if TYPE_CHECKING:
     from medfed.simulations.bench import BenchContext, SectionResult
@@ -306,9 +313,20 @@ def study_row(
     splits = load_npz(cfg.dataset, image_size=cfg.image_size)
     model = model_for(cfg, splits.train)
     set_weights(model, curve.final_weights)
-    attack = loss_threshold_attack(
-        model, members=splits.train, non_members=matched_non_members(splits.train, splits.test, seed=cfg.seed)
+    non_members = matched_non_members(splits.train, splits.test, seed=cfg.seed)
+    attack = loss_threshold_attack(model, members=splits.train, non_members=non_members)
+    attack_interval = score_auc_interval(
+        -per_example_losses(model, splits.train), -per_example_losses(model, non_members), seed=cfg.seed
     )
+    # A curious server without SecAgg+ attacks each site's last update, calibrated by the model the
+    # site received; members: that site's training images; non-members: test images of its class mix.
+    site_train = [simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites).train for i in range(cfg.num_sites)]
+    updates = update_attack(
+        model_for(cfg, splits.train), updates=curve.last_updates, members=site_train,
+        non_members=[matched_non_members(t, splits.test, seed=cfg.seed + i) for i, t in enumerate(site_train)],
+        seed=cfg.seed,
+    )
+    set_weights(model, curve.final_weights)
     model.eval()
     targets = torch.as_tensor(splits.test.targets).long().flatten()
     with torch.no_grad():
@@ -330,6 +348,10 @@ def study_row(
         "majority_rate": round(majority, 4),
         "nondp_test_auc": round(auc if cfg.dp is False else nondp_auc, 4),
         "membership_attack_auc": round(attack.auc, 4),
+        "membership_attack_interval": [round(v, 4) for v in attack_interval],  # 95% bootstrap
+        # the calibrated attack on the sites' last updates (membership.update_attack) and its 95% bootstrap interval
+        "update_attack_auc": round(updates.auc, 4),
+        "update_attack_interval": [round(updates.low, 4), round(updates.high, 4)],
         "dp_time_ratio": round(curve.seconds / nondp_seconds, 3) if cfg.dp and nondp_seconds > 0 else 1.0,
         "balanced_accuracy": round(curve.final("balanced-accuracy"), 4),
         "initial_test_auc": round(curve.series("auc")[0], 4),  # the start (init-weights loaded), round 0
@@ -472,7 +494,7 @@ def run_study_part(args: argparse.Namespace) -> None:
         f"global model; --set: {' '.join(args.set) or '-'}; load {os.getloadavg()[0]:.1f}."
     )
     print(f"{'dataset':>12} {'init':>28} {'mode':>10} {'eps':>6} {'AUC':>6} {'acc':>6} {'major.':>6} {'bal.acc':>7} "
-          f"{'classes':>7} {'p(maj)':>6} {'NLL':>6} {'site eps':>8} {'MIA':>6} {'time x':>6} {'wall s':>7} "
+          f"{'classes':>7} {'p(maj)':>6} {'NLL':>6} {'site eps':>8} {'MIA':>6} {'MIA-u':>6} {'time x':>6} {'wall s':>7} "
           f"{'accJ':>6} {'bacJ':>6} {'clsJ':>4} {'accA':>6} {'bacA':>6} {'clsA':>4}")
     rows: list[dict[str, object]] = []
     for name in args.datasets:
@@ -498,7 +520,7 @@ def run_study_part(args: argparse.Namespace) -> None:
                     f"{name:>12} {init_name[:28]:>28} {row['mode']:>10} {eps:>6g} {row['test_auc']:>6.3f} "
                     f"{row['test_accuracy']:>6.3f} {row['majority_rate']:>6.3f} {row['balanced_accuracy']:>7.3f} "
                     f"{row['predicted_classes']:>7d} {row['mean_majority_probability']:>6.3f} {row['test_nll']:>6.3f} "
-                    f"{row['max_site_epsilon']:>8.3f} {row['membership_attack_auc']:>6.3f} "
+                    f"{row['max_site_epsilon']:>8.3f} {row['membership_attack_auc']:>6.3f} {row['update_attack_auc']:>6.3f} "
                     f"{row['dp_time_ratio']:>6.2f} {row['wall_s']:>7.1f} {_decision_cells(row)}",
                     flush=True,
                 )

@@ -149,11 +149,16 @@ class Curve:
         The global model's state after the last round (arrays in ``get_weights`` order).
     seconds
         Wall time of the run.
+    last_updates
+        The last round as a server without SecAgg+ sees it: per site (in site order), the
+        weights it received and the weights it sent back (what :func:`medfed.simulations.membership.update_attack`
+        attacks).
     """
 
     global_metrics: list[dict[str, float]] = field(default_factory=list)
     final_weights: list[np.ndarray] = field(default_factory=list)
     seconds: float = 0.0
+    last_updates: list[tuple[list[np.ndarray], list[np.ndarray]]] = field(default_factory=list)
 
     def final(self, metric: str) -> float:
         """``metric`` after the last round (``nan`` when absent)."""
@@ -228,10 +233,12 @@ def federate_in_process(
         weights = parameters_to_ndarrays(parameters)
         sent = strategy.fit_parameters(server_round, weights) if hasattr(strategy, "fit_parameters") else weights
         results = []
+        curve.last_updates = []
         for site in sites:
             new, num_examples, metrics = site.fit(sent, fit_config(server_round))
             res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(new), num_examples, metrics)
             results.append((no_proxy, res))
+            curve.last_updates.append((sent, new))
         aggregated, _ = strategy.aggregate_fit(server_round, results, [])
         if aggregated is not None:  # None: every site declined (DP budget); the model stays
             parameters = aggregated
