@@ -8,8 +8,9 @@ DP-SGD bounds any attack's advantage, so the AUC should stay near 0.5 at small e
 
 :func:`update_attack` is the stronger attack of a curious server that sees a site's update (no
 SecAgg+): it calibrates each example's loss by the model the site received (Watson et al., ICLR
-2022, "difficulty calibration"; Sablayrolles et al. 2019), scoring ``loss_before - loss_after``, so
-an example that is hard for every model no longer looks like a non-member. Sample-level DP-SGD
+2022, "difficulty calibration"; Sablayrolles et al. 2019), scoring ``loss_before - loss_after``
+summed over the rounds it sees, so an example that is hard for every model no longer looks like a
+non-member (:class:`UpdateAttack`). Sample-level DP-SGD
 at the site bounds this attack too: the site's whole local training is the private mechanism.
 
 :func:`train_fedavg_in_process` runs real :class:`~medfed.client.site_client.SiteClient` objects
@@ -20,6 +21,7 @@ and budget checks as a federated run.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,6 +48,7 @@ __all__ = [
     "score_auc",
     "score_auc_interval",
     "train_fedavg_in_process",
+    "UpdateAttack",
     "UpdateAttackResult",
     "update_attack",
 ]
@@ -166,18 +169,20 @@ def loss_threshold_attack(
 
 @dataclass(frozen=True)
 class UpdateAttackResult:
-    """Outcome of :func:`update_attack` over one or more sites' updates.
+    """Outcome of an :class:`UpdateAttack` over the sites' updates.
 
     Attributes
     ----------
     auc
-        ROC AUC of ``loss_before - loss_after`` for members (positives) vs non-members; 0.5 = chance.
+        ROC AUC of the summed loss drop for members (positives) vs non-members; 0.5 = chance.
     low, high
         Its 95% bootstrap interval (:func:`score_auc_interval`).
     member_drop, non_member_drop
-        Mean loss decrease of each group over the site's training.
+        Mean summed loss decrease of each group over the observed updates.
     num_members, num_non_members
         Group sizes (summed over sites).
+    updates
+        Number of (site, round) updates observed.
     """
 
     auc: float
@@ -187,6 +192,67 @@ class UpdateAttackResult:
     non_member_drop: float
     num_members: int
     num_non_members: int
+    updates: int
+
+
+class UpdateAttack:
+    """A curious server's membership attack on the sites' updates (no SecAgg+), round after round.
+
+    For every update it sees (:meth:`observe`), the server scores each example by how much the
+    site's training lowered its loss: ``loss(received) - loss(returned)``, the loss under the
+    model the site received minus that under the model it sent back (difficulty calibration:
+    Watson et al., ICLR 2022). Scores add up over the rounds a site takes part in, so the signal
+    of an example trained on in every round grows with the rounds. The AUC is over every site's
+    members and non-members together, each scored under its own site's updates.
+
+    Parameters
+    ----------
+    model
+        A module of the run's architecture; its weights are overwritten. Logits ``(B, K)``.
+    members, non_members
+        Per site (in site order), its training examples and held-out examples of the same
+        distribution (class mix matched: :func:`matched_non_members`).
+    """
+
+    def __init__(
+        self, model: nn.Module, *, members: Sequence[ImageSet], non_members: Sequence[ImageSet],
+        device: torch.device | str = "cpu",
+    ) -> None:
+        if len(members) != len(non_members) or not members:
+            raise ValueError("UpdateAttack needs one member set and one non-member set per site.")
+        self.model, self.device = model, device
+        self.members, self.non_members = list(members), list(non_members)
+        self.member_scores = [np.zeros(len(m)) for m in self.members]
+        self.non_member_scores = [np.zeros(len(n)) for n in self.non_members]
+        self.updates = 0
+        self.seconds = 0.0  # spent in observe(), for callers that time the training around it
+
+    def observe(self, site_index: int, received: list[np.ndarray], returned: list[np.ndarray]) -> None:
+        """Add one update of site ``site_index``: the weights it received and those it sent back
+        (``get_weights`` order)."""
+        if not 0 <= site_index < len(self.members):
+            raise ValueError(f"site_index {site_index} is out of range: the attack has {len(self.members)} site(s).")
+        start = time.perf_counter()
+        mine, others = self.members[site_index], self.non_members[site_index]
+        set_weights(self.model, received)
+        before = per_example_losses(self.model, mine, device=self.device), per_example_losses(
+            self.model, others, device=self.device)
+        set_weights(self.model, returned)
+        after = per_example_losses(self.model, mine, device=self.device), per_example_losses(
+            self.model, others, device=self.device)
+        self.member_scores[site_index] += before[0] - after[0]
+        self.non_member_scores[site_index] += before[1] - after[1]
+        self.updates += 1
+        self.seconds += time.perf_counter() - start
+
+    def result(self, *, seed: int = 0) -> UpdateAttackResult:
+        """The attack's AUC and 95% bootstrap interval over everything observed so far."""
+        m, n = np.concatenate(self.member_scores), np.concatenate(self.non_member_scores)
+        low, high = score_auc_interval(m, n, seed=seed)
+        return UpdateAttackResult(
+            auc=score_auc(m, n), low=low, high=high, member_drop=float(m.mean()), non_member_drop=float(n.mean()),
+            num_members=len(m), num_non_members=len(n), updates=self.updates,
+        )
 
 
 def update_attack(
@@ -198,40 +264,14 @@ def update_attack(
     device: torch.device | str = "cpu",
     seed: int = 0,
 ) -> UpdateAttackResult:
-    """Attack sites' updates: does training lower an example's loss more when it was trained on?
-
-    Parameters
-    ----------
-    model
-        A module of the run's architecture (its weights are overwritten), logits ``(B, K)``.
-    updates
-        Per site, ``(received, returned)``: the global weights the site received in a round and
-        the weights it sent back (``get_weights`` order), as a server without SecAgg+ sees them.
-    members, non_members
-        Per site, its training examples and held-out examples of the same distribution (class
-        mix matched: :func:`matched_non_members`).
-
-    Returns
-    -------
-    UpdateAttackResult
-        The AUC over every site's examples together (each scored under its own site's models).
-    """
-    if not (len(updates) == len(members) == len(non_members)) or not updates:
+    """:class:`UpdateAttack` over one update per site: ``updates[i]`` is site ``i``'s
+    ``(received, returned)`` weights."""
+    if len(updates) != len(members):
         raise ValueError("update_attack needs one (received, returned) pair, member set and non-member set per site.")
-    member_scores, non_member_scores = [], []
-    for (received, returned), mine, others in zip(updates, members, non_members, strict=True):
-        set_weights(model, received)
-        before = (per_example_losses(model, mine, device=device), per_example_losses(model, others, device=device))
-        set_weights(model, returned)
-        after = (per_example_losses(model, mine, device=device), per_example_losses(model, others, device=device))
-        member_scores.append(before[0] - after[0])
-        non_member_scores.append(before[1] - after[1])
-    m, n = np.concatenate(member_scores), np.concatenate(non_member_scores)
-    low, high = score_auc_interval(m, n, seed=seed)
-    return UpdateAttackResult(
-        auc=score_auc(m, n), low=low, high=high, member_drop=float(m.mean()), non_member_drop=float(n.mean()),
-        num_members=len(m), num_non_members=len(n),
-    )
+    attack = UpdateAttack(model, members=members, non_members=non_members, device=device)
+    for i, (received, returned) in enumerate(updates):
+        attack.observe(i, received, returned)
+    return attack.result(seed=seed)
 
 
 def matched_non_members(members: ImageSet, pool: ImageSet, *, seed: int) -> ImageSet:

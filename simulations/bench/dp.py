@@ -68,11 +68,11 @@ from medfed.simulations.bench.support import (
     write_results_section,
 )
 from medfed.simulations.membership import (
+    UpdateAttack,
     loss_threshold_attack,
     matched_non_members,
     per_example_losses,
     score_auc_interval,
-    update_attack,
 )
 
 if TYPE_CHECKING:
@@ -309,22 +309,24 @@ def study_row(
     """
     from medfed.simulations.bench.quality import federate_in_process
 
-    curve = federate_in_process(cfg)
     splits = load_npz(cfg.dataset, image_size=cfg.image_size)
+    # A curious server without SecAgg+ attacks every update of every site, calibrated by the model
+    # the site received; members: that site's training images; non-members: test images of its class mix.
+    site_train = [simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites).train for i in range(cfg.num_sites)]
+    spy = UpdateAttack(
+        model_for(cfg, splits.train), members=site_train,
+        non_members=[matched_non_members(t, splits.test, seed=cfg.seed + i) for i, t in enumerate(site_train)],
+    )
+    curve = federate_in_process(cfg, on_update=lambda _round, site, received, returned: spy.observe(
+        site, received, returned))
+    curve.seconds -= spy.seconds  # the attack's own passes are not training time
+    updates = spy.result(seed=cfg.seed)
     model = model_for(cfg, splits.train)
     set_weights(model, curve.final_weights)
     non_members = matched_non_members(splits.train, splits.test, seed=cfg.seed)
     attack = loss_threshold_attack(model, members=splits.train, non_members=non_members)
     attack_interval = score_auc_interval(
         -per_example_losses(model, splits.train), -per_example_losses(model, non_members), seed=cfg.seed
-    )
-    # A curious server without SecAgg+ attacks each site's last update, calibrated by the model the
-    # site received; members: that site's training images; non-members: test images of its class mix.
-    site_train = [simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites).train for i in range(cfg.num_sites)]
-    updates = update_attack(
-        model_for(cfg, splits.train), updates=curve.last_updates, members=site_train,
-        non_members=[matched_non_members(t, splits.test, seed=cfg.seed + i) for i, t in enumerate(site_train)],
-        seed=cfg.seed,
     )
     set_weights(model, curve.final_weights)
     model.eval()
@@ -349,9 +351,10 @@ def study_row(
         "nondp_test_auc": round(auc if cfg.dp is False else nondp_auc, 4),
         "membership_attack_auc": round(attack.auc, 4),
         "membership_attack_interval": [round(v, 4) for v in attack_interval],  # 95% bootstrap
-        # the calibrated attack on the sites' last updates (membership.update_attack) and its 95% bootstrap interval
+        # the calibrated attack on every site update (membership.UpdateAttack) and its 95% bootstrap interval
         "update_attack_auc": round(updates.auc, 4),
         "update_attack_interval": [round(updates.low, 4), round(updates.high, 4)],
+        "update_attack_updates": updates.updates,
         "dp_time_ratio": round(curve.seconds / nondp_seconds, 3) if cfg.dp and nondp_seconds > 0 else 1.0,
         "balanced_accuracy": round(curve.final("balanced-accuracy"), 4),
         "initial_test_auc": round(curve.series("auc")[0], 4),  # the start (init-weights loaded), round 0

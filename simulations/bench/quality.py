@@ -149,16 +149,11 @@ class Curve:
         The global model's state after the last round (arrays in ``get_weights`` order).
     seconds
         Wall time of the run.
-    last_updates
-        The last round as a server without SecAgg+ sees it: per site (in site order), the
-        weights it received and the weights it sent back (what :func:`medfed.simulations.membership.update_attack`
-        attacks).
     """
 
     global_metrics: list[dict[str, float]] = field(default_factory=list)
     final_weights: list[np.ndarray] = field(default_factory=list)
     seconds: float = 0.0
-    last_updates: list[tuple[list[np.ndarray], list[np.ndarray]]] = field(default_factory=list)
 
     def final(self, metric: str) -> float:
         """``metric`` after the last round (``nan`` when absent)."""
@@ -174,6 +169,7 @@ def federate_in_process(
     *,
     sites: list[SiteClient] | None = None,
     on_round: Callable[[int, list[np.ndarray]], None] | None = None,
+    on_update: Callable[[int, int, list[np.ndarray], list[np.ndarray]], None] | None = None,
 ) -> Curve:
     """Federated training of ``cfg`` with medfed's sites and Flower's strategy, in this process.
 
@@ -194,6 +190,10 @@ def federate_in_process(
     on_round
         Called after each round's aggregation with the round number and the global weights
         (``get_weights`` order), e.g. to score them on validation data.
+    on_update
+        Called with ``(round, site_index, received, returned)`` for every site's result, as a
+        server without SecAgg+ sees it: the weights the site received and those it sent back
+        (:class:`medfed.simulations.membership.UpdateAttack` observes them).
 
     Returns
     -------
@@ -233,12 +233,12 @@ def federate_in_process(
         weights = parameters_to_ndarrays(parameters)
         sent = strategy.fit_parameters(server_round, weights) if hasattr(strategy, "fit_parameters") else weights
         results = []
-        curve.last_updates = []
-        for site in sites:
+        for site_index, site in enumerate(sites):
             new, num_examples, metrics = site.fit(sent, fit_config(server_round))
             res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(new), num_examples, metrics)
             results.append((no_proxy, res))
-            curve.last_updates.append((sent, new))
+            if on_update is not None:
+                on_update(server_round, site_index, sent, new)
         aggregated, _ = strategy.aggregate_fit(server_round, results, [])
         if aggregated is not None:  # None: every site declined (DP budget); the model stays
             parameters = aggregated

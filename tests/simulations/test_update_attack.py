@@ -14,7 +14,7 @@ from medfed.shared.config import RunConfig
 from medfed.shared.data.base import ImageSet
 from medfed.shared.weights import get_weights
 from medfed.simulations.bench.quality import federate_in_process
-from medfed.simulations.membership import attack_auc, score_auc, score_auc_interval, update_attack
+from medfed.simulations.membership import UpdateAttack, attack_auc, score_auc, score_auc_interval, update_attack
 
 
 @pytest.mark.parametrize(
@@ -77,14 +77,41 @@ def test_an_update_that_memorised_its_site_is_caught_and_no_update_is_chance() -
         update_attack(_model(), updates=[(received, returned)], members=[members, members], non_members=[others])
 
 
-def test_federate_in_process_hands_over_the_last_round_as_a_server_sees_it(tmp_path: Path) -> None:
+def test_scores_add_up_over_the_rounds_a_site_is_seen() -> None:
+    model = _model()
+    members, others = _images(24, seed=0), _images(24, seed=1)
+    attack = UpdateAttack(_model(), members=[members, members], non_members=[others, others])
+    received = [w.copy() for w in get_weights(model)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = torch.as_tensor(members.images), torch.as_tensor(members.targets)
+    for _ in range(20):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+    returned = get_weights(model)
+    attack.observe(0, received, returned)
+    one = attack.result()
+    attack.observe(0, received, returned)  # the same update again: every score doubles, the ranks stay
+    two = attack.result()
+    assert two.updates == 2 and two.auc == one.auc
+    assert two.member_drop == pytest.approx(2 * one.member_drop)
+    assert np.all(attack.member_scores[1] == 0)  # site 1 was never seen
+    with pytest.raises(ValueError, match="out of range"):
+        attack.observe(2, received, returned)
+
+
+def test_federate_in_process_shows_every_update_as_a_server_sees_it(tmp_path: Path) -> None:
     cfg = RunConfig(dataset="synthetic", synthetic_samples=96, image_size=12, model="simplecnn", num_sites=3,
                     num_server_rounds=2, local_epochs=1, batch_size=16, run_dir=str(tmp_path), store="off",
                     cross_site=False, personalize="off", augment=False, norm="group")
-    seen: list[list[np.ndarray]] = []
-    curve = federate_in_process(cfg, on_round=lambda r, w: seen.append(w))
-    assert len(curve.last_updates) == cfg.num_sites
-    for received, returned in curve.last_updates:
-        # what each site received in the last round is round 1's global model
-        assert all(np.array_equal(a, b) for a, b in zip(received, seen[0], strict=True))
+    globals_: list[list[np.ndarray]] = [[]]
+    updates: list[tuple[int, int, list[np.ndarray], list[np.ndarray]]] = []
+    curve = federate_in_process(
+        cfg, on_round=lambda r, w: globals_.append(w), on_update=lambda r, i, sent, back: updates.append((r, i, sent, back))
+    )
+    assert [(r, i) for r, i, _, _ in updates] == [(r, i) for r in (1, 2) for i in range(cfg.num_sites)]
+    for r, _, received, returned in updates:
+        if r == 2:  # what each site received in round 2 is round 1's global model
+            assert all(np.array_equal(a, b) for a, b in zip(received, globals_[1], strict=True))
         assert any(not np.array_equal(a, b) for a, b in zip(received, returned, strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(globals_[-1], curve.final_weights, strict=True))
