@@ -292,7 +292,8 @@ def matched_non_members(members: ImageSet, pool: ImageSet, *, seed: int) -> Imag
 
 
 def train_fedavg_in_process(
-    clients: Sequence[SiteClient], *, rounds: int, initial: list[np.ndarray] | None = None
+    clients: Sequence[SiteClient], *, rounds: int, initial: list[np.ndarray] | None = None,
+    attack: UpdateAttack | None = None,
 ) -> list[np.ndarray]:
     """FedAvg over ``clients`` for ``rounds`` rounds, in this process; return the global weights.
 
@@ -300,12 +301,16 @@ def train_fedavg_in_process(
     DP-SGD and its ledger when its config says ``dp``); the new global model is the
     example-weighted mean of the results, as Flower's FedAvg computes it. Sites that decline
     (``num_examples = 0``) get no weight; when all decline the global model stays as it is.
+    ``attack``, when given, observes every site's update (:meth:`UpdateAttack.observe`).
     """
     if not clients:
         raise ValueError("train_fedavg_in_process needs at least one client.")
     weights = initial if initial is not None else get_weights(clients[0].model)
     for server_round in range(1, rounds + 1):
         results = [c.fit(weights, fit_config(server_round)) for c in clients]
+        if attack is not None:  # a curious server sees every update
+            for i, (returned, _, _) in enumerate(results):
+                attack.observe(i, weights, returned)
         total = sum(n for _, n, _ in results)
         if total == 0:
             logger.warning("round %d: every site declined; the global model is unchanged.", server_round)

@@ -25,6 +25,8 @@ from medfed.shared.task import model_for
 from medfed.shared.weights import set_weights
 from medfed.simulations.membership import (
     MembershipResult,
+    UpdateAttack,
+    UpdateAttackResult,
     loss_threshold_attack,
     matched_non_members,
     train_fedavg_in_process,
@@ -51,7 +53,7 @@ def _setting() -> tuple[list[ImageSet], ImageSet, ImageSet]:
     return sites, members, matched_non_members(members, held_out, seed=SEED)
 
 
-def _attack(tmp_path: Path, *, dp: bool) -> tuple[MembershipResult, list[float]]:
+def _attack(tmp_path: Path, *, dp: bool) -> tuple[MembershipResult, list[float], UpdateAttackResult]:
     sites, members, non_members = _setting()
     cfg = RunConfig(
         dataset="synthetic", model="simplecnn", norm="group", num_sites=2, num_server_rounds=3,
@@ -63,19 +65,22 @@ def _attack(tmp_path: Path, *, dp: bool) -> tuple[MembershipResult, list[float]]
         SiteClient(cfg=cfg, data=SiteData(train=data, val=data), site_index=i, device="cpu")
         for i, data in enumerate(sites)
     ]
-    weights = train_fedavg_in_process(clients, rounds=cfg.num_server_rounds)
     model = model_for(cfg, members)
+    # a curious server (no SecAgg+) scores every site update; non-members matched to each site's class mix
+    spy = UpdateAttack(model_for(cfg, members), members=sites,
+                       non_members=[matched_non_members(s, non_members, seed=SEED + i) for i, s in enumerate(sites)])
+    weights = train_fedavg_in_process(clients, rounds=cfg.num_server_rounds, attack=spy)
     set_weights(model, weights)
     spent = [c.open_ledger().epsilon(cfg.dp_delta) for c in clients] if dp else []
-    return loss_threshold_attack(model, members=members, non_members=non_members), spent
+    return loss_threshold_attack(model, members=members, non_members=non_members), spent, spy.result(seed=SEED)
 
 
 def test_dp_sgd_defeats_a_loss_threshold_membership_attack(tmp_path: Path) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # faster than 2 contending threads for this tiny network
     try:
-        plain, _ = _attack(tmp_path, dp=False)
-        private, spent = _attack(tmp_path, dp=True)
+        plain, _, plain_updates = _attack(tmp_path, dp=False)
+        private, spent, private_updates = _attack(tmp_path, dp=True)
     finally:
         torch.set_num_threads(threads)
     print(
@@ -89,3 +94,9 @@ def test_dp_sgd_defeats_a_loss_threshold_membership_attack(tmp_path: Path) -> No
     assert plain.auc >= 0.6  # clearly above chance
     assert abs(private.auc - 0.5) <= 0.06  # close to chance
     assert plain.auc - private.auc >= 0.1
+    # the calibrated attack on every site update: the same verdict (0.647 [0.584, 0.708] vs 0.507 here)
+    print(f"update attack AUC: no DP {plain_updates.auc:.3f} [{plain_updates.low:.3f}, {plain_updates.high:.3f}]; "
+          f"DP-SGD {private_updates.auc:.3f} [{private_updates.low:.3f}, {private_updates.high:.3f}]")
+    assert plain_updates.updates == private_updates.updates == 6
+    assert plain_updates.low > 0.55 and plain_updates.auc - private_updates.auc >= 0.1
+    assert abs(private_updates.auc - 0.5) <= 0.06
