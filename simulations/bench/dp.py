@@ -87,6 +87,7 @@ __all__ = [
     "epoch_speed",
     "main",
     "merge_study_rows",
+    "plot_attacks",
     "plot_study",
     "study_row",
     "threshold_decisions",
@@ -457,6 +458,47 @@ def merge_study_rows(results: Path, rows: list[dict[str, object]]) -> list[dict[
     return section
 
 
+def plot_attacks(rows: list[dict[str, object]], *, path: Path, init: str = "random", mode: str = "all") -> Path | None:
+    """Membership-attack AUC with its 95% bootstrap interval against epsilon ("no DP" first), one
+    line per dataset, for the rows of ``init`` and ``mode`` that carry the update attack
+    (``update_attack_interval``); a dashed line at chance (0.5) and the +-0.05 band of issue 16's
+    acceptance 3. ``None`` when no row qualifies."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    chosen = [r for r in rows if r.get("init") == init and r.get("mode") == mode and r.get("update_attack_interval")]
+    if not chosen:
+        return None
+    levels = sorted({float(r["epsilon"]) for r in chosen}, key=lambda e: (e != 0, e))  # type: ignore[arg-type]
+    fig, ax = plt.subplots(figsize=(5.6, 3.4), dpi=100)
+    try:
+        ax.axhspan(0.45, 0.55, color="0.92", label="0.5 +- 0.05")
+        ax.axhline(0.5, linestyle="--", linewidth=1.0, color="grey")
+        datasets = sorted({str(r["dataset"]) for r in chosen})
+        for k, name in enumerate(datasets):
+            mine = {float(r["epsilon"]): r for r in chosen if r["dataset"] == name}  # type: ignore[arg-type]
+            xs = [i + (k - (len(datasets) - 1) / 2) * 0.08 for i, e in enumerate(levels) if e in mine]
+            auc = [float(mine[e]["update_attack_auc"]) for e in levels if e in mine]  # type: ignore[arg-type]
+            low = [a - float(mine[e]["update_attack_interval"][0]) for a, e in zip(auc, [e for e in levels if e in mine],  # type: ignore[index]
+                                                                                      strict=True)]
+            high = [float(mine[e]["update_attack_interval"][1]) - a for a, e in zip(auc, [e for e in levels if e in mine],  # type: ignore[index]
+                                                                                       strict=True)]
+            ax.errorbar(xs, auc, yerr=[low, high], marker="o", markersize=3, linewidth=1.0, capsize=2, label=name)
+        ax.set_xticks(range(len(levels)), ["no DP" if e == 0 else f"eps {e:g}" for e in levels])
+        ax.set_ylabel("attack AUC (95% bootstrap interval)", fontsize=8)
+        ax.set_title(f"Curious server's attack on every site update ({init} init, trainable {mode})", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=6, loc="upper right")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path)
+    finally:
+        plt.close(fig)
+    return path
+
+
 def plot_study(rows: list[dict[str, object]], *, dataset: str, path: Path) -> Path | None:
     """Test AUC vs epsilon of ``dataset``'s rows, one line per (init, mode), the no-DP AUC of each
     as a dashed line; ``None`` when ``dataset`` has no DP row."""
@@ -534,6 +576,9 @@ def run_study_part(args: argparse.Namespace) -> None:
             plot = plot_study(merged, dataset=name, path=Path(args.results).parent / f"dp-study-{name}.png")
             if plot is not None:
                 print(f"plot: {plot}")
+        attacks = plot_attacks(merged, path=Path(args.results).parent / "dp-study-attacks.png")
+        if attacks is not None:
+            print(f"plot: {attacks}")
 
 
 def run_speed_part(args: argparse.Namespace) -> None:

@@ -104,3 +104,13 @@ def test_threshold_decisions_are_chosen_on_validation_for_each_rule() -> None:
     assert got["argmax"]["accuracy"] < majority - 0.1  # biased: calls most images class 1
     assert got["accuracy"]["accuracy"] > majority and got["accuracy"]["threshold"] > 0.5
     assert got["argmax"]["threshold"] == 0.5
+
+
+def test_the_attack_plot_draws_rows_with_the_update_attack_only(tmp_path: Path) -> None:
+    from medfed.simulations.bench.dp import plot_attacks
+
+    older = [_row("breastmnist", e, 0.7) for e in (0.0, 3.0)]  # rows from before the update attack
+    assert plot_attacks(older, path=tmp_path / "none.png") is None and not (tmp_path / "none.png").exists()
+    rows = [{**r, "update_attack_auc": 0.55, "update_attack_interval": [0.52, 0.58]} for r in older]
+    path = plot_attacks(rows, path=tmp_path / "plots" / "attacks.png")
+    assert path == tmp_path / "plots" / "attacks.png" and path.read_bytes()[:4] == b"\x89PNG"
