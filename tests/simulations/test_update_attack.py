@@ -57,17 +57,24 @@ def _model() -> nn.Module:
     return nn.Sequential(nn.Flatten(), nn.Linear(64, 2))
 
 
-def test_an_update_that_memorised_its_site_is_caught_and_no_update_is_chance() -> None:
+def _site_update(members: ImageSet, *, optimizer: str, steps: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The weights a site receives (``_model()``) and those it returns after ``steps`` full-batch
+    steps on ``members`` (Adam lr 0.05 or SGD lr 0.1)."""
     model = _model()
     received = [w.copy() for w in get_weights(model)]
-    members, others = _images(24, seed=0), _images(24, seed=1)  # random labels, 64 inputs: only memorising fits them
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    opt = (torch.optim.Adam(model.parameters(), lr=0.05) if optimizer == "adam"
+           else torch.optim.SGD(model.parameters(), lr=0.1))
     x, y = torch.as_tensor(members.images), torch.as_tensor(members.targets)
-    for _ in range(200):
-        optimizer.zero_grad()
+    for _ in range(steps):
+        opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    returned = get_weights(model)
+        opt.step()
+    return received, get_weights(model)
+
+
+def test_an_update_that_memorised_its_site_is_caught_and_no_update_is_chance() -> None:
+    members, others = _images(24, seed=0), _images(24, seed=1)  # random labels, 64 inputs: only memorising fits them
+    received, returned = _site_update(members, optimizer="adam", steps=200)
     caught = update_attack(_model(), updates=[(received, returned)], members=[members], non_members=[others])
     assert caught.auc > 0.7 and caught.low > 0.55 and caught.member_drop > 0 > caught.non_member_drop
     assert (caught.num_members, caught.num_non_members) == (24, 24)
@@ -78,17 +85,9 @@ def test_an_update_that_memorised_its_site_is_caught_and_no_update_is_chance() -
 
 
 def test_scores_add_up_over_the_rounds_a_site_is_seen() -> None:
-    model = _model()
     members, others = _images(24, seed=0), _images(24, seed=1)
     attack = UpdateAttack(_model(), members=[members, members], non_members=[others, others])
-    received = [w.copy() for w in get_weights(model)]
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    x, y = torch.as_tensor(members.images), torch.as_tensor(members.targets)
-    for _ in range(20):
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    returned = get_weights(model)
+    received, returned = _site_update(members, optimizer="sgd", steps=20)
     attack.observe(0, received, returned)
     one = attack.result()
     attack.observe(0, received, returned)  # the same update again: every score doubles, the ranks stay
