@@ -6,12 +6,12 @@ saw ("non-members"). Its ROC AUC over members vs non-members is 0.5 when the mod
 nothing about membership and approaches 1 for a model that memorised its training set.
 DP-SGD bounds any attack's advantage, so the AUC should stay near 0.5 at small epsilon.
 
-:func:`update_attack` is the stronger attack of a curious server that sees a site's update (no
+:class:`UpdateAttack` is the stronger attack of a curious server that sees every site update (no
 SecAgg+): it calibrates each example's loss by the model the site received (Watson et al., ICLR
 2022, "difficulty calibration"; Sablayrolles et al. 2019), scoring ``loss_before - loss_after``
 summed over the rounds it sees, so an example that is hard for every model no longer looks like a
-non-member (:class:`UpdateAttack`). Sample-level DP-SGD
-at the site bounds this attack too: the site's whole local training is the private mechanism.
+non-member. Sample-level DP-SGD at the site bounds this attack too: the site's whole local
+training is the private mechanism.
 
 :func:`train_fedavg_in_process` runs real :class:`~medfed.client.site_client.SiteClient` objects
 through FedAvg rounds in this process (no Ray), so the attack sees the same DP-SGD path, ledger
