@@ -310,6 +310,7 @@ def _federated(cell: Cell, cfg: RunConfig) -> dict[str, Any]:
     curve = federate_in_process(cfg, on_round=score_on_validation)
     set_weights(scorer, curve.final_weights)
     final = prediction_figures(*predict(scorer, splits.test), num_classes=splits.test.num_classes)
+    local = _local_test_figures(cfg, curve.final_weights)
     finite = [(s, r) for r, s in enumerate(val_scores, start=1) if math.isfinite(s)]
     selected = max(finite, key=lambda sr: (sr[0], -sr[1]))[1] if finite else None
     return {
@@ -320,7 +321,25 @@ def _federated(cell: Cell, cfg: RunConfig) -> dict[str, Any]:
         "site_train_class_counts": [_class_counts(site.train) for site in sites],
         "site_val_class_counts": [_class_counts(site.val) for site in sites],
         "site_local_test_class_counts": [_class_counts(site.test) for site in sites if site.test is not None],
+        **local,
     }
+
+
+def _local_test_figures(cfg: RunConfig, weights: list[np.ndarray]) -> dict[str, Any]:
+    """Each site's local-test AUC of the global model and of the model the site keeps
+    (:func:`medfed.simulations.personalization.personalization_report` with the run's
+    ``personalize``), per site and as the mean over the sites with an AUC (both classes in
+    their local test split)."""
+    from medfed.simulations.personalization import personalization_report
+
+    report = personalization_report(cfg.replace(local_only_baseline=False), weights).get("personalization") or {}
+    sites = report.get("sites") or {}
+    out: dict[str, Any] = {}
+    for model in ("global", "personalized"):
+        per_site = [sites.get(f"site-{i}", {}).get(f"local-test-auc-{model}") for i in range(cfg.num_sites)]
+        out[f"site_local_test_auc_{model}"] = per_site
+        out[f"local_test_auc_{model}"] = _mean(per_site)
+    return out
 
 
 def _local_only(cell: Cell, cfg: RunConfig) -> dict[str, Any]:
@@ -332,10 +351,13 @@ def _local_only(cell: Cell, cfg: RunConfig) -> dict[str, Any]:
 
     splits = load_dataset(cfg)
     model = model_for(cfg, splits.train)
-    per_site = []
-    for weights in local_models(cfg):
+    per_site, local_aucs = [], []
+    for i, weights in enumerate(local_models(cfg)):
         set_weights(model, weights)
         per_site.append(prediction_figures(*predict(model, splits.test), num_classes=splits.test.num_classes))
+        own = simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites).test  # the site's local test split
+        local_aucs.append(prediction_figures(*predict(model, own), num_classes=own.num_classes)["auc"]
+                          if own is not None and len(own) else None)
     keys = ("auc", "accuracy", "balanced_accuracy", "loss")
     mean = {k: _mean([s[k] for s in per_site]) for k in keys}
     return {
@@ -345,6 +367,8 @@ def _local_only(cell: Cell, cfg: RunConfig) -> dict[str, Any]:
         "selected_round": None,
         "selected_round_test_auc": None,
         "site_test_auc": [s["auc"] for s in per_site],
+        "site_local_test_auc_local_only": local_aucs,  # each site's own model on its own local test split
+        "local_test_auc_local_only": _mean(local_aucs),
         "site_train_class_counts": [
             _class_counts(simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites).train)
             for i in range(cfg.num_sites)
@@ -397,7 +421,9 @@ def run_cell(cell: Cell) -> list[dict[str, Any]]:
 
 _DETAILS = (
     "reported_final_metrics", "site_test_auc", "site_train_class_counts", "site_val_class_counts",
-    "site_local_test_class_counts",
+    "site_local_test_class_counts", "site_local_test_auc_global", "site_local_test_auc_personalized",
+    "local_test_auc_global", "local_test_auc_personalized", "site_local_test_auc_local_only",
+    "local_test_auc_local_only",
 )
 """Per-cell details a row carries when its method produced them."""
 
@@ -666,13 +692,14 @@ def acceptance_checks(
     rows: Sequence[Mapping[str, Any]], *, datasets: Sequence[str] | None = None, method: str = "default",
     schedule: str = "study",
 ) -> list[Check]:
-    """Issue 14's acceptance 1 and 2, per dataset, from ``rows`` (see :data:`SECTION`).
+    """Issue 14's acceptance 1, 2 and 3, per dataset, from ``rows`` (see :data:`SECTION`).
 
     Acceptance 1 (``method``, ``schedule``): mean over the Dirichlet seeds of federated / pooled
     test AUC >= 0.97; no Dirichlet split below 0.90; IID mean >= 0.98; final-round test accuracy
     above the majority-class rate on every split; final-round AUC within 0.03 of the
     validation-selected round's on every split. Acceptance 2: the pooled test AUC (mean over seeds,
     per schedule) at or above the published ResNet-18 (28) figure for BreastMNIST and RetinaMNIST.
+    Acceptance 3: :func:`_personalization_check`.
     """
     checks: list[Check] = []
     names = list(datasets) if datasets is not None else [d for d in DATASETS if any(r["dataset"] == d for r in rows)]
@@ -721,6 +748,7 @@ def acceptance_checks(
             "; ".join(f"{r['partition']} seed {r['seed']}: {g:.3f} (round {r['selected_round']} of {r['rounds']})"
                       for r, g in wide),
         ))
+        checks.append(_personalization_check(d, rows, method=method, schedule=schedule))
     for d in names:
         if d not in POOLED_TARGETS:
             continue
@@ -739,6 +767,31 @@ def acceptance_checks(
                 f"{what}; the published figure trains ResNet-18 for 100 epochs",
             ))
     return checks
+
+
+def _personalization_check(dataset: str, rows: Sequence[Mapping[str, Any]], *, method: str, schedule: str) -> Check:
+    """Issue 14's acceptance 3 on the Dirichlet splits: the mean over seeds of the sites' mean
+    local-test AUC of the model each site keeps (``local_test_auc_personalized``, from the
+    ``method`` rows) at or above that of the global model (same rows) and of each site's
+    local-only model (``local_test_auc_local_only``, from the ``local-only`` rows of the same
+    seeds)."""
+    name = "personalized mean local-test AUC >= global and >= local-only, Dirichlet 0.5, mean over seeds"
+
+    def of(m: str, key: str) -> dict[int, float]:
+        return {int(r["seed"]): float(r[key]) for r in rows
+                if r["dataset"] == dataset and r["method"] == m and r["partition"] == "dirichlet"
+                and r.get("schedule", "study") == schedule and r.get(key) is not None and math.isfinite(float(r[key]))}
+
+    personalized, global_ = of(method, "local_test_auc_personalized"), of(method, "local_test_auc_global")
+    alone = of("local-only", "local_test_auc_local_only")
+    seeds = sorted(set(personalized) & set(global_) & set(alone))
+    if not seeds:
+        return Check(dataset, name, ">= both", "n/a: not measured", None)
+    p, g, a = (statistics.mean(v[s] for s in seeds) for v in (personalized, global_, alone))
+    met = p >= g and p >= a
+    return Check(dataset, name, ">= both", f"personalized {p:.3f}, global {g:.3f}, local-only {a:.3f} (seeds "
+                 f"{','.join(map(str, seeds))})", met,
+                 "" if met else f"the kept model is below the {'global' if p < g else 'local-only'} model on average")
 
 
 def _with_caveat(check: Check, caveat: str) -> Check:
@@ -865,7 +918,7 @@ def render_study(rows: Sequence[Mapping[str, Any]], checks: Sequence[Check], *, 
         "harness from the final model's test predictions; the selected round is the one whose global model has "
         "the best AUC on the sites' validation splits together.",
         "",
-        "**Acceptance (issue 14: 1 and 2)**",
+        "**Acceptance (issue 14: 1, 2 and 3)**",
         "",
         checks_table(checks),
         "",

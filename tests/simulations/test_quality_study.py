@@ -96,6 +96,13 @@ def test_every_method_and_partition_gets_a_row_with_every_field(study: dict[str,
     assert all(len(r["site_test_auc"]) == 4 and r["selected_round_test_auc"] is None for r in local)
     assert all(r["test_auc"] == pytest.approx(np.mean(r["site_test_auc"]), abs=1e-3) for r in local)
     assert {r["overrides"].get("strategy") for r in rows if r["method"] == "fedprox"} == {"fedprox"}
+    # each site's local test split: the global and the kept (personalized) model, and each site alone
+    for r in federated:
+        assert len(r["site_local_test_auc_global"]) == len(r["site_local_test_auc_personalized"]) == 4
+        for key in ("global", "personalized"):
+            aucs = [a for a in r[f"site_local_test_auc_{key}"] if a is not None]  # None: one class locally
+            assert aucs and r[f"local_test_auc_{key}"] == pytest.approx(np.mean(aucs), abs=1e-3)
+    assert all(len(r["site_local_test_auc_local_only"]) == 4 for r in local)
 
 
 def test_rows_go_to_the_quality_section_and_other_sections_stay(study: dict[str, Any]) -> None:
@@ -214,6 +221,27 @@ def test_a_low_split_names_its_seed_and_its_single_class_sites() -> None:
     assert checks[FLOOR].met is False
     assert "seed 3: 0.778" in checks[FLOOR].limits and "1 of 4 sites train on one class" in checks[FLOOR].limits
     assert checks[FLOOR].measured == "0.778 (n=5)"
+
+
+PERSONAL = "personalized mean local-test AUC >= global and >= local-only, Dirichlet 0.5, mean over seeds"
+
+
+@pytest.mark.parametrize(
+    ("personalized", "global_", "alone", "met"),
+    [(0.80, 0.78, 0.70, True), (0.78, 0.78, 0.78, True), (0.77, 0.78, 0.70, False), (0.75, 0.70, 0.76, False)],
+)
+def test_personalization_is_checked_against_the_global_and_the_local_only_model(
+    personalized: float, global_: float, alone: float, met: bool
+) -> None:
+    rows = _rows([0.9] * 5, [0.9] * 5)
+    for r in rows:
+        if r["method"] == "default" and r["partition"] == "dirichlet":
+            r.update(local_test_auc_personalized=personalized, local_test_auc_global=global_)
+    rows += [{**_row("breastmnist", "dirichlet", s, "local-only", 0.7), "local_test_auc_local_only": alone}
+             for s in range(5)]
+    check = _by_name(acceptance_checks(merge_rows([], rows)))[PERSONAL]
+    assert check.met is met and f"personalized {personalized:.3f}" in check.measured
+    assert _by_name(acceptance_checks(merge_rows([], _rows([0.9] * 5, [0.9] * 5))))[PERSONAL].met is None
 
 
 def test_a_ratio_of_two_losses_is_named_in_the_limits() -> None:
