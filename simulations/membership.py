@@ -27,7 +27,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from monai.metrics import compute_roc_auc
 from scipy.stats import rankdata
 from torch import nn
 from torch.utils.data import DataLoader
@@ -50,7 +49,6 @@ __all__ = [
     "train_fedavg_in_process",
     "UpdateAttack",
     "UpdateAttackResult",
-    "update_attack",
 ]
 
 logger = logging.getLogger(__name__)
@@ -103,19 +101,16 @@ def per_example_losses(
 
 
 def attack_auc(member_losses: np.ndarray, non_member_losses: np.ndarray) -> float:
-    """ROC AUC (MONAI) of ``-loss`` as a membership score; members are the positives."""
-    if len(member_losses) == 0 or len(non_member_losses) == 0:
-        raise ValueError("the attack needs at least one member and one non-member example.")
-    scores = torch.as_tensor(-np.concatenate([member_losses, non_member_losses]))
-    labels = torch.cat([torch.ones(len(member_losses)), torch.zeros(len(non_member_losses))])
-    return float(compute_roc_auc(scores, labels))
+    """ROC AUC of ``-loss`` as a membership score; members are the positives (:func:`score_auc`)."""
+    return score_auc(-np.asarray(member_losses, np.float64), -np.asarray(non_member_losses, np.float64))
 
 
 def score_auc(member_scores: np.ndarray, non_member_scores: np.ndarray) -> float:
     """ROC AUC of a membership score (higher: more likely a member), ties counted half.
 
     The Mann-Whitney statistic over the two groups: the probability that a random member scores
-    above a random non-member. Equals :func:`attack_auc` of ``-scores``.
+    above a random non-member (MONAI's ``compute_roc_auc`` of the same scores; this one takes
+    O(n log n) numpy work, so the bootstrap of :func:`score_auc_interval` stays cheap).
     """
     m, n = np.asarray(member_scores, np.float64), np.asarray(non_member_scores, np.float64)
     if len(m) == 0 or len(n) == 0:
@@ -253,25 +248,6 @@ class UpdateAttack:
             auc=score_auc(m, n), low=low, high=high, member_drop=float(m.mean()), non_member_drop=float(n.mean()),
             num_members=len(m), num_non_members=len(n), updates=self.updates,
         )
-
-
-def update_attack(
-    model: nn.Module,
-    *,
-    updates: Sequence[tuple[list[np.ndarray], list[np.ndarray]]],
-    members: Sequence[ImageSet],
-    non_members: Sequence[ImageSet],
-    device: torch.device | str = "cpu",
-    seed: int = 0,
-) -> UpdateAttackResult:
-    """:class:`UpdateAttack` over one update per site: ``updates[i]`` is site ``i``'s
-    ``(received, returned)`` weights."""
-    if len(updates) != len(members):
-        raise ValueError("update_attack needs one (received, returned) pair, member set and non-member set per site.")
-    attack = UpdateAttack(model, members=members, non_members=non_members, device=device)
-    for i, (received, returned) in enumerate(updates):
-        attack.observe(i, received, returned)
-    return attack.result(seed=seed)
 
 
 def matched_non_members(members: ImageSet, pool: ImageSet, *, seed: int) -> ImageSet:

@@ -351,11 +351,12 @@ def _local_only(cell: Cell, cfg: RunConfig) -> dict[str, Any]:
 
     splits = load_dataset(cfg)
     model = model_for(cfg, splits.train)
+    sites = [simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites) for i in range(cfg.num_sites)]
     per_site, local_aucs = [], []
-    for i, weights in enumerate(local_models(cfg)):
+    for site, weights in zip(sites, local_models(cfg), strict=True):
         set_weights(model, weights)
         per_site.append(prediction_figures(*predict(model, splits.test), num_classes=splits.test.num_classes))
-        own = simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites).test  # the site's local test split
+        own = site.test  # the site's local test split
         local_aucs.append(prediction_figures(*predict(model, own), num_classes=own.num_classes)["auc"]
                           if own is not None and len(own) else None)
     keys = ("auc", "accuracy", "balanced_accuracy", "loss")
@@ -369,10 +370,7 @@ def _local_only(cell: Cell, cfg: RunConfig) -> dict[str, Any]:
         "site_test_auc": [s["auc"] for s in per_site],
         "site_local_test_auc_local_only": local_aucs,  # each site's own model on its own local test split
         "local_test_auc_local_only": _mean(local_aucs),
-        "site_train_class_counts": [
-            _class_counts(simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites).train)
-            for i in range(cfg.num_sites)
-        ],
+        "site_train_class_counts": [_class_counts(site.train) for site in sites],
     }
 
 
@@ -717,16 +715,16 @@ def acceptance_checks(
         # a ratio of two losses, not of two training regimes: said whether or not the goal is met
         caveat = f"the ratios compare different losses ({', '.join(mixed)}): rerun the pooled cells" if mixed else ""
         checks.append(_with_caveat(_at_least(d, "federated / pooled test AUC, Dirichlet 0.5, mean over seeds",
-                                [v for _, v in dir_ratios], 0.97, statistics.mean, limits), caveat))
+                                             [v for _, v in dir_ratios], 0.97, statistics.mean, limits), caveat))
         low = [(s, v) for s, v in dir_ratios if v < 0.90]
         floor_limits = "; ".join(
             f"seed {s}: {v:.3f}" + (f", {n} of {NUM_SITES} sites train on one class" if (n := _single_class_sites(
                 next(r for r in by_part['dirichlet'] if int(r['seed']) == s))) else "")
             for s, v in low)
         checks.append(_with_caveat(_at_least(d, "federated / pooled test AUC, Dirichlet 0.5, lowest split",
-                                [v for _, v in dir_ratios], 0.90, min, floor_limits or limits), caveat))
+                                             [v for _, v in dir_ratios], 0.90, min, floor_limits or limits), caveat))
         checks.append(_with_caveat(_at_least(d, "federated / pooled test AUC, IID, mean over seeds",
-                                [v for _, v in iid_ratios], 0.98, statistics.mean, limits), caveat))
+                                             [v for _, v in iid_ratios], 0.98, statistics.mean, limits), caveat))
         splits = [r for p in PARTITIONS for r in by_part[p] if r.get("test_accuracy") is not None
                   and r.get("majority_rate") is not None]
         below = [r for r in splits if not float(r["test_accuracy"]) > float(r["majority_rate"])]

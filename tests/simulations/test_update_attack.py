@@ -1,4 +1,4 @@
-"""The calibrated attack on sites' updates (``membership.update_attack``) and the rank AUC with its
+"""The calibrated attack on sites' updates (``membership.UpdateAttack``) and the rank AUC with its
 bootstrap interval: hand-checkable cases, and what ``federate_in_process`` hands the attack."""
 
 from __future__ import annotations
@@ -8,13 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from monai.metrics import compute_roc_auc
 from torch import nn
 
 from medfed.shared.config import RunConfig
 from medfed.shared.data.base import ImageSet
 from medfed.shared.weights import get_weights
 from medfed.simulations.bench.quality import federate_in_process
-from medfed.simulations.membership import UpdateAttack, attack_auc, score_auc, score_auc_interval, update_attack
+from medfed.simulations.membership import UpdateAttack, UpdateAttackResult, attack_auc, score_auc, score_auc_interval
 
 
 @pytest.mark.parametrize(
@@ -29,8 +30,10 @@ from medfed.simulations.membership import UpdateAttack, attack_auc, score_auc, s
 )
 def test_score_auc_counts_the_pairs_a_member_wins(members: list[float], non_members: list[float], auc: float) -> None:
     assert score_auc(np.array(members), np.array(non_members)) == pytest.approx(auc)
-    # the loss-threshold attack's AUC (MONAI) of -loss is the same statistic
-    assert attack_auc(-np.array(members), -np.array(non_members)) == pytest.approx(auc, abs=1e-6)
+    # MONAI's ROC AUC of the same scores, and the loss-threshold attack's AUC of -loss
+    labels = torch.tensor([1.0] * len(members) + [0.0] * len(non_members))
+    assert float(compute_roc_auc(torch.tensor(members + non_members), labels)) == pytest.approx(auc, abs=1e-6)
+    assert attack_auc(-np.array(members), -np.array(non_members)) == pytest.approx(auc)
 
 
 def test_the_bootstrap_interval_holds_the_estimate_and_narrows_with_more_examples() -> None:
@@ -72,16 +75,23 @@ def _site_update(members: ImageSet, *, optimizer: str, steps: int) -> tuple[list
     return received, get_weights(model)
 
 
+def _attack_once(received: list[np.ndarray], returned: list[np.ndarray], members: ImageSet,
+                 others: ImageSet) -> UpdateAttackResult:
+    attack = UpdateAttack(_model(), members=[members], non_members=[others])
+    attack.observe(0, received, returned)
+    return attack.result()
+
+
 def test_an_update_that_memorised_its_site_is_caught_and_no_update_is_chance() -> None:
     members, others = _images(24, seed=0), _images(24, seed=1)  # random labels, 64 inputs: only memorising fits them
     received, returned = _site_update(members, optimizer="adam", steps=200)
-    caught = update_attack(_model(), updates=[(received, returned)], members=[members], non_members=[others])
+    caught = _attack_once(received, returned, members, others)
     assert caught.auc > 0.7 and caught.low > 0.55 and caught.member_drop > 0 > caught.non_member_drop
     assert (caught.num_members, caught.num_non_members) == (24, 24)
-    idle = update_attack(_model(), updates=[(received, received)], members=[members], non_members=[others])
+    idle = _attack_once(received, received, members, others)
     assert idle.auc == 0.5 and idle.member_drop == idle.non_member_drop == 0.0
     with pytest.raises(ValueError, match="per site"):
-        update_attack(_model(), updates=[(received, returned)], members=[members, members], non_members=[others])
+        UpdateAttack(_model(), members=[members, members], non_members=[others])
 
 
 def test_scores_add_up_over_the_rounds_a_site_is_seen() -> None:
