@@ -52,12 +52,10 @@ from monai.networks.layers.utils import get_norm_layer
 from monai.networks.nets import UNETR, SwinUNETR, UNet
 from monai.networks.nets.densenet import DenseNet121
 from monai.networks.nets.resnet import ResNet, ResNetBlock
-from opacus.utils.module_utils import trainable_modules
-from opacus.validators import ModuleValidator
 from torch import nn
 
-from medfed.shared import opacus_fixes  # noqa: F401  (registers its grad samplers with Opacus)
 from medfed.shared.config import NORMS, Task
+from medfed.shared.opacus_registration import register_fixes_when_opacus_loads
 from medfed.shared.transformer_blocks import (
     ViTClassifier,
     freeze_unused_cross_attention,
@@ -80,6 +78,10 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+
+# Opacus computes the per-sample gradients of medfed's models with medfed's fixed grad samplers
+# whenever it is used on them: registered now if Opacus is loaded, else as soon as it loads.
+register_fixes_when_opacus_loads()
 
 
 DP_NORM: str = "group"
@@ -823,6 +825,9 @@ def validate_for_dp(model: nn.Module) -> None:
         Naming every offending module (for example each BatchNorm layer), the distinct
         problems Opacus reported, and the fix.
     """
+    from opacus.utils.module_utils import trainable_modules
+    from opacus.validators import ModuleValidator
+
     errors = ModuleValidator.validate(model, strict=False)
     if not errors:
         return

@@ -1,6 +1,7 @@
 """Opacus 1.6.0 per-sample gradients: a fix for convolutions, a grad sampler for transposed ones.
 
-Importing this module (``medfed.shared.models`` does) registers both with Opacus.
+Importing this module registers both with Opacus; ``medfed.shared.models`` has it imported whenever
+Opacus loads (:mod:`medfed.shared.opacus_registration`).
 
 Convolutions fed non-contiguous inputs
     Opacus computes a convolution's per-sample weight gradient from the layer's input unfolded

@@ -30,24 +30,23 @@ import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants import IAccountant, RDPAccountant, create_accountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
-from opacus.data_loader import DPDataLoader
-from opacus.optimizers import DPOptimizer
-from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.utils.data import DataLoader
 
 from medfed.shared.config import ACCOUNTANTS, DP_GRAD_SAMPLE_MODES, RunConfig
-from medfed.shared.dp_bookkeeping import BookkeepingDPOptimizer, BookkeepingModule, unsupported_layers
 from medfed.shared.files import write_atomically
 from medfed.shared.models import validate_for_dp
+
+# Opacus is imported inside the functions that run DP-SGD or accounting: importing it takes about 2 s
+# (torch.distributed, scipy.stats), which a site or process without DP does not pay.
+if TYPE_CHECKING:
+    from opacus.accountants import IAccountant
+    from opacus.data_loader import DPDataLoader
+    from opacus.optimizers import DPOptimizer
 
 __all__ = [
     "GRAD_SAMPLE_MODES",
@@ -191,6 +190,8 @@ def poisson_schedule_for(*, num_samples: int, batch_size: int) -> PoissonSchedul
 def _schedule(*, num_samples: int, num_batches: int) -> PoissonSchedule:
     if num_samples == 0 or num_batches == 0:
         raise ValueError("DP-SGD needs a non-empty training set: this site has no training examples.")
+    from opacus.utils.uniform_sampler import UniformWithReplacementSampler
+
     sample_rate = 1.0 / num_batches
     sampler = UniformWithReplacementSampler(num_samples=num_samples, sample_rate=sample_rate)
     return PoissonSchedule(sample_rate=sample_rate, steps_per_epoch=len(sampler))
@@ -329,6 +330,11 @@ def make_private_training(
             f"the noise generator is on {sampler_rng.device}: pass a CPU sampling_generator for "
             "the Poisson batches (for example secure_generator(device='cpu'))."
         )
+    from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
+
+    from medfed.shared.dp_bookkeeping import unsupported_layers
+
     model.train()
     validate_for_dp(model)
     dp_loader = DPDataLoader.from_data_loader(loader, generator=sampler_rng)
@@ -423,6 +429,8 @@ def _bookkeeping_training(
     """:func:`make_private_training` with ``grad_sample_mode = "bookkeeping"``
     (:mod:`medfed.shared.dp_bookkeeping`): the same Poisson loader, expected batch size, noise
     and step counting as the Opacus modes, only the clipped sums are computed differently."""
+    from medfed.shared.dp_bookkeeping import BookkeepingDPOptimizer, BookkeepingModule
+
     wrapped = BookkeepingModule(model, loss_reduction="mean")
     dp_optimizer = BookkeepingDPOptimizer(
         optimizer,
@@ -462,6 +470,8 @@ def noise_for_target(
     if steps < 1 or not 0 < sample_rate <= 1:
         raise ValueError(f"need steps >= 1 and sample_rate in (0, 1]; got {steps}, {sample_rate}.")
     _check_accountant(accountant)
+    from opacus.accountants.utils import get_noise_multiplier
+
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="GDP accounting is experimental")
@@ -789,6 +799,8 @@ def _check_accountant(name: str) -> None:
 
 
 def _new_accountant(name: str) -> IAccountant:
+    from opacus.accountants import create_accountant
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="GDP accounting is experimental")
         return create_accountant(mechanism=name)
@@ -817,6 +829,9 @@ def _compose(accountant: IAccountant, *, noise_multiplier: float, sample_rate: f
 @functools.lru_cache(maxsize=256)
 def _rdp_per_step(sample_rate: float, noise_multiplier: float) -> np.ndarray:
     """Opacus's RDP of one sampled-Gaussian step at its default orders (cached: slow for large q)."""
+    from opacus.accountants import RDPAccountant
+    from opacus.accountants.analysis import rdp as rdp_analysis
+
     rdp = rdp_analysis.compute_rdp(
         q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=RDPAccountant.DEFAULT_ALPHAS
     )
@@ -841,6 +856,9 @@ def _epsilon(accountant: IAccountant, delta: float) -> float:
         if accountant.mechanism() == "rdp":
             # RDPAccountant.get_privacy_spent: sum(compute_rdp(q, sigma, steps, orders)), where
             # compute_rdp(..., steps) is compute_rdp(..., 1) * steps.
+            from opacus.accountants import RDPAccountant
+            from opacus.accountants.analysis import rdp as rdp_analysis
+
             rdp = sum(_rdp_per_step(float(q), float(sigma)) * int(steps) for sigma, q, steps in accountant.history)
             eps, _ = rdp_analysis.get_privacy_spent(orders=RDPAccountant.DEFAULT_ALPHAS, rdp=rdp, delta=delta)
             eps = float(eps)

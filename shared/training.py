@@ -7,16 +7,16 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -24,6 +24,9 @@ from medfed.shared.data.base import ImageSet
 from medfed.shared.metrics import choose_threshold, classification_metrics, segmentation_metrics
 from medfed.shared.precision import eval_autocast
 from medfed.shared.transforms import ImageSetDataset, train_transforms
+
+if TYPE_CHECKING:
+    from opacus.optimizers import DPOptimizer
 
 __all__ = [
     "TrainSettings",
@@ -283,7 +286,7 @@ def train_epochs(
     charged to the privacy accounting), as the sampled Gaussian mechanism assumes.
     """
     loss_fn = criterion if criterion is not None else make_loss(task)
-    private = isinstance(optimizer, DPOptimizer)
+    private = _is_dp_optimizer(optimizer)
     model.to(device).train()
     start = time.perf_counter()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -372,9 +375,18 @@ def _run_epochs(
     return total_loss, total_items, steps
 
 
+def _is_dp_optimizer(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer`` is an Opacus ``DPOptimizer`` (without importing Opacus when no
+    module has: then it cannot be one, and a run without DP does not pay Opacus's import)."""
+    optimizers = sys.modules.get("opacus.optimizers")
+    return optimizers is not None and isinstance(optimizer, optimizers.DPOptimizer)
+
+
 def _empty_batch_gradients(optimizer: DPOptimizer) -> None:
     """Give every parameter an empty per-sample gradient (hooks) or a zero sum (ghost clipping),
     so that the optimizer's next step adds noise to a zero gradient sum."""
+    from opacus.optimizers import DPOptimizerFastGradientClipping
+
     for p in optimizer.params:
         if isinstance(optimizer, DPOptimizerFastGradientClipping):
             p.grad = torch.zeros_like(p)

@@ -23,7 +23,7 @@ ViT one changes the architecture slightly (fixed positions, pooled head):
   freezes it (the state dict is unchanged).
 * **Non-contiguous convolution inputs.** SwinUNETR feeds its decoder convolutions
   channel-permuted views, for which Opacus 1.6.0's convolution per-sample gradients come out
-  wrong without an error; :mod:`medfed.shared.opacus_fixes` (imported by the model registry)
+  wrong without an error; :mod:`medfed.shared.opacus_fixes` (registered by the model registry)
   fixes that for every model.
 * **In-place operations.** MONAI's UNETR blocks use in-place LeakyReLU and ``out += residual``;
   Opacus's backward hooks fail on a layer output that is later modified in place.

@@ -44,6 +44,7 @@ def test_a_site_process_trains_without_them_and_says_why_when_asked() -> None:
         "import medfed.client.client_app, monai.networks.nets, monai.transforms\n"
         "print([n for n in ('mlflow', 'matplotlib', 'matplotlib.pyplot') if n in sys.modules])\n"
         "try:\n    import matplotlib.pyplot\nexcept ModuleNotFoundError as err:\n    print(err)\n"
+        "import opacus.accountants.prv  # a DP site loads Opacus on first use: nothing it needs is refused\n"
     )
     out = _python(code, site="1")
     assert out.returncode == 0, out.stderr
