@@ -18,8 +18,16 @@ A simulated round waits on two fixed polls of 0.1 s per message exchange, whatev
 SecAgg+ exchanges messages four times a round, so these polls cost it about 0.8 s a round
 before any work; a plain round pays them twice (fit, evaluate).
 
-The copy is only used when Flower's function is the one it was copied from (flwr 1.42.0: the
-SHA-256 of its source is :data:`FLOWER_SOURCE_SHA256`); otherwise :func:`engine_polls` logs a
+The end of a run waits on a third: the engine's worker threads and the thread that stores
+replies block on ``Queue.get(timeout=1.0)`` and look at the stop event only between gets, so a
+finished simulation idled up to 1 s before Ray was shut down (measured: 0.98 s between the
+ServerApp's last round and the backend's ``terminate``). Inside :func:`engine_polls` the queues
+that ``run_api`` creates (``vce_api.Queue``) cap a blocking get's timeout at the poll interval;
+the loops are otherwise Flower's.
+
+The copy and the queue are only used when Flower's functions are the ones they were written for
+(flwr 1.42.0: the SHA-256 of their sources are :data:`FLOWER_SOURCE_SHA256` and
+:data:`FLOWER_QUEUE_USERS_SHA256`); otherwise :func:`engine_polls` logs a
 warning and leaves Flower alone (the test ``tests/simulations/test_engine_tuning.py`` fails then,
 so the copy is reviewed). Deployment is untouched: the patch only applies inside
 :func:`engine_polls` and the grid setting only to the in-memory grid of a simulation.
@@ -53,7 +61,7 @@ from flwr.server.superlink.fleet.vce import vce_api
 from flwr.superlink.grid import InMemoryGrid
 
 __all__ = [
-    "SIM_POLL_INTERVAL", "SERVER_THREADS", "FLOWER_SOURCE_SHA256", "engine_polls", "tune_grid",
+    "SIM_POLL_INTERVAL", "SERVER_THREADS", "FLOWER_SOURCE_SHA256", "FLOWER_QUEUE_USERS_SHA256", "engine_polls", "tune_grid",
     "flower_source_matches", "server_threads",
 ]
 
@@ -68,14 +76,23 @@ SERVER_THREADS = max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaf
 FLOWER_SOURCE_SHA256 = "953f4bd41a931a7779a4a670ab17b633f6e20b08a0128535328674466419777a"
 """SHA-256 of ``inspect.getsource(vce_api.add_messages_to_queue)`` in flwr 1.42.0."""
 
+FLOWER_QUEUE_USERS_SHA256 = "60a2e5da2056b7b65c900811f4e332eb56ace27064ce33f1f778b07a547f7d73"
+"""SHA-256 of the sources of ``vce_api.run_api``, ``worker`` and ``put_message_into_state`` in
+flwr 1.42.0 (the queues' creator and the two loops whose gets :class:`_StopAwareQueue` shortens)."""
+
 _FLOWER_ADD_MESSAGES = vce_api.add_messages_to_queue
+_FLOWER_QUEUE = vce_api.Queue
 _lock = threading.RLock()
 
 
+def _queue_users_source() -> str:
+    return "".join(inspect.getsource(f) for f in (vce_api.run_api, vce_api.worker, vce_api.put_message_into_state))
+
+
 def flower_source_matches() -> bool:
-    """Whether Flower's ``add_messages_to_queue`` is the 1.42.0 function the copy below replaces."""
-    source = inspect.getsource(_FLOWER_ADD_MESSAGES)
-    return hashlib.sha256(source.encode()).hexdigest() == FLOWER_SOURCE_SHA256
+    """Whether Flower's engine is the 1.42.0 code the patches were written for."""
+    ok = hashlib.sha256(inspect.getsource(_FLOWER_ADD_MESSAGES).encode()).hexdigest() == FLOWER_SOURCE_SHA256
+    return ok and hashlib.sha256(_queue_users_source().encode()).hexdigest() == FLOWER_QUEUE_USERS_SHA256
 
 
 def tune_grid(grid: Any, *, interval: float = SIM_POLL_INTERVAL) -> None:
@@ -115,6 +132,18 @@ def _add_messages_every(interval: float) -> Any:
     return add_messages_to_queue
 
 
+def _stop_aware_queue(interval: float) -> type[Queue]:
+    """A ``queue.Queue`` whose blocking ``get`` waits at most ``interval`` seconds at a time."""
+
+    class _StopAwareQueue(Queue):
+        def get(self, block: bool = True, timeout: float | None = None) -> Any:
+            if block and timeout is not None:
+                timeout = min(timeout, interval)
+            return super().get(block, timeout)
+
+    return _StopAwareQueue
+
+
 @contextmanager
 def engine_polls(interval: float = SIM_POLL_INTERVAL) -> Iterator[bool]:
     """While inside, Flower's simulation engine polls for new messages every ``interval`` seconds.
@@ -127,17 +156,20 @@ def engine_polls(interval: float = SIM_POLL_INTERVAL) -> Iterator[bool]:
     """
     if not flower_source_matches():
         logger.warning(
-            "Flower's simulation engine (vce_api.add_messages_to_queue) is not the 1.42.0 code medfed's "
-            "shorter polls were written for: running with Flower's own 0.1 s polls."
+            "Flower's simulation engine (vce_api: add_messages_to_queue, run_api, worker, put_message_into_state) "
+            "is not the 1.42.0 code medfed's shorter polls were written for: running with Flower's own 0.1 s "
+            "and 1 s polls."
         )
         yield False
         return
     with _lock:
         vce_api.add_messages_to_queue = _add_messages_every(interval)
+        vce_api.Queue = _stop_aware_queue(interval)
         try:
             yield True
         finally:
             vce_api.add_messages_to_queue = _FLOWER_ADD_MESSAGES
+            vce_api.Queue = _FLOWER_QUEUE
 
 
 @contextmanager

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from queue import Queue
+import time
+from queue import Empty, Queue
 
 import pytest
 from flwr.server.superlink.fleet.vce import vce_api
@@ -24,12 +25,26 @@ def test_flowers_engine_is_the_code_the_patch_replaces() -> None:
 
 
 def test_the_patch_applies_only_inside_the_context_and_is_restored() -> None:
-    flower = vce_api.add_messages_to_queue
+    flower, flower_queue = vce_api.add_messages_to_queue, vce_api.Queue
     with engine_polls(0.01) as active:
-        assert active and vce_api.add_messages_to_queue is not flower
+        assert active and vce_api.add_messages_to_queue is not flower and vce_api.Queue is not flower_queue
         with engine_polls(0.01):  # nesting keeps the outer patch and restores Flower's at the end
             pass
-    assert vce_api.add_messages_to_queue is flower
+    assert vce_api.add_messages_to_queue is flower and vce_api.Queue is flower_queue
+
+
+def test_the_engines_queues_wait_at_most_the_interval_so_the_run_ends_without_a_1_s_idle() -> None:
+    # Flower's worker and reply threads block in get(timeout=1.0) and see the stop event only between gets.
+    with engine_polls(0.01):
+        queue = vce_api.Queue()
+        start = time.perf_counter()
+        with pytest.raises(Empty):
+            queue.get(timeout=1.0)
+        waited = time.perf_counter() - start
+        queue.put("m")
+        assert queue.get(timeout=1.0) == "m" and queue.empty()  # otherwise Flower's queue
+    assert waited < 0.5  # the 0.01 s cap, with room for a loaded machine; Flower's own waits 1 s
+    assert isinstance(queue, Queue)
 
 
 class _State:
