@@ -90,6 +90,7 @@ def run_bench(
     factor: float = 10.0,
     seed: int = 0,
     out_dir: str | Path | None = None,
+    clean: bool = True,
 ) -> list[RobustRow]:
     """Run every strategy clean and poisoned; skip (with a warning) the ones ``sites`` cannot run.
 
@@ -103,6 +104,8 @@ def run_bench(
         The poisoning site's scale ``s``.
     out_dir
         Where run directories go (default: a temporary folder).
+    clean
+        Also run each strategy without the poisoning site (``False``: the rows' ``clean`` is empty).
     """
     root = Path(out_dir or tempfile.mkdtemp(prefix="medfed-robust-"))
     rows = []
@@ -114,10 +117,10 @@ def run_bench(
             logger.warning("%s skipped: %s", name, err)
             continue
         start = time.perf_counter()
-        clean = _final(cfg, {}, root / f"{name}-clean")
+        clean_final = _final(cfg, {}, root / f"{name}-clean") if clean else {}
         poisoned = _final(cfg, poisoning_attacks(factor=factor), root / f"{name}-poisoned")
-        rows.append(RobustRow(name, clean, poisoned, time.perf_counter() - start))
-        logger.warning("%s: clean accuracy %.3f, poisoned %.3f", name, clean.get("accuracy", float("nan")),
+        rows.append(RobustRow(name, clean_final, poisoned, time.perf_counter() - start))
+        logger.warning("%s: clean accuracy %.3f, poisoned %.3f", name, clean_final.get("accuracy", float("nan")),
                        poisoned.get("accuracy", float("nan")))
     return rows
 
@@ -156,13 +159,16 @@ def bench_section(ctx: BenchContext) -> SectionResult:
     )
     result = SectionResult(tables=[table])
     rows = run_bench(strategies=p.robust_strategies, sites=p.robust_sites, rounds=p.robust_rounds,
-                     samples=p.robust_samples, seed=p.seeds[0], out_dir=ctx.workdir / "runs" / "robust")
+                     samples=p.robust_samples, seed=p.seeds[0], out_dir=ctx.workdir / "runs" / "robust",
+                     clean=p.robust_clean)
     reference = next((r.clean.get("accuracy") for r in rows if r.strategy == "fedavg"), None)
+    no_clean = (f"not run: the {p.name} profile runs the poisoned federations only" if not p.robust_clean
+                else "n/a: no value was produced")
     for r in rows:
         delta = (f"{r.poisoned['accuracy'] - reference:+.3f}" if reference is not None and "accuracy" in r.poisoned
                  else "n/a: clean FedAvg is not run in this profile")
-        table.add(r.strategy, fmt(r.clean.get("accuracy")), fmt(r.clean.get("auc")), fmt(r.poisoned.get("accuracy")),
-                  fmt(r.poisoned.get("auc")), delta)
+        table.add(r.strategy, fmt(r.clean.get("accuracy"), reason=no_clean), fmt(r.clean.get("auc"), reason=no_clean),
+                  fmt(r.poisoned.get("accuracy")), fmt(r.poisoned.get("auc")), delta)
     for name in [s for s in p.robust_strategies if s not in {r.strategy for r in rows}]:
         table.add_unavailable(f"not run: {p.robust_sites} sites are too few for {name} with one malicious site "
                               "(see the log)", name)

@@ -12,10 +12,11 @@ from medfed.simulations.simulate import run_federated
 
 
 def test_default_simulation_is_reproducible(tmp_path: Path) -> None:
-    # The defaults `medfed simulate` runs with (model, sites, engine, recipe), for 2 of its 3 rounds
-    # (round 2 starts from round 1's aggregate, so what carries across rounds is covered) and on half
-    # of its synthetic images: the third round and the other half would add a minute of CI.
-    cfg = RunConfig(run_dir=str(tmp_path), num_server_rounds=2, synthetic_samples=120)
+    # The defaults `medfed simulate` runs with (model, sites, engine, recipe, personalization,
+    # cross-site evaluation), for 2 of its 3 rounds (round 2 starts from round 1's aggregate, so what
+    # carries across rounds is covered) and on a quarter of its synthetic images (20 a site): the
+    # third round and the other images would add a minute of CI.
+    cfg = RunConfig(run_dir=str(tmp_path), num_server_rounds=2, synthetic_samples=60)
     first = run_federated(cfg, run_path=tmp_path / "a")
     second = run_federated(cfg, run_path=tmp_path / "b")
     assert first.final_metrics == second.final_metrics
