@@ -62,7 +62,7 @@ from medfed.shared.weights import get_weights
 from medfed.simulations.bench.figures import check_rows
 from medfed.simulations.bench.support import append_results_rows, fmt, line_plot, ratio
 from medfed.simulations.engine_tuning import engine_polls, server_threads, tune_grid
-from medfed.simulations.simulate import ray_environment, ray_init_args
+from medfed.simulations.simulate import ray_environment, ray_init_args, start_ray, stop_ray
 
 if TYPE_CHECKING:
     from medfed.simulations.bench import BenchContext, SectionResult
@@ -278,8 +278,9 @@ def run_bench(
     ``train_model`` replaces the noise sites by medfed's real ones training that model (see
     :func:`training_config`); ``num_params`` is then the model's own size.
     ``tuned`` (default) runs the simulation as ``medfed simulate`` does (0.02 s polls, the server
-    process's torch threads: :mod:`medfed.simulations.engine_tuning`); ``False`` keeps
-    Flower's 0.1 s polls. ``packed=False`` (with ``secagg``) swaps medfed's 32-bit site stage
+    process's torch threads: :mod:`medfed.simulations.engine_tuning`; Ray started by
+    :func:`~medfed.simulations.simulate.start_ray`); ``False`` keeps Flower's 0.1 s polls and
+    Ray start. ``packed=False`` (with ``secagg``) swaps medfed's 32-bit site stage
     for Flower's own ``secaggplus_mod`` (int64 masked vectors), everything else unchanged.
     """
     if train_model:
@@ -348,15 +349,20 @@ def run_bench(
     ray_environment()
     polls, threads = (engine_polls(), server_threads()) if tuned else (nullcontext(), nullcontext())
     with polls, threads, simulated_site_environment():
-        run_simulation(
-            server_app=server,
-            client_app=client_app,
-            num_supernodes=sites,
-            backend_config={
-                "client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0},
-                "init_args": ray_init_args(verbose=False),
-            },
-        )
+        started_ray = start_ray(verbose=False) if tuned else False
+        try:
+            run_simulation(
+                server_app=server,
+                client_app=client_app,
+                num_supernodes=sites,
+                backend_config={
+                    "client_resources": {"num_cpus": num_cpus, "num_gpus": 0.0},
+                    "init_args": ray_init_args(verbose=False),
+                },
+            )
+        finally:
+            if started_ray:
+                stop_ray()
     result.round_seconds = [timer.seconds[r] for r in sorted(timer.seconds)]
     if len(result.round_seconds) != rounds:
         raise RuntimeError(f"only {len(result.round_seconds)} of {rounds} rounds finished; see the log above.")
