@@ -40,7 +40,11 @@ class _ThenImportFixes(importlib.abc.Loader):
         return self._loader.create_module(spec)
 
     def exec_module(self, module: ModuleType) -> None:
-        self._loader.exec_module(module)
+        try:
+            self._loader.exec_module(module)
+        except BaseException:
+            sys.meta_path.insert(0, _OpacusFinder())  # Opacus failed to load: register on the next try
+            raise
         importlib.import_module(FIXES_MODULE)
 
     def __getattr__(self, name: str) -> Any:  # get_resource_reader, is_package, ...

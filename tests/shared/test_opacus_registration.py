@@ -42,6 +42,17 @@ def test_medfed_grad_samplers_replace_opacus_own_when_opacus_loaded_first() -> N
     assert fixed == FIXED
 
 
+def test_a_failed_opacus_import_registers_on_the_next_try() -> None:
+    lines = _python(
+        "import sys\nimport medfed.shared.models\n"
+        "sys.modules['scipy.stats'] = None  # Opacus's accountants import it: this import of Opacus fails\n"
+        "try:\n    import opacus\nexcept ImportError as err:\n    print(type(err).__name__)\n"
+        f"del sys.modules['scipy.stats']\nimport opacus\n{SAMPLERS}"
+    )
+    assert lines[0] == "ModuleNotFoundError"
+    assert eval(lines[1]) == FIXED  # noqa: S307
+
+
 def test_a_site_without_dp_trains_without_loading_opacus_and_dp_loads_it(tmp_path: Path) -> None:
     lines = _python(
         f"""
