@@ -1,7 +1,8 @@
 """Register :mod:`medfed.shared.opacus_fixes` with Opacus whenever Opacus loads, without loading it.
 
-Importing Opacus takes about 2 s of CPU (its ``__init__`` imports ``torch.distributed.tensor`` and
-``scipy.stats``), and most processes that build medfed's models never run DP-SGD: a simulated
+Importing Opacus costs a simulated site about 1 s of CPU at every start (its ``__init__`` imports
+``torch.distributed.tensor`` and ``scipy.stats``; 2 s in ``python -X importtime``, part of it
+shared with MONAI), and most processes that build medfed's models never run DP-SGD: a simulated
 site without DP, the coordinator, ``medfed`` commands. They used to pay it because
 ``medfed.shared.models`` imported the fixes module, which needs Opacus, so that any code wrapping
 a medfed model in Opacus (medfed's own DP-SGD, or a user's ``GradSampleModule``) gets the fixed

@@ -41,8 +41,8 @@ from medfed.shared.config import ACCOUNTANTS, DP_GRAD_SAMPLE_MODES, RunConfig
 from medfed.shared.files import write_atomically
 from medfed.shared.models import validate_for_dp
 
-# Opacus is imported inside the functions that run DP-SGD or accounting: importing it takes about 2 s
-# (torch.distributed, scipy.stats), which a site or process without DP does not pay.
+# Opacus is imported inside the functions that run DP-SGD or accounting: it pulls torch.distributed and
+# scipy.stats (about 1 s of CPU more per simulated site's start), which a process without DP does not pay.
 if TYPE_CHECKING:
     from opacus.accountants import IAccountant
     from opacus.data_loader import DPDataLoader
