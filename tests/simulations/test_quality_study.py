@@ -334,6 +334,8 @@ def test_resnet18_rows_cover_the_2d_sets_seeds_0_to_2_default_and_pooled(tmp_pat
         ("breastmnist", ("dirichlet",), 0, "default"), ("breastmnist", ("dirichlet",), 0, "pooled"),
     ]
     assert all(c.config("dirichlet").model == "resnet18" and c.config("dirichlet").image_size == 0 for c in resnet)
+    # the published figures' optimizer (MedMNIST v2: Adam 1e-3); the study's own cells keep the default recipe
+    assert {(c.config("dirichlet").optimizer, c.config("dirichlet").learning_rate) for c in resnet} == {("adam", 0.001)}
     study = [c for c in plan.cells if c.schedule_name == "study"]
     assert len(study) == 2 * 2 * (3 * 2 + 1)  # datasets x seeds x (3 methods x 2 partitions + 1 pooled)
     assert {c.config(c.partitions[0]).image_size for c in study if c.dataset == "adrenalmnist3d"} == {16}
