@@ -61,8 +61,8 @@ from flwr.server.superlink.fleet.vce import vce_api
 from flwr.superlink.grid import InMemoryGrid
 
 __all__ = [
-    "SIM_POLL_INTERVAL", "SERVER_THREADS", "FLOWER_SOURCE_SHA256", "FLOWER_QUEUE_USERS_SHA256", "engine_polls", "tune_grid",
-    "flower_source_matches", "server_threads",
+    "SIM_POLL_INTERVAL", "SERVER_THREADS", "FLOWER_SOURCE_SHA256", "FLOWER_QUEUE_USERS_SHA256", "engine_polls",
+    "tune_grid", "flower_source_matches", "server_threads",
 ]
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ FLOWER_SOURCE_SHA256 = "953f4bd41a931a7779a4a670ab17b633f6e20b08a012853532867446
 
 FLOWER_QUEUE_USERS_SHA256 = "60a2e5da2056b7b65c900811f4e332eb56ace27064ce33f1f778b07a547f7d73"
 """SHA-256 of the sources of ``vce_api.run_api``, ``worker`` and ``put_message_into_state`` in
-flwr 1.42.0 (the queues' creator and the two loops whose gets :class:`_StopAwareQueue` shortens)."""
+flwr 1.42.0 (the queues' creator and the two loops whose gets :func:`_stop_aware_queue` shortens)."""
 
 _FLOWER_ADD_MESSAGES = vce_api.add_messages_to_queue
 _FLOWER_QUEUE = vce_api.Queue
@@ -86,6 +86,7 @@ _lock = threading.RLock()
 
 
 def _queue_users_source() -> str:
+    """The sources :data:`FLOWER_QUEUE_USERS_SHA256` hashes, concatenated."""
     return "".join(inspect.getsource(f) for f in (vce_api.run_api, vce_api.worker, vce_api.put_message_into_state))
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -277,8 +278,6 @@ def start_ray(*, verbose: bool) -> bool:
     bool
         Whether this call started Ray (``False``: it was already running and is left as it is).
     """
-    import sys
-
     import ray
 
     if ray.is_initialized():
