@@ -62,6 +62,9 @@ RESULT_PREFIX = "MEDFED-PEER-RESULT "
 def peer_config(ctx: BenchContext) -> RunConfig:
     """The common task of the ``overhead`` and ``peers`` sections as medfed's run config.
 
+    Training and evaluation only, as the peers run it: no personalized models, no cross-site
+    evaluation (:data:`medfed.simulations.bench.overhead.LOOP_WORK`).
+
     Raises
     ------
     FileNotFoundError
@@ -74,6 +77,7 @@ def peer_config(ctx: BenchContext) -> RunConfig:
         dataset=str(path), model="simplecnn", num_sites=p.peer_sites, partition="iid",
         num_server_rounds=p.peer_rounds, local_epochs=p.peer_local_epochs, batch_size=32, learning_rate=0.05,
         augment=False, seed=p.seeds[0], store="off", run_dir=str(ctx.workdir / "runs" / "peers"),
+        personalize="off", cross_site=False,
     )
 
 

@@ -10,7 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from medfed.shared.site_process import SITE_PROCESS_ENV, SKIPPED_IN_SITE_PROCESSES, simulated_site_environment
+from medfed.shared.site_process import (
+    SITE_PROCESS_ENV,
+    SKIPPED_FOR_IMPORTERS,
+    SKIPPED_IN_SITE_PROCESSES,
+    simulated_site_environment,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -51,6 +56,57 @@ def test_a_site_process_trains_without_them_and_says_why_when_asked() -> None:
     loaded, message = out.stdout.strip().splitlines()
     assert loaded == "[]"
     assert "'matplotlib'" in message and f"{SITE_PROCESS_ENV}=0" in message  # the parent package is refused first
+
+
+def test_monai_imports_scipy_signal_through_the_skipped_importers_only() -> None:
+    # Why SKIPPED_FOR_IMPORTERS exists: `import monai` loads scipy.signal (and scipy.stats) through
+    # exactly these modules. Fails when MONAI stops doing so, or imports it from somewhere else too.
+    # The watch refuses every attempt, as a site process does, so each importer's attempt is seen.
+    code = (
+        "import sys\n"
+        "seen = []\n"
+        "class Watch:\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'scipy.signal':\n"
+        "            f = sys._getframe(1)\n"
+        "            while f is not None:\n"
+        "                n = f.f_globals.get('__name__', '')\n"
+        "                if f.f_code.co_name == '<module>' and n.startswith('monai.') and n != 'monai.utils.module':\n"
+        "                    seen.append(n); break\n"
+        "                f = f.f_back\n"
+        "            raise ModuleNotFoundError(name)\n"
+        "        return None\n"
+        "sys.meta_path.insert(0, Watch())\n"
+        "import monai\n"
+        "print(sorted(set(seen)))\n"
+    )
+    out = _python(code, site=None)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().replace("'", '"')) == sorted(SKIPPED_FOR_IMPORTERS["scipy.signal"])
+
+
+def test_a_site_process_leaves_scipy_signal_out_of_monai_but_gives_it_to_anyone_else() -> None:
+    code = (
+        "import sys\n"
+        "import medfed.client.client_app, monai.transforms, monai.data\n"
+        "print(['scipy.signal' in sys.modules, 'scipy.stats' in sys.modules])\n"
+        "from monai.data import ultrasound_confidence_map as ucm\n"
+        "try:\n    ucm.hilbert([1.0, 2.0])\nexcept Exception as err:\n    print(type(err).__name__, '|', str(err).splitlines()[0])\n"
+        "import scipy.signal  # anyone else gets it (Opacus's PRV accountant of a DP site does)\n"
+        "print(callable(scipy.signal.hilbert))\n"
+    )
+    out = _python(code, site="1")
+    assert out.returncode == 0, out.stderr
+    loaded, error, later = out.stdout.strip().splitlines()
+    assert loaded == "[False, False]"
+    kind, message = error.split(" | ")
+    assert kind == "OptionalImportError"
+    assert "monai.data.ultrasound_confidence_map" in message and f"{SITE_PROCESS_ENV}=0" in message
+    assert later == "True"
+    # The same code outside a site process: MONAI has the real function.
+    out = _python(code, site=None)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[0] == "[True, True]"
 
 
 @pytest.mark.parametrize("preset", [None, "0", "1"])

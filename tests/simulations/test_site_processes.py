@@ -1,4 +1,4 @@
-"""The sites of a simulation run in processes that skip MLflow and matplotlib (medfed.shared.site_process)."""
+"""The sites of a simulation run in processes that skip MLflow, matplotlib and MONAI's scipy.signal (medfed.shared.site_process)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ def test_the_sites_of_a_simulation_run_without_them(tmp_path: Path, monkeypatch)
     cfg = RunConfig(dataset="synthetic", synthetic_samples=48, model="simplecnn", image_size=16, batch_size=16,
                     num_sites=2, num_server_rounds=1, local_epochs=1, personalize="off", cross_site=False,
                     run_dir=str(tmp_path / "runs"))
-    client_app = probed_client_app(cfg, out=probes, modules=("monai", "opacus", *SKIPPED_IN_SITE_PROCESSES),
+    client_app = probed_client_app(cfg, out=probes, modules=("monai", "opacus", "scipy.signal", *SKIPPED_IN_SITE_PROCESSES),
                                    env=(SITE_PROCESS_ENV,))
     result = run_federated(cfg, run_path=tmp_path / "run", client_app=client_app)
     assert result.rounds[1].global_metrics  # the round trained and was evaluated
@@ -28,5 +28,7 @@ def test_the_sites_of_a_simulation_run_without_them(tmp_path: Path, monkeypatch)
     for fact in facts:
         assert fact["env"] == {SITE_PROCESS_ENV: "1"}
         # Opacus too: it loads where DP-SGD runs (medfed.shared.opacus_registration), and this run has no DP.
-        assert fact["modules"] == {"monai": True, "opacus": False, "mlflow": False, "matplotlib": False}
+        # scipy.signal: refused to MONAI's ultrasound and 1D-signal modules, and nothing a site runs needs it.
+        assert fact["modules"] == {"monai": True, "opacus": False, "scipy.signal": False, "mlflow": False,
+                                   "matplotlib": False}
     assert SITE_PROCESS_ENV not in os.environ  # the coordinator's own process is unchanged
