@@ -54,7 +54,7 @@ __all__ = [
     "ALTERNATIVES", "DATASETS", "PUBLISHED_AUC", "RESNET18_SCHEDULE", "SCHEDULES", "Cell", "Check", "Method",
     "StudyCellError", "StudyPlan", "acceptance_checks", "checks_table", "merge_rows", "methods_for", "plan_study",
     "predict",
-    "prediction_figures", "render_study", "run_cell", "run_study", "main",
+    "prediction_figures", "render_study", "run_cell", "run_study", "main", "decision_table", "training_log_prior",
 ]
 
 logger = logging.getLogger(__name__)
@@ -205,7 +205,16 @@ def predict(model: torch.nn.Module, data: ImageSet, *, batch_size: int = 64) -> 
     return torch.cat(logits), torch.cat(targets)
 
 
-def prediction_figures(logits: torch.Tensor, targets: torch.Tensor, *, num_classes: int) -> dict[str, float]:
+def training_log_prior(data: ImageSet) -> torch.Tensor:
+    """``(K,)`` log class shares of a training split (each class counted at least once)."""
+    counts = torch.bincount(torch.as_tensor(data.targets).long().flatten(), minlength=data.num_classes)
+    counts = counts.double().clamp(min=1.0)
+    return torch.log(counts / counts.sum()).float()
+
+
+def prediction_figures(
+    logits: torch.Tensor, targets: torch.Tensor, *, num_classes: int, log_prior: torch.Tensor | None = None
+) -> dict[str, float]:
     """Test figures of one model from its predictions.
 
     Parameters
@@ -214,6 +223,14 @@ def prediction_figures(logits: torch.Tensor, targets: torch.Tensor, *, num_class
         ``(N, K)`` raw scores.
     targets
         ``(N,)`` integer labels in ``[0, K)``.
+    log_prior
+        ``(K,)`` log class shares of the training data (:func:`training_log_prior`). A model trained
+        with balanced softmax (the default recipe's loss) learns logits whose argmax is the decision
+        for balanced error; ``logits + log_prior`` are its logits for the population it was trained
+        on (Menon et al., ICLR 2021, post-hoc logit adjustment), whose argmax is the decision for
+        accuracy. When given, the same figures at that decision are added with the suffix
+        ``_prior`` (``accuracy_prior``, ``balanced_accuracy_prior``, ``predicted_classes_prior``,
+        ``loss_prior``, ``auc_prior``).
 
     Returns
     -------
@@ -222,7 +239,7 @@ def prediction_figures(logits: torch.Tensor, targets: torch.Tensor, *, num_class
         targets hold one class), ``accuracy``, ``balanced_accuracy`` (mean recall over the classes
         present), ``majority_rate`` (share of the most frequent class), ``predicted_classes``
         (distinct argmax classes: 1 means the model predicts a single class) and ``loss``
-        (cross-entropy).
+        (cross-entropy); with ``log_prior``, the ``_prior`` figures as well.
     """
     from medfed.shared.metrics import classification_metrics
 
@@ -231,7 +248,7 @@ def prediction_figures(logits: torch.Tensor, targets: torch.Tensor, *, num_class
     present = torch.unique(targets)
     recalls = [float((pred[targets == c] == c).float().mean()) for c in present]
     counts = torch.bincount(targets, minlength=num_classes)
-    return {
+    out = {
         "auc": float(metrics.get("auc", float("nan"))),
         "accuracy": float(metrics["accuracy"]),
         "balanced_accuracy": float(statistics.mean(recalls)),
@@ -239,6 +256,11 @@ def prediction_figures(logits: torch.Tensor, targets: torch.Tensor, *, num_class
         "predicted_classes": int(torch.unique(pred).numel()),
         "loss": float(torch.nn.functional.cross_entropy(logits, targets)),
     }
+    if log_prior is not None:
+        adjusted = prediction_figures(logits + log_prior.to(logits.dtype), targets, num_classes=num_classes)
+        out.update({f"{k}_prior": adjusted[k]
+                    for k in ("auc", "accuracy", "balanced_accuracy", "predicted_classes", "loss")})
+    return out
 
 
 # --------------------------------------------------------------------------- cells
@@ -313,7 +335,8 @@ def _federated(cell: Cell, cfg: RunConfig) -> dict[str, Any]:
 
     curve = federate_in_process(cfg, on_round=score_on_validation)
     set_weights(scorer, curve.final_weights)
-    final = prediction_figures(*predict(scorer, splits.test), num_classes=splits.test.num_classes)
+    final = prediction_figures(*predict(scorer, splits.test), num_classes=splits.test.num_classes,
+                               log_prior=training_log_prior(splits.train))
     local = _local_test_figures(cfg, curve.final_weights)
     finite = [(s, r) for r, s in enumerate(val_scores, start=1) if math.isfinite(s)]
     selected = max(finite, key=lambda sr: (sr[0], -sr[1]))[1] if finite else None
@@ -357,18 +380,22 @@ def _local_only(cell: Cell, cfg: RunConfig) -> dict[str, Any]:
     model = model_for(cfg, splits.train)
     sites = [simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites) for i in range(cfg.num_sites)]
     per_site, local_aucs = [], []
+    log_prior = training_log_prior(splits.train)
     for site, weights in zip(sites, local_models(cfg), strict=True):
         set_weights(model, weights)
-        per_site.append(prediction_figures(*predict(model, splits.test), num_classes=splits.test.num_classes))
+        per_site.append(prediction_figures(*predict(model, splits.test), num_classes=splits.test.num_classes,
+                                           log_prior=log_prior))
         own = site.test  # the site's local test split
         local_aucs.append(prediction_figures(*predict(model, own), num_classes=own.num_classes)["auc"]
                           if own is not None and len(own) else None)
-    keys = ("auc", "accuracy", "balanced_accuracy", "loss")
+    keys = ("auc", "accuracy", "balanced_accuracy", "loss", "accuracy_prior", "balanced_accuracy_prior",
+            "loss_prior")
     mean = {k: _mean([s[k] for s in per_site]) for k in keys}
     return {
         **mean,
         "majority_rate": per_site[0]["majority_rate"],
         "predicted_classes": min(s["predicted_classes"] for s in per_site),
+        "predicted_classes_prior": min(s["predicted_classes_prior"] for s in per_site),
         "selected_round": None,
         "selected_round_test_auc": None,
         "site_test_auc": [s["auc"] for s in per_site],
@@ -388,7 +415,8 @@ def _pooled(cell: Cell, cfg: RunConfig) -> dict[str, Any]:
     model = model_for(cfg, splits.train)
     payload = torch.load(result.run_dir / "checkpoints" / "final.pt", map_location="cpu", weights_only=True)
     model.load_state_dict(payload["state_dict"])
-    final = prediction_figures(*predict(model, splits.test), num_classes=splits.test.num_classes)
+    final = prediction_figures(*predict(model, splits.test), num_classes=splits.test.num_classes,
+                               log_prior=training_log_prior(splits.train))
     best = dict(result.summary.get("best_metrics") or {})
     return {
         **final,
@@ -465,6 +493,12 @@ def _row(cell: Cell, partition: str, cfg: RunConfig, figures: Mapping[str, Any],
         "test_balanced_accuracy": clean(figures["balanced_accuracy"]),
         "majority_rate": clean(figures["majority_rate"]),
         "predicted_classes": figures["predicted_classes"],
+        "test_loss": clean(figures.get("loss")),
+        # the population decision: argmax of logits + log training class shares (prediction_figures)
+        **({"test_accuracy_prior": clean(figures["accuracy_prior"]),
+            "test_balanced_accuracy_prior": clean(figures["balanced_accuracy_prior"]),
+            "predicted_classes_prior": figures["predicted_classes_prior"],
+            "test_loss_prior": clean(figures["loss_prior"])} if "accuracy_prior" in figures else {}),
         "selected_round": figures.get("selected_round"),
         "selected_round_test_auc": clean(figures.get("selected_round_test_auc")),
         "pooled_test_auc": clean(figures["auc"]) if cell.method.kind == "pooled" else None,
@@ -870,6 +904,41 @@ def results_table(rows: Sequence[Mapping[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def decision_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Accuracy at the two decisions of a balanced-softmax model, per dataset, schedule, split and method.
+
+    Only rows that carry the population decision's figures (``test_accuracy_prior``); ``""`` when
+    none do. "argmax" is the decision the rows' ``test_accuracy`` is measured at (the plain logits,
+    balanced error); "population" adds the log training class shares first (accuracy).
+    """
+    groups: dict[tuple[Any, ...], list[Mapping[str, Any]]] = {}
+    for r in rows:
+        if r.get("test_accuracy_prior") is not None:
+            groups.setdefault((r["dataset"], r.get("schedule", "study"), r["partition"], r["method"]), []).append(r)
+    if not groups:
+        return ""
+    lines = [
+        "| dataset | model | split | method | seeds | accuracy, argmax | accuracy, population | majority rate "
+        "| splits above majority, argmax / population | single-class splits, population | balanced accuracy, "
+        "argmax / population | test NLL, argmax / population |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for (dataset, _, partition, method), rs in groups.items():
+        above = sum(1 for r in rs if r["test_accuracy"] > r["majority_rate"])
+        above_prior = sum(1 for r in rs if r["test_accuracy_prior"] > r["majority_rate"])
+        single = sum(1 for r in rs if r.get("predicted_classes_prior") == 1)
+        lines.append(
+            f"| {dataset} | {rs[0]['model']} | {'IID' if partition == 'iid' else 'Dirichlet 0.5'} | {method} | "
+            f"{','.join(str(r['seed']) for r in rs)} | {_spread([r.get('test_accuracy') for r in rs])} | "
+            f"{_spread([r.get('test_accuracy_prior') for r in rs])} | {_spread([r.get('majority_rate') for r in rs])} | "
+            f"{above} / {above_prior} of {len(rs)} | {single} | "
+            f"{_mean([r.get('test_balanced_accuracy') for r in rs]):.3f} / "
+            f"{_mean([r.get('test_balanced_accuracy_prior') for r in rs]):.3f} | "
+            f"{_mean([r.get('test_loss') for r in rs]):.3f} / {_mean([r.get('test_loss_prior') for r in rs]):.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def published_table() -> str:
     """The published centralized figures the study is read beside."""
     lines = ["| dataset | published test AUC | model | source |", "| --- | --- | --- | --- |"]
@@ -936,6 +1005,22 @@ def render_study(rows: Sequence[Mapping[str, Any]], checks: Sequence[Check], *, 
         "",
         results_table(rows),
         "",
+    ]
+    decisions = decision_table(rows)
+    if decisions:
+        parts += [
+            "**Accuracy at the population decision (rows measured since 2026-12-07)**",
+            "",
+            "The default recipe trains with balanced softmax, so the argmax of its plain logits (the "
+            "`accuracy` above) is the decision for *balanced* error. Adding the log class shares of the "
+            "training split to the logits gives the model's logits for the population it was trained on "
+            "(post-hoc logit adjustment, Menon et al., ICLR 2021), whose argmax is the decision for "
+            "accuracy; no test data is used. The acceptance table above reads the argmax figures.",
+            "",
+            decisions,
+            "",
+        ]
+    parts += [
         "**Published centralized figures (the external anchor; not the same model or epochs)**",
         "",
         published_table(),

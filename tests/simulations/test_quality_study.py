@@ -19,11 +19,13 @@ import torch
 from medfed.simulations.bench.quality_study import (
     Check,
     acceptance_checks,
+    decision_table,
     main,
     merge_rows,
     plan_study,
     prediction_figures,
     run_study,
+    training_log_prior,
 )
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -103,6 +105,10 @@ def test_every_method_and_partition_gets_a_row_with_every_field(study: dict[str,
             aucs = [a for a in r[f"site_local_test_auc_{key}"] if a is not None]  # None: one class locally
             assert aucs and r[f"local_test_auc_{key}"] == pytest.approx(np.mean(aucs), abs=1e-3)
     assert all(len(r["site_local_test_auc_local_only"]) == 4 for r in local)
+    # the population decision's figures (logits + log training class shares), on every method
+    for r in rows:
+        assert 0.0 <= r["test_accuracy_prior"] <= 1.0 and 0.0 <= r["test_balanced_accuracy_prior"] <= 1.0
+        assert r["predicted_classes_prior"] in (1, 2) and r["test_loss_prior"] > 0 and r["test_loss"] > 0
 
 
 def test_rows_go_to_the_quality_section_and_other_sections_stay(study: dict[str, Any]) -> None:
@@ -290,6 +296,50 @@ def test_prediction_figures(logits: list[list[float]], targets: list[int], expec
                                  num_classes=len(logits[0]))
     assert {k: figures[k] for k in expected} == expected
     assert math.isfinite(figures["loss"])
+
+
+PRIOR_CASES = [
+    # balanced logits that call the two weak examples class 1 (right); a 3:1 prior for class 0 flips both (wrong)
+    ([[0.0, 0.2], [0.0, 2.0], [2.0, 0.0], [0.0, 0.1]], [1, 1, 0, 1], [3.0, 1.0],
+     {"accuracy": 1.0, "accuracy_prior": 0.5, "predicted_classes_prior": 2}),
+    # a prior of equal shares changes nothing
+    ([[0.0, 0.2], [1.0, 0.0], [2.0, 0.0], [0.0, 0.1]], [1, 0, 0, 0], [1.0, 1.0],
+     {"accuracy": 0.75, "accuracy_prior": 0.75, "balanced_accuracy_prior": pytest.approx(5 / 6)}),
+    # majority class 0 (3 of 4): the balanced argmax calls two examples class 1, the prior one of them back
+    ([[0.0, 0.5], [0.0, 3.0], [1.0, 0.0], [0.0, 0.3]], [0, 1, 0, 0], [3.0, 1.0],
+     {"accuracy": 0.5, "accuracy_prior": 1.0, "balanced_accuracy_prior": 1.0}),
+]
+
+
+@pytest.mark.parametrize(("logits", "targets", "counts", "expected"), PRIOR_CASES)
+def test_the_population_decision_adds_the_log_training_shares(
+    logits: list[list[float]], targets: list[int], counts: list[float], expected: dict[str, float]
+) -> None:
+    shares = torch.tensor(counts) / sum(counts)
+    figures = prediction_figures(torch.tensor(logits), torch.tensor(targets), num_classes=2, log_prior=torch.log(shares))
+    assert {k: figures[k] for k in expected} == expected
+    # the binary AUC is a ranking: a constant shift of the logit difference leaves it as it is
+    assert figures["auc_prior"] == pytest.approx(figures["auc"])
+    assert "accuracy_prior" not in prediction_figures(torch.tensor(logits), torch.tensor(targets), num_classes=2)
+
+
+def test_the_training_log_prior_counts_every_class_at_least_once() -> None:
+    from medfed.shared.data.base import ImageSet
+
+    data = ImageSet(images=np.zeros((4, 1, 2, 2), dtype=np.float32), targets=np.array([0, 0, 0, 2]),
+                    task="classification", num_classes=3)
+    assert torch.exp(training_log_prior(data)).tolist() == pytest.approx([3 / 5, 1 / 5, 1 / 5])
+
+
+def test_the_decision_table_counts_splits_above_the_majority_at_each_decision() -> None:
+    rows = [dict(_row("breastmnist", "dirichlet", s, "default", 0.8), test_accuracy=acc, test_accuracy_prior=prior,
+                 majority_rate=0.73, predicted_classes_prior=classes, test_balanced_accuracy=0.7,
+                 test_balanced_accuracy_prior=0.6, test_loss=0.6, test_loss_prior=0.5)
+            for s, (acc, prior, classes) in enumerate([(0.70, 0.75, 2), (0.74, 0.73, 1), (0.60, 0.80, 2)])]
+    table = decision_table(rows)
+    line = next(x for x in table.splitlines() if x.startswith("| breastmnist"))
+    assert "| 1 / 2 of 3 | 1 |" in line and "0.700 / 0.600" in line and "0.600 / 0.500" in line
+    assert decision_table([_row("breastmnist", "dirichlet", 0, "default", 0.8)]) == ""  # rows before the field
 
 
 @pytest.mark.slow
