@@ -158,6 +158,9 @@ ALTERNATIVES: dict[str, Method] = {
     "fedadam": Method(
         "fedadam", "federated", {"strategy": "fedadam"}, "FedAdam (server lr 0.01, tau 1e-3: the config defaults)"
     ),
+    "fedavgm": Method(
+        "fedavgm", "federated", {"strategy": "fedavgm"}, "FedAvgM (server momentum 0.9, server lr 1: the config defaults)"
+    ),
     "fedbn": Method("fedbn", "federated", {"bn-mode": "fedbn"}, "FedBN: BatchNorm layers stay at the sites"),
     "scaffold": Method("scaffold", "federated", {"strategy": "scaffold"}, "SCAFFOLD (option II control variates)"),
     "adam": Method(

@@ -17,11 +17,15 @@ import pytest
 import torch
 
 from medfed.simulations.bench.quality_study import (
+    ALTERNATIVES,
+    SCHEDULES,
+    Cell,
     Check,
     acceptance_checks,
     decision_table,
     main,
     merge_rows,
+    methods_for,
     plan_study,
     prediction_figures,
     run_study,
@@ -408,3 +412,16 @@ def test_a_failing_cell_stops_the_study_naming_it_and_keeps_the_rows_so_far(
     assert [(r["dataset"], r["method"]) for r in json.loads(results.read_text())["quality"]] == [
         ("breastmnist", "pooled")
     ]
+
+
+@pytest.mark.parametrize("name", sorted(ALTERNATIVES))
+def test_every_registered_alternative_is_a_valid_run_config_that_differs_from_the_default(name: str) -> None:
+    def config(method):  # no data is read: the config is resolved and validated only
+        return Cell(dataset="breastmnist", data_path="/nowhere/breastmnist.npz", partitions=("dirichlet",), seed=0,
+                    method=method, schedule_name="study", schedule=SCHEDULES["breastmnist"],
+                    run_dir="/nowhere/runs").config("dirichlet")
+
+    alternative, default = config(ALTERNATIVES[name]), config(methods_for(name)["default"])
+    assert alternative != default
+    for key, value in ALTERNATIVES[name].overrides.items():
+        assert getattr(alternative, key.replace("-", "_")) == value
