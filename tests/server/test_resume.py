@@ -113,6 +113,18 @@ def test_fedadam_run_resumed_after_round_2_ends_with_identical_weights_and_recor
         assert kinds[-1] == ("run-finished", None)
 
 
+def test_fedavgm_run_resumed_after_round_2_ends_with_identical_weights(tmp_path: Path) -> None:
+    # FedAvgM's server momentum lives only in the server process: without it in the resume state,
+    # round 3 would step from a zero momentum and end elsewhere.
+    cfg = RunConfig(run_dir=str(tmp_path / "runs"), num_server_rounds=3, strategy="fedavgm", **SMALL)
+    straight, cut, _ = _interrupted_and_resumed(cfg, tmp_path, die_after=2)
+    a, b = _final_state(straight), _final_state(cut)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    saved = chain_state(build_strategy(cfg, initial_weights=[np.ones(3, dtype=np.float32)], evaluate_fn=None,
+                                       min_available_clients=2))
+    assert "momentum" in json.dumps(saved, default=str)  # the state that carries it
+
+
 def test_dp_run_resumed_keeps_the_sites_privacy_ledgers(tmp_path: Path) -> None:
     cfg = RunConfig(run_dir=str(tmp_path / "runs"), num_server_rounds=3, norm="group", dp=True,
                     dp_noise_multiplier=1.2, dp_secure_noise=False, **SMALL)
