@@ -128,8 +128,8 @@ def measure_overhead(
     if extra:
         raise ValueError(
             f"measure_overhead: the run config asks for work the plain loop does not do ({', '.join(extra)}), "
-            "so the overhead ratio would count it as engine overhead. Pass loop_work(cfg), i.e. "
-            "cfg.replace(personalize='off', cross_site=False, local_only_baseline=False)."
+            "so the overhead ratio would count it as engine overhead. Pass loop_work(cfg), i.e. cfg.replace("
+            f"{', '.join(f'{k}={v!r}' for k, v in LOOP_WORK.items())})."
         )
     sim = sim if sim is not None else run_federated(cfg, tuned=tuned)
     before = torch.get_num_threads()
