@@ -9,7 +9,7 @@ import time
 import ray
 
 from medfed.simulations.interrupt import descendants, is_alive
-from medfed.simulations.simulate import RAY_MONITOR_SCRIPT, end_ray_monitor, start_ray, stop_ray
+from medfed.simulations.simulate import RAY_CONNECT_RETRY_ENV, RAY_MONITOR_SCRIPT, end_ray_monitor, start_ray, stop_ray
 
 
 @ray.remote(num_cpus=1)
@@ -68,3 +68,29 @@ def test_the_autoscaler_monitor_is_ended_alone_and_ray_still_shuts_down_cleanly(
         stop_ray()
     assert not ray.is_initialized()
     assert not [pid for pid in descendants() if is_alive(pid) and "ray" in _command_line(pid)]
+
+
+def _environ(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        pairs = [item.split(b"=", 1) for item in f.read().split(b"\0") if b"=" in item]
+    return {k.decode(errors="replace"): v.decode(errors="replace") for k, v in pairs}
+
+
+def test_rays_processes_get_the_short_connect_retry_and_a_users_value_wins(monkeypatch) -> None:
+    monkeypatch.delenv("RAY_raylet_client_connect_timeout_milliseconds", raising=False)
+    monkeypatch.setenv("RAY_raylet_client_num_connect_attempts", "321")  # the user's own value
+    assert not ray.is_initialized()
+    try:
+        start_ray(verbose=False)
+        raylets = [pid for pid in descendants() if "raylet/raylet" in _command_line(pid)]
+        assert len(raylets) == 1
+        env = _environ(raylets[0])
+        assert env["RAY_raylet_client_connect_timeout_milliseconds"] == RAY_CONNECT_RETRY_ENV[
+            "RAY_raylet_client_connect_timeout_milliseconds"]
+        assert env["RAY_raylet_client_num_connect_attempts"] == "321"
+        # this process's environment is as it was
+        assert "RAY_raylet_client_connect_timeout_milliseconds" not in os.environ
+        assert os.environ["RAY_raylet_client_num_connect_attempts"] == "321"
+        assert ray.get(_worker_facts.remote(), timeout=120)[1]
+    finally:
+        stop_ray()
