@@ -30,7 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 
-__all__ = ["RunInterrupted", "Interrupt", "interruptible", "descendants", "is_alive", "end_processes", "EXIT_CODES"]
+__all__ = [
+    "RunInterrupted", "Interrupt", "interruptible", "children", "descendants", "command_line", "is_alive",
+    "end_processes", "EXIT_CODES",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -103,24 +106,42 @@ class Interrupt:
     children: set[int] = field(default_factory=set)
 
 
-def descendants(pid: int | None = None) -> set[int]:
-    """Every live process below ``pid`` (default: this process), from Linux's ``/proc``."""
-    root = os.getpid() if pid is None else pid
-    children: dict[int, list[int]] = {}
+def _children_by_parent() -> dict[int, list[int]]:
+    """Every process's direct children, by parent pid, from Linux's ``/proc``."""
+    by_parent: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
         except (OSError, IndexError):
             continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+        by_parent.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return by_parent
+
+
+def children(pid: int | None = None) -> list[int]:
+    """The direct children of ``pid`` (default: this process), from Linux's ``/proc``."""
+    return _children_by_parent().get(os.getpid() if pid is None else pid, [])
+
+
+def descendants(pid: int | None = None) -> set[int]:
+    """Every live process below ``pid`` (default: this process), from Linux's ``/proc``."""
+    by_parent = _children_by_parent()
     found: set[int] = set()
-    todo = [root]
+    todo = [os.getpid() if pid is None else pid]
     while todo:
-        for child in children.get(todo.pop(), []):
+        for child in by_parent.get(todo.pop(), []):
             if child not in found:
                 found.add(child)
                 todo.append(child)
     return found
+
+
+def command_line(pid: int) -> str:
+    """``pid``'s command line, arguments joined by spaces (``""`` when it is gone; Linux ``/proc``)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return ""
 
 
 def is_alive(pid: int) -> bool:

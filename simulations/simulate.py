@@ -25,7 +25,15 @@ from medfed.shared.config import RunConfig
 from medfed.shared.preflight import preflight
 from medfed.shared.site_process import simulated_site_environment
 from medfed.simulations.engine_tuning import SIM_POLL_INTERVAL, engine_polls, server_threads
-from medfed.simulations.interrupt import Interrupt, RunInterrupted, descendants, end_processes, interruptible
+from medfed.simulations.interrupt import (
+    Interrupt,
+    RunInterrupted,
+    children,
+    command_line,
+    descendants,
+    end_processes,
+    interruptible,
+)
 from medfed.simulations.site_errors import SiteErrorLog, site_error_log
 
 __all__ = [
@@ -286,10 +294,13 @@ RAY_CONNECT_RETRY_ENV: dict[str, str] = {
 """Ray settings (``RAY_<name>`` environment variables, read by Ray's processes at start) for the
 retries of its local socket connections: the raylet connects to its own object store with them, and
 when the store's socket is not there at the first try (most starts here) it waited the default
-1000 ms before the next: ``ray.init`` took 3.20-3.24 s with the default and 2.20-2.35 s with a 50 ms
-interval (idle, 4 and 6 starts, Ray 2.55; the 1.001 s gap is in ``raylet.out`` between "Plasma store
-debug dump" and "ObjectManager server started"). 200 attempts x 50 ms keeps the default's patience
-(10 x 1000 ms) for a connection that really is slow. A value already in the environment wins."""
+1000 ms before the next: ``ray.init`` took 3.2-3.4 s in 6 of 12 idle starts with the default (else
+2.2-2.4 s) and 2.20-2.41 s in 14 of 14 with a 50 ms interval (Ray 2.55; the 1.001 s gap is in ``raylet.out`` between "Plasma store
+debug dump" and "ObjectManager server started"). The interval is a sleep between attempts, not a
+deadline on each: 200 attempts x 50 ms keeps the default's patience (10 x 1000 ms) where Ray uses the
+attempt count (a worker connecting to its raylet, asking it for the system config); the raylet's
+object-store connection passes its own 300 attempts, 15 s at 50 ms (the store is a thread of the
+raylet itself). A value already in the environment wins."""
 
 
 def start_ray(*, verbose: bool) -> bool:
@@ -347,14 +358,8 @@ def end_ray_monitor() -> list[int]:
     line runs :data:`RAY_MONITOR_SCRIPT` are touched.
     """
     ended = []
-    for pid in descendants():
-        try:
-            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1] != str(os.getpid()):
-                continue
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-        except (OSError, IndexError):
-            continue
-        if any(arg.decode(errors="replace").endswith(RAY_MONITOR_SCRIPT) for arg in argv):
+    for pid in children():
+        if RAY_MONITOR_SCRIPT in command_line(pid):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:

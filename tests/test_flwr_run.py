@@ -23,6 +23,8 @@ from pathlib import Path
 
 import pytest
 
+from medfed.simulations.interrupt import command_line, is_alive
+
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 FLWR = str(BIN / "flwr")
@@ -78,23 +80,8 @@ def _environ_has(pid: int, needle: bytes) -> bool:
         return False
 
 
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
 def _started_by_test(before: set[int], marker: bytes) -> list[int]:
-    return [pid for pid in sorted(_pids() - before) if _alive(pid) and _environ_has(pid, marker)]
+    return [pid for pid in sorted(_pids() - before) if is_alive(pid) and _environ_has(pid, marker)]
 
 
 @pytest.mark.slow
@@ -153,13 +140,13 @@ def test_flwr_run_from_a_clean_checkout(tmp_path: Path) -> None:
 
         # The README's stop step, with this test's port: the SuperLink takes its SuperExec along.
         superlinks = [pid for pid in _started_by_test(before, marker)
-                      if re.search(rf"flower-superlink.*--port {http_port}\b", _cmdline(pid))]
-        assert len(superlinks) == 1, [_cmdline(p) for p in _started_by_test(before, marker)]
+                      if re.search(rf"flower-superlink.*--port {http_port}\b", command_line(pid))]
+        assert len(superlinks) == 1, [command_line(p) for p in _started_by_test(before, marker)]
         os.kill(superlinks[0], signal.SIGTERM)
         deadline = time.monotonic() + 60
         while _started_by_test(before, marker) and time.monotonic() < deadline:
             time.sleep(0.5)
-        left = {pid: _cmdline(pid) for pid in _started_by_test(before, marker)}
+        left = {pid: command_line(pid) for pid in _started_by_test(before, marker)}
         assert left == {}, f"processes left after stopping the local SuperLink: {left}"
     finally:
         for pid in _started_by_test(before, marker):

@@ -8,7 +8,7 @@ import time
 
 import ray
 
-from medfed.simulations.interrupt import descendants, is_alive
+from medfed.simulations.interrupt import command_line, descendants, is_alive
 from medfed.simulations.simulate import RAY_CONNECT_RETRY_ENV, RAY_MONITOR_SCRIPT, end_ray_monitor, start_ray, stop_ray
 
 
@@ -38,14 +38,6 @@ def test_ray_starts_without_runtime_env_and_workers_import_from_the_drivers_path
     stop_ray()  # idempotent
 
 
-def _command_line(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return f.read().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
 def test_the_autoscaler_monitor_is_ended_alone_and_ray_still_shuts_down_cleanly() -> None:
     # Fails when Ray stops starting its autoscaler monitor as a child of the driver (or renames the script):
     # then end_ray_monitor finds nothing and the 1 s it saved at shutdown needs another look.
@@ -53,7 +45,7 @@ def test_the_autoscaler_monitor_is_ended_alone_and_ray_still_shuts_down_cleanly(
     assert not ray.is_initialized()
     try:
         start_ray(verbose=False)
-        before = {pid: _command_line(pid) for pid in descendants()}
+        before = {pid: command_line(pid) for pid in descendants()}
         monitors = [pid for pid, line in before.items() if RAY_MONITOR_SCRIPT in line]
         assert len(monitors) == 1, before
         assert end_ray_monitor() == monitors
@@ -67,7 +59,7 @@ def test_the_autoscaler_monitor_is_ended_alone_and_ray_still_shuts_down_cleanly(
     finally:
         stop_ray()
     assert not ray.is_initialized()
-    assert not [pid for pid in descendants() if is_alive(pid) and "ray" in _command_line(pid)]
+    assert not [pid for pid in descendants() if is_alive(pid) and "ray" in command_line(pid)]
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -82,7 +74,7 @@ def test_rays_processes_get_the_short_connect_retry_and_a_users_value_wins(monke
     assert not ray.is_initialized()
     try:
         start_ray(verbose=False)
-        raylets = [pid for pid in descendants() if "raylet/raylet" in _command_line(pid)]
+        raylets = [pid for pid in descendants() if "raylet/raylet" in command_line(pid)]
         assert len(raylets) == 1
         env = _environ(raylets[0])
         assert env["RAY_raylet_client_connect_timeout_milliseconds"] == RAY_CONNECT_RETRY_ENV[
