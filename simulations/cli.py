@@ -356,8 +356,10 @@ def _run_and_report(cfg: RunConfig, *, centralized: bool, verbose: bool) -> None
 
 
 def _print_site_classes(cfg: RunConfig) -> None:
-    """Each simulated site's class counts in its training, validation and local test splits."""
+    """Each simulated site's class counts in its training, validation and local test splits, and the
+    optimizer steps an average site takes a round (:func:`medfed.shared.local_schedule.schedule_line`)."""
     from medfed.client.site_data import simulated_class_counts
+    from medfed.shared.local_schedule import schedule_line
     from medfed.simulations.progress import site_class_lines
 
     if cfg.is_deployment:
@@ -366,7 +368,11 @@ def _print_site_classes(cfg: RunConfig) -> None:
         "sites' class counts (0/1/...; segmentation: images without/with foreground; detection: images by "
         "most frequent box class), train / val / local test:"
     ]
-    lines += [f"  {line}" for line in site_class_lines(simulated_class_counts(cfg))]
+    counts = simulated_class_counts(cfg)
+    lines += [f"  {line}" for line in site_class_lines(counts)]
+    train = sum(sum(c["train"]) for _, c in counts)
+    lines.append(schedule_line(train_samples=train, num_sites=cfg.num_sites, batch_size=cfg.batch_size,
+                               rounds=cfg.num_server_rounds, local_epochs=cfg.local_epochs))
     console.file.write("\n".join(lines) + "\n")
     console.file.flush()
 

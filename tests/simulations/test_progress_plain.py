@@ -112,3 +112,21 @@ def test_the_summary_shows_the_selected_rounds_test_figures_beside_the_final_one
     assert lines["best round"] == "3 (selected by validation auc)"
     assert lines["warning"].startswith("the final global model predicts a single class")
     assert "final num_examples" not in lines and "final single-class" not in lines
+
+
+def test_the_site_lines_state_the_local_steps_a_round_and_the_spread_that_gives_more(monkeypatch) -> None:
+    from medfed.shared.config import RunConfig
+    from medfed.simulations import cli
+
+    out = io.StringIO()
+    monkeypatch.setattr(cli, "console", Console(file=out, force_terminal=False, width=200))
+    # 160 synthetic images, 10% kept for local tests: 144 over 4 sites, 36 a site, 2 steps of 32 an epoch
+    cfg = RunConfig(synthetic_samples=200, num_sites=4, num_server_rounds=20, local_epochs=1, batch_size=32)
+    cli._print_site_classes(cfg)
+    text = out.getvalue()
+    assert text.count("site-") == 4, text
+    steps = re.search(r"about (\d+) training images a site, (\d+) optimizer step\(s\) a round", text)
+    assert steps is not None, text
+    per_site, per_round = int(steps.group(1)), int(steps.group(2))
+    assert per_round == -(-per_site // 32) < 16
+    assert "the same 20 epochs as --rounds 5 --local-epochs 4" in text  # capped: at least 5 rounds

@@ -18,7 +18,11 @@ import torch
 
 from medfed.simulations.bench.quality_study import (
     ALTERNATIVES,
+    DATASETS,
+    NUM_SITES,
     SCHEDULES,
+    STUDY_EPOCHS,
+    TRAIN_IMAGES,
     Cell,
     Check,
     acceptance_checks,
@@ -39,6 +43,8 @@ REQUIRED = (
     "majority_rate", "pooled_test_auc", "selected_round_test_auc", "model", "epochs", "rounds", "seconds",
 )
 METHODS = ["default", "fedprox", "pooled", "local-only"]
+ONE_ROUND = {"num-server-rounds": 1, "local-epochs": 1, "batch-size": 16}
+"""The tests' cells: one round of one local epoch (the study's schedules train more)."""
 
 
 def write_medmnist(path: Path, *, sizes: tuple[int, int, int] = (48, 16, 24), side: int = 14, seed: int = 0) -> Path:
@@ -64,7 +70,7 @@ def study(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     results.write_text(json.dumps({"overhead": {"ratio": 1.1}}))  # another section, which must survive
     plan = plan_study(
         data_dir=root, datasets=["breastmnist"], partitions=["iid", "dirichlet"], seeds=[0], methods=METHODS,
-        alternative="fedprox", run_dir=str(root / "runs"), extra={"num-server-rounds": 1, "batch-size": 16},
+        alternative="fedprox", run_dir=str(root / "runs"), extra=ONE_ROUND,
     )
     before = torch.get_num_threads()
     seen: list[int] = []
@@ -125,16 +131,16 @@ def test_a_second_run_skips_the_cells_already_written(study: dict[str, Any]) -> 
     root, rows = study["root"], json.loads(study["results"].read_text())["quality"]
     args: dict[str, Any] = dict(data_dir=root, datasets=["breastmnist"], partitions=["iid", "dirichlet"], seeds=[0],
                                 methods=METHODS, alternative="fedprox", run_dir=str(root / "runs"))
-    again = plan_study(**args, existing=rows, extra={"num-server-rounds": 1, "batch-size": 16})
+    again = plan_study(**args, existing=rows, extra=ONE_ROUND)
     assert again.cells == [] and len(again.skipped) == 7
     # a lost row is measured again, and only that one
     kept = [r for r in rows if not (r["method"] == "default" and r["partition"] == "iid")]
-    partial = plan_study(**args, existing=kept, extra={"num-server-rounds": 1, "batch-size": 16})
+    partial = plan_study(**args, existing=kept, extra=ONE_ROUND)
     assert [(c.method.name, c.partitions) for c in partial.cells] == [("default", ("iid",))]
     # other settings (two rounds) are another measurement: every cell runs again
     changed = plan_study(**args, existing=rows, extra={"num-server-rounds": 2, "batch-size": 16})
     assert len(changed.cells) == 7
-    assert len(plan_study(**args, existing=rows, extra={"num-server-rounds": 1, "batch-size": 16},
+    assert len(plan_study(**args, existing=rows, extra=ONE_ROUND,
                           fresh=True).cells) == 7
 
 
@@ -351,7 +357,7 @@ def test_two_worker_processes_give_the_rows_of_one(study: dict[str, Any], tmp_pa
     root = study["root"]
     plan = plan_study(
         data_dir=root, datasets=["breastmnist"], partitions=["dirichlet"], seeds=[0], methods=["default", "local-only"],
-        alternative="fedprox", run_dir=str(tmp_path / "runs"), extra={"num-server-rounds": 1, "batch-size": 16},
+        alternative="fedprox", run_dir=str(tmp_path / "runs"), extra=ONE_ROUND,
     )
     rows = run_study(plan, results=tmp_path / "results.json", workers=2)
     serial = {(r["partition"], r["method"]): r for r in study["rows"]}
@@ -425,3 +431,19 @@ def test_every_registered_alternative_is_a_valid_run_config_that_differs_from_th
     assert alternative != default
     for key, value in ALTERNATIVES[name].overrides.items():
         assert getattr(alternative, key.replace("-", "_")) == value
+
+
+def test_the_schedules_give_an_average_site_16_steps_a_round_at_the_sets_epochs() -> None:
+    for name, schedule in SCHEDULES.items():
+        rounds, local = schedule["num-server-rounds"], schedule["local-epochs"]
+        assert rounds * local == STUDY_EPOCHS[name], name  # pooled and local-only train the same epochs
+        per_site = TRAIN_IMAGES[name] * 0.9 / NUM_SITES  # less the 10% local test share
+        assert local * -(-per_site // 32) >= 16 and rounds >= 5, name
+    assert (SCHEDULES["breastmnist"]["num-server-rounds"], SCHEDULES["breastmnist"]["local-epochs"]) == (5, 4)
+
+
+@pytest.mark.data("breastmnist.npz", "retinamnist.npz", "adrenalmnist3d.npz", "vesselmnist3d.npz")
+def test_the_training_sizes_are_the_files(medmnist: Path) -> None:
+    for name, size in TRAIN_IMAGES.items():
+        with np.load(medmnist / DATASETS[name]) as f:
+            assert len(f["train_labels"]) == size, name
