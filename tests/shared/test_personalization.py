@@ -121,3 +121,74 @@ def test_a_site_keeps_the_personalized_model_only_where_its_validation_split_say
     steps = personalization_steps(model, _site(x[:60], x[:60] > 0.5), mode="bn", epochs=0, settings=SETTINGS,
                                   device=CPU)
     assert choose_on_validation(steps, _site(x[60:], x[60:] > 0.5), device=CPU)[0] == "off"
+
+
+def _logits(p1: np.ndarray) -> torch.Tensor:
+    """Binary logits whose class-1 probability is ``p1``."""
+    p = torch.from_numpy(np.clip(p1, 1e-6, 1 - 1e-6))
+    return torch.stack([torch.log1p(-p), torch.log(p)], dim=1)
+
+
+@pytest.mark.parametrize("num_classes", [2, 3])
+def test_the_auc_of_the_gain_confidence_is_the_metrics_auc(num_classes: int) -> None:
+    from medfed.shared.metrics import classification_metrics
+    from medfed.shared.personalization import auc_gain_confidence
+
+    rng = np.random.default_rng(0)
+    targets = torch.from_numpy(np.r_[np.arange(num_classes), rng.integers(0, num_classes, 37)])
+    base, cand = (torch.from_numpy(rng.normal(size=(len(targets), num_classes))) for _ in range(2))
+    cand[:4] = cand[:4].round()  # ties count one half
+    sure, auc, base_auc = auc_gain_confidence(base, cand, targets, num_classes=num_classes)
+    assert auc == pytest.approx(classification_metrics(cand, targets, num_classes=num_classes)["auc"], abs=1e-9)
+    assert base_auc == pytest.approx(classification_metrics(base, targets, num_classes=num_classes)["auc"], abs=1e-9)
+    assert 0.0 <= sure <= 1.0
+    assert auc_gain_confidence(base, base, targets, num_classes=num_classes)[0] == 0.0  # no gain is never sure
+
+
+def test_a_gain_a_small_validation_split_cannot_tell_from_noise_is_not_adopted() -> None:
+    from medfed.shared.personalization import auc_gain_confidence
+
+    y = np.array([0] * 14 + [1] * 6)  # a site's 20 validation images
+    base = np.linspace(0.1, 0.9, 20)[np.argsort(np.argsort(y + np.random.default_rng(1).normal(0, 0.8, 20)))]
+    better = base.copy()
+    lo_pos = np.flatnonzero(y == 1)[np.argmin(base[y == 1])]  # one positive moves above one negative
+    better[lo_pos] += 0.05
+    t = torch.from_numpy(y)
+    slight, auc_slight, base_auc = auc_gain_confidence(_logits(base), _logits(better), t, num_classes=2)
+    assert auc_slight > base_auc and slight < 0.95  # higher on the split, not sure at all
+    weak = np.random.default_rng(2).uniform(0.2, 0.8, 20)  # a global model that ranks about at chance
+    perfect = y * 0.5 + 0.25
+    sure, auc, weak_auc = auc_gain_confidence(_logits(weak), _logits(perfect), t, num_classes=2)
+    assert auc == 1.0 and weak_auc < 0.75 and sure >= 0.95
+
+
+class _Lookup(nn.Module):
+    """Logits looked up by the image's (integer) intensity: a model with given validation scores."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.table = nn.Parameter(logits.float(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.table[x.flatten(1)[:, 0].round().long()]
+
+
+def test_choose_on_validation_keeps_the_global_model_unless_the_gain_is_sure() -> None:
+    rng = np.random.default_rng(3)
+    y = np.array([0] * 14 + [1] * 6)
+    val = _site(np.arange(20, dtype=np.float32), y)  # image i has intensity i: the lookup's row
+    base = rng.uniform(0.2, 0.8, 20)
+    noisy = np.clip(base + rng.normal(0, 0.05, 20), 0, 1)  # about as good, by chance a little better or worse
+    perfect = y * 0.5 + 0.25
+    models = [("off", _Lookup(_logits(base))), ("head", _Lookup(_logits(noisy)))]
+    assert choose_on_validation(models, val, device=CPU)[0] == "off"
+    models.append(("bn+head", _Lookup(_logits(perfect))))
+    assert choose_on_validation(models, val, device=CPU)[0] == "bn+head"
+    # the lowest confidence adopts any higher AUC (the rule before: strictly better on the split)
+    ranked = np.r_[np.linspace(0.05, 0.65, 14), [0.30, 0.5, 0.6, 0.7, 0.8, 0.9]]  # negatives, then positives
+    nudged = ranked.copy()
+    nudged[14] = 0.33  # the lowest positive passes one negative (0.327): one pair of 84
+    pair = [("off", _Lookup(_logits(ranked))), ("head", _Lookup(_logits(nudged)))]
+    assert choose_on_validation(pair, val, device=CPU)[0] == "off"
+    assert choose_on_validation(pair, val, device=CPU, confidence=0.0)[0] == "head"
+    assert choose_on_validation(pair[::-1], val, device=CPU, confidence=0.0)[0] == "head"  # first (global): never a lower AUC
