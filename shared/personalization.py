@@ -33,6 +33,7 @@ from torch import nn
 
 from medfed.shared.config import PERSONALIZE_MODES
 from medfed.shared.data.base import ImageSet
+from medfed.shared.metrics import classification_metrics
 from medfed.shared.training import (
     TrainSettings,
     _to_device,
@@ -47,6 +48,7 @@ from medfed.shared.training import (
 __all__ = [
     "ADOPT_CONFIDENCE",
     "BOOTSTRAP_RESAMPLES",
+    "MAX_BOOTSTRAP_SAMPLES",
     "auc_gain_confidence",
     "choose_on_validation",
     "head_of",
@@ -145,6 +147,10 @@ one before the site adopts it: the share of paired bootstrap resamples in which 
 BOOTSTRAP_RESAMPLES = 1000
 """Paired, class-stratified bootstrap resamples of the validation split (:func:`auc_gain_confidence`)."""
 
+MAX_BOOTSTRAP_SAMPLES = 2000
+"""A larger validation split is bootstrapped on a class-stratified subsample of this many images (the
+pairwise win matrix stays under 8 MiB; a split that large measures a real gain anyway)."""
+
 
 def choose_on_validation(
     candidates: list[tuple[str, nn.Module]],
@@ -191,11 +197,9 @@ def choose_on_validation(
     return best_name, best_model
 
 
-def _pair_wins(scores: torch.Tensor, positive: torch.Tensor) -> np.ndarray:
+def _pair_wins(scores: np.ndarray, positive: np.ndarray) -> np.ndarray:
     """``(n_pos, n_neg)``: 1 where a positive outscores a negative, 0.5 on a tie, else 0."""
-    s = scores.double().numpy()
-    pos, neg = s[positive.numpy()], s[~positive.numpy()]
-    diff = pos[:, None] - neg[None, :]
+    diff = scores[positive][:, None] - scores[~positive][None, :]
     return (diff > 0) + 0.5 * (diff == 0)
 
 
@@ -215,6 +219,8 @@ def auc_gain_confidence(
     binary (class 1) or macro one-vs-rest over the classes present, as
     :func:`medfed.shared.metrics.classification_metrics`. Exact per resample: the AUC of a resample is
     ``c_pos^T W c_neg / (n_pos n_neg)`` with ``W`` the pairwise win matrix and ``c`` the draw counts.
+    A split larger than :data:`MAX_BOOTSTRAP_SAMPLES` is resampled from a class-stratified subsample
+    of that size; the AUCs returned are the whole split's.
 
     Parameters
     ----------
@@ -229,27 +235,37 @@ def auc_gain_confidence(
         ``(share of resamples where the candidate's AUC is higher, the candidate's AUC on the split, the
         global model's AUC on the split)``.
     """
-    rng = np.random.default_rng(seed)
     y = targets.long().numpy()
-    present = [c for c in range(num_classes) if 0 < int((y == c).sum()) < len(y)]
-    if len(present) < 1 or len(np.unique(y)) < 2:
+    if len(np.unique(y)) < 2:
         raise ValueError("an AUC needs at least two classes in the validation split.")
+    full = [classification_metrics(lg, targets, num_classes=num_classes)["auc"] for lg in (base_logits, logits)]
+    rng = np.random.default_rng(seed)
+    keep = _stratified_subsample(y, MAX_BOOTSTRAP_SAMPLES, rng)
+    y, probs = y[keep], [torch.softmax(lg.float()[keep], dim=1) for lg in (base_logits, logits)]
     counts = np.zeros((resamples, len(y)))
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         counts[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=resamples)
-    columns = [1] if num_classes == 2 else present
+    present = [c for c in range(num_classes) if 0 < int((y == c).sum()) < len(y)]
     gains = np.zeros(resamples)
-    full = [0.0, 0.0]  # base, candidate
-    for c in columns:
-        positive = torch.from_numpy(y == c)
-        cp, cn = counts[:, y == c], counts[:, y != c]
+    for c in [1] if num_classes == 2 else present:
+        positive = y == c
+        cp, cn = counts[:, positive], counts[:, ~positive]
         norm = cp.sum(axis=1) * cn.sum(axis=1)
-        for sign, lg in ((-1.0, base_logits), (1.0, logits)):
-            wins = _pair_wins(torch.softmax(lg.float(), dim=1)[:, c], positive)
-            gains += sign * ((cp @ wins) * cn).sum(axis=1) / norm
-            full[sign > 0] += float(wins.mean())
-    return float((gains > 0).mean()), full[1] / len(columns), full[0] / len(columns)
+        for sign, p in ((-1.0, probs[0]), (1.0, probs[1])):
+            gains += sign * ((cp @ _pair_wins(p[:, c].double().numpy(), positive)) * cn).sum(axis=1) / norm
+    return float((gains > 0).mean()), float(full[1]), float(full[0])
+
+
+def _stratified_subsample(y: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of at most ``size`` samples of ``y``, every class in its share (at least one each)."""
+    if len(y) <= size:
+        return np.arange(len(y))
+    keep = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        keep.append(rng.choice(idx, size=max(1, round(size * len(idx) / len(y))), replace=False))
+    return np.sort(np.concatenate(keep))
 
 
 def _fine_tune_head(

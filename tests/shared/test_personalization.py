@@ -192,3 +192,18 @@ def test_choose_on_validation_keeps_the_global_model_unless_the_gain_is_sure() -
     assert choose_on_validation(pair, val, device=CPU)[0] == "off"
     assert choose_on_validation(pair, val, device=CPU, confidence=0.0)[0] == "head"
     assert choose_on_validation(pair[::-1], val, device=CPU, confidence=0.0)[0] == "head"  # first (global): never a lower AUC
+
+
+def test_a_large_validation_split_is_bootstrapped_on_a_subsample_and_still_sees_a_real_gain() -> None:
+    from medfed.shared.metrics import classification_metrics
+    from medfed.shared.personalization import MAX_BOOTSTRAP_SAMPLES, auc_gain_confidence
+
+    rng = np.random.default_rng(4)
+    y = (rng.random(3 * MAX_BOOTSTRAP_SAMPLES) < 0.2).astype(np.int64)
+    latent = y + rng.normal(0, 0.8, len(y))
+    base, better = latent + rng.normal(0, 0.8, len(y)), latent + rng.normal(0, 0.4, len(y))
+    t = torch.from_numpy(y)
+    sure, auc, base_auc = auc_gain_confidence(_logits(1 / (1 + np.exp(-base))), _logits(1 / (1 + np.exp(-better))),
+                                              t, num_classes=2)
+    assert auc == pytest.approx(classification_metrics(_logits(1 / (1 + np.exp(-better))), t, num_classes=2)["auc"])
+    assert auc - base_auc > 0.02 and sure >= 0.95
