@@ -29,11 +29,11 @@ import logging
 
 import numpy as np
 import torch
+from monai.metrics import compute_roc_auc
 from torch import nn
 
 from medfed.shared.config import PERSONALIZE_MODES
 from medfed.shared.data.base import ImageSet
-from medfed.shared.metrics import classification_metrics
 from medfed.shared.training import (
     TrainSettings,
     _to_device,
@@ -49,9 +49,11 @@ __all__ = [
     "ADOPT_CONFIDENCE",
     "BOOTSTRAP_RESAMPLES",
     "MAX_BOOTSTRAP_SAMPLES",
+    "MIN_CLASS_SAMPLES",
     "auc_gain_confidence",
     "choose_on_validation",
     "head_of",
+    "judged_classes",
     "personalization_steps",
     "personalize",
 ]
@@ -147,6 +149,11 @@ one before the site adopts it: the share of paired bootstrap resamples in which 
 BOOTSTRAP_RESAMPLES = 1000
 """Paired, class-stratified bootstrap resamples of the validation split (:func:`auc_gain_confidence`)."""
 
+MIN_CLASS_SAMPLES = 5
+"""A class's one-vs-rest AUC is judged only with at least this many validation images on each side
+(binary: of each class). With fewer, a bootstrap cannot tell a gain from chance (a class of one image
+is the same image in every resample); a site with no such class keeps the global model."""
+
 MAX_BOOTSTRAP_SAMPLES = 2000
 """A larger validation split is bootstrapped on a class-stratified subsample of this many images (the
 pairwise win matrix stays under 8 MiB; a split that large measures a real gain anyway)."""
@@ -162,31 +169,34 @@ def choose_on_validation(
 ) -> tuple[str, nn.Module]:
     """The candidate a site keeps: judged on its own validation split, never on a test split.
 
-    The first candidate is the global model. Classification, with every class of the split scored (an AUC):
-    a later candidate is adopted only when its AUC is higher than the global model's on the split and in at
-    least ``confidence`` of
-    paired, class-stratified bootstrap resamples of the validation split (:func:`auc_gain_confidence`), and
-    of those the highest AUC wins. A site's validation split is small (BreastMNIST over 4 sites: about 20
-    images), where a strictly higher AUC is mostly noise: measured in the quality study, sites that adopted
-    on any gain kept models below the global one on their local test splits on average (BENCHMARKS.md,
-    "Personalized models"). Otherwise (a one-class split, segmentation, detection): the best Dice, mAP50 or
-    lowest loss, strictly better than the global model's.
+    The first candidate is the global model. Classification: a later candidate is adopted only when its
+    AUC (over the classes :func:`judged_classes` can judge) is higher than the global model's on the split
+    and in at least ``confidence`` of paired, class-stratified bootstrap resamples of the split
+    (:func:`auc_gain_confidence`); of those the highest AUC wins. A split with no class of
+    :data:`MIN_CLASS_SAMPLES` images on each side (a one-class split included) keeps the global model. A
+    site's validation split is small (BreastMNIST over 4 sites: about 20 images), where a higher AUC is
+    mostly chance: measured in the quality study, sites that adopted on any gain kept models below the
+    global one on their local test splits on average (BENCHMARKS.md, "Personalized models").
+    Segmentation and detection: the best Dice or mAP50 (else the lowest loss), strictly better than the
+    global model's.
     """
     if val.task == "classification":
         scored = [predict(m, val, device=device)[:2] for _, m in candidates]
         targets = scored[0][1].long()
-        if torch.unique(targets).numel() > 1:
-            base_logits = scored[0][0]
-            best, best_auc = 0, -float("inf")
-            for i, (logits, _) in enumerate(scored[1:], start=1):
-                sure, auc, base_auc = auc_gain_confidence(
-                    base_logits, logits, targets, num_classes=val.num_classes, seed=seed
-                )
-                logger.debug("personalization step %s: validation AUC %.4f (global %.4f), gain confidence %.3f",
-                             candidates[i][0], auc, base_auc, sure)
-                if auc > base_auc and sure >= confidence and auc > best_auc:
-                    best, best_auc = i, auc
-            return candidates[best]
+        if not judged_classes(targets.numpy(), num_classes=val.num_classes):
+            logger.debug("the validation split has no class with %d images on each side: the global model is kept",
+                         MIN_CLASS_SAMPLES)
+            return candidates[0]
+        best, best_auc = 0, -float("inf")
+        for i, (logits, _) in enumerate(scored[1:], start=1):
+            sure, auc, base_auc = auc_gain_confidence(
+                scored[0][0], logits, targets, num_classes=val.num_classes, seed=seed
+            )
+            logger.debug("personalization step %s: validation AUC %.4f (global %.4f), gain confidence %.3f",
+                         candidates[i][0], auc, base_auc, sure)
+            if auc > base_auc and sure >= confidence and auc > best_auc:
+                best, best_auc = i, auc
+        return candidates[best]
     best_name, best_model, best_score = candidates[0][0], candidates[0][1], -float("inf")
     scores = [evaluate(m, val, device=device) for _, m in candidates]
     key = next((k for k in ("auc", "dice", "map50") if all(k in s for s in scores)), None)
@@ -216,8 +226,8 @@ def auc_gain_confidence(
 
     Draws ``resamples`` class-stratified bootstrap resamples of the split (each class keeps its
     count, so every resample has an AUC) and scores both models on the same resamples; the AUC is
-    binary (class 1) or macro one-vs-rest over the classes present, as
-    :func:`medfed.shared.metrics.classification_metrics`. Exact per resample: the AUC of a resample is
+    binary (class 1) or the macro one-vs-rest mean over :func:`judged_classes` (with every class
+    judged, that of :func:`medfed.shared.metrics.classification_metrics`). Exact per resample: the AUC of a resample is
     ``c_pos^T W c_neg / (n_pos n_neg)`` with ``W`` the pairwise win matrix and ``c`` the draw counts.
     A split larger than :data:`MAX_BOOTSTRAP_SAMPLES` is resampled from a class-stratified subsample
     of that size; the AUCs returned are the whole split's.
@@ -227,34 +237,45 @@ def auc_gain_confidence(
     base_logits, logits
         ``(N, K)`` logits of the global model and of the candidate on the validation split.
     targets
-        ``(N,)`` integer labels; at least two classes.
+        ``(N,)`` integer labels, with at least one judged class (else ``ValueError``).
 
     Returns
     -------
     tuple
-        ``(share of resamples where the candidate's AUC is higher, the candidate's AUC on the split, the
-        global model's AUC on the split)``.
+        ``(share of resamples where the candidate's AUC is higher, the candidate's AUC on the whole
+        split, the global model's)``.
     """
     y = targets.long().numpy()
-    if len(np.unique(y)) < 2:
-        raise ValueError("an AUC needs at least two classes in the validation split.")
-    full = [classification_metrics(lg, targets, num_classes=num_classes)["auc"] for lg in (base_logits, logits)]
+    columns = judged_classes(y, num_classes=num_classes)
+    if not columns:
+        raise ValueError(f"no class of the validation split has {MIN_CLASS_SAMPLES} images on each side to judge.")
+    probs = [torch.softmax(lg.float(), dim=1) for lg in (base_logits, logits)]
+    full = [sum(float(compute_roc_auc(p[:, c], torch.from_numpy(y == c).long())) for c in columns) / len(columns)
+            for p in probs]
     rng = np.random.default_rng(seed)
     keep = _stratified_subsample(y, MAX_BOOTSTRAP_SAMPLES, rng)
-    y, probs = y[keep], [torch.softmax(lg.float()[keep], dim=1) for lg in (base_logits, logits)]
+    y, probs = y[keep], [p[keep] for p in probs]
     counts = np.zeros((resamples, len(y)))
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         counts[:, idx] = rng.multinomial(len(idx), np.full(len(idx), 1.0 / len(idx)), size=resamples)
-    present = [c for c in range(num_classes) if 0 < int((y == c).sum()) < len(y)]
     gains = np.zeros(resamples)
-    for c in [1] if num_classes == 2 else present:
+    for c in columns:
         positive = y == c
         cp, cn = counts[:, positive], counts[:, ~positive]
         norm = cp.sum(axis=1) * cn.sum(axis=1)
         for sign, p in ((-1.0, probs[0]), (1.0, probs[1])):
             gains += sign * ((cp @ _pair_wins(p[:, c].double().numpy(), positive)) * cn).sum(axis=1) / norm
-    return float((gains > 0).mean()), float(full[1]), float(full[0])
+    return float((gains > 0).mean()), full[1], full[0]
+
+
+def judged_classes(y: np.ndarray, *, num_classes: int) -> list[int]:
+    """The classes whose one-vs-rest AUC a validation split can judge: binary, class 1 when each class
+    has :data:`MIN_CLASS_SAMPLES` images; more classes, every class with that many images in it and
+    outside it."""
+    candidates = [1] if num_classes == 2 else range(num_classes)
+    return [c for c in candidates
+            if int((y == c).sum()) >= MIN_CLASS_SAMPLES and int((y != c).sum()) >= MIN_CLASS_SAMPLES]
 
 
 def _stratified_subsample(y: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -207,3 +207,33 @@ def test_a_large_validation_split_is_bootstrapped_on_a_subsample_and_still_sees_
                                               t, num_classes=2)
     assert auc == pytest.approx(classification_metrics(_logits(1 / (1 + np.exp(-better))), t, num_classes=2)["auc"])
     assert auc - base_auc > 0.02 and sure >= 0.95
+
+
+@pytest.mark.parametrize(
+    ("labels", "num_classes", "judged"),
+    [
+        ([0] * 14 + [1] * 6, 2, [1]),
+        ([0] * 17 + [1] * 3, 2, []),  # 3 minority images: no judgement
+        ([0] * 20, 2, []),
+        ([0] * 25 + [1] * 3 + [2] * 23 + [3] * 5 + [4] * 1, 5, [0, 2, 3]),
+        ([1, 2, 3, 3, 3, 3, 3, 4, 4], 5, []),  # a RetinaMNIST site's 9 validation images (seed 1, site 0)
+    ],
+)
+def test_judged_classes_need_five_images_on_each_side(labels: list[int], num_classes: int, judged: list[int]) -> None:
+    from medfed.shared.personalization import judged_classes
+
+    assert judged_classes(np.array(labels), num_classes=num_classes) == judged
+
+
+def test_a_split_too_small_to_judge_keeps_the_global_model_even_against_a_perfect_one() -> None:
+    y = np.array([0] * 17 + [1] * 3)
+    val = _site(np.arange(20, dtype=np.float32), y)
+    weak, perfect = np.random.default_rng(5).uniform(0.2, 0.8, 20), y * 0.5 + 0.25
+    models = [("off", _Lookup(_logits(weak))), ("bn+head", _Lookup(_logits(perfect)))]
+    assert choose_on_validation(models, val, device=CPU)[0] == "off"
+    one_class = _site(np.arange(20, dtype=np.float32), np.zeros(20, dtype=np.int64))
+    assert choose_on_validation(models, one_class, device=CPU)[0] == "off"  # a lower loss there says nothing
+    # five of each side: judged, and a perfect ranking against a weak one is sure
+    y5 = np.array([0] * 15 + [1] * 5)
+    models5 = [("off", _Lookup(_logits(weak))), ("bn+head", _Lookup(_logits(y5 * 0.5 + 0.25)))]
+    assert choose_on_validation(models5, _site(np.arange(20, dtype=np.float32), y5), device=CPU)[0] == "bn+head"
