@@ -863,9 +863,14 @@ def _personalization_check(dataset: str, rows: Sequence[Mapping[str, Any]], *, m
         return Check(dataset, name, ">= both", "n/a: not measured", None)
     p, g, a = (statistics.mean(v[s] for s in seeds) for v in (personalized, global_, alone))
     met = p >= g and p >= a
+    sizes = [sum(c) for r in rows if r["dataset"] == dataset and r["method"] == method
+             and r["partition"] == "dirichlet" and r.get("schedule", "study") == schedule and int(r["seed"]) in seeds
+             for c in r.get("site_local_test_class_counts") or []]
+    limits = "" if met else f"the kept model is below the {'global' if p < g else 'local-only'} model on average"
+    if limits and sizes:
+        limits += f"; the sites' local test splits hold {min(sizes)}-{max(sizes)} images"
     return Check(dataset, name, ">= both", f"personalized {p:.3f}, global {g:.3f}, local-only {a:.3f} (seeds "
-                 f"{','.join(map(str, seeds))})", met,
-                 "" if met else f"the kept model is below the {'global' if p < g else 'local-only'} model on average")
+                 f"{','.join(map(str, seeds))})", met, limits)
 
 
 def _with_caveat(check: Check, caveat: str) -> Check:

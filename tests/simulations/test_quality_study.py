@@ -252,11 +252,13 @@ def test_personalization_is_checked_against_the_global_and_the_local_only_model(
     rows = _rows([0.9] * 5, [0.9] * 5)
     for r in rows:
         if r["method"] == "default" and r["partition"] == "dirichlet":
-            r.update(local_test_auc_personalized=personalized, local_test_auc_global=global_)
+            r.update(local_test_auc_personalized=personalized, local_test_auc_global=global_,
+                     site_local_test_class_counts=[[2, 31], [3, 6], [8, 2], [2, 1]])  # BreastMNIST seed 0's
     rows += [{**_row("breastmnist", "dirichlet", s, "local-only", 0.7), "local_test_auc_local_only": alone}
              for s in range(5)]
     check = _by_name(acceptance_checks(merge_rows([], rows)))[PERSONAL]
     assert check.met is met and f"personalized {personalized:.3f}" in check.measured
+    assert ("local test splits hold 3-33 images" in check.limits) is (not met)
     assert _by_name(acceptance_checks(merge_rows([], _rows([0.9] * 5, [0.9] * 5))))[PERSONAL].met is None
 
 
