@@ -194,12 +194,12 @@ ALTERNATIVES: dict[str, Method] = {
 """``--alternative NAME``: the best alternative to the default recipe, as overrides. Add an entry
 to compare another option (FedBN, a server optimizer, SCAFFOLD, ...)."""
 
-DEFAULT_ALTERNATIVE = "fedavgm"
-"""FedAvgM (server momentum 0.9, server lr 1): the best alternative of the study (2026-12-07, 4 sets x 2
-splits x 5 seeds): mean federated / pooled ratio over the 8 (set, split) groups 0.955, against
-FedAdam's 0.945 and the default recipe's 0.951; it narrows BreastMNIST's gap (Dirichlet 0.901 ->
-0.938, IID 0.922 -> 0.963) and lifts AdrenalMNIST3D IID to 0.981, but RetinaMNIST Dirichlet falls
-0.993 -> 0.962 (lowest split 0.893), so it is not the default (BENCHMARKS.md)."""
+DEFAULT_ALTERNATIVE = "fedprox"
+"""FedProx (mu 0.01): the best alternative with the study's schedules of 5-10 rounds of 2-4 local epochs
+(2026-12-07, 4 sets x 2 splits x 5 seeds): mean federated / pooled ratio over the 8 (set, split) groups
+0.962, level with the default recipe's 0.962; FedAvgM (server momentum 0.9), the best alternative at 10-20
+rounds of one local epoch (0.955 then), falls to 0.938 with 5-10 rounds (server momentum needs more
+rounds than that). BENCHMARKS.md, "Local steps a round"."""
 
 
 def methods_for(alternative: str) -> dict[str, Method]:
