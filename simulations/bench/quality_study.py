@@ -52,7 +52,8 @@ from medfed.shared.local_schedule import spread_epochs
 from medfed.simulations.bench.support import line_plot, read_results_section, write_results_section
 
 __all__ = [
-    "ALTERNATIVES", "DATASETS", "PUBLISHED_AUC", "RESNET18_SCHEDULE", "SCHEDULES", "STUDY_EPOCHS", "TRAIN_IMAGES", "Cell", "Check", "Method",
+    "ALTERNATIVES", "DATASETS", "PUBLISHED_AUC", "RESNET18_SCHEDULE", "SCHEDULES", "STUDY_EPOCHS", "TRAIN_IMAGES",
+    "Cell", "Check", "Method",
     "StudyCellError", "StudyPlan", "acceptance_checks", "checks_table", "merge_rows", "methods_for", "plan_study",
     "predict",
     "prediction_figures", "render_study", "run_cell", "run_study", "main", "decision_table", "training_log_prior",
@@ -1004,7 +1005,8 @@ def render_study(rows: Sequence[Mapping[str, Any]], checks: Sequence[Check], *, 
     study = [r for r in rows if r.get("schedule", "study") == "study"]
     schedules = "; ".join(
         f"{d}: {s['model']}, {s['num-server-rounds']} rounds x {s['local-epochs']} local epoch"
-        + ("s" if s["local-epochs"] > 1 else "") + (f", volumes resized to {s['image-size']}^3" if s.get("image-size") else "")
+        + ("s" if s["local-epochs"] > 1 else "")
+        + (f", volumes resized to {s['image-size']}^3" if s.get("image-size") else "")
         for d, s in SCHEDULES.items())
     if any(r.get("schedule") == "resnet18" for r in rows):
         schedules += (f"; ResNet-18 rows (`--resnet18-rows`, {', '.join(RESNET18_DATASETS)}, Dirichlet, seeds "

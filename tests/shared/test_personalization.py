@@ -191,7 +191,7 @@ def test_choose_on_validation_keeps_the_global_model_unless_the_gain_is_sure() -
     pair = [("off", _Lookup(_logits(ranked))), ("head", _Lookup(_logits(nudged)))]
     assert choose_on_validation(pair, val, device=CPU)[0] == "off"
     assert choose_on_validation(pair, val, device=CPU, confidence=0.0)[0] == "head"
-    assert choose_on_validation(pair[::-1], val, device=CPU, confidence=0.0)[0] == "head"  # first (global): never a lower AUC
+    assert choose_on_validation(pair[::-1], val, device=CPU, confidence=0.0)[0] == "head"  # the global: no lower AUC
 
 
 def test_a_large_validation_split_is_bootstrapped_on_a_subsample_and_still_sees_a_real_gain() -> None:
