@@ -7,6 +7,7 @@ import io
 import re
 from pathlib import Path
 
+import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
@@ -114,13 +115,15 @@ def test_the_summary_shows_the_selected_rounds_test_figures_beside_the_final_one
     assert "final num_examples" not in lines and "final single-class" not in lines
 
 
-def test_the_site_lines_state_the_local_steps_a_round_and_the_spread_that_gives_more(monkeypatch) -> None:
+def test_the_site_lines_state_the_local_steps_a_round_and_the_spread_that_gives_more(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from medfed.shared.config import RunConfig
     from medfed.simulations import cli
 
     out = io.StringIO()
     monkeypatch.setattr(cli, "console", Console(file=out, force_terminal=False, width=200))
-    # 160 synthetic images, 10% kept for local tests: 144 over 4 sites, 36 a site, 2 steps of 32 an epoch
+    # 200 synthetic images less the validation, test and local test shares, over 4 sites: about 32 a site
     cfg = RunConfig(synthetic_samples=200, num_sites=4, num_server_rounds=20, local_epochs=1, batch_size=32)
     cli._print_site_classes(cfg)
     text = out.getvalue()
