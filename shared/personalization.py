@@ -174,7 +174,7 @@ def choose_on_validation(
     and in at least ``confidence`` of paired, class-stratified bootstrap resamples of the split
     (:func:`auc_gain_confidence`); of those the highest AUC wins. A split with no class of
     :data:`MIN_CLASS_SAMPLES` images on each side (a one-class split included) keeps the global model. A
-    site's validation split is small (BreastMNIST over 4 sites: about 20 images), where a higher AUC is
+    site's validation split is small (BreastMNIST over 4 sites: 1-50 images, median 14), where a higher AUC is
     mostly chance: measured in the quality study, sites that adopted on any gain kept models below the
     global one on their local test splits on average (BENCHMARKS.md, "Personalized models").
     Segmentation and detection: the best Dice or mAP50 (else the lowest loss), strictly better than the

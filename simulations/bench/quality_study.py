@@ -852,10 +852,13 @@ def _personalization_check(dataset: str, rows: Sequence[Mapping[str, Any]], *, m
     seeds)."""
     name = "personalized mean local-test AUC >= global and >= local-only, Dirichlet 0.5, mean over seeds"
 
+    def rows_of(m: str) -> list[Mapping[str, Any]]:
+        return [r for r in rows if r["dataset"] == dataset and r["method"] == m and r["partition"] == "dirichlet"
+                and r.get("schedule", "study") == schedule]
+
     def of(m: str, key: str) -> dict[int, float]:
-        return {int(r["seed"]): float(r[key]) for r in rows
-                if r["dataset"] == dataset and r["method"] == m and r["partition"] == "dirichlet"
-                and r.get("schedule", "study") == schedule and r.get(key) is not None and math.isfinite(float(r[key]))}
+        return {int(r["seed"]): float(r[key]) for r in rows_of(m)
+                if r.get(key) is not None and math.isfinite(float(r[key]))}
 
     personalized, global_ = of(method, "local_test_auc_personalized"), of(method, "local_test_auc_global")
     alone = of("local-only", "local_test_auc_local_only")
@@ -864,8 +867,7 @@ def _personalization_check(dataset: str, rows: Sequence[Mapping[str, Any]], *, m
         return Check(dataset, name, ">= both", "n/a: not measured", None)
     p, g, a = (statistics.mean(v[s] for s in seeds) for v in (personalized, global_, alone))
     met = p >= g and p >= a
-    sizes = [sum(c) for r in rows if r["dataset"] == dataset and r["method"] == method
-             and r["partition"] == "dirichlet" and r.get("schedule", "study") == schedule and int(r["seed"]) in seeds
+    sizes = [sum(c) for r in rows_of(method) if int(r["seed"]) in seeds
              for c in r.get("site_local_test_class_counts") or []]
     limits = "" if met else f"the kept model is below the {'global' if p < g else 'local-only'} model on average"
     if limits and sizes:
