@@ -185,8 +185,8 @@ class RecordingStrategy(DelegatingStrategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         """Start the round's record, then delegate (no sites once every site has declined)."""
         self._flush()
-        if self.stopped_round is not None or self.failed_round is not None:
-            return []
+        if self.stopped_round is not None or self.failed_round is not None or self.run_dir.stopped:
+            return []  # stopped recording: the run is being interrupted, start no further round
         self._pending = RoundRecord(round=server_round)
         self._round_start = time.perf_counter()
         instructions = self.strategy.configure_fit(server_round, parameters, client_manager)

@@ -7,7 +7,9 @@ for threads that wait for replies that never come. :func:`interruptible` instead
 
 1. on the first SIGINT (or SIGTERM) notes the signal and the processes this one started (Ray's
    head processes and its workers), silences logging (the dying actors' errors are noise now),
-   and raises :class:`KeyboardInterrupt` in the main thread, which unwinds Flower's simulation
+   calls the caller's ``on_signal`` (a simulation stops recording rounds there: its server
+   thread must not close another round while the main thread unwinds), and raises
+   :class:`KeyboardInterrupt` in the main thread, which unwinds Flower's simulation
    engine (it terminates the actors and shuts Ray down);
 2. on a second signal during that, ends the processes and exits at once (status 130);
 3. afterwards :func:`end_processes` ends whatever of them is still alive (SIGTERM, then
@@ -24,7 +26,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -182,8 +184,11 @@ def _reap() -> None:
 
 
 @contextmanager
-def interruptible() -> Iterator[Interrupt]:
+def interruptible(*, on_signal: Callable[[], None] | None = None) -> Iterator[Interrupt]:
     """Handle SIGINT and SIGTERM in the block as described in the module docstring.
+
+    ``on_signal`` is called once, in the main thread, on the first signal and before the
+    :class:`KeyboardInterrupt` is raised; it must be quick and must not raise.
 
     Only in the main thread (elsewhere signals cannot be handled and the block runs as it is).
     The previous signal handlers are restored when the block ends. After a signal, logging
@@ -204,6 +209,8 @@ def interruptible() -> Iterator[Interrupt]:
         state.signal_name = name
         state.children = descendants()
         logging.disable(logging.CRITICAL)  # the dying actors' errors say nothing new
+        if on_signal is not None:
+            on_signal()
         raise KeyboardInterrupt
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -156,11 +156,22 @@ def run_federated(
             user_hooks.on_finish(summary)
 
     started: list[RunDirectory] = []
+    signalled: list[bool] = []
 
     def on_start(run_dir: RunDirectory) -> None:
         started.append(run_dir)
+        if signalled:  # the signal came while the server thread was creating it
+            run_dir.stop_recording()
         if user_hooks.on_start:
             user_hooks.on_start(run_dir)
+
+    def on_signal() -> None:
+        """From the signal handler: the server thread records no further round (its sites may
+        still answer while the main thread unwinds Flower's engine: rounds are fractions of a
+        second with a tiny model)."""
+        signalled.append(True)
+        for run_dir in started:
+            run_dir.stop_recording()
 
     def on_final_model(weights: list) -> dict[str, object]:
         from medfed.simulations.personalization import personalization_report
@@ -185,7 +196,7 @@ def run_federated(
     polls = engine_polls() if tuned else nullcontext()
     threads = server_threads() if tuned else nullcontext()
     sites_env = simulated_site_environment()
-    with polls, threads, sites_env, interruptible() as interrupt, site_error_log() as site_errors:
+    with polls, threads, sites_env, interruptible(on_signal=on_signal) as interrupt, site_error_log() as site_errors:
         started_ray = False
         try:
             started_ray = start_ray(verbose=verbose) if tuned else False
