@@ -441,7 +441,8 @@ def test_the_schedules_give_an_average_site_16_steps_a_round_at_the_sets_epochs(
         assert rounds * local == STUDY_EPOCHS[name], name  # pooled and local-only train the same epochs
         per_site = TRAIN_IMAGES[name] * 0.9 / NUM_SITES  # less the 10% local test share
         assert local * -(-per_site // 32) >= 16 and rounds >= 5, name
-    assert (SCHEDULES["breastmnist"]["num-server-rounds"], SCHEDULES["breastmnist"]["local-epochs"]) == (5, 4)
+    assert (SCHEDULES["breastmnist"]["num-server-rounds"], SCHEDULES["breastmnist"]["local-epochs"]) == (10, 4)
+    assert (SCHEDULES["adrenalmnist3d"]["num-server-rounds"], SCHEDULES["adrenalmnist3d"]["local-epochs"]) == (10, 2)
 
 
 @pytest.mark.data("breastmnist.npz", "retinamnist.npz", "adrenalmnist3d.npz", "vesselmnist3d.npz")
