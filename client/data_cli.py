@@ -35,7 +35,8 @@ def _report(out: Path, datalist: dict, counts: object) -> None:
     sections = ", ".join(f"{s} {len(datalist[s])}" for s in ("training", "validation", "test") if s in datalist)
     console.print(
         f"wrote {out}: classes {datalist['classes']}; images {sections}; boxes {counts.boxes} "  # type: ignore[attr-defined]
-        f"({counts.clipped} clipped to their image, {counts.dropped} without area dropped)"  # type: ignore[attr-defined]
+        f"({counts.clipped} clipped to their image, {counts.dropped} without area dropped)",  # type: ignore[attr-defined]
+        soft_wrap=True,
     )
 
 
@@ -55,7 +56,7 @@ def voc_to_datalist_command(
     try:
         datalist, counts = voc_to_datalist(voc_dir, out, classes=classes or None)
     except DataError as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         raise typer.Exit(1) from None
     _report(out, datalist, counts)
 
@@ -74,7 +75,7 @@ def kvasir_boxes_command(
     try:
         datalist, counts = kvasir_boxes_to_datalist(boxes_json, images, out)
     except DataError as err:
-        console.print(f"[red]error:[/red] {err}")
+        console.print(f"[red]error:[/red] {err}", soft_wrap=True)
         raise typer.Exit(1) from None
     _report(out, datalist, counts)
 
@@ -98,9 +99,10 @@ def segmentation_datalist_command(
     try:
         counts = write_segmentation_datalist(layout, root=root, out=out, seed=seed, limit=limit)
     except DataError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False)
+        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=2) from None
     console.print(
         f"wrote {out}: {counts['training']} training, {counts['validation']} validation, {counts['test']} test entries",
         highlight=False,
+        soft_wrap=True,  # the path is one line, whatever the terminal's width
     )
