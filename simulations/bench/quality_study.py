@@ -113,9 +113,8 @@ SCHEDULES: dict[str, dict[str, Any]] = {name: _schedule(name) for name in STUDY_
 fits about 90 minutes on a 2-core CPU (the measurement is in BENCHMARKS.md), the epochs spread over
 rounds so that an average site takes at least 16 optimizer steps a round (BreastMNIST 10 rounds x 4
 local epochs, RetinaMNIST and AdrenalMNIST3D 10 x 2, VesselMNIST3D 5 x 2; BENCHMARKS.md, "Local steps
-a round"). Every
-method of a cell trains this model for this many epochs; everything else is the default recipe (or
-the method's overrides)."""
+a round"). Every method of a cell trains this model for this many epochs; everything else is the
+default recipe (or the method's overrides)."""
 
 RESNET18_SCHEDULE: dict[str, Any] = {
     "model": "resnet18", "num-server-rounds": 30, "local-epochs": 1, "optimizer": "adam", "learning-rate": 0.001,
