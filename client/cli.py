@@ -45,7 +45,7 @@ def site_start(
         site_kit = load_kit(kit, auth_private_key=site.auth_key_path())
         code = run_site(site_kit, site, superlink=superlink, max_connect_attempts=max_connect_attempts)
     except (SiteConfigError, SiteStartError) as err:
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
         logging.getLogger("medfed.client.deploy").error("%s", err)
         raise typer.Exit(code=2) from None
     raise typer.Exit(code=code)
@@ -112,7 +112,7 @@ def site_check(
         spacing_text = spacing if spacing is not None else site.spacing or (run.spacing if run is not None else "")
         spacing_mm = parse_spacing(spacing_text, key="--spacing" if spacing is not None else "spacing")
     except (SiteConfigError, ConfigError) as err:
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
         raise typer.Exit(code=2) from None
     run_image_size = run.image_size if run is not None else site.image_size
     run_classes = run.num_classes if run is not None and run.num_classes else site.num_classes
@@ -157,7 +157,7 @@ def site_keygen(
     try:
         key = keygen(out, comment=comment, overwrite=force)
     except KeygenError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
         raise typer.Exit(code=2) from None
     typer.echo(f"private key: {key.private_key} (mode 0600; never send it)")
     typer.echo(f"public key:  {key.public_key} (send this file to the coordinator)")

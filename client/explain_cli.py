@@ -144,6 +144,6 @@ def explain_command(
                 extra={"split": split, "model": cfg.model, "checkpoint_round": server_round},
             )
     except (ExplainError, DataError, ValueError) as err:
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
         raise typer.Exit(code=2) from None
-    console.print(f"Wrote {count} {method} explanations ({split}) to {out} (index: {index.name}).")
+    console.print(f"Wrote {count} {method} explanations ({split}) to {out} (index: {index.name}).", soft_wrap=True)

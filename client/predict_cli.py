@@ -98,7 +98,7 @@ def predict_command(
         if explain is not None:
             explained = _explain(loaded, inputs, images, method=explain, out_dir=Path(out) / "explanations")
     except (CheckpointError, DataError, ValueError, RuntimeError) as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}")
+        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
         raise typer.Exit(code=2) from None
     threshold = (
         f", label threshold {loaded.threshold:.4g} ({loaded.threshold_source})" if loaded.threshold is not None else ""
@@ -106,10 +106,11 @@ def predict_command(
     console.print(
         f"{len(run.rows)} image(s) predicted with {loaded.config.model} ({loaded.task}, round {loaded.round}"
         f"{threshold}): {escape(str(run.csv_path))}, {escape(str(run.json_path))}"
-        + (f", masks in {escape(str(Path(out) / 'masks'))}" if loaded.task == "segmentation" else "")
+        + (f", masks in {escape(str(Path(out) / 'masks'))}" if loaded.task == "segmentation" else ""),
+        soft_wrap=True,  # paths stay whole, whatever the terminal's width
     )
     if explain is not None:
-        console.print(f"{explain} heat maps: {escape(str(explained))}")
+        console.print(f"{explain} heat maps: {escape(str(explained))}", soft_wrap=True)
 
 
 def _explain_methods() -> list[str]:
@@ -159,15 +160,16 @@ def export_command(
         loaded = load_checkpoint(model, device="cpu")
         target = export_torchscript(loaded, out) if export_format == "torchscript" else export_bundle(loaded, out)
     except (CheckpointError, ExportError) as err:
-        console.print(f"[bold red]error:[/] {escape(str(err))}")
+        console.print(f"[bold red]error:[/] {escape(str(err))}", soft_wrap=True)
         raise typer.Exit(code=2) from None
-    console.print(f"Exported {loaded.config.model} ({loaded.task}, round {loaded.round}) as {export_format}: {escape(str(target))}")
+    console.print(f"Exported {loaded.config.model} ({loaded.task}, round {loaded.round}) as {export_format}: {escape(str(target))}", soft_wrap=True)
     if export_format == "bundle":
         console.print(
             "Run it: python -m monai.bundle run --config_file "
             f"{escape(str(target / 'configs' / 'inference.json'))} --meta_file "
             f"{escape(str(target / 'configs' / 'metadata.json'))} --bundle_root {escape(str(target))} "
-            "--input_path DATA --output_dir OUT"
+            "--input_path DATA --output_dir OUT",
+            soft_wrap=True,  # one line the user can copy
         )
 
 

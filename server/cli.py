@@ -89,19 +89,19 @@ def provision_command(
             site_public_keys=_site_public_keys(site_public_key or []), ca_key=ca_key,
         )
     except ProvisionError as err:
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
         raise typer.Exit(code=2) from None
     for dropped in result.dropped:
-        console.print(f"[bold yellow]dropped:[/] site {dropped} (its kit is in the backup)")
+        console.print(f"[bold yellow]dropped:[/] site {dropped} (its kit is in the backup)", soft_wrap=True)
     for rekeyed in result.rekeyed:
-        console.print(f"[bold yellow]re-keyed:[/] site {rekeyed} (send it its new kit)")
+        console.print(f"[bold yellow]re-keyed:[/] site {rekeyed} (send it its new kit)", soft_wrap=True)
     if result.dropped or result.rekeyed:
         console.print(
             "[bold yellow]note:[/] the old keys of these sites are unregistered from the SuperLink when "
             "`medfed server start` next starts; until then they can still connect."
         )
     for warning in result.warnings:
-        console.print(f"[bold yellow]warning:[/] {warning}")
+        console.print(f"[bold yellow]warning:[/] {warning}", soft_wrap=True)
     typer.echo(main_describe(result))
 
 
@@ -136,7 +136,7 @@ def server_start(
         fed = load_federation(federation)
         code = run_superlink(fed, database=database, host=host, port=port, control_allow=control_allow or [])
     except (ProvisionError, DeployError) as err:
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
         raise typer.Exit(code=2) from None
     raise typer.Exit(code=code)
 
@@ -227,5 +227,5 @@ def run_command(
             if status != "finished:completed":
                 raise typer.Exit(code=1)
     except (ProvisionError, DeployError, ConfigError, AppSignatureError) as err:
-        console.print(f"[bold red]error:[/] {err}")
+        console.print(f"[bold red]error:[/] {err}", soft_wrap=True)
         raise typer.Exit(code=2) from None
