@@ -156,11 +156,11 @@ def run_federated(
             user_hooks.on_finish(summary)
 
     started: list[RunDirectory] = []
-    signalled: list[bool] = []
 
     def on_start(run_dir: RunDirectory) -> None:
         started.append(run_dir)
-        if signalled:  # the signal came while the server thread was creating it
+        # ``interrupt`` is bound by the ``with`` below, before the server thread runs this
+        if interrupt.signal_name is not None:  # the signal came while the server thread was creating it
             run_dir.stop_recording()
         if user_hooks.on_start:
             user_hooks.on_start(run_dir)
@@ -169,7 +169,6 @@ def run_federated(
         """From the signal handler: the server thread records no further round (its sites may
         still answer while the main thread unwinds Flower's engine: rounds are fractions of a
         second with a tiny model)."""
-        signalled.append(True)
         for run_dir in started:
             run_dir.stop_recording()
 
