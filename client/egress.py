@@ -1,7 +1,8 @@
 """Egress guard: a Flower client mod that checks every message a site sends.
 
 A site's replies may carry numeric arrays (model state or masked vectors) and scalar metrics,
-nothing else: no strings beyond Flower's own status text, no bytes, no object arrays.
+nothing else: no strings beyond Flower's own status text and the name of the SecAgg+ mask
+generator (one of :data:`medfed.shared.secagg_masks.MASK_GENERATORS`), no bytes, no object arrays.
 
 **Names.** Every record name, metric or config key and array key must be an allowed name
 (:func:`allowed_name`): lower-case kebab-case (``^[a-z][a-z0-9]*(-[a-z0-9]+)*$``), at most
@@ -46,6 +47,7 @@ from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 from medfed.shared.error_codes import EGRESS_BLOCKED as BLOCKED_CATEGORY
 from medfed.shared.error_codes import SITE_ERROR_CODES, category_of
+from medfed.shared.secagg_masks import MASK_GENERATOR_KEY, MASK_GENERATORS
 
 __all__ = [
     "EgressViolation",
@@ -290,6 +292,12 @@ def _inspect_secaggplus(record_name: str, record: dict[str, Any]) -> int:
                         rule="protocol",
                     )
                 total += len(blob)
+        elif key == MASK_GENERATOR_KEY:  # medfed's echo of the server's mask generator: a fixed vocabulary
+            if value not in MASK_GENERATORS:
+                raise EgressViolation(
+                    f"protocol value {record_name}/{key} is not a mask generator's name.", rule="protocol"
+                )
+            total += len(value)
         else:
             shown = repr(key) if isinstance(key, str) and allowed_name(key) else "(its name is not shown)"
             raise EgressViolation(f"protocol record {record_name} carries an unexpected key {shown}.", rule="protocol")

@@ -14,21 +14,24 @@ included. What differs is how the masked vector is computed and sent:
 * **One flat buffer.** Quantisation, stochastic rounding and the masks run over one
   contiguous vector, in place, 256K entries at a time (Flower allocates a new array per
   operation and per layer, and applies the rounding through a boolean-mask index).
-* **Masks drawn as 32-bit words.** Flower's mask generator (``pseudo_rand_gen``: NumPy's legacy
-  ``RandomState`` seeded with the XOR of the seed's 4-byte words, ``randint(0, 2^32 - 1)``) draws
-  32-bit words and rejects ``0xFFFFFFFF``. :func:`expand_mask` draws the same words directly as
-  ``uint32`` and applies the same rejection, so its masks equal Flower's bit for bit (tested
-  against ``pseudo_rand_gen``).
+* **The mask generator the server names.** medfed's server workflow names its generator in the
+  collect stage's config (:data:`~medfed.shared.secagg_masks.MASK_GENERATOR_KEY`; run-config key
+  ``secagg-mask-generator``) and the site echoes the name in its reply. medfed's default,
+  ``"aes-256-ctr"``, expands each 32-byte secret with AES-256 in counter mode, a cryptographic
+  generator keyed by the whole secret. Without the key (Flower's own server workflow) the site
+  draws Flower's masks (``pseudo_rand_gen``: NumPy's ``RandomState`` seeded with the XOR of the
+  seed's 4-byte words), bit for bit (tested against ``pseudo_rand_gen``), as 32-bit words.
 * **Stochastic rounding** rounds ``y`` up with probability ``y - floor(y)`` as Flower's does,
   with its uniform numbers from a fresh ``numpy.random.Generator`` per message instead of NumPy's
   global legacy state. The rounding is not a secret (the masks are), but it must be unbiased:
   values on the quantisation grid come out exactly as with Flower's mod, and the aggregate
   stays within :func:`medfed.server.secure.quantization_error_bound` of the exact mean.
 
-Security properties are Flower's: the masked vector is the quantised update plus a private mask
-(seeded by a fresh 32-byte secret shared by Shamir's scheme in the share-keys stage) plus the
-pairwise masks (ECDH shared keys with every neighbour), modulo ``2^32``. Only the
-representation on the wire changes.
+Security properties are Flower's protocol's: the masked vector is the quantised update plus a
+private mask (seeded by a fresh 32-byte secret shared by Shamir's scheme in the share-keys stage)
+plus the pairwise masks (ECDH shared keys with every neighbour), modulo ``2^32``; with
+``"aes-256-ctr"`` each mask is a cryptographic keystream of the whole secret instead of a Mersenne
+Twister stream of a 32-bit fold of it.
 
 When the protocol's ``modulus_range`` is not ``2^32`` (not a medfed configuration) the stage
 goes to Flower's mod as well.
@@ -52,7 +55,14 @@ from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext
 from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-from medfed.shared.secagg_masks import PACKED_MODULUS, add_mask, expand_mask, mask_seed
+from medfed.shared.secagg_masks import (
+    MASK_GENERATOR_KEY,
+    PACKED_MODULUS,
+    add_mask,
+    check_mask_generator,
+    expand_mask,
+    mask_seed,
+)
 
 __all__ = ["PACKED_MODULUS", "packed_secaggplus_mod", "collect_masked_vectors", "expand_mask", "mask_seed"]
 
@@ -67,21 +77,39 @@ QUANTIZE_CHUNK = 1 << 18
 """Entries quantised per step: the float64 work buffers (2 MiB each) are reused and stay in cache."""
 
 
-def _stochastic_round(values: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Round ``values`` (float64, ``>= 0``, overwritten) up with probability ``frac(values)``.
+class _StochasticRounder:
+    """Rounds ``y`` (float64, ``>= 0``) up with probability ``frac(y)``, in reused buffers.
 
-    Returns ``uint32`` of the same shape (values must be below ``2^32``).
+    Per chunk: ``up = ceil(y)``; round down (``up - 1``) when a uniform draw is below ``up - y``,
+    so ``P(up) = 1 - (up - y) = frac(y)`` and values on the grid stay exact. The work buffers
+    (float64, uint32, bool) are allocated once per vector, not per chunk and operation.
     """
-    up = np.ceil(values)
-    np.subtract(up, values, out=values)  # values := up - values, in [0, 1)
-    out = up.astype(np.uint32)
-    down = rng.random(values.shape) < values  # P(down) = up - values: unbiased
-    np.subtract(out, down, out=out, casting="unsafe")
-    return out
+
+    def __init__(self, size: int, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.up = np.empty(size, dtype=np.float64)
+        self.draws = np.empty(size, dtype=np.float64)
+        self.down = np.empty(size, dtype=bool)
+
+    def __call__(self, values: np.ndarray, out: np.ndarray) -> None:
+        """Write the rounding of ``values`` (overwritten) into ``out`` (``uint32``, same shape)."""
+        n = values.size
+        up, draws, down = self.up[:n], self.draws[:n], self.down[:n]
+        np.ceil(values, out=up)
+        np.subtract(up, values, out=values)  # values := up - values, in [0, 1)
+        out[...] = up  # exact: integers below 2^32
+        self.rng.random(out=draws)
+        np.less(draws, values, out=down)  # P(down) = up - values: unbiased
+        np.subtract(out, down, out=out, casting="unsafe")
 
 
 def collect_masked_vectors(
-    state: object, configs: ConfigRecord, num_examples: int, updated_parameters: Parameters
+    state: object,
+    configs: ConfigRecord,
+    num_examples: int,
+    updated_parameters: Parameters,
+    *,
+    generator: str = "flower-mt19937",
 ) -> dict[str, list[bytes]]:
     """The collect-masked-vectors stage of Flower's SecAgg+ site, packed in ``uint32``.
 
@@ -99,6 +127,9 @@ def collect_masked_vectors(
         The site's FedAvg weight.
     updated_parameters
         The site's vector (medfed: the update ``local - global``, float64).
+    generator
+        The mask generator (:data:`medfed.shared.secagg_masks.MASK_GENERATORS`): the one the
+        server named; Flower's when it named none.
 
     Returns
     -------
@@ -136,11 +167,11 @@ def collect_masked_vectors(
     masked = quantized_vector(
         arrays, dq_ratio=dq_ratio, clipping_range=st.clipping_range, target_range=st.target_range, q_ratio=q_ratio
     )
-    add_mask(masked, st.rd_seed)  # uint32: wraps modulo 2^32
+    add_mask(masked, st.rd_seed, generator=generator)  # uint32: wraps modulo 2^32
     private_key = bytes_to_private_key(st.sk1)
     for node_id in available:
         shared_key = generate_shared_key(private_key, bytes_to_public_key(st.public_keys_dict[node_id][0]))
-        add_mask(masked, shared_key, subtract=st.nid < node_id)
+        add_mask(masked, shared_key, generator=generator, subtract=st.nid < node_id)
     return {Key.MASKED_PARAMETERS: [ndarray_to_bytes(a) for a in split_like(masked, arrays)]}
 
 
@@ -159,9 +190,10 @@ def quantized_vector(
     total = sum(int(np.asarray(a).size) for a in arrays)
     out = np.empty(total + 1, dtype=np.uint32)
     out[0] = q_ratio
-    rng = np.random.default_rng()
+    chunk = min(QUANTIZE_CHUNK, total)
+    rounder = _StochasticRounder(chunk, np.random.default_rng())
     scale = target_range / (2 * clipping_range)
-    buf = np.empty(min(QUANTIZE_CHUNK, total), dtype=np.float64)
+    buf = np.empty(chunk, dtype=np.float64)
     pos = 1
     for a in arrays:
         flat = np.asarray(a).ravel()
@@ -175,7 +207,7 @@ def quantized_vector(
             np.clip(y, -clipping_range, clipping_range, out=y)
             y += clipping_range
             y *= scale
-            out[pos : pos + part.size] = _stochastic_round(y, rng)
+            rounder(y, out[pos : pos + part.size])
             pos += part.size
     return out
 
@@ -208,6 +240,10 @@ def packed_secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCalla
     state = SecAggPlusState(**stored)
     if state.mod_range != PACKED_MODULUS:
         return flower_secaggplus_mod(msg, ctxt, call_next)
+    named = configs.get(MASK_GENERATOR_KEY)
+    generator = check_mask_generator(str(named)) if named is not None else "flower-mt19937"
+    if named is not None:
+        del configs[MASK_GENERATOR_KEY]
     # From here on as Flower's mod does for this stage (secaggplus_mod.secaggplus_mod).
     _flower.check_stage(state.current_stage, configs)
     state.current_stage = cast(str, configs.pop(Key.STAGE))
@@ -215,7 +251,11 @@ def packed_secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCalla
     out_msg = call_next(msg, ctxt)
     out_content = out_msg.content
     fitres = compat.recorddict_to_fitres(out_content, keep_input=True)
-    res = collect_masked_vectors(state, configs, fitres.num_examples, fitres.parameters)
+    res: dict[str, object] = dict(
+        collect_masked_vectors(state, configs, fitres.num_examples, fitres.parameters, generator=generator)
+    )
+    if named is not None:
+        res[MASK_GENERATOR_KEY] = generator  # tells the server which masks to remove
     for arr_record in out_content.array_records.values():
         arr_record.clear()
     ctxt.state.config_records[RECORD_KEY_STATE] = ConfigRecord(state.to_dict())

@@ -408,7 +408,7 @@ def _secagg(card: ModelCard, records: list[dict[str, Any]], config: dict[str, An
         "failed": failed,
         "settings": {k: config.get(k) for k in ("secagg-num-shares", "secagg-reconstruction-threshold",
                                                 "secagg-clipping-range", "secagg-quantization-range",
-                                                "secagg-on-failure") if k in config},
+                                                "secagg-on-failure", "secagg-mask-generator") if k in config},
     }
 
 

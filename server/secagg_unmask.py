@@ -5,11 +5,12 @@ Flower's ``SecAggPlusWorkflow.unmask_stage`` removes each mask with
 word into ``int64``) and ``int64`` additions, then reduces modulo ``2^32``. With the modulus at
 ``2^32`` the same sums are ``uint32`` arithmetic, which wraps by itself: :func:`remove_masks`
 adds or subtracts every mask in place on one flat ``uint32`` vector, drawn chunk by chunk
-(:func:`medfed.shared.secagg_masks.add_mask`, tested equal to Flower's generator), without the
-per-tensor lists, the ``int64`` copies or a whole mask in memory. Secrets are recovered with Flower's own ``combine_shares`` and the
-pairwise keys with Flower's own ``generate_shared_key``: the protocol and its security are
-Flower's; only the array arithmetic changes. ``tests/server/test_secagg_unmask.py`` checks the
-aggregate against Flower's own stage, with and without sites dropping out.
+(:func:`medfed.shared.secagg_masks.add_mask`) from the generator the sites used (Flower's, tested
+equal to ``pseudo_rand_gen``, or medfed's AES-256-CTR), without the per-tensor lists, the
+``int64`` copies or a whole mask in memory. Secrets are recovered with Flower's own
+``combine_shares`` and the pairwise keys with Flower's own ``generate_shared_key``.
+``tests/server/test_secagg_unmask.py`` checks the aggregate against Flower's own stage (and
+against an independent AES reference), with and without sites dropping out.
 
 :func:`sum_masked_vectors` does the same for the collect stage's sum: Flower reads every site's
 masked arrays with ``np.load`` (a chunked copy), adds them per tensor into new ``int64`` arrays and
@@ -89,6 +90,7 @@ def remove_masks(
     neighbours: Mapping[int, set[int]],
     public_keys: Mapping[int, Sequence[bytes]],
     threshold: int,
+    generator: str = "flower-mt19937",
 ) -> NDArrays | None:
     """The sum of the active sites' quantised vectors: ``masked`` without any mask.
 
@@ -108,6 +110,8 @@ def remove_masks(
         Node id -> its public keys (the first is the pairwise-mask key).
     threshold
         Shares needed to recover a secret.
+    generator
+        The mask generator the sites used (:data:`medfed.shared.secagg_masks.MASK_GENERATORS`).
 
     Returns
     -------
@@ -128,12 +132,12 @@ def remove_masks(
             return None
         secret = combine_shares(list(share_list))
         if nid in active:  # the private mask seed of a site that sent its vector
-            add_mask(vector, secret, subtract=True)
+            add_mask(vector, secret, generator=generator, subtract=True)
             continue
         private = bytes_to_private_key(secret)  # a dropped site's first secret key
         for other in neighbours[nid] - {nid}:  # every neighbour, as Flower's stage does
             key = generate_shared_key(private, bytes_to_public_key(public_keys[other][0]))
-            add_mask(vector, key, subtract=nid < other)
+            add_mask(vector, key, generator=generator, subtract=nid < other)
     out, start = [], 0
     for shape in shapes:
         size = int(np.prod(shape, dtype=np.int64))

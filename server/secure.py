@@ -80,6 +80,7 @@ from medfed.server.rounds import apply_round_offset
 from medfed.server.secagg_unmask import remove_masks, sum_masked_vectors
 from medfed.server.validation import RoundValidation, check_aggregate
 from medfed.shared.config import ConfigError, RunConfig, sites_per_round
+from medfed.shared.secagg_masks import DEFAULT_MASK_GENERATOR, MASK_GENERATOR_KEY
 
 __all__ = [
     "MODULUS_RANGE",
@@ -152,6 +153,8 @@ class SecAggSettings:
     sites_per_round: int
     on_failure: str
     modulus_range: int = MODULUS_RANGE
+    mask_generator: str = DEFAULT_MASK_GENERATOR
+    """Expands the sites' mask seeds (:data:`medfed.shared.secagg_masks.MASK_GENERATORS`)."""
 
     @property
     def neighbourhood(self) -> int:
@@ -175,7 +178,8 @@ class SecAggSettings:
             f"SecAgg+: {self.sites_per_round} sites per round, {self.neighbourhood} shares per secret, "
             f"threshold {self.reconstruction_threshold}, clipping range {self.clipping_range:g}, "
             f"quantization range {self.quantization_range}, max weight {self.max_weight:g}, "
-            f"timeout {self.timeout:g} s; a site with n examples is quantised in steps of "
+            f"timeout {self.timeout:g} s, masks from {self.mask_generator}; a site with n examples is "
+            "quantised in steps of "
             f"{step:.3g} * {self.max_weight:g} / n"
         )
 
@@ -263,6 +267,7 @@ def secagg_settings(cfg: RunConfig, *, num_sites: int) -> SecAggSettings:
         timeout=float(cfg.secagg_timeout),
         sites_per_round=m,
         on_failure=cfg.secagg_on_failure,
+        mask_generator=cfg.secagg_mask_generator,
     )
 
 
@@ -407,18 +412,29 @@ class MedfedSecAggPlusWorkflow(SecAggPlusWorkflow):
         active sites and failures and the legacy results are Flower's, step for step; only the
         sum of the masked vectors is :func:`~medfed.server.secagg_unmask.sum_masked_vectors`
         (the same integers as Flower's ``parameters_mod(sum, 2^32)``, read without copies).
+
+        Unless the run uses Flower's mask generator, each message names medfed's
+        (``settings.mask_generator``) and each reply must echo it: a site that masked with another
+        generator (Flower's own ``secaggplus_mod`` ignores the name) counts as dropped out, with
+        an error that says so, so the masks it shares with its neighbours are removed as a
+        dropout's and the aggregate of the others stays exact.
         """
         if state.mod_range != MODULUS_RANGE:
             return super().collect_masked_vectors_stage(grid, context, state)
         cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
+        generator = self.settings.mask_generator
+        named = generator != "flower-mt19937"  # Flower's sites and workflow name no generator
 
         def make(nid: int) -> Message:
             content = state.nid_to_fitins[nid]
-            content.config_records[RECORD_KEY_CONFIGS] = ConfigRecord({
+            configs = ConfigRecord({
                 Key.STAGE: Stage.COLLECT_MASKED_VECTORS,
                 Key.CIPHERTEXT_LIST: state.forward_ciphertexts[nid],  # type: ignore[dict-item]
                 Key.SOURCE_LIST: state.forward_srcs[nid],  # type: ignore[dict-item]
             })
+            if named:
+                configs[MASK_GENERATOR_KEY] = generator
+            content.config_records[RECORD_KEY_CONFIGS] = configs
             return Message(
                 content=content,
                 dst_node_id=nid,
@@ -427,12 +443,23 @@ class MedfedSecAggPlusWorkflow(SecAggPlusWorkflow):
             )
 
         msgs = list(grid.send_and_receive([make(nid) for nid in state.active_node_ids], timeout=self.timeout))
-        state.active_node_ids = {msg.metadata.src_node_id for msg in msgs if not msg.has_error()}
         del state.forward_ciphertexts, state.forward_srcs, state.nid_to_fitins
-        replies = [msg for msg in msgs if not msg.has_error()]
+        replies = []
         for msg in msgs:  # each failed reply once (Flower's stage records it twice: see _unique_failures)
             if msg.has_error():
                 state.failures.append(Exception(msg.error))
+            elif named and (echoed := msg.content.config_records[RECORD_KEY_CONFIGS].get(MASK_GENERATOR_KEY)) != generator:
+                used = "Flower's generator" if echoed is None else repr(echoed)
+                problem = (
+                    f"SecAgg+: node {msg.metadata.src_node_id} masked its update with {used}, not {generator}: "
+                    "its update is left out as a dropout's. Run medfed's ClientApp at that site, or set "
+                    "secagg-mask-generator = 'flower-mt19937' for every site."
+                )
+                logger.error("%s", problem)
+                state.failures.append(Exception(problem))
+            else:
+                replies.append(msg)
+        state.active_node_ids = {msg.metadata.src_node_id for msg in replies}
         if replies:
             state.aggregate_ndarrays = sum_masked_vectors([
                 msg.content.config_records[RECORD_KEY_CONFIGS][Key.MASKED_PARAMETERS]  # type: ignore[misc]
@@ -491,6 +518,7 @@ class MedfedSecAggPlusWorkflow(SecAggPlusWorkflow):
             neighbours=state.nid_to_neighbours,
             public_keys=state.nid_to_publickeys,
             threshold=state.threshold,
+            generator=self.settings.mask_generator,
         )
         if unmasked is None:
             logger.error("secure aggregation: not enough key shares to remove the masks")

@@ -23,6 +23,7 @@ machine:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import statistics
@@ -55,6 +56,7 @@ from medfed.server.secure import MedfedSecAggPlusWorkflow, SecAggOutcome, SecAgg
 from medfed.shared.config import RunConfig
 from medfed.shared.data.loading import load_dataset
 from medfed.shared.models import model_task
+from medfed.shared.secagg_masks import DEFAULT_MASK_GENERATOR, MASK_GENERATORS
 from medfed.shared.seeding import seed_everything
 from medfed.shared.site_process import simulated_site_environment
 from medfed.shared.task import model_for
@@ -267,6 +269,7 @@ def run_bench(
     samples_per_site: int = 64,
     tuned: bool = True,
     packed: bool = True,
+    mask_generator: str = DEFAULT_MASK_GENERATOR,
 ) -> BenchResult:
     """Simulate ``rounds`` rounds of ``sites`` :class:`NoiseClient` sites; time the rounds.
 
@@ -281,8 +284,11 @@ def run_bench(
     process's torch threads: :mod:`medfed.simulations.engine_tuning`; Ray started by
     :func:`~medfed.simulations.simulate.start_ray`); ``False`` keeps Flower's 0.1 s polls and
     Ray start. ``packed=False`` (with ``secagg``) swaps medfed's 32-bit site stage
-    for Flower's own ``secaggplus_mod`` (int64 masked vectors), everything else unchanged.
+    for Flower's own ``secaggplus_mod`` (int64 masked vectors), everything else unchanged, and
+    with it Flower's mask generator. ``mask_generator`` is ``secagg-mask-generator`` otherwise.
     """
+    if not packed or flower_only:
+        mask_generator = "flower-mt19937"  # Flower's site mod draws only Flower's masks
     if train_model:
         cfg = training_config(
             model=train_model, sites=sites, samples_per_site=samples_per_site, rounds=rounds, secagg=secagg
@@ -295,6 +301,7 @@ def run_bench(
             num_sites=sites, min_fit_clients=sites, num_server_rounds=rounds, secagg=secagg, model="simplecnn"
         )
         initial = model_arrays(num_params)
+    cfg = dataclasses.replace(cfg, secagg_mask_generator=mask_generator)
     num_examples = [100 + 10 * i for i in range(sites)]
     timer = RoundTimer(
         FedAvg(
@@ -495,6 +502,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="also run the untuned pair (Flower's 0.1 s polls, Flower's int64 site stage) in the same process",
     )
     parser.add_argument(
+        "--mask-generator", choices=MASK_GENERATORS, default=DEFAULT_MASK_GENERATOR,
+        help="secagg-mask-generator of medfed's SecAgg+ runs (the --before and --flower-only runs use Flower's)",
+    )
+    parser.add_argument(
         "--repeat", type=int, default=1, metavar="N",
         help="run the plain / SecAgg+ pair N times, interleaved; the row reports the median ratio of the pairs "
              "(a shared machine's load drifts between runs)",
@@ -519,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for num_params, train_model in workloads:
         for sites in args.sites:
             common = {"sites": sites, "num_params": num_params, "rounds": args.rounds, "train_model": train_model,
-                      "samples_per_site": args.samples_per_site}
+                      "samples_per_site": args.samples_per_site, "mask_generator": args.mask_generator}
             pairs = []
             for _ in range(args.repeat):
                 plain = run_bench(secagg=False, **common)  # type: ignore[arg-type]
@@ -530,6 +541,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             stages.append((f"{train_model or 'noise'} {num_params / 1e6:.1f}M x {sites} sites", secure.median_stages()))
             figure = _figure_row(plain, secure, training=bool(train_model), model=train_model or "")
             figure["pair_ratios"] = [round(r, 3) for r, _, _ in pairs]
+            figure["mask_generator"] = args.mask_generator
             if train_model:
                 figure["samples_per_site"] = args.samples_per_site
             figures.append(figure)

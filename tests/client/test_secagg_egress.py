@@ -14,6 +14,7 @@ from medfed.client.client_app import make_client_app
 from medfed.client.egress import EgressViolation, inspect_message
 from medfed.server.server_app import ServerHooks, run_server
 from medfed.shared.config import RunConfig
+from medfed.shared.secagg_masks import MASK_GENERATOR_KEY
 from medfed.simulations.bench.secagg import noise_client_fn
 from tests.support.local_grid import LocalGrid, server_identity
 
@@ -33,7 +34,7 @@ def secagg_replies(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Messag
         keys = set(reply.content.config_records[RECORD_KEY_CONFIGS])
         stage = {frozenset({Key.PUBLIC_KEY_1, Key.PUBLIC_KEY_2}): "setup",
                  frozenset({Key.DESTINATION_LIST, Key.CIPHERTEXT_LIST}): "share-keys",
-                 frozenset({Key.MASKED_PARAMETERS}): "collect",
+                 frozenset({Key.MASKED_PARAMETERS, MASK_GENERATOR_KEY}): "collect",
                  frozenset({Key.NODE_ID_LIST, Key.SHARE_LIST}): "unmask"}[frozenset(keys)]
         by_stage.setdefault(stage, reply)
     assert set(by_stage) == {"setup", "share-keys", "collect", "unmask"}
@@ -49,6 +50,7 @@ def test_every_secagg_stage_passes_with_its_bytes_counted(secagg_replies: dict[s
     # the masked vector of a ~24k-entry model, packed in 32 bits (client/secagg_packed.py), not int64
     assert 4 * 23_000 < collect.protocol_bytes < 8 * 23_000
     assert collect.scalars["fitres.metrics/secagg-clipped"] == "int"
+    assert secagg_replies["collect"].content.config_records[RECORD_KEY_CONFIGS][MASK_GENERATOR_KEY] == "aes-256-ctr"
 
 
 def _tampered(reply: Message, key: str, value: object, record: str = RECORD_KEY_CONFIGS) -> Message:
@@ -84,6 +86,7 @@ def _npy(array: np.ndarray) -> bytes:
         ("collect", Key.MASKED_PARAMETERS, [_npy(np.ones(4, np.float32))], RECORD_KEY_CONFIGS, "masked vectors are integers"),
         ("collect", Key.MASKED_PARAMETERS, [b"patient 7"], RECORD_KEY_CONFIGS, "not a numpy array"),
         ("collect", "file", "/data/patient7.nii.gz", "fitres.metrics", "fitres.metrics/file"),
+        ("collect", MASK_GENERATOR_KEY, "patient 7", RECORD_KEY_CONFIGS, "not a mask generator's name"),
     ],
 )
 def test_anything_beyond_the_protocol_is_blocked(

@@ -1,8 +1,10 @@
 """medfed's packed SecAgg+ site stage against Flower's own: same masks, same aggregate, same dropouts.
 
 The protocol runs in-process (``tests/support/local_grid.py``: every message serialised, a
-Context per site) under Flower's unchanged server workflow (``SecAggPlusWorkflow``), once with
-Flower's ``secaggplus_mod`` at the sites and once with :func:`packed_secaggplus_mod`.
+Context per site) under Flower's unchanged server workflow (``SecAggPlusWorkflow``) or medfed's,
+once with Flower's ``secaggplus_mod`` at the sites and once with :func:`packed_secaggplus_mod`.
+medfed's workflow names its mask generator (AES-256-CTR by default) to the sites; Flower's names
+none, and the packed stage then draws Flower's masks bit for bit.
 """
 
 from __future__ import annotations
@@ -28,12 +30,14 @@ from medfed.client.secagg_packed import (
     quantized_vector,
 )
 from medfed.server.secure import MedfedSecAggPlusWorkflow, SecAggSettings, quantization_error_bound
+from medfed.shared.secagg_masks import DEFAULT_MASK_GENERATOR, MASK_GENERATOR_KEY, add_mask, mask_key
 from tests.support.local_grid import LocalGrid, server_identity
 from tests.support.secagg_sites import dying_mod
 
 SHAPES = [(3, 4, 5), (7,), (1,), (2, 2)]
 C, Q, W = 1.0, 2**22, 64.0
 SIZES = [64, 40, 50, 30, 20]  # examples per site; the first has max-weight, so its factor is exactly 1
+_LAST_GRID: list[LocalGrid] = []  # the grid of the last _run, for tests that read its messages
 
 
 def _update(partition: int, server_round: int, *, on_grid: bool) -> list[np.ndarray]:
@@ -68,27 +72,31 @@ class _Capture(FedAvg):
         return super().aggregate_fit(server_round, results, failures)
 
 
-def _workflow(name: str, *, threshold: int):
-    """Flower's server workflow, or medfed's (Flower's with the unmask arithmetic on uint32)."""
+def _workflow(name: str, *, threshold: int, generator: str):
+    """Flower's server workflow, or medfed's (Flower's with the mask arithmetic on uint32)."""
     if name == "flower":
         return SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=threshold, clipping_range=C,
                                   quantization_range=Q, max_weight=W)
     settings = SecAggSettings(num_shares=1.0, reconstruction_threshold=threshold, clipping_range=C,
                               quantization_range=Q, max_weight=W, timeout=3600.0, sites_per_round=0,
-                              on_failure="skip")
+                              on_failure="skip", mask_generator=generator)
     return MedfedSecAggPlusWorkflow(settings)
 
 
 def _run(mod, *, sites: int, rounds: int = 1, on_grid: bool = True, threshold: int = 3, plan=None,
-         server: str = "flower"):
+         server: str = "flower", generator: str | None = None):
+    """Run the protocol; ``generator`` (medfed's server): Flower's for Flower's mod, else medfed's default."""
+    if generator is None:
+        generator = "flower-mt19937" if mod is _flower.secaggplus_mod else DEFAULT_MASK_GENERATOR
     mods = ([dying_mod(plan)] if plan else []) + [mod]
     def client_fn(ctx: Context):
         return _UpdateClient(int(ctx.node_config["partition-id"]), on_grid=on_grid).to_client()
 
     app = ClientApp(client_fn=client_fn, mods=mods)
     grid = LocalGrid(app, num_nodes=sites)
+    _LAST_GRID[:] = [grid]
     strategy = _Capture()
-    workflow = DefaultWorkflow(fit_workflow=_workflow(server, threshold=threshold))
+    workflow = DefaultWorkflow(fit_workflow=_workflow(server, threshold=threshold, generator=generator))
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     with server_identity():
         workflow(grid, LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy))
@@ -105,8 +113,48 @@ def _run(mod, *, sites: int, rounds: int = 1, on_grid: bool = True, threshold: i
 def test_mask_expansion_equals_flowers_generator(shapes: list[tuple[int, ...]]) -> None:
     for seed in (bytes(range(32)), b"\xff" * 44, np.random.default_rng(3).bytes(32)):
         flower = np.concatenate([np.ravel(m) for m in pseudo_rand_gen(seed, 2**32, shapes)] + [np.zeros(0, np.int64)])
-        ours = expand_mask(seed, int(sum(np.prod(s, dtype=int) for s in shapes)))
+        ours = expand_mask(seed, int(sum(np.prod(s, dtype=int) for s in shapes)), generator="flower-mt19937")
         assert ours.dtype == np.uint32 and np.array_equal(ours.astype(np.int64), flower)
+
+
+def _aes_reference(seed: bytes, size: int) -> np.ndarray:
+    """AES-256-CTR's keystream built by hand: AES-ECB of the big-endian counter blocks 0, 1, 2, ..."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+    blocks = (4 * size + 15) // 16
+    encryptor = Cipher(algorithms.AES(mask_key(seed)), modes.ECB()).encryptor()
+    stream = encryptor.update(b"".join(i.to_bytes(16, "big") for i in range(blocks)))
+    return np.frombuffer(stream, dtype="<u4")[:size]
+
+
+@pytest.mark.parametrize("size", [0, 1, 3, 4, 1000, (1 << 18) - 1, (1 << 18) + 5, 3 << 18])
+def test_aes_mask_is_the_counter_mode_keystream_across_chunks(size: int) -> None:
+    seed = bytes(range(32))
+    ours = expand_mask(seed, size, generator="aes-256-ctr")
+    assert ours.dtype == np.uint32 and ours.shape == (size,)
+    assert np.array_equal(ours, _aes_reference(seed, size))
+    vector = np.arange(size, dtype=np.uint32)
+    add_mask(vector, seed, generator="aes-256-ctr")
+    assert np.array_equal(vector, np.arange(size, dtype=np.uint32) + ours)  # uint32: modulo 2^32
+    add_mask(vector, seed, generator="aes-256-ctr", subtract=True)
+    assert np.array_equal(vector, np.arange(size, dtype=np.uint32))
+
+
+def test_aes_masks_use_the_whole_seed() -> None:
+    """Flower folds a seed to 32 bits (XOR of its words): seeds with the same fold give the same mask.
+    The AES key is derived from every byte, so they do not."""
+    a = bytes(range(32))
+    b = bytearray(a)
+    b[0:4], b[4:8] = a[4:8], a[0:4]  # swapping two words keeps the XOR fold
+    b = bytes(b)
+    assert np.array_equal(expand_mask(a, 64, generator="flower-mt19937"), expand_mask(b, 64, generator="flower-mt19937"))
+    assert not np.array_equal(expand_mask(a, 64, generator="aes-256-ctr"), expand_mask(b, 64, generator="aes-256-ctr"))
+    assert mask_key(a) != mask_key(b) and len(mask_key(a)) == 32
+
+
+def test_unknown_mask_generator_lists_the_valid_ones() -> None:
+    with pytest.raises(ValueError, match="'aes-256-ctr', 'flower-mt19937'.*secagg-mask-generator"):
+        expand_mask(b"\0" * 32, 4, generator="chacha")
 
 
 def test_mask_expansion_rejects_the_word_flower_rejects(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -125,7 +173,7 @@ def test_mask_expansion_rejects_the_word_flower_rejects(monkeypatch: pytest.Monk
             return out.copy()
 
     monkeypatch.setattr(np.random, "RandomState", Scripted)
-    assert expand_mask(b"\0" * 4, 4).tolist() == [5, 7, 9, 11]
+    assert expand_mask(b"\0" * 4, 4, generator="flower-mt19937").tolist() == [5, 7, 9, 11]
 
 
 def _protocol_states(sites: int) -> tuple[list[object], dict[int, tuple[list[int], list[bytes]]]]:
@@ -186,13 +234,52 @@ def test_aggregate_is_the_weighted_mean_of_the_survivors_like_flowers(dead: set[
     exact = _exact_mean(survivors, on_grid=False)
     bound = quantization_error_bound(num_examples=[SIZES[p] for p in survivors], clipping_range=C,
                                      quantization_range=Q, max_weight=W, max_abs_update=0.5)
-    for mod in (_flower.secaggplus_mod, packed_secaggplus_mod):
-        agg, masked = _run(mod, sites=5, on_grid=False, plan=plan, server=server)
+    cases = [(_flower.secaggplus_mod, None), (packed_secaggplus_mod, None)]
+    if server == "medfed":  # medfed's default generator (AES) above; Flower's generator named here
+        cases.append((packed_secaggplus_mod, "flower-mt19937"))
+    for mod, generator in cases:
+        agg, masked = _run(mod, sites=5, on_grid=False, plan=plan, server=server, generator=generator)
         assert len(masked) == len(survivors)
         dtypes = {v.dtype for vectors in masked.values() for v in vectors}
         assert dtypes == ({np.dtype(np.uint32)} if mod is packed_secaggplus_mod else {np.dtype(np.int64)})
         for a, e in zip(agg[1], exact, strict=True):
-            assert a.shape == e.shape and np.max(np.abs(a - e)) <= bound, mod
+            assert a.shape == e.shape and np.max(np.abs(a - e)) <= bound, (mod, generator)
+
+
+@pytest.mark.parametrize(("server", "generator", "echoed"), [
+    ("flower", None, None),  # Flower's workflow names no generator: Flower's masks, nothing echoed
+    ("medfed", "aes-256-ctr", "aes-256-ctr"),
+    ("medfed", "flower-mt19937", None),  # Flower's generator is not named, so Flower's sites interoperate
+])
+def test_the_site_masks_with_the_generator_the_server_names(server: str, generator: str | None, echoed) -> None:
+    _run(packed_secaggplus_mod, sites=3, on_grid=False, server=server, generator=generator)
+    grid_replies = _LAST_GRID[0].received
+    replies = [r.content.config_records[RECORD_KEY_CONFIGS] for r in grid_replies if r.has_content()
+               and RECORD_KEY_CONFIGS in r.content.config_records
+               and Key.MASKED_PARAMETERS in r.content.config_records[RECORD_KEY_CONFIGS]]
+    assert len(replies) == 3 and [c.get(MASK_GENERATOR_KEY) for c in replies] == [echoed] * 3
+
+
+def test_a_site_with_flowers_mod_under_medfeds_generator_is_left_out_as_a_dropout(caplog) -> None:
+    """medfed's server (AES masks) with two of five sites running Flower's own mod (Flower's masks, no
+    echo): those two are left out with an error naming the fix, and their pairwise masks are removed
+    as a dropout's, so the aggregate is exactly the three medfed sites' weighted mean."""
+    flower_sites = {3, 4}
+
+    def mixed(msg, ctx, call_next):
+        mod = _flower.secaggplus_mod if int(ctx.node_config["partition-id"]) in flower_sites else packed_secaggplus_mod
+        return mod(msg, ctx, call_next)
+
+    survivors = [p for p in range(5) if p not in flower_sites]
+    bound = quantization_error_bound(num_examples=[SIZES[p] for p in survivors], clipping_range=C,
+                                     quantization_range=Q, max_weight=W, max_abs_update=0.5)
+    with caplog.at_level("ERROR"):
+        agg, masked = _run(mixed, sites=5, on_grid=False, server="medfed", generator="aes-256-ctr")
+    assert len(masked) == 5  # every site replied; two with Flower's masks
+    for a, e in zip(agg[1], _exact_mean(survivors, on_grid=False), strict=True):
+        assert np.max(np.abs(a - e)) <= bound
+    errors = [r.getMessage() for r in caplog.records if "masked its update with Flower's generator" in r.getMessage()]
+    assert len(errors) == 2 and all("secagg-mask-generator = 'flower-mt19937'" in e for e in errors)
 
 
 @pytest.mark.parametrize("server", ["flower", "medfed"])
@@ -203,7 +290,8 @@ def test_dropouts_below_the_threshold_fail_the_round_as_with_flower(server: str)
         assert agg == {} and len(masked) == 2, mod
 
 
-def test_masked_vectors_are_uniform_and_uncorrelated_with_the_update(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("server", ["flower", "medfed"], ids=["flower-masks", "aes-masks"])
+def test_masked_vectors_are_uniform_and_uncorrelated_with_the_update(monkeypatch: pytest.MonkeyPatch, server) -> None:
     """On 20,000 entries a site's masked vector looks like uniform noise, whatever its update.
 
     The masks are drawn from fresh keys each run, so the figures are random: with n entries the
@@ -212,7 +300,7 @@ def test_masked_vectors_are_uniform_and_uncorrelated_with_the_update(monkeypatch
     on the 72 entries of ``SHAPES`` a 0.3 bound failed about one run in thirty.
     """
     monkeypatch.setitem(globals(), "SHAPES", [(100, 150), (50, 100)])  # read by _update and _Capture
-    agg, masked = _run(packed_secaggplus_mod, sites=3, on_grid=False)
+    agg, masked = _run(packed_secaggplus_mod, sites=3, on_grid=False, server=server)
     assert len(masked) == 3
     for (_, node), vectors in masked.items():
         flat = np.concatenate([v.ravel() for v in vectors[1:]]).astype(np.float64) / 2**32

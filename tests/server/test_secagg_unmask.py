@@ -3,7 +3,9 @@
 The protocol runs in-process under :class:`MedfedSecAggPlusWorkflow` (tests/client/test_secagg_packed.py
 has the harness); a spy on :func:`remove_masks` recomputes every call with Flower's own primitives
 (``pseudo_rand_gen``, ``parameters_addition`` / ``parameters_subtraction`` / ``parameters_mod``), the loop
-of Flower's ``unmask_stage``, and asserts the integer vectors are equal entry by entry.
+of Flower's ``unmask_stage``, and asserts the integer vectors are equal entry by entry. Under medfed's
+AES-256-CTR generator the masks in that loop come from a hand-built AES reference (ECB of the counter
+blocks) instead of ``pseudo_rand_gen``.
 """
 
 from __future__ import annotations
@@ -27,29 +29,51 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 
 from medfed.client.secagg_packed import packed_secaggplus_mod
 from medfed.server import secagg_unmask, secure
-from tests.client.test_secagg_packed import _flower, _run
+from tests.client.test_secagg_packed import _aes_reference, _flower, _run
 
 
-def _flowers_unmask(masked, *, shares, active, neighbours, public_keys, threshold):
-    """Flower 1.42's unmask-stage arithmetic, step for step."""
+def _aes_masks(seed: bytes, shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """``pseudo_rand_gen``'s interface (one int64 array per shape) over the AES reference stream."""
+    stream = _aes_reference(seed, int(sum(np.prod(s, dtype=int) for s in shapes))).astype(np.int64)
+    out, start = [], 0
+    for shape in shapes:
+        size = int(np.prod(shape, dtype=int))
+        out.append(stream[start : start + size].reshape(shape))
+        start += size
+    return out
+
+
+def _flowers_unmask(masked, *, shares, active, neighbours, public_keys, threshold, generator):
+    """Flower 1.42's unmask-stage arithmetic, step for step (masks from ``generator``)."""
+    if generator == "flower-mt19937":
+        def draw(seed, shapes):
+            return pseudo_rand_gen(seed, 2**32, shapes)
+    else:
+        assert generator == "aes-256-ctr"
+        draw = _aes_masks
     vector = list(masked)
     for nid, share_list in shares.items():
         if len(share_list) < threshold:
             return None
         secret = combine_shares(list(share_list))
         if nid in active:
-            vector = parameters_subtraction(vector, pseudo_rand_gen(secret, 2**32, get_parameters_shape(vector)))
+            vector = parameters_subtraction(vector, draw(secret, get_parameters_shape(vector)))
             continue
         for other in neighbours[nid] - {nid}:
             key = generate_shared_key(bytes_to_private_key(secret), bytes_to_public_key(public_keys[other][0]))
-            mask = pseudo_rand_gen(key, 2**32, get_parameters_shape(vector))
+            mask = draw(key, get_parameters_shape(vector))
             vector = parameters_addition(vector, mask) if nid > other else parameters_subtraction(vector, mask)
     return parameters_mod(vector, 2**32)
 
 
-@pytest.mark.parametrize("mod", [_flower.secaggplus_mod, packed_secaggplus_mod], ids=["flower-mod", "packed-mod"])
+@pytest.mark.parametrize(("mod", "generator"), [
+    (_flower.secaggplus_mod, "flower-mt19937"),
+    (packed_secaggplus_mod, "flower-mt19937"),
+    (packed_secaggplus_mod, "aes-256-ctr"),
+], ids=["flower-mod", "packed-mod", "packed-mod-aes"])
 @pytest.mark.parametrize("dead", [set(), {3}, {1, 4}])
-def test_unmasked_sum_equals_flowers_entry_by_entry(monkeypatch: pytest.MonkeyPatch, dead: set[int], mod) -> None:
+def test_unmasked_sum_equals_flowers_entry_by_entry(monkeypatch: pytest.MonkeyPatch, dead: set[int], mod,
+                                                    generator: str) -> None:
     calls: list[tuple[int, int]] = []
 
     def spy(masked, **kw):
@@ -58,20 +82,20 @@ def test_unmasked_sum_equals_flowers_entry_by_entry(monkeypatch: pytest.MonkeyPa
         assert ours is not None and theirs is not None
         for a, b in zip(ours, theirs, strict=True):
             assert a.dtype == np.int64 and a.shape == b.shape and np.array_equal(a, b)
-        calls.append((len(kw["active"]), sum(a.size for a in ours)))
+        calls.append((len(kw["active"]), sum(a.size for a in ours), kw["generator"]))
         return ours
 
     monkeypatch.setattr(secure, "remove_masks", spy)
     plan = {1: (Stage.COLLECT_MASKED_VECTORS, dead), 2: (Stage.COLLECT_MASKED_VECTORS, dead)} if dead else None
-    agg, _ = _run(mod, sites=5, rounds=2, on_grid=False, plan=plan, server="medfed")
+    agg, _ = _run(mod, sites=5, rounds=2, on_grid=False, plan=plan, server="medfed", generator=generator)
     assert sorted(agg) == [1, 2]
-    assert calls == [(5 - len(dead), 1 + 72)] * 2  # the weight factor entry plus the 72 parameters
+    assert calls == [(5 - len(dead), 1 + 72, generator)] * 2  # the weight factor entry plus the 72 parameters
 
 
 def test_too_few_shares_is_refused() -> None:
     masked = [np.zeros(3, np.int64)]
     out = secagg_unmask.remove_masks(masked, shares={1: [b"x"]}, active={1}, neighbours={1: {1}},
-                                     public_keys={}, threshold=2)
+                                     public_keys={}, threshold=2, generator="aes-256-ctr")
     assert out is None
 
 

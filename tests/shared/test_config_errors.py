@@ -71,6 +71,7 @@ RUN_CONFIG_TABLE: dict[str, tuple[Any, list[str]]] = {
     "secagg-max-weight": (-5, ["> 0"]),
     "secagg-timeout": (0, ["> 0"]),
     "secagg-on-failure": ("retry", ["'continue', 'stop'"]),
+    "secagg-mask-generator": ("mt19937", ["'aes-256-ctr', 'flower-mt19937'"]),
     "in-channels": (0, [">= 1"]),
     "num-classes": (1, [">= 2"]),
     "spatial-dims": (1, ["2, 3"]),
