@@ -39,15 +39,16 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import Context, Error, Message
+from flwr.app import Array, Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import bytes_to_ndarray
+from flwr.common.constant import SType
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
 from flwr.supercore.primitives.asymmetric import bytes_to_public_key
 
 from medfed.shared.error_codes import EGRESS_BLOCKED as BLOCKED_CATEGORY
 from medfed.shared.error_codes import SITE_ERROR_CODES, category_of
 from medfed.shared.secagg_masks import MASK_GENERATOR_KEY, MASK_GENERATORS
+from medfed.shared.weights import npy_view
 
 __all__ = [
     "EgressViolation",
@@ -213,7 +214,7 @@ def inspect_message(message: Message) -> EgressReport:
     for record_name, record in content.array_records.items():
         _check_names("array", record_name, list(record.keys()), _array_key_ok)
         for key, array in record.items():
-            nd = array.numpy()
+            nd = _array_view(record_name, key, array)
             if nd.dtype.kind not in "biuf":
                 raise EgressViolation(
                     f"array {record_name}/{key} has non-numeric dtype {nd.dtype}; only numeric arrays may leave a site.",
@@ -245,6 +246,20 @@ def inspect_message(message: Message) -> EgressReport:
                 )
             report.scalars[f"{record_name}/{key}"] = type(value).__name__
     return report
+
+
+def _array_view(record_name: str, key: str, array: Array) -> np.ndarray:
+    """The array a record entry holds, read in place from its ``.npy`` bytes (what the server loads).
+
+    ``Array.numpy()`` copies the whole payload (45 MB for ResNet-18) to read what the header
+    says; :func:`~medfed.shared.weights.npy_view` parses the header and views the bytes.
+    """
+    if array.stype != SType.NUMPY:
+        raise EgressViolation(f"array {record_name}/{key} is not a numpy array.", rule="dtype")
+    try:
+        return npy_view(array.data)
+    except (ValueError, TypeError, OSError):
+        raise EgressViolation(f"array {record_name}/{key} is not a readable numpy array.", rule="dtype") from None
 
 
 def _bytes_list(record_name: str, key: str, value: Any, *, limit: int) -> list[bytes]:
@@ -283,7 +298,7 @@ def _inspect_secaggplus(record_name: str, record: dict[str, Any]) -> int:
         elif key == _SECAGG_MASKED:
             for blob in _bytes_list(record_name, key, value, limit=2**40):
                 try:
-                    array = bytes_to_ndarray(blob)
+                    array = npy_view(blob)  # the header, as the server's np.load reads it; no copy
                 except (ValueError, TypeError, OSError):
                     raise EgressViolation(f"protocol value {record_name}/{key} is not a numpy array.", rule="protocol") from None
                 if array.dtype.kind not in "iu":

@@ -39,13 +39,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import Context, Message
 from flwr.client import Client, ClientApp, NumPyClient
-from flwr.client.mod import secaggplus_mod
+from flwr.client.mod import make_ffn, secaggplus_mod
 from flwr.common import FitRes, NDArrays, Parameters, Scalar, ndarrays_to_parameters
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAvg, Strategy
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid
 from flwr.simulation import run_simulation
 
@@ -257,6 +261,34 @@ def training_config(*, model: str, sites: int, samples_per_site: int, rounds: in
     )
 
 
+def run_interleaved(
+    *,
+    sites: int,
+    num_params: int,
+    rounds: int = 3,
+    num_cpus: int = 1,
+    train_model: str | None = None,
+    samples_per_site: int = 64,
+    mask_generator: str = DEFAULT_MASK_GENERATOR,
+) -> tuple[BenchResult, BenchResult]:
+    """Plain and SecAgg+ rounds alternating in one simulation: ``(plain, secure)``, ``rounds`` each.
+
+    Odd rounds run Flower's plain fit workflow over the timing strategy, even rounds medfed's
+    SecAgg+ workflow over :class:`~medfed.server.secure.SecAggUpdateStrategy`; the sites run
+    medfed's SecAgg+ mods only for SecAgg+ messages (:func:`_secure_messages_mod`), so a plain
+    round is exactly :func:`run_bench`'s plain round. Both kinds share the Ray workers, the
+    sites' warm state and the machine's load of the moment, which two separate runs do not:
+    on a shared 2-core machine the plain round of one run and of the next differed by up to
+    20 %, more than the effect being measured.
+    """
+    plain, secure = _simulate(
+        mode="interleaved", sites=sites, num_params=num_params, rounds=rounds, num_cpus=num_cpus,
+        train_model=train_model, samples_per_site=samples_per_site, mask_generator=mask_generator,
+    )
+    assert secure is not None
+    return plain, secure
+
+
 def run_bench(
     *,
     sites: int,
@@ -289,16 +321,41 @@ def run_bench(
     """
     if not packed or flower_only:
         mask_generator = "flower-mt19937"  # Flower's site mod draws only Flower's masks
+    return _simulate(
+        mode="secagg" if secagg else "plain", sites=sites, num_params=num_params, rounds=rounds,
+        num_cpus=num_cpus, flower_only=flower_only, train_model=train_model,
+        samples_per_site=samples_per_site, tuned=tuned, packed=packed, mask_generator=mask_generator,
+    )[0]
+
+
+def _simulate(
+    *,
+    mode: str,
+    sites: int,
+    num_params: int,
+    rounds: int,
+    num_cpus: int,
+    train_model: str | None,
+    samples_per_site: int,
+    mask_generator: str,
+    flower_only: bool = False,
+    tuned: bool = True,
+    packed: bool = True,
+) -> tuple[BenchResult, BenchResult | None]:
+    """One simulation for :func:`run_bench` (``mode`` plain or secagg) or :func:`run_interleaved`."""
+    secagg = mode != "plain"
+    interleaved = mode == "interleaved"
+    total_rounds = 2 * rounds if interleaved else rounds
     if train_model:
         cfg = training_config(
-            model=train_model, sites=sites, samples_per_site=samples_per_site, rounds=rounds, secagg=secagg
+            model=train_model, sites=sites, samples_per_site=samples_per_site, rounds=total_rounds, secagg=secagg
         )
         seed_everything(cfg.seed)
         initial = get_weights(model_for(cfg, load_dataset(cfg).train))
         num_params = sum(int(a.size) for a in initial)
     else:
         cfg = RunConfig(
-            num_sites=sites, min_fit_clients=sites, num_server_rounds=rounds, secagg=secagg, model="simplecnn"
+            num_sites=sites, min_fit_clients=sites, num_server_rounds=total_rounds, secagg=secagg, model="simplecnn"
         )
         initial = model_arrays(num_params)
     cfg = dataclasses.replace(cfg, secagg_mask_generator=mask_generator)
@@ -315,6 +372,7 @@ def run_bench(
         )
     )
     result = BenchResult(sites=sites, num_params=num_params, secagg=secagg)
+    plain_result = BenchResult(sites=sites, num_params=num_params, secagg=False) if interleaved else None
     counting: list[UploadCountingGrid] = []
     server = ServerApp()
 
@@ -339,15 +397,19 @@ def run_bench(
                 result.stage_seconds.append(dict(outcome.stage_seconds))
                 record(outcome)
 
-            workflow = DefaultWorkflow(fit_workflow=MedfedSecAggPlusWorkflow(settings, on_outcome=on_outcome))
+            secure_fit = MedfedSecAggPlusWorkflow(settings, on_outcome=on_outcome)
+            fit = _AlternatingFit(secure_fit, secure=outer, plain=timer) if interleaved else secure_fit
+            workflow = DefaultWorkflow(fit_workflow=fit)
         else:
             outer, workflow = timer, DefaultWorkflow()
-        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=rounds), strategy=outer)
+        legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=total_rounds), strategy=outer)
         workflow(wrapped, legacy)  # type: ignore[arg-type]
 
     client_fn = site_client_fn(cfg) if train_model else noise_client_fn(num_examples)
     if flower_only:
         client_app = ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
+    elif interleaved:
+        client_app = ClientApp(client_fn=client_fn, mods=[egress_guard, _secure_messages_mod(cfg)])
     elif packed:
         client_app = make_client_app(cfg, client_fn=client_fn)
     else:  # medfed's mods with Flower's own SecAgg+ site stage
@@ -370,13 +432,55 @@ def run_bench(
         finally:
             if started_ray:
                 stop_ray()
-    result.round_seconds = [timer.seconds[r] for r in sorted(timer.seconds)]
-    if len(result.round_seconds) != rounds:
-        raise RuntimeError(f"only {len(result.round_seconds)} of {rounds} rounds finished; see the log above.")
+    if len(timer.seconds) != total_rounds:
+        raise RuntimeError(f"only {len(timer.seconds)} of {total_rounds} rounds finished; see the log above.")
     grid = counting[0]
-    per_round = [grid.uploads[g] / max(len(grid.replies[g]), 1) for g in sorted(grid.uploads)]
-    result.upload_per_site = statistics.mean(per_round)
-    return result
+    for out, parity in ((result, 0), (plain_result, 1)) if interleaved else ((result, None),):
+        assert out is not None
+        kept = [r for r in sorted(timer.seconds) if parity is None or r % 2 == parity]
+        out.round_seconds = [timer.seconds[r] for r in kept]
+        out.upload_per_site = statistics.mean(
+            grid.uploads[str(r)] / max(len(grid.replies[str(r)]), 1) for r in kept
+        )
+    if interleaved:
+        return plain_result, result  # type: ignore[return-value]
+    return result, None
+
+
+class _AlternatingFit:
+    """A fit workflow: Flower's plain fit in odd rounds, ``secure`` (SecAgg+) in even rounds.
+
+    ``LegacyContext.strategy`` is switched per round: the SecAgg+ wrapper in even rounds, the
+    plain (timing) strategy in odd ones; both end in the same FedAvg.
+    """
+
+    def __init__(self, secure_fit: Callable[[Grid, Any], None], *, secure: Strategy, plain: Strategy) -> None:
+        self.secure_fit, self.secure, self.plain = secure_fit, secure, plain
+
+    def __call__(self, grid: Grid, context: LegacyContext) -> None:
+        current = int(context.state.config_records[MAIN_CONFIGS_RECORD][WorkflowKey.CURRENT_ROUND])
+        if current % 2 == 0:
+            context.strategy = self.secure
+            self.secure_fit(grid, context)
+        else:
+            context.strategy = self.plain
+            default_fit_workflow(grid, context)
+
+
+def _secure_messages_mod(cfg: RunConfig) -> Callable[[Message, Context, Callable[[Message, Context], Message]], Message]:
+    """Runs medfed's SecAgg+ site mods (:func:`privacy_mods`) for SecAgg+ messages only.
+
+    A plain round's message carries no ``secaggplus_configs`` record and goes straight to the
+    client, as in a run without SecAgg+ (weights, float32; no update mod).
+    """
+    secure_mods = privacy_mods(cfg)
+
+    def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+        if msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records:
+            return make_ffn(call_next, secure_mods)(msg, context)
+        return call_next(msg, context)
+
+    return mod
 
 
 def _figure_row(plain: BenchResult, secure: BenchResult, *, training: bool, model: str = "") -> dict[str, Any]:
@@ -502,6 +606,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="also run the untuned pair (Flower's 0.1 s polls, Flower's int64 site stage) in the same process",
     )
     parser.add_argument(
+        "--interleave", action="store_true",
+        help="plain and SecAgg+ rounds alternate in one simulation (--rounds of each), instead of two runs",
+    )
+    parser.add_argument(
         "--mask-generator", choices=MASK_GENERATORS, default=DEFAULT_MASK_GENERATOR,
         help="secagg-mask-generator of medfed's SecAgg+ runs (the --before and --flower-only runs use Flower's)",
     )
@@ -533,8 +641,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                       "samples_per_site": args.samples_per_site, "mask_generator": args.mask_generator}
             pairs = []
             for _ in range(args.repeat):
-                plain = run_bench(secagg=False, **common)  # type: ignore[arg-type]
-                secure = run_bench(secagg=True, **common)  # type: ignore[arg-type]
+                if args.interleave:
+                    plain, secure = run_interleaved(**common)  # type: ignore[arg-type]
+                else:
+                    plain = run_bench(secagg=False, **common)  # type: ignore[arg-type]
+                    secure = run_bench(secagg=True, **common)  # type: ignore[arg-type]
                 pairs.append((secure.median_round / plain.median_round, plain, secure))
             _, plain, secure = sorted(pairs, key=lambda pair: pair[0])[(len(pairs) - 1) // 2]  # the median pair
             num_params = plain.num_params
@@ -542,6 +653,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             figure = _figure_row(plain, secure, training=bool(train_model), model=train_model or "")
             figure["pair_ratios"] = [round(r, 3) for r, _, _ in pairs]
             figure["mask_generator"] = args.mask_generator
+            figure["interleaved"] = args.interleave
             if train_model:
                 figure["samples_per_site"] = args.samples_per_site
             figures.append(figure)
@@ -570,8 +682,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"real sites training 1 local epoch on {args.samples_per_site} synthetic images each"
         if args.train_model else "NoiseClient sites"
     )
-    print(f"SecAgg+ benchmark ({args.rounds} rounds; median round time over rounds 2..{args.rounds}; "
-          f"{os.cpu_count()} CPUs; {sites_kind}, FedAvg, no evaluation)")
+    layout = "alternating in one simulation" if args.interleave else "in two simulations"
+    print(f"SecAgg+ benchmark ({args.rounds} rounds of each kind, {layout}; median round time over rounds "
+          f"2..{args.rounds} of each; {os.cpu_count()} CPUs; {sites_kind}, FedAvg, no evaluation)")
     header = "sites_do  model  sites  plain_s  secagg_s  ratio  plain_up/fp32  secagg_up/fp32"
     print(header + ("  flower_secagg_s  flower_ratio" if args.flower_only else "")
           + ("  before_plain_s  before_secagg_s  before_ratio  before_up/fp32" if args.before else ""))

@@ -62,6 +62,39 @@ def test_model_arrays_and_scalars_pass() -> None:
     assert report.scalars["fitres.status/message"] == "status-text"
 
 
+def _npy_array(payload: bytes) -> Array:
+    return Array(dtype="float32", shape=(1,), stype="numpy.ndarray", data=payload)  # metadata that lies
+
+
+@pytest.mark.parametrize(
+    ("array", "fragment"),
+    [
+        (Array(np.array(["DOE JOHN"])), "non-numeric dtype <U8"),
+        (_npy_array(b"patient 7, /data/p7.nii.gz"), "not a readable numpy array"),
+        (Array(dtype="float32", shape=(1,), stype="torch.tensor", data=b"x"), "not a numpy array"),
+    ],
+    ids=["text-array", "not-npy-bytes", "other-stype"],
+)
+def test_arrays_that_are_not_numeric_npy_are_blocked(array: Array, fragment: str) -> None:
+    """The guard reads each array's ``.npy`` header (what the server's ``np.load`` sees), not the metadata."""
+    content = _ok_content()
+    content["fitres.parameters"] = ArrayRecord({"0": array})
+    with pytest.raises(EgressViolation, match=fragment) as err:
+        inspect_message(_reply(content))
+    assert "DOE" not in str(err.value) and "/data" not in str(err.value)
+
+
+def test_an_object_array_is_blocked_without_unpickling() -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"patient": 7}], dtype=object), allow_pickle=True)
+    content = _ok_content()
+    content["fitres.parameters"] = ArrayRecord({"0": _npy_array(buf.getvalue())})
+    with pytest.raises(EgressViolation, match="not a readable numpy array"):
+        inspect_message(_reply(content))
+
+
 @pytest.mark.parametrize(
     ("record", "value", "fragment"),
     [
