@@ -27,15 +27,20 @@ __all__ = ["app", "make_client_app", "privacy_mods", "run_config_privacy_mod", "
 logger = logging.getLogger(__name__)
 
 
-def site_client_fn(fixed: RunConfig | None) -> Callable[[Context], Client]:
+class SiteClientFn:
     """The ``client_fn`` of medfed's ClientApp: a :class:`SiteClient` on the node's data.
 
     Simulation: the node's share (``partition-id`` / ``num-partitions`` in its node config) of
     ``fixed`` (or the run config's) dataset; deployment: the site's datalist (``datalist``).
+    A module-level class, so a simulation pickles it by reference (a closure is pickled by value,
+    its code and globals, for every message).
     """
 
-    def client_fn(context: Context) -> Client:
-        cfg = fixed or config_from_run_config(context.run_config)
+    def __init__(self, fixed: RunConfig | None) -> None:
+        self.fixed = fixed
+
+    def __call__(self, context: Context) -> Client:
+        cfg = self.fixed or config_from_run_config(context.run_config)
         if "datalist" in context.node_config:  # deployment: the site's own files
             return _deployment_client(cfg, context.node_config)
         if cfg.is_deployment:
@@ -47,7 +52,10 @@ def site_client_fn(fixed: RunConfig | None) -> Callable[[Context], Client]:
         num_sites = int(context.node_config["num-partitions"])
         return simulated_site(cfg, site_index=site_index, num_sites=num_sites).to_client()
 
-    return client_fn
+
+def site_client_fn(fixed: RunConfig | None) -> Callable[[Context], Client]:
+    """The ``client_fn`` of medfed's ClientApp (:class:`SiteClientFn`)."""
+    return SiteClientFn(fixed)
 
 
 SIMULATED_SITES_KEPT = 8
@@ -192,9 +200,53 @@ def make_client_app(
     client_fn
         The site's client (default: :class:`~medfed.client.site_client.SiteClient` on the site's
         data); benchmarks and tests pass their own.
+
+    Returns
+    -------
+    ClientApp
+        A :class:`BoundClientApp` when ``cfg`` is given (cheap to pickle per message).
     """
-    mods: list[Mod] = [egress_guard, *(privacy_mods(cfg) if cfg else [run_config_privacy_mod])]
-    return ClientApp(client_fn=client_fn or site_client_fn(cfg), mods=mods)
+    if cfg is not None:
+        return BoundClientApp(cfg, client_fn=client_fn or site_client_fn(cfg))
+    return ClientApp(client_fn=client_fn or site_client_fn(cfg), mods=[egress_guard, run_config_privacy_mod])
+
+
+class BoundClientApp(ClientApp):
+    """medfed's ClientApp bound to one run configuration (a simulation's), pickled by reference.
+
+    Flower's simulation engine sends the ClientApp to a Ray worker with every message, pickled
+    with cloudpickle. A plain ``ClientApp`` holds closures (its mods' and its own wrappers), which
+    cloudpickle serialises by value, scanning ``sys.modules`` (thousands of modules once torch
+    and MONAI are loaded) for each: milliseconds per message in the server process, four times
+    a round under SecAgg+. This one pickles as ``(cfg, client_fn)`` and is rebuilt by
+    :func:`make_client_app` in the worker (measured: SecAgg+'s setup and share-keys stages
+    0.067 -> 0.046 s and 0.084 -> 0.063 s at 8 sites, BENCHMARKS.md issue 19).
+
+    Parameters
+    ----------
+    cfg
+        The run configuration; chooses the privacy mods (:func:`privacy_mods`).
+    client_fn
+        The site's client; a module-level function or class instance pickles by reference.
+    mods
+        The mods after the egress guard (default: :func:`privacy_mods` of ``cfg``).
+    """
+
+    def __init__(
+        self, cfg: RunConfig, *, client_fn: Callable[[Context], Client], mods: list[Mod] | None = None
+    ) -> None:
+        super().__init__(client_fn=client_fn, mods=[egress_guard, *(privacy_mods(cfg) if mods is None else mods)])
+        self._parts = (cfg, client_fn, mods)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        cfg, client_fn, mods = self._parts
+        return (_rebuild_bound_app, (cfg, client_fn, mods))
+
+
+def _rebuild_bound_app(
+    cfg: RunConfig, client_fn: Callable[[Context], Client], mods: list[Mod] | None
+) -> BoundClientApp:
+    return BoundClientApp(cfg, client_fn=client_fn, mods=mods)
 
 
 app = make_client_app()

@@ -53,7 +53,7 @@ from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import Grid
 from flwr.simulation import run_simulation
 
-from medfed.client.client_app import make_client_app, privacy_mods, site_client_fn
+from medfed.client.client_app import BoundClientApp, make_client_app, privacy_mods, site_client_fn
 from medfed.client.egress import egress_guard
 from medfed.client.secagg_packed import packed_secaggplus_mod
 from medfed.server.secure import MedfedSecAggPlusWorkflow, SecAggOutcome, SecAggUpdateStrategy, secagg_settings
@@ -129,15 +129,25 @@ class NoiseClient(NumPyClient):
         return 0.0, self.num_examples, {"site-index": self.site_index}
 
 
+class NoiseClientFn:
+    """A ``client_fn``: partition ``i`` becomes ``NoiseClient(num_examples=num_examples[i])``.
+
+    A module-level class, so the simulation pickles it by reference, as medfed's own
+    :class:`~medfed.client.client_app.SiteClientFn`.
+    """
+
+    def __init__(self, num_examples: Sequence[int], *, scale: float = 0.01) -> None:
+        self.sizes = list(num_examples)
+        self.scale = scale
+
+    def __call__(self, context: Context) -> Client:
+        index = int(context.node_config["partition-id"])
+        return NoiseClient(site_index=index, num_examples=self.sizes[index], scale=self.scale).to_client()
+
+
 def noise_client_fn(num_examples: Sequence[int], *, scale: float = 0.01) -> Callable[[Context], Client]:
     """A ``client_fn``: partition ``i`` becomes ``NoiseClient(num_examples=num_examples[i])``."""
-    sizes = list(num_examples)
-
-    def client_fn(context: Context) -> Client:
-        index = int(context.node_config["partition-id"])
-        return NoiseClient(site_index=index, num_examples=sizes[index], scale=scale).to_client()
-
-    return client_fn
+    return NoiseClientFn(num_examples, scale=scale)
 
 
 def model_arrays(num_params: int, *, num_layers: int = 10, seed: int = 0) -> NDArrays:
@@ -409,7 +419,7 @@ def _simulate(
     if flower_only:
         client_app = ClientApp(client_fn=client_fn, mods=[secaggplus_mod])
     elif interleaved:
-        client_app = ClientApp(client_fn=client_fn, mods=[egress_guard, _secure_messages_mod(cfg)])
+        client_app = BoundClientApp(cfg, client_fn=client_fn, mods=[_secure_messages_mod(cfg)])
     elif packed:
         client_app = make_client_app(cfg, client_fn=client_fn)
     else:  # medfed's mods with Flower's own SecAgg+ site stage
@@ -467,20 +477,30 @@ class _AlternatingFit:
             default_fit_workflow(grid, context)
 
 
-def _secure_messages_mod(cfg: RunConfig) -> Callable[[Message, Context, Callable[[Message, Context], Message]], Message]:
+class _SecureMessagesMod:
     """Runs medfed's SecAgg+ site mods (:func:`privacy_mods`) for SecAgg+ messages only.
 
     A plain round's message carries no ``secaggplus_configs`` record and goes straight to the
-    client, as in a run without SecAgg+ (weights, float32; no update mod).
+    client, as in a run without SecAgg+ (weights, float32; no update mod). A class, so the
+    ClientApp pickles by reference (:class:`~medfed.client.client_app.BoundClientApp`).
     """
-    secure_mods = privacy_mods(cfg)
 
-    def mod(msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.secure_mods = privacy_mods(cfg)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_SecureMessagesMod, (self.cfg,))
+
+    def __call__(self, msg: Message, context: Context, call_next: Callable[[Message, Context], Message]) -> Message:
         if msg.has_content() and RECORD_KEY_CONFIGS in msg.content.config_records:
-            return make_ffn(call_next, secure_mods)(msg, context)
+            return make_ffn(call_next, self.secure_mods)(msg, context)
         return call_next(msg, context)
 
-    return mod
+
+def _secure_messages_mod(cfg: RunConfig) -> _SecureMessagesMod:
+    """The mod of an interleaved run's sites (:class:`_SecureMessagesMod`)."""
+    return _SecureMessagesMod(cfg)
 
 
 def _figure_row(plain: BenchResult, secure: BenchResult, *, training: bool, model: str = "") -> dict[str, Any]:
