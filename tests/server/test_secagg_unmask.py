@@ -129,3 +129,35 @@ def test_collect_sum_refuses_mismatched_sites() -> None:
     np.save(pickled, np.array([1, "a"], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match="object array"):
         secagg_unmask.npy_view(pickled.getvalue())
+
+
+def test_combine_shares_equals_flowers_on_random_secrets_and_subsets() -> None:
+    """medfed's interpolation (cached Lagrange coefficients, shift-and-add products) against Flower's
+    ``combine_shares`` (pycryptodome) on the share format Flower's ``create_shares`` writes."""
+    import random
+
+    from flwr.common.secure_aggregation.crypto.shamir import create_shares
+
+    rng = random.Random(0)
+    for _ in range(150):
+        n = rng.randint(2, 9)
+        t = rng.randint(2, n)
+        secret = rng.randbytes(rng.choice([1, 15, 16, 17, 32, 44, 48]))
+        shares = create_shares(secret, t, n)
+        subset = rng.sample(shares, rng.randint(t, n))
+        assert secagg_unmask.combine_shares(subset) == combine_shares(subset) == secret
+        assert secagg_unmask.combine_shares(subset[::-1]) == secret
+
+
+def test_combine_shares_refuses_what_flowers_refuses() -> None:
+    from flwr.common.secure_aggregation.crypto.shamir import create_shares
+
+    shares = create_shares(b"k" * 32, 2, 3)
+    with pytest.raises(ValueError, match="Duplicate share"):
+        secagg_unmask.combine_shares([shares[0], shares[0]])
+    broken = [i.to_bytes(4, "little") + bytes(48) for i in (1, 2)]  # interpolates to zeros: no valid padding
+    with pytest.raises(ValueError) as ours:
+        secagg_unmask.combine_shares(broken)
+    with pytest.raises(ValueError) as theirs:
+        combine_shares(broken)
+    assert str(ours.value) == str(theirs.value) == "Failed to combine shares"
