@@ -26,8 +26,8 @@ import functools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from flwr.common import NDArrays
 from Crypto.Util.Padding import unpad
+from flwr.common import NDArrays
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
