@@ -503,7 +503,15 @@ def _secure_messages_mod(cfg: RunConfig) -> _SecureMessagesMod:
     return _SecureMessagesMod(cfg)
 
 
-def _figure_row(plain: BenchResult, secure: BenchResult, *, training: bool, model: str = "") -> dict[str, Any]:
+def _figure_row(
+    plain: BenchResult,
+    secure: BenchResult,
+    *,
+    training: bool,
+    interleaved: bool,
+    model: str = "",
+    mask_generator: str = DEFAULT_MASK_GENERATOR,
+) -> dict[str, Any]:
     """One ``results.json`` row (section ``secagg``) from a plain and a SecAgg+ measurement."""
     fp32 = 4 * plain.num_params
     row: dict[str, Any] = {
@@ -516,6 +524,8 @@ def _figure_row(plain: BenchResult, secure: BenchResult, *, training: bool, mode
         "secagg_s": round(secure.median_round, 4),
         "added_s_per_million_params": round((secure.median_round - plain.median_round) / (plain.num_params / 1e6), 4),
         "training": training,
+        "interleaved": interleaved,
+        "mask_generator": mask_generator,
         "load": os.getloadavg()[0],
     }
     if model:
@@ -526,8 +536,8 @@ def _figure_row(plain: BenchResult, secure: BenchResult, *, training: bool, mode
 def secagg_section(ctx: BenchContext) -> SectionResult:
     """Section ``secagg`` of ``medfed bench``: SecAgg+ / plain round time and upload per site.
 
-    For each model size and number of sites of the profile, :func:`run_bench` plain and with
-    medfed's SecAgg+ path, in one process; plot: round time vs number of sites.
+    For each model size and number of sites of the profile, plain and SecAgg+ rounds alternating
+    in one simulation (:func:`run_interleaved`); plot: round time vs number of sites.
     """
     from medfed.simulations.bench import SectionResult, Table, Target
 
@@ -545,8 +555,7 @@ def secagg_section(ctx: BenchContext) -> SectionResult:
         plain_s: list[float] = []
         secure_s: list[float] = []
         for sites in p.secagg_sites:
-            plain = run_bench(sites=sites, num_params=num_params, secagg=False, rounds=p.secagg_rounds)
-            secure = run_bench(sites=sites, num_params=num_params, secagg=True, rounds=p.secagg_rounds)
+            plain, secure = run_interleaved(sites=sites, num_params=num_params, rounds=p.secagg_rounds)
             fp32 = 4 * num_params
             if sites == (8 if 8 in p.secagg_sites else max(p.secagg_sites)) and num_params == p.secagg_params[0]:
                 result.targets.append(Target.check(
@@ -559,7 +568,7 @@ def secagg_section(ctx: BenchContext) -> SectionResult:
                     f"SecAgg+ upload per site / fp32 model ({sites} sites, {num_params / 1e6:g}M parameters)",
                     "issue 19", value=secure.upload_per_site / fp32, at_most=1.1,
                 ))
-            rows.append(_figure_row(plain, secure, training=False))
+            rows.append(_figure_row(plain, secure, training=False, interleaved=True))
             plain_s.append(plain.median_round)
             secure_s.append(secure.median_round)
             table.add(
@@ -584,13 +593,11 @@ def secagg_section(ctx: BenchContext) -> SectionResult:
         train_table.add_unavailable("not run: the quick profile times the protocol only; --profile full adds this",
                                     "all configurations")
     for sites in p.secagg_sites if p.secagg_train_model else ():
-        plain = run_bench(sites=sites, num_params=0, secagg=False, rounds=p.secagg_rounds,
-                          train_model=p.secagg_train_model)
-        secure = run_bench(sites=sites, num_params=0, secagg=True, rounds=p.secagg_rounds,
-                           train_model=p.secagg_train_model)
+        plain, secure = run_interleaved(sites=sites, num_params=0, rounds=p.secagg_rounds,
+                                        train_model=p.secagg_train_model)
         train_table.add(p.secagg_train_model, f"{plain.num_params:,d}", sites, fmt(plain.median_round, 2),
                         fmt(secure.median_round, 2), ratio(secure.median_round, plain.median_round))
-        rows.append(_figure_row(plain, secure, training=True, model=p.secagg_train_model))
+        rows.append(_figure_row(plain, secure, training=True, interleaved=True, model=p.secagg_train_model))
     train_table.notes.append(
         "Synthetic 32x32 data, about 64 training images per site, one local epoch per round: the cost SecAgg+ adds "
         "to a round that trains, beside the protocol-only figures above."
@@ -670,10 +677,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             _, plain, secure = sorted(pairs, key=lambda pair: pair[0])[(len(pairs) - 1) // 2]  # the median pair
             num_params = plain.num_params
             stages.append((f"{train_model or 'noise'} {num_params / 1e6:.1f}M x {sites} sites", secure.median_stages()))
-            figure = _figure_row(plain, secure, training=bool(train_model), model=train_model or "")
+            figure = _figure_row(plain, secure, training=bool(train_model), interleaved=args.interleave,
+                                 model=train_model or "", mask_generator=args.mask_generator)
             figure["pair_ratios"] = [round(r, 3) for r, _, _ in pairs]
-            figure["mask_generator"] = args.mask_generator
-            figure["interleaved"] = args.interleave
             if train_model:
                 figure["samples_per_site"] = args.samples_per_site
             figures.append(figure)
