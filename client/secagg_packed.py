@@ -48,7 +48,7 @@ import numpy as np
 from flwr.app import ConfigRecord, Context, Message
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import Parameters, ndarray_to_bytes, parameters_to_ndarrays
+from flwr.common import Parameters, ndarray_to_bytes
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, generate_shared_key
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
@@ -63,6 +63,7 @@ from medfed.shared.secagg_masks import (
     expand_mask,
     mask_seed,
 )
+from medfed.shared.weights import npy_view
 
 __all__ = ["PACKED_MODULUS", "packed_secaggplus_mod", "collect_masked_vectors", "expand_mask", "mask_seed"]
 
@@ -163,7 +164,7 @@ def collect_masked_vectors(
         )
     q_ratio = round(ratio * st.target_range)
     dq_ratio = q_ratio / st.target_range
-    arrays = parameters_to_ndarrays(updated_parameters)
+    arrays = [npy_view(tensor) for tensor in updated_parameters.tensors]  # read in place, not copied
     masked = quantized_vector(
         arrays, dq_ratio=dq_ratio, clipping_range=st.clipping_range, target_range=st.target_range, q_ratio=q_ratio
     )

@@ -40,10 +40,11 @@ import numpy as np
 from flwr.app import Context, Message
 from flwr.app.message_type import MessageType
 from flwr.clientapp.typing import ClientAppCallable, Mod
-from flwr.common import NDArrays, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import NDArrays, ndarrays_to_parameters
 from flwr.compat.common import recorddict_compat as compat
 
 from medfed.shared.config import RunConfig
+from medfed.shared.weights import npy_view
 
 __all__ = [
     "make_update_mod",
@@ -80,7 +81,9 @@ def _is_int(array: np.ndarray) -> bool:
 
 
 def _read(record_dict_arrays: object) -> NDArrays:
-    return parameters_to_ndarrays(compat.arrayrecord_to_parameters(record_dict_arrays, keep_input=True))  # type: ignore[arg-type]
+    """The record's arrays, read-only views of its ``.npy`` bytes (no copy: the mods only read them)."""
+    parameters = compat.arrayrecord_to_parameters(record_dict_arrays, keep_input=True)  # type: ignore[arg-type]
+    return [npy_view(tensor) for tensor in parameters.tensors]
 
 
 def _write(arrays: NDArrays) -> object:

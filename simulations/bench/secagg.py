@@ -674,7 +674,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                     plain = run_bench(secagg=False, **common)  # type: ignore[arg-type]
                     secure = run_bench(secagg=True, **common)  # type: ignore[arg-type]
                 pairs.append((secure.median_round / plain.median_round, plain, secure))
-            _, plain, secure = sorted(pairs, key=lambda pair: pair[0])[(len(pairs) - 1) // 2]  # the median pair
+            _, plain, secure = sorted(pairs, key=lambda pair: pair[0])[len(pairs) // 2]  # median (upper of two)
             num_params = plain.num_params
             stages.append((f"{train_model or 'noise'} {num_params / 1e6:.1f}M x {sites} sites", secure.median_stages()))
             figure = _figure_row(plain, secure, training=bool(train_model), interleaved=args.interleave,
