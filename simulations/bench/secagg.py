@@ -23,7 +23,6 @@ machine:
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import os
 import statistics
@@ -368,7 +367,7 @@ def _simulate(
             num_sites=sites, min_fit_clients=sites, num_server_rounds=total_rounds, secagg=secagg, model="simplecnn"
         )
         initial = model_arrays(num_params)
-    cfg = dataclasses.replace(cfg, secagg_mask_generator=mask_generator)
+    cfg = cfg.replace(secagg_mask_generator=mask_generator)
     num_examples = [100 + 10 * i for i in range(sites)]
     timer = RoundTimer(
         FedAvg(
