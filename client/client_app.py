@@ -217,9 +217,10 @@ class BoundClientApp(ClientApp):
     Flower's simulation engine sends the ClientApp to a Ray worker with every message, pickled
     with cloudpickle. A plain ``ClientApp`` holds closures (its mods' and its own wrappers), which
     cloudpickle serialises by value, scanning ``sys.modules`` (thousands of modules once torch
-    and MONAI are loaded) for each: about 1 ms of the server's CPU per message (measured with
-    SecAgg+'s mods: 0.96 ms, 9.2 KB), four messages per site and round under SecAgg+. This one
-    pickles as ``(cfg, client_fn, mods)`` (0.03 ms, 2 KB) and is rebuilt by
+    and MONAI are loaded) for each: about 1 ms of the server's CPU per message (0.9 ms, 8.8 KB
+    with SecAgg+'s mods), four messages per site and round under SecAgg+. This one pickles as
+    ``(cfg, client_fn, mods)`` (0.04 ms, 2.5 KB; ``python -m medfed.simulations.bench.secagg_parts``)
+    and is rebuilt by
     :func:`make_client_app` in the worker. (At 8 sites x 1M parameters the effect on a round was
     within the run-to-run noise: BENCHMARKS.md, issue 19.)
 

@@ -56,6 +56,7 @@ from flwr.compat.common import recorddict_compat as compat
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from medfed.shared.secagg_masks import (
+    FLOWER_MASK_GENERATOR,
     MASK_GENERATOR_KEY,
     PACKED_MODULUS,
     add_mask,
@@ -110,7 +111,7 @@ def collect_masked_vectors(
     num_examples: int,
     updated_parameters: Parameters,
     *,
-    generator: str = "flower-mt19937",
+    generator: str = FLOWER_MASK_GENERATOR,
 ) -> dict[str, list[bytes]]:
     """The collect-masked-vectors stage of Flower's SecAgg+ site, packed in ``uint32``.
 
@@ -242,7 +243,7 @@ def packed_secaggplus_mod(msg: Message, ctxt: Context, call_next: ClientAppCalla
     if state.mod_range != PACKED_MODULUS:
         return flower_secaggplus_mod(msg, ctxt, call_next)
     named = configs.get(MASK_GENERATOR_KEY)
-    generator = check_mask_generator(str(named)) if named is not None else "flower-mt19937"
+    generator = check_mask_generator(str(named)) if named is not None else FLOWER_MASK_GENERATOR
     if named is not None:
         del configs[MASK_GENERATOR_KEY]
     # From here on as Flower's mod does for this stage (secaggplus_mod.secaggplus_mod).

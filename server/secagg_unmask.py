@@ -31,7 +31,7 @@ from flwr.common import NDArrays
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
-from medfed.shared.secagg_masks import PACKED_MODULUS, add_mask
+from medfed.shared.secagg_masks import FLOWER_MASK_GENERATOR, PACKED_MODULUS, add_mask
 from medfed.shared.weights import npy_view
 
 __all__ = ["combine_shares", "npy_view", "remove_masks", "sum_masked_vectors"]  # npy_view lives in medfed.shared.weights
@@ -170,7 +170,7 @@ def remove_masks(
     neighbours: Mapping[int, set[int]],
     public_keys: Mapping[int, Sequence[bytes]],
     threshold: int,
-    generator: str = "flower-mt19937",
+    generator: str = FLOWER_MASK_GENERATOR,
 ) -> NDArrays | None:
     """The sum of the active sites' quantised vectors: ``masked`` without any mask.
 

@@ -80,7 +80,7 @@ from medfed.server.rounds import apply_round_offset
 from medfed.server.secagg_unmask import remove_masks, sum_masked_vectors
 from medfed.server.validation import RoundValidation, check_aggregate
 from medfed.shared.config import ConfigError, RunConfig, sites_per_round
-from medfed.shared.secagg_masks import DEFAULT_MASK_GENERATOR, MASK_GENERATOR_KEY
+from medfed.shared.secagg_masks import DEFAULT_MASK_GENERATOR, FLOWER_MASK_GENERATOR, MASK_GENERATOR_KEY
 
 __all__ = [
     "MODULUS_RANGE",
@@ -179,8 +179,7 @@ class SecAggSettings:
             f"threshold {self.reconstruction_threshold}, clipping range {self.clipping_range:g}, "
             f"quantization range {self.quantization_range}, max weight {self.max_weight:g}, "
             f"timeout {self.timeout:g} s, masks from {self.mask_generator}; a site with n examples is "
-            "quantised in steps of "
-            f"{step:.3g} * {self.max_weight:g} / n"
+            f"quantised in steps of {step:.3g} * {self.max_weight:g} / n"
         )
 
 
@@ -423,7 +422,7 @@ class MedfedSecAggPlusWorkflow(SecAggPlusWorkflow):
             return super().collect_masked_vectors_stage(grid, context, state)
         cfg = context.state.config_records[MAIN_CONFIGS_RECORD]
         generator = self.settings.mask_generator
-        named = generator != "flower-mt19937"  # Flower's sites and workflow name no generator
+        named = generator != FLOWER_MASK_GENERATOR  # Flower's sites and workflow name no generator
 
         def make(nid: int) -> Message:
             content = state.nid_to_fitins[nid]

@@ -13,8 +13,8 @@ Generators (:data:`MASK_GENERATORS`; run-config key ``secagg-mask-generator``):
     ``HKDF-SHA256(seed, info=b"medfed SecAgg+ mask v1")``, the initial counter block zero (every
     seed is fresh each round and expands exactly one stream). A cryptographic generator keyed by
     the whole 256-bit secret, as SecAgg (Bonawitz et al. 2017) and SecAgg+ (Bell et al. 2020)
-    assume, and about 4x faster here than Flower's (AES-NI: 0.8 ms per million words against
-    3.8 ms). Words are uniform on ``[0, 2^32)``.
+    assume, and about 3.5x faster here than Flower's (AES-NI: 1.1 ms per million words against
+    3.9 ms; ``python -m medfed.simulations.bench.secagg_parts``). Words are uniform on ``[0, 2^32)``.
 ``"flower-mt19937"``
     Flower 1.42's ``pseudo_rand_gen(seed, 2**32, shapes)``: NumPy's legacy ``RandomState``
     seeded with the XOR of the seed's 32-bit words, drawing ``[0, 2^32 - 2]``. Only 2^32 seeds
@@ -40,7 +40,7 @@ __all__ = [
     "MASK_GENERATORS",
     "MASK_GENERATOR_KEY",
     "PACKED_MODULUS",
-    "MaskGenerator",
+    "FLOWER_MASK_GENERATOR",
     "add_mask",
     "check_mask_generator",
     "expand_mask",
@@ -51,9 +51,10 @@ __all__ = [
 PACKED_MODULUS = 2**32
 """The only ``modulus_range`` medfed packs in 32 bits (its default; Flower's default and largest)."""
 
-MaskGenerator = SecAggMaskGenerator
 MASK_GENERATORS: tuple[str, ...] = SECAGG_MASK_GENERATORS
-DEFAULT_MASK_GENERATOR: MaskGenerator = RunConfig.secagg_mask_generator  # the run-config key's default
+DEFAULT_MASK_GENERATOR: SecAggMaskGenerator = RunConfig.secagg_mask_generator  # the run-config key's default
+FLOWER_MASK_GENERATOR: SecAggMaskGenerator = "flower-mt19937"
+"""The generator of a party that names none: Flower's server workflow and Flower's site mod."""
 MASK_GENERATOR_KEY = "medfed-mask-generator"
 """Config-record key of the collect stage: the server names the generator, the site echoes it.
 Absent means Flower's (a Flower server workflow, or a Flower site mod)."""
@@ -71,7 +72,7 @@ _ZEROS = bytes(4 * MASK_CHUNK)
 """The plaintext of an AES-CTR chunk (read only, shared)."""
 
 
-def check_mask_generator(name: str) -> MaskGenerator:
+def check_mask_generator(name: str) -> SecAggMaskGenerator:
     """``name`` if it is a known generator, else ``ValueError`` listing the valid names."""
     if name not in MASK_GENERATORS:
         raise ValueError(
@@ -129,7 +130,7 @@ def _aes_chunks(seed: bytes, size: int) -> Iterator[tuple[int, np.ndarray]]:
 
 _CHUNKS: dict[str, Callable[[bytes, int], Iterator[tuple[int, np.ndarray]]]] = {
     "aes-256-ctr": _aes_chunks,
-    "flower-mt19937": _flower_chunks,
+    FLOWER_MASK_GENERATOR: _flower_chunks,
 }
 
 

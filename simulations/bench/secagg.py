@@ -59,7 +59,7 @@ from medfed.server.secure import MedfedSecAggPlusWorkflow, SecAggOutcome, SecAgg
 from medfed.shared.config import RunConfig
 from medfed.shared.data.loading import load_dataset
 from medfed.shared.models import model_task
-from medfed.shared.secagg_masks import DEFAULT_MASK_GENERATOR, MASK_GENERATORS
+from medfed.shared.secagg_masks import DEFAULT_MASK_GENERATOR, FLOWER_MASK_GENERATOR, MASK_GENERATORS
 from medfed.shared.seeding import seed_everything
 from medfed.shared.site_process import simulated_site_environment
 from medfed.shared.task import model_for
@@ -329,7 +329,7 @@ def run_bench(
     with it Flower's mask generator. ``mask_generator`` is ``secagg-mask-generator`` otherwise.
     """
     if not packed or flower_only:
-        mask_generator = "flower-mt19937"  # Flower's site mod draws only Flower's masks
+        mask_generator = FLOWER_MASK_GENERATOR  # Flower's site mod draws only Flower's masks
     return _simulate(
         mode="secagg" if secagg else "plain", sites=sites, num_params=num_params, rounds=rounds,
         num_cpus=num_cpus, flower_only=flower_only, train_model=train_model,

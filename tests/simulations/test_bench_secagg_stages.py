@@ -1,4 +1,4 @@
-"""The SecAgg+ benchmark's per-stage medians skip round 1 (Ray starting its workers)."""
+"""The SecAgg+ benchmarks: per-stage medians skip round 1, the interleaved workflow, the parts command."""
 
 from __future__ import annotations
 
@@ -87,3 +87,21 @@ def test_interleaved_rounds_alternate_a_real_plain_round_and_a_secagg_round() ->
         for got, want in zip(globals_after[server_round], expected, strict=True):
             assert np.max(np.abs(got - want)) < tolerance, server_round
         previous = globals_after[server_round]
+
+
+def test_secagg_parts_times_every_part_it_names() -> None:
+    from medfed.shared.secagg_masks import MASK_GENERATORS
+    from medfed.simulations.bench.secagg_parts import measure
+
+    rows = dict(measure(repeat=1))
+    for generator in MASK_GENERATORS:
+        for size in ("1M", "11.2M"):
+            assert float(rows[f"one mask, {size} entries, {generator}"].removesuffix(" ms")) > 0
+    assert float(rows["quantisation and stochastic rounding, 11.2M entries"].removesuffix(" ms")) > 0
+    assert {k for k in rows if "Shamir" in k} == {
+        "one secret from 3 Shamir shares, Flower's combine_shares",
+        "one secret from 3 Shamir shares, medfed's combine_shares",
+    }
+    bound = rows["pickling the app per message, medfed's BoundClientApp"]
+    plain = rows["pickling the app per message, Flower's ClientApp with medfed's SecAgg+ mods"]
+    assert int(bound.split(", ")[1].removesuffix(" bytes")) < int(plain.split(", ")[1].removesuffix(" bytes"))
