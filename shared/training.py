@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 from medfed.shared.data.base import ImageSet
 from medfed.shared.metrics import choose_threshold, classification_metrics, segmentation_metrics
 from medfed.shared.precision import eval_autocast
-from medfed.shared.transforms import ImageSetDataset, train_transforms
+from medfed.shared.transforms import AugmentedBatches, BatchFlipShift, ImageSetDataset, train_transforms
 
 if TYPE_CHECKING:
     from opacus.optimizers import DPOptimizer
@@ -69,7 +69,8 @@ class TrainSettings:
     proximal_mu
         FedProx proximal weight; 0 disables the term.
     augment
-        Random flips and shifts (see :func:`medfed.shared.transforms.train_transforms`).
+        Random flips and shifts (see :func:`medfed.shared.transforms.train_transforms`; classification
+        batches: :class:`medfed.shared.transforms.BatchFlipShift`).
     seed
         Seeds shuffling and augmentation of this round at this site.
     patch_size
@@ -194,22 +195,32 @@ def make_optimizer(
 
 
 def make_train_loader(data: ImageSet, settings: TrainSettings) -> DataLoader:
-    """A shuffling, seeded loader over ``data`` with augmentation if asked for."""
+    """A shuffling, seeded loader over ``data`` with augmentation if asked for.
+
+    Classification batches are augmented whole after collation (:class:`~medfed.shared.transforms.
+    BatchFlipShift`, the flips and shifts of :func:`~medfed.shared.transforms.train_transforms` drawn per
+    image); segmentation and detection items one at a time (their masks and boxes move with them)."""
     patch = settings.patch_size if data.task == "segmentation" else 0
+    batched = settings.augment and data.task == "classification"
     transform = (
         train_transforms(task=data.task, spatial_dims=data.spatial_dims, patch_size=patch, augment=settings.augment)
-        if settings.augment or patch
+        if (settings.augment and not batched) or patch
         else None
     )
     dataset = ImageSetDataset(data, transform=transform, seed=settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
+    collate = (
+        {"collate_fn": AugmentedBatches(BatchFlipShift(spatial_dims=data.spatial_dims, seed=settings.seed))}
+        if batched
+        else _collate(data)
+    )
     return DataLoader(
         dataset,
         batch_size=min(settings.batch_size, len(data)),
         shuffle=True,
         generator=generator,
         drop_last=False,
-        **_collate(data),
+        **collate,
     )
 
 

@@ -1,20 +1,32 @@
-"""MONAI dictionary transforms for training-time augmentation, and the torch dataset over them."""
+"""Training-time augmentation: MONAI dictionary transforms per image (segmentation, detection) or
+the same flips and shifts drawn per image and applied to a whole batch (classification), and the
+torch dataset over them."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+from typing import Any
+
 import numpy as np
 import torch
+import torch.nn.functional as F
 from monai.transforms import Compose, RandAffined, RandCropByPosNegLabeld, RandFlipd, Randomizable
 from monai.utils import convert_to_tensor
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from medfed.shared.data.base import ImageSet
 
-__all__ = ["train_transforms", "ImageSetDataset"]
+__all__ = ["AugmentedBatches", "BatchFlipShift", "ImageSetDataset", "train_transforms", "translate"]
+
+FLIP_PROB = 0.5
+"""Probability that an image is flipped along one spatial axis (each axis drawn on its own)."""
+SHIFT_PROB = 0.5
+"""Probability that an image is translated."""
+SHIFT_PIXELS = 2
 
 
 def train_transforms(
-    *, task: str, spatial_dims: int, shift_pixels: int = 2, patch_size: int = 0, augment: bool = True
+    *, task: str, spatial_dims: int, shift_pixels: int = SHIFT_PIXELS, patch_size: int = 0, augment: bool = True
 ) -> Compose:
     """Random flips along every spatial axis and small translations; random patches (segmentation).
 
@@ -50,15 +62,127 @@ def train_transforms(
         ]
     if not augment:
         return Compose(crop)
-    flips = [RandFlipd(keys=keys, prob=0.5, spatial_axis=axis) for axis in range(spatial_dims)]
+    flips = [RandFlipd(keys=keys, prob=FLIP_PROB, spatial_axis=axis) for axis in range(spatial_dims)]
     shift = RandAffined(
         keys=keys,
-        prob=0.5,
+        prob=SHIFT_PROB,
         translate_range=[shift_pixels] * spatial_dims,
         mode=modes,
         padding_mode="zeros",
     )
     return Compose([*crop, *flips, shift])
+
+
+def translate(images: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """Images moved by a (fractional) number of pixels each, bilinear, zeros where nothing moves in.
+
+    Parameters
+    ----------
+    images
+        ``(B, C, *spatial)`` float images, 2 or 3 spatial axes.
+    shifts
+        ``(B, D)`` pixels per spatial axis, in the array's axis order (``D`` spatial axes):
+        ``out[b, :, i] = images[b, :, i - shifts[b]]`` (interpolated between pixels). This is MONAI's
+        ``Affine(translate_params=-shifts[b], mode="bilinear", padding_mode="zeros")`` applied to one
+        image (tested equal), computed for the batch with one ``affine_grid`` / ``grid_sample``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, C, *spatial)``, the dtype of ``images``.
+    """
+    count, dims = shifts.shape
+    sizes = images.shape[2:]
+    if len(sizes) != dims or count != images.shape[0]:
+        raise ValueError(f"translate: shifts of shape {tuple(shifts.shape)} do not fit images of shape "
+                         f"{tuple(images.shape)} (expected ({images.shape[0]}, {len(sizes)})).")
+    theta = torch.zeros(count, dims, dims + 1, dtype=images.dtype, device=images.device)
+    theta[:, :, :dims] = torch.eye(dims, dtype=images.dtype, device=images.device)
+    for k in range(dims):  # grid coordinate k (x, y, z) is the array's spatial axis dims - 1 - k
+        axis = dims - 1 - k
+        # the grid gives where each output pixel reads the input: shifted by -shift, in units of 2 / size
+        theta[:, k, dims] = -2.0 * shifts[:, axis].to(images.dtype) / sizes[axis]
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+class BatchFlipShift:
+    """The classification augmentation of :func:`train_transforms`, drawn per image and applied to
+    a whole batch at once.
+
+    Each image is flipped along each spatial axis with probability :data:`FLIP_PROB`, then with
+    probability :data:`SHIFT_PROB` translated by a shift drawn uniformly from ``[-shift_pixels,
+    shift_pixels]`` per axis (bilinear, zero padding): the distribution of MONAI's ``RandFlipd`` and
+    ``RandAffined(translate_range=...)`` in :func:`train_transforms`. MONAI applies them one image at
+    a time, with a metadata-tracking tensor and an affine grid per image: on 16^3 volumes and 28x28
+    images that costs more than the model's forward and backward passes (BENCHMARKS.md, "Batched
+    augmentation"). Here one flip per axis and one ``grid_sample`` serve the batch.
+
+    Parameters
+    ----------
+    spatial_dims
+        2 or 3.
+    shift_pixels
+        Largest translation, in pixels, along each spatial axis.
+    seed
+        Seeds this object's own generator: the same seed and batches give the same augmentation.
+
+    Notes
+    -----
+    ``__call__`` maps images ``(B, C, *spatial)`` to augmented images of the same shape and dtype;
+    a batch of zero images (Opacus's Poisson sampling can draw one) is returned as it is.
+    """
+
+    def __init__(self, *, spatial_dims: int, shift_pixels: float = SHIFT_PIXELS, seed: int = 0) -> None:
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims = {spatial_dims} is invalid: batched augmentation takes 2 or 3.")
+        if shift_pixels < 0:
+            raise ValueError(f"shift_pixels = {shift_pixels} is invalid: it must be >= 0.")
+        self.spatial_dims = spatial_dims
+        self.shift_pixels = float(shift_pixels)
+        self.generator = torch.Generator().manual_seed(seed % (2**63))
+
+    def draw(self, count: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The random choices for ``count`` images: flips ``(B, D)`` bool, shifted ``(B,)`` bool and
+        shifts ``(B, D)`` pixels (used where ``shifted``)."""
+        flips = torch.rand(count, self.spatial_dims, generator=self.generator) < FLIP_PROB
+        shifted = torch.rand(count, generator=self.generator) < SHIFT_PROB
+        shifts = (torch.rand(count, self.spatial_dims, generator=self.generator) * 2 - 1) * self.shift_pixels
+        return flips, shifted, shifts
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """Augment ``images`` ``(B, C, *spatial)``; returns a new tensor of the same shape."""
+        if images.dim() != self.spatial_dims + 2:
+            raise ValueError(f"BatchFlipShift({self.spatial_dims}D) got a batch of shape {tuple(images.shape)}; "
+                             f"expected (B, C, {', '.join(['size'] * self.spatial_dims)}).")
+        count = images.shape[0]
+        if count == 0:
+            return images
+        flips, shifted, shifts = self.draw(count)
+        out = images
+        expand = (-1,) + (1,) * (images.dim() - 1)
+        for axis in range(self.spatial_dims):
+            if flips[:, axis].any():
+                out = torch.where(flips[:, axis].view(expand), out.flip(2 + axis), out)
+        chosen = shifted.nonzero().flatten()
+        if chosen.numel():
+            out = out.clone() if out is images else out
+            out[chosen] = translate(out[chosen], shifts[chosen])
+        return out
+
+
+class AugmentedBatches:
+    """A ``DataLoader`` ``collate_fn``: the default collation of ``(image, target)`` items, then
+    ``augment`` (e.g. :class:`BatchFlipShift`) on the stacked images ``(B, C, *spatial)``.
+
+    Opacus's Poisson loader wraps it like any ``collate_fn`` (empty batches never reach it)."""
+
+    def __init__(self, augment: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        self.augment = augment
+
+    def __call__(self, batch: Sequence[Any]) -> list[torch.Tensor]:
+        images, targets = default_collate(batch)
+        return [self.augment(images), targets]
 
 
 class ImageSetDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
