@@ -23,6 +23,7 @@ FLIP_PROB = 0.5
 SHIFT_PROB = 0.5
 """Probability that an image is translated."""
 SHIFT_PIXELS = 2
+"""Largest translation, in pixels, along each spatial axis."""
 
 
 def train_transforms(
