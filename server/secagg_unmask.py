@@ -69,17 +69,28 @@ def _gf_inverse(a: int) -> int:
 def _lagrange_at_zero(indices: tuple[int, ...]) -> tuple[int, ...]:
     """Lagrange coefficients at x = 0 for the share indices ``indices`` (in GF(2^128), ``-`` is ``+``).
 
-    They depend on the indices only: a round's secrets mostly share one set of indices, and every
-    16-byte chunk of a secret uses the same coefficients.
+    They depend on the indices only: :func:`combine_shares` asks with the indices sorted, so a
+    round's secrets (shares from the same sites, in whatever order the replies came) and every
+    16-byte chunk of a secret use one cached set. The ``n`` denominators are inverted together
+    (Montgomery's trick: one field inversion and ``3 (n - 1)`` products instead of ``n`` inversions).
     """
-    out = []
+    numerators, denominators = [], []
     for j, x_j in enumerate(indices):
         numerator, denominator = 1, 1
         for m, x_m in enumerate(indices):
             if m != j:
                 numerator = _gf_mul(numerator, x_m)
                 denominator = _gf_mul(denominator, x_j ^ x_m)
-        out.append(_gf_mul(numerator, _gf_inverse(denominator)))
+        numerators.append(numerator)
+        denominators.append(denominator)
+    prefix = [1]  # prefix[k] = denominators[0] * ... * denominators[k - 1]
+    for d in denominators:
+        prefix.append(_gf_mul(prefix[-1], d))
+    inverse = _gf_inverse(prefix[-1])  # (d_0 ... d_{n-1})^-1
+    out = [0] * len(indices)
+    for k in range(len(indices) - 1, -1, -1):
+        out[k] = _gf_mul(numerators[k], _gf_mul(inverse, prefix[k]))  # d_k^-1 = (d_0..d_k)^-1 (d_0..d_{k-1})
+        inverse = _gf_mul(inverse, denominators[k])  # (d_0 ... d_{k-1})^-1
     return tuple(out)
 
 
@@ -89,17 +100,20 @@ def combine_shares(share_list: Sequence[bytes]) -> bytes:
     Each share is Flower's: a 4-byte little-endian index, then one 16-byte share per 16-byte chunk
     of the PKCS#7-padded secret (pycryptodome's ``Shamir.split`` without ``ssss``). The chunks are
     interpolated at zero as pycryptodome's ``Shamir.combine`` does, with the Lagrange coefficients
-    computed once per set of indices and a shift-and-add field product (Flower's takes about 4 ms
-    per secret, a thread pool per call included; tested equal on random secrets and share subsets).
+    computed once per set of indices (sorted, whatever order the replies came in) and a
+    shift-and-add field product (Flower's takes about 4 ms per secret, a thread pool per call
+    included; tested equal on random secrets and share subsets).
 
     Raises
     ------
     ValueError
         On duplicate indices or when the shares do not decode to a padded secret (as Flower's).
     """
-    indices = tuple(int.from_bytes(share[:4], "little") for share in share_list)
+    by_index = sorted((int.from_bytes(share[:4], "little"), share) for share in share_list)
+    indices = tuple(index for index, _ in by_index)
     if len(set(indices)) != len(indices):
         raise ValueError("Duplicate share")
+    share_list = [share for _, share in by_index]  # interpolation ignores the order; the cache does not
     chunks = (len(share_list[0]) - 4) >> 4
     coefficients = _lagrange_at_zero(indices)
     secret = bytearray()

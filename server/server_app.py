@@ -257,19 +257,20 @@ def make_server_app(
     *,
     hooks: ServerHooks | None = None,
     run_path: str | None = None,
-    pull_interval: float | None = None,
+    tune_grid: Callable[[Grid], None] | None = None,
 ) -> ServerApp:
     """A ServerApp bound to ``cfg`` (simulation), or reading the run config (``flwr run``).
 
-    ``pull_interval``: seconds the grid sleeps between pulls for replies, for a grid with that
-    setting (Flower's in-memory simulation grid: 0.1 s by default); ``None`` leaves it alone.
+    ``tune_grid``: called with the grid before the run (a simulation shortens the in-memory
+    grid's waits for replies: ``medfed.simulations.engine_tuning.tune_grid``); ``None`` leaves
+    the grid as Flower made it.
     """
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        if pull_interval is not None and hasattr(grid, "pull_interval"):
-            grid.pull_interval = pull_interval
+        if tune_grid is not None:
+            tune_grid(grid)
         run_cfg = cfg or config_from_run_config(context.run_config)
         run_server(grid, context, run_cfg, hooks or ServerHooks(), run_path)
 

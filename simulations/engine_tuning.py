@@ -6,17 +6,25 @@ Polls
 A simulated round waits on two fixed polls of 0.1 s per message exchange, whatever the work:
 
 * the ServerApp's ``InMemoryGrid`` sleeps ``pull_interval`` (0.1 s, a public attribute) between
-  pulls for replies: :func:`tune_grid` sets it;
+  pulls for replies;
 * the simulation engine's thread that hands messages to the sites
   (``flwr.server.superlink.fleet.vce.vce_api.add_messages_to_queue``) waits a hard-coded 0.1 s
   between passes over the nodes. No setting reaches it, so :func:`engine_polls` swaps in a copy
-  of that function with a shorter wait while a simulation runs, and puts Flower's back after.
+  of that function while a simulation runs, and puts Flower's back after.
   The copy also asks the link state only about nodes with an undelivered message (Flower asks
   every node every pass, and each question scans every stored message: O(nodes x messages)
   a pass, which dominates a simulation of 1,000 sites).
 
-SecAgg+ exchanges messages four times a round, so these polls cost it about 0.8 s a round
-before any work; a plain round pays them twice (fit, evaluate).
+Neither needs to wait at all: both wait for something the same process does (the grid stores
+messages for the sites; the engine stores their replies). Inside :func:`engine_polls`,
+:func:`tune_grid` makes the simulation's link state set an event when it stores either
+(``store_message_ins`` / ``store_message_res``, wrapped on that one state object), the engine's
+loop waits on the first and the grid's ``send_and_receive`` (a copy of Flower's loop, on that one
+grid object) on the second, so each side wakes when there is something to do; the poll
+interval (:data:`SIM_POLL_INTERVAL`) remains only as the longest wait. SecAgg+ exchanges messages
+four times a round where a plain round exchanges once, so it paid these waits four times:
+about 0.8 s a round with Flower's 0.1 s polls, about 0.16 s with 0.02 s polls (half an interval
+on average on each side of each exchange).
 
 The end of a run waits on a third: the engine's worker threads and the thread that stores
 replies block on ``Queue.get(timeout=1.0)`` and look at the stop event only between gets, so a
@@ -25,9 +33,9 @@ ServerApp's last round and the backend's ``terminate``). Inside :func:`engine_po
 that ``run_api`` creates (``vce_api.Queue``) cap a blocking get's timeout at the poll interval;
 the loops are otherwise Flower's.
 
-The copy and the queue are only used when Flower's functions are the ones they were written for
-(flwr 1.42.0: the SHA-256 of their sources are :data:`FLOWER_SOURCE_SHA256` and
-:data:`FLOWER_QUEUE_USERS_SHA256`); otherwise :func:`engine_polls` logs a
+The copies and the queue are only used when Flower's functions are the ones they were written for
+(flwr 1.42.0: the SHA-256 of their sources are :data:`FLOWER_SOURCE_SHA256`,
+:data:`FLOWER_QUEUE_USERS_SHA256` and :data:`FLOWER_GRID_SHA256`); otherwise :func:`engine_polls` logs a
 warning and leaves Flower alone (the test ``tests/simulations/test_engine_tuning.py`` fails then,
 so the copy is reviewed). Deployment is untouched: the patch only applies inside
 :func:`engine_polls` and the grid setting only to the in-memory grid of a simulation.
@@ -52,6 +60,7 @@ import inspect
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from queue import Queue
@@ -61,7 +70,8 @@ from flwr.server.superlink.fleet.vce import vce_api
 from flwr.superlink.grid import InMemoryGrid
 
 __all__ = [
-    "SIM_POLL_INTERVAL", "SERVER_THREADS", "FLOWER_SOURCE_SHA256", "FLOWER_QUEUE_USERS_SHA256", "engine_polls",
+    "SIM_POLL_INTERVAL", "SERVER_THREADS", "FLOWER_SOURCE_SHA256", "FLOWER_QUEUE_USERS_SHA256", "FLOWER_GRID_SHA256",
+    "engine_polls",
     "tune_grid", "flower_source_matches", "server_threads",
 ]
 
@@ -80,6 +90,10 @@ FLOWER_QUEUE_USERS_SHA256 = "60a2e5da2056b7b65c900811f4e332eb56ace27064ce33f1f77
 """SHA-256 of the sources of ``vce_api.run_api``, ``worker`` and ``put_message_into_state`` in
 flwr 1.42.0 (the queues' creator and the two loops whose gets :func:`_stop_aware_queue` shortens)."""
 
+FLOWER_GRID_SHA256 = "0229edfa5741b92857a8f53744a145900bd8726e339627d46c69418d45429a0a"
+"""SHA-256 of ``inspect.getsource(InMemoryGrid.send_and_receive)`` in flwr 1.42.0 (copied by
+:func:`_event_send_and_receive`)."""
+
 _FLOWER_ADD_MESSAGES = vce_api.add_messages_to_queue
 _FLOWER_QUEUE = vce_api.Queue
 _lock = threading.RLock()
@@ -91,15 +105,87 @@ def _queue_users_source() -> str:
 
 
 def flower_source_matches() -> bool:
-    """Whether Flower's engine is the 1.42.0 code the patches were written for."""
+    """Whether Flower's engine and in-memory grid are the 1.42.0 code the copies were written for."""
     ok = hashlib.sha256(inspect.getsource(_FLOWER_ADD_MESSAGES).encode()).hexdigest() == FLOWER_SOURCE_SHA256
-    return ok and hashlib.sha256(_queue_users_source().encode()).hexdigest() == FLOWER_QUEUE_USERS_SHA256
+    ok = ok and hashlib.sha256(_queue_users_source().encode()).hexdigest() == FLOWER_QUEUE_USERS_SHA256
+    grid_source = inspect.getsource(InMemoryGrid.send_and_receive)
+    return ok and hashlib.sha256(grid_source.encode()).hexdigest() == FLOWER_GRID_SHA256
+
+
+class _Wakeups:
+    """What the simulation's link state signals: messages stored for the sites, replies stored."""
+
+    def __init__(self) -> None:
+        self.mail = threading.Event()
+        self.replies = threading.Event()
+
+
+_wakeups: _Wakeups | None = None
+"""The running simulation's events (set inside :func:`engine_polls`, read by :func:`tune_grid`)."""
 
 
 def tune_grid(grid: Any, *, interval: float = SIM_POLL_INTERVAL) -> None:
-    """Set a simulation grid's ``pull_interval`` (seconds between pulls for replies); others unchanged."""
-    if isinstance(grid, InMemoryGrid):
-        grid.pull_interval = interval
+    """Shorten a simulation grid's waits for replies; other grids are left alone.
+
+    Sets the in-memory grid's ``pull_interval`` (seconds between pulls for replies). Inside
+    :func:`engine_polls` it also wires the grid's link state to the engine: the state signals
+    what it stores (:func:`_signal_link_state`) and the grid waits for replies on that signal
+    (:func:`_event_send_and_receive`) instead of sleeping out the interval.
+    """
+    if not isinstance(grid, InMemoryGrid):
+        return
+    grid.pull_interval = interval
+    wakeups = _wakeups
+    if wakeups is not None:
+        _signal_link_state(grid.state, wakeups)
+        grid.send_and_receive = _event_send_and_receive(grid, wakeups)  # type: ignore[method-assign]
+
+
+def _signal_link_state(state: Any, wakeups: _Wakeups) -> None:
+    """Make ``state`` set ``wakeups.mail`` after storing a message for a site and ``wakeups.replies``
+    after storing a reply (this state object only; the methods are Flower's, called first)."""
+    store_ins, store_res = state.store_message_ins, state.store_message_res
+
+    def store_message_ins(message: Any) -> Any:
+        try:
+            return store_ins(message)
+        finally:
+            wakeups.mail.set()
+
+    def store_message_res(message: Any) -> Any:
+        try:
+            return store_res(message)
+        finally:
+            wakeups.replies.set()
+
+    state.store_message_ins = store_message_ins
+    state.store_message_res = store_message_res
+
+
+def _event_send_and_receive(grid: InMemoryGrid, wakeups: _Wakeups) -> Any:
+    """Flower 1.42's ``InMemoryGrid.send_and_receive`` for ``grid``, waiting for ``wakeups.replies``
+    (at most ``grid.pull_interval``) where Flower sleeps ``pull_interval``.
+
+    The event is cleared before each pull, so a reply stored after a pull ends the next wait.
+    """
+
+    def send_and_receive(messages: Any, *, timeout: float | None = None) -> Any:
+        msg_ids = set(grid.push_messages(messages))
+        del messages
+        end_time = time.time() + (timeout if timeout is not None else 0.0)
+        ret: list[Any] = []
+        while timeout is None or time.time() < end_time:
+            wakeups.replies.clear()
+            res_msgs = grid.pull_messages(msg_ids)
+            ret.extend(res_msgs)
+            msg_ids.difference_update({msg.metadata.reply_to_message_id for msg in res_msgs})
+            if len(msg_ids) == 0:
+                break
+            wait = grid.pull_interval if timeout is None else min(grid.pull_interval, max(end_time - time.time(), 0.0))
+            wakeups.replies.wait(wait)
+        return ret
+
+    return send_and_receive
 
 
 def _nodes_with_mail(state: Any, nodes_mapping: Any) -> Any:
@@ -118,17 +204,20 @@ def _nodes_with_mail(state: Any, nodes_mapping: Any) -> Any:
     return [node_id for node_id in nodes_mapping.keys() if node_id in pending]
 
 
-def _add_messages_every(interval: float) -> Any:
+def _add_messages_every(interval: float, mail: threading.Event | None = None) -> Any:
     """Flower 1.42's ``add_messages_to_queue`` with ``interval`` instead of its fixed 0.1 s wait,
-    asking only the nodes that have mail (:func:`_nodes_with_mail`)."""
+    asking only the nodes that have mail (:func:`_nodes_with_mail`); with ``mail`` (set when a
+    message is stored for a site) a wait ends as soon as there is a new message."""
 
     def add_messages_to_queue(state: Any, queue: Queue, nodes_mapping: Any, f_stop: threading.Event) -> None:
         while not f_stop.is_set():
+            if mail is not None:
+                mail.clear()  # before the pass: a message stored during it ends the next wait
             for node_id in _nodes_with_mail(state, nodes_mapping):
                 message_ins_list = state.get_message_ins(node_id=node_id, limit=1)
                 for msg in message_ins_list:
                     queue.put(msg)
-            f_stop.wait(interval)
+            (mail if mail is not None else f_stop).wait(interval)
 
     return add_messages_to_queue
 
@@ -147,7 +236,8 @@ def _stop_aware_queue(interval: float) -> type[Queue]:
 
 @contextmanager
 def engine_polls(interval: float = SIM_POLL_INTERVAL) -> Iterator[bool]:
-    """While inside, Flower's simulation engine polls for new messages every ``interval`` seconds.
+    """While inside, Flower's simulation engine polls for new messages every ``interval`` seconds at
+    most, and wakes when the grid stores one (when :func:`tune_grid` wired the grid's state).
 
     Yields
     ------
@@ -158,19 +248,23 @@ def engine_polls(interval: float = SIM_POLL_INTERVAL) -> Iterator[bool]:
     if not flower_source_matches():
         logger.warning(
             "Flower's simulation engine (vce_api: add_messages_to_queue, run_api, worker, put_message_into_state) "
-            "is not the 1.42.0 code medfed's shorter polls were written for: running with Flower's own 0.1 s "
-            "and 1 s polls."
+            "or InMemoryGrid.send_and_receive is not the 1.42.0 code medfed's shorter polls were written for: "
+            "running with Flower's own 0.1 s and 1 s polls."
         )
         yield False
         return
+    global _wakeups
     with _lock:
-        vce_api.add_messages_to_queue = _add_messages_every(interval)
+        outer = _wakeups
+        _wakeups = _Wakeups()
+        vce_api.add_messages_to_queue = _add_messages_every(interval, _wakeups.mail)
         vce_api.Queue = _stop_aware_queue(interval)
         try:
             yield True
         finally:
             vce_api.add_messages_to_queue = _FLOWER_ADD_MESSAGES
             vce_api.Queue = _FLOWER_QUEUE
+            _wakeups = outer
 
 
 @contextmanager

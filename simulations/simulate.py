@@ -24,7 +24,7 @@ from medfed.server.server_app import ServerHooks, make_server_app
 from medfed.shared.config import RunConfig
 from medfed.shared.preflight import preflight
 from medfed.shared.site_process import simulated_site_environment
-from medfed.simulations.engine_tuning import SIM_POLL_INTERVAL, engine_polls, server_threads
+from medfed.simulations.engine_tuning import engine_polls, server_threads, tune_grid
 from medfed.simulations.interrupt import (
     Interrupt,
     RunInterrupted,
@@ -182,7 +182,7 @@ def run_federated(
         on_start=on_start, on_round=on_round, on_finish=on_finish, on_final_model=on_final_model if report else None
     )
     server_app = make_server_app(
-        cfg, hooks=server_hooks, run_path=str(path), pull_interval=SIM_POLL_INTERVAL if tuned else None
+        cfg, hooks=server_hooks, run_path=str(path), tune_grid=tune_grid if tuned else None
     )
     client_app = client_app or make_client_app(cfg)
     # One CPU per site: Ray runs as many sites at once as there are cores, each torch single-threaded.

@@ -149,6 +149,35 @@ def test_combine_shares_equals_flowers_on_random_secrets_and_subsets() -> None:
         assert secagg_unmask.combine_shares(subset[::-1]) == secret
 
 
+
+def test_combine_shares_computes_one_coefficient_set_whatever_the_reply_order() -> None:
+    """Replies (and so shares) arrive in any order: the coefficients are computed once per set of
+    indices, not once per order (a miss costs a field inversion; 8 orders of 8 shares once cost 0.45 s)."""
+    import random
+
+    from flwr.common.secure_aggregation.crypto.shamir import create_shares
+
+    rng = random.Random(1)
+    secagg_unmask._lagrange_at_zero.cache_clear()
+    for _ in range(12):
+        secret = rng.randbytes(32)
+        shares = create_shares(secret, 5, 8)
+        rng.shuffle(shares)
+        assert secagg_unmask.combine_shares(shares) == secret
+    info = secagg_unmask._lagrange_at_zero.cache_info()
+    assert (info.misses, info.hits) == (1, 11)
+    # the batched inversion gives each index set the same coefficients as one inversion per denominator
+    indices = (1, 3, 4, 7, 8)
+    expected = []
+    for j, x_j in enumerate(indices):
+        numerator, denominator = 1, 1
+        for m, x_m in enumerate(indices):
+            if m != j:
+                numerator = secagg_unmask._gf_mul(numerator, x_m)
+                denominator = secagg_unmask._gf_mul(denominator, x_j ^ x_m)
+        expected.append(secagg_unmask._gf_mul(numerator, secagg_unmask._gf_inverse(denominator)))
+    assert secagg_unmask._lagrange_at_zero(indices) == tuple(expected)
+
 def test_combine_shares_refuses_what_flowers_refuses() -> None:
     from flwr.common.secure_aggregation.crypto.shamir import create_shares
 

@@ -12,6 +12,7 @@ from flwr.superlink.grid import InMemoryGrid
 
 from medfed.simulations.engine_tuning import (
     SIM_POLL_INTERVAL,
+    _add_messages_every,
     engine_polls,
     flower_source_matches,
     server_threads,
@@ -79,8 +80,7 @@ def test_the_patched_engine_hands_every_message_over_and_waits_the_shorter_inter
     state = _State({1: ["a1", "a2"], 2: ["b1"], 3: []})
     queue: Queue = Queue()
     stop = _Stop(passes=3)
-    with engine_polls(0.005):
-        vce_api.add_messages_to_queue(state, queue, {1: 0, 2: 1, 3: 2}, stop)
+    _add_messages_every(0.005)(state, queue, {1: 0, 2: 1, 3: 2}, stop)  # the loop engine_polls installs
     assert stop.waits == [0.005] * 3
     assert [queue.get_nowait() for _ in range(queue.qsize())] == ["a1", "b1", "a2"]  # one per node per pass
     assert {limit for _, limit in state.calls} == {1}
@@ -148,3 +148,122 @@ def test_importing_medfed_makes_idle_openmp_threads_sleep_unless_set(preset, exp
     out = subprocess.run([sys.executable, "-c", "import os, medfed; print(os.environ['OMP_WAIT_POLICY'])"],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+class _LinkState:
+    """The two storing methods of Flower's link state, recording what they store."""
+
+    def __init__(self) -> None:
+        self.ins: list[str] = []
+        self.res: list[str] = []
+
+    def store_message_ins(self, message: str) -> str:
+        self.ins.append(message)
+        return f"id-{message}"
+
+    def store_message_res(self, message: str) -> str:
+        self.res.append(message)
+        return f"id-{message}"
+
+
+def _grid_with(state: object) -> InMemoryGrid:
+    class _Factory:
+        def state(self) -> object:
+            return state
+
+    return InMemoryGrid(state_factory=_Factory())
+
+
+def test_outside_engine_polls_tune_grid_changes_only_the_interval() -> None:
+    state = _LinkState()
+    grid = _grid_with(state)
+    tune_grid(grid)
+    assert "send_and_receive" not in vars(grid) and "store_message_ins" not in vars(state)
+    assert state.store_message_ins("m") == "id-m"
+
+
+def test_inside_engine_polls_the_state_signals_what_it_stores_and_the_engine_wakes_at_once() -> None:
+    """A message stored for a site ends the engine's wait: it is handed over without waiting the interval."""
+    state = _LinkState()
+    with engine_polls(30.0):  # a wait the test would notice
+        grid = _grid_with(state)
+        tune_grid(grid, interval=30.0)
+        pending: dict[int, list[str]] = {1: []}
+
+        class _EngineState:
+            def get_message_ins(self, *, node_id: int, limit: int) -> list[str]:
+                out, pending[node_id] = pending[node_id][:limit], pending[node_id][limit:]
+                return out
+
+        queue: Queue = Queue()
+        stop = threading.Event()
+        loop = threading.Thread(
+            target=vce_api.add_messages_to_queue, args=(_EngineState(), queue, {1: 0}, stop), daemon=True
+        )
+        loop.start()
+        time.sleep(0.2)  # the loop has made its first pass and waits (up to 30 s)
+        start = time.perf_counter()
+        pending[1].append("m1")
+        assert grid.state.store_message_ins("m1") == "id-m1"  # Flower's method ran, then the signal
+        assert queue.get(timeout=5.0) == "m1"
+        handed_over = time.perf_counter() - start
+        assert state.ins == ["m1"]
+        stop.set()
+        grid.state.store_message_ins("wake")  # end the last wait
+        loop.join(timeout=5.0)
+    assert handed_over < 2.0  # 30 s without the signal
+    assert not loop.is_alive()
+
+
+def test_inside_engine_polls_the_grid_returns_when_the_last_reply_is_stored() -> None:
+    """``send_and_receive`` keeps Flower's contract (push, pull until every reply is in) and wakes on
+    each stored reply instead of sleeping ``pull_interval``."""
+
+    class _Meta:
+        def __init__(self, reply_to: str) -> None:
+            self.reply_to_message_id = reply_to
+
+    class _Reply:
+        def __init__(self, reply_to: str) -> None:
+            self.metadata = _Meta(reply_to)
+
+    state = _LinkState()
+    with engine_polls(30.0):
+        grid = _grid_with(state)
+        tune_grid(grid, interval=30.0)
+        stored: list[_Reply] = []
+        grid.push_messages = lambda messages: [f"id-{m}" for m in messages]  # type: ignore[method-assign]
+
+        def pull_messages(ids):
+            out = [r for r in stored if r.metadata.reply_to_message_id in ids]
+            for r in out:
+                stored.remove(r)
+            return out
+
+        grid.pull_messages = pull_messages  # type: ignore[method-assign]
+
+        def sites() -> None:
+            for name in ("a", "b"):
+                time.sleep(0.1)
+                stored.append(_Reply(f"id-{name}"))
+                grid.state.store_message_res(name)
+
+        threading.Thread(target=sites, daemon=True).start()
+        start = time.perf_counter()
+        replies = list(grid.send_and_receive(["a", "b"]))
+        took = time.perf_counter() - start
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["id-a", "id-b"]
+    assert state.res == ["a", "b"]
+    assert took < 5.0  # two 30 s sleeps without the signal
+
+
+def test_the_grids_timeout_still_bounds_the_wait() -> None:
+    state = _LinkState()
+    with engine_polls(30.0):
+        grid = _grid_with(state)
+        tune_grid(grid, interval=30.0)
+        grid.push_messages = lambda messages: ["id-x"]  # type: ignore[method-assign]
+        grid.pull_messages = lambda ids: []  # type: ignore[method-assign]
+        start = time.perf_counter()
+        assert list(grid.send_and_receive(["x"], timeout=0.3)) == []
+    assert 0.25 < time.perf_counter() - start < 5.0
