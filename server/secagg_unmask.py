@@ -8,7 +8,7 @@ adds or subtracts every mask in place on one flat ``uint32`` vector, drawn chunk
 (:func:`medfed.shared.secagg_masks.add_mask`) from the generator the sites used (Flower's, tested
 equal to ``pseudo_rand_gen``, or medfed's AES-256-CTR), without the per-tensor lists, the
 ``int64`` copies or a whole mask in memory. Secrets are recovered as Flower's ``combine_shares``
-recovers them (:func:`combine_shares`: the same interpolation, faster; tested equal) and the
+recovers them (:func:`medfed.shared.shamir.combine_shares`: the same interpolation, faster; tested equal) and the
 pairwise keys with Flower's own ``generate_shared_key``.
 ``tests/server/test_secagg_unmask.py`` checks the aggregate against Flower's own stage (and
 against an independent AES reference), with and without sites dropping out.
@@ -22,111 +22,18 @@ reduces modulo ``2^32`` at the end; here each ``.npy`` payload is read in place
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping, Sequence
 
 import numpy as np
-from Crypto.Util.Padding import unpad
 from flwr.common import NDArrays
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import generate_shared_key
 from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_public_key
 
 from medfed.shared.secagg_masks import FLOWER_MASK_GENERATOR, PACKED_MODULUS, add_mask
+from medfed.shared.shamir import combine_shares
 from medfed.shared.weights import npy_view
 
 __all__ = ["combine_shares", "npy_view", "remove_masks", "sum_masked_vectors"]  # npy_view lives in medfed.shared.weights
-
-
-_GF_MODULUS = (1 << 128) | 0x87
-"""GF(2^128) as pycryptodome's Shamir uses it: x^128 + x^7 + x^2 + x + 1, bit i = coefficient of x^i."""
-
-
-def _gf_mul(a: int, b: int) -> int:
-    """Product in GF(2^128) (shift-and-add; pycryptodome builds two 128-character strings per bit)."""
-    z = 0
-    while b:
-        if b & 1:
-            z ^= a
-        b >>= 1
-        a <<= 1
-        if a >> 128:
-            a ^= _GF_MODULUS
-    return z
-
-
-def _gf_inverse(a: int) -> int:
-    """``a^(2^128 - 2)``, the inverse of ``a != 0`` in GF(2^128) (Fermat; square-and-multiply)."""
-    result, base, exponent = 1, a, (1 << 128) - 2
-    while exponent:
-        if exponent & 1:
-            result = _gf_mul(result, base)
-        base = _gf_mul(base, base)
-        exponent >>= 1
-    return result
-
-
-@functools.lru_cache(maxsize=256)
-def _lagrange_at_zero(indices: tuple[int, ...]) -> tuple[int, ...]:
-    """Lagrange coefficients at x = 0 for the share indices ``indices`` (in GF(2^128), ``-`` is ``+``).
-
-    They depend on the indices only: :func:`combine_shares` asks with the indices sorted, so a
-    round's secrets (shares from the same sites, in whatever order the replies came) and every
-    16-byte chunk of a secret use one cached set. The ``n`` denominators are inverted together
-    (Montgomery's trick: one field inversion and ``3 (n - 1)`` products instead of ``n`` inversions).
-    """
-    numerators, denominators = [], []
-    for j, x_j in enumerate(indices):
-        numerator, denominator = 1, 1
-        for m, x_m in enumerate(indices):
-            if m != j:
-                numerator = _gf_mul(numerator, x_m)
-                denominator = _gf_mul(denominator, x_j ^ x_m)
-        numerators.append(numerator)
-        denominators.append(denominator)
-    prefix = [1]  # prefix[k] = denominators[0] * ... * denominators[k - 1]
-    for d in denominators:
-        prefix.append(_gf_mul(prefix[-1], d))
-    inverse = _gf_inverse(prefix[-1])  # (d_0 ... d_{n-1})^-1
-    out = [0] * len(indices)
-    for k in range(len(indices) - 1, -1, -1):
-        out[k] = _gf_mul(numerators[k], _gf_mul(inverse, prefix[k]))  # d_k^-1 = (d_0..d_k)^-1 (d_0..d_{k-1})
-        inverse = _gf_mul(inverse, denominators[k])  # (d_0 ... d_{k-1})^-1
-    return tuple(out)
-
-
-def combine_shares(share_list: Sequence[bytes]) -> bytes:
-    """Flower's ``combine_shares``, computed faster: the secret behind Shamir shares.
-
-    Each share is Flower's: a 4-byte little-endian index, then one 16-byte share per 16-byte chunk
-    of the PKCS#7-padded secret (pycryptodome's ``Shamir.split`` without ``ssss``). The chunks are
-    interpolated at zero as pycryptodome's ``Shamir.combine`` does, with the Lagrange coefficients
-    computed once per set of indices (sorted, whatever order the replies came in) and a
-    shift-and-add field product (Flower's takes about 4 ms per secret, a thread pool per call
-    included; tested equal on random secrets and share subsets).
-
-    Raises
-    ------
-    ValueError
-        On duplicate indices or when the shares do not decode to a padded secret (as Flower's).
-    """
-    by_index = sorted((int.from_bytes(share[:4], "little"), share) for share in share_list)
-    indices = tuple(index for index, _ in by_index)
-    if len(set(indices)) != len(indices):
-        raise ValueError("Duplicate share")
-    share_list = [share for _, share in by_index]  # interpolation ignores the order; the cache does not
-    chunks = (len(share_list[0]) - 4) >> 4
-    coefficients = _lagrange_at_zero(indices)
-    secret = bytearray()
-    for i in range(chunks):
-        start = 4 + (i << 4)
-        value = 0
-        for share, coefficient in zip(share_list, coefficients, strict=True):
-            value ^= _gf_mul(int.from_bytes(share[start : start + 16], "big"), coefficient)
-        secret += value.to_bytes(16, "big")
-    try:
-        return unpad(bytes(secret), 16)
-    except ValueError:
-        raise ValueError("Failed to combine shares") from None
 
 
 def sum_masked_vectors(payloads: Sequence[Sequence[bytes]]) -> NDArrays:

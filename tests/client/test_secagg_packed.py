@@ -28,6 +28,7 @@ from medfed.client.secagg_packed import (
     expand_mask,
     packed_secaggplus_mod,
     quantized_vector,
+    share_keys,
 )
 from medfed.server.secure import MedfedSecAggPlusWorkflow, SecAggSettings, quantization_error_bound
 from medfed.shared.secagg_masks import DEFAULT_MASK_GENERATOR, MASK_GENERATOR_KEY, add_mask, mask_key
@@ -194,6 +195,69 @@ def _protocol_states(sites: int) -> tuple[list[object], dict[int, tuple[list[int
             incoming[dst][0].append(s.nid)
             incoming[dst][1].append(ciphertext)
     return states, incoming
+
+
+def test_share_keys_does_what_flowers_stage_does_with_shares_flowers_combine_reads() -> None:
+    """medfed's share-keys stage on a copy of the state Flower's stage gets: the same checks pass, the
+    same neighbours are addressed in the same order, the same keys agreed; the new seed and the
+    shares differ (fresh randomness) but every neighbour's ciphertext decrypts, with the key it
+    agreed, to its pair of shares, and any threshold of them recovers the seed and the first
+    secret key with Flower's ``combine_shares``."""
+    from flwr.common.secure_aggregation.crypto.shamir import combine_shares
+    from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt
+    from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
+
+    sites = 4
+    setup = {Key.SAMPLE_NUMBER: sites, Key.SHARE_NUMBER: sites, Key.THRESHOLD: 3, Key.CLIPPING_RANGE: C,
+             Key.TARGET_RANGE: Q, Key.MOD_RANGE: 2**32, Key.MAX_WEIGHT: W}
+    states = []
+    for nid in range(1, sites + 1):
+        state = _flower.SecAggPlusState()
+        state.nid = nid
+        states.append(state)
+    keys = {s.nid: _flower._setup(s, dict(setup)) for s in states}
+    public = {str(nid): [k[Key.PUBLIC_KEY_1], k[Key.PUBLIC_KEY_2]] for nid, k in keys.items()}
+    ours_states = copy.deepcopy(states)
+    theirs = [_flower._share_keys(s, dict(public)) for s in states]
+    ours = [share_keys(s, dict(public)) for s in ours_states]
+    for mine, flowers, st_mine, st_flower in zip(ours, theirs, ours_states, states, strict=True):
+        assert mine[Key.DESTINATION_LIST] == flowers[Key.DESTINATION_LIST]
+        assert len(mine[Key.CIPHERTEXT_LIST]) == len(flowers[Key.CIPHERTEXT_LIST]) == sites - 1
+        assert st_mine.ss2_dict == st_flower.ss2_dict and st_mine.public_keys_dict == st_flower.public_keys_dict
+        assert st_mine.rd_seed != st_flower.rd_seed and len(st_mine.rd_seed) == 32
+    # every site's shares, as its neighbours decrypt them (plus its own)
+    seed_shares = {s.nid: [s.rd_seed_share_dict[s.nid]] for s in ours_states}
+    key_shares = {s.nid: [s.sk1_share_dict[s.nid]] for s in ours_states}
+    for sender, reply in zip(ours_states, ours, strict=True):
+        for dst, ciphertext in zip(reply[Key.DESTINATION_LIST], reply[Key.CIPHERTEXT_LIST], strict=True):
+            receiver = ours_states[dst - 1]
+            src, to, seed_share, key_share = share_keys_plaintext_separate(decrypt(receiver.ss2_dict[sender.nid], ciphertext))
+            assert (src, to) == (sender.nid, dst)
+            seed_shares[sender.nid].append(seed_share)
+            key_shares[sender.nid].append(key_share)
+    for s in ours_states:
+        assert combine_shares(seed_shares[s.nid][1:]) == s.rd_seed  # 3 of 4: the threshold
+        assert combine_shares(key_shares[s.nid][:3]) == s.sk1
+
+
+def test_share_keys_refuses_what_flowers_stage_refuses() -> None:
+    sites = 3
+    setup = {Key.SAMPLE_NUMBER: sites, Key.SHARE_NUMBER: sites, Key.THRESHOLD: 3, Key.CLIPPING_RANGE: C,
+             Key.TARGET_RANGE: Q, Key.MOD_RANGE: 2**32, Key.MAX_WEIGHT: W}
+    states = []
+    for nid in range(1, sites + 1):
+        state = _flower.SecAggPlusState()
+        state.nid = nid
+        states.append(state)
+    keys = {s.nid: _flower._setup(s, dict(setup)) for s in states}
+    public = {str(nid): [k[Key.PUBLIC_KEY_1], k[Key.PUBLIC_KEY_2]] for nid, k in keys.items()}
+    too_few = {k: v for k, v in public.items() if k != "3"}
+    same_key = {**public, "3": public["2"]}
+    wrong_own = {**public, "1": public["1"][::-1]}  # own keys swapped
+    for configs, message in ((too_few, "smaller than threshold"), (same_key, "identical"), (wrong_own, "incorrectly")):
+        for stage in (share_keys, _flower._share_keys):
+            with pytest.raises(ValueError, match=message):
+                stage(copy.deepcopy(states[0]), dict(configs))
 
 
 @pytest.mark.parametrize("site", [0, 1, 2])
