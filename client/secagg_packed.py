@@ -197,7 +197,8 @@ def collect_masked_vectors(
     num_examples
         The site's FedAvg weight.
     updated_parameters
-        The site's vector (medfed: the update ``local - global``, float64).
+        The site's vector (medfed: the update ``local - global``, in the weights' float dtype;
+        :mod:`medfed.client.update_mods`).
     generator
         The mask generator (:data:`medfed.shared.secagg_masks.MASK_GENERATORS`): the one the
         server named; Flower's when it named none.

@@ -4,8 +4,9 @@ Flower's mods do the protocol work (``secaggplus_mod``, ``fixedclipping_mod``,
 ``adaptiveclipping_mod``); these two mods adapt medfed's model state to them:
 
 :func:`make_update_mod` (between ``secaggplus_mod`` and the clipping mod)
-    * Under SecAgg+, replaces the trained weights by the update ``local - global`` (float64;
-      0-d entries as shape ``(1,)``, which Flower's SecAgg+ aggregates correctly), which :class:`medfed.server.secure.SecAggUpdateStrategy` adds back to the global model after
+    * Under SecAgg+, replaces the trained weights by the update ``local - global`` (in the
+      weights' float32 / float64, other entries float64; 0-d entries as shape ``(1,)``, which
+      Flower's SecAgg+ aggregates correctly), which :class:`medfed.server.secure.SecAggUpdateStrategy` adds back to the global model after
       secure aggregation (see ``server/secure.py`` for why updates, not weights). It refuses to
       send when the site's example count exceeds ``secagg-max-weight`` (the weight would
       overflow the quantisation range and corrupt the aggregate) and counts entries that
@@ -136,10 +137,7 @@ def make_update_mod(cfg: RunConfig) -> Mod:
             num_examples = int(reply.content.metric_records["fitres.num_examples"]["num_examples"])
             # 0-d entries travel as shape (1,): Flower 1.42's dequantize returns numpy scalars for
             # 0-d arrays and its in-place offset and weight correction then miss them.
-            update = [
-                np.atleast_1d(np.asarray(x, np.float64) - np.asarray(g, np.float64))
-                for x, g in zip(local, global_weights, strict=True)
-            ]
+            update = [_difference(x, g) for x, g in zip(local, global_weights, strict=True)]
             _check_finite(update)
             metrics = reply.content.config_records["fitres.metrics"]
             if cfg.max_update_norm > 0:
@@ -157,6 +155,20 @@ def make_update_mod(cfg: RunConfig) -> Mod:
         return reply
 
     return update_mod
+
+
+def _difference(local: np.ndarray, global_: np.ndarray) -> np.ndarray:
+    """``local - global`` for the SecAgg+ update, at least 1-d: in the weights' own dtype when both
+    are float32 or float64, in float64 otherwise (integer entries, mixed dtypes).
+
+    A float32 difference rounds to within 2^-24 of the update's magnitude, many orders of
+    magnitude below SecAgg+'s quantisation step (``2 clipping_range / quantization_range``, about
+    4e-6 with the defaults), and is half the bytes of float64 for the next mod to read.
+    """
+    local, global_ = np.asarray(local), np.asarray(global_)
+    if local.dtype == global_.dtype and local.dtype in (np.float32, np.float64):
+        return np.atleast_1d(np.subtract(local, global_))
+    return np.atleast_1d(np.asarray(local, np.float64) - np.asarray(global_, np.float64))
 
 
 def _check_finite(update: NDArrays) -> None:
@@ -185,7 +197,7 @@ def clip_update(update: NDArrays, *, is_float: list[bool], max_norm: float) -> t
     Parameters
     ----------
     update
-        ``local - global`` per state entry (float64, any shapes).
+        ``local - global`` per state entry (float32 or float64, any shapes).
     is_float
         Per entry: whether the model's entry is floating-point (integer step counters are
         neither part of the norm nor scaled, as on the server: ``medfed.server.validation.update_norm``).

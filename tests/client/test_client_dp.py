@@ -123,7 +123,9 @@ def test_update_mod_sends_the_update_under_secagg() -> None:
     reply = make_update_mod(cfg)(_train_message(state, {}), _context(), _trainer(0.01, num_examples=40, steps=3))
     update = _reply_weights(reply)
     for u, s in zip(update, state, strict=True):
-        assert u.dtype == np.float64 and u.shape == (s.shape or (1,))  # 0-d entries as shape (1,)
+        assert u.shape == (s.shape or (1,))  # 0-d entries as shape (1,)
+        # float entries in the weights' own dtype (half the bytes of float64 for float32 models); counters float64
+        assert u.dtype == (s.dtype if s.dtype.kind == "f" else np.float64)
         if s.dtype.kind == "i":
             assert float(u[0]) == 3.0
     assert 0 < max(float(np.abs(u).max()) for u, s in zip(update, state, strict=True) if s.dtype.kind == "f") < 0.1
