@@ -49,3 +49,31 @@ def _object_npy() -> bytes:
     buffer = io.BytesIO()
     np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     return buffer.getvalue()
+
+
+def test_headers_are_parsed_once_and_each_payload_keeps_its_own_data() -> None:
+    """Equal headers share one parse; the data still comes from each payload (not from the cache)."""
+    from medfed.shared import weights
+
+    weights._npy_header.cache_clear()
+    first, second = np.arange(6, dtype=np.float32), np.arange(6, 12, dtype=np.float32)
+    a, b = npy_view(_npy(first)), npy_view(_npy(second))
+    np.testing.assert_array_equal(a, first)
+    np.testing.assert_array_equal(b, second)
+    info = weights._npy_header.cache_info()
+    assert (info.misses, info.hits) == (1, 1)
+    npy_view(_npy(first.reshape(2, 3)))  # another shape: another header
+    assert weights._npy_header.cache_info().misses == 2
+
+
+def test_a_version_2_header_and_bytes_that_are_not_npy() -> None:
+    array = np.arange(10, dtype=np.int16)
+    buffer = io.BytesIO()
+    np.lib.format.write_array(buffer, array, version=(2, 0))
+    payload = buffer.getvalue()
+    assert payload[6] == 2  # 4-byte header length
+    np.testing.assert_array_equal(npy_view(payload), array)
+    with pytest.raises(ValueError, match="not an .npy payload"):
+        npy_view(b"PK\x03\x04 a zip file, not an array")
+    with pytest.raises(ValueError, match="not an .npy payload"):
+        npy_view(b"")
