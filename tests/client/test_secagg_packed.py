@@ -177,9 +177,10 @@ def test_mask_expansion_rejects_the_word_flower_rejects(monkeypatch: pytest.Monk
     assert expand_mask(b"\0" * 4, 4, generator="flower-mt19937").tolist() == [5, 7, 9, 11]
 
 
-def _protocol_states(sites: int) -> tuple[list[object], dict[int, tuple[list[int], list[bytes]]]]:
-    """Flower's own setup and share-keys stages for ``sites`` sites; each site's incoming ciphertexts."""
-    setup = {Key.SAMPLE_NUMBER: sites, Key.SHARE_NUMBER: sites, Key.THRESHOLD: 2, Key.CLIPPING_RANGE: C,
+def _after_setup(sites: int, *, threshold: int) -> tuple[list[object], dict[str, list[bytes]]]:
+    """Flower's own setup stage for ``sites`` sites (node ids 1..sites): their states and the
+    share-keys stage's config (node id -> the two public keys)."""
+    setup = {Key.SAMPLE_NUMBER: sites, Key.SHARE_NUMBER: sites, Key.THRESHOLD: threshold, Key.CLIPPING_RANGE: C,
              Key.TARGET_RANGE: Q, Key.MOD_RANGE: 2**32, Key.MAX_WEIGHT: W}
     states = []
     for nid in range(1, sites + 1):
@@ -187,7 +188,12 @@ def _protocol_states(sites: int) -> tuple[list[object], dict[int, tuple[list[int
         state.nid = nid
         states.append(state)
     keys = {s.nid: _flower._setup(s, dict(setup)) for s in states}
-    public = {str(nid): [k[Key.PUBLIC_KEY_1], k[Key.PUBLIC_KEY_2]] for nid, k in keys.items()}
+    return states, {str(nid): [k[Key.PUBLIC_KEY_1], k[Key.PUBLIC_KEY_2]] for nid, k in keys.items()}
+
+
+def _protocol_states(sites: int) -> tuple[list[object], dict[int, tuple[list[int], list[bytes]]]]:
+    """Flower's own setup and share-keys stages for ``sites`` sites; each site's incoming ciphertexts."""
+    states, public = _after_setup(sites, threshold=2)
     incoming: dict[int, tuple[list[int], list[bytes]]] = {s.nid: ([], []) for s in states}
     for s in states:
         out = _flower._share_keys(s, dict(public))
@@ -208,15 +214,7 @@ def test_share_keys_does_what_flowers_stage_does_with_shares_flowers_combine_rea
     from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
 
     sites = 4
-    setup = {Key.SAMPLE_NUMBER: sites, Key.SHARE_NUMBER: sites, Key.THRESHOLD: 3, Key.CLIPPING_RANGE: C,
-             Key.TARGET_RANGE: Q, Key.MOD_RANGE: 2**32, Key.MAX_WEIGHT: W}
-    states = []
-    for nid in range(1, sites + 1):
-        state = _flower.SecAggPlusState()
-        state.nid = nid
-        states.append(state)
-    keys = {s.nid: _flower._setup(s, dict(setup)) for s in states}
-    public = {str(nid): [k[Key.PUBLIC_KEY_1], k[Key.PUBLIC_KEY_2]] for nid, k in keys.items()}
+    states, public = _after_setup(sites, threshold=3)
     ours_states = copy.deepcopy(states)
     theirs = [_flower._share_keys(s, dict(public)) for s in states]
     ours = [share_keys(s, dict(public)) for s in ours_states]
@@ -241,16 +239,7 @@ def test_share_keys_does_what_flowers_stage_does_with_shares_flowers_combine_rea
 
 
 def test_share_keys_refuses_what_flowers_stage_refuses() -> None:
-    sites = 3
-    setup = {Key.SAMPLE_NUMBER: sites, Key.SHARE_NUMBER: sites, Key.THRESHOLD: 3, Key.CLIPPING_RANGE: C,
-             Key.TARGET_RANGE: Q, Key.MOD_RANGE: 2**32, Key.MAX_WEIGHT: W}
-    states = []
-    for nid in range(1, sites + 1):
-        state = _flower.SecAggPlusState()
-        state.nid = nid
-        states.append(state)
-    keys = {s.nid: _flower._setup(s, dict(setup)) for s in states}
-    public = {str(nid): [k[Key.PUBLIC_KEY_1], k[Key.PUBLIC_KEY_2]] for nid, k in keys.items()}
+    states, public = _after_setup(3, threshold=3)
     too_few = {k: v for k, v in public.items() if k != "3"}
     same_key = {**public, "3": public["2"]}
     wrong_own = {**public, "1": public["1"][::-1]}  # own keys swapped
