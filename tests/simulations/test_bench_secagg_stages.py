@@ -98,10 +98,23 @@ def test_secagg_parts_times_every_part_it_names() -> None:
         for size in ("1M", "11.2M"):
             assert float(rows[f"one mask, {size} entries, {generator}"].removesuffix(" ms")) > 0
     assert float(rows["quantisation and stochastic rounding, 11.2M entries"].removesuffix(" ms")) > 0
+    for label in ("1M", "11.2M"):
+        assert float(rows[f"quantisation and stochastic rounding, {label} entries"].removesuffix(" ms")) > 0
+    for dtype in ("float64", "float32"):
+        assert float(rows[f"writing a 1M-entry update for the next mod, {dtype}"].removesuffix(" ms")) > 0
     assert {k for k in rows if "Shamir" in k} == {
+        "Shamir shares of one secret (8 shares, threshold 5), Flower's create_shares",
+        "Shamir shares of one secret (8 shares, threshold 5), medfed's create_shares",
         "one secret from 3 Shamir shares, Flower's combine_shares",
         "one secret from 3 Shamir shares, medfed's combine_shares",
+        "8 secrets from 8 Shamir shares each, in 8 orders, medfed's combine_shares (cache cleared)",
     }
+    assert float(rows["decoding a site's secret key from bytes"].removesuffix(" ms")) > 0
+    for parser in ("NumPy's parser (np.load)", "medfed's npy_view (cached)"):
+        assert float(rows[f"one .npy header, {parser}"].removesuffix(" us")) >= 0
+    by_value = rows["pickling the SecAgg+ bench's noise-site app, by value"]
+    by_reference = rows["pickling the SecAgg+ bench's noise-site app, by reference"]
+    assert int(by_reference.split(", ")[1].removesuffix(" bytes")) < int(by_value.split(", ")[1].removesuffix(" bytes"))
     bound = rows["pickling the app per message, medfed's BoundClientApp"]
     plain = rows["pickling the app per message, Flower's ClientApp with medfed's SecAgg+ mods"]
     assert int(bound.split(", ")[1].removesuffix(" bytes")) < int(plain.split(", ")[1].removesuffix(" bytes"))
