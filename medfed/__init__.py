@@ -27,6 +27,11 @@ from pathlib import Path as _Path
 # another process on the cores, torch's spinning threads made two-thread training about 4x slower
 # than one thread (BENCHMARKS.md, "Performance close to the limit").
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# No network at run time: Flower's telemetry posts an event to telemetry.flower.ai when a simulation
+# or server starts (an HTTPS connection from a hospital's or researcher's machine; 0.1 s of a
+# simulation's start). Flower reads the variable when it is first imported, so it is set here; a
+# value already set wins (FLWR_TELEMETRY_ENABLED=1 turns it back on).
+_os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 SUBPACKAGES: tuple[str, ...] = ("shared", "client", "server", "simulations")
 """medfed's subpackages, in layer order (each may import only those before it; ``simulations``

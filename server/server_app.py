@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 
 from flwr.app import Context
+from flwr.common import NDArrays, Scalar
 from flwr.server import LegacyContext, ServerApp, ServerConfig
 from flwr.server.strategy import Strategy
 from flwr.server.workflow import DefaultWorkflow
@@ -36,6 +37,7 @@ from medfed.server.tracking import open_run_sink
 from medfed.server.validation import ValidatingStrategy
 from medfed.shared.config import RunConfig, robust_min_sites
 from medfed.shared.config_sources import config_from_run_config
+from medfed.shared.data.base import DataSplits
 from medfed.shared.data.loading import load_dataset
 from medfed.shared.inference import model_shape_for
 from medfed.shared.models import model_task
@@ -46,7 +48,9 @@ from medfed.shared.task import initial_model_with_report, model_for
 from medfed.shared.training import reestimate_bn, select_device
 from medfed.shared.weights import get_weights, trainable_mask
 
-__all__ = ["app", "make_server_app", "ServerHooks", "primary_metric_for", "build_workflow", "run_server"]
+__all__ = [
+    "app", "make_server_app", "ServerHooks", "primary_metric_for", "build_workflow", "run_server", "simulation_evaluate_fn",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +70,23 @@ class ServerHooks:
 def primary_metric_for(task: str) -> str:
     """The higher-is-better metric that picks the best checkpoint."""
     return {"segmentation": "dice", "detection": "map50"}.get(task, "auc")
+
+
+def simulation_evaluate_fn(
+    cfg: RunConfig, splits: DataSplits
+) -> Callable[[int, NDArrays, dict[str, Scalar]], tuple[float, dict[str, Scalar]]]:
+    """The server's evaluation of each round's global model in a simulation (it holds the data).
+
+    Scores on the test split at a threshold chosen on the validation split, after re-estimating
+    BatchNorm statistics on the pooled training split when the sites keep theirs
+    (``bn-mode != "global"``): :func:`medfed.server.evaluation.make_evaluate_fn`.
+    """
+    return make_evaluate_fn(
+        model_for(cfg, splits.train), splits.test, val=splits.val,
+        bn_data=splits.train if cfg.bn_mode != "global" else None, roi_size=cfg.patch_size,
+        dtype=eval_dtype(cfg.eval_precision, device=select_device("auto"), task=splits.task),
+        threshold_rule=cfg.decision_threshold,
+    )
 
 
 def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks, run_path: str | None) -> None:
@@ -105,11 +126,7 @@ def run_server(grid: Grid, context: Context, cfg: RunConfig, hooks: ServerHooks,
         model, init_report = initial_model_with_report(cfg, splits.train)  # with init-weights loaded
         task = splits.task
         bn_data = splits.train if cfg.bn_mode != "global" else None
-        evaluate_fn = make_evaluate_fn(
-            model_for(cfg, splits.train), splits.test, val=splits.val, bn_data=bn_data, roi_size=cfg.patch_size,
-            dtype=eval_dtype(cfg.eval_precision, device=select_device("auto"), task=splits.task),
-            threshold_rule=cfg.decision_threshold,
-        )
+        evaluate_fn = simulation_evaluate_fn(cfg, splits)
         if bn_data is not None:  # the sites keep their statistics: the checkpoints get pooled ones
             device = select_device("auto")
             prepare = partial(reestimate_bn, data=bn_data, device=device)

@@ -39,6 +39,7 @@ __all__ = [
     "PERSONALIZE_MODES",
     "TRAINABLE_MODES",
     "EVAL_PRECISIONS",
+    "SIM_BACKENDS",
     "DECISION_THRESHOLDS",
     "DEFAULT_MIN_FIT_CLIENTS",
     "close_matches",
@@ -66,6 +67,7 @@ BadData = Literal["strict", "skip"]
 Personalize = Literal["off", "bn", "head", "bn+head"]
 Trainable = Literal["all", "head", "last-block+head", "norm+head"]
 EvalPrecision = Literal["auto", "fp32", "bf16"]
+SimBackend = Literal["auto", "in-process", "ray"]
 DecisionThreshold = Literal["youden", "accuracy"]
 
 TASKS: tuple[str, ...] = get_args(Task)
@@ -119,6 +121,8 @@ DECISION_THRESHOLDS: tuple[str, ...] = get_args(DecisionThreshold)
 EVAL_PRECISIONS: tuple[str, ...] = get_args(EvalPrecision)
 """Precision of the evaluation and BatchNorm re-estimation passes (``eval-precision``;
 :mod:`medfed.shared.precision`)."""
+SIM_BACKENDS: tuple[str, ...] = get_args(SimBackend)
+"""Where a simulation runs its sites (``sim-backend``; :mod:`medfed.simulations.in_process`)."""
 
 
 class ConfigError(ValueError):
@@ -289,6 +293,14 @@ class RunConfig:
         ``medfed export``, checkpoints' statistics and the cross-site evaluation stay fp32.
         Measured in BENCHMARKS.md ("bf16 inference and BatchNorm re-estimation (issue 19)");
         see :mod:`medfed.shared.precision` and ``docs/precision.md``.
+    sim_backend
+        Simulation only: where the simulated sites run. ``"in-process"``: in the coordinator's
+        process, one site at a time with every core (nothing to start: no Ray); ``"ray"``:
+        Flower's Ray backend, one single-threaded worker process per core (sites train in
+        parallel, each isolated in its process; seconds to start); ``"auto"`` (default):
+        in-process on a machine with at most 2 cores, Ray on larger ones
+        (:func:`medfed.simulations.in_process.choose_backend`; measured in BENCHMARKS.md,
+        "Simulation overhead"). ``medfed simulate --dry-run`` says which one a run gets.
     decision_threshold
         Binary classification: how each round's decision threshold (the one the checkpoint keeps
         and ``medfed predict`` applies) is chosen on validation data, never the test split:
@@ -406,6 +418,7 @@ class RunConfig:
     cross_site_min_count: int = 10
     augment: bool = True
     eval_precision: EvalPrecision = "auto"
+    sim_backend: SimBackend = "auto"
     decision_threshold: DecisionThreshold = "youden"
     seed: int = 0
     run_dir: str = "runs"
@@ -460,6 +473,7 @@ class RunConfig:
         _check_choice("personalize", self.personalize, PERSONALIZE_MODES)
         _check_choice("trainable", self.trainable, TRAINABLE_MODES)
         _check_choice("eval-precision", self.eval_precision, EVAL_PRECISIONS)
+        _check_choice("sim-backend", self.sim_backend, SIM_BACKENDS)
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):

@@ -1,4 +1,5 @@
-"""Run a multi-site federation on Flower's simulation engine (Ray), in this process."""
+"""Run a multi-site federation on Flower's simulation engine, in this process (sites in-process or on Ray:
+``sim-backend``, :mod:`medfed.simulations.in_process`)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from medfed.shared.config import RunConfig
 from medfed.shared.preflight import preflight
 from medfed.shared.site_process import simulated_site_environment
 from medfed.simulations.engine_tuning import engine_polls, server_threads, tune_grid
+from medfed.simulations.in_process import choose_backend, in_process_sites
 from medfed.simulations.interrupt import (
     Interrupt,
     RunInterrupted,
@@ -99,8 +101,10 @@ def run_federated(
         tests and benchmarks pass one with faulty sites (:mod:`medfed.simulations.faults`).
     tuned
         Run with :mod:`medfed.simulations.engine_tuning`'s settings (0.02 s polls, the server
-        process's torch threads) and Ray started by :func:`start_ray`; ``False`` keeps Flower's
-        defaults (benchmarks compare the two).
+        process's torch threads), the sites where ``cfg.sim_backend`` puts them
+        (:func:`medfed.simulations.in_process.choose_backend`) and Ray, when used, started by
+        :func:`start_ray`; ``False`` keeps Flower's defaults, its Ray backend included
+        (benchmarks compare the two).
 
     Raises
     ------
@@ -194,11 +198,14 @@ def run_federated(
     start = time.perf_counter()
     polls = engine_polls() if tuned else nullcontext()
     threads = server_threads() if tuned else nullcontext()
-    sites_env = simulated_site_environment()
-    with polls, threads, sites_env, interruptible(on_signal=on_signal) as interrupt, site_error_log() as site_errors:
+    # Flower's defaults (``tuned=False``, for benchmarks) are its Ray backend.
+    backend, why = choose_backend(cfg.sim_backend) if tuned else ("ray", "Flower's default engine settings")
+    logger.info("simulated sites run %s (%s)", "in this process" if backend == "in-process" else "on Ray", why)
+    sites = in_process_sites() if backend == "in-process" else simulated_site_environment()
+    with polls, threads, sites, interruptible(on_signal=on_signal) as interrupt, site_error_log() as site_errors:
         started_ray = False
         try:
-            started_ray = start_ray(verbose=verbose) if tuned else False
+            started_ray = start_ray(verbose=verbose) if tuned and backend == "ray" else False
             if started_ray:
                 ray_started_here.append(True)
             run_simulation(

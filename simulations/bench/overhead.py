@@ -32,14 +32,15 @@ import torch
 
 from medfed.client.site_client import SiteClient
 from medfed.client.site_data import simulated_site_data
-from medfed.server.evaluation import make_evaluate_fn
-from medfed.shared.config import RunConfig
+from medfed.server.server_app import simulation_evaluate_fn
+from medfed.shared.config import SIM_BACKENDS, RunConfig
 from medfed.shared.data.loading import load_dataset
 from medfed.shared.seeding import seed_everything
 from medfed.shared.task import model_for
 from medfed.shared.weights import get_weights
 from medfed.simulations.bench.figures import check_rows
 from medfed.simulations.bench.support import append_results_rows, fmt, ratio
+from medfed.simulations.in_process import choose_backend
 from medfed.simulations.simulate import SimulationResult, run_federated
 
 if TYPE_CHECKING:
@@ -79,7 +80,7 @@ def plain_loop(cfg: RunConfig) -> float:
     splits = load_dataset(cfg)
     model = model_for(cfg, splits.train)
     weights = get_weights(model)
-    evaluate_fn = make_evaluate_fn(model_for(cfg, splits.train), splits.test)
+    evaluate_fn = simulation_evaluate_fn(cfg, splits)  # the server's own: BatchNorm pass, validation threshold
     evaluate_fn(0, weights, {})
     sites = [
         SiteClient(cfg=cfg, data=simulated_site_data(cfg, site_index=i, num_sites=cfg.num_sites), site_index=i)
@@ -108,8 +109,14 @@ def measure_overhead(
     sim: SimulationResult | None = None,
     tuned: bool = True,
     plain_threads: Sequence[int] = (),
+    warm_up: bool = True,
 ) -> dict[str, float]:
     """Simulation and plain-loop wall times for ``cfg``, and their ratio.
+
+    ``warm_up``: first run one round of the plain loop, untimed, so that neither timing pays
+    this process's one-time costs (imports: torch's first optimizer imports ``torch._dynamo``,
+    about 2 s, and the sites' modules import MONAI; the dataset's cached splits), whichever ran
+    first. A simulation's own start (Ray and the imports in its workers) is still timed.
 
     ``sim``: a finished simulation of ``cfg`` to time against (default: run one now, with
     medfed's engine settings, or Flower's defaults when ``tuned`` is false).
@@ -131,6 +138,8 @@ def measure_overhead(
             "so the overhead ratio would count it as engine overhead. Pass loop_work(cfg), i.e. cfg.replace("
             f"{', '.join(f'{k}={v!r}' for k, v in LOOP_WORK.items())})."
         )
+    if warm_up and sim is None:
+        plain_loop(cfg.replace(num_server_rounds=1))
     sim = sim if sim is not None else run_federated(cfg, tuned=tuned)
     before = torch.get_num_threads()
     by_threads: dict[int, float] = {}
@@ -143,6 +152,7 @@ def measure_overhead(
     threads, plain = min(by_threads.items(), key=lambda kv: kv[1])
     rounds = [s for s in sim.summary.get("round_seconds", []) if s is not None]  # type: ignore[union-attr]
     out = {
+        "backend": choose_backend(cfg.sim_backend)[0] if tuned else "ray",
         "sites": cfg.num_sites,
         "rounds": cfg.num_server_rounds,
         "simulation_s": sim.wall_seconds,
@@ -161,6 +171,7 @@ def figure_row(cfg: RunConfig, figures: dict[str, float], *, engine: str = "tune
     plain_round = figures["plain_loop_s"] / cfg.num_server_rounds
     return {
         "model": cfg.model, "sites": cfg.num_sites, "rounds": cfg.num_server_rounds, "engine": engine,
+        "backend": figures.get("backend", "ray"),
         "ratio_wall": round(figures["overhead_ratio"], 3),
         "ratio_later_rounds": round(figures["later_round_mean_s"] / plain_round, 3),
         "simulation_s": round(figures["simulation_s"], 2), "plain_loop_s": round(figures["plain_loop_s"], 2),
@@ -243,6 +254,9 @@ def main() -> None:
     parser.add_argument("--plain-threads", type=int, nargs="+", default=None, metavar="N",
                         help="torch thread counts for the plain loop, one loop each; the fastest is the baseline "
                              "(default: 1 and the number of cores)")
+    parser.add_argument("--sim-backend", nargs="+", default=["in-process", "ray"], choices=SIM_BACKENDS,
+                        metavar="BACKEND", help="simulate with each of these sim-backend values, one simulation each, "
+                        "each against its own plain loop (default: in-process ray)")
     parser.add_argument("--record", type=Path, default=None, metavar="RESULTS_JSON",
                         help="append this run's rows to section 'overhead' of this file (e.g. docs/bench/results.json)")
     args = parser.parse_args()
@@ -259,7 +273,11 @@ def main() -> None:
         synthetic_samples=args.samples,
         run_dir=args.run_dir,
     ))
-    out = {"tuned": measure_overhead(cfg, plain_threads=plain_threads), "load": os.getloadavg()[0]}
+    out: dict[str, object] = {
+        f"tuned_{backend}": measure_overhead(cfg.replace(sim_backend=backend), plain_threads=plain_threads)
+        for backend in args.sim_backend
+    }
+    out["load"] = os.getloadavg()[0]
     if args.before:
         out["flower_defaults"] = measure_overhead(cfg, tuned=False, plain_threads=plain_threads)
         out["tuned_again"] = measure_overhead(cfg, plain_threads=plain_threads)  # interleaved: load changes
