@@ -211,6 +211,8 @@ def simulate(
             if cfg.init_weights or cfg.trainable != "all":
                 typer.echo("\n".join(f"# {line}" for line in _start_plan(cfg)))
             typer.echo(f"# {_precision_line(cfg)}")
+            if not centralized:
+                typer.echo(f"# {_backend_line(cfg)}")
             return
         _run_and_report(cfg, centralized=centralized, verbose=verbose)
     except (ConfigError, DataError, ValueError) as err:
@@ -243,6 +245,16 @@ def _precision_line(cfg: RunConfig) -> str:
     from medfed.shared.training import select_device
 
     return describe_eval_precision(cfg.eval_precision, device=select_device("auto"), task=model_task(cfg.model))
+
+
+def _backend_line(cfg: RunConfig) -> str:
+    """``--dry-run``'s line saying where the simulated sites run on this machine (``sim-backend``)."""
+    from medfed.simulations.in_process import choose_backend
+
+    backend, why = choose_backend(cfg.sim_backend)
+    where = "in this process, one site at a time with every core" if backend == "in-process" else (
+        "on Ray, one single-threaded worker process per core")
+    return f"sim-backend: {cfg.sim_backend} -> sites run {where} ({why})"
 
 
 def _start_plan(cfg: RunConfig) -> list[str]:

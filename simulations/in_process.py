@@ -48,11 +48,9 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from flwr.clientapp.client_app import ClientApp, ClientAppException, LoadClientAppError
 from flwr.server.superlink.fleet.vce import vce_api
-from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig
-from flwr.server.superlink.fleet.vce.backend import raybackend
+from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig, raybackend
 
 __all__ = [
     "AUTO_IN_PROCESS_MAX_CORES", "FLOWER_START_VCE_SHA256", "InProcessBackend", "choose_backend", "global_rng_kept",
@@ -99,11 +97,8 @@ def choose_backend(sim_backend: str, *, cores: int | None = None) -> tuple[str, 
         raise ValueError(f"sim-backend = {sim_backend!r} is invalid. Valid choices: auto, in-process, ray.")
     cores = cores if cores is not None else _cores()
     if cores <= AUTO_IN_PROCESS_MAX_CORES:
-        return "in-process", (
-            f"auto: {cores} core(s): one site at a time with every core trains as fast as one site per core, "
-            "without starting Ray (seconds)"
-        )
-    return "ray", f"auto: {cores} cores: one single-threaded site per core, in parallel"
+        return "in-process", f"auto: {cores} core(s), at most {AUTO_IN_PROCESS_MAX_CORES}: no Ray to start (seconds)"
+    return "ray", f"auto: {cores} cores, more than {AUTO_IN_PROCESS_MAX_CORES}: sites train in parallel"
 
 
 def _cores() -> int:

@@ -6,6 +6,7 @@ import threading
 import time
 from queue import Empty, Queue
 
+import numpy as np
 import pytest
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.superlink.grid import InMemoryGrid
@@ -267,3 +268,79 @@ def test_the_grids_timeout_still_bounds_the_wait() -> None:
         start = time.perf_counter()
         assert list(grid.send_and_receive(["x"], timeout=0.3)) == []
     assert 0.25 < time.perf_counter() - start < 5.0
+
+
+@pytest.mark.parametrize(("preset", "expected"), [(None, "0"), ("1", "1")])
+def test_importing_medfed_turns_flowers_telemetry_off_unless_set(preset, expected) -> None:
+    """No network at run time: Flower would post an event to telemetry.flower.ai at each simulation start."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "FLWR_TELEMETRY_ENABLED"}
+    if preset:
+        env["FLWR_TELEMETRY_ENABLED"] = preset
+    code = "import medfed, flwr.supercore.telemetry as t; print(t.FLWR_TELEMETRY_ENABLED)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
+
+
+_NPY_CASES = {
+    "float32": np.arange(12, dtype=np.float32).reshape(3, 4) / 7,
+    "float64": np.linspace(-1, 1, 5),
+    "int64": np.array([-(2**40), 0, 3], dtype=np.int64),
+    "uint8": np.arange(256, dtype=np.uint8),
+    "bool": np.array([True, False, True]),
+    "scalar": np.array(2.5, dtype=np.float32),
+    "empty": np.zeros((0, 3), dtype=np.float32),
+    "fortran": np.asfortranarray(np.arange(6, dtype=np.float64).reshape(2, 3)),
+    "big-endian": np.arange(4, dtype=">f4"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_NPY_CASES))
+def test_npy_array_returns_what_flowers_bytes_to_ndarray_returns(name: str) -> None:
+    from flwr.common import ndarray_to_bytes
+
+    from medfed.simulations.engine_tuning import _FLOWER_BYTES_TO_NDARRAY, npy_array
+
+    payload = ndarray_to_bytes(_NPY_CASES[name])
+    ours, flowers = npy_array(payload), _FLOWER_BYTES_TO_NDARRAY(payload)
+    assert ours.dtype == flowers.dtype and ours.shape == flowers.shape
+    assert ours.flags.writeable and ours.flags.f_contiguous == flowers.flags.f_contiguous
+    np.testing.assert_array_equal(ours, flowers)
+    ours[...] = 0  # a copy: the message's bytes are untouched
+    np.testing.assert_array_equal(npy_array(payload), flowers)
+
+
+def test_npy_array_refuses_pickles_and_truncated_payloads_as_flower_does() -> None:
+    import io
+
+    from flwr.common import ndarray_to_bytes
+
+    from medfed.simulations.engine_tuning import _FLOWER_BYTES_TO_NDARRAY, npy_array
+
+    buffer = io.BytesIO()
+    np.save(buffer, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    for bad in (buffer.getvalue(), ndarray_to_bytes(np.arange(10.0))[:-8], b"not npy"):
+        with pytest.raises(ValueError):
+            _FLOWER_BYTES_TO_NDARRAY(bad)
+        with pytest.raises(ValueError):
+            npy_array(bad)
+
+
+def test_inside_engine_polls_flowers_array_decoding_is_npy_array() -> None:
+    from flwr.common import ndarray_to_bytes, parameters_to_ndarrays
+    from flwr.common.typing import Parameters
+    from flwr.compat.common import parameter
+
+    from medfed.simulations.engine_tuning import npy_array
+
+    flower = parameter.bytes_to_ndarray
+    params = Parameters(tensors=[ndarray_to_bytes(a) for a in _NPY_CASES.values()], tensor_type="numpy.ndarray")
+    with engine_polls(0.01):
+        assert parameter.bytes_to_ndarray is npy_array
+        decoded = parameters_to_ndarrays(params)
+    assert parameter.bytes_to_ndarray is flower
+    for ours, expected in zip(decoded, _NPY_CASES.values(), strict=True):
+        np.testing.assert_array_equal(ours, expected)

@@ -1,6 +1,7 @@
-"""Ctrl-C of a real ``medfed simulate`` (Flower's simulation engine on Ray): the run stops within
-seconds with one line and exit status 130, every process it started ends, and the run directory
-is marked interrupted and resumable; ``--resume`` then completes it."""
+"""Ctrl-C of a real ``medfed simulate`` (Flower's simulation engine, its sites on Ray or in the
+coordinator's process): the run stops within seconds with one line and exit status 130, every
+process it started ends, and the run directory is marked interrupted and resumable; ``--resume``
+then completes it."""
 
 from __future__ import annotations
 
@@ -66,10 +67,10 @@ def _read_until(proc: subprocess.Popen[bytes], pattern: str, *, timeout: float) 
     pytest.fail(f"no {pattern!r} within {timeout} s:\n{''.join(seen)[-3000:]}")
 
 
-@pytest.fixture(scope="module")
-def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+@pytest.fixture(scope="module", params=["ray", "in-process"])
+def interrupted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("interrupt")
-    proc = _medfed(tmp, *OPTIONS, "--run-dir", str(tmp / "runs"))
+    proc = _medfed(tmp, *OPTIONS, "--set", f"sim-backend={request.param}", "--run-dir", str(tmp / "runs"))
     try:
         before = _read_until(proc, rf"^round 1/{ROUNDS}  ", timeout=600)
         family = descendants(proc.pid)  # Ray's head processes and the sites' workers
@@ -82,14 +83,17 @@ def interrupted(tmp_path_factory: pytest.TempPathFactory) -> dict:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     time.sleep(0.5)
-    return {"tmp": tmp, "proc": proc, "before": before, "after": after.decode(errors="replace"),
+    return {"backend": request.param, "tmp": tmp, "proc": proc, "before": before, "after": after.decode(errors="replace"),
             "seconds": seconds, "family": family, "ray_started": ray_started,
             "left": sorted({p for p in family if is_alive(p)} | set(_ray_processes_of(proc.pid)))}
 
 
 def test_ctrl_c_stops_the_run_within_seconds_with_one_line_and_status_130(interrupted: dict) -> None:
-    assert interrupted["family"], "the run had started no processes: was it running on Ray?"
-    assert interrupted["ray_started"], "no process of the run's Ray session was found while it ran"
+    if interrupted["backend"] == "ray":
+        assert interrupted["family"], "the run had started no processes: was it running on Ray?"
+        assert interrupted["ray_started"], "no process of the run's Ray session was found while it ran"
+    else:  # the sites ran in the coordinator's process: nothing was started
+        assert not interrupted["ray_started"], "an in-process run started Ray"
     assert interrupted["proc"].returncode == 130, interrupted["after"]
     assert interrupted["seconds"] < 15, f"took {interrupted['seconds']:.1f} s to exit"
     [run_dir] = [p for p in (interrupted["tmp"] / "runs").iterdir() if p.is_dir()]

@@ -18,7 +18,7 @@ def test_the_sites_of_a_simulation_run_without_them(tmp_path: Path, monkeypatch)
     probes.mkdir()
     cfg = RunConfig(dataset="synthetic", synthetic_samples=48, model="simplecnn", image_size=16, batch_size=16,
                     num_sites=2, num_server_rounds=1, local_epochs=1, personalize="off", cross_site=False,
-                    run_dir=str(tmp_path / "runs"))
+                    run_dir=str(tmp_path / "runs"), sim_backend="ray")  # site processes: Ray's workers
     client_app = probed_client_app(cfg, out=probes, modules=("monai", "opacus", "scipy.signal", *SKIPPED_IN_SITE_PROCESSES),
                                    env=(SITE_PROCESS_ENV,))
     result = run_federated(cfg, run_path=tmp_path / "run", client_app=client_app)
