@@ -43,6 +43,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from medfed.shared.config import sites_per_round
@@ -181,9 +182,13 @@ class ScaleResult:
     peak_processes: int
     fit_results_last_round: int
     final_accuracy: float | None
+    backend: str = "ray"
+    """Where the sites ran (``sim-backend`` as chosen: ``in-process`` or ``ray``)."""
 
 
-def scale_config(*, sites: int, rounds: int, samples_per_site: int, run_dir: str, fraction: float = 1.0) -> RunConfig:
+def scale_config(
+    *, sites: int, rounds: int, samples_per_site: int, run_dir: str, fraction: float = 1.0, sim_backend: str = "auto"
+) -> RunConfig:
     """The run of one size: simplecnn on the synthetic set, ``fraction`` of the sites sampled per round.
 
     With ``fraction < 1`` the same fraction of sites validates each round (as a real federation
@@ -204,17 +209,20 @@ def scale_config(*, sites: int, rounds: int, samples_per_site: int, run_dir: str
         fraction_fit=fraction,
         fraction_evaluate=fraction,
         min_fit_clients=min(sites, 2) if fraction < 1 else sites,
+        sim_backend=sim_backend,
     )
 
 
 def _one_run(
-    *, sites: int, rounds: int, samples_per_site: int, run_dir: str, fraction: float = 1.0
+    *, sites: int, rounds: int, samples_per_site: int, run_dir: str, fraction: float = 1.0, sim_backend: str = "auto"
 ) -> dict[str, object]:
     """Run one simulation in this process; return its raw figures (child-process side)."""
+    from medfed.simulations.in_process import choose_backend
     from medfed.simulations.simulate import run_federated
 
     cfg = scale_config(
-        sites=sites, rounds=rounds, samples_per_site=samples_per_site, run_dir=run_dir, fraction=fraction
+        sites=sites, rounds=rounds, samples_per_site=samples_per_site, run_dir=run_dir, fraction=fraction,
+        sim_backend=sim_backend,
     )
     result = run_federated(cfg)
     last = result.rounds[-1] if result.rounds else None
@@ -223,11 +231,12 @@ def _one_run(
         "round_s": [float(s) for s in result.summary.get("round_seconds", []) if s is not None],  # type: ignore[union-attr]
         "fit_results_last_round": int(last.num_fit_results if last else 0),
         "final_accuracy": result.final_metrics.get("accuracy"),
+        "backend": choose_backend(cfg.sim_backend)[0],
     }
 
 
 def measure_scale(
-    *, sites: int, rounds: int, samples_per_site: int, run_dir: str, fraction: float = 1.0
+    *, sites: int, rounds: int, samples_per_site: int, run_dir: str, fraction: float = 1.0, sim_backend: str = "auto"
 ) -> ScaleResult:
     """Run one site count in a child process and sample its process tree's memory.
 
@@ -240,6 +249,7 @@ def measure_scale(
         sys.executable, "-m", "medfed.simulations.bench.scale", "--child",
         "--sites", str(sites), "--rounds", str(rounds),
         "--samples-per-site", str(samples_per_site), "--run-dir", run_dir, "--fraction", str(fraction),
+        "--sim-backend", sim_backend,
     ]  # fmt: skip
     start = time.perf_counter()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -273,6 +283,7 @@ def measure_scale(
         peak_processes=sampler.peak_processes,
         fit_results_last_round=int(raw["fit_results_last_round"]),
         final_accuracy=raw["final_accuracy"],
+        backend=str(raw["backend"]),
     )
 
 
@@ -301,6 +312,7 @@ def figure_row(r: ScaleResult) -> dict[str, object]:
         "sites": r.sites, "sites_per_round": r.sites_per_round, "seconds_per_round": later,
         "peak_mib": r.peak_pss_mib, "peak_rss_mib": r.peak_rss_mib, "peak_driver_rss_mib": r.peak_driver_rss_mib,
         "rounds": r.rounds, "round_s": r.round_s, "startup_s": r.startup_s, "load": os.getloadavg()[0],
+        "backend": r.backend,
     }
 
 
@@ -336,9 +348,11 @@ def bench_section(ctx: BenchContext) -> SectionResult:
         if fraction == 1.0:
             measured.append(r)
     table.notes.append(
-        "Each size runs as its own simulation in a child process whose whole process tree (driver, Ray's GCS, "
-        "raylet, workers) is sampled from /proc four times a second; PSS splits shared pages, RSS counts them once "
-        "per process (an upper bound). Ray gives each site one CPU, so on 2 cores two sites train at a time."
+        "Each size runs as its own simulation in a child process whose whole process tree (driver and, on Ray, "
+        "Ray's GCS, raylet, workers) is sampled from /proc four times a second; PSS splits shared pages, RSS counts "
+        "them once per process (an upper bound). The sites run where sim-backend = auto puts them on this machine "
+        f"({', '.join(sorted({r.backend for r in measured} or {'n/a'}))}): on Ray each site gets one CPU, so on 2 cores "
+        "two sites train at a time; in-process one site trains at a time with every core."
     )
     xs = [r.sites for r in measured]
     result.plots.append(line_plot(
@@ -364,6 +378,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--run-dir", default="runs/bench-scale")
     parser.add_argument("--fraction", type=float, default=1.0,
                         help="fraction of the sites sampled to train (and to validate) each round, e.g. 0.1")
+    parser.add_argument("--sim-backend", default="auto", choices=("auto", "in-process", "ray"),
+                        help="where the simulated sites run (the run config's sim-backend; default: auto)")
+    parser.add_argument("--record", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="append the rows to section 'scale' of this file (e.g. docs/bench/results.json)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for flag, value, low in (("--rounds", args.rounds, 1), ("--samples-per-site", args.samples_per_site, 8)):
@@ -379,14 +397,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             parser.error("--child runs exactly one site count.")
         print(json.dumps(_one_run(
             sites=args.sites[0], rounds=args.rounds, samples_per_site=args.samples_per_site, run_dir=args.run_dir,
-            fraction=args.fraction,
+            fraction=args.fraction, sim_backend=args.sim_backend,
         )), flush=True)  # fmt: skip
         return
     results = []
     for sites in args.sites:
         result = measure_scale(
             sites=sites, rounds=args.rounds, samples_per_site=args.samples_per_site, run_dir=args.run_dir,
-            fraction=args.fraction,
+            fraction=args.fraction, sim_backend=args.sim_backend,
         )
         results.append(result)
         print(json.dumps(asdict(result)), flush=True)
@@ -395,9 +413,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     print()
     print(
         f"Scale benchmark: simplecnn, synthetic 2D 32x32, {args.samples_per_site} samples per site, "
-        f"1 local epoch, {args.rounds} rounds, {os.cpu_count()} CPUs, Ray num_cpus = 1 per site"
+        f"1 local epoch, {args.rounds} rounds, {os.cpu_count()} CPUs, sites: {', '.join(sorted({r.backend for r in results}))}"
     )
     print(markdown_table(results))
+    if args.record is not None:
+        from medfed.simulations.bench.figures import check_rows
+        from medfed.simulations.bench.support import append_results_rows
+
+        command = "python -m medfed.simulations.bench.scale " + " ".join(sys.argv[1:] if argv is None else argv)
+        stamp = time.strftime("%Y-%m-%d", time.gmtime())
+        rows = [{**figure_row(r), "command": command, "measured_at": stamp} for r in results]
+        append_results_rows(args.record, "scale", check_rows("scale", rows))
 
 
 if __name__ == "__main__":
