@@ -300,7 +300,9 @@ class RunConfig:
         parallel, each isolated in its process; seconds to start); ``"auto"`` (default):
         in-process on a machine with at most 2 cores, Ray on larger ones
         (:func:`medfed.simulations.in_process.choose_backend`; measured in BENCHMARKS.md,
-        "Simulation overhead"). ``medfed simulate --dry-run`` says which one a run gets.
+        "Sites in the coordinator's process"). ``medfed simulate --dry-run`` says which one a run gets. Both give
+        the same figures when torch runs one thread; in-process with more threads, float sums
+        are taken in another order, so a run's figures then depend on the number of cores.
     decision_threshold
         Binary classification: how each round's decision threshold (the one the checkpoint keeps
         and ``medfed predict`` applies) is chosen on validation data, never the test split:
