@@ -4,14 +4,16 @@ Flower 1.42's simulation engine hands each message to a ``Backend``
 (``flwr.server.superlink.fleet.vce.backend.Backend``: ``build``, ``num_workers``,
 ``process_message``, ``terminate``) and has one, ``RayBackend``, which runs every ClientApp call in
 a pool of Ray worker processes. Starting Ray and importing medfed in its workers costs seconds
-before the first round (about 4-5 s on this 2-core machine, 2026-12-07), and every message travels
-to a worker and back through Ray's object store. For a small federation that fixed cost is most of
-the run: a tiny model's 10 rounds took 12.6 s simulated against 2.3 s in a plain loop.
+before the first round (5-7 s on this 2-core machine, 2026-12-07), and every message travels to a
+worker and back through Ray's object store. For a small federation that fixed cost is most of the
+run: a tiny model's 10 rounds took 14.4 s on Ray against 3.9 s for the same work in a plain loop
+(BENCHMARKS.md, "Sites in the coordinator's process").
 
 :class:`InProcessBackend` runs the ClientApp in the engine's own worker thread, one message at a
 time, as NVIDIA FLARE's simulator runs its clients in threads: nothing starts, nothing is
 pickled, every site's state (its data, model, ledger) stays cached in this process across
-rounds, and torch uses every core for the one site that trains (:func:`site_threads`). The
+rounds, and torch uses every core for the one site that trains (the simulation's thread count:
+:func:`medfed.simulations.engine_tuning.server_threads`). The
 ClientApp, its mods (DP, SecAgg+), the messages and the contexts are the same objects Flower's Ray
 actors receive; an exception in the ClientApp is wrapped as the Ray actor wraps it
 (``ClientAppException``), so the engine replies with the same error message. A site seeds the
@@ -24,7 +26,7 @@ What Ray gives that this does not: sites training in parallel on several cores (
 core, each single-threaded), and isolation (a site that crashes the interpreter, or leaks memory,
 takes only its worker with it). Which backend a run uses is the run config's ``sim-backend``
 (:data:`medfed.shared.config.SIM_BACKENDS`): ``in-process``, ``ray``, or ``auto``, which picks
-in-process for small models (:func:`choose_backend`).
+in-process on a machine with at most :data:`AUTO_IN_PROCESS_MAX_CORES` cores (:func:`choose_backend`).
 
 Flower's engine builds its backend in ``vce_api.start_vce`` with
 ``from .backend.raybackend import RayBackend``; no setting reaches it. :func:`in_process_sites`
@@ -66,8 +68,7 @@ importing ``RayBackend`` from ``backend.raybackend`` when the simulation starts)
 AUTO_IN_PROCESS_MAX_CORES = 2
 """``sim-backend = "auto"`` runs the sites in-process on a machine with at most this many cores."""
 
-_FLOWER_RAY_BACKEND = raybackend.RayBackend
-_lock = threading.Lock()
+_lock = threading.RLock()
 
 
 def start_vce_matches() -> bool:
@@ -195,8 +196,9 @@ def in_process_sites() -> Iterator[None]:
             "(or sim-backend = \"ray\" in [tool.flwr.app.config])."
         )
     with _lock:
+        before = raybackend.RayBackend
         raybackend.RayBackend = InProcessBackend  # type: ignore[misc]
         try:
             yield
         finally:
-            raybackend.RayBackend = _FLOWER_RAY_BACKEND  # type: ignore[misc]
+            raybackend.RayBackend = before  # type: ignore[misc]

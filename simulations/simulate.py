@@ -194,12 +194,13 @@ def run_federated(
         "client_resources": {"num_cpus": 1, "num_gpus": _gpu_share()},
         "init_args": ray_init_args(verbose=verbose),
     }
-    ray_environment()
+    # Flower's defaults (``tuned=False``, for benchmarks) are its Ray backend.
+    backend, why = choose_backend(cfg.sim_backend) if tuned else ("ray", "Flower's default engine settings")
+    if backend == "ray":
+        ray_environment()
     start = time.perf_counter()
     polls = engine_polls() if tuned else nullcontext()
     threads = server_threads() if tuned else nullcontext()
-    # Flower's defaults (``tuned=False``, for benchmarks) are its Ray backend.
-    backend, why = choose_backend(cfg.sim_backend) if tuned else ("ray", "Flower's default engine settings")
     logger.info("simulated sites run %s (%s)", "in this process" if backend == "in-process" else "on Ray", why)
     sites = in_process_sites() if backend == "in-process" else simulated_site_environment()
     with polls, threads, sites, interruptible(on_signal=on_signal) as interrupt, site_error_log() as site_errors:

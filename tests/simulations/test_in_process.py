@@ -39,6 +39,9 @@ def test_the_backend_is_swapped_only_inside_and_restored() -> None:
     flower = raybackend.RayBackend
     with in_process_sites():
         assert raybackend.RayBackend is InProcessBackend
+        with in_process_sites():  # nested (a run inside a run): the outer one keeps its backend
+            pass
+        assert raybackend.RayBackend is InProcessBackend
     assert raybackend.RayBackend is flower
 
 
