@@ -25,7 +25,14 @@ def seed_everything(seed: int, *, deterministic: bool = True) -> None:
     """
     random.seed(seed)
     np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    if torch.accelerator.is_available():
+        torch.manual_seed(seed)  # the CPU generator and every accelerator's
+    else:
+        # What torch.manual_seed does on a machine without an accelerator, without its CUDA part:
+        # torch queues a seeding of CUDA for when CUDA starts (never, here) and records a stack
+        # trace with it (``traceback.format_stack``) on every call: 1-3 ms in a simulated site's
+        # deep stack, about 3.6 s of a 1,000-site simulation (BENCHMARKS.md, issue 19).
+        torch.random.default_generator.manual_seed(seed)
     os.environ.setdefault("PYTHONHASHSEED", str(seed))
     if deterministic:
         deterministic_kernels()

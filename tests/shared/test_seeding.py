@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from medfed.shared.seeding import seed_everything
@@ -53,3 +54,22 @@ def test_torchs_own_function_still_does_only_what_medfed_does_without_it() -> No
         "inductor_config.deterministic = mode",
         "_C._set_deterministic_algorithms(mode, warn_only=warn_only)",
     ]
+
+
+def test_without_an_accelerator_seeding_matches_torch_manual_seed_and_records_no_stack_trace(monkeypatch) -> None:
+    import traceback
+
+    if torch.accelerator.is_available():
+        pytest.skip("this machine has an accelerator: seed_everything calls torch.manual_seed itself")
+    torch.manual_seed(7)
+    expected = torch.rand(5)
+
+    def no_stack(*args, **kwargs):
+        raise AssertionError("seed_everything formatted a stack trace (torch's lazy CUDA seeding)")
+
+    torch.manual_seed(3)  # another stream first: the seeding below must reset it
+    monkeypatch.setattr(traceback, "format_stack", no_stack)
+    with pytest.raises(AssertionError, match="stack trace"):
+        torch.manual_seed(7)  # torch's own function does format one: the check above can fail
+    seed_everything(7)
+    assert torch.equal(torch.rand(5), expected)
