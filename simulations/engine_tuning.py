@@ -1,4 +1,5 @@
-"""Simulation engine settings: shorter polls (the one place medfed patches Flower), server threads.
+"""Simulation engine settings: shorter polls, array decoding, server threads (with
+:mod:`medfed.simulations.in_process`, the only places medfed patches Flower).
 
 Polls
 -----
