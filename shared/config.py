@@ -67,7 +67,7 @@ BadData = Literal["strict", "skip"]
 Personalize = Literal["off", "bn", "head", "bn+head"]
 Trainable = Literal["all", "head", "last-block+head", "norm+head"]
 EvalPrecision = Literal["auto", "fp32", "bf16"]
-SimBackend = Literal["auto", "in-process", "ray"]
+SimBackend = Literal["auto", "in-process", "processes", "ray"]
 DecisionThreshold = Literal["youden", "accuracy"]
 
 TASKS: tuple[str, ...] = get_args(Task)
@@ -294,15 +294,18 @@ class RunConfig:
         Measured in BENCHMARKS.md ("bf16 inference and BatchNorm re-estimation (issue 19)");
         see :mod:`medfed.shared.precision` and ``docs/precision.md``.
     sim_backend
-        Simulation only: where the simulated sites run. ``"in-process"``: in the coordinator's
-        process, one site at a time with every core (nothing to start: no Ray); ``"ray"``:
-        Flower's Ray backend, one single-threaded worker process per core (sites train in
-        parallel, each isolated in its process; seconds to start); ``"auto"`` (default):
-        in-process on a machine with at most 2 cores, Ray on larger ones
+        Simulation only: where the simulated sites run. ``"processes"``: one single-threaded
+        site process per core, forked from the coordinator when the run starts (sites train in
+        parallel; nothing to start or import again; Linux, no GPU); ``"in-process"``: in the
+        coordinator's process, one site at a time with every core; ``"ray"``: Flower's Ray
+        backend, one single-threaded worker process per core (seconds to start; GPUs shared by
+        Ray); ``"auto"`` (default): Ray when torch sees an accelerator, in-process on one core,
+        else processes where the platform forks, else in-process up to 2 cores and Ray above
         (:func:`medfed.simulations.in_process.choose_backend`; measured in BENCHMARKS.md,
-        "Sites in the coordinator's process"). ``medfed simulate --dry-run`` says which one a run gets. Both give
-        the same figures when torch runs one thread; in-process with more threads, float sums
-        are taken in another order, so a run's figures then depend on the number of cores.
+        "Sites in the coordinator's process"). ``medfed simulate --dry-run`` says which one a run
+        gets. All give the same figures when torch runs one thread (``processes`` and ``ray``
+        always do); in-process with more threads, float sums are taken in another order, so its
+        figures then depend on the number of cores.
     decision_threshold
         Binary classification: how each round's decision threshold (the one the checkpoint keeps
         and ``medfed predict`` applies) is chosen on validation data, never the test split:

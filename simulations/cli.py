@@ -252,8 +252,11 @@ def _backend_line(cfg: RunConfig) -> str:
     from medfed.simulations.in_process import choose_backend
 
     backend, why = choose_backend(cfg.sim_backend)
-    where = "in this process, one site at a time with every core" if backend == "in-process" else (
-        "on Ray, one single-threaded worker process per core")
+    where = {
+        "in-process": "in this process, one site at a time with every core",
+        "processes": "in single-threaded site processes forked at the start, one per core",
+        "ray": "on Ray, one single-threaded worker process per core",
+    }[backend]
     return f"sim-backend: {cfg.sim_backend} -> sites run {where} ({why})"
 
 

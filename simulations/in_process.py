@@ -43,6 +43,7 @@ import inspect
 import logging
 import os
 import random
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -55,8 +56,8 @@ from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig, raybackend
 
 __all__ = [
-    "AUTO_IN_PROCESS_MAX_CORES", "FLOWER_START_VCE_SHA256", "InProcessBackend", "choose_backend", "global_rng_kept",
-    "in_process_sites", "start_vce_matches",
+    "AUTO_IN_PROCESS_MAX_CORES", "FLOWER_START_VCE_SHA256", "ForkedSitesBackend", "InProcessBackend", "choose_backend",
+    "forked_sites", "global_rng_kept", "in_process_sites", "start_vce_matches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,8 @@ FLOWER_START_VCE_SHA256 = "2d5e267f893950a709c52adf9d6a90c81a7750d889b4eb99318df
 importing ``RayBackend`` from ``backend.raybackend`` when the simulation starts)."""
 
 AUTO_IN_PROCESS_MAX_CORES = 2
-"""``sim-backend = "auto"`` runs the sites in-process on a machine with at most this many cores."""
+"""``sim-backend = "auto"`` on a platform that cannot fork runs the sites in-process on a machine
+with at most this many cores (Ray above)."""
 
 _lock = threading.RLock()
 
@@ -77,29 +79,42 @@ def start_vce_matches() -> bool:
     return hashlib.sha256(source.encode()).hexdigest() == FLOWER_START_VCE_SHA256
 
 
-def choose_backend(sim_backend: str, *, cores: int | None = None) -> tuple[str, str]:
+def choose_backend(sim_backend: str, *, cores: int | None = None, accelerator: bool | None = None,
+                   can_fork: bool | None = None) -> tuple[str, str]:
     """The backend a simulation runs its sites with, and why (``--dry-run`` prints the reason).
 
     Parameters
     ----------
     sim_backend
-        The run config's ``sim-backend``: ``"in-process"``, ``"ray"`` or ``"auto"``.
+        The run config's ``sim-backend``: ``"in-process"``, ``"processes"``, ``"ray"`` or ``"auto"``.
     cores
         CPU cores this process may use (default: its affinity).
+    accelerator
+        Whether torch sees an accelerator (default: ``torch.accelerator.is_available()``).
+    can_fork
+        Whether this platform forks processes safely (default: Linux).
 
     Returns
     -------
     (str, str)
-        ``"in-process"`` or ``"ray"``, and a sentence saying why.
+        ``"in-process"``, ``"processes"`` or ``"ray"``, and a sentence saying why.
     """
-    if sim_backend in ("in-process", "ray"):
+    if sim_backend in ("in-process", "processes", "ray"):
         return sim_backend, "set in the run config"
     if sim_backend != "auto":
-        raise ValueError(f"sim-backend = {sim_backend!r} is invalid. Valid choices: auto, in-process, ray.")
+        raise ValueError(f"sim-backend = {sim_backend!r} is invalid. Valid choices: auto, in-process, processes, ray.")
     cores = cores if cores is not None else _cores()
+    accelerator = accelerator if accelerator is not None else torch.accelerator.is_available()
+    can_fork = can_fork if can_fork is not None else sys.platform.startswith("linux")
+    if accelerator:
+        return "ray", "auto: torch sees an accelerator: Ray shares it between the sites (no fork after it starts)"
+    if cores <= 1:
+        return "in-process", "auto: 1 core: one site at a time, nothing to start"
+    if can_fork:
+        return "processes", f"auto: {cores} cores, no accelerator, the platform forks"
     if cores <= AUTO_IN_PROCESS_MAX_CORES:
-        return "in-process", f"auto: {cores} core(s), at most {AUTO_IN_PROCESS_MAX_CORES}: no Ray to start (seconds)"
-    return "ray", f"auto: {cores} cores, more than {AUTO_IN_PROCESS_MAX_CORES}: sites train in parallel"
+        return "in-process", f"auto: {cores} cores, at most {AUTO_IN_PROCESS_MAX_CORES}, no fork: no Ray to start"
+    return "ray", f"auto: {cores} cores, more than {AUTO_IN_PROCESS_MAX_CORES}, no fork: sites train in parallel"
 
 
 def _cores() -> int:
@@ -202,3 +217,124 @@ def in_process_sites() -> Iterator[None]:
             yield
         finally:
             raybackend.RayBackend = before  # type: ignore[misc]
+
+
+# --------------------------------------------------------------------------- forked site processes
+_FORKED_APP: ClientApp | None = None
+"""The ClientApp a forked site process runs (set in the coordinator before it forks them)."""
+
+
+def _forked_site_start() -> None:
+    """In each forked site process: one torch thread (as in a Ray worker), Ctrl-C left to the coordinator."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator handles it and ends this process
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate() ends workers with SIGTERM
+    torch.set_num_threads(1)
+
+
+def _forked_site_call(message: Any, context: Any) -> tuple[Any, Any]:
+    """In a forked site process: the ClientApp on ``message``; the reply and the updated context."""
+    if _FORKED_APP is None:  # pragma: no cover - set before the fork
+        raise RuntimeError("no ClientApp in this site process")
+    try:
+        reply = _FORKED_APP(message=message, context=context)
+    except Exception as ex:
+        raise ClientAppException(f"{type(ex).__name__}: {ex}") from None
+    return reply, context
+
+
+class ForkedSitesBackend(Backend):
+    """A Flower simulation backend that runs the ClientApp in site processes forked from the
+    coordinator before the simulation starts (:func:`forked_sites`): one single-threaded process
+    per core, as Ray's workers, without starting Ray or importing anything again.
+
+    Parameters
+    ----------
+    backend_config
+        Flower's backend configuration: read by Ray only, accepted and ignored here.
+    """
+
+    pool: Any = None
+    """The running simulation's process pool (set by :func:`forked_sites`)."""
+    workers: int = 0
+
+    def __init__(self, backend_config: BackendConfig) -> None:
+        super().__init__(backend_config)
+        self.messages = 0
+
+    def build(self, app_fn: Callable[[], ClientApp]) -> None:
+        """Nothing to build: the site processes were forked with the ClientApp already loaded."""
+        if self.pool is None:
+            raise RuntimeError("ForkedSitesBackend: the site processes were not started (use forked_sites()).")
+
+    @property
+    def num_workers(self) -> int:
+        """One engine thread per site process."""
+        return self.workers
+
+    def is_worker_idle(self) -> bool:
+        """Always: each engine thread waits for its own message's reply."""
+        return True
+
+    def process_message(self, message: Any, context: Any) -> tuple[Any, Any]:
+        """Run the ClientApp on ``message`` in a site process; the reply and the updated context.
+
+        Raises
+        ------
+        ClientAppException
+            The ClientApp raised (its class and message are in this one's message).
+        """
+        reply, context = self.pool.apply(_forked_site_call, (message, context))
+        self.messages += 1
+        return reply, context
+
+    def terminate(self) -> None:
+        """Nothing here: :func:`forked_sites` ends the site processes."""
+        logger.debug("forked sites: %d messages processed", self.messages)
+
+
+@contextmanager
+def forked_sites(client_app: ClientApp, *, workers: int) -> Iterator[None]:
+    """While inside, Flower's simulation engine runs the sites in ``workers`` site processes forked
+    from this one now, each with ``client_app`` loaded and one torch thread.
+
+    Call it from the main thread before Flower's simulation starts any thread: a process forked
+    while another thread holds a lock (logging's, the import system's, torch's) inherits the lock
+    held forever. The processes are ended when the block ends (also after an error or Ctrl-C).
+
+    Raises
+    ------
+    RuntimeError
+        Flower's ``start_vce`` is not the 1.42.0 code this was written for, or this platform
+        cannot fork.
+    """
+    import multiprocessing
+
+    global _FORKED_APP
+    if not start_vce_matches():
+        raise RuntimeError(
+            "sim-backend = \"processes\": Flower's simulation engine (vce_api.start_vce) is not the flwr 1.42.0 "
+            "code medfed's site processes were written for. Run with --set sim-backend=ray."
+        )
+    if "fork" not in multiprocessing.get_all_start_methods():
+        raise RuntimeError("sim-backend = \"processes\" needs fork (Linux). Run with --set sim-backend=in-process.")
+    if torch.accelerator.is_available() and os.environ.get("MEDFED_FORCE_CPU") != "1":
+        raise RuntimeError(
+            "sim-backend = \"processes\" forks the site processes, and a GPU's runtime does not survive a fork: "
+            "run with --set sim-backend=ray (or MEDFED_FORCE_CPU=1 to train on the CPU)."
+        )
+    with _lock:
+        before_app, before_backend = _FORKED_APP, raybackend.RayBackend
+        _FORKED_APP = client_app
+        pool = multiprocessing.get_context("fork").Pool(max(1, workers), initializer=_forked_site_start)
+        ForkedSitesBackend.pool, ForkedSitesBackend.workers = pool, max(1, workers)
+        raybackend.RayBackend = ForkedSitesBackend  # type: ignore[misc]
+        try:
+            yield
+        finally:
+            raybackend.RayBackend = before_backend  # type: ignore[misc]
+            ForkedSitesBackend.pool, ForkedSitesBackend.workers = None, 0
+            _FORKED_APP = before_app
+            pool.terminate()
+            pool.join()

@@ -26,7 +26,7 @@ from medfed.shared.config import RunConfig
 from medfed.shared.preflight import preflight
 from medfed.shared.site_process import simulated_site_environment
 from medfed.simulations.engine_tuning import engine_polls, server_threads, tune_grid
-from medfed.simulations.in_process import choose_backend, in_process_sites
+from medfed.simulations.in_process import choose_backend, forked_sites, in_process_sites
 from medfed.simulations.interrupt import (
     Interrupt,
     RunInterrupted,
@@ -201,8 +201,14 @@ def run_federated(
     start = time.perf_counter()
     polls = engine_polls() if tuned else nullcontext()
     threads = server_threads() if tuned else nullcontext()
-    logger.info("simulated sites run %s (%s)", "in this process" if backend == "in-process" else "on Ray", why)
-    sites = in_process_sites() if backend == "in-process" else simulated_site_environment()
+    where = {"in-process": "in this process", "processes": "in forked site processes", "ray": "on Ray"}[backend]
+    logger.info("simulated sites run %s (%s)", where, why)
+    if backend == "in-process":
+        sites = in_process_sites()
+    elif backend == "processes":  # forked here, in the main thread, before Flower starts a thread
+        sites = forked_sites(client_app, workers=min(cfg.num_sites, _cpus()))
+    else:
+        sites = simulated_site_environment()
     with polls, threads, sites, interruptible(on_signal=on_signal) as interrupt, site_error_log() as site_errors:
         started_ray = False
         try:
@@ -401,3 +407,8 @@ def _gpu_share() -> float:
     if torch.cuda.is_available() and os.environ.get("MEDFED_FORCE_CPU") != "1":
         return 0.25
     return 0.0
+
+
+def _cpus() -> int:
+    """CPU cores this process may run on (one site process each with ``sim-backend = "processes"``)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

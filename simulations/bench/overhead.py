@@ -278,9 +278,9 @@ def main() -> None:
     parser.add_argument("--plain-threads", type=int, nargs="+", default=None, metavar="N",
                         help="torch thread counts for the plain loop, one loop each; the fastest is the baseline "
                              "(default: 1 and the number of cores)")
-    parser.add_argument("--sim-backend", nargs="+", default=["in-process", "ray"], choices=SIM_BACKENDS,
+    parser.add_argument("--sim-backend", nargs="+", default=["processes", "in-process", "ray"], choices=SIM_BACKENDS,
                         metavar="BACKEND", help="simulate with each of these sim-backend values, one simulation each, "
-                        "each against its own plain loop (default: in-process ray)")
+                        "each against its own plain loop (default: processes in-process ray)")
     parser.add_argument("--repeat", type=int, default=1, metavar="N",
                         help="measure N times, the backends interleaved, and report each ratio's median with the N "
                              "values (these machines are noisy)")

@@ -98,7 +98,7 @@ RUN_CONFIG_TABLE: dict[str, tuple[Any, list[str]]] = {
     "init-weights": (3, ["type str"]),
     "trainable": ("heads", ["Did you mean 'head'", "'all', 'head', 'last-block+head', 'norm+head'"]),
     "eval-precision": ("bf32", ["'auto', 'fp32', 'bf16'"]),
-    "sim-backend": ("inprocess", ["Did you mean 'in-process'", "'auto', 'in-process', 'ray'"]),
+    "sim-backend": ("inprocess", ["Did you mean 'in-process'", "'auto', 'in-process', 'processes', 'ray'"]),
     "decision-threshold": ("accurate", ["Did you mean 'accuracy'", "'youden', 'accuracy'"]),
 }
 

@@ -54,24 +54,28 @@ def test_a_changed_flower_engine_is_refused_naming_the_fix(monkeypatch: pytest.M
 
 
 @pytest.mark.parametrize(
-    ("setting", "cores", "expected"),
+    ("setting", "cores", "accelerator", "can_fork", "expected"),
     [
-        ("in-process", 64, "in-process"),
-        ("ray", 1, "ray"),
-        ("auto", 1, "in-process"),
-        ("auto", AUTO_IN_PROCESS_MAX_CORES, "in-process"),
-        ("auto", AUTO_IN_PROCESS_MAX_CORES + 1, "ray"),
-        ("auto", 16, "ray"),
+        ("in-process", 64, False, True, "in-process"),
+        ("processes", 1, False, True, "processes"),
+        ("ray", 1, False, True, "ray"),
+        ("auto", 1, False, True, "in-process"),
+        ("auto", 2, False, True, "processes"),
+        ("auto", 16, False, True, "processes"),
+        ("auto", 16, True, True, "ray"),  # a GPU does not survive a fork; Ray shares it
+        ("auto", 1, True, True, "ray"),
+        ("auto", AUTO_IN_PROCESS_MAX_CORES, False, False, "in-process"),
+        ("auto", AUTO_IN_PROCESS_MAX_CORES + 1, False, False, "ray"),
     ],
 )
-def test_choose_backend(setting: str, cores: int, expected: str) -> None:
-    backend, why = choose_backend(setting, cores=cores)
+def test_choose_backend(setting: str, cores: int, accelerator: bool, can_fork: bool, expected: str) -> None:
+    backend, why = choose_backend(setting, cores=cores, accelerator=accelerator, can_fork=can_fork)
     assert backend == expected
-    assert ("auto" in why) == (setting == "auto") and (setting != "auto" or f"{cores} core" in why)
+    assert ("auto" in why) == (setting == "auto")
 
 
 def test_an_unknown_backend_is_refused_listing_the_valid_ones() -> None:
-    with pytest.raises(ValueError, match=r"sim-backend = 'threads' is invalid\. Valid choices: auto, in-process, ray"):
+    with pytest.raises(ValueError, match=r"sim-backend = 'threads' is invalid\. Valid choices: auto, in-process, processes, ray"):
         choose_backend("threads")
     with pytest.raises(ConfigError, match=r"sim-backend"):
         RunConfig(sim_backend="threads")
@@ -171,6 +175,35 @@ def test_a_simulation_in_process_gives_what_ray_gives(tmp_path: Path, monkeypatc
     here = run_federated(cfg.replace(sim_backend="in-process"), run_path=tmp_path / "here", hooks=hooks)
     assert len(saw_ray) >= cfg.num_server_rounds and not any(saw_ray)
     on_ray = run_federated(cfg.replace(sim_backend="ray"), run_path=tmp_path / "ray")
+    _assert_same_run(here, on_ray)
+    assert read_metrics(here.run_dir)[-1]["global"]["loss"] != read_metrics(here.run_dir)[-2]["global"]["loss"]
+
+
+def test_forked_site_processes_give_what_ray_gives_and_end_with_the_run(tmp_path: Path) -> None:
+    """sim-backend = "processes": single-threaded site processes forked at the start, as Ray's
+    workers are single-threaded: the same figures as on Ray; no Ray; no process left after."""
+    import ray
+
+    from medfed.simulations.interrupt import descendants
+
+    cfg = RunConfig(
+        run_dir=str(tmp_path), model="simplecnn", num_sites=2, num_server_rounds=2, synthetic_samples=48,
+        image_size=16, store="off", cross_site=False, personalize="off",
+    )
+    seen: list[tuple[bool, int]] = []
+    from medfed.server.server_app import ServerHooks
+
+    before = descendants()
+    hooks = ServerHooks(on_round=lambda record: seen.append((ray.is_initialized(), len(descendants() - before))))
+    forked = run_federated(cfg.replace(sim_backend="processes"), run_path=tmp_path / "forked", hooks=hooks)
+    assert seen and not any(on_ray for on_ray, _ in seen)
+    assert all(children >= cfg.num_sites for _, children in seen)  # the site processes, while it ran
+    assert descendants() - before == set()  # ended with the run
+    on_ray = run_federated(cfg.replace(sim_backend="ray"), run_path=tmp_path / "ray")
+    _assert_same_run(forked, on_ray)
+
+
+def _assert_same_run(here, on_ray) -> None:
     assert here.final_metrics == pytest.approx(on_ray.final_metrics, rel=1e-5, abs=1e-6)
     rounds_here, rounds_ray = read_metrics(here.run_dir), read_metrics(on_ray.run_dir)
     assert [r["round"] for r in rounds_here] == [r["round"] for r in rounds_ray]
@@ -182,10 +215,10 @@ def test_a_simulation_in_process_gives_what_ray_gives(tmp_path: Path, monkeypatc
                 ma = {m: v for m, v in a["sites"][site][kind].items() if "seconds" not in m}
                 mb = {m: v for m, v in b["sites"][site][kind].items() if "seconds" not in m}
                 assert ma == pytest.approx(mb, rel=1e-5, abs=1e-6), (a["round"], site, kind)
-    assert rounds_here[-1]["global"]["loss"] != rounds_here[-2]["global"]["loss"]  # training moved it
 
 
-@pytest.mark.parametrize(("setting", "shown"), [("ray", "sites run on Ray"), ("in-process", "sites run in this process")])
+@pytest.mark.parametrize(("setting", "shown"), [("ray", "sites run on Ray"), ("in-process", "sites run in this process"),
+                                               ("processes", "sites run in single-threaded site processes")])
 def test_simulate_dry_run_states_where_the_sites_run(tmp_path: Path, setting: str, shown: str) -> None:
     from typer.testing import CliRunner
 

@@ -67,7 +67,7 @@ def _read_until(proc: subprocess.Popen[bytes], pattern: str, *, timeout: float) 
     pytest.fail(f"no {pattern!r} within {timeout} s:\n{''.join(seen)[-3000:]}")
 
 
-@pytest.fixture(scope="module", params=["ray", "in-process"])
+@pytest.fixture(scope="module", params=["ray", "in-process", "processes"])
 def interrupted(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("interrupt")
     proc = _medfed(tmp, *OPTIONS, "--set", f"sim-backend={request.param}", "--run-dir", str(tmp / "runs"))
@@ -92,6 +92,9 @@ def test_ctrl_c_stops_the_run_within_seconds_with_one_line_and_status_130(interr
     if interrupted["backend"] == "ray":
         assert interrupted["family"], "the run had started no processes: was it running on Ray?"
         assert interrupted["ray_started"], "no process of the run's Ray session was found while it ran"
+    elif interrupted["backend"] == "processes":  # forked site processes, no Ray
+        assert interrupted["family"], "the run had started no site processes"
+        assert not interrupted["ray_started"], "a run with forked site processes started Ray"
     else:  # the sites ran in the coordinator's process: nothing was started
         assert not interrupted["ray_started"], "an in-process run started Ray"
     assert interrupted["proc"].returncode == 130, interrupted["after"]
