@@ -24,14 +24,20 @@ coordinator's generator states back after each site's call.
 
 What Ray gives that this does not: sites training in parallel on several cores (one process per
 core, each single-threaded), and isolation (a site that crashes the interpreter, or leaks memory,
-takes only its worker with it). Which backend a run uses is the run config's ``sim-backend``
-(:data:`medfed.shared.config.SIM_BACKENDS`): ``in-process``, ``ray``, or ``auto``, which picks
-in-process on a machine with at most :data:`AUTO_IN_PROCESS_MAX_CORES` cores (:func:`choose_backend`).
+takes only its worker with it). :class:`ForkedSitesBackend` gives both without Ray's start:
+:func:`forked_sites` forks one single-threaded site process per core from the coordinator's main
+thread before Flower starts any thread, with the ClientApp and every module already loaded, and
+the backend hands each message to one of them (``multiprocessing.Pool.apply``: the message and
+context are pickled through a pipe, where Ray uses its shared-memory object store). Which backend a
+run uses is the run config's ``sim-backend`` (:data:`medfed.shared.config.SIM_BACKENDS`):
+``processes``, ``in-process``, ``ray``, or ``auto`` (:func:`choose_backend`): Ray when torch sees an
+accelerator (its runtime does not survive a fork), in-process on one core, else processes where the
+platform forks (Linux).
 
 Flower's engine builds its backend in ``vce_api.start_vce`` with
 ``from .backend.raybackend import RayBackend``; no setting reaches it. :func:`in_process_sites`
-sets that module attribute to :class:`InProcessBackend` while a simulation runs, and puts Flower's
-back after, only when ``start_vce`` is the 1.42.0 code it was written for
+(:func:`forked_sites`) sets that module attribute to :class:`InProcessBackend`
+(:class:`ForkedSitesBackend`) while a simulation runs, and puts back what was there after, only when ``start_vce`` is the 1.42.0 code it was written for
 (:data:`FLOWER_START_VCE_SHA256`; else it raises, naming the fix). The test
 ``tests/simulations/test_in_process.py`` fails when Flower's code changes.
 """
