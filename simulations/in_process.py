@@ -27,8 +27,10 @@ core, each single-threaded), and isolation (a site that crashes the interpreter,
 takes only its worker with it). :class:`ForkedSitesBackend` gives both without Ray's start:
 :func:`forked_sites` forks one single-threaded site process per core from the coordinator's main
 thread before Flower starts any thread, with the ClientApp and every module already loaded, and
-the backend hands each message to one of them (``multiprocessing.Pool.apply``: the message and
-context are pickled through a pipe, where Ray uses its shared-memory object store). Which backend a
+the backend hands each message to one of them (``concurrent.futures.ProcessPoolExecutor``: the
+message and context are pickled through a pipe, where Ray uses its shared-memory object store; a
+site process that dies fails the run's remaining site calls with a message saying so, rather than
+leaving them waiting). Which backend a
 run uses is the run config's ``sim-backend`` (:data:`medfed.shared.config.SIM_BACKENDS`):
 ``processes``, ``in-process``, ``ray``, or ``auto`` (:func:`choose_backend`): Ray when torch sees an
 accelerator (its runtime does not survive a fork), in-process on one core, else processes where the
@@ -63,7 +65,7 @@ from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig, rayb
 
 __all__ = [
     "AUTO_IN_PROCESS_MAX_CORES", "FLOWER_START_VCE_SHA256", "ForkedSitesBackend", "InProcessBackend", "choose_backend",
-    "forked_sites", "global_rng_kept", "in_process_sites", "start_vce_matches",
+    "SiteProcessError", "forked_sites", "global_rng_kept", "in_process_sites", "start_vce_matches",
 ]
 
 logger = logging.getLogger(__name__)
@@ -144,7 +146,24 @@ def global_rng_kept() -> Iterator[None]:
             torch.cuda.set_rng_state_all(cuda)
 
 
-class InProcessBackend(Backend):
+class _SiteBackend(Backend):
+    """What medfed's two backends share: every engine worker thread waits for its own message's
+    reply (so a worker is always idle when asked), and a count of the messages processed."""
+
+    def __init__(self, backend_config: BackendConfig) -> None:
+        super().__init__(backend_config)
+        self.messages = 0
+
+    def is_worker_idle(self) -> bool:
+        """Always: each of the engine's worker threads calls :meth:`process_message` and waits for it."""
+        return True
+
+    def terminate(self) -> None:
+        """Nothing to stop here (:func:`forked_sites` ends its site processes itself)."""
+        logger.debug("%s: %d messages processed", type(self).__name__, self.messages)
+
+
+class InProcessBackend(_SiteBackend):
     """A Flower simulation backend that runs the ClientApp in the calling thread, one message at a time.
 
     Parameters
@@ -157,7 +176,6 @@ class InProcessBackend(Backend):
     def __init__(self, backend_config: BackendConfig) -> None:
         super().__init__(backend_config)
         self.app_fn: Callable[[], ClientApp] | None = None
-        self.messages = 0
 
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
         """Keep ``app_fn`` (Flower's engine has loaded the ClientApp once already)."""
@@ -167,10 +185,6 @@ class InProcessBackend(Backend):
     def num_workers(self) -> int:
         """One: sites run one after another, each with every core."""
         return 1 if self.app_fn is not None else 0
-
-    def is_worker_idle(self) -> bool:
-        """Always: the engine's one worker thread calls :meth:`process_message` and waits for it."""
-        return True
 
     def process_message(self, message: Any, context: Any) -> tuple[Any, Any]:
         """Run the ClientApp on ``message`` with ``context``; the reply and the updated context.
@@ -194,10 +208,6 @@ class InProcessBackend(Backend):
             raise ClientAppException(str(ex)) from ex
         self.messages += 1
         return reply, context
-
-    def terminate(self) -> None:
-        """Nothing to stop."""
-        logger.debug("in-process backend: %d messages processed", self.messages)
 
 
 @contextmanager
@@ -235,7 +245,7 @@ def _forked_site_start() -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator handles it and ends this process
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate() ends workers with SIGTERM
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # forked_sites() ends its processes with SIGTERM
     torch.set_num_threads(1)
 
 
@@ -250,7 +260,11 @@ def _forked_site_call(message: Any, context: Any) -> tuple[Any, Any]:
     return reply, context
 
 
-class ForkedSitesBackend(Backend):
+class SiteProcessError(RuntimeError):
+    """A forked site process ended without replying (``sim-backend = "processes"``)."""
+
+
+class ForkedSitesBackend(_SiteBackend):
     """A Flower simulation backend that runs the ClientApp in site processes forked from the
     coordinator before the simulation starts (:func:`forked_sites`): one single-threaded process
     per core, as Ray's workers, without starting Ray or importing anything again.
@@ -262,12 +276,8 @@ class ForkedSitesBackend(Backend):
     """
 
     pool: Any = None
-    """The running simulation's process pool (set by :func:`forked_sites`)."""
+    """The running simulation's ``ProcessPoolExecutor`` (set by :func:`forked_sites`)."""
     workers: int = 0
-
-    def __init__(self, backend_config: BackendConfig) -> None:
-        super().__init__(backend_config)
-        self.messages = 0
 
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
         """Nothing to build: the site processes were forked with the ClientApp already loaded."""
@@ -279,10 +289,6 @@ class ForkedSitesBackend(Backend):
         """One engine thread per site process."""
         return self.workers
 
-    def is_worker_idle(self) -> bool:
-        """Always: each engine thread waits for its own message's reply."""
-        return True
-
     def process_message(self, message: Any, context: Any) -> tuple[Any, Any]:
         """Run the ClientApp on ``message`` in a site process; the reply and the updated context.
 
@@ -290,14 +296,20 @@ class ForkedSitesBackend(Backend):
         ------
         ClientAppException
             The ClientApp raised (its class and message are in this one's message).
+        SiteProcessError
+            A site process died; the others were ended with it, so every later call raises too.
         """
-        reply, context = self.pool.apply(_forked_site_call, (message, context))
+        from concurrent.futures.process import BrokenProcessPool
+
+        try:
+            reply, context = self.pool.submit(_forked_site_call, message, context).result()
+        except BrokenProcessPool as err:
+            raise SiteProcessError(
+                "a site process ended abruptly (killed, out of memory, or a crash in native code), and with it the "
+                "run's site processes; rerun with --set sim-backend=in-process to see the site's own error"
+            ) from err
         self.messages += 1
         return reply, context
-
-    def terminate(self) -> None:
-        """Nothing here: :func:`forked_sites` ends the site processes."""
-        logger.debug("forked sites: %d messages processed", self.messages)
 
 
 @contextmanager
@@ -330,11 +342,19 @@ def forked_sites(client_app: ClientApp, *, workers: int) -> Iterator[None]:
             "sim-backend = \"processes\" forks the site processes, and a GPU's runtime does not survive a fork: "
             "run with --set sim-backend=ray (or MEDFED_FORCE_CPU=1 to train on the CPU)."
         )
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = max(1, workers)
     with _lock:
         before_app, before_backend = _FORKED_APP, raybackend.RayBackend
         _FORKED_APP = client_app
-        pool = multiprocessing.get_context("fork").Pool(max(1, workers), initializer=_forked_site_start)
-        ForkedSitesBackend.pool, ForkedSitesBackend.workers = pool, max(1, workers)
+        existing = set(multiprocessing.active_children())
+        pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_forked_site_start)
+        # With fork the executor starts every process at its first task: give it one now, from this
+        # thread, before any of Flower's threads exist.
+        pool.submit(int).result()
+        site_processes = [p for p in multiprocessing.active_children() if p not in existing]
+        ForkedSitesBackend.pool, ForkedSitesBackend.workers = pool, workers
         raybackend.RayBackend = ForkedSitesBackend  # type: ignore[misc]
         try:
             yield
@@ -342,5 +362,8 @@ def forked_sites(client_app: ClientApp, *, workers: int) -> Iterator[None]:
             raybackend.RayBackend = before_backend  # type: ignore[misc]
             ForkedSitesBackend.pool, ForkedSitesBackend.workers = None, 0
             _FORKED_APP = before_app
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=False, cancel_futures=True)
+            for process in site_processes:  # a site still training (an interrupted or failed run) ends now
+                process.terminate()
+            for process in site_processes:
+                process.join(timeout=10)

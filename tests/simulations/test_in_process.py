@@ -3,6 +3,7 @@ Flower's engine, the choice of backend, and a simulation that gives what Ray giv
 
 from __future__ import annotations
 
+import os
 import random
 import time
 from pathlib import Path
@@ -228,3 +229,23 @@ def test_simulate_dry_run_states_where_the_sites_run(tmp_path: Path, setting: st
                                       "--set", f"sim-backend={setting}"])
     assert result.exit_code == 0, result.output
     assert f"# sim-backend: {setting} -> {shown}" in result.output
+
+
+def _die(message, context, call_next):  # a site process that ends abruptly (as when killed)
+    os._exit(3)
+
+
+def test_a_site_process_that_dies_fails_the_run_with_a_message_instead_of_hanging(tmp_path: Path) -> None:
+    from flwr.clientapp import ClientApp as FlowerClientApp
+
+    from medfed.server.failures import RunFailedError
+    from medfed.simulations.interrupt import descendants
+
+    cfg = RunConfig(run_dir=str(tmp_path), model="simplecnn", num_sites=2, num_server_rounds=2, synthetic_samples=48,
+                    image_size=16, store="off", cross_site=False, personalize="off", sim_backend="processes")
+    dying = FlowerClientApp(client_fn=lambda context: None, mods=[_die])
+    before = descendants()
+    with pytest.raises(RunFailedError) as info:
+        run_federated(cfg, run_path=tmp_path / "run", client_app=dying)
+    assert "SiteProcessError" in str(info.value), str(info.value)  # its text: in the log, once
+    assert descendants() - before == set()
