@@ -246,13 +246,15 @@ def overhead_section(ctx: BenchContext) -> SectionResult:
         f"{target_cfg.model})",
         "issue 2", value=target["overhead_ratio"], at_most=1.3,
         limits="on Ray, starting Ray and its workers (seconds) against a short run; in-process, medfed's per-round "
-        "work around the sites' training (message wrapping, the run's records); the later-rounds "
+        "work around the sites' training (message wrapping, the run's records); in forked site processes, the "
+        "messages' weights pickled through a pipe (large models); the later-rounds "
         f"ratio, without the start, is {ratio(target['later_round_mean_s'], target_round)}",
     ))
     table.notes.append(
-        "The simulation's sites run where sim-backend = auto puts them on this machine (task column): in-process, "
-        "one after another with every core and nothing to start, or on Ray, one single-threaded worker per core, "
-        "whose start (seconds) the wall time includes; the later-rounds ratio leaves the start out (the plain "
+        "The simulation's sites run where sim-backend = auto puts them on this machine (task column): in "
+        "single-threaded site processes forked at the start, one per core; in-process, one after another with every "
+        "core; or on Ray, one single-threaded worker per core, whose start (seconds) the wall time includes; the "
+        "later-rounds ratio leaves the start out (the plain "
         "loop's rounds are its wall time over the rounds, set-up included). The plain loop runs the sites one "
         "after another and evaluates as the simulation's server does, timed with "
         f"{', '.join(str(t) for t in plain_thread_choices())} torch thread(s); the fastest, "
