@@ -223,8 +223,8 @@ def in_process_sites() -> Iterator[None]:
     if not start_vce_matches():
         raise RuntimeError(
             "sim-backend = \"in-process\": Flower's simulation engine (vce_api.start_vce) is not the flwr 1.42.0 "
-            "code medfed's in-process backend was written for. Run with --sim-backend ray "
-            "(or sim-backend = \"ray\" in [tool.flwr.app.config])."
+            "code medfed's in-process backend was written for. Run with --set sim-backend=ray "
+            "(or sim-backend = \"ray\" in your config file)."
         )
     with _lock:
         before = raybackend.RayBackend

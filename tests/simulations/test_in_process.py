@@ -23,6 +23,7 @@ from medfed.simulations.in_process import (
     AUTO_IN_PROCESS_MAX_CORES,
     InProcessBackend,
     choose_backend,
+    forked_sites,
     global_rng_kept,
     in_process_sites,
     start_vce_matches,
@@ -49,7 +50,9 @@ def test_the_backend_is_swapped_only_inside_and_restored() -> None:
 def test_a_changed_flower_engine_is_refused_naming_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(in_process, "FLOWER_START_VCE_SHA256", "0" * 64)
     flower = raybackend.RayBackend
-    with pytest.raises(RuntimeError, match=r"--sim-backend ray"), in_process_sites():
+    with pytest.raises(RuntimeError, match=r"--set sim-backend=ray"), in_process_sites():
+        pass
+    with pytest.raises(RuntimeError, match=r"--set sim-backend=ray"), forked_sites(ClientApp(), workers=1):
         pass
     assert raybackend.RayBackend is flower
 
@@ -199,7 +202,7 @@ def test_forked_site_processes_give_what_ray_gives_and_end_with_the_run(tmp_path
     forked = run_federated(cfg.replace(sim_backend="processes"), run_path=tmp_path / "forked", hooks=hooks)
     assert seen and not any(on_ray for on_ray, _ in seen)
     assert all(children >= cfg.num_sites for _, children in seen)  # the site processes, while it ran
-    assert descendants() - before == set()  # ended with the run
+    assert _left_after(before) == {}  # ended with the run
     on_ray = run_federated(cfg.replace(sim_backend="ray"), run_path=tmp_path / "ray")
     _assert_same_run(forked, on_ray)
 
@@ -248,4 +251,25 @@ def test_a_site_process_that_dies_fails_the_run_with_a_message_instead_of_hangin
     with pytest.raises(RunFailedError) as info:
         run_federated(cfg, run_path=tmp_path / "run", client_app=dying)
     assert "SiteProcessError" in str(info.value), str(info.value)  # its text: in the log, once
-    assert descendants() - before == set()
+    assert _left_after(before) == {}
+
+
+def _left_after(before: set[int], *, wait: float = 5.0) -> dict[int, str]:
+    """Processes below this one that were not there ``before`` (pid -> command line), after giving
+    exiting ones ``wait`` seconds; multiprocessing's resource tracker (one per process, started on
+    first use, kept for the process's life) is not the run's."""
+    from medfed.simulations.interrupt import descendants
+
+    deadline = time.monotonic() + wait
+    while True:
+        left = {}
+        for pid in descendants() - before:
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if "resource_tracker" not in cmdline:
+                left[pid] = cmdline
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.1)
