@@ -329,7 +329,10 @@ def test_secagg_aggregate_equals_weighted_fedavg_within_bound(noise_run) -> None
     assert by_round[4]["secagg"] == {**by_round[4]["secagg"], "sampled": 5, "survivors": 5, "dropped": 0, "completed": True}
     stages = by_round[4]["secagg"]["stage_seconds"]  # where a round's time went, stage by stage
     assert set(stages) == {"setup", "share-keys", "collect-masked-vectors", "unmask"}
-    assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= by_round[4]["secagg"]["seconds"] + 1e-3
+    # Each of the five figures is rounded to 1 ms, so the four stages' sum may exceed the round's by
+    # up to 5 x 0.5 ms (it did: 0.564 against 0.563, 2026-12-07).
+    rounding = 5 * 0.0005 + 1e-9
+    assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= by_round[4]["secagg"]["seconds"] + rounding
     fit = by_round[4]["sites"]  # what each site reports in the clear: its example count, no update
     assert sorted(s["fit"]["num_examples"] for s in fit.values()) == NOISE_SIZES
 

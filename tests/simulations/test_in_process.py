@@ -1,5 +1,6 @@
-"""Simulated sites in the coordinator's process (``sim-backend``): the backend, the one swap of
-Flower's engine, the choice of backend, and a simulation that gives what Ray gives."""
+"""Where simulated sites run (``sim-backend``): in the coordinator's process or in site processes
+forked from it; the one swap of Flower's engine, the choice of backend, simulations that give what
+Ray gives, and a site process that dies."""
 
 from __future__ import annotations
 
