@@ -40,8 +40,8 @@ Flower's legacy messages carry each array as ``.npy`` bytes, and ``bytes_to_ndar
 (``flwr.compat.common.parameter``; ``parameters_to_ndarrays`` calls it per array) reads them with
 ``np.load``, which parses every header with ``ast.literal_eval``. A site decodes the global model
 from every message it gets and the server decodes every site's reply (the validation of updates,
-FedAvg, the run's records): with the tiny benchmark model (20 arrays) 1.1 ms a model, about 20
-models a round. Inside :func:`engine_polls` that function is :func:`npy_array`: the same arrays
+FedAvg, the run's records): with the tiny benchmark model (20 arrays) 1.1 ms a model (a one-off
+timing, 2026-12-07), about 20 models a round. Inside :func:`engine_polls` that function is :func:`npy_array`: the same arrays
 (a writable copy, as ``np.load`` returns; object arrays refused as ``allow_pickle=False`` refuses
 them) from :func:`medfed.shared.weights.npy_view`, which parses each distinct header once
 (0.2 ms a model).

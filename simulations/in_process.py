@@ -65,7 +65,7 @@ from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig, rayb
 
 __all__ = [
     "AUTO_IN_PROCESS_MAX_CORES", "FLOWER_START_VCE_SHA256", "ForkedSitesBackend", "InProcessBackend", "choose_backend",
-    "SiteProcessError", "forked_sites", "global_rng_kept", "in_process_sites", "start_vce_matches",
+    "SiteProcessError", "forked_sites", "global_rng_kept", "in_process_sites", "start_vce_matches", "usable_cores",
 ]
 
 logger = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ def choose_backend(sim_backend: str, *, cores: int | None = None, accelerator: b
         return sim_backend, "set in the run config"
     if sim_backend != "auto":
         raise ValueError(f"sim-backend = {sim_backend!r} is invalid. Valid choices: auto, in-process, processes, ray.")
-    cores = cores if cores is not None else _cores()
+    cores = cores if cores is not None else usable_cores()
     accelerator = accelerator if accelerator is not None else torch.accelerator.is_available()
     can_fork = can_fork if can_fork is not None else sys.platform.startswith("linux")
     if accelerator:
@@ -125,8 +125,8 @@ def choose_backend(sim_backend: str, *, cores: int | None = None, accelerator: b
     return "ray", f"auto: {cores} cores, more than {AUTO_IN_PROCESS_MAX_CORES}, no fork: sites train in parallel"
 
 
-def _cores() -> int:
-    """CPU cores this process may run on."""
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity): one site process each with ``processes``."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

@@ -1,5 +1,5 @@
-"""Run a multi-site federation on Flower's simulation engine, in this process (sites in-process or on Ray:
-``sim-backend``, :mod:`medfed.simulations.in_process`)."""
+"""Run a multi-site federation on Flower's simulation engine, in this process (the sites in forked site
+processes, in-process or on Ray: ``sim-backend``, :mod:`medfed.simulations.in_process`)."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from medfed.shared.config import RunConfig
 from medfed.shared.preflight import preflight
 from medfed.shared.site_process import simulated_site_environment
 from medfed.simulations.engine_tuning import engine_polls, server_threads, tune_grid
-from medfed.simulations.in_process import choose_backend, forked_sites, in_process_sites
+from medfed.simulations.in_process import choose_backend, forked_sites, in_process_sites, usable_cores
 from medfed.simulations.interrupt import (
     Interrupt,
     RunInterrupted,
@@ -206,7 +206,7 @@ def run_federated(
     if backend == "in-process":
         sites = in_process_sites()
     elif backend == "processes":  # forked here, in the main thread, before Flower starts a thread
-        sites = forked_sites(client_app, workers=min(cfg.num_sites, _cpus()))
+        sites = forked_sites(client_app, workers=min(cfg.num_sites, usable_cores()))
     else:
         sites = simulated_site_environment()
     with polls, threads, sites, interruptible(on_signal=on_signal) as interrupt, site_error_log() as site_errors:
@@ -407,8 +407,3 @@ def _gpu_share() -> float:
     if torch.cuda.is_available() and os.environ.get("MEDFED_FORCE_CPU") != "1":
         return 0.25
     return 0.0
-
-
-def _cpus() -> int:
-    """CPU cores this process may run on (one site process each with ``sim-backend = "processes"``)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

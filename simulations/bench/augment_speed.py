@@ -39,7 +39,7 @@ from medfed.shared.data.base import ImageSet
 from medfed.shared.models import build_model
 from medfed.shared.training import TrainSettings, make_optimizer, make_train_loader, train_epochs
 from medfed.shared.transforms import ImageSetDataset, train_transforms
-from medfed.simulations.bench.support import read_results_section, write_results_section
+from medfed.simulations.bench.support import bench_command, read_results_section, write_results_section
 
 __all__ = ["SECTION", "epoch_seconds", "per_image_loader", "main"]
 
@@ -142,8 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         row = {"dataset": name, **epoch_seconds(data, model_name=model, batch_size=args.batch_size,
                                                 repeats=args.repeats, image_size=size),
                "measured_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-               "command": " ".join(["python -m medfed.simulations.bench.augment_speed",
-                                    *(sys.argv[1:] if argv is None else argv)])}
+               "command": bench_command("medfed.simulations.bench.augment_speed", sys.argv[1:] if argv is None else argv)}
         rows.append(row)
         print(f"{name:<16}{model:>10}{size:>6}{row['images']:>8}{row['per_image_s']:>13.2f}"
               f"{row['batched_s']:>11.2f}{row['speedup']:>9.2f}", flush=True)

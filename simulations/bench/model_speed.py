@@ -30,6 +30,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from medfed.shared.models import DP_NORM, build_model, count_parameters, model_task
 from medfed.shared.privacy import make_private_training
 from medfed.shared.training import make_loss, make_optimizer, train_epochs
+from medfed.simulations.bench.support import bench_command
 
 __all__ = ["SECTION", "DEFAULT_SIDES", "measure", "main"]
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
                 )
     results = json.loads(args.results.read_text()) if args.results.exists() else {}
     results[SECTION] = {
-        "command": "python -m medfed.simulations.bench.model_speed " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": bench_command("medfed.simulations.bench.model_speed", argv if argv is not None else sys.argv[1:]),
         "load_average_1min": round(os.getloadavg()[0], 1),
         "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),

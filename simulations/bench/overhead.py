@@ -39,7 +39,7 @@ from medfed.shared.seeding import seed_everything
 from medfed.shared.task import model_for
 from medfed.shared.weights import get_weights
 from medfed.simulations.bench.figures import check_rows
-from medfed.simulations.bench.support import append_results_rows, fmt, ratio
+from medfed.simulations.bench.support import append_results_rows, bench_command, fmt, ratio
 from medfed.simulations.in_process import choose_backend
 from medfed.simulations.simulate import SimulationResult, run_federated
 
@@ -325,7 +325,7 @@ def main() -> None:
         out["tuned_again"] = measure_overhead(cfg, plain_threads=plain_threads)  # interleaved: load changes
     print(json.dumps(out, indent=2))
     if args.record is not None:
-        command = "python -m medfed.simulations.bench.overhead " + " ".join(sys.argv[1:])
+        command = bench_command("medfed.simulations.bench.overhead", sys.argv[1:])
         stamp = time.strftime("%Y-%m-%d", time.gmtime())
         rows = [
             {**figure_row(cfg, figures, engine="flower-defaults" if name == "flower_defaults" else "tuned"),

@@ -67,7 +67,7 @@ from medfed.shared.training import (
     train_epochs,
     update_bn_stats,
 )
-from medfed.simulations.bench.support import fmt, read_results_section, write_results_section
+from medfed.simulations.bench.support import bench_command, fmt, read_results_section, write_results_section
 
 __all__ = ["SECTION", "Case", "CASES", "run_case", "main"]
 
@@ -423,7 +423,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    command = "python -m medfed.simulations.bench.precision " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = bench_command("medfed.simulations.bench.precision", argv if argv is not None else sys.argv[1:])
     if args.threads_check:
         name = args.cases[0]
         found = threads_check(name, CASES[name], data_dir=args.data_dir, repeats=args.repeats,

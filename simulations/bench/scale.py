@@ -46,7 +46,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from medfed.shared.config import sites_per_round
+from medfed.shared.config import SIM_BACKENDS, sites_per_round
 
 if TYPE_CHECKING:
     from medfed.shared.config import RunConfig
@@ -183,7 +183,7 @@ class ScaleResult:
     fit_results_last_round: int
     final_accuracy: float | None
     backend: str = "ray"
-    """Where the sites ran (``sim-backend`` as chosen: ``in-process`` or ``ray``)."""
+    """Where the sites ran (``sim-backend`` as chosen: ``processes``, ``in-process`` or ``ray``)."""
 
 
 def scale_config(
@@ -351,8 +351,9 @@ def bench_section(ctx: BenchContext) -> SectionResult:
         "Each size runs as its own simulation in a child process whose whole process tree (driver and, on Ray, "
         "Ray's GCS, raylet, workers) is sampled from /proc four times a second; PSS splits shared pages, RSS counts "
         "them once per process (an upper bound). The sites run where sim-backend = auto puts them on this machine "
-        f"({', '.join(sorted({r.backend for r in measured} or {'n/a'}))}): on Ray each site gets one CPU, so on 2 cores "
-        "two sites train at a time; in-process one site trains at a time with every core."
+        f"({', '.join(sorted({r.backend for r in measured} or {'n/a'}))}): with forked site processes or on Ray each "
+        "site process gets one CPU, so on 2 cores two sites train at a time; in-process one site trains at a time with "
+        "every core."
     )
     xs = [r.sites for r in measured]
     result.plots.append(line_plot(
@@ -378,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--run-dir", default="runs/bench-scale")
     parser.add_argument("--fraction", type=float, default=1.0,
                         help="fraction of the sites sampled to train (and to validate) each round, e.g. 0.1")
-    parser.add_argument("--sim-backend", default="auto", choices=("auto", "in-process", "ray"),
+    parser.add_argument("--sim-backend", default="auto", choices=SIM_BACKENDS,
                         help="where the simulated sites run (the run config's sim-backend; default: auto)")
     parser.add_argument("--record", type=Path, default=None, metavar="RESULTS_JSON",
                         help="append the rows to section 'scale' of this file (e.g. docs/bench/results.json)")
@@ -418,9 +419,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(markdown_table(results))
     if args.record is not None:
         from medfed.simulations.bench.figures import check_rows
-        from medfed.simulations.bench.support import append_results_rows
+        from medfed.simulations.bench.support import append_results_rows, bench_command
 
-        command = "python -m medfed.simulations.bench.scale " + " ".join(sys.argv[1:] if argv is None else argv)
+        command = bench_command("medfed.simulations.bench.scale", sys.argv[1:] if argv is None else argv)
         stamp = time.strftime("%Y-%m-%d", time.gmtime())
         rows = [{**figure_row(r), "command": command, "measured_at": stamp} for r in results]
         append_results_rows(args.record, "scale", check_rows("scale", rows))

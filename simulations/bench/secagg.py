@@ -65,7 +65,7 @@ from medfed.shared.site_process import simulated_site_environment
 from medfed.shared.task import model_for
 from medfed.shared.weights import get_weights
 from medfed.simulations.bench.figures import check_rows
-from medfed.simulations.bench.support import append_results_rows, fmt, line_plot, ratio
+from medfed.simulations.bench.support import append_results_rows, bench_command, fmt, line_plot, ratio
 from medfed.simulations.engine_tuning import engine_polls, server_threads, tune_grid
 from medfed.simulations.simulate import ray_environment, ray_init_args, start_ray, stop_ray
 
@@ -720,7 +720,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         for label, medians in stages:
             print(f"{label}  " + "  ".join(f"{k} {v:.3f}" for k, v in medians.items()))
     if args.record is not None:
-        command = "python -m medfed.simulations.bench.secagg " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = bench_command("medfed.simulations.bench.secagg", argv if argv is not None else sys.argv[1:])
         stamp = time.strftime("%Y-%m-%d", time.gmtime())
         for figure, (_, medians) in zip(figures, stages, strict=True):
             figure.update(command=command, measured_at=stamp, stage_seconds={k: round(v, 3) for k, v in medians.items()})

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import statistics
 import textwrap
 from collections.abc import Mapping, Sequence
@@ -20,12 +21,40 @@ from medfed.shared.files import write_atomically
 
 __all__ = [
     "fmt", "mean_spread", "ratio", "slice_npz", "medmnist_file", "line_plot", "read_results_section",
-    "write_results_section", "NOT_MEASURED",
+    "write_results_section", "NOT_MEASURED", "SCRATCH_OPTIONS", "bench_command",
 ]
 
 logger = logging.getLogger(__name__)
 
 NOT_MEASURED = "n/a: not measured in this profile"
+
+SCRATCH_OPTIONS: tuple[str, ...] = ("--run-dir", "--workdir")
+"""Benchmark options naming a scratch folder: they do not change a figure, so a recorded command
+leaves them out (each benchmark has a default)."""
+
+
+def bench_command(module: str, argv: Sequence[str]) -> str:
+    """The command line a ``results.json`` row records, as anyone can rerun it from the repository.
+
+    ``python -m <module> <argv>`` without :data:`SCRATCH_OPTIONS` and their values, and with
+    absolute paths at or below the current folder's parent (the checkout, ``../shared``) written
+    relative to the current folder: no machine's own paths in the record.
+    """
+    parts: list[str] = []
+    skip = False
+    base = Path.cwd().parent
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in SCRATCH_OPTIONS:
+            skip = "=" not in arg
+            continue
+        if os.path.isabs(arg) and Path(arg).resolve().is_relative_to(base):
+            arg = os.path.relpath(arg)
+        parts.append(arg)
+    return " ".join(["python -m", module, *parts])
 
 
 def fmt(value: float | None, digits: int = 3, *, reason: str = "n/a: no value was produced") -> str:

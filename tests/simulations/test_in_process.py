@@ -148,10 +148,11 @@ def test_a_site_that_reseeds_the_global_generators_leaves_the_coordinators_strea
     random.seed(5), np.random.seed(5), torch.manual_seed(5)
     backend.process_message(_message(), _context())
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == expected
-    with global_rng_kept():  # also when the block raises
+    before = random.getstate()
+    with pytest.raises(KeyError), global_rng_kept():  # also when the block raises
         random.seed(9)
-        state_inside = random.getstate()
-    assert random.getstate() != state_inside
+        raise KeyError("a site failed")
+    assert random.getstate() == before
 
 
 def test_a_simulation_in_process_gives_what_ray_gives(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
