@@ -28,7 +28,8 @@ takes only its worker with it). :class:`ForkedSitesBackend` gives both without R
 :func:`forked_sites` forks one single-threaded site process per core from the coordinator's main
 thread before Flower starts any thread, with the ClientApp and every module already loaded, and
 the backend hands each message to one of them (``concurrent.futures.ProcessPoolExecutor``: the
-message and context are pickled through a pipe, where Ray uses its shared-memory object store; a
+message and context are pickled through a pipe, the model's tensors through a file in memory
+(:mod:`medfed.simulations.message_transfer`), as Ray uses its shared-memory object store; a
 site process that dies fails the run's remaining site calls with a message saying so, rather than
 leaving them waiting). Which backend a
 run uses is the run config's ``sim-backend`` (:data:`medfed.shared.config.SIM_BACKENDS`):
@@ -62,6 +63,8 @@ import torch
 from flwr.clientapp.client_app import ClientApp, ClientAppException, LoadClientAppError
 from flwr.server.superlink.fleet.vce import vce_api
 from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig, raybackend
+
+from medfed.simulations.message_transfer import Packed, pack, transfer_directory, unpack
 
 __all__ = [
     "AUTO_IN_PROCESS_MAX_CORES", "FLOWER_START_VCE_SHA256", "ForkedSitesBackend", "InProcessBackend", "choose_backend",
@@ -238,6 +241,8 @@ def in_process_sites() -> Iterator[None]:
 # --------------------------------------------------------------------------- forked site processes
 _FORKED_APP: ClientApp | None = None
 """The ClientApp a forked site process runs (set in the coordinator before it forks them)."""
+_TRANSFER_DIR: str | None = None
+"""The running simulation's directory for the messages' array data (set before the fork)."""
 
 
 def _forked_site_start() -> None:
@@ -249,15 +254,18 @@ def _forked_site_start() -> None:
     torch.set_num_threads(1)
 
 
-def _forked_site_call(message: Any, context: Any) -> tuple[Any, Any]:
-    """In a forked site process: the ClientApp on ``message``; the reply and the updated context."""
-    if _FORKED_APP is None:  # pragma: no cover - set before the fork
+def _forked_site_call(packed: Packed) -> Packed:
+    """In a forked site process: the ClientApp on the packed message and context; the reply and the
+    updated context, packed (:mod:`medfed.simulations.message_transfer`: arrays through a file in
+    the run's transfer directory, the rest through the pipe)."""
+    if _FORKED_APP is None or _TRANSFER_DIR is None:  # pragma: no cover - set before the fork
         raise RuntimeError("no ClientApp in this site process")
+    message, context = unpack(packed)
     try:
         reply = _FORKED_APP(message=message, context=context)
     except Exception as ex:
         raise ClientAppException(f"{type(ex).__name__}: {ex}") from None
-    return reply, context
+    return pack((reply, context), _TRANSFER_DIR)
 
 
 class SiteProcessError(RuntimeError):
@@ -278,6 +286,8 @@ class ForkedSitesBackend(_SiteBackend):
     pool: Any = None
     """The running simulation's ``ProcessPoolExecutor`` (set by :func:`forked_sites`)."""
     workers: int = 0
+    transfer_dir: str = ""
+    """The running simulation's directory for the messages' array data (:func:`transfer_directory`)."""
 
     def build(self, app_fn: Callable[[], ClientApp]) -> None:
         """Nothing to build: the site processes were forked with the ClientApp already loaded."""
@@ -302,12 +312,13 @@ class ForkedSitesBackend(_SiteBackend):
         from concurrent.futures.process import BrokenProcessPool
 
         try:
-            reply, context = self.pool.submit(_forked_site_call, message, context).result()
+            packed = self.pool.submit(_forked_site_call, pack((message, context), self.transfer_dir)).result()
         except BrokenProcessPool as err:
             raise SiteProcessError(
                 "a site process ended abruptly (killed, out of memory, or a crash in native code), and with it the "
                 "run's site processes; rerun with --set sim-backend=in-process to see the site's own error"
             ) from err
+        reply, context = unpack(packed)
         self.messages += 1
         return reply, context
 
@@ -329,7 +340,7 @@ def forked_sites(client_app: ClientApp, *, workers: int) -> Iterator[None]:
     """
     import multiprocessing
 
-    global _FORKED_APP
+    global _FORKED_APP, _TRANSFER_DIR
     if not start_vce_matches():
         raise RuntimeError(
             "sim-backend = \"processes\": Flower's simulation engine (vce_api.start_vce) is not the flwr 1.42.0 "
@@ -345,9 +356,9 @@ def forked_sites(client_app: ClientApp, *, workers: int) -> Iterator[None]:
     from concurrent.futures import ProcessPoolExecutor
 
     workers = max(1, workers)
-    with _lock:
-        before_app, before_backend = _FORKED_APP, raybackend.RayBackend
-        _FORKED_APP = client_app
+    with _lock, transfer_directory() as transfer_dir:
+        before_app, before_dir, before_backend = _FORKED_APP, _TRANSFER_DIR, raybackend.RayBackend
+        _FORKED_APP, _TRANSFER_DIR = client_app, transfer_dir
         existing = set(multiprocessing.active_children())
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"), initializer=_forked_site_start)
         # With fork the executor starts every process at its first task: give it one now, from this
@@ -355,13 +366,14 @@ def forked_sites(client_app: ClientApp, *, workers: int) -> Iterator[None]:
         pool.submit(int).result()
         site_processes = [p for p in multiprocessing.active_children() if p not in existing]
         ForkedSitesBackend.pool, ForkedSitesBackend.workers = pool, workers
+        ForkedSitesBackend.transfer_dir = transfer_dir
         raybackend.RayBackend = ForkedSitesBackend  # type: ignore[misc]
         try:
             yield
         finally:
             raybackend.RayBackend = before_backend  # type: ignore[misc]
-            ForkedSitesBackend.pool, ForkedSitesBackend.workers = None, 0
-            _FORKED_APP = before_app
+            ForkedSitesBackend.pool, ForkedSitesBackend.workers, ForkedSitesBackend.transfer_dir = None, 0, ""
+            _FORKED_APP, _TRANSFER_DIR = before_app, before_dir
             pool.shutdown(wait=False, cancel_futures=True)
             for process in site_processes:  # a site still training (an interrupted or failed run) ends now
                 process.terminate()
