@@ -14,10 +14,12 @@ round stops as failed (``medfed.server.failures``: :attr:`RecordingStrategy.fail
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from flwr.common import (
@@ -428,7 +430,9 @@ class RecordingStrategy(DelegatingStrategy):
         """Close the pending round: its record, then the resume state, then a new best checkpoint.
 
         In this order a crash at any point leaves a resume state no newer than the records, and
-        a best checkpoint no newer than the resume state.
+        a best checkpoint no newer than the resume state: the record is written here, the resume
+        state and the checkpoint (a copy of what they hold, taken here) in that order in the run's
+        writer thread (:meth:`RunDirectory.write_later`), while the next round starts.
         """
         record, self._pending = self._pending, None
         if record is None or self.run_dir.stopped:  # stopped: the run is being interrupted
@@ -452,7 +456,7 @@ class RecordingStrategy(DelegatingStrategy):
             set_weights(self.model, parameters_to_ndarrays(params))
             if self.prepare_checkpoint is not None:
                 self.prepare_checkpoint(self.model)
-            self.run_dir.save_checkpoint("best", self.model, server_round=best_round, metrics=metrics)
+            self.run_dir.save_checkpoint("best", self.model, server_round=best_round, metrics=metrics, later=True)
         if self.on_round is not None:
             self.on_round(record)
 
@@ -461,12 +465,13 @@ class RecordingStrategy(DelegatingStrategy):
             return
         state = ResumeState(
             round=server_round,
-            weights=parameters_to_ndarrays(self._latest),
-            strategies=chain_state(self.outer),
+            weights=parameters_to_ndarrays(self._latest),  # new arrays
+            # a copy: strategies' tensors share their arrays (state_tensors), which the next round may change
+            strategies=copy.deepcopy(chain_state(self.outer)),
             rng=capture_rng(),
             run_id=self.run_dir.run_id,
         )
-        write_resume_state(self.run_dir.path, state)
+        self.run_dir.write_later(partial(write_resume_state, self.run_dir.path, state))
 
     # ---------------------------------------------------------------- resume
     def resume_state(self) -> dict[str, object]:

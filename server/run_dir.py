@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -172,6 +174,9 @@ class RunDirectory:
     ) -> None:
         self.path = Path(path)
         self.sink = sink
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: list[Future[object]] = []
+        self._writer_lock = threading.Lock()
         self.model_shape: dict[str, Any] | None = None
         """Stored in every checkpoint as ``"model_shape"`` when set (``ModelShape.to_json()``)."""
         if resume_after is not None:
@@ -250,6 +255,7 @@ class RunDirectory:
 
     def fail(self, error: BaseException) -> None:
         """The run failed (only the sink records it; the files keep what was written)."""
+        self.wait_for_writes(raise_errors=False)
         if self.sink is not None:
             self.sink.run_failed(error)
 
@@ -269,24 +275,84 @@ class RunDirectory:
         *,
         server_round: int,
         metrics: Mapping[str, float],
+        later: bool = False,
     ) -> Path:
         """Write ``checkpoints/<kind>.pt`` with the state dict and the run config (nothing once
-        :meth:`stop_recording` was called)."""
+        :meth:`stop_recording` was called).
+
+        ``later``: take a copy of the model's state now and write it in the run's writer thread
+        (:meth:`write_later`); the sink hears of the checkpoint once it is on disk.
+        """
         target = self.path / "checkpoints" / f"{kind}.pt"
         if self.stopped:
             return target
+        state = model.state_dict()
         payload = {
-            "state_dict": model.state_dict(),
+            "state_dict": {k: v.detach().clone() for k, v in state.items()} if later else state,
             "config": self.config,
             "round": server_round,
             "metrics": dict(metrics),
         }
         if self.model_shape is not None:
             payload["model_shape"] = dict(self.model_shape)
-        write_atomically(target, lambda fh: torch.save(payload, fh), mode=_FILE_MODE)
-        if self.sink is not None:
-            self.sink.checkpoint(kind, server_round=server_round, metrics=metrics)
+
+        def write() -> None:
+            write_atomically(target, lambda fh: torch.save(payload, fh), mode=_FILE_MODE)
+            if self.sink is not None:
+                self.sink.checkpoint(kind, server_round=server_round, metrics=metrics)
+
+        if later:
+            self.write_later(write)
+        else:
+            write()
         return target
+
+    def write_later(self, write: Callable[[], object]) -> None:
+        """Run ``write`` (it writes this run's files: the resume state, a checkpoint) in the run's
+        writer thread, after every write asked for before it, while the calling thread goes on.
+
+        A federated round ends with its resume state and, when the global model improved, the
+        best checkpoint (ResNet-18: 0.15 s of file writing a round, 2026-12-07); the next
+        round's sites train meanwhile. :meth:`wait_for_writes` waits for them; the summary of a
+        finished, failed or interrupted run is written after them.
+
+        Raises
+        ------
+        OSError
+            An earlier write failed (disk full, permissions): its error, raised here in the
+            calling thread (also by :meth:`wait_for_writes`).
+        """
+        self._raise_failed_write()
+        with self._writer_lock:
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medfed-run-writer")
+            self._writes.append(self._writer.submit(write))
+
+    def wait_for_writes(self, *, raise_errors: bool = True) -> None:
+        """Return once every :meth:`write_later` write has finished, and end the writer thread
+        (from any thread but the writer's).
+
+        ``raise_errors``: raise the first failed write's error (else log it: a run already
+        failing or interrupted keeps its own error).
+        """
+        with self._writer_lock:
+            writes, self._writes = self._writes, []
+            writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.shutdown(wait=True)  # its thread ends (a later write_later starts another)
+        errors = [err for err in (future.exception() for future in writes) if err is not None]
+        if errors and raise_errors:
+            raise errors[0]
+        for err in errors:
+            logger.error("run %s: writing a checkpoint or the resume state failed: %s", self.path.name, err)
+
+    def _raise_failed_write(self) -> None:
+        with self._writer_lock:
+            done = [future for future in self._writes if future.done()]
+            self._writes = [future for future in self._writes if not future.done()]
+        for future in done:
+            if future.exception() is not None:
+                raise future.exception()  # type: ignore[misc]
 
     def write_app_bundle(self, fab_sha256: str, *, signed: bool) -> None:
         """Record the app bundle (FAB) a deployed run runs: its SHA-256 and whether it was signed
@@ -307,6 +373,7 @@ class RunDirectory:
         """
         if self.stopped:
             return
+        self.wait_for_writes(raise_errors=summary.get("status") != "failed")
         data = {"seconds": time.time() - self.started, **summary}
         _write_text(self.path / "summary.json", json.dumps(data, indent=2, sort_keys=True))
         self._metrics.close()
@@ -362,6 +429,7 @@ class RunDirectory:
             round it cannot either.
         """
         self.stop_recording()
+        self.wait_for_writes(raise_errors=False)
         data = {
             "status": "interrupted",
             "rounds": last_round,

@@ -242,6 +242,7 @@ def _interrupted(cfg: RunConfig, interrupt: Interrupt, run_dir: RunDirectory | N
     """End the processes the run started, mark its run directory interrupted; the error to raise."""
     if run_dir is not None:
         run_dir.stop_recording()  # the server thread may still close a round: its sites are gone
+        run_dir.wait_for_writes(raise_errors=False)  # the resume state of the last closed round
     left = end_processes(interrupt.children | descendants())
     try:
         last_round: int | None = read_resume_state(path).round if (path / RESUME_FILE).exists() else None
