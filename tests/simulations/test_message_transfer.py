@@ -15,15 +15,21 @@ from flwr.clientapp.client_app import ClientApp
 from flwr.common import Array, ArrayRecord, ConfigRecord, MetricRecord
 
 from medfed.simulations.in_process import ForkedSitesBackend, forked_sites
-from medfed.simulations.message_transfer import OUT_OF_BAND_MIN_BYTES, pack, transfer_directory, unpack
+from medfed.simulations.message_transfer import (
+    FILE_MIN_BYTES,
+    OUT_OF_BAND_MIN_BYTES,
+    pack,
+    transfer_directory,
+    unpack,
+)
 
 
 def _model_message(seed: int = 0) -> Message:
     """A training message as the server sends it: a model (two large tensors, a small one) and a config."""
     rng = np.random.default_rng(seed)
     arrays = ArrayRecord({
-        "conv.weight": Array(rng.standard_normal((64, 32, 3, 3)).astype(np.float32)),  # 73,728 bytes + .npy header
-        "fc.weight": Array(rng.standard_normal((256, 256)).astype(np.float32)),  # 262,144 bytes + header
+        "conv.weight": Array(rng.standard_normal((64, 64, 3, 3)).astype(np.float32)),  # 147,456 bytes + .npy header
+        "fc.weight": Array(rng.standard_normal((512, 512)).astype(np.float32)),  # 1,048,576 bytes + header
         "fc.bias": Array(rng.standard_normal(2).astype(np.float32)),  # 8 bytes + header: stays in the pickle
     })
     meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=7, reply_to_message_id="",
@@ -64,8 +70,10 @@ def test_a_message_comes_back_whole_with_its_large_arrays_through_the_file(tmp_p
     assert got_context.node_config == {"partition-id": 0} and got_context.run_config == {"x": 1}
 
 
-def test_a_message_without_large_arrays_travels_whole_without_a_file(tmp_path: Path) -> None:
-    small = ArrayRecord({"b": Array(np.arange(4, dtype=np.float32))})
+@pytest.mark.parametrize("floats", [4, OUT_OF_BAND_MIN_BYTES // 4, (FILE_MIN_BYTES - 4096) // 8])
+def test_a_message_without_a_megabyte_of_large_arrays_travels_whole_without_a_file(tmp_path: Path, floats: int) -> None:
+    """A tiny model, or one whose large tensors add up to less than FILE_MIN_BYTES: the pipe is cheaper."""
+    small = ArrayRecord({"a": Array(np.arange(floats, dtype=np.float32)), "b": Array(np.ones(floats, np.float32))})
     packed = pack({"record": small, "n": np.arange(3)}, tmp_path)
     assert packed.path is None and packed.lengths == () and not list(tmp_path.iterdir())
     got = unpack(packed)
