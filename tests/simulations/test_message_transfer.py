@@ -142,3 +142,14 @@ def test_forked_site_processes_receive_and_return_large_arrays_through_the_direc
     assert out_context.state["seen"]["pid"] != os.getpid()  # it ran in the site process
     for key, array in message.content["arrays"].items():
         np.testing.assert_array_equal(reply.content["arrays"][key].numpy(), array.numpy() * 2)
+
+
+def test_the_transfer_benchmark_times_a_round_trip_each_way_and_checks_what_came_back() -> None:
+    from medfed.simulations.bench.transfer import model_record, round_trips
+
+    record = model_record("simplecnn")
+    assert len(record) > 1 and all(len(a.data) > 0 for a in record.values())
+    big = ArrayRecord({"w": Array(np.ones((600, 600), np.float32))})  # 1.44 MB: through the file
+    for rec in (record, big):
+        figures = round_trips(rec, repeat=2)
+        assert set(figures) == {"pipe_s", "file_s"} and all(0 < v < 30 for v in figures.values())
