@@ -18,13 +18,15 @@ whole, as before.
 
 The directory is made by :func:`transfer_directory` for one simulation (mode 0700, owned by the
 user running it) and removed with everything in it when the simulation ends, so a file that a
-process killed mid-call left behind goes with it. What it holds is model weights and updates
+site process killed mid-call left behind goes with it; a directory whose coordinator was itself
+killed (SIGKILL: nothing runs to remove it) is removed by the next simulation on the machine. What it holds is model weights and updates
 (what the sites would send to the server), never images or records.
 """
 
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import shutil
@@ -38,7 +40,12 @@ from typing import Any
 
 from flwr.common import Array
 
-__all__ = ["FILE_MIN_BYTES", "OUT_OF_BAND_MIN_BYTES", "Packed", "pack", "unpack", "transfer_directory"]
+__all__ = [
+    "FILE_MIN_BYTES", "OUT_OF_BAND_MIN_BYTES", "Packed", "pack", "unpack", "transfer_directory",
+    "remove_stale_directories",
+]
+
+logger = logging.getLogger(__name__)
 
 OUT_OF_BAND_MIN_BYTES = 64 * 1024
 """An ``Array`` whose data is at least this many bytes travels through the transfer file (smaller
@@ -162,11 +169,51 @@ def _memory_directory() -> str | None:
     return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else None
 
 
+_PREFIX = "medfed-sites-"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_directories(parent: str | os.PathLike[str] | None = None) -> list[str]:
+    """Remove the transfer directories in ``parent`` (default: where :func:`transfer_directory`
+    makes them) that belong to this user and to a coordinator process that no longer runs (one
+    killed with SIGKILL cannot remove its own); return their names.
+
+    A directory is named ``medfed-sites-<pid>-<random>``; one whose process id is alive (or
+    reused by another process) is kept.
+    """
+    parent = Path(parent if parent is not None else (_memory_directory() or tempfile.gettempdir()))
+    removed = []
+    for entry in parent.glob(f"{_PREFIX}*-*"):
+        pid_text = entry.name[len(_PREFIX):].split("-", 1)[0]
+        try:
+            if not pid_text.isdigit() or entry.stat().st_uid != os.getuid() or _pid_alive(int(pid_text)):
+                continue
+        except OSError:  # gone meanwhile
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry.name)
+    return removed
+
+
 @contextmanager
 def transfer_directory() -> Iterator[str]:
     """A new private directory for one simulation's transfer files, removed (with any file left
-    in it) when the block ends."""
-    path = tempfile.mkdtemp(prefix="medfed-sites-", dir=_memory_directory())
+    in it) when the block ends; directories left by coordinators that were killed are removed
+    first (:func:`remove_stale_directories`)."""
+    parent = _memory_directory()
+    stale = remove_stale_directories(parent)
+    if stale:
+        logger.info("removed %d transfer director%s left by a killed run", len(stale), "y" if len(stale) == 1 else "ies")
+    path = tempfile.mkdtemp(prefix=f"{_PREFIX}{os.getpid()}-", dir=parent)
     try:
         yield path
     finally:

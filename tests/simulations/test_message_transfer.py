@@ -153,3 +153,25 @@ def test_the_transfer_benchmark_times_a_round_trip_each_way_and_checks_what_came
     for rec in (record, big):
         figures = round_trips(rec, repeat=2)
         assert set(figures) == {"pipe_s", "file_s"} and all(0 < v < 30 for v in figures.values())
+
+
+def test_directories_left_by_a_killed_coordinator_are_removed_by_the_next_run(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from medfed.simulations.message_transfer import remove_stale_directories
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    dead_pid = int(dead.stdout)  # a process that has ended
+    left = tmp_path / f"medfed-sites-{dead_pid}-abc123"
+    left.mkdir()
+    (left / "x.arrays").write_bytes(b"\0" * 1024)
+    alive = tmp_path / f"medfed-sites-{os.getpid()}-def456"  # this process: still running
+    alive.mkdir()
+    other = tmp_path / "medfed-sites-notapid-x"
+    other.mkdir()
+    assert remove_stale_directories(tmp_path) == [left.name]
+    assert not left.exists() and alive.exists() and other.exists()
+    with transfer_directory() as path:
+        assert Path(path).name.startswith(f"medfed-sites-{os.getpid()}-")
