@@ -19,7 +19,9 @@ whole, as before.
 The directory is made by :func:`transfer_directory` for one simulation (mode 0700, owned by the
 user running it) and removed with everything in it when the simulation ends, so a file that a
 site process killed mid-call left behind goes with it; a directory whose coordinator was itself
-killed (SIGKILL: nothing runs to remove it) is removed by the next simulation on the machine. What it holds is model weights and updates
+killed (SIGKILL: nothing runs to remove it) is removed by the next simulation on the machine.
+Where a file cannot be written (a full ``/dev/shm``: Docker gives containers 64 MB), the message is
+pickled whole through the pipe, as before, with one warning. What it holds is model weights and updates
 (what the sites would send to the server), never images or records.
 """
 
@@ -126,14 +128,36 @@ def pack(obj: Any, directory: str | os.PathLike[str]) -> Packed:
         return Packed(pickle.dumps(obj, protocol=5) if buffers else stream.getvalue(), None, ())
     path = os.path.join(directory, f"{uuid.uuid4().hex}.arrays")
     lengths = []
-    with open(path, "wb", buffering=0) as file:
-        for buffer in buffers:
-            raw = buffer.raw()
-            written = 0
-            while written < raw.nbytes:  # an unbuffered write may write less than asked
-                written += file.write(raw[written:])
-            lengths.append(raw.nbytes)
+    try:
+        with open(path, "wb", buffering=0) as file:
+            for buffer in buffers:
+                raw = buffer.raw()
+                written = 0
+                while written < raw.nbytes:  # an unbuffered write may write less than asked
+                    written += file.write(raw[written:])
+                lengths.append(raw.nbytes)
+    except OSError as err:  # a full memory file system (Docker gives /dev/shm 64 MB): the pipe instead
+        Path(path).unlink(missing_ok=True)
+        _warn_full(directory, err)
+        return Packed(pickle.dumps(obj, protocol=5), None, ())
     return Packed(stream.getvalue(), path, tuple(lengths))
+
+
+_warned_full: set[str] = set()
+
+
+def _warn_full(directory: str | os.PathLike[str], err: OSError) -> None:
+    """Say once per directory that its file system refused a transfer file (the message goes
+    through the pipe: slower, not wrong)."""
+    key = str(directory)
+    if key in _warned_full:
+        return
+    _warned_full.add(key)
+    logger.warning(
+        "could not write a simulated site's model to %s (%s): messages go through the pipe instead, which is "
+        "slower for large models. In a container, give it more shared memory (docker run --shm-size=1g).",
+        Path(key).parent, err.strerror or err,
+    )
 
 
 def unpack(packed: Packed) -> Any:

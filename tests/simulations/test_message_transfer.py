@@ -175,3 +175,43 @@ def test_directories_left_by_a_killed_coordinator_are_removed_by_the_next_run(tm
     assert not left.exists() and alive.exists() and other.exists()
     with transfer_directory() as path:
         assert Path(path).name.startswith(f"medfed-sites-{os.getpid()}-")
+
+
+def test_a_full_memory_file_system_sends_the_message_through_the_pipe_with_one_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Docker gives /dev/shm 64 MB: a ResNet-18 message and its reply may not fit. Slower, not wrong."""
+    import builtins
+    import errno
+
+    import medfed.simulations.message_transfer as transfer
+
+    real_open = builtins.open
+
+    class FullFile:
+        def __init__(self, path: str) -> None:
+            self.file = real_open(path, "wb", buffering=0)
+
+        def __enter__(self) -> FullFile:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            self.file.close()
+
+        def write(self, data: memoryview) -> int:
+            self.file.write(data[:100])  # part of it fits, then the file system is full
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_open(path: object, mode: str = "r", *args: object, **kwargs: object) -> object:
+        if str(path).endswith(".arrays") and "w" in mode:
+            return FullFile(str(path))
+        return real_open(path, mode, *args, **kwargs)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(transfer, "_warned_full", set())
+    monkeypatch.setattr(builtins, "open", full_open)
+    message = _model_message()
+    with caplog.at_level("WARNING", logger="medfed.simulations.message_transfer"):
+        first, second = pack(message, tmp_path), pack(message, tmp_path)
+    assert first.path is None and second.path is None and not list(tmp_path.iterdir())  # partial file removed
+    assert len(caplog.records) == 1 and "No space left on device" in caplog.text and "--shm-size" in caplog.text
+    _same_arrays(message.content["arrays"], unpack(first).content["arrays"])
