@@ -4,8 +4,8 @@ A simulated site's message carries the global model as Flower ``Array`` objects 
 tensor: 45 MB for ResNet-18), and its reply carries the update back. Pickled whole through the
 pipe of a ``concurrent.futures.ProcessPoolExecutor`` that cost 0.25-0.35 s per training call and
 0.12-0.27 s per evaluation call here (ResNet-18, 4 sites, 2 site processes; the call itself took
-2.3 s and 0.1 s), on the critical path of every round (BENCHMARKS.md, "Arrays through shared
-memory").
+2.3 s and 0.1 s), on the critical path of every round (BENCHMARKS.md, "Tensors beside the pipe,
+files written while sites train").
 
 :func:`pack` pickles a message (any object) with pickle protocol 5 and takes the data of every
 large ``Array`` out of band (:class:`_ArrayPickler`); the out-of-band buffers are written, one
@@ -19,10 +19,10 @@ whole, as before.
 The directory is made by :func:`transfer_directory` for one simulation (mode 0700, owned by the
 user running it) and removed with everything in it when the simulation ends, so a file that a
 site process killed mid-call left behind goes with it; a directory whose coordinator was itself
-killed (SIGKILL: nothing runs to remove it) is removed by the next simulation on the machine.
-Where a file cannot be written (a full ``/dev/shm``: Docker gives containers 64 MB), the message is
-pickled whole through the pipe, as before, with one warning. What it holds is model weights and updates
-(what the sites would send to the server), never images or records.
+killed (SIGKILL: nothing runs to remove it) is removed by the next simulation on the machine. What
+the files hold is model weights and updates (what the sites would send to the server), never
+images or records. Where a file cannot be written (a full ``/dev/shm``: Docker gives containers
+64 MB), the message is pickled whole through the pipe, as before, with one warning.
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ OUT_OF_BAND_MIN_BYTES = 64 * 1024
 ones, and everything else, inside the pickle: a file is not worth it for them)..."""
 
 FILE_MIN_BYTES = 1024 * 1024
-"""... when such arrays hold this many bytes in all; a message with less travels whole (a file
-written, read and removed costs about 0.3 ms more than the pipe for a 0.1 MB model, 2026-12-07:
-``python -m medfed.simulations.bench.transfer``)."""
+"""... when such arrays hold this many bytes in all; a message with less travels whole (before
+this threshold, the benchmark's 0.1 MB model took 1.3 ms through the file against 1.0 ms through
+the pipe, 2026-12-07; ``python -m medfed.simulations.bench.transfer``)."""
 
 
 @dataclass(frozen=True)
