@@ -246,7 +246,12 @@ _TRANSFER_DIR: str | None = None
 
 
 def _forked_site_start() -> None:
-    """In each forked site process: one torch thread (as in a Ray worker), Ctrl-C left to the coordinator."""
+    """In each forked site process: one torch thread (as in a Ray worker), Ctrl-C left to the coordinator.
+
+    One thread is also the only safe count here: GNU OpenMP's thread pool does not survive a fork
+    once the coordinator has used it, and a forked site process set to 2 threads hung in its first
+    parallel kernel (a ResNet-18 site building its model, 2026-12-07, one-off trial).
+    """
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the coordinator handles it and ends this process
