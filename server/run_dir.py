@@ -312,7 +312,7 @@ class RunDirectory:
         writer thread, after every write asked for before it, while the calling thread goes on.
 
         A federated round ends with its resume state and, when the global model improved, the
-        best checkpoint (ResNet-18: 0.15 s of file writing a round, 2026-12-07); the next
+        best checkpoint (ResNet-18: 0.15 s of file writing a round in a one-off timing, 2026-12-07); the next
         round's sites train meanwhile. :meth:`wait_for_writes` waits for them; the summary of a
         finished, failed or interrupted run is written after them.
 

@@ -249,15 +249,10 @@ def _precision_line(cfg: RunConfig) -> str:
 
 def _backend_line(cfg: RunConfig) -> str:
     """``--dry-run``'s line saying where the simulated sites run on this machine (``sim-backend``)."""
-    from medfed.simulations.in_process import choose_backend
+    from medfed.simulations.in_process import SITES_RUN, choose_backend
 
     backend, why = choose_backend(cfg.sim_backend)
-    where = {
-        "in-process": "in this process, one site at a time with every core",
-        "processes": "in single-threaded site processes forked at the start, one per core",
-        "ray": "on Ray, one single-threaded worker process per core",
-    }[backend]
-    return f"sim-backend: {cfg.sim_backend} -> sites run {where} ({why})"
+    return f"sim-backend: {cfg.sim_backend} -> sites run {SITES_RUN[backend]} ({why})"
 
 
 def _start_plan(cfg: RunConfig) -> list[str]:

@@ -67,7 +67,8 @@ from flwr.server.superlink.fleet.vce.backend import Backend, BackendConfig, rayb
 from medfed.simulations.message_transfer import Packed, pack, transfer_directory, unpack
 
 __all__ = [
-    "AUTO_IN_PROCESS_MAX_CORES", "FLOWER_START_VCE_SHA256", "ForkedSitesBackend", "InProcessBackend", "choose_backend",
+    "AUTO_IN_PROCESS_MAX_CORES", "FLOWER_START_VCE_SHA256", "ForkedSitesBackend", "InProcessBackend", "SITES_RUN",
+    "choose_backend",
     "SiteProcessError", "forked_sites", "global_rng_kept", "in_process_sites", "start_vce_matches", "usable_cores",
 ]
 
@@ -88,6 +89,14 @@ def start_vce_matches() -> bool:
     """Whether Flower's ``start_vce`` is the 1.42.0 code :func:`in_process_sites` was written for."""
     source = inspect.getsource(vce_api.start_vce)
     return hashlib.sha256(source.encode()).hexdigest() == FLOWER_START_VCE_SHA256
+
+
+SITES_RUN: dict[str, str] = {
+    "in-process": "in this process, one site at a time with every core",
+    "processes": "in single-threaded site processes forked at the start, one per core",
+    "ray": "on Ray, one single-threaded worker process per core",
+}
+"""Where each backend :func:`choose_backend` picks runs the sites (the run's log line and ``--dry-run``'s)."""
 
 
 def choose_backend(sim_backend: str, *, cores: int | None = None, accelerator: bool | None = None,

@@ -54,9 +54,10 @@ OUT_OF_BAND_MIN_BYTES = 64 * 1024
 ones, and everything else, inside the pickle: a file is not worth it for them)..."""
 
 FILE_MIN_BYTES = 1024 * 1024
-"""... when such arrays hold this many bytes in all; a message with less travels whole (before
-this threshold, the benchmark's 0.1 MB model took 1.3 ms through the file against 1.0 ms through
-the pipe, 2026-12-07; ``python -m medfed.simulations.bench.transfer``)."""
+"""... when such arrays hold this many bytes in all; a message with less travels whole. A round trip
+to a forked process, pipe against file (median of 9, 2026-12-07): 0.1 MB 0.8 / 1.1 ms, 0.25 MB 0.8
+/ 0.9 ms, 1 MB 2.2 / 2.1 ms, 4 MB 8.5 / 7.4 ms, ResNet-18's 44.7 MB 236 / 104 ms
+(``python -m medfed.simulations.bench.transfer --megabytes 0.25 1 4 --repeat 9``)."""
 
 
 @dataclass(frozen=True)
@@ -103,7 +104,7 @@ class _ArrayPickler(pickle.Pickler):
         return NotImplemented
 
 
-def pack(obj: Any, directory: str | os.PathLike[str]) -> Packed:
+def pack(obj: Any, directory: str | os.PathLike[str], *, file_min_bytes: int = FILE_MIN_BYTES) -> Packed:
     """``obj`` pickled, the data of its large ``Array`` objects written to a new file in ``directory``.
 
     Parameters
@@ -112,6 +113,9 @@ def pack(obj: Any, directory: str | os.PathLike[str]) -> Packed:
         Anything picklable (here: a Flower ``Message`` and ``Context``, or a reply and context).
     directory
         Where the file goes (:func:`transfer_directory`); the receiver's :func:`unpack` removes it.
+    file_min_bytes
+        Below this many bytes in large arrays the message travels whole (:data:`FILE_MIN_BYTES`;
+        the transfer benchmark passes 0 to time the file for any model).
     """
     buffers: list[pickle.PickleBuffer] = []
     stream = io.BytesIO()
@@ -124,7 +128,7 @@ def pack(obj: Any, directory: str | os.PathLike[str]) -> Packed:
         return True  # any other buffer (a NumPy array in a metric) stays in the pickle
 
     _ArrayPickler(stream, protocol=5, buffer_callback=out_of_band).dump(obj)
-    if sum(buffer.raw().nbytes for buffer in buffers) < FILE_MIN_BYTES:
+    if not buffers or sum(buffer.raw().nbytes for buffer in buffers) < file_min_bytes:
         return Packed(pickle.dumps(obj, protocol=5) if buffers else stream.getvalue(), None, ())
     path = os.path.join(directory, f"{uuid.uuid4().hex}.arrays")
     lengths = []

@@ -26,7 +26,7 @@ from medfed.shared.config import RunConfig
 from medfed.shared.preflight import preflight
 from medfed.shared.site_process import simulated_site_environment
 from medfed.simulations.engine_tuning import engine_polls, server_threads, tune_grid
-from medfed.simulations.in_process import choose_backend, forked_sites, in_process_sites, usable_cores
+from medfed.simulations.in_process import SITES_RUN, choose_backend, forked_sites, in_process_sites, usable_cores
 from medfed.simulations.interrupt import (
     Interrupt,
     RunInterrupted,
@@ -201,8 +201,7 @@ def run_federated(
     start = time.perf_counter()
     polls = engine_polls() if tuned else nullcontext()
     threads = server_threads() if tuned else nullcontext()
-    where = {"in-process": "in this process", "processes": "in forked site processes", "ray": "on Ray"}[backend]
-    logger.info("simulated sites run %s (%s)", where, why)
+    logger.info("simulated sites run %s (%s)", SITES_RUN[backend], why)
     if backend == "in-process":
         sites = in_process_sites()
     elif backend == "processes":  # forked here, in the main thread, before Flower starts a thread

@@ -19,8 +19,10 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -184,17 +186,29 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=list(DTYPES))
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--record", type=Path, default=None, metavar="RESULTS_JSON",
+                        help="append the rows to section 'throughput' of this file (e.g. docs/bench/results.json)")
     args = parser.parse_args(argv)
     try:
         models = [parse_model(m) for m in args.models]
     except ValueError as err:
         parser.error(str(err))
+    rows = []
     for name, dims, side in models:
         for threads in args.threads:
             for dtype in args.dtypes:
                 row = measure(model=name, spatial_dims=dims, side=side, dtype=dtype, threads=threads,
                               batch=args.batch, steps=args.steps)
                 print(json.dumps(row), flush=True)
+                rows.append(row)
+    if args.record is not None:
+        from medfed.simulations.bench.figures import check_rows
+        from medfed.simulations.bench.support import append_results_rows, bench_command
+
+        command = bench_command("medfed.simulations.bench.throughput", sys.argv[1:] if argv is None else argv)
+        stamp = time.strftime("%Y-%m-%d", time.gmtime())
+        append_results_rows(args.record, "throughput",
+                            check_rows("throughput", [{**r, "command": command, "measured_at": stamp} for r in rows]))
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ def test_a_failed_write_is_raised_in_the_callers_thread(tmp_path: Path) -> None:
     with pytest.raises(OSError, match="No space left on device"):
         run_dir.wait_for_writes()
     run_dir.write_later(full_disk)
-    time.sleep(0.2)  # it has failed by now: the next write_later raises it
+    deadline = time.monotonic() + 10
+    while not all(write.done() for write in run_dir._writes) and time.monotonic() < deadline:
+        time.sleep(0.01)  # until it has failed: the next write_later raises it
     with pytest.raises(OSError, match="No space left on device"):
         run_dir.write_later(lambda: None)
     run_dir.wait_for_writes()  # nothing left

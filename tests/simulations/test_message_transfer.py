@@ -145,12 +145,13 @@ def test_forked_site_processes_receive_and_return_large_arrays_through_the_direc
 
 
 def test_the_transfer_benchmark_times_a_round_trip_each_way_and_checks_what_came_back() -> None:
-    from medfed.simulations.bench.transfer import model_record, round_trips
+    from medfed.simulations.bench.transfer import model_record, round_trips, synthetic_record
 
     record = model_record("simplecnn")
     assert len(record) > 1 and all(len(a.data) > 0 for a in record.values())
-    big = ArrayRecord({"w": Array(np.ones((600, 600), np.float32))})  # 1.44 MB: through the file
-    for rec in (record, big):
+    big = synthetic_record(1.5)
+    assert len(big) == 4 and abs(sum(a.numpy().nbytes for a in big.values()) - 1.5e6) < 16
+    for rec in (record, big):  # each timed both ways, whatever its size
         figures = round_trips(rec, repeat=2)
         assert set(figures) == {"pipe_s", "file_s"} and all(0 < v < 30 for v in figures.values())
 
