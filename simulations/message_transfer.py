@@ -14,7 +14,7 @@ and only the small pickle, the file's name and the buffers' lengths go through t
 :func:`unpack` reads each buffer back as one ``bytes`` object (the one copy the receiver needs),
 removes the file, and unpickles: the rebuilt ``Array`` holds that ``bytes`` object itself. Small
 messages (less than :data:`FILE_MIN_BYTES` in arrays of :data:`OUT_OF_BAND_MIN_BYTES` or more) travel
-whole, as before.
+whole through the pipe, their arrays' data beside the pickle (:attr:`Packed.inline`).
 
 The directory is made by :func:`transfer_directory` for one simulation (mode 0700, owned by the
 user running it) and removed with everything in it when the simulation ends, so a file that a
@@ -72,11 +72,14 @@ class Packed:
         The file holding that data, one buffer after another (``None``: nothing was left out).
     lengths
         Each buffer's length in bytes, in the order the pickle asks for them.
+    inline
+        The left-out data itself, for a message too small for a file (it travels with the pickle).
     """
 
     pickled: bytes
     path: str | None
     lengths: tuple[int, ...]
+    inline: tuple[bytes, ...] = ()
 
 
 def _array_from_buffer(state: dict[str, Any], data: Any) -> Array:
@@ -128,8 +131,8 @@ def pack(obj: Any, directory: str | os.PathLike[str], *, file_min_bytes: int = F
         return True  # any other buffer (a NumPy array in a metric) stays in the pickle
 
     _ArrayPickler(stream, protocol=5, buffer_callback=out_of_band).dump(obj)
-    if not buffers or sum(buffer.raw().nbytes for buffer in buffers) < file_min_bytes:
-        return Packed(pickle.dumps(obj, protocol=5) if buffers else stream.getvalue(), None, ())
+    if sum(buffer.raw().nbytes for buffer in buffers) < file_min_bytes:  # the Arrays' own bytes, not copied
+        return Packed(stream.getvalue(), None, (), tuple(buffer.raw().obj for buffer in buffers))
     path = os.path.join(directory, f"{uuid.uuid4().hex}.arrays")
     lengths = []
     try:
@@ -143,7 +146,7 @@ def pack(obj: Any, directory: str | os.PathLike[str], *, file_min_bytes: int = F
     except OSError as err:  # a full memory file system (Docker gives /dev/shm 64 MB): the pipe instead
         Path(path).unlink(missing_ok=True)
         _warn_full(directory, err)
-        return Packed(pickle.dumps(obj, protocol=5), None, ())
+        return Packed(stream.getvalue(), None, (), tuple(buffer.raw().obj for buffer in buffers))
     return Packed(stream.getvalue(), path, tuple(lengths))
 
 
@@ -173,7 +176,7 @@ def unpack(packed: Packed) -> Any:
         The transfer file is missing or shorter than the buffers it should hold.
     """
     if packed.path is None:
-        return pickle.loads(packed.pickled)
+        return pickle.loads(packed.pickled, buffers=packed.inline)
     try:
         with open(packed.path, "rb", buffering=0) as file:
             buffers = []

@@ -78,6 +78,7 @@ def test_a_message_without_a_megabyte_of_large_arrays_travels_whole_without_a_fi
     assert packed.path is None and packed.lengths == () and not list(tmp_path.iterdir())
     got = unpack(packed)
     _same_arrays(small, got["record"])
+    assert all(type(got["record"][key].data) is bytes for key in small)  # as Flower's Array holds it
     assert got["n"].flags.writeable  # a NumPy array stays in the pickle: writable as before
 
 
