@@ -36,7 +36,7 @@ from medfed.shared.privacy import (
     site_ledger_path,
 )
 from medfed.shared.round_config import server_round_of
-from medfed.shared.scaffold import TRAIN_STEPS, effective_step, site_control_update
+from medfed.shared.scaffold import TRAIN_STEPS, path_length, site_control_update
 from medfed.shared.seeding import seed_everything
 from medfed.shared.site_state import SiteState, site_state_path
 from medfed.shared.task import round_settings, trainable_model_for, training_criterion
@@ -263,8 +263,9 @@ class SiteClient(NumPyClient):
             if control is not None:
                 saved["control"] = site_control_update(
                     site_control=site_control, control=control, global_weights=parameters, local_weights=trained,
-                    steps=result.steps,
-                    step_size=effective_step(optimizer=settings.optimizer, learning_rate=settings.learning_rate),
+                    length=path_length(
+                        optimizer=settings.optimizer, learning_rate=settings.learning_rate, steps=result.steps
+                    ),
                 )
             SiteState(self.state_path).save(server_round, saved)
         for i in self.local_entries:  # kept at the site: the received values go back

@@ -40,7 +40,7 @@ from flwr.supercore.differential_privacy import add_gaussian_noise_to_params
 from medfed.server.resume import state_arrays, state_tensors
 from medfed.shared.config import SERVER_OPTIMIZERS, STRATEGIES, RunConfig
 from medfed.shared.round_config import evaluate_config, fit_config
-from medfed.shared.scaffold import TRAIN_STEPS, control_delta, effective_step, server_control_update
+from medfed.shared.scaffold import TRAIN_STEPS, control_delta, path_length, server_control_update
 from medfed.shared.training import cosine_lr
 
 __all__ = [
@@ -304,7 +304,7 @@ class Scaffold(FedAvg):
         super().__init__(**kwargs)
         if self.initial_parameters is None:
             raise ValueError("Scaffold needs initial_parameters (the round-0 model shapes its control variate).")
-        effective_step(optimizer=cfg.optimizer, learning_rate=cfg.learning_rate)  # refuses Adam early
+        path_length(optimizer=cfg.optimizer, learning_rate=cfg.learning_rate, steps=1)  # refuses Adam early
         self.cfg = cfg
         self.num_sites = num_sites
         self.server_step = cfg.server_step
@@ -342,10 +342,7 @@ class Scaffold(FedAvg):
             return mean, metrics
         if sent is None:
             raise RuntimeError(f"round {server_round}: SCAFFOLD aggregates results of a round it did not configure.")
-        step = effective_step(
-            optimizer=self.cfg.optimizer,
-            learning_rate=cosine_lr(self.cfg.learning_rate, step=server_round, total=self.cfg.num_server_rounds),
-        )
+        lr = cosine_lr(self.cfg.learning_rate, step=server_round, total=self.cfg.num_server_rounds)
         deltas = []
         for _, res in results:
             steps = int(res.metrics.get(TRAIN_STEPS, 0))
@@ -354,7 +351,7 @@ class Scaffold(FedAvg):
             deltas.append(
                 control_delta(
                     control=self.control, global_weights=sent, local_weights=parameters_to_ndarrays(res.parameters),
-                    steps=steps, step_size=step,
+                    length=path_length(optimizer=self.cfg.optimizer, learning_rate=lr, steps=steps),
                 )
             )
         self.control = server_control_update(control=self.control, deltas=deltas, num_sites=self.num_sites)

@@ -14,7 +14,7 @@ import torch
 from medfed.client.site_client import SiteClient
 from medfed.client.site_data import simulated_site_data
 from medfed.shared.config import RunConfig
-from medfed.shared.scaffold import effective_step, site_control_update
+from medfed.shared.scaffold import path_length, site_control_update
 from medfed.shared.site_state import SiteState, site_state_path
 from medfed.shared.training import cosine_lr
 from medfed.shared.weights import batchnorm_entries
@@ -94,8 +94,9 @@ def test_scaffold_site_control_follows_option_two_and_survives_a_restart(tmp_pat
     state = SiteState(site_state_path(cfg, site_index=1))
     expected = site_control_update(
         site_control=[np.zeros_like(c) for c in control], control=control, global_weights=x, local_weights=y,
-        steps=int(metrics["train-steps"]),
-        step_size=effective_step(optimizer="sgd", learning_rate=cosine_lr(0.05, step=1, total=3)),
+        length=path_length(
+            optimizer="sgd", learning_rate=cosine_lr(0.05, step=1, total=3), steps=int(metrics["train-steps"])
+        ),
     )
     assert _same(state.before(2)["control"], expected)
     # the correction changes training: the same round without a control variate differs

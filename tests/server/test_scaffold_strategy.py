@@ -36,9 +36,11 @@ def test_one_round_moves_model_and_control_by_option_two() -> None:
     y1, y2 = np.array([0.9, -1.8], dtype=np.float32), np.array([1.3, -2.6], dtype=np.float32)
     new = _round(strategy, 3, [([y1, np.array(9)], 10, 5), ([y2, np.array(11)], 30, 2)])
     np.testing.assert_allclose(new[0], (10 * y1 + 30 * y2) / 40, rtol=1e-6)  # global step 1
-    eta = cosine_lr(0.05, step=3, total=10) / (1 - 0.9)
-    d1 = (X[0] - y1) / (5 * eta) - c0[0]
-    d2 = (X[0] - y2) / (2 * eta) - c0[0]
+    lr = cosine_lr(0.05, step=3, total=10)
+    # K local steps of momentum SGD (0.9, buffer from zero) move lr * sum_k (1 - 0.9^k) / 0.1 per unit gradient
+    length = {k: lr * sum((1 - 0.9**j) / 0.1 for j in range(1, k + 1)) for k in (5, 2)}
+    d1 = (X[0] - y1) / length[5] - c0[0]
+    d2 = (X[0] - y2) / length[2] - c0[0]
     np.testing.assert_allclose(strategy.control[0], c0[0] + (d1 + d2) / 4, rtol=1e-5)
     assert float(strategy.control[1]) == 0.0  # the integer counter has no control variate
 

@@ -1,6 +1,7 @@
 """SCAFFOLD's Option II on a tiny linear model: with a constant local gradient ``g`` the corrected
 local SGD steps move by ``K * eta * (g + c - c_i)``, and ``c_i+ = c_i - c + (x - y) / (K eta)``
-recovers ``g`` exactly; the server's ``c`` moves by the mean of the sites' changes over ``N``."""
+recovers ``g`` exactly, with and without momentum (whose buffer starts at zero each round);
+the server's ``c`` moves by the mean of the sites' changes over ``N``."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from medfed.shared.scaffold import control_delta, effective_step, server_control_update, site_control_update
+from medfed.shared.scaffold import SGD_MOMENTUM, control_delta, path_length, server_control_update, site_control_update
 from medfed.shared.training import train_epochs
 
 INPUTS = torch.tensor([[1.0, 2.0], [0.5, -1.0], [-2.0, 0.25]])
@@ -43,11 +44,11 @@ def test_option_two_recovers_the_local_gradient_and_the_correction_is_applied() 
     for xi, yi, g, c, ci in zip(x, y, gradient, control, site_control, strict=True):
         np.testing.assert_allclose(yi, xi - steps * lr * (g + c - ci), rtol=1e-5, atol=1e-6)
     updated = site_control_update(
-        site_control=site_control, control=control, global_weights=x, local_weights=y, steps=steps, step_size=lr
+        site_control=site_control, control=control, global_weights=x, local_weights=y, length=steps * lr
     )
     for new, g in zip(updated, gradient, strict=True):
         np.testing.assert_allclose(new, g, rtol=1e-4, atol=1e-5)
-    delta = control_delta(control=control, global_weights=x, local_weights=y, steps=steps, step_size=lr)
+    delta = control_delta(control=control, global_weights=x, local_weights=y, length=steps * lr)
     for d, new, ci in zip(delta, updated, site_control, strict=True):
         np.testing.assert_allclose(d, new - ci, atol=1e-6)  # what the server adds up is c_i+ - c_i
 
@@ -59,7 +60,30 @@ def test_the_server_control_moves_by_the_mean_change_over_all_sites() -> None:
     np.testing.assert_allclose(new[0], [1.0 + 0.6 / 4, 2.0 - 0.6 / 4], rtol=1e-6)
 
 
-def test_sgd_momentum_scales_the_step_and_adam_is_refused() -> None:
-    assert effective_step(optimizer="sgd", learning_rate=0.05) == pytest.approx(0.5)
+@pytest.mark.parametrize("steps", [1, 4, 16, 200])
+def test_with_momentum_sgd_the_path_length_recovers_the_gradient_on_short_and_long_rounds(steps: int) -> None:
+    model = _linear()
+    x = _state(model)
+    loader = DataLoader(TensorDataset(INPUTS, torch.zeros(3, dtype=torch.long)), batch_size=3)
+    gradient = [np.ones((1, 2)) * INPUTS.sum(0).numpy(), np.array([3.0])]
+    lr = 0.001
+    train_epochs(  # the SGD of make_optimizer: momentum 0.9, a fresh buffer
+        model, loader, torch.optim.SGD(model.parameters(), lr=lr, momentum=SGD_MOMENTUM), task="classification",
+        epochs=steps, device=torch.device("cpu"), criterion=lambda logits, _: logits.sum(),
+    )
+    y = _state(model)
+    length = path_length(optimizer="sgd", learning_rate=lr, steps=steps)
+    zeros = [np.zeros_like(g, dtype=np.float32) for g in gradient]
+    recovered = site_control_update(site_control=zeros, control=zeros, global_weights=x, local_weights=y, length=length)
+    for new, g in zip(recovered, gradient, strict=True):
+        np.testing.assert_allclose(new, g, rtol=2e-3)
+    # K * lr / (1 - beta), the long-run rate, is wrong on short rounds: 4 steps move 0.9 lr, not 40 lr
+    naive = steps * lr / (1 - SGD_MOMENTUM)
+    assert (length < 0.5 * naive) == (steps <= 4)
+
+
+def test_path_length_without_a_step_and_adam_is_refused() -> None:
+    assert path_length(optimizer="sgd", learning_rate=0.05, steps=1) == pytest.approx(0.05)
+    assert path_length(optimizer="sgd", learning_rate=0.05, steps=0) == 0.0
     with pytest.raises(ValueError, match="optimizer = 'sgd'"):
-        effective_step(optimizer="adam", learning_rate=0.001)
+        path_length(optimizer="adam", learning_rate=0.001, steps=4)
