@@ -19,6 +19,7 @@ import torch
 from medfed.simulations.bench.quality_study import (
     ALTERNATIVES,
     DATASETS,
+    MEASURED_LIMITS,
     NUM_SITES,
     SCHEDULES,
     STUDY_EPOCHS,
@@ -27,6 +28,7 @@ from medfed.simulations.bench.quality_study import (
     Check,
     acceptance_checks,
     decision_table,
+    global_scorer,
     main,
     merge_rows,
     methods_for,
@@ -119,6 +121,32 @@ def test_every_method_and_partition_gets_a_row_with_every_field(study: dict[str,
     for r in rows:
         assert 0.0 <= r["test_accuracy_prior"] <= 1.0 and 0.0 <= r["test_balanced_accuracy_prior"] <= 1.0
         assert r["predicted_classes_prior"] in (1, 2) and r["test_loss_prior"] > 0 and r["test_loss"] > 0
+
+
+@pytest.mark.parametrize("bn_mode", ["global", "local-stats", "fedbn"])
+def test_the_global_model_is_scored_with_the_statistics_the_server_gives_it(tmp_path: Path, bn_mode: str) -> None:
+    """Where the sites keep their BatchNorm statistics the global weights carry the initial ones (the sites
+    send back what they received): the study must score the model with statistics re-estimated on the
+    training split, as the server's evaluation does, not with those."""
+    from medfed.shared.config import RunConfig
+    from medfed.shared.data.loading import load_dataset
+    from medfed.shared.weights import get_weights
+
+    cfg = RunConfig(dataset=str(write_medmnist(tmp_path / "breastmnist.npz")), model="simplecnn", bn_mode=bn_mode,
+                    eval_precision="fp32")
+    train = load_dataset(cfg).train
+    scorer = global_scorer(cfg, train)
+    weights = get_weights(scorer.model)  # fresh: running means 0, variances 1
+    first = next(m for m in scorer.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    model = scorer.load(weights)
+    assert model is scorer.model and not model.training
+    if bn_mode == "global":
+        assert torch.equal(first.running_mean, torch.zeros_like(first.running_mean))
+        return
+    # re-estimated: the first convolution's outputs over the training images, not the initial 0 and 1
+    assert float(first.running_mean.abs().max()) > 1e-3
+    assert not torch.allclose(first.running_var, torch.ones_like(first.running_var))
+    assert torch.equal(first.num_batches_tracked, torch.tensor(1))  # one pass over the 48 images, batch 64
 
 
 def test_rows_go_to_the_quality_section_and_other_sections_stay(study: dict[str, Any]) -> None:
@@ -260,6 +288,17 @@ def test_personalization_is_checked_against_the_global_and_the_local_only_model(
     assert check.met is met and f"personalized {personalized:.3f}" in check.measured
     assert ("local test splits hold 3-33 images" in check.limits) is (not met)
     assert _by_name(acceptance_checks(merge_rows([], _rows([0.9] * 5, [0.9] * 5))))[PERSONAL].met is None
+
+
+def test_a_missed_ratio_line_names_the_measured_limit_of_its_set() -> None:
+    checks = _by_name(acceptance_checks(merge_rows([], _rows([0.85] * 5, [0.85] * 5))))
+    for name in (MEAN, IID):
+        assert checks[name].met is False
+        assert checks[name].limits.startswith(MEASURED_LIMITS["breastmnist"])
+        assert "simplecnn, 20 epochs" in checks[name].limits
+    assert _by_name(acceptance_checks(merge_rows([], _rows([0.9] * 5, [0.9] * 5))))[MEAN].limits == ""
+    other = [{**r, "dataset": "retinamnist"} for r in _rows([0.85] * 5, [0.85] * 5)]  # no measured limit
+    assert _by_name(acceptance_checks(merge_rows([], other)))[MEAN].limits.startswith("the study's model and schedule")
 
 
 def test_a_ratio_of_two_losses_is_named_in_the_limits() -> None:
