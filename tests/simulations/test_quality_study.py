@@ -260,6 +260,22 @@ def test_acceptance_checks_from_rows(rows: list[dict[str, Any]], expected: dict[
     assert {name: checks[name].met for name in expected} == expected
 
 
+def test_each_row_quotes_the_pooled_run_of_its_own_length_and_partition() -> None:
+    rows = _rows([0.9] * 5, [0.9] * 5)  # 20 epochs, pooled 0.9 for both partitions
+    longer = [{**_row("breastmnist", "dirichlet", 0, "pooled", 0.95, pooled=0.95), "epochs": 80},
+              {**_row("breastmnist", "dirichlet", 0, "default", 0.93, pooled=0.95), "epochs": 80}]
+    merged = merge_rows([], [*rows, *longer[:1]])  # the 80-epoch pooled run replaced the Dirichlet row only
+    by = {(r["partition"], r["method"], r["seed"]): r for r in merged}
+    assert by[("iid", "pooled", 0)]["epochs"] == 20 and by[("dirichlet", "pooled", 0)]["epochs"] == 80
+    assert by[("iid", "default", 0)]["pooled_test_auc"] == 0.9  # its own length (20), not the newer row
+    assert by[("dirichlet", "default", 0)]["pooled_test_auc"] == 0.9  # 20 epochs: the IID row's run (same length)
+    alone = merge_rows([], [r for r in merged if not (r["method"] == "pooled" and r["epochs"] == 20 and r["seed"] == 0)])
+    assert {r["pooled_test_auc"] for r in alone if r["seed"] == 0 and r["epochs"] == 20} == {None}  # no 20-epoch run
+    merged = merge_rows(merged, longer[1:])
+    assert {r["pooled_test_auc"] for r in merged if r["method"] == "default" and r["seed"] == 0
+            and r["partition"] == "dirichlet"} == {0.95}
+
+
 def test_a_low_split_names_its_seed_and_its_single_class_sites() -> None:
     checks = _by_name(acceptance_checks(merge_rows([], _rows([0.9, 0.9, 0.9, 0.7, 0.9], [0.9] * 5))))
     assert checks[FLOOR].met is False
@@ -292,9 +308,9 @@ def test_personalization_is_checked_against_the_global_and_the_local_only_model(
 
 def test_a_missed_ratio_line_names_the_measured_limit_of_its_set() -> None:
     checks = _by_name(acceptance_checks(merge_rows([], _rows([0.85] * 5, [0.85] * 5))))
-    for name in (MEAN, IID):
+    for name, partition in ((MEAN, "dirichlet"), (IID, "iid")):
         assert checks[name].met is False
-        assert checks[name].limits.startswith(MEASURED_LIMITS["breastmnist"])
+        assert checks[name].limits.startswith(MEASURED_LIMITS[("breastmnist", partition)])
         assert "simplecnn, 20 epochs" in checks[name].limits
     assert _by_name(acceptance_checks(merge_rows([], _rows([0.9] * 5, [0.9] * 5))))[MEAN].limits == ""
     other = [{**r, "dataset": "retinamnist"} for r in _rows([0.85] * 5, [0.85] * 5)]  # no measured limit
